@@ -1,0 +1,362 @@
+"""One immutable config for every MiMo-V2 checkpoint spelling.
+
+Reads `config.json` as published on the hub (`mimo_v2`, `hybrid_layer_pattern`, ...) and as
+saved by transformers (`mimo_v2_flash`, `layer_types`, ...), with or without a nested
+`text_config`. Everything the engine does not implement is rejected with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+ARCHITECTURES = ("MiMoV2ForCausalLM", "MiMoV2FlashForCausalLM")  # new name first; old is an alias
+
+# Keys that only the hub spelling writes; any of them marks a config as hub-spelled.
+_HUB_ONLY_KEYS = (
+    "hybrid_layer_pattern",
+    "moe_layer_freq",
+    "swa_num_key_value_heads",
+    "swa_num_attention_heads",
+    "swa_head_dim",
+    "swa_v_head_dim",
+    "swa_rope_theta",
+    "sliding_window_size",
+    "layernorm_epsilon",
+    "add_swa_attention_sink_bias",
+    "add_full_attention_sink_bias",
+)
+
+
+class ConfigError(ValueError):
+    """A config value the engine cannot honour; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Shape and kind of one decoder layer's attention and MLP."""
+
+    sliding: bool  # sliding-window attention (else full causal)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # q and k
+    v_head_dim: int
+    rope_theta: float
+    rotary_dim: int  # leading dims of each q/k head that get RoPE
+    window_keys: int | None  # keys a query sees, itself included; None = unbounded
+    has_sink: bool
+    moe: bool  # routed experts (else dense SwiGLU)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiMoConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_layers: int
+    # per-layer kinds
+    sliding: tuple[bool, ...]
+    moe: tuple[bool, ...]
+    # full-attention head shape
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    # sliding-window head shape
+    swa_num_heads: int
+    swa_num_kv_heads: int
+    swa_head_dim: int
+    swa_v_head_dim: int
+    window_keys: int  # keys a SWA query sees, itself included (transformers' `sliding_window`)
+    rope_theta: float
+    swa_rope_theta: float
+    partial_rotary_factor: float
+    full_sink: bool
+    swa_sink: bool
+    value_scale: float
+    rms_norm_eps: float
+    # MoE
+    num_experts: int
+    experts_per_token: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    tie_word_embeddings: bool = False
+    context_len: int = 131072
+    num_mtp_layers: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    fused_qkv: bool = False  # checkpoint stores `qkv_proj` instead of q/k/v
+    quantization: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+    architecture: str = "MiMoV2ForCausalLM"
+
+    # ------------------------------------------------------------------ derived
+    def layer(self, i: int) -> LayerSpec:
+        sliding = self.sliding[i]
+        if sliding:
+            heads, kv, hd, vd = self.swa_num_heads, self.swa_num_kv_heads, self.swa_head_dim, self.swa_v_head_dim
+        else:
+            heads, kv, hd, vd = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
+        return LayerSpec(
+            sliding=sliding,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=hd,
+            v_head_dim=vd,
+            rope_theta=self.swa_rope_theta if sliding else self.rope_theta,
+            rotary_dim=int(hd * self.partial_rotary_factor),
+            window_keys=self.window_keys if sliding else None,
+            has_sink=self.swa_sink if sliding else self.full_sink,
+            moe=self.moe[i],
+        )
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        return tuple(self.layer(i) for i in range(self.num_layers))
+
+    def mtp_layer(self) -> LayerSpec:
+        """MTP blocks: SWA attention with sinks and a dense SwiGLU."""
+        spec = dataclasses.replace(self.layer(0), moe=False)
+        return dataclasses.replace(
+            spec,
+            sliding=True,
+            num_heads=self.swa_num_heads,
+            num_kv_heads=self.swa_num_kv_heads,
+            head_dim=self.swa_head_dim,
+            v_head_dim=self.swa_v_head_dim,
+            rope_theta=self.swa_rope_theta,
+            rotary_dim=int(self.swa_head_dim * self.partial_rotary_factor),
+            window_keys=self.window_keys,
+            has_sink=self.swa_sink,
+        )
+
+    def replace(self, **changes: Any) -> MiMoConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MiMoConfig:
+        return _parse(raw)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> MiMoConfig:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"no config.json at {path}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        try:
+            return _parse(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def _parse(raw: dict[str, Any]) -> MiMoConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a JSON object")
+    top = raw
+    c = dict(raw.get("text_config") or raw)
+    # Keys commonly kept only at the top of multimodal configs.
+    for key in ("architectures", "quantization_config", "eos_token_id", "tie_word_embeddings"):
+        if key not in c and key in top:
+            c[key] = top[key]
+
+    archs = c.get("architectures") or ["MiMoV2ForCausalLM"]
+    arch = archs[0]
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"architectures={archs!r}: expected one of {list(ARCHITECTURES)}")
+    model_type = c.get("model_type", "mimo_v2")
+    if model_type not in ("mimo_v2", "mimo_v2_flash"):
+        raise ConfigError(f"model_type={model_type!r}: expected 'mimo_v2' or 'mimo_v2_flash'")
+
+    hub = any(k in c for k in _HUB_ONLY_KEYS)
+
+    def req(key: str) -> Any:
+        if key not in c or c[key] is None:
+            raise ConfigError(f"missing required key {key!r}")
+        return c[key]
+
+    def positive_int(key: str, value: Any = None) -> int:
+        value = req(key) if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key}={value!r}: expected a positive integer")
+        return value
+
+    num_layers = positive_int("num_hidden_layers")
+    hidden = positive_int("hidden_size")
+    heads = positive_int("num_attention_heads")
+    kv = positive_int("num_key_value_heads")
+    head_dim = positive_int("head_dim", c.get("head_dim") or hidden // heads)
+    v_head_dim = positive_int("v_head_dim", c.get("v_head_dim") or head_dim)
+
+    # --- unsupported features -------------------------------------------------
+    def reject_unless(key: str, ok: Any, allowed: str) -> None:
+        if key in c and c[key] is not None and not ok(c[key]):
+            raise ConfigError(f"{key}={c[key]!r} is not supported (supported: {allowed})")
+
+    reject_unless("scoring_func", lambda v: v == "sigmoid", "'sigmoid'")
+    reject_unless("topk_method", lambda v: v in ("noaux_tc", "greedy", "group_limited_greedy"), "'noaux_tc'")
+    reject_unless("n_shared_experts", lambda v: v == 0, "null or 0")
+    reject_unless("hidden_act", lambda v: v == "silu", "'silu'")
+    reject_unless("attention_bias", lambda v: v is False, "false")
+    reject_unless("hybrid_block_size", lambda v: False, "null")
+    reject_unless(
+        "rope_scaling",
+        lambda v: isinstance(v, dict) and v.get("rope_type", v.get("type", "default")) == "default",
+        "null or rope_type 'default'",
+    )
+    reject_unless("attention_projection_layout", lambda v: v in ("fused_qkv", "separate", "split_qkv"), "'fused_qkv'")
+
+    # --- layer patterns ---------------------------------------------------------
+    def pattern(key: str, mapping: dict[Any, bool]) -> tuple[bool, ...] | None:
+        if key not in c or c[key] is None:
+            return None
+        values = c[key]
+        if not isinstance(values, list) or len(values) != num_layers:
+            n = len(values) if isinstance(values, list) else type(values).__name__
+            raise ConfigError(f"{key} has {n} entries but num_hidden_layers={num_layers}")
+        out = []
+        for i, v in enumerate(values):
+            if v not in mapping or isinstance(v, bool):
+                raise ConfigError(f"{key}[{i}]={v!r}: expected one of {sorted(mapping, key=str)}")
+            out.append(mapping[v])
+        return tuple(out)
+
+    sliding = pattern("hybrid_layer_pattern", {0: False, 1: True})
+    if sliding is None:
+        sliding = pattern("layer_types", {"full_attention": False, "sliding_attention": True})
+    if sliding is None:
+        sliding = tuple(not (i == 0 or (i + 1) % 6 == 0) for i in range(num_layers))
+    moe = pattern("moe_layer_freq", {0: False, 1: True})
+    if moe is None:
+        moe = pattern("mlp_layer_types", {"dense": False, "sparse": True})
+    if moe is None:
+        moe = tuple(i != 0 for i in range(num_layers))
+
+    # --- attention shapes, window, rope, sinks (spelling-dependent) ------------
+    if hub:
+        swa_heads = positive_int("swa_num_attention_heads", c.get("swa_num_attention_heads") or heads)
+        swa_kv = positive_int("swa_num_key_value_heads", c.get("swa_num_key_value_heads") or kv)
+        swa_head_dim = positive_int("swa_head_dim", c.get("swa_head_dim") or head_dim)
+        swa_v_head_dim = positive_int("swa_v_head_dim", c.get("swa_v_head_dim") or v_head_dim)
+        # Hub: `sliding_window_size: W` = the query plus W earlier tokens.
+        w_key = "sliding_window_size" if c.get("sliding_window_size") is not None else "sliding_window"
+        window_keys = positive_int(w_key) + 1
+        eps = float(c.get("layernorm_epsilon", c.get("rms_norm_eps", 1e-5)))
+        rope_theta = float(req("rope_theta"))
+        swa_rope_theta = float(c.get("swa_rope_theta", rope_theta))
+        prf = float(c.get("partial_rotary_factor", 1.0))
+        full_sink = bool(c.get("add_full_attention_sink_bias", False))
+        swa_sink = bool(c.get("add_swa_attention_sink_bias", True))
+    else:
+        swa_heads, swa_kv = heads, 2 * kv
+        swa_head_dim, swa_v_head_dim = head_dim, v_head_dim
+        # transformers: `sliding_window: S` keys including the query itself.
+        window_keys = positive_int("sliding_window", c.get("sliding_window") or 129)
+        eps = float(c.get("rms_norm_eps", 1e-5))
+        rope = c.get("rope_parameters")
+        if rope is None:
+            rope = {
+                "full_attention": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.334},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.334},
+            }
+        if not isinstance(rope, dict) or not {"full_attention", "sliding_attention"} <= set(rope):
+            raise ConfigError(f"rope_parameters={rope!r}: expected entries 'full_attention' and 'sliding_attention'")
+        for kind, params in rope.items():
+            if params.get("rope_type", "default") != "default":
+                raise ConfigError(f"rope_parameters.{kind}.rope_type={params.get('rope_type')!r} is not supported")
+        rope_theta = float(rope["full_attention"]["rope_theta"])
+        swa_rope_theta = float(rope["sliding_attention"]["rope_theta"])
+        prf = float(rope["full_attention"].get("partial_rotary_factor", 0.334))
+        if float(rope["sliding_attention"].get("partial_rotary_factor", 0.334)) != prf:
+            raise ConfigError("rope_parameters: different partial_rotary_factor per layer type is not supported")
+        full_sink, swa_sink = False, True
+
+    if not 0.0 < prf <= 1.0:
+        raise ConfigError(f"partial_rotary_factor={prf!r}: expected 0 < factor <= 1")
+    for key, h, k in (("num_attention_heads", heads, kv), ("swa_num_attention_heads", swa_heads, swa_kv)):
+        if h % k:
+            raise ConfigError(f"{key}={h} is not a multiple of its key/value head count {k}")
+    for key, hd in (("head_dim", head_dim), ("swa_head_dim", swa_head_dim)):
+        if int(hd * prf) % 2:
+            raise ConfigError(f"{key}={hd} with partial_rotary_factor={prf} gives an odd rotary dimension")
+
+    # --- MoE ----------------------------------------------------------------------
+    any_moe = any(moe)
+    num_experts = int(c.get("n_routed_experts") or c.get("num_local_experts") or 0)
+    topk = int(c.get("num_experts_per_tok") or 0)
+    n_group = int(c.get("n_group") or 1)
+    topk_group = int(c.get("topk_group") or 1)
+    if any_moe:
+        positive_int("n_routed_experts", num_experts or None)
+        positive_int("num_experts_per_tok", topk or None)
+        if topk > num_experts:
+            raise ConfigError(f"num_experts_per_tok={topk} exceeds n_routed_experts={num_experts}")
+        if num_experts % n_group:
+            raise ConfigError(f"n_routed_experts={num_experts} is not divisible by n_group={n_group}")
+        if not 1 <= topk_group <= n_group:
+            raise ConfigError(f"topk_group={topk_group}: expected 1 <= topk_group <= n_group={n_group}")
+        if n_group > 1 and num_experts // n_group < 2:
+            raise ConfigError(f"n_group={n_group}: each group needs at least 2 experts")
+        if topk > topk_group * (num_experts // n_group):
+            raise ConfigError(f"num_experts_per_tok={topk} exceeds the experts in topk_group={topk_group} groups")
+    scaling = c.get("routed_scaling_factor")
+    scaling = 1.0 if scaling is None else float(scaling)
+
+    value_scale = c.get("attention_value_scale")
+    value_scale = 1.0 if value_scale is None else float(value_scale)
+    context_len = c.get("context_len") or c.get("max_position_embeddings") or 131072
+    eos = c.get("eos_token_id")
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    fused = c.get("attention_projection_layout") == "fused_qkv"
+
+    return MiMoConfig(
+        vocab_size=positive_int("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=positive_int("intermediate_size"),
+        moe_intermediate_size=int(c.get("moe_intermediate_size") or 0) if any_moe else 0,
+        num_layers=num_layers,
+        sliding=sliding,
+        moe=moe,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        swa_num_heads=swa_heads,
+        swa_num_kv_heads=swa_kv,
+        swa_head_dim=swa_head_dim,
+        swa_v_head_dim=swa_v_head_dim,
+        window_keys=window_keys,
+        rope_theta=rope_theta,
+        swa_rope_theta=swa_rope_theta,
+        partial_rotary_factor=prf,
+        full_sink=full_sink,
+        swa_sink=swa_sink,
+        value_scale=value_scale,
+        rms_norm_eps=eps,
+        num_experts=num_experts if any_moe else 0,
+        experts_per_token=topk if any_moe else 0,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+        routed_scaling_factor=scaling,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        context_len=int(context_len),
+        num_mtp_layers=int(c.get("num_nextn_predict_layers", c.get("mtp_num_layers", 3)) or 0),
+        eos_token_ids=eos_ids,
+        bos_token_id=c.get("bos_token_id"),
+        pad_token_id=c.get("pad_token_id"),
+        fused_qkv=fused,
+        quantization=c.get("quantization_config"),
+        architecture=arch,
+    )

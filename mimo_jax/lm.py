@@ -1,0 +1,56 @@
+"""A loaded model ready to run: parameters, config and jitted entry points."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimo_jax.config import MiMoConfig
+from mimo_jax.model import MiMoModel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class LanguageModel:
+    """What `load_model` returns: `.model` (Flax NNX), `.config`, `.mesh`, and `.logits(...)`."""
+
+    def __init__(self, model: MiMoModel, mesh: jax.sharding.Mesh | None = None, source: str | None = None):
+        self.model = model
+        self.config: MiMoConfig = model.config
+        self.mesh = mesh
+        self.source = source
+        self.graphdef, self.params = nnx.split(model)
+        graphdef = self.graphdef
+
+        def forward_logits(params: nnx.State, token_ids: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, params)(token_ids)[0]
+
+        self._logits = jax.jit(forward_logits)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.model.dtype
+
+    def logits(self, token_ids: Any) -> np.ndarray:
+        """int token ids [batch, seq] -> float32 logits [batch, seq, vocab] (numpy)."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token_ids must be a 2-D integer array [batch, seq], got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        return np.asarray(self._logits(self.params, jnp.asarray(ids, jnp.int32)))
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> LanguageModel:
+    """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`."""
+    from mimo_jax.weights import load_params
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    model = load_params(path, DTYPES[dtype])
+    return LanguageModel(model, mesh=mesh, source=os.fspath(path))

@@ -1,0 +1,200 @@
+"""MiMo-V2 decoder in Flax NNX: hybrid full/SWA attention with sinks, dense and MoE SwiGLU.
+
+Every parameter carries `logical_axes` metadata; `mimo_jax.sharding` maps those names to mesh
+axes. Weights are stored input-major (`x @ W`), attention projections per head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mimo_jax import moe
+from mimo_jax.attention import apply_rope, attention, rope_cos_sin
+from mimo_jax.cache import LayerKV, update_and_read
+from mimo_jax.config import LayerSpec, MiMoConfig
+
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], init: str = "normal"):
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros" or rngs is None:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs | None = None):
+        self.weight = _param(rngs, (dim,), dtype, ("norm",), init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, spec: LayerSpec, hidden: int, value_scale: float, dtype, rngs: nnx.Rngs | None):
+        self.spec = spec
+        self.value_scale = value_scale
+        n, kv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
+        self.q_proj = _param(rngs, (hidden, n, d), dtype, ("embed", "q_heads", "head_dim"))
+        self.k_proj = _param(rngs, (hidden, kv, d), dtype, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = _param(rngs, (hidden, kv, dv), dtype, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = _param(rngs, (n, dv, hidden), dtype, ("q_heads", "head_dim", "embed"))
+        self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
+    ) -> tuple[jax.Array, LayerKV | None]:
+        spec = self.spec
+        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
+        k = jnp.einsum("bth,hkd->btkd", x, self.k_proj[...])
+        v = jnp.einsum("bth,hkd->btkd", x, self.v_proj[...]) * jnp.asarray(self.value_scale, x.dtype)
+        cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is None:
+            keys, values, key_pos = k, v, positions
+        else:
+            keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
+        out = attention(
+            q,
+            keys,
+            values,
+            positions,
+            key_pos,
+            window_keys=spec.window_keys,
+            sink=None if self.sink is None else self.sink[...],
+            scale=spec.head_dim**-0.5,
+        )
+        return jnp.einsum("btnd,ndh->bth", out, self.o_proj[...]), kv_cache
+
+
+class MLP(nnx.Module):
+    """Dense SwiGLU."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype, rngs: nnx.Rngs | None):
+        self.gate_proj = _param(rngs, (hidden, intermediate), dtype, ("embed", "mlp"))
+        self.up_proj = _param(rngs, (hidden, intermediate), dtype, ("embed", "mlp"))
+        self.down_proj = _param(rngs, (intermediate, hidden), dtype, ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
+        return h @ self.down_proj[...]
+
+
+class MoE(nnx.Module):
+    """Routed experts; `impl` picks the expert computation (see `mimo_jax.moe.EXPERT_IMPLS`)."""
+
+    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str = "ragged"):
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.router = _param(rngs, (e, h), jnp.float32, ("experts_replicated", "embed_replicated"))
+        self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
+        self.gate_proj = _param(rngs, (e, h, i), dtype, ("experts", "embed", "moe_mlp"))
+        self.up_proj = _param(rngs, (e, h, i), dtype, ("experts", "embed", "moe_mlp"))
+        self.down_proj = _param(rngs, (e, i, h), dtype, ("experts", "moe_mlp", "embed"))
+        self.top_k = cfg.experts_per_token
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.impl = impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids = moe.route(
+            flat,
+            self.router[...],
+            self.correction_bias[...],
+            top_k=self.top_k,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            norm_topk_prob=self.norm_topk_prob,
+            scaling=self.scaling,
+        )
+        expert_fn = moe.EXPERT_IMPLS[self.impl]
+        out = expert_fn(flat, weights, ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        return out.reshape(shape)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MiMoConfig, spec: LayerSpec, dtype, rngs: nnx.Rngs | None):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, cfg.hidden_size, cfg.value_scale, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if spec.moe:
+            self.mlp = MoE(cfg, dtype, rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
+    ) -> tuple[jax.Array, LayerKV | None]:
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class MiMoModel(nnx.Module):
+    """The causal LM. `rngs=None` builds zero weights (to be filled by the importer)."""
+
+    def __init__(self, cfg: MiMoConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(cfg, spec, dtype, rngs) for spec in cfg.layers])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab"))
+
+    def set_moe_impl(self, impl: str) -> None:
+        if impl not in moe.EXPERT_IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose from {sorted(moe.EXPERT_IMPLS)}")
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.impl = impl
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], token_ids, axis=0)
+
+    def hidden_states(
+        self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
+    ) -> tuple[jax.Array, list[LayerKV] | None]:
+        """Residual stream after the last layer (before the final norm) [B, T, H], and the new cache."""
+        x = self.embed(token_ids)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, layer_cache = layer(x, positions, None if cache is None else cache[i])
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and lm_head -> float32 logits [..., vocab]."""
+        h = self.norm(hidden)
+        if self.lm_head is None:
+            return jnp.einsum("...h,vh->...v", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...h,hv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(
+        self, token_ids: jax.Array, positions: jax.Array | None = None, cache: list[LayerKV] | None = None
+    ) -> tuple[jax.Array, list[LayerKV] | None]:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1], dtype=jnp.int32), token_ids.shape)
+        hidden, cache = self.hidden_states(token_ids, positions, cache)
+        return self.logits(hidden), cache

@@ -1,0 +1,105 @@
+import json
+import os
+
+import pytest
+
+from mimo_jax.config import ConfigError, MiMoConfig
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def load(name):
+    with open(os.path.join(CONFIGS, name)) as f:
+        return json.load(f)
+
+
+def test_real_configs():
+    flash = MiMoConfig.from_json(os.path.join(CONFIGS, "mimo-v2-flash.json"))
+    assert flash.num_layers == 48 and sum(not s for s in flash.sliding) == 9
+    assert flash.window_keys == 129 and flash.num_kv_heads == 4 and flash.swa_num_kv_heads == 8
+    assert flash.layer(0).rotary_dim == 64 and not flash.moe[0] and all(flash.moe[1:])
+    assert flash.routed_scaling_factor == 1.0 and flash.context_len == 262144
+    assert flash.layer(1).has_sink and not flash.layer(0).has_sink
+    assert flash.layer(5).rope_theta == 5_000_000 and flash.layer(1).rope_theta == 10_000
+    v25 = MiMoConfig.from_json(os.path.join(CONFIGS, "mimo-v2.5.json"))
+    assert v25.fused_qkv and v25.context_len == 1048576 and v25.quantization["quant_method"] == "fp8"
+    pro = MiMoConfig.from_json(os.path.join(CONFIGS, "mimo-v2.5-pro.json"))
+    assert pro.num_layers == 70 and sum(not s for s in pro.sliding) == 10
+    assert pro.hidden_size == 6144 and pro.num_experts == 384 and pro.value_scale == 0.612
+
+
+def test_nested_text_config_and_alias():
+    raw = load("mimo-v2.5.json")
+    nested = {
+        "architectures": ["MiMoV2FlashForCausalLM"],
+        "text_config": {k: v for k, v in raw.items() if k != "architectures"},
+    }
+    a = MiMoConfig.from_dict(raw)
+    b = MiMoConfig.from_dict(nested)
+    assert b.architecture == "MiMoV2FlashForCausalLM"
+    assert a.replace(architecture="x") == b.replace(architecture="x")
+
+
+def test_context_len_preferred():
+    raw = load("mimo-v2-flash.json")
+    raw["context_len"] = 4096
+    assert MiMoConfig.from_dict(raw).context_len == 4096
+
+
+def test_native_spelling_window_and_heads():
+    native = {
+        "architectures": ["MiMoV2FlashForCausalLM"],
+        "model_type": "mimo_v2_flash",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "moe_intermediate_size": 4,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 6,
+        "v_head_dim": 4,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 129,
+        "layer_types": ["full_attention", "sliding_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+    }
+    cfg = MiMoConfig.from_dict(native)
+    assert cfg.window_keys == 129 and cfg.swa_num_kv_heads == 2
+    assert cfg.layer(1).sliding and cfg.layer(1).moe and cfg.layer(1).window_keys == 129
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ({"n_shared_experts": 1}, "n_shared_experts=1"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_scaling="),
+        ({"hybrid_layer_pattern": [0, 1, 1]}, "hybrid_layer_pattern has 3 entries but num_hidden_layers=48"),
+        ({"moe_layer_freq": [0] * 47}, "moe_layer_freq has 47 entries"),
+        ({"hybrid_layer_pattern": [2] * 48}, "hybrid_layer_pattern[0]=2"),
+        ({"architectures": ["LlamaForCausalLM"]}, "architectures=['LlamaForCausalLM']"),
+        ({"n_group": 3}, "n_routed_experts=256 is not divisible by n_group=3"),
+        ({"num_attention_heads": 6, "swa_num_attention_heads": 6}, "num_attention_heads=6 is not a multiple"),
+        ({"hidden_size": -1}, "hidden_size=-1"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ],
+)
+def test_rejects_unsupported(change, message):
+    raw = load("mimo-v2-flash.json")
+    raw.update(change)
+    with pytest.raises(ConfigError) as e:
+        MiMoConfig.from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_missing_and_invalid_json(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        MiMoConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        MiMoConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ConfigError, match="missing required key 'num_hidden_layers'"):
+        MiMoConfig.from_json(tmp_path)
