@@ -52,5 +52,13 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", mesh: jax.shardi
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    model = load_params(path, DTYPES[dtype])
+    put = None
+    if mesh is not None:
+        from mimo_jax.config import MiMoConfig
+        from mimo_jax.sharding import model_shardings
+        from mimo_jax.weights import abstract_model
+
+        shardings = model_shardings(abstract_model(MiMoConfig.from_json(path), DTYPES[dtype]), mesh)
+        put = lambda param_path, host: jax.device_put(host, shardings[param_path])
+    model = load_params(path, DTYPES[dtype], put=put)
     return LanguageModel(model, mesh=mesh, source=os.fspath(path))

@@ -147,10 +147,32 @@ class DecoderLayer(nnx.Module):
         return x, kv_cache
 
 
-class MiMoModel(nnx.Module):
-    """The causal LM. `rngs=None` builds zero weights (to be filled by the importer)."""
+class MTPLayer(nnx.Module):
+    """One multi-token-prediction layer: [norm(embed(token)); norm(hidden)] -> eh_proj -> SWA block."""
 
-    def __init__(self, cfg: MiMoConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None):
+        h = cfg.hidden_size
+        self.enorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.eh_proj = _param(rngs, (2 * h, h), dtype, ("embed_replicated", "embed"))
+        self.block = DecoderLayer(cfg, cfg.mtp_layer(), dtype, rngs)
+        self.final_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+
+    def __call__(
+        self, token_embeds: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """Returns the block's residual stream (before `final_layernorm`) and the new cache."""
+        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1) @ self.eh_proj[...]
+        return self.block(x, positions, kv_cache)
+
+
+class MiMoModel(nnx.Module):
+    """The causal LM. `rngs=None` builds zero weights (to be filled by the importer).
+
+    `mtp_layers` > 0 adds that many MTP layers (sharing embed_tokens and lm_head).
+    """
+
+    def __init__(self, cfg: MiMoConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None, mtp_layers: int = 0):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
@@ -160,6 +182,7 @@ class MiMoModel(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab"))
+        self.mtp = nnx.List([MTPLayer(cfg, dtype, rngs) for _ in range(mtp_layers)])
 
     def set_moe_impl(self, impl: str) -> None:
         if impl not in moe.EXPERT_IMPLS:
@@ -184,12 +207,20 @@ class MiMoModel(nnx.Module):
                 new_cache.append(layer_cache)
         return x, new_cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final norm and lm_head -> float32 logits [..., vocab]."""
-        h = self.norm(hidden)
+    def logits(self, hidden: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
+        """Final norm (the model's, or an MTP layer's) and lm_head -> float32 logits [..., vocab]."""
+        h = (norm or self.norm)(hidden)
         if self.lm_head is None:
             return jnp.einsum("...h,vh->...v", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
         return jnp.einsum("...h,hv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def mtp_forward(
+        self, k: int, token_ids: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None = None
+    ) -> tuple[jax.Array, jax.Array, LayerKV | None]:
+        """MTP layer k on (next tokens, previous hidden states) -> (its hidden states, float32 logits, cache)."""
+        layer = self.mtp[k]
+        h, kv_cache = layer(self.embed(token_ids), hidden, positions, kv_cache)
+        return h, self.logits(h, layer.final_layernorm), kv_cache
 
     def __call__(
         self, token_ids: jax.Array, positions: jax.Array | None = None, cache: list[LayerKV] | None = None
