@@ -111,11 +111,13 @@ def model_shardings(model: Any, mesh: Mesh) -> dict[tuple, NamedSharding]:
 
 
 def place_model(model: Any, mesh: Mesh) -> None:
-    """Move every parameter of `model` (in place) to its sharding on `mesh`; placed ones stay put."""
+    """Move every plain-array parameter of `model` (in place) to its sharding on `mesh`.
+
+    Parameters already there stay put; structured values (e.g. quantized blocks) are left to the loader.
+    """
     for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
+        if isinstance(var, nnx.Param) and isinstance(value := var.get_value(), (jax.Array, np.ndarray)):
             sharding = param_sharding(var, mesh)
-            value = var.get_value()
             if getattr(value, "sharding", None) != sharding:
                 var.set_value(jax.device_put(value, sharding))
 
@@ -167,6 +169,18 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 COORDINATOR_ENV = "MIMO_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "MIMO_NUM_PROCESSES"
 PROCESS_ID_ENV = "MIMO_PROCESS_ID"
+
+
+def add_distributed_arguments(parser) -> None:
+    """--coordinator-address/--num-processes/--process-id for a CLI (defaults: the MIMO_* environment).
+
+    A CLI then calls `initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)`
+    before touching JAX devices.
+    """
+    group = parser.add_argument_group("multi-host (one process per host)")
+    group.add_argument("--coordinator-address", default=None, help=f"host:port of process 0 (${COORDINATOR_ENV})")
+    group.add_argument("--num-processes", type=int, default=None, help=f"processes in the job (${NUM_PROCESSES_ENV})")
+    group.add_argument("--process-id", type=int, default=None, help=f"this process, 0-based (${PROCESS_ID_ENV})")
 
 
 def initialize_distributed(

@@ -88,6 +88,21 @@ def test_initialize_distributed_configuration(monkeypatch):
         sharding.initialize_distributed("localhost:1234")
 
 
+def test_cli_flags_feed_initialize_distributed(monkeypatch):
+    import argparse
+
+    for name in (sharding.COORDINATOR_ENV, sharding.NUM_PROCESSES_ENV, sharding.PROCESS_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    sharding.add_distributed_arguments(parser)
+    args = parser.parse_args(["--coordinator-address", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3"])
+    seen = {}
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    assert sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    assert seen == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, local_device_ids=None)
+    assert parser.parse_args([]).num_processes is None  # left out: the environment decides
+
+
 def _worker(directory: str, out_dir: str) -> None:
     """One host of the two: join, load onto the global mesh, write the logits."""
     import jax
