@@ -15,6 +15,7 @@ JAX devices; `jax.devices()` is then the global device list and `make_mesh` span
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -163,6 +164,22 @@ def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tup
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Sharding of an input whose leading dim is the batch (split over data when it divides)."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def kv_cache_shardings(cache: list[Any], mesh: Mesh) -> list[Any]:
+    """Shardings for a KV cache (list of `LayerKV`): batch over data, kv heads over tensor where they divide.
+
+    Same pytree as the cache, for `jax.device_put` or a jitted step's in/out shardings.
+    """
+
+    def layer(kv):
+        def spec(axes, a):
+            return NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh))
+
+        heads = ("batch", None, "kv_heads", None)
+        return dataclasses.replace(kv, k=spec(heads, kv.k), v=spec(heads, kv.v), pos=spec(("batch", None), kv.pos))
+
+    return [layer(kv) for kv in cache]
 
 
 # Environment read by `initialize_distributed` when its arguments are left out.

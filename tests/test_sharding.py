@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import mimo_jax
 from mimo_jax import moe
 from mimo_jax.cache import empty_layer_kv
-from mimo_jax.sharding import make_mesh, model_shardings
+from mimo_jax.sharding import kv_cache_shardings, make_mesh, model_shardings
 
 # 16 experts and 8 q heads so that every mesh below really splits them; full layers have 2
 # kv heads and SWA layers 4, so tensor=4 and tensor=8 exercise replicated kv heads.
@@ -99,6 +99,8 @@ def test_decode_with_cache_on_mesh_equals_single_device(checkpoint):
             return nnx.merge(lm.graphdef, params)(ids, positions, cache)
 
         cache = [empty_layer_kv(spec, 2, 16, jnp.float32) for spec in cfg.layers]
+        if lm.mesh is not None:
+            cache = jax.device_put(cache, kv_cache_shardings(cache, lm.mesh))
         out = []
         with lm.mesh_context():
             positions = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), prompt.shape)
@@ -128,6 +130,13 @@ def test_rules_place_parameters(checkpoint):
     assert specs[("layers", 1, "mlp", "gate_proj")] == P("expert", None, "tensor")
     assert specs[("layers", 1, "mlp", "down_proj")] == P("expert", "tensor", None)
     assert specs[("layers", 1, "mlp", "router")] == P(None, None)
+
+    cache = [empty_layer_kv(spec, 2, 16, jnp.float32) for spec in lm.config.layers]
+    cache_specs = kv_cache_shardings(cache, make_mesh(data=2, tensor=2, expert=2))
+    assert cache_specs[0].k.spec == P("data", None, "tensor", None) and cache_specs[0].pos.spec == P("data", None)
+    tensor4 = kv_cache_shardings(cache, make_mesh(tensor=4, expert=2))
+    assert tensor4[0].v.spec == P(None, None, None, None)  # 2 kv heads: replicated
+    assert tensor4[1].v.spec == P(None, None, "tensor", None) and tensor4[1].ring  # SWA ring: 4 kv heads
 
 
 # --- experts_sharded directly: dispatch, padding, capacity ----------------------------------
