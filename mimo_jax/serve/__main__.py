@@ -4,9 +4,9 @@ With no arguments it serves the embedded demo model on 127.0.0.1:8000. Startup l
 weights, logs the memory plan, compiles every shape it will run (warm-up), and only then logs
 the ready line and answers requests.
 
-Multi-host: start the same command on every process (with --coordinator/--num-processes/
---process-id, or --distributed where JAX finds the cluster itself). Process 0 listens and
-schedules; the others apply its broadcast round plans to their share of the model.
+Multi-host: start the same command on every process (with --coordinator-address/--num-processes/
+--process-id, or the MIMO_* environment of `mimo_jax.sharding.initialize_distributed`). Process 0
+listens and schedules; the others apply its broadcast round plans to their share of the model.
 """
 
 from __future__ import annotations
@@ -52,12 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (0: none)")
     p.add_argument("--max-logprobs", type=int, default=20, help="largest top_logprobs a request may ask for")
     p.add_argument("--max-stop-token-ids", type=int, default=8, help="stop token ids per request besides EOS")
-    p.add_argument("--coordinator", help="multi-host: address host:port of process 0's coordinator")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() from env")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    from mimo_jax.sharding import add_distributed_arguments
+
+    add_distributed_arguments(p)
     return p
 
 
@@ -181,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     import jax
 
-    if args.coordinator or args.distributed:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from mimo_jax.sharding import initialize_distributed
+
+    # gloo: cross-process collectives for the CPU backend too (plans are broadcast through it on CPU hosts).
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, cpu_collectives="gloo")
     leader = jax.process_index() == 0
     multihost = jax.process_count() > 1
 
