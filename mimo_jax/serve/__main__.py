@@ -91,7 +91,7 @@ def _log_memory_plan(lm, engine, max_context: int) -> None:
     devices = jax.devices()
     log.info(
         "memory plan: weights %s; KV cache %s (%d slots x %d tokens, %s per sequence: %d full + %d SWA layers,"
-        " %.1fx below all-full attention); slot state %s; total %s on %d %s device(s)",
+        " %.1fx below all-full attention); slot state %s; total %s over %d %s device(s)",
         _size(params),
         _size(cache),
         engine.max_batch,
@@ -105,9 +105,13 @@ def _log_memory_plan(lm, engine, max_context: int) -> None:
         len(devices),
         devices[0].platform,
     )
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    local = jax.local_devices()[0]
+    try:
+        stats = local.memory_stats()
+    except Exception:  # not every backend reports memory
+        stats = None
     if stats and "bytes_limit" in stats:
-        log.info("device 0: %s in use of %s", _size(stats.get("bytes_in_use", 0)), _size(stats["bytes_limit"]))
+        log.info("%s: %s in use of %s", local, _size(stats.get("bytes_in_use", 0)), _size(stats["bytes_limit"]))
 
 
 def _load(args: argparse.Namespace):
@@ -216,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not leader:
         log.info("process %d of %d: following process 0's round plans", jax.process_index(), jax.process_count())
         follow(engine, channel)
+        log.info("process 0 shut down; leaving")
+        jax.distributed.shutdown()  # a barrier: the coordinator (process 0) stays up until everyone is here
         return 0
 
     import uvicorn
@@ -252,8 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     max_context,
                 )
 
+    # Multi-host: leave through the distributed barrier once the followers got the shutdown plan
+    # (uvicorn re-raises the stopping signal after the app's shutdown, so this cannot wait until after run()).
+    on_shutdown = jax.distributed.shutdown if multihost else None
     config = uvicorn.Config(
-        create_app(server),
+        create_app(server, on_shutdown=on_shutdown),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

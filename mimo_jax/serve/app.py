@@ -685,8 +685,9 @@ def _submit(server: Server, job: Job) -> None:
     job.submit()
 
 
-def create_app(server: Server, on_startup: Callable[[], None] | None = None) -> FastAPI:
-    """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered)."""
+def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered);
+    `on_shutdown` runs after the scheduler has stopped."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -700,12 +701,12 @@ def create_app(server: Server, on_startup: Callable[[], None] | None = None) -> 
 
         server.scheduler.dispatch = lambda batch: loop.call_soon_threadsafe(run_batch, batch)
         server.scheduler.start()
-        if on_startup is not None:
-            on_startup()
         try:
             yield
         finally:
             server.scheduler.shutdown()
+            if on_shutdown is not None:
+                on_shutdown()
 
     app = FastAPI(title="mimo_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
