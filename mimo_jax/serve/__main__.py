@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mimo_jax.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory, HF safetensors or Orbax (default: the embedded demo model)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json / tokenizer_config.json (default: --model)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="benchmarks: --model names a config (flash-slice-N or a config.json) and the weights are random "
+        "(needs --tokenizer; ids outside its vocabulary decode to nothing)",
+    )
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -136,8 +142,19 @@ def _load(args: argparse.Namespace):
             raise SystemExit("--weights: this build's load_model has no storage modes")
         kwargs["weights"] = args.weights
     t0 = time.perf_counter()
-    lm = load_model(directory, dtype=args.dtype, mesh=mesh, **kwargs)
-    log.info("loaded %s (%s) in %.1f s", directory, args.dtype, time.perf_counter() - t0)
+    if args.random_weights:
+        import jax.numpy as jnp
+
+        from mimo_jax.bench import bench_config, random_model
+        from mimo_jax.lm import LanguageModel
+
+        if not args.model or not args.tokenizer:
+            raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
+        model = random_model(bench_config(args.model), jnp.dtype(args.dtype), "ragged", mesh)
+        lm = LanguageModel(model, mesh=mesh, source=f"random:{args.model}")
+    else:
+        lm = load_model(directory, dtype=args.dtype, mesh=mesh, **kwargs)
+    log.info("loaded %s (%s) in %.1f s", lm.source, args.dtype, time.perf_counter() - t0)
     tok_dir = args.tokenizer or directory
     tokenizer = Tokenizer(tok_dir)
     if tokenizer.vocab_size > lm.config.vocab_size:

@@ -379,6 +379,14 @@ async def _stream(job: Job, chunks: Callable[[ChoiceOutput, Piece], list[Any]], 
         job.cancel_unfinished()
 
 
+def _usage_options(req: P.SamplingFields) -> tuple[bool, bool]:
+    """(usage chunk at the end, usage in every chunk): `stream_options.include_usage` / `continuous_usage_stats`."""
+    options = req.stream_options
+    if options is None:
+        return False, False
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
+
+
 # ---------------------------------------------------------------------------- logprobs formatting
 def _chat_logprobs(server: Server, tokens: list, want: bool) -> P.ChoiceLogprobs | None:
     if not want:
@@ -528,7 +536,7 @@ def _chat_response(server: Server, req: P.ChatCompletionRequest, job: Job) -> P.
 
 def _chat_stream(server: Server, req: P.ChatCompletionRequest, job: Job) -> AsyncIterator[bytes]:
     cid, created = job.id_prefix.replace("req", "chatcmpl", 1), P.now()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
 
     def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> dict:
         out = P.ChatCompletionChunk(id=cid, created=created, model=server.model_name, choices=choices)
@@ -537,6 +545,7 @@ def _chat_stream(server: Server, req: P.ChatCompletionRequest, job: Job) -> Asyn
             choice.setdefault("finish_reason", None)
             choice.setdefault("logprobs", None)
         if include_usage:
+            usage = usage or (job.usage() if continuous else None)
             body["usage"] = usage.model_dump() if usage is not None else None
         return body
 
@@ -635,12 +644,13 @@ def _completion_response(server: Server, req: P.CompletionRequest, job: Job, ech
 
 def _completion_stream(server: Server, req: P.CompletionRequest, job: Job, echo: list[str]) -> AsyncIterator[bytes]:
     cid, created = job.id_prefix.replace("req", "cmpl", 1), P.now()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     offsets = [len(e) for e in echo]
 
     def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> dict:
         body = P.Completion(id=cid, created=created, model=server.model_name, choices=choices).model_dump()
         if include_usage:
+            usage = usage or (job.usage() if continuous else None)
             body["usage"] = usage.model_dump() if usage is not None else None
         else:
             body.pop("usage")
