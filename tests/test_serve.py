@@ -7,6 +7,7 @@ and the planted script of tests/serve_fixtures.py (reasoning and tool-call parsi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import socket
@@ -400,17 +401,21 @@ def test_cancellation_frees_capacity(served):
 
 
 def test_full_queue_answers_429(served):
-    async def run():
-        async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
-            bodies = [{"prompt": f"queue {i}", **LONG, "max_tokens": 200} for i in range(MAX_BATCH + MAX_WAITING + 8)]
-            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
-
-    responses = asyncio.run(run())
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) == {200, 429} and statuses.count(200) >= MAX_BATCH + MAX_WAITING
-    refused = next(r for r in responses if r.status_code == 429).json()["error"]
-    assert refused["type"] == "rate_limit_error" and "retry" in refused["message"]
-    assert all(r.json()["usage"]["completion_tokens"] == 200 for r in responses if r.status_code == 200)
+    # 16 sequences in one request: MAX_BATCH run, the rest wait (each runs for hundreds of tokens).
+    big = {"prompt": [f"queue {i}" for i in range(16)], **LONG}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(served.http.post, "/v1/completions", json=big)
+        _wait_for(served, lambda h: h["waiting"] >= 16 - MAX_BATCH, seconds=30)
+        # 8 more do not fit in the queue of MAX_WAITING: 429 with an OpenAI error body, nobody else is hurt.
+        r = served.http.post("/v1/completions", json={**big, "prompt": big["prompt"][:8]})
+        assert r.status_code == 429, r.text
+        error = r.json()["error"]
+        assert error["type"] == "rate_limit_error" and "retry" in error["message"]
+        with pytest.raises(openai.RateLimitError):
+            served.client.completions.create(model=served.model, prompt=["x"] * 8, max_tokens=2)
+        done = first.result()
+    assert done.status_code == 200
+    assert done.json()["usage"]["completion_tokens"] == 16 * LONG["max_tokens"]
     served.assert_serving()
 
 
@@ -449,6 +454,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop": [123456]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x" * 3000}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, None),
+    ("/v1/completions", {"prompt": ["a"] * 2, "n": 16}, 400, "n"),
 ]  # fmt: skip
 
 
@@ -473,4 +480,34 @@ def test_bad_routes_and_openai_client_errors(served):
         served.client.chat.completions.create(model="unknown-model", messages=QUESTION)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         served.client.chat.completions.create(model=served.model, messages=QUESTION, temperature=-1)
+    served.assert_serving()
+
+
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 2, 3.5, -2.5, 1e308, 2**70, -(2**70), "", "x", "<think>", "\u0000", [], [1],
+               ["a"], [[1, 2]], [-5], {}, {"a": 1}, [{"type": "text"}], [{"role": "user"}], [{"type": "function"}]]  # fmt: skip
+FUZZ_FIELDS = [
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "n", "stream",
+    "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "thinking", "echo",
+    "suffix", "best_of", "ignore_eos", "response_format", "logit_bias",
+]  # fmt: skip
+
+
+def test_fuzzed_requests_never_hurt_the_server(served):
+    """Valid requests with 1-3 fields replaced by arbitrary JSON values: 200 or a 4xx error body, never 5xx."""
+    rng = np.random.default_rng(7)
+    statuses = []
+    for _ in range(150):
+        chat = rng.random() < 0.5
+        body = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+        body["max_tokens"] = 3
+        for _ in range(int(rng.integers(1, 4))):
+            body[FUZZ_FIELDS[rng.integers(len(FUZZ_FIELDS))]] = FUZZ_VALUES[rng.integers(len(FUZZ_VALUES))]
+        body["stream"] = False if not isinstance(body.get("stream"), bool) else body["stream"]
+        r = served.http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+        statuses.append(r.status_code)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert statuses.count(200) > 10 and statuses.count(400) > 50
     served.assert_serving()

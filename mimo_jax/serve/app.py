@@ -692,6 +692,12 @@ async def _body(request: Request) -> bytes:
 def _submit(server: Server, job: Job) -> None:
     if server.scheduler.error is not None:
         raise P.APIError(503, "the engine failed; the server cannot take requests", "server_error")
+    if len(job.sequences) > server.scheduler.max_waiting:
+        raise P.invalid(
+            f"this request asks for {len(job.sequences)} sequences (prompts x n); the server queues at most "
+            f"{server.scheduler.max_waiting}",
+            "n",
+        )
     job.submit()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -81,7 +81,7 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- shared parameters
@@ -97,23 +97,26 @@ class SamplingFields(_Request):
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: no top-k
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # 0 or -1: no top-k
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = None
     stop: str | list[str | int] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (vLLM's): generate exactly max_tokens
     skip_special_tokens: bool = True
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _check_stop(self):
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         for s in stops:
             if isinstance(s, str) and not s:
@@ -159,7 +162,7 @@ class ToolCall(_Request):
 
 class ChatMessage(BaseModel):
     # Extra keys travel to the template, as with transformers (e.g. a template reading `name`).
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
