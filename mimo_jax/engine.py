@@ -297,6 +297,14 @@ def prefill_buckets(prefill_chunk: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def cache_length(max_context: int) -> int:
+    """Full-layer cache slots for `max_context`: rounded up (<= 12.5%) so blockwise attention blocks divide it."""
+    if max_context <= 2048:
+        return max_context
+    step = min(8192, 1 << ((max_context // 8).bit_length() - 1))
+    return -(-max_context // step) * step
+
+
 class Engine:
     """Fixed `max_batch` slots over a KV cache of `max_context` positions per slot.
 
@@ -337,7 +345,8 @@ class Engine:
         graphdef = lm.graphdef
         dtype = jnp.dtype(cache_dtype or lm.dtype)
 
-        make_cache = lambda: empty_cache(cfg, max_batch, max_context, dtype, extra_ring_slots)
+        self.cache_len = cache_length(max_context)
+        make_cache = lambda: empty_cache(cfg, max_batch, self.cache_len, dtype, extra_ring_slots)
         make_state = lambda: empty_state(max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype)
         if lm.mesh is not None:
             replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())

@@ -1,10 +1,12 @@
 """Mixture-of-experts math: sigmoid router with correction bias and grouped top-k, and expert FFNs.
 
-Two expert implementations compute the same thing:
+The expert implementations compute the same thing:
 - `experts_dense`: every expert on every token, weighted by a dense combine matrix. Plainly
   correct; the reference for the others (and fine for tiny test models).
 - `experts_ragged`: tokens sorted by expert and `jax.lax.ragged_dot` (the native grouped matmul
   on TPU/CPU).
+- `experts_gather`: each token gathers its chosen experts' weights (decode at a few tokens on GPU,
+  where `ragged_dot` reads every expert).
 """
 
 from __future__ import annotations
@@ -83,4 +85,15 @@ def experts_ragged(
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged}
+def experts_gather(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """Each token gathers its K chosen experts' weights: reads only those experts (decode with few tokens;
+    at many tokens it reads an expert once per token that chose it). Same contract as `experts_dense`."""
+    g = jnp.einsum("nh,nkhi->nki", x, w_gate[ids])
+    u = jnp.einsum("nh,nkhi->nki", x, w_up[ids])
+    y = jnp.einsum("nki,nkih->nkh", _swiglu(x, g, u), w_down[ids], preferred_element_type=jnp.float32)
+    return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
