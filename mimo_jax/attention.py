@@ -13,7 +13,7 @@ import numpy as np
 # Finite, so a row with no visible key gives zeros instead of NaN.
 _MASKED = -1e30
 
-# Keys per block of `attention_blockwise`: as many as keep one block's fp32 scores near
+# Keys per block of `attention_blockwise`: as many as keep one block's fp32 scores within
 # SCORE_BLOCK_ELEMENTS per batch row, within these bounds (powers of two).
 KEY_BLOCK_MIN, KEY_BLOCK_MAX = 256, 8192
 SCORE_BLOCK_ELEMENTS = 1 << 26
@@ -100,7 +100,10 @@ def attention(
 
 
 def key_block_size(queries: int, heads: int, keys: int) -> int | None:
-    """Keys per block for `attention_blockwise` over `keys` slots, or None when one pass is as good."""
+    """Keys per block for `attention_blockwise` over `keys` slots, or None when one pass is as good
+    (a short cache whose scores are small: a loop would only add per-block overhead)."""
+    if keys <= KEY_BLOCK_MAX and queries * heads * keys <= SCORE_BLOCK_ELEMENTS:
+        return None
     target = max(KEY_BLOCK_MIN, min(KEY_BLOCK_MAX, SCORE_BLOCK_ELEMENTS // max(queries * heads, 1)))
     block = 1 << (target.bit_length() - 1)
     while block >= KEY_BLOCK_MIN and keys % block:

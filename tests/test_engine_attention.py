@@ -37,7 +37,8 @@ def test_block_sizes():
     assert attn.key_block_size(1, 64, 131072) == 8192
     assert attn.key_block_size(2048, 64, 131072) == 512
     assert attn.key_block_size(1, 64, 16384) == 8192
-    assert attn.key_block_size(1, 64, 8192) is None  # one block would be the whole cache: one pass
+    assert attn.key_block_size(1, 64, 8192) is None  # short cache, small scores: one pass
+    assert attn.key_block_size(2048, 64, 8192) == 512  # a prefill chunk: never T x S scores
     assert attn.key_block_size(1, 64, 200) is None  # short caches: one pass
     assert attn.key_block_size(1, 64, 3 * 4096 + 1) is None  # no power-of-two block divides it
 
