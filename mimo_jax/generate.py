@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 from collections.abc import Sequence
 
 from mimo_jax.generation import GenerationResult, generate
@@ -30,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
 
-    directory = args.model or str(demo_model_dir())
+    try:
+        directory = args.model or str(demo_model_dir())
+    except FileNotFoundError as e:
+        p.error(str(e))
     tokenizer = None
     tok_path = os.path.join(directory, "tokenizer.json")
     if os.path.exists(tok_path):
@@ -60,6 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets the attribute `mimo_jax.generate` to it; calling it still generates."""
+
+    def __call__(self, *args, **kwargs) -> list[GenerationResult]:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

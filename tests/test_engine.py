@@ -79,12 +79,19 @@ def test_decode_distributions_equal_full_forward(lm):
         np.testing.assert_allclose(r.logprobs, ref[np.arange(22), r.token_ids], atol=1e-4)
 
 
-def test_greedy_matches_transformers_generate(tmp_path):
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    hf = make_hf_model(seed=7)
+    directory = str(tmp_path_factory.mktemp("hf"))
+    save_hf_checkpoint(hf, directory)
+    return hf, directory
+
+
+def test_greedy_matches_transformers_generate(hf_checkpoint):
     import torch
 
-    hf = make_hf_model(seed=7)
-    save_hf_checkpoint(hf, str(tmp_path))
-    ours = mimo_jax.load_model(str(tmp_path))
+    hf, directory = hf_checkpoint
+    ours = mimo_jax.load_model(directory)
     prompts = [[5, 17, 33, 2, 90, 41, 8], [60, 61]]
     results = mimo_jax.generate(ours, prompts, max_new_tokens=70, prefill_chunk=4)
     for prompt, r in zip(prompts, results, strict=True):
@@ -92,6 +99,27 @@ def test_greedy_matches_transformers_generate(tmp_path):
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, min_new_tokens=70)
         assert r.token_ids == ref[0, len(prompt) :].tolist()
         assert r.finish_reason == "length"
+
+
+def test_cli_prints_text_with_a_tokenizer(hf_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mimo_jax.generate import main
+
+    _, directory = hf_checkpoint
+    words = [f"w{i}" for i in range(96)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    with_tokenizer = tmp_path / "ckpt"
+    shutil.copytree(directory, with_tokenizer)
+    tokenizer.save(str(with_tokenizer / "tokenizer.json"))
+    assert main(["--model", str(with_tokenizer), "--prompt", "w5 w17 w33", "--max-new-tokens", "6"]) == 0
+    (want,) = mimo_jax.generate(mimo_jax.load_model(directory), [[5, 17, 33]], max_new_tokens=6)
+    assert capsys.readouterr().out == "w5 w17 w33" + tokenizer.decode(want.token_ids) + "\n"
+    main(["--model", directory, "--prompt", "5 17 33", "--max-new-tokens", "6"])  # no tokenizer: ids
+    assert capsys.readouterr().out.split() == [str(t) for t in want.token_ids]
 
 
 def test_mixed_batch_equals_solo(lm, engine, solo_engine):
