@@ -31,6 +31,7 @@ from mimo_jax.weights.table import (
     TRANSPOSE,
     CheckpointTensor,
     checkpoint_tensors,
+    fp8_param_block,
     parameter_sources,
 )
 
@@ -96,17 +97,12 @@ def param_bytes_per_device(
         axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(shape))
         spec = logical_to_spec(axes, shape, mesh)
         if block and src.kind in _KEEP_FP8 and src.tensors[0].quantizable:
-            scales = scale_shape(shape, _param_block(src.kind, len(shape), block))
+            scales = scale_shape(shape, fp8_param_block(src.kind, len(shape), block))
             total += _per_device(shape, spec, mesh) + 4 * _per_device(scales, logical_to_spec(axes, scales, mesh), mesh)
         else:
             itemsize = np.dtype(var.get_value().dtype).itemsize  # router, bias and sinks stay float32
             total += itemsize * _per_device(shape, spec, mesh)
     return total
-
-
-def _param_block(kind: str, ndim: int, block: tuple[int, int]) -> tuple[int, ...]:
-    br, bc = block
-    return {TRANSPOSE: (bc, br), EXPERTS: (1, bc, br), HEADS_IN: (bc, 1, 1)}[kind][:ndim]
 
 
 @dataclasses.dataclass(frozen=True)
