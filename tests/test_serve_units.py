@@ -184,7 +184,9 @@ def _run_reasoning(pieces, in_reasoning):
         ("still thinking </thi", True, ("still thinking </thi", "", True)),
         ("<thi", False, ("", "<thi", False)),
         ("", True, ("", "", True)),
-        ("a < b </think>   ", True, ("a < b ", "", True)),
+        ("a < b </think>   ", True, ("a < b", "", True)),
+        ("<think>\n  step 1\n\n step 2 \n</think>\n\nDone.", False, ("step 1\n\n step 2", "Done.", True)),
+        ("\n thinking cut short  \n", True, ("thinking cut short", "", True)),
     ],
 )
 def test_reasoning_parser_streamed_equals_whole(text, in_reasoning, want):

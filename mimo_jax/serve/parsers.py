@@ -88,13 +88,14 @@ class ReasoningParser:
     """Splits `<think>...</think>` off the answer: `feed(text) -> (reasoning, content)`.
 
     `in_reasoning` is set when the prompt already opened the block (the template wrote `<think>`).
-    Otherwise a block is recognised only at the very start of the output. Whitespace between the
-    block and the answer is dropped.
+    Otherwise a block is recognised only at the very start of the output. Whitespace around the
+    reasoning (templates write `<think>\\n...\\n</think>\\n\\n`) and before the answer is dropped; a
+    streamed reasoning holds back trailing whitespace until it knows whether the block ends there.
     """
 
     def __init__(self, in_reasoning: bool = False, start: str = THINK_START, end: str = THINK_END):
         self.start, self.end = start, end
-        self.state = "reasoning" if in_reasoning else "opening"
+        self.state = "reasoning_start" if in_reasoning else "opening"
         self._held = ""
         self.saw_reasoning = in_reasoning
 
@@ -106,19 +107,26 @@ class ReasoningParser:
             if self.state == "opening":
                 stripped = text.lstrip()
                 if stripped.startswith(self.start):
-                    self.state, self.saw_reasoning = "reasoning", True
+                    self.state, self.saw_reasoning = "reasoning_start", True
                     text = stripped[len(self.start) :]
                 elif self.start.startswith(stripped):  # maybe a marker still arriving (or only whitespace so far)
                     self._held, text = text, ""
                 else:
                     self.state = "content"
+            elif self.state == "reasoning_start":
+                stripped = text.lstrip()
+                if stripped:
+                    self.state = "reasoning"
+                text = stripped
             elif self.state == "reasoning":
                 i = text.find(self.end)
                 if i >= 0:
-                    reasoning.append(text[:i])
+                    reasoning.append(text[:i].rstrip())
                     self.state, text = "after_reasoning", text[i + len(self.end) :]
                 else:
                     keep = partial_suffix(text, (self.end,))
+                    body = text[: len(text) - keep]
+                    keep += len(body) - len(body.rstrip())  # trailing whitespace may precede the end marker
                     reasoning.append(text[: len(text) - keep])
                     self._held, text = text[len(text) - keep :], ""
             elif self.state == "after_reasoning":
@@ -132,10 +140,8 @@ class ReasoningParser:
 
     def finish(self) -> tuple[str, str]:
         held, self._held = self._held, ""
-        if self.state == "reasoning":
-            return held, ""
-        if self.state == "opening":
-            return "", held
+        if self.state in ("reasoning", "reasoning_start"):
+            return held.rstrip(), ""
         return "", held
 
 
