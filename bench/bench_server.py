@@ -64,11 +64,16 @@ def offline(args) -> dict:
 
     if args.random_weights:
         import jax.numpy as jnp
+
         from mimo_jax.bench import bench_config, random_model
 
-        lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), "ragged"))
+        impl = args.moe_impl or "ragged"
+        lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), impl))
     else:
         lm = mimo_jax.load_model(args.model, dtype=args.dtype)
+        if args.moe_impl:
+            lm.model.set_moe_impl(args.moe_impl)
+            lm = mimo_jax.LanguageModel(lm.model, source=lm.source)
     n = args.offline
     prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
     engine = mimo_jax.Engine(
@@ -158,6 +163,8 @@ def serve_and_load(args, n: int) -> dict:
         cmd += ["--tokenizer", args.tokenizer]
     if args.random_weights:
         cmd += ["--random-weights"]
+    if args.moe_impl:
+        cmd += ["--moe-impl", args.moe_impl]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
     try:
@@ -191,6 +198,7 @@ def main() -> int:
     p.add_argument("--model", help="checkpoint directory, or a config (flash-slice-N) with --random-weights")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--moe-impl", choices=["dense", "ragged", "gather"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--requests-per-client", type=int, default=2)

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. tensor=4,expert=2 (default: one device, no mesh)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation/weight dtype")
     p.add_argument("--weights", choices=["bf16", "fp8"], help="how FP8 checkpoints are kept (the importer's modes)")
+    p.add_argument("--moe-impl", choices=["dense", "ragged", "gather"], help="expert implementation (default: ragged)")
     p.add_argument("--max-batch", type=int, default=32, help="engine slots: sequences decoded together")
     p.add_argument("--max-context", type=int, help="tokens per sequence, prompt + output (default: min(model, 8192))")
     p.add_argument(
@@ -150,10 +151,15 @@ def _load(args: argparse.Namespace):
 
         if not args.model or not args.tokenizer:
             raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
-        model = random_model(bench_config(args.model), jnp.dtype(args.dtype), "ragged", mesh)
+        model = random_model(bench_config(args.model), jnp.dtype(args.dtype), args.moe_impl or "ragged", mesh)
         lm = LanguageModel(model, mesh=mesh, source=f"random:{args.model}")
     else:
         lm = load_model(directory, dtype=args.dtype, mesh=mesh, **kwargs)
+        if args.moe_impl:
+            from mimo_jax.lm import LanguageModel
+
+            lm.model.set_moe_impl(args.moe_impl)
+            lm = LanguageModel(lm.model, mesh=lm.mesh, source=lm.source)  # re-split: the graph holds the impl
     log.info("loaded %s (%s) in %.1f s", lm.source, args.dtype, time.perf_counter() - t0)
     tok_dir = args.tokenizer or directory
     tokenizer = Tokenizer(tok_dir)
