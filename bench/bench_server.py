@@ -6,7 +6,8 @@ For each concurrency N: start a server with --max-batch N, let N clients each st
 inter-token latency (p50/p99, a chunk of k tokens after a gap g counts k latencies of g/k).
 Then offline: `generate` on the same model with max_batch N over the same N x requests prompts
 (after a warm-up call). Server and offline each run in their own process (an accelerator
-process holds its memory until it exits).
+process holds its memory until it exits). Each is timed --repeats times and the best run counts
+(shared machines are noisy).
 
     python bench/bench_server.py                                   # the demo model on CPU
     python bench/bench_server.py --model DIR --concurrency 1,8,32,64 --dtype bfloat16
@@ -86,11 +87,15 @@ def offline(args) -> dict:
     )
     run = lambda batch: mimo_jax.generate(lm, batch, engine=engine, max_new_tokens=args.output_len, ignore_eos=True)
     run(prompts[:n])  # compile
-    t0 = time.perf_counter()
-    results = run(prompts)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in results)
-    return {"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+    best = None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        results = run(prompts)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r.token_ids) for r in results)
+        if best is None or tokens / seconds > best["tok_s"]:
+            best = {"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+    return best
 
 
 # ------------------------------------------------------------------------------------ server load
@@ -182,7 +187,8 @@ def serve_and_load(args, n: int) -> dict:
         startup = time.perf_counter() - t0
         prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
         asyncio.run(_load(url, prompts[:n], n, args))  # warm: first requests, connection pool
-        result = asyncio.run(_load(url, prompts, n, args))
+        runs = [asyncio.run(_load(url, prompts, n, args)) for _ in range(args.repeats)]
+        result = max(runs, key=lambda r: r["tok_s"])
         result["startup_s"] = startup
         return result
     finally:
@@ -206,6 +212,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--round-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best counts")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--offline", type=int, help=argparse.SUPPRESS)  # child mode: offline generate at this batch
     args = p.parse_args()
