@@ -139,9 +139,9 @@ def _load(args: argparse.Namespace):
         mesh = make_mesh(**parse_mesh_arg(args.mesh))
     kwargs = {}
     if args.weights:
-        if "weights" not in inspect.signature(load_model).parameters:
-            raise SystemExit("--weights: this build's load_model has no storage modes")
         kwargs["weights"] = args.weights
+    if args.speculative_steps:
+        kwargs["mtp"] = args.speculative_steps  # the MTP layers the drafts need
     t0 = time.perf_counter()
     if args.random_weights:
         import jax.numpy as jnp
