@@ -312,6 +312,7 @@ class _Out:
     top_logprobs: None = None
     finished: bool = False
     finish_reason: str | None = None
+    accepted: list = dataclasses.field(default_factory=list)  # MTP: drafts accepted per target forward
 
 
 class RecordingEngine:
@@ -410,6 +411,25 @@ def test_scheduler_rounds_timeouts_and_multihost_followers():
     follower = RecordingEngine()
     follow(follower, channel)
     assert follower.calls == leader.calls
+
+
+def test_scheduler_reports_speculation_acceptance():
+    class Speculating(RecordingEngine):
+        speculative_steps = 3
+
+        def step(self, max_tokens_per_round=None, prefill_tokens=None):
+            outs = super().step(max_tokens_per_round, prefill_tokens)
+            for out in outs:
+                out.accepted = [3, 1]  # two verifies: 3 + 1 drafts accepted -> 6 tokens in 2 forwards
+            return outs
+
+    metrics = Metrics("t", 2, 64)
+    scheduler = Scheduler(Speculating(), metrics, dispatch=lambda b: None, round_tokens=2)
+    scheduler.submit([Sequence("a", [1], _options(2), deliver=lambda ev: None)])
+    scheduler._round()
+    scheduler._round()
+    assert (metrics.spec_draft_tokens, metrics.spec_accepted_tokens, metrics.spec_target_forwards) == (12, 8, 4)
+    assert "mimo_jax_spec_decode_mean_accept_length 3.0" in metrics.render()
 
 
 def test_scheduler_cancel_frees_the_slot_before_the_next_step():

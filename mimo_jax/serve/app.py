@@ -76,7 +76,6 @@ class Server:
         self.created = P.now()
         # `<think>` splitting needs both markers as tokens of this vocabulary.
         self.reasoning = tokenizer.token_id(THINK_START) is not None and tokenizer.token_id(THINK_END) is not None
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ request checks
     def check_model(self, model: str | None) -> None:
@@ -709,7 +708,6 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        server.loop = loop
 
         def run_batch(batch):
             for deliver, event in batch:

@@ -320,10 +320,15 @@ class Scheduler:
         now = time.monotonic()
         finished = []
         new_tokens = 0
+        draft_len = getattr(self.engine, "speculative_steps", 0)
         for out in outputs:
             seq = running.get(out.request_id)
             if seq is None:
                 continue
+            # With MTP speculation: drafts accepted by each target forward that made these tokens.
+            accepted = [a for a in getattr(out, "accepted", None) or [] if a >= 0]
+            if draft_len and accepted:
+                self.metrics.on_speculation(len(accepted) * draft_len, sum(accepted), len(accepted))
             n = len(out.token_ids)
             if n:
                 new_tokens += n
