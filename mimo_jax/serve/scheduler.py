@@ -233,7 +233,10 @@ class Scheduler:
 
         engine = self.engine
         options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
-        lengths = [b for b in engine.buckets if b < engine.max_context - 2]
+        # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
+        longest = engine.max_context - 2
+        bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
+        lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
         for start in range(0, len(lengths), engine.max_batch):
             for i, n in enumerate(lengths[start : start + engine.max_batch]):
                 engine.add(f"warmup-{start + i}", [0] * n, options)
