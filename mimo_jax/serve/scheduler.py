@@ -234,7 +234,7 @@ class Scheduler:
         engine = self.engine
         options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
         # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
-        longest = engine.max_context - 2
+        longest = max(1, engine.max_context - 2)
         bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
         lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
         for start in range(0, len(lengths), engine.max_batch):
