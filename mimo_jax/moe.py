@@ -5,8 +5,9 @@ The expert implementations compute the same thing:
   correct; the reference for the others (and fine for tiny test models).
 - `experts_ragged`: tokens sorted by expert and `jax.lax.ragged_dot` (the native grouped matmul
   on TPU/CPU).
-- `experts_gather`: each token gathers its chosen experts' weights (decode at a few tokens on GPU,
-  where `ragged_dot` reads every expert).
+- `experts_gather` / `experts_gather_fused`: each token gathers its chosen experts' weights (decode
+  at a few tokens on GPU, where `ragged_dot` reads every expert); as matmuls on gathered copies, or
+  as a multiply-reduce that XLA can fuse with the gather.
 """
 
 from __future__ import annotations
@@ -96,4 +97,22 @@ def experts_gather(
     return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
+def experts_gather_fused(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """`experts_gather` as multiply-and-reduce, so XLA can fuse the weight gather into the reduction
+    (reading each chosen expert once, no gathered copy). For one or a few tokens per step."""
+    xf = x.astype(jnp.float32)
+    g = jnp.sum(xf[:, None, :, None] * w_gate[ids], axis=2)  # [N, K, I]
+    u = jnp.sum(xf[:, None, :, None] * w_up[ids], axis=2)
+    h = _swiglu(x, g, u)
+    y = jnp.sum(h[:, :, :, None] * w_down[ids], axis=2)  # [N, K, H]
+    return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {
+    "dense": experts_dense,
+    "ragged": experts_ragged,
+    "gather": experts_gather,
+    "gather_fused": experts_gather_fused,
+}
