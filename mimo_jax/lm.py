@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -12,25 +13,46 @@ from flax import nnx
 
 from mimo_jax.config import MiMoConfig
 from mimo_jax.model import MiMoModel
+from mimo_jax.sharding import batch_sharding, place_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class LanguageModel:
-    """What `load_model` returns: `.model` (Flax NNX), `.config`, `.mesh`, and `.logits(...)`."""
+    """What `load_model` returns: `.model` (Flax NNX), `.config`, `.mesh`, and `.logits(...)`.
+
+    With a mesh, the forward is traced and run inside `mesh_context()` (`jax.set_mesh`), which
+    is how the model finds the mesh (activation constraints, expert-parallel MoE); code that
+    jits its own model calls (the engine) wraps them in `lm.mesh_context()` the same way.
+    """
 
     def __init__(self, model: MiMoModel, mesh: jax.sharding.Mesh | None = None, source: str | None = None):
         self.model = model
         self.config: MiMoConfig = model.config
         self.mesh = mesh
         self.source = source
+        if mesh is not None:
+            place_model(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         graphdef = self.graphdef
 
         def forward_logits(params: nnx.State, token_ids: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, params)(token_ids)[0]
 
-        self._logits = jax.jit(forward_logits)
+        if mesh is None:
+            self._logits = jax.jit(forward_logits)
+        else:
+            # params stay where the rules put them; logits come back whole (np.asarray works on every host)
+            param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
+            self._logits = jax.jit(
+                forward_logits,
+                in_shardings=(param_shardings, None),
+                out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            )
+
+    def mesh_context(self):
+        """Context to trace and run model calls in: `jax.set_mesh(self.mesh)`, or nothing without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -43,22 +65,44 @@ class LanguageModel:
             raise ValueError(f"token_ids must be a 2-D integer array [batch, seq], got {ids.dtype} {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        return np.asarray(self._logits(self.params, jnp.asarray(ids, jnp.int32)))
+        ids = ids.astype(np.int32)
+        with self.mesh_context():
+            if self.mesh is not None:
+                # every process passes the same ids; each keeps its own devices' slice
+                ids = jax.device_put(ids, batch_sharding(self.mesh, ids.shape))
+            return np.asarray(self._logits(self.params, ids))
 
 
-def load_model(path: str | os.PathLike, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> LanguageModel:
-    """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`."""
-    from mimo_jax.weights import load_params
+def load_model(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    weights: str = "bf16",
+    mtp: bool | int = False,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    progress: bool = False,
+) -> LanguageModel:
+    """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`.
+
+    `weights`: "bf16" dequantizes FP8 checkpoints into `dtype` at load; "fp8" keeps FP8 blocks on
+    the devices (dequantized inside the jitted matmuls). `mtp`: True loads every MTP layer the
+    config declares (an int: that many). `path` may also be an Orbax checkpoint written by
+    `python -m mimo_jax.convert`, restored onto `mesh` whatever mesh it was written from.
+    `mesh`: where parameters live (None: the first device);
+    each device receives only its own slices, read straight from the files.
+    """
+    from mimo_jax.weights import WEIGHT_MODES, load_params
+    from mimo_jax.weights.orbax_store import is_converted, read_meta, restore_params
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    put = None
-    if mesh is not None:
-        from mimo_jax.config import MiMoConfig
-        from mimo_jax.sharding import model_shardings
-        from mimo_jax.weights import abstract_model
-
-        shardings = model_shardings(abstract_model(MiMoConfig.from_json(path), DTYPES[dtype]), mesh)
-        put = lambda param_path, host: jax.device_put(host, shardings[param_path])
-    model = load_params(path, DTYPES[dtype], put=put)
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
+    if is_converted(path):  # written by `python -m mimo_jax.convert`
+        mtp_layers = int(read_meta(path).get("mtp_layers", 0)) if mtp is True else int(mtp)
+        model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh)
+        return LanguageModel(model, mesh=mesh, source=os.fspath(path))
+    cfg = MiMoConfig.from_json(path) if os.path.isdir(path) else None
+    mtp_layers = (cfg.num_mtp_layers if cfg else 0) if mtp is True else int(mtp)
+    model = load_params(path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress)
     return LanguageModel(model, mesh=mesh, source=os.fspath(path))
