@@ -31,6 +31,7 @@ from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
+from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingParams
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -314,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
+    unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
+    if unknown:
+        p.error(f"--moe-impl {sorted(unknown)}: choose from {sorted(EXPERT_IMPLS)}")
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
     dtype_bytes = dtype.itemsize
@@ -354,7 +358,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def impls(tokens_per_step: int) -> list[str]:
         if args.moe_impl:
             return args.moe_impl.split(",")
-        return ["gather_fused", "gather"] if tokens_per_step <= 8 else ["ragged"]
+        # The Pallas GPU kernel when this build has it; beside it the plain-XLA paths (prefill on GPU:
+        # ragged_dot reads all experts and may not compile at large sizes, so only the kernel there).
+        kernel = ["pallas_gpu"] if "pallas_gpu" in EXPERT_IMPLS and jax.default_backend() == "gpu" else []
+        if tokens_per_step <= 8:
+            return kernel + ["gather_fused", "gather"]
+        if kernel and args.mode == "prefill":
+            return kernel
+        return kernel + ["ragged"]
+
+    def failed(impl: str, what: str, error: Exception) -> None:
+        print(f"#   {impl} {what} failed: {type(error).__name__}: {str(error)[:300]}")
+        results["runs"].append(dict(moe=impl, case=what, error=f"{type(error).__name__}: {error}"[:2000]))
 
     def vs_peer(tok_s: float, peer: float | None) -> str:
         return f"{tok_s / peer:.2f}" if peer else "-"
@@ -370,7 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for impl in impls(batch):
                 lm = with_experts(impl)
                 for context in (int(c) for c in args.context.split(",")):
-                    r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes)
+                    try:
+                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes)
+                    except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                        failed(impl, f"decode batch {batch} context {context}", e)
+                        continue
                     roof_s = r["bytes"]["total"] / (bandwidth * ndev)
                     peer = PEER["decode"].get(batch) if is_peer_model else None
                     r.update(
@@ -392,7 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| prompt | chunk | MoE | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer | x peer |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for impl in impls(args.chunk):
-            r = run_prefill(with_experts(impl), args.prompt_len, args.chunk, args.reps)
+            try:
+                r = run_prefill(with_experts(impl), args.prompt_len, args.chunk, args.reps)
+            except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                failed(impl, f"prefill {args.prompt_len} chunk {args.chunk}", e)
+                continue
             achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
             peer = PEER["prefill"] if is_peer_model else None
             r.update(
