@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -191,10 +191,7 @@ def release_step(state: SlotState, slot: jax.Array) -> SlotState:
 def decode_one(
     model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int
 ) -> tuple[list[LayerKV], SlotState, SampleOutput, jax.Array]:
-    """One token for every active slot: the default `DecodeStep`.
-
-    Returns (cache, state, tokens as a SampleOutput with fields [B, 1] (/ [B, 1, K]), emitted count [B]).
-    """
+    """One token for every active slot. Returns (cache, state, sample, emitted mask [B])."""
     active = state.active
     positions = jnp.where(active, state.positions, -1)
     hidden, cache = model.hidden_states(state.tokens[:, None], positions[:, None], cache)
@@ -219,12 +216,7 @@ def decode_one(
         num_generated=keep(num_generated, state.num_generated),
         counts=state.counts.at[batch, out.tokens].add(active.astype(jnp.int32)),
     )
-    return cache, state, jax.tree.map(lambda x: x[:, None], out), active.astype(jnp.int32)
-
-
-# A decode step: (model, cache, state, *, max_context, num_top) -> (cache, state, tokens [B, M], emitted [B]).
-# Row b emitted its first emitted[b] <= M tokens. A speculative step (draft, verify, accept) fits here.
-DecodeStep = Callable[..., tuple[list[LayerKV], SlotState, SampleOutput, jax.Array]]
+    return cache, state, out, active
 
 
 def decode_round(
@@ -237,23 +229,16 @@ def decode_round(
     max_steps: int,
     max_context: int,
     num_top: int,
-    step: DecodeStep = decode_one,
-    tokens_per_step: int = 1,
 ) -> tuple[list[LayerKV], SlotState, RoundOutput]:
-    """Up to `num_steps` (<= max_steps) decode steps in one `while_loop`; ends early when no slot is active.
-
-    Each slot's tokens are appended at its own offset, so steps may emit different counts per slot.
-    """
+    """Up to `num_steps` (<= max_steps) decode steps in one `while_loop`; ends early when no slot is active."""
     batch = state.tokens.shape[0]
-    capacity = max_steps * tokens_per_step
     output = RoundOutput(
-        tokens=jnp.full((batch, capacity), -1, jnp.int32),
-        logprobs=jnp.zeros((batch, capacity), jnp.float32),
-        top_ids=jnp.zeros((batch, capacity, num_top), jnp.int32),
-        top_logprobs=jnp.zeros((batch, capacity, num_top), jnp.float32),
+        tokens=jnp.full((batch, max_steps), -1, jnp.int32),
+        logprobs=jnp.zeros((batch, max_steps), jnp.float32),
+        top_ids=jnp.zeros((batch, max_steps, num_top), jnp.int32),
+        top_logprobs=jnp.zeros((batch, max_steps, num_top), jnp.float32),
         count=jnp.zeros((batch,), jnp.int32),
     )
-    rows = jnp.arange(batch)[:, None]
 
     def cond(carry):
         i, _, state, _ = carry
@@ -262,47 +247,21 @@ def decode_round(
     def body(carry):
         i, cache, state, output = carry
         model = nnx.merge(graphdef, params)
-        cache, state, out, emitted = step(model, cache, state, max_context=max_context, num_top=num_top)
-        j = jnp.arange(out.tokens.shape[1])[None, :]
-        at = jnp.where(j < emitted[:, None], output.count[:, None] + j, capacity)  # capacity: dropped
-        put = lambda buf, new: buf.at[rows, at].set(new, mode="drop")
+        cache, state, out, emitted = decode_one(model, cache, state, max_context=max_context, num_top=num_top)
+        col = lambda buf, new: buf.at[:, i].set(
+            jnp.where(emitted.reshape((-1,) + (1,) * (new.ndim - 1)), new, buf[:, i])
+        )
         output = RoundOutput(
-            tokens=put(output.tokens, out.tokens),
-            logprobs=put(output.logprobs, out.logprobs),
-            top_ids=put(output.top_ids, out.top_ids),
-            top_logprobs=put(output.top_logprobs, out.top_logprobs),
-            count=output.count + emitted,
+            tokens=col(output.tokens, out.tokens),
+            logprobs=col(output.logprobs, out.logprobs),
+            top_ids=col(output.top_ids, out.top_ids),
+            top_logprobs=col(output.top_logprobs, out.top_logprobs),
+            count=output.count + emitted.astype(jnp.int32),
         )
         return i + 1, cache, state, output
 
     _, cache, state, output = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, state, output))
     return cache, state, output
-
-
-_prefill_jit = jax.jit(prefill_step, static_argnums=(0,), donate_argnums=(2,))
-_admit_jit = jax.jit(admit_step, static_argnums=(0,), static_argnames=("max_context", "num_top"), donate_argnums=(2,))
-_decode_jit = jax.jit(
-    decode_round,
-    static_argnums=(0,),
-    static_argnames=("max_steps", "max_context", "num_top", "step", "tokens_per_step"),
-    donate_argnums=(2, 3),
-)
-_release_jit = jax.jit(release_step, donate_argnums=(0,))
-_empty_cache_jit = jax.jit(empty_cache, static_argnums=(0, 1, 2, 3, 4))
-_empty_state_jit = jax.jit(empty_state, static_argnums=(0, 1, 2, 3, 4))
-
-
-class _Bound:
-    """A jitted step with its static arguments bound: call it, or `.lower(*abstract_args)` it (AOT)."""
-
-    def __init__(self, jitted: Any, *static_args: Any, **static_kwargs: Any):
-        self.jitted, self.static_args, self.static_kwargs = jitted, static_args, static_kwargs
-
-    def __call__(self, *args: Any) -> Any:
-        return self.jitted(*self.static_args, *args, **self.static_kwargs)
-
-    def lower(self, *args: Any) -> Any:
-        return self.jitted.lower(*self.static_args, *args, **self.static_kwargs)
 
 
 # ------------------------------------------------------------------ host side
@@ -352,8 +311,6 @@ class Engine:
 
     `add` puts a request into a free slot (its prompt is prefilled during the following `step`s),
     `step` runs pending prefill chunks then one decode round, `cancel` frees a slot.
-    `decode_step` / `tokens_per_step` replace the one-token step of the decode loop (speculative
-    decoding); `extra_ring_slots` gives SWA rings room for draft tokens.
     """
 
     def __init__(
@@ -368,8 +325,6 @@ class Engine:
         max_top_logprobs: int = 0,
         extra_ring_slots: int = 0,
         cache_dtype: Any = None,
-        decode_step: DecodeStep = decode_one,
-        tokens_per_step: int = 1,
     ):
         lm = model if isinstance(model, LanguageModel) else LanguageModel(model)
         if max_batch < 1 or max_context < 2 or prefill_chunk < 1 or max_round_tokens < 1:
@@ -400,23 +355,33 @@ class Engine:
             self.cache = jax.jit(make_cache, out_shardings=shardings)()
             self.state = jax.jit(make_state, out_shardings=replicated)()
         else:
-            self.cache = _empty_cache_jit(cfg, max_batch, self.cache_len, dtype, extra_ring_slots)
-            self.state = _empty_state_jit(max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype)
+            self.cache = jax.jit(make_cache)()
+            self.state = jax.jit(make_state)()
 
-        # Module-level jitted functions with the graph and settings as static arguments: engines built
-        # for the same model and shapes (generate() calls, tests) share compiled executables.
-        self.prefill_fn = _Bound(_prefill_jit, graphdef)
-        self.admit_fn = _Bound(_admit_jit, graphdef, max_context=max_context, num_top=max_top_logprobs)
-        self.decode_fn = _Bound(
-            _decode_jit,
-            graphdef,
-            max_steps=max_round_tokens,
-            max_context=max_context,
-            num_top=max_top_logprobs,
-            step=decode_step,
-            tokens_per_step=tokens_per_step,
-        )
-        self.release_fn = _release_jit
+        def prefill(params, cache, slot, tokens, start, length):
+            return prefill_step(graphdef, params, cache, slot, tokens, start, length)
+
+        def admit(params, state, slot, hidden, request):
+            return admit_step(
+                graphdef, params, state, slot, hidden, request, max_context=max_context, num_top=max_top_logprobs
+            )
+
+        def decode(params, cache, state, num_steps):
+            return decode_round(
+                graphdef,
+                params,
+                cache,
+                state,
+                num_steps,
+                max_steps=max_round_tokens,
+                max_context=max_context,
+                num_top=max_top_logprobs,
+            )
+
+        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,))
+        self.admit_fn = jax.jit(admit, donate_argnums=(1,))
+        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2))
+        self.release_fn = jax.jit(release_step, donate_argnums=(0,))
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
