@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mimo_jax import kernels
+
 
 def route(
     x: jax.Array,
@@ -83,4 +85,4 @@ def experts_ragged(
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged}
+EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "pallas_gpu": kernels.experts_pallas_gpu}
