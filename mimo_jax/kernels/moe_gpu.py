@@ -33,13 +33,18 @@ FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """One kernel's tiling: rows per program (block_rows), output columns per program, reduction step, launch."""
+    """One kernel's tiling: rows per program (block_rows), output columns per program, reduction step, launch.
+
+    swap_ab computes the transposed product (weight tile times token rows), so the weight tile is the matmul's
+    wide side: Hopper's wgmma needs 64 rows there, and a widened fp8 tile may stay in registers as its A operand.
+    """
 
     block_rows: int
     block_cols: int
     block_k: int
     num_warps: int
     num_stages: int
+    swap_ab: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +53,13 @@ class KernelConfig:
     down: TileConfig
 
 
-# Chosen from bench/bench_moe_kernel.py on an H100 (see bench/RESULTS.md). fp8 steps are one scale block deep.
-DECODE = KernelConfig(TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4))
+# Chosen by bench/bench_moe_kernel.py on an H100 (bench/RESULTS.md). fp8 steps stay inside one scale block.
+DECODE = KernelConfig(TileConfig(16, 128, 64, 4, 5), TileConfig(16, 128, 128, 4, 4))
 MIDDLE = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
-PREFILL = KernelConfig(TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3))
-DECODE_FP8 = KernelConfig(TileConfig(16, 64, 128, 4, 4), TileConfig(16, 64, 128, 4, 4))
+PREFILL = KernelConfig(TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3))
+DECODE_FP8 = KernelConfig(TileConfig(16, 128, 128, 4, 4), TileConfig(16, 128, 128, 4, 4))
 MIDDLE_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
-PREFILL_FP8 = KernelConfig(TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3))
+PREFILL_FP8 = KernelConfig(TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3))
 
 
 def default_config(assignments: int, num_experts: int, fp8: bool = False) -> KernelConfig:
@@ -122,21 +127,45 @@ def schedule(group_sizes: jax.Array, block_rows: int, n_col_tiles: int, n_tiles:
 
 
 def _scale(s_ref, expert, k, cfg: TileConfig, col):
-    """fp32 block scale(s) for the weight tile at step k: a scalar, or one per column when it spans blocks."""
+    """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column when the tile spans blocks."""
     k_block = (k * cfg.block_k) // FP8_BLOCK
     if cfg.block_cols <= FP8_BLOCK:
         return s_ref[expert, k_block, col // FP8_BLOCK]
     cols = col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)
-    return s_ref[expert, k_block, cols // FP8_BLOCK][None, :]
+    per_col = s_ref[expert, k_block, cols // FP8_BLOCK]
+    return per_col[:, None] if cfg.swap_ab else per_col[None, :]
 
 
-def _partial(a, w_ref, s_ref, expert, k, cfg: TileConfig, col):
-    """a @ W[expert][k-th block, columns] in fp32, fp8 tiles dequantized by their block scale."""
-    w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
-    prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
-    if s_ref is None:
-        return prod
-    return prod * _scale(s_ref, expert, k, cfg, col)
+def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig):
+    """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
+
+    fp8 tiles are widened to the activation dtype and their block scale applied to the partial product; the
+    scales are loaded one step ahead so their latency hides behind the current step's loads and matmuls.
+    """
+    scaled = s_refs[0] is not None
+
+    def scales(k):
+        k = jnp.minimum(k, n_steps - 1)
+        return tuple(_scale(s_ref, expert, k, cfg, col) for s_ref in s_refs) if scaled else ()
+
+    def step(k, carry):
+        accs, current = carry
+        upcoming = scales(k + 1)
+        a = a_at(k)
+        out = []
+        for i, w_ref in enumerate(w_refs):
+            w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
+            if cfg.swap_ab:
+                prod = jnp.dot(w.T, a.T, preferred_element_type=jnp.float32)
+            else:
+                prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
+            out.append(accs[i] + (prod * current[i] if scaled else prod))
+        return tuple(out), upcoming
+
+    shape = (cfg.block_cols, cfg.block_rows) if cfg.swap_ab else (cfg.block_rows, cfg.block_cols)
+    zeros = jnp.zeros(shape, jnp.float32)
+    accs, _ = jax.lax.fori_loop(0, n_steps, step, ((zeros,) * len(w_refs), scales(0)))
+    return tuple(acc.T for acc in accs) if cfg.swap_ab else accs
 
 
 def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
@@ -155,15 +184,11 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: Til
     def _():
         tokens = token_ref[pl.ds(row_start, cfg.block_rows)]
 
-        def step(k, acc):
-            gate, up = acc
-            xk = x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
-            gate = gate + _partial(xk, wg_ref, sg_ref, expert, k, cfg, col)
-            up = up + _partial(xk, wu_ref, su_ref, expert, k, cfg, col)
-            return gate, up
+        def x_at(k):  # the tile's rows of x, gathered by token index
+            return x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
 
-        zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
-        gate, up = jax.lax.fori_loop(0, x_ref.shape[1] // cfg.block_k, step, (zeros, zeros))
+        n_steps = x_ref.shape[1] // cfg.block_k
+        gate, up = _expert_matmuls(x_at, (wg_ref, wu_ref), (sg_ref, su_ref), expert, col, n_steps, cfg)
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
         _store_rows(h_ref, row_start, row_end, col, h, cfg)
 
@@ -176,12 +201,11 @@ def _down_kernel(table_ref, rw_ref, h_ref, wd_ref, *refs, cfg: TileConfig, scale
 
     @pl.when(row_start < row_end)
     def _():
-        def step(k, acc):
-            hk = h_ref[pl.ds(row_start, cfg.block_rows), pl.ds(k * cfg.block_k, cfg.block_k)]
-            return acc + _partial(hk, wd_ref, sd_ref, expert, k, cfg, col)
+        def h_at(k):
+            return h_ref[pl.ds(row_start, cfg.block_rows), pl.ds(k * cfg.block_k, cfg.block_k)]
 
-        zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
-        acc = jax.lax.fori_loop(0, h_ref.shape[1] // cfg.block_k, step, zeros)
+        n_steps = h_ref.shape[1] // cfg.block_k
+        (acc,) = _expert_matmuls(h_at, (wd_ref,), (sd_ref,), expert, col, n_steps, cfg)
         routing = rw_ref[pl.ds(row_start, cfg.block_rows)]
         _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
