@@ -42,29 +42,31 @@ CALIBRATION_BEST = {
 T = mg.TileConfig
 CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is the module default)
     "bf16": {
-        "decode": [mg.DECODE],
-        "middle": [mg.MIDDLE],
+        "decode": [
+            mg.DECODE,
+            mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4)),
+            mg.KernelConfig(T(16, 32, 256, 4, 3), T(16, 64, 256, 4, 3)),
+        ],
+        "middle": [mg.MIDDLE, mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4))],
         "prefill": [
             mg.PREFILL,
-            mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 4)),
-            mg.KernelConfig(T(128, 128, 32, 8, 6), T(128, 256, 32, 8, 5)),
+            mg.KernelConfig(T(128, 128, 64, 8, 3), T(128, 128, 64, 8, 3)),
+            mg.KernelConfig(T(64, 128, 64, 4, 4), T(64, 128, 64, 4, 4)),
         ],
     },
     "fp8": {
         "decode": [
             mg.DECODE_FP8,
-            mg.KernelConfig(T(16, 256, 64, 4, 4), T(16, 256, 64, 4, 4)),
+            mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4)),
             mg.KernelConfig(T(16, 128, 128, 8, 4), T(16, 128, 128, 8, 4)),
         ],
         "middle": [mg.MIDDLE_FP8, mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4))],
-        "prefill": [mg.PREFILL_FP8, mg.KernelConfig(T(64, 128, 64, 4, 4), T(64, 128, 64, 4, 4))],
+        "prefill": [mg.PREFILL_FP8, mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 3))],
     },
 }
-EXPERIMENTAL = [  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
-    (8, "bf16", mg.KernelConfig(T(16, 128, 64, 4, 5, True), T(16, 128, 128, 4, 4, True))),
-    (8, "fp8", mg.KernelConfig(T(16, 128, 128, 4, 4, True), T(16, 128, 128, 4, 4, True))),
-    (8192, "fp8", mg.KernelConfig(T(128, 128, 64, 8, 4, True), T(128, 128, 64, 8, 4, True))),
-]
+EXPERIMENTAL = []  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
+
+
 LOG_PATH = os.path.join(os.environ["OUT"], "bench_moe_kernel.jsonl") if os.environ.get("OUT") else None
 
 

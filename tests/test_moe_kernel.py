@@ -17,9 +17,6 @@ from mimo_jax.kernels import moe_gpu
 
 SMALL = moe_gpu.KernelConfig(moe_gpu.TileConfig(16, 64, 64, 4, 3), moe_gpu.TileConfig(16, 64, 64, 4, 3))
 WIDE_FP8 = moe_gpu.KernelConfig(moe_gpu.TileConfig(32, 256, 128, 4, 3), moe_gpu.TileConfig(16, 128, 128, 4, 3))
-SWAPPED = moe_gpu.KernelConfig(
-    moe_gpu.TileConfig(16, 256, 64, 4, 3, swap_ab=True), moe_gpu.TileConfig(16, 64, 128, 4, 3, swap_ab=True)
-)
 
 
 def make_weights(seed, e, h, i, dtype=jnp.float32):
@@ -94,7 +91,7 @@ def test_bf16_within_bf16_tolerance():
     assert rel_err(out, reference(x, weights, ids, wg, wu, wd)) < 1e-2
 
 
-@pytest.mark.parametrize("config", [SMALL, WIDE_FP8, SWAPPED], ids=["narrow", "wide", "swapped"])
+@pytest.mark.parametrize("config", [SMALL, WIDE_FP8], ids=["narrow", "wide"])
 def test_fp8_block_scaled_weights(config):
     """fp8 values with 128x128 block scales, dequantized in the kernel, against the dequantized reference."""
     e, h, i, n, k = 4, 256, 256, 9, 2

@@ -33,18 +33,13 @@ FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """One kernel's tiling: rows per program (block_rows), output columns per program, reduction step, launch.
-
-    swap_ab computes the transposed product (weight tile times token rows), so the weight tile is the matmul's
-    wide side: Hopper's wgmma needs 64 rows there, and a widened fp8 tile may stay in registers as its A operand.
-    """
+    """One kernel's tiling: rows per program (block_rows), output columns per program, reduction step, launch."""
 
     block_rows: int
     block_cols: int
     block_k: int
     num_warps: int
     num_stages: int
-    swap_ab: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +54,7 @@ MIDDLE = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 
 PREFILL = KernelConfig(TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3))
 DECODE_FP8 = KernelConfig(TileConfig(16, 128, 128, 4, 4), TileConfig(16, 128, 128, 4, 4))
 MIDDLE_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
-PREFILL_FP8 = KernelConfig(TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3))
+PREFILL_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
 
 
 def default_config(assignments: int, num_experts: int, fp8: bool = False) -> KernelConfig:
@@ -132,40 +127,27 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col):
     if cfg.block_cols <= FP8_BLOCK:
         return s_ref[expert, k_block, col // FP8_BLOCK]
     cols = col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)
-    per_col = s_ref[expert, k_block, cols // FP8_BLOCK]
-    return per_col[:, None] if cfg.swap_ab else per_col[None, :]
+    return s_ref[expert, k_block, cols // FP8_BLOCK][None, :]
 
 
 def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig):
     """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
 
-    fp8 tiles are widened to the activation dtype and their block scale applied to the partial product; the
-    scales are loaded one step ahead so their latency hides behind the current step's loads and matmuls.
+    fp8 tiles are widened to the activation dtype and their block scale applied to the partial product.
+    (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
     """
-    scaled = s_refs[0] is not None
 
-    def scales(k):
-        k = jnp.minimum(k, n_steps - 1)
-        return tuple(_scale(s_ref, expert, k, cfg, col) for s_ref in s_refs) if scaled else ()
-
-    def step(k, carry):
-        accs, current = carry
-        upcoming = scales(k + 1)
+    def step(k, accs):
         a = a_at(k)
         out = []
-        for i, w_ref in enumerate(w_refs):
+        for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
             w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
-            if cfg.swap_ab:
-                prod = jnp.dot(w.T, a.T, preferred_element_type=jnp.float32)
-            else:
-                prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
-            out.append(accs[i] + (prod * current[i] if scaled else prod))
-        return tuple(out), upcoming
+            prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
+            out.append(acc + (prod if s_ref is None else prod * _scale(s_ref, expert, k, cfg, col)))
+        return tuple(out)
 
-    shape = (cfg.block_cols, cfg.block_rows) if cfg.swap_ab else (cfg.block_rows, cfg.block_cols)
-    zeros = jnp.zeros(shape, jnp.float32)
-    accs, _ = jax.lax.fori_loop(0, n_steps, step, ((zeros,) * len(w_refs), scales(0)))
-    return tuple(acc.T for acc in accs) if cfg.swap_ab else accs
+    zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
+    return jax.lax.fori_loop(0, n_steps, step, (zeros,) * len(w_refs))
 
 
 def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
