@@ -3,6 +3,7 @@
 The GPU-compiled kernel is checked (and timed) by bench/bench_moe_kernel.py on a GPU.
 """
 
+import dataclasses
 import sys
 
 import jax
@@ -17,6 +18,16 @@ from mimo_jax.kernels import moe_gpu
 
 SMALL = moe_gpu.KernelConfig(moe_gpu.TileConfig(16, 64, 64, 4, 3), moe_gpu.TileConfig(16, 64, 64, 4, 3))
 WIDE_FP8 = moe_gpu.KernelConfig(moe_gpu.TileConfig(32, 256, 128, 4, 3), moe_gpu.TileConfig(16, 128, 128, 4, 3))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """Stand-in for the importer's `BlockQuantized` (values, scales, static block)."""
+
+    values: jax.Array
+    scales: jax.Array
+    block: tuple = dataclasses.field(metadata=dict(static=True))
 
 
 def make_weights(seed, e, h, i, dtype=jnp.float32):
@@ -191,6 +202,19 @@ def test_bad_inputs_are_named():
     values, scales = moe_gpu.quantize_fp8_blocks(wg)
     with pytest.raises(ValueError, match="block scales"):
         run_kernel(x, weights, ids, (values, scales[:, :1]), wu, wd)
+    with pytest.raises(ValueError, match="block"):
+        run_kernel(x, weights, ids, Fp8Weight(values, scales, (128, 128, 1)), wu, wd)
+
+
+def test_accepts_block_quantized_objects():
+    """fp8 weights as objects with .values/.scales/.block (the importer's BlockQuantized shape of things)."""
+    e, h, i, n, k = 4, 256, 128, 6, 2
+    q = [Fp8Weight(*moe_gpu.quantize_fp8_blocks(w), (1, 128, 128)) for w in make_weights(22, e, h, i)]
+    ids, weights = make_tokens(23, n, e, k)
+    x = activations(24, n, h, jnp.bfloat16)
+    out = run_kernel(x, weights, ids, *q)
+    deq = [moe_gpu.dequantize_fp8_blocks(w.values, w.scales) for w in q]
+    assert rel_err(out, reference(x, weights, ids, *deq)) < 1e-2
 
 
 def test_cpu_process_does_not_import_gpu_module_until_called():

@@ -13,8 +13,9 @@ and again from L2. Shapes are static (the schedule has an upper-bound length; sp
 so one compilation serves every routing pattern. The tile sizes are chosen by rows per expert: small row tiles
 and narrow column tiles when decoding (weight streaming, memory-bound), large tiles for prefill (compute-bound).
 
-Weights are bf16 arrays, or block-scaled fp8: a pair (values float8_e4m3fn [E, in, out], scales float32
-[E, in/128, out/128]) with W = values * scales[i // 128, j // 128], dequantized in the kernel.
+Weights are bf16 arrays, or block-scaled fp8 (the importer's layout, `mimo_jax.quant.BlockQuantized` with block
+(1, 128, 128), or a plain (values, scales) pair): values float8_e4m3fn [E, in, out], scales float32
+[E, in/128, out/128], W[e, i, j] = values[e, i, j] * scales[e, i // 128, j // 128], dequantized in the kernel.
 Expert ids outside [0, E) (e.g. experts on another shard) contribute zero, as in `experts_ragged`.
 """
 
@@ -78,15 +79,22 @@ def _fit(tile: TileConfig, d_in: int, d_out: int) -> TileConfig:
 
 
 def _split_weight(w) -> tuple[jax.Array, jax.Array | None]:
-    """bf16 array -> (w, None); (fp8 values, fp32 block scales) -> the pair, shapes checked."""
+    """bf16 array -> (w, None); fp8 -> (values, scales), from a (values, scales) pair or any object with
+    `.values` / `.scales` (e.g. the importer's `BlockQuantized` with block (1, 128, 128)), shapes checked."""
     if isinstance(w, tuple):
         values, scales = w
-        e, d_in, d_out = values.shape
-        want = (e, -(-d_in // FP8_BLOCK), -(-d_out // FP8_BLOCK))
-        if scales.shape != want:
-            raise ValueError(f"fp8 block scales have shape {scales.shape}; values {values.shape} need {want}")
-        return values, scales
-    return w, None
+    elif hasattr(w, "values") and hasattr(w, "scales"):
+        block = getattr(w, "block", (1, FP8_BLOCK, FP8_BLOCK))
+        if tuple(block) != (1, FP8_BLOCK, FP8_BLOCK):
+            raise ValueError(f"fp8 expert weights need block (1, {FP8_BLOCK}, {FP8_BLOCK}), got {block}")
+        values, scales = w.values, w.scales
+    else:
+        return w, None
+    e, d_in, d_out = values.shape
+    want = (e, -(-d_in // FP8_BLOCK), -(-d_out // FP8_BLOCK))
+    if scales.shape != want:
+        raise ValueError(f"fp8 block scales have shape {scales.shape}; values {values.shape} need {want}")
+    return values, scales
 
 
 def max_tiles(assignments: int, num_experts: int, block_rows: int) -> int:
