@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from mimo_jax import kernels
+
 
 def route(
     x: jax.Array,
@@ -119,7 +121,14 @@ def experts_gather(
     return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
+EXPERT_IMPLS = {
+    "dense": experts_dense,
+    "ragged": experts_ragged,
+    "gather": experts_gather,
+    "pallas_gpu": kernels.experts_pallas_gpu,
+}
+# Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
+QUANTIZED_IMPLS = frozenset({"pallas_gpu"})
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------
