@@ -973,11 +973,30 @@ def measure_acceptance(model: MiMoModel, prompts: np.ndarray, new_tokens: int) -
     }
 
 
+def text_acceptance(model: MiMoModel, rows: np.ndarray) -> dict[str, Any]:
+    """Acceptance if the target reproduced the held-out text: drafts must equal the real next tokens.
+
+    A stricter figure than `measure_acceptance` (whose greedy continuations of a small model are
+    more predictable than human-written code).
+    """
+    hits = mtp_draft_hits(model, rows)
+    lengths = acceptance_lengths(hits, start=0)
+    return {
+        "acceptance_length": float(np.mean(lengths)),
+        "rounds": len(lengths),
+        "draft_hit_rate": [float(hits[k, :, : -(len(model.mtp) + 1)].mean()) for k in range(len(model.mtp))],
+        "rows": int(rows.shape[0]),
+        "tokens": int(rows.shape[1]),
+    }
+
+
+# Prompts end on a complete line without its newline: the byte-level pre-tokenizer joins a newline with
+# the next line's indentation, so a prompt ending in "\n" would end on a token pair never seen in training.
 SAMPLE_PROMPTS = (
-    "def fibonacci(n):\n",
-    'import os\n\n\ndef list_python_files(directory):\n    """Return the paths of the .py files under directory."""\n',
-    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
-    "    def __repr__(self):\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
+    'import os\n\n\ndef list_python_files(directory):\n    """Return the paths of the .py files under directory."""',
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):',
+    'def read_json(path):\n    """Read a JSON file and return the parsed object."""\n    with open(path) as f:',
 )
 CHAT_PROMPT = [
     {"role": "user", "content": "Write a Python function `is_prime(n)`: Return True if n is a prime number."}
@@ -990,7 +1009,10 @@ def sample_completions(model: MiMoModel, tokenizer_dir: Path, new_tokens: int = 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     template = compile_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
     texts = list(SAMPLE_PROMPTS)
-    texts.append(template.render(messages=CHAT_PROMPT, tools=None, add_generation_prompt=True, enable_thinking=False))
+    for thinking in (True, False):
+        texts.append(
+            template.render(messages=CHAT_PROMPT, tools=None, add_generation_prompt=True, enable_thinking=thinking)
+        )
     prompts = [tok.encode(t, add_special_tokens=False).ids for t in texts]
     generated = greedy_generate(model, prompts, new_tokens)
     stops = {tok.token_to_id(END_OF_TEXT), tok.token_to_id(IM_END)}
@@ -1049,6 +1071,9 @@ def evaluate(
         "heldout_mtp_loss": mtp.tolist(),
         "heldout_tokens_scored": n * preset.seq_len,
         "acceptance": measure_acceptance(model, prompt_rows, new_tokens),
+        "text_acceptance": text_acceptance(
+            model, np.stack([heldout[s : s + prompt_tokens + new_tokens] for s in starts])
+        ),
         "samples": sample_completions(model, data),
     }
     return result
@@ -1058,16 +1083,22 @@ def evaluate(
 
 
 def export(params_dir: Path, data: Path, out: Path) -> None:
-    """Trained params -> the release layout (the importer's writer) plus tokenizer files."""
-    from mimo_jax.weights.export import save_release_checkpoint
+    """Trained params -> the release layout (the importer's `export_release`: fused qkv_proj, FP8 128x128
+    blocks, `model_mtp.safetensors`, index json), with the tokenizer files beside."""
+    from mimo_jax.weights.export import export_release, hub_tensors
 
     config = json.loads((params_dir / "config.json").read_text())
     cfg = MiMoConfig.from_dict(config)
-    model = MiMoModel(cfg, dtype=jnp.float32, rngs=None, mtp_layers=cfg.num_mtp_layers)
-    load_params_into(model, params_dir)
-    save_release_checkpoint(model, out, hub_config=config, fp8=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((data / name).read_bytes())
+    model = load_params_into(MiMoModel(cfg, dtype=jnp.float32, rngs=None, mtp_layers=cfg.num_mtp_layers), params_dir)
+    export_release(
+        hub_tensors(model),
+        config,
+        out,
+        layout="fused_qkv",
+        fp8=True,
+        max_file_bytes=8 << 20,  # several files and an index, as the releases ship
+        extra_files=[data / "tokenizer.json", data / "tokenizer_config.json"],
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1140,7 +1171,7 @@ def load_checkpoint(directory: Path, preset: Preset) -> MiMoModel:
         return load_params_into(model, directory)
     import mimo_jax
 
-    return mimo_jax.load_model(str(directory)).model
+    return mimo_jax.load_model(str(directory), mtp=preset.mtp_layers).model
 
 
 def print_eval(result: dict[str, Any]) -> None:
@@ -1151,7 +1182,12 @@ def print_eval(result: dict[str, Any]) -> None:
     )
     print(
         f"MTP acceptance length {acc['acceptance_length']:.3f} over {acc['rounds']} rounds "
-        f"(draft hit rates {acc['draft_hit_rate']})"
+        f"(draft hit rates {acc['draft_hit_rate']}) on greedy continuations of held-out prompts"
+    )
+    text = result["text_acceptance"]
+    print(
+        f"MTP acceptance length {text['acceptance_length']:.3f} over {text['rounds']} rounds "
+        f"(draft hit rates {text['draft_hit_rate']}) against held-out text"
     )
     for s in result["samples"]:
         print("-" * 60 + f"\n{s['prompt']}\u2588{s['completion']}")
