@@ -381,6 +381,18 @@ def _finisher(perm: tuple[int, ...] | None, dtype: str, sharding: Sharding):
     return jax.jit(finish, out_shardings=sharding)
 
 
+def _return_freed_buffers_to_os() -> None:
+    """glibc keeps freed multi-MB buffers in per-thread arenas (its mmap threshold grows with use), so
+    streaming GBs through worker threads would ratchet RSS up; a fixed 1 MiB threshold maps every
+    slice buffer on its own and unmaps it when freed. Process-wide and harmless elsewhere; no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_params(
     directory: str | os.PathLike,
     dtype: Any = jnp.float32,
@@ -427,6 +439,7 @@ def load_params(
 
         total = _planned_bytes(ckpt, plans, params, shardings)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights", smoothing=0.1)
+    _return_freed_buffers_to_os()
     streamer = _Streamer(ckpt, weights, mesh, bar)
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
