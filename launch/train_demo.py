@@ -19,7 +19,7 @@ position t and the embedding of token t+k+1, at position t, and predicts token t
 
     python launch/train_demo.py prepare --out data/demo
     python launch/train_demo.py train --data data/demo --out runs/demo --evaluate   # one GPU: ~5 minutes
-    python launch/train_demo.py export --params runs/demo --data data/demo --out mimo_jax/demo_model
+    python launch/train_demo.py export --params runs/demo --data data/demo --out runs/demo_release  # new dir
     python launch/train_demo.py evaluate --checkpoint mimo_jax/demo_model --data data/demo
 """
 
@@ -1120,7 +1120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int)
     p.add_argument("--evaluate", action="store_true", help="also run `evaluate` on the trained params")
-    p = sub.add_parser("export", help="params -> release-layout checkpoint")
+    p = sub.add_parser("export", help="params -> release-layout checkpoint (into a new or empty directory)")
     p.add_argument("--params", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
