@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from mimo_jax import kernels
+
 
 def route(
     x: jax.Array,
@@ -139,7 +141,10 @@ EXPERT_IMPLS = {
     "ragged": experts_ragged,
     "gather": experts_gather,
     "gather_fused": experts_gather_fused,
+    "pallas_gpu": kernels.experts_pallas_gpu,
 }
+# Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
+QUANTIZED_IMPLS = frozenset({"pallas_gpu"})
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------
