@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--meshes", default="expert=1;expert=2;expert=4", help="';'-separated --mesh specs")
     ap.add_argument("--strategies", default=",".join(s for s in moe.STRATEGIES if s != "auto"))
     ap.add_argument("--impls", default=",".join(sorted(moe.EXPERT_IMPLS)))
+    ap.add_argument(
+        "--split-tokens",
+        action="store_true",
+        help="tokens arrive split over the expert axis (data-parallel attention) instead of replicated",
+    )
     ap.add_argument("--dense-max-tokens", type=int, default=64, help="experts_dense computes every expert")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--reps", type=int, default=20)
@@ -152,8 +157,16 @@ def run(argv: list[str] | None = None) -> list[dict]:
         )
         w_gate, w_up, w_down = make_weights(mesh, gate_spec, args, dtype)
         strategies = args.strategies.split(",") if n_dev > 1 else ["local"]
+        token_axes = "expert" if args.split_tokens and gate_spec[0] else None
+        token_sharding = NamedSharding(mesh, P(token_axes, None))
         for tokens in token_counts:
-            xs = tuple((jnp.asarray(rng.randn(tokens, h), dtype), router, bias, w_gate, w_up, w_down) for _ in range(3))
+            if token_axes and tokens % mesh.shape["expert"]:
+                continue
+            xs = tuple(
+                (jax.device_put(jnp.asarray(rng.randn(tokens, h), dtype), token_sharding), router, bias)
+                + (w_gate, w_up, w_down)
+                for _ in range(3)
+            )
             weights, ids = route(*xs[0][:3])
             touched = len(np.unique(np.asarray(ids)))
             touched_bytes = touched * 3 * h * i * dtype_bytes
@@ -167,6 +180,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     row = dict(
                         device=devices[0].device_kind,
                         mesh=mesh_text,
+                        tokens_split=bool(token_axes),
                         devices=n_dev,
                         tokens=tokens,
                         strategy=strategy,
@@ -183,7 +197,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                         else:
                             sharded = functools.partial(
                                 moe.experts_sharded, route_fn=route, top_k=k, mesh=mesh, gate_spec=gate_spec,
-                                token_axis=None, impl=impl, strategy=strategy,
+                                token_axes=token_axes, impl=impl, strategy=strategy,
                             )  # fmt: skip
 
                             def layer(x, router, bias, wg, wu, wd, sharded=sharded):

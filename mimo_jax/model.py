@@ -142,7 +142,8 @@ class MoE(nnx.Module):
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
             return out.reshape(shape)
-        token_axis = sharding.logical_to_spec(("batch", None), flat.shape, mesh)[0]
+        batch_axes = ("batch",) + (None,) * (len(shape) - 1)
+        token_axes = sharding.logical_to_spec(batch_axes, shape, mesh)[0]  # the mesh axes the batch is split over
         out, dropped = moe.experts_sharded(
             flat,
             self.router[...],
@@ -152,7 +153,7 @@ class MoE(nnx.Module):
             top_k=self.top_k,
             mesh=mesh,
             gate_spec=gate_spec,
-            token_axis=token_axis,
+            token_axes=token_axes,
             impl=self.impl,
             strategy=self.strategy,
             capacity_factor=self.capacity_factor,

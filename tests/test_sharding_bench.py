@@ -43,3 +43,16 @@ def test_bench_moe_tiny_on_cpu(bench_moe, tmp_path, capsys):
     }
     printed = capsys.readouterr().out
     assert "skip mesh expert=16" in printed and "ALL_TO_ALL_MIN_TOKENS" in printed
+
+
+def test_bench_moe_tokens_split_over_experts(bench_moe, tmp_path):
+    out = tmp_path / "moe.jsonl"
+    argv = [
+        "--hidden", "32", "--experts", "8", "--top-k", "2", "--intermediate", "16", "--tokens", "3,16",
+        "--meshes", "expert=2", "--split-tokens", "--impls", "ragged", "--dtype", "float32", "--reps", "2",
+        "--warmup", "1", "--ceiling-mib", "4", "--matmul", "128", "--out", str(out),
+    ]  # fmt: skip
+    assert bench_moe.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["tokens"], r["strategy"]) for r in rows] == [(16, "replicated"), (16, "all_to_all")]  # 3: no split
+    assert all(r["tokens_split"] and r["ok"] for r in rows)
