@@ -103,7 +103,8 @@ class MoE(nnx.Module):
     Traced under a mesh (`jax.set_mesh`) whose expert or tensor axis splits the experts, it runs
     expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `strategy` picks the dispatch
     ("auto" decides by token count) and `capacity_factor` (None = never drop) bounds the
-    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens".
+    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens" (read it
+    with `nnx.capture(model, nnx.Intermediate)`).
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")

@@ -251,3 +251,22 @@ def test_strategy_choice():
         moe.choose_strategy("scatter", 1, 2)
     with pytest.raises(ValueError, match="capacity_factor"):
         moe.buffer_capacity(4, 2, 2, 0.0)
+
+
+def test_model_reports_dropped_tokens_only_with_a_capacity(adversarial_checkpoint):
+    from flax import nnx
+
+    directory, _ = adversarial_checkpoint
+    for capacity_factor, expect_drops in ((None, False), (1.0, True)):
+        lm = on_mesh(directory, MESHES["expert8"], "all_to_all", capacity_factor)
+
+        @jax.jit
+        def forward(params, ids, graphdef=lm.graphdef):
+            return nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(ids)[1]
+
+        with lm.mesh_context():
+            sown = [int(v) for v in jax.tree.leaves(forward(lm.params, jnp.asarray(IDS)))]
+        if expect_drops:  # 28 tokens, 4 per source shard (7 real sources), all to shard 1 (experts 2, 3),
+            assert sown == [21, 21]  # which takes ceil(1.0 * 4 * 2 / 8) = 1 per source; 2 MoE layers
+        else:
+            assert sown == []
