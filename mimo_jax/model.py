@@ -138,8 +138,8 @@ class MoE(nnx.Module):
         )
         experts = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         mesh = sharding.current_mesh()
-        gate_spec = None if mesh is None else sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh)
-        if gate_spec is None or gate_spec == jax.sharding.PartitionSpec(None, None, None):
+        gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
+        if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
             return out.reshape(shape)

@@ -171,7 +171,7 @@ def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tup
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Sharding of an input whose leading dim is the batch (split over data when it divides)."""
+    """Sharding of an input whose leading dim is the batch (over data, then expert, as far as it divides)."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
 
 
