@@ -270,3 +270,36 @@ def test_model_reports_dropped_tokens_only_with_a_capacity(adversarial_checkpoin
             assert sown == [21, 21]  # which takes ceil(1.0 * 4 * 2 / 8) = 1 per source; 2 MoE layers
         else:
             assert sown == []
+
+
+# --- release layouts (fused qkv, FP8 blocks kept on the devices) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def release_checkpoints(checkpoint, tmp_path_factory):
+    """The shardable model written as V2.5/Pro release files: fused qkv in float32, and FP8 (16x16 blocks)."""
+    from hf_fixtures import to_hub_config
+    from importer_fixtures import read_all
+
+    from mimo_jax.weights.export import export_release
+
+    directory, single = checkpoint
+    tensors, hub = read_all(directory), to_hub_config(directory)
+    root = tmp_path_factory.mktemp("release")
+    fused = export_release(tensors, hub, root / "fused", layout="fused_qkv", fp8=False, float_dtype="float32")
+    fp8 = export_release(tensors, hub, root / "fp8", layout="fused_qkv", block_size=16)
+    return str(fused), str(fp8), single
+
+
+@pytest.mark.parametrize("mesh", ["tensor2-expert4", "tensor8", "data2-tensor2-expert2"])
+def test_fused_qkv_checkpoint_on_mesh_equals_single_device(release_checkpoints, mesh):
+    fused, _, single = release_checkpoints
+    assert rel_err(on_mesh(fused, MESHES[mesh]).logits(IDS), single) < 1e-5
+
+
+@pytest.mark.parametrize("mesh", ["expert8", "tensor4-expert2"])
+def test_fp8_weights_on_mesh_equal_single_device(release_checkpoints, mesh):
+    _, fp8, _ = release_checkpoints
+    single = mimo_jax.load_model(fp8, weights="fp8").logits(IDS)
+    lm = mimo_jax.load_model(fp8, weights="fp8", mesh=make_mesh(**MESHES[mesh]))
+    assert rel_err(lm.logits(IDS), single) < 1e-5
