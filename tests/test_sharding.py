@@ -291,15 +291,14 @@ def release_checkpoints(checkpoint, tmp_path_factory):
     return str(fused), str(fp8), single
 
 
-@pytest.mark.parametrize("mesh", ["tensor2-expert4", "tensor8", "data2-tensor2-expert2"])
+@pytest.mark.parametrize("mesh", ["tensor8", "data2-tensor2-expert2"])
 def test_fused_qkv_checkpoint_on_mesh_equals_single_device(release_checkpoints, mesh):
     fused, _, single = release_checkpoints
     assert rel_err(on_mesh(fused, MESHES[mesh]).logits(IDS), single) < 1e-5
 
 
-@pytest.mark.parametrize("mesh", ["expert8", "tensor4-expert2"])
-def test_fp8_weights_on_mesh_equal_single_device(release_checkpoints, mesh):
+def test_fp8_weights_on_mesh_equal_single_device(release_checkpoints):
     _, fp8, _ = release_checkpoints
     single = mimo_jax.load_model(fp8, weights="fp8").logits(IDS)
-    lm = mimo_jax.load_model(fp8, weights="fp8", mesh=make_mesh(**MESHES[mesh]))
+    lm = mimo_jax.load_model(fp8, weights="fp8", mesh=make_mesh(**MESHES["tensor4-expert2"]))
     assert rel_err(lm.logits(IDS), single) < 1e-5
