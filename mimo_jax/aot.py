@@ -1,0 +1,401 @@
+"""Ahead-of-time compilation of the serving steps for a TPU slice, on a machine without a TPU.
+
+With `libtpu` installed, `jax.experimental.topologies` describes the chips of a TPU slice on
+any host, and `jax.jit(...).lower(abstract inputs).compile()` runs the real TPU compiler. No
+weights are created: parameters and the KV cache are `jax.ShapeDtypeStruct`s carrying the
+model's shardings. The compiled executables' memory analysis gives the bytes per chip.
+
+    python -m mimo_jax.aot --config configs/mimo-v2-flash.json --topology v5p:2x2x2 \\
+        --mesh tensor=2,expert=4 --batch 16 --context 32768
+
+Exit status: 0 when every step fits the chip's HBM, 1 when one does not (or the compiler
+ran out of HBM), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+GiB = 1024**3
+
+# Per chip, by `device.device_kind`: (HBM in the spec sheet, HBM the TPU compiler lets a program use).
+# Spec: Cloud TPU docs ("16 GB" v5e, "95 GB" v5p, "32 GB" v6e, "32 GiB" v4). Usable: what libtpu
+# 0.0.42.1 reports as "available HBM" when a program does not fit (checked for each kind here).
+HBM_BYTES: dict[str, tuple[int, int]] = {
+    "TPU v4": (32 * GiB, int(31.25 * GiB)),
+    "TPU v5 lite": (16 * GiB, int(15.75 * GiB)),
+    "TPU v5": (95 * GiB, int(95.74 * GiB)),
+    "TPU v6 lite": (32 * GiB, int(31.25 * GiB)),
+}
+
+# Custom-call targets that exist only on GPUs: cuDNN, cuBLAS, CUB, cuSOLVER, jaxlib's cu_* kernels,
+# Triton (Pallas GPU), Mosaic GPU, ROCm's hip*.
+GPU_ONLY_TARGETS = re.compile(r"^(cu_|cusolver|cusparse|hip|mosaic_gpu)|cudnn|cublas|__cub\$|__gpu\$|triton", re.I)
+
+
+def tpu_devices(topology: str) -> list[Any]:
+    """The chips of a TPU slice such as 'v5e:2x2' or 'v5p:4x4x4' (compile-only devices; no TPU needed)."""
+    # No metadata server off Google Cloud: without this libtpu waits on it before giving up.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # libtpu missing, or a topology name it does not know
+        raise ValueError(f"--topology {topology!r}: cannot describe this TPU slice ({e})") from None
+
+
+def hbm_bytes(device: Any) -> int:
+    """HBM a program may use on this chip (the compiler's figure)."""
+    kind = device.device_kind
+    if kind not in HBM_BYTES:
+        raise ValueError(f"no HBM figure for {kind!r}; known: {sorted(HBM_BYTES)}")
+    return HBM_BYTES[kind][1]
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+
+
+def slice_config(cfg, layers: int | None):
+    """The first `layers` layers of a config, in the real full/SWA and dense/MoE pattern."""
+    if layers is None:
+        return cfg
+    if not 1 <= layers <= cfg.num_layers:
+        raise ValueError(f"--layers {layers}: expected 1..{cfg.num_layers}")
+    return cfg.replace(num_layers=layers, sliding=cfg.sliding[:layers], moe=cfg.moe[:layers])
+
+
+def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
+    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings; no memory is used."""
+    from flax import nnx
+
+    from mimo_jax.sharding import model_shardings
+    from mimo_jax.weights.loader import abstract_model
+
+    if weights != "bf16":
+        raise ValueError(f"--weights {weights!r}: only 'bf16' is available until the fp8 weight mode lands")
+    import jax
+
+    model = abstract_model(cfg, dtype)
+    shardings = model_shardings(model, mesh)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            value = var.get_value()
+            var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[path]))
+    return nnx.split(model)
+
+
+def cache_specs(mesh) -> Callable[[Any], Any]:
+    """LayerKV of arrays -> the same LayerKV of shardings: batch over `data`, kv heads over `tensor`."""
+    from jax.sharding import NamedSharding
+
+    from mimo_jax.cache import LayerKV
+    from mimo_jax.sharding import logical_to_spec
+
+    def shard(x, axes):
+        return NamedSharding(mesh, logical_to_spec(axes, tuple(x.shape), mesh))
+
+    def layer(kv: LayerKV) -> LayerKV:
+        heads = ("batch", None, "kv_heads", "head_dim")
+        return LayerKV(k=shard(kv.k, heads), v=shard(kv.v, heads), pos=shard(kv.pos, ("batch", None)), ring=kv.ring)
+
+    return layer
+
+
+def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:
+    """The KV cache for `batch` sequences of up to `context` tokens, as sharded ShapeDtypeStructs."""
+    import jax
+
+    from mimo_jax.cache import empty_layer_kv
+
+    shapes = jax.eval_shape(lambda: [empty_layer_kv(spec, batch, context, dtype) for spec in cfg.layers])
+    shardings = [cache_specs(mesh)(kv) for kv in shapes]
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def replicated(shape: tuple[int, ...], dtype, mesh, batch_axis: bool = False):
+    import jax
+    from jax.sharding import NamedSharding
+
+    from mimo_jax.sharding import logical_to_spec
+
+    axes = ("batch",) + (None,) * (len(shape) - 1) if batch_axis else (None,) * len(shape)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(axes, shape, mesh)))
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A pure jitted serving function and the abstract arguments to compile it with."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    donate_argnums: tuple[int, ...]
+    describe: str
+
+
+def serving_steps(graphdef, params, cache, *, batch: int, chunk: int, prefill_rows: int, mesh) -> list[Step]:
+    """Prefill (a chunk of `prefill_rows` sequences written into their cache rows) and decode (one token per row).
+
+    Built from the model and the cache; to be replaced by the engine's own step functions
+    (mimo_jax/engine.py) once they are on main, keeping this signature.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def prefill(params, cache, first_row, token_ids, positions):
+        model = nnx.merge(graphdef, params)
+        rows = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, first_row, token_ids.shape[0], axis=0), cache)
+        hidden, rows = model.hidden_states(token_ids, positions, rows)
+        cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, first_row, axis=0), cache, rows)
+        return model.logits(hidden[:, -1]), cache
+
+    def decode(params, cache, token_ids, positions):
+        model = nnx.merge(graphdef, params)
+        hidden, cache = model.hidden_states(token_ids[:, None], positions[:, None], cache)
+        return jnp.argmax(model.logits(hidden[:, 0]), axis=-1).astype(jnp.int32), cache
+
+    i32 = jnp.int32
+    return [
+        Step(
+            "prefill",
+            prefill,
+            (
+                params,
+                cache,
+                replicated((), i32, mesh),
+                replicated((prefill_rows, chunk), i32, mesh),
+                replicated((prefill_rows, chunk), i32, mesh),
+            ),
+            (1,),
+            f"{prefill_rows} x {chunk} tokens into the cache",
+        ),
+        Step(
+            "decode",
+            decode,
+            (params, cache, replicated((batch,), i32, mesh, True), replicated((batch,), i32, mesh, True)),
+            (1,),
+            f"1 token x {batch} sequences, greedy",
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------- compile and measure
+
+
+@dataclasses.dataclass
+class StepReport:
+    name: str
+    describe: str
+    compile_s: float
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    error: str | None = None  # the compiler's message when it refused (e.g. out of HBM)
+    custom_calls: tuple[str, ...] = ()
+
+    @property
+    def peak_bytes(self) -> int:
+        """Live at once on one chip: inputs, outputs not written in place of a donated input, temporaries, code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def custom_call_targets(hlo_text: str) -> tuple[str, ...]:
+    return tuple(sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text))))
+
+
+def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | None]:
+    """Lower and compile one step for the devices its arguments are sharded over."""
+    import jax
+
+    start = time.perf_counter()
+    try:
+        compiled = jax.jit(step.fn, donate_argnums=step.donate_argnums).lower(*step.args).compile()
+    except Exception as e:  # the TPU compiler's refusal (RESOURCE_EXHAUSTED, unsupported op ...)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return StepReport(step.name, step.describe, time.perf_counter() - start, error=message), None
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    text = compiled.as_text()
+    report = StepReport(
+        step.name,
+        step.describe,
+        seconds,
+        argument_bytes=mem.argument_size_in_bytes,
+        output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        custom_calls=custom_call_targets(text),
+    )
+    return report, text if keep_hlo else None
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+def estimate_bytes(params, cache) -> dict[str, int]:
+    """What the planner should predict per chip: parameter and KV-cache bytes of each device's shard.
+
+    Computed from the abstract arrays' shapes and shardings (no compiler). To move into the
+    memory planner (`python -m mimo_jax.plan`) when it lands.
+    """
+    import jax
+
+    def per_device(leaves) -> int:
+        total = 0
+        for x in leaves:
+            shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+            total += math.prod(shard) * x.dtype.itemsize
+        return total
+
+    return {
+        "params": per_device(jax.tree.leaves(params)),
+        "kv_cache": per_device(jax.tree.leaves(cache)),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from mimo_jax.config import MiMoConfig
+    from mimo_jax.sharding import make_mesh, parse_mesh_arg
+
+    devices = tpu_devices(args.topology)
+    cfg = slice_config(MiMoConfig.from_json(args.config), args.layers)
+    mesh = make_mesh(**parse_mesh_arg(args.mesh), devices=devices)
+    hbm = hbm_bytes(devices[0])
+    dtype = jnp.bfloat16
+    if args.batch % mesh.shape["data"]:
+        raise ValueError(f"--batch {args.batch} is not divisible by the data axis ({mesh.shape['data']})")
+    if args.prefill_rows > args.batch:
+        raise ValueError(f"--prefill-rows {args.prefill_rows} exceeds --batch {args.batch}")
+    graphdef, params = abstract_params(cfg, dtype, mesh, args.weights)
+    cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh)
+    steps = serving_steps(
+        graphdef, params, cache, batch=args.batch, chunk=args.chunk, prefill_rows=args.prefill_rows, mesh=mesh
+    )
+    estimate = estimate_bytes(params, cache)
+    reports = []
+    for step in steps:
+        if args.steps and step.name not in args.steps:
+            continue
+        report, _ = compile_step(step)
+        reports.append(report)
+    mesh_text = ",".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    return {
+        "config": os.path.basename(args.config),
+        "layers": cfg.num_layers,
+        "weights": args.weights,
+        "topology": args.topology,
+        "chips": len(devices),
+        "device_kind": devices[0].device_kind,
+        "hbm_bytes": hbm,
+        "mesh": mesh_text,
+        "batch": args.batch,
+        "context": args.context,
+        "chunk": args.chunk,
+        "prefill_rows": args.prefill_rows,
+        "jax": jax.__version__,
+        "estimate": estimate,
+        "steps": [dataclasses.asdict(r) | {"peak_bytes": r.peak_bytes} for r in reports],
+        "fits": all(r.error is None and r.peak_bytes <= hbm for r in reports),
+    }
+
+
+def print_result(result: dict[str, Any]) -> None:
+    hbm = result["hbm_bytes"]
+    print(
+        f"{result['config']} ({result['layers']} layers, {result['weights']} weights) on {result['topology']}: "
+        f"{result['chips']} x {result['device_kind']}, {hbm / GiB:.2f} GiB HBM usable per chip; mesh {result['mesh']}"
+    )
+    print(
+        f"batch {result['batch']}, context {result['context']}, prefill chunk "
+        f"{result['prefill_rows']} x {result['chunk']}; GiB per chip:"
+    )
+    print(f"{'step':8} {'compile s':>9} {'args':>8} {'outputs':>8} {'aliased':>8} {'temps':>8} {'code':>8} {'peak':>8}")
+    for s in result["steps"]:
+        if s["error"]:
+            print(f"{s['name']:8} {s['compile_s']:9.1f}  does not compile: {s['error']}")
+            continue
+        print(
+            f"{s['name']:8} {s['compile_s']:9.1f} {_gib(s['argument_bytes'])} {_gib(s['output_bytes'])} "
+            f"{_gib(s['alias_bytes'])} {_gib(s['temp_bytes'])} {_gib(s['code_bytes'])} {_gib(s['peak_bytes'])}"
+            f"  {'fits' if s['peak_bytes'] <= hbm else 'DOES NOT FIT'}"
+        )
+        gpu = [t for t in s["custom_calls"] if GPU_ONLY_TARGETS.search(t)]
+        if gpu:
+            print(f"{'':8} GPU-only custom calls on the TPU path: {gpu}")
+    est = result["estimate"]
+    print(
+        f"estimate (shapes x shardings): params {est['params'] / GiB:.2f} + KV cache {est['kv_cache'] / GiB:.2f} "
+        f"= {(est['params'] + est['kv_cache']) / GiB:.2f} GiB per chip"
+    )
+    print("fits" if result["fits"] else "DOES NOT FIT")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mimo_jax.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="config.json or a directory holding one")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:2x2x2, v6e:4x4")
+    p.add_argument("--mesh", default="", help="e.g. data=1,tensor=4,expert=16 (product = chips)")
+    p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (cache rows)")
+    p.add_argument("--context", type=int, default=32768, help="cache length of full-attention layers")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
+    p.add_argument("--prefill-rows", type=int, default=1, help="sequences prefilled together")
+    p.add_argument("--layers", type=int, default=None, help="only the first N layers (real pattern)")
+    p.add_argument("--steps", nargs="*", default=None, help="compile only these steps (prefill, decode)")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    args = p.parse_args(argv)
+    for name in ("batch", "context", "chunk", "prefill_rows"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    # The host only traces and compiles; keep JAX off any local accelerator.
+    jax.config.update("jax_platforms", "cpu")
+    try:
+        result = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_result(result)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
