@@ -207,6 +207,7 @@ class StepReport:
     temp_bytes: int = 0
     code_bytes: int = 0
     error: str | None = None  # the compiler's message when it refused (e.g. out of HBM)
+    required_bytes: int | None = None  # what the compiler said it needs, when it ran out of HBM
     custom_calls: tuple[str, ...] = ()
 
     @property
@@ -222,13 +223,23 @@ def custom_call_targets(hlo_text: str) -> tuple[str, ...]:
 def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | None]:
     """Lower and compile one step for the devices its arguments are sharded over."""
     import jax
+    from jax.sharding import NamedSharding
 
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(step.args) if isinstance(x.sharding, NamedSharding))
     start = time.perf_counter()
     try:
-        compiled = jax.jit(step.fn, donate_argnums=step.donate_argnums).lower(*step.args).compile()
+        with jax.set_mesh(mesh):  # model code that needs the mesh (shard_map MoE) reads it from the trace context
+            compiled = jax.jit(step.fn, donate_argnums=step.donate_argnums).lower(*step.args).compile()
     except Exception as e:  # the TPU compiler's refusal (RESOURCE_EXHAUSTED, unsupported op ...)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return StepReport(step.name, step.describe, time.perf_counter() - start, error=message), None
+        needed = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM", message)
+        return StepReport(
+            step.name,
+            step.describe,
+            time.perf_counter() - start,
+            error=message,
+            required_bytes=int(float(needed.group(1)) * GiB) if needed else None,
+        ), None
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     text = compiled.as_text()
