@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -12,25 +13,46 @@ from flax import nnx
 
 from mimo_jax.config import MiMoConfig
 from mimo_jax.model import MiMoModel
+from mimo_jax.sharding import batch_sharding, place_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class LanguageModel:
-    """What `load_model` returns: `.model` (Flax NNX), `.config`, `.mesh`, and `.logits(...)`."""
+    """What `load_model` returns: `.model` (Flax NNX), `.config`, `.mesh`, and `.logits(...)`.
+
+    With a mesh, the forward is traced and run inside `mesh_context()` (`jax.set_mesh`), which
+    is how the model finds the mesh (activation constraints, expert-parallel MoE); code that
+    jits its own model calls (the engine) wraps them in `lm.mesh_context()` the same way.
+    """
 
     def __init__(self, model: MiMoModel, mesh: jax.sharding.Mesh | None = None, source: str | None = None):
         self.model = model
         self.config: MiMoConfig = model.config
         self.mesh = mesh
         self.source = source
+        if mesh is not None:
+            place_model(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         graphdef = self.graphdef
 
         def forward_logits(params: nnx.State, token_ids: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, params)(token_ids)[0]
 
-        self._logits = jax.jit(forward_logits)
+        if mesh is None:
+            self._logits = jax.jit(forward_logits)
+        else:
+            # params stay where the rules put them; logits come back whole (np.asarray works on every host)
+            param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
+            self._logits = jax.jit(
+                forward_logits,
+                in_shardings=(param_shardings, None),
+                out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            )
+
+    def mesh_context(self):
+        """Context to trace and run model calls in: `jax.set_mesh(self.mesh)`, or nothing without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -43,7 +65,12 @@ class LanguageModel:
             raise ValueError(f"token_ids must be a 2-D integer array [batch, seq], got {ids.dtype} {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        return np.asarray(self._logits(self.params, jnp.asarray(ids, jnp.int32)))
+        ids = ids.astype(np.int32)
+        with self.mesh_context():
+            if self.mesh is not None:
+                # every process passes the same ids; each keeps its own devices' slice
+                ids = jax.device_put(ids, batch_sharding(self.mesh, ids.shape))
+            return np.asarray(self._logits(self.params, ids))
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> LanguageModel:

@@ -6,16 +6,19 @@ axes. Weights are stored input-major (`x @ W`), attention projections per head.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import moe
+from mimo_jax import moe, sharding
 from mimo_jax.attention import apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
 
 _INIT_STD = 0.02
+_HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], init: str = "normal"):
@@ -67,6 +70,7 @@ class Attention(nnx.Module):
             keys, values, key_pos = k, v, positions
         else:
             keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
+        keys, values = sharding.spread_kv_heads(keys, values, spec.num_heads)
         out = attention(
             q,
             keys,
@@ -94,14 +98,22 @@ class MLP(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts; `impl` picks the expert computation (see `mimo_jax.moe.EXPERT_IMPLS`)."""
+    """Routed experts; `impl` picks the expert computation (see `mimo_jax.moe.EXPERT_IMPLS`).
+
+    Traced under a mesh (`jax.set_mesh`) whose expert or tensor axis splits the experts, it runs
+    expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `strategy` picks the dispatch
+    ("auto" decides by token count) and `capacity_factor` (None = never drop) bounds the
+    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens".
+    """
+
+    GATE_AXES = ("experts", "embed", "moe_mlp")
 
     def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str = "ragged"):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.router = _param(rngs, (e, h), jnp.float32, ("experts_replicated", "embed_replicated"))
         self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
-        self.gate_proj = _param(rngs, (e, h, i), dtype, ("experts", "embed", "moe_mlp"))
-        self.up_proj = _param(rngs, (e, h, i), dtype, ("experts", "embed", "moe_mlp"))
+        self.gate_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
+        self.up_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
         self.down_proj = _param(rngs, (e, i, h), dtype, ("experts", "moe_mlp", "embed"))
         self.top_k = cfg.experts_per_token
         self.n_group = cfg.n_group
@@ -109,22 +121,44 @@ class MoE(nnx.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
         self.impl = impl
+        self.strategy = "auto"
+        self.capacity_factor: float | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids = moe.route(
-            flat,
-            self.router[...],
-            self.correction_bias[...],
+        route = functools.partial(
+            moe.route,
             top_k=self.top_k,
             n_group=self.n_group,
             topk_group=self.topk_group,
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        expert_fn = moe.EXPERT_IMPLS[self.impl]
-        out = expert_fn(flat, weights, ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        experts = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        mesh = sharding.current_mesh()
+        gate_spec = None if mesh is None else sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh)
+        if gate_spec is None or gate_spec == jax.sharding.PartitionSpec(None, None, None):
+            weights, ids = route(flat, self.router[...], self.correction_bias[...])
+            out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
+            return out.reshape(shape)
+        token_axis = sharding.logical_to_spec(("batch", None), flat.shape, mesh)[0]
+        out, dropped = moe.experts_sharded(
+            flat,
+            self.router[...],
+            self.correction_bias[...],
+            *experts,
+            route_fn=route,
+            top_k=self.top_k,
+            mesh=mesh,
+            gate_spec=gate_spec,
+            token_axis=token_axis,
+            impl=self.impl,
+            strategy=self.strategy,
+            capacity_factor=self.capacity_factor,
+        )
+        if self.capacity_factor is not None:
+            self.sow(nnx.Intermediate, "dropped_tokens", dropped)
         return out.reshape(shape)
 
 
@@ -184,12 +218,23 @@ class MiMoModel(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab"))
         self.mtp = nnx.List([MTPLayer(cfg, dtype, rngs) for _ in range(mtp_layers)])
 
+    def moe_layers(self) -> list[MoE]:
+        return [m for layer in (*self.layers, *(t.block for t in self.mtp)) if isinstance(m := layer.mlp, MoE)]
+
     def set_moe_impl(self, impl: str) -> None:
         if impl not in moe.EXPERT_IMPLS:
             raise ValueError(f"unknown MoE implementation {impl!r}; choose from {sorted(moe.EXPERT_IMPLS)}")
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.impl = impl
+        for layer in self.moe_layers():
+            layer.impl = impl
+
+    def set_moe_strategy(self, strategy: str = "auto", capacity_factor: float | None = None) -> None:
+        """Dispatch of the expert-parallel MoE on a mesh (see `mimo_jax.moe.STRATEGIES`)."""
+        if strategy not in moe.STRATEGIES:
+            raise ValueError(f"unknown MoE strategy {strategy!r}; choose from {moe.STRATEGIES}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={capacity_factor}: must be > 0 (or None for no dropping)")
+        for layer in self.moe_layers():
+            layer.strategy, layer.capacity_factor = strategy, capacity_factor
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], token_ids, axis=0)
@@ -198,11 +243,12 @@ class MiMoModel(nnx.Module):
         self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
     ) -> tuple[jax.Array, list[LayerKV] | None]:
         """Residual stream after the last layer (before the final norm) [B, T, H], and the new cache."""
-        x = self.embed(token_ids)
+        x = sharding.constrain(self.embed(token_ids), _HIDDEN_AXES)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, layer_cache = layer(x, positions, None if cache is None else cache[i])
+                x = sharding.constrain(x, _HIDDEN_AXES)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return x, new_cache
@@ -211,8 +257,12 @@ class MiMoModel(nnx.Module):
         """Final norm (the model's, or an MTP layer's) and lm_head -> float32 logits [..., vocab]."""
         h = (norm or self.norm)(hidden)
         if self.lm_head is None:
-            return jnp.einsum("...h,vh->...v", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("...h,hv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,vh->...v", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...h,hv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        if logits.ndim < 2:
+            return logits
+        return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
     def mtp_forward(
         self, k: int, token_ids: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None = None

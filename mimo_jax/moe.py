@@ -1,16 +1,35 @@
 """Mixture-of-experts math: sigmoid router with correction bias and grouped top-k, and expert FFNs.
 
-Two expert implementations compute the same thing:
+Expert implementations (`EXPERT_IMPLS`) compute the same thing on the experts they are given:
 - `experts_dense`: every expert on every token, weighted by a dense combine matrix. Plainly
   correct; the reference for the others (and fine for tiny test models).
 - `experts_ragged`: tokens sorted by expert and `jax.lax.ragged_dot` (the native grouped matmul
   on TPU/CPU).
+Their contract: `fn(x [N, H], weights [N, K], ids [N, K], w_gate [E, H, I], w_up [E, H, I],
+w_down [E, I, H]) -> [N, H]` in x.dtype; an id >= E means "expert not here" and
+contributes nothing (its weight is 0 too). On a mesh every expert shard calls one of them on
+its local experts only (`experts_sharded`), so a new kernel plugs in by joining the table.
+
+On a mesh `experts_sharded` runs the MoE inside `jax.shard_map` with one of two dispatches:
+- "replicated" (few tokens, decode): every expert shard sees all tokens of its data shard,
+  keeps the assignments to its own experts, and the partial outputs are summed with `psum`.
+- "all_to_all" (many tokens, prefill): each expert shard routes 1/S of the tokens and sends
+  each token once to every shard owning one of its experts (`jax.lax.all_to_all` with
+  per-destination buffers), the owners send results back, and the slices are all-gathered.
+  (`jax.lax.ragged_all_to_all` would move fewer bytes but XLA:CPU does not implement it.)
+Expert weights may also be split over the tensor axis along the intermediate dim (`moe_mlp`);
+those partial outputs are summed over `tensor`. No token is dropped unless a capacity factor
+is given; then the dropped (token, shard) pairs are counted and returned.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 
 def route(
@@ -53,7 +72,7 @@ def experts_dense(
     """Reference: x [N, H]; w_gate/w_up [E, H, I]; w_down [E, I, H] -> [N, H] (fp32 accumulation)."""
     n = x.shape[0]
     e = w_gate.shape[0]
-    combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], ids].add(weights)
+    combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], ids].add(weights, mode="drop")
     g = jnp.einsum("nh,ehi->nei", x, w_gate)
     u = jnp.einsum("nh,ehi->nei", x, w_up)
     y = jnp.einsum("nei,eih->neh", _swiglu(x, g, u), w_down, preferred_element_type=jnp.float32)
@@ -61,7 +80,10 @@ def experts_dense(
 
 
 def sort_by_expert(ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Flattened (token, k) assignments sorted by expert: (order [N*K], group_sizes [E])."""
+    """Flattened (token, k) assignments sorted by expert: (order [N*K], group_sizes [E]).
+
+    Ids >= num_experts sort last and fall outside every group (ragged_dot gives them zeros).
+    """
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
@@ -84,3 +106,174 @@ def experts_ragged(
 
 
 EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged}
+
+
+# --- Expert parallelism on a mesh -----------------------------------------------------------
+
+# Tokens per data shard at or above which "auto" dispatches with all_to_all instead of
+# replicating tokens over the expert shards; bench/bench_moe.py measures where the switch pays.
+ALL_TO_ALL_MIN_TOKENS = 256
+
+STRATEGIES = ("auto", "replicated", "all_to_all")
+
+RouteFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def choose_strategy(strategy: str, tokens_per_data_shard: int, expert_shards: int) -> str:
+    """The dispatch a MoE call uses: "replicated" or "all_to_all" (static: shapes decide)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown MoE strategy {strategy!r}; choose from {STRATEGIES}")
+    if expert_shards == 1:
+        return "replicated"  # nothing to send anywhere
+    if strategy == "auto":
+        return "all_to_all" if tokens_per_data_shard >= ALL_TO_ALL_MIN_TOKENS else "replicated"
+    return strategy
+
+
+def buffer_capacity(tokens: int, top_k: int, expert_shards: int, capacity_factor: float | None) -> int:
+    """Rows of one shard's dispatch buffer: every token (never drops) or capacity_factor x the mean load."""
+    if capacity_factor is None:
+        return tokens
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor={capacity_factor}: must be > 0 (or None for no dropping)")
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / expert_shards)))
+
+
+def _local_assignments(
+    weights: jax.Array, ids: jax.Array, first_expert: jax.Array, local_experts: int
+) -> tuple[jax.Array, jax.Array]:
+    """Global expert ids -> ids of this shard's experts; other experts become `local_experts` with weight 0."""
+    local = ids - first_expert
+    here = (local >= 0) & (local < local_experts)
+    return jnp.where(here, weights, 0.0), jnp.where(here, local, local_experts).astype(jnp.int32)
+
+
+def _pack(wanted: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Compact the rows where `wanted` [..., N] into `capacity` slots, in order.
+
+    Returns (source row of each slot [..., capacity], N = empty; slot of each row [..., N],
+    capacity = not sent; rows that did not fit).
+    """
+    n = wanted.shape[-1]
+    position = jnp.cumsum(wanted, axis=-1, dtype=jnp.int32) - 1
+    kept = wanted & (position < capacity)
+    slot = jnp.where(kept, position, capacity)
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), wanted.shape)
+    lead = tuple(jnp.indices(wanted.shape[:-1], sparse=True))
+    lead = tuple(i[..., None] for i in lead)
+    source = jnp.full((*wanted.shape[:-1], capacity), n, jnp.int32).at[(*lead, slot)].set(rows, mode="drop")
+    return source, slot, (wanted.sum() - kept.sum()).astype(jnp.int32)
+
+
+def _take_rows(a: jax.Array, rows: jax.Array, fill) -> jax.Array:
+    return jnp.take(a, rows, axis=0, mode="fill", fill_value=fill)
+
+
+def experts_sharded(
+    x: jax.Array,
+    router: jax.Array,
+    correction_bias: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    route_fn: RouteFn,
+    top_k: int,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+    gate_spec: PartitionSpec,
+    token_axis: str | None,
+    impl: str = "ragged",
+    strategy: str = "auto",
+    capacity_factor: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Routed MoE of x [N, H] on a mesh -> (out [N, H], dropped (token, shard) pairs int32).
+
+    `gate_spec` is the PartitionSpec of w_gate [E, H, I] (experts over an expert axis, the
+    intermediate dim optionally over a tensor axis); w_up has the same, w_down [E, I, H] its
+    transpose. `token_axis` is the mesh axis the tokens are split over (or None).
+    """
+    expert_axis, embed_axis, mlp_axis = gate_spec
+    if embed_axis is not None:
+        raise ValueError(f"expert weights split over the hidden dim ({gate_spec}) are not supported")
+    expert_fn = EXPERT_IMPLS[impl]
+    expert_shards = mesh.shape[expert_axis] if expert_axis else 1
+    data_shards = mesh.shape[token_axis] if token_axis else 1
+    tokens = x.shape[0] // data_shards
+    mode = choose_strategy(strategy, tokens, expert_shards)
+    sum_axes = tuple(a for a in (expert_axis, mlp_axis) if a)
+
+    def replicated(x, router, bias, w_gate, w_up, w_down):
+        n, local_experts = x.shape[0], w_gate.shape[0]
+        shard = jax.lax.axis_index(expert_axis) if expert_axis else 0
+        weights, ids = _local_assignments(*route_fn(x, router, bias), shard * local_experts, local_experts)
+        capacity = buffer_capacity(n, top_k, expert_shards, capacity_factor)
+        if capacity == n:
+            out, dropped = expert_fn(x, weights, ids, w_gate, w_up, w_down), jnp.int32(0)
+        else:  # only the tokens that fit in the buffer get computed
+            source, slot, dropped = _pack((ids < local_experts).any(-1), capacity)
+            packed = expert_fn(
+                _take_rows(x, source, 0),
+                _take_rows(weights, source, 0),
+                _take_rows(ids, source, local_experts),
+                w_gate,
+                w_up,
+                w_down,
+            )
+            out = _take_rows(packed, slot, 0)
+            dropped = jax.lax.psum(dropped, expert_axis) if expert_axis else dropped
+        return jax.lax.psum(out, sum_axes) if sum_axes else out, dropped
+
+    def all_to_all(x, router, bias, w_gate, w_up, w_down):
+        n, hidden, local_experts = x.shape[0], x.shape[1], w_gate.shape[0]
+        shards, shard = expert_shards, jax.lax.axis_index(expert_axis)
+        mine = -(-n // shards)  # this shard routes tokens [shard * mine, (shard + 1) * mine)
+        x = jnp.pad(x, ((0, mine * shards - n), (0, 0)))
+        x_mine = jax.lax.dynamic_slice_in_dim(x, shard * mine, mine)
+        weights, ids = route_fn(x_mine, router, bias)
+        owner = ids // local_experts  # [mine, K]
+        real = (shard * mine + jnp.arange(mine)) < n  # padding rows go nowhere
+        dest = jnp.arange(shards, dtype=jnp.int32)[:, None, None]
+        to_dest = (owner[None] == dest) & real[None, :, None]  # [S, mine, K]
+        capacity = buffer_capacity(mine, top_k, shards, capacity_factor)
+        source, slot, dropped = _pack(to_dest.any(-1), capacity)  # [S, capacity], [S, mine]
+        send_ids = jnp.where(to_dest, ids[None] - dest * local_experts, local_experts)
+        send_w = jnp.where(to_dest, weights[None], 0.0)
+        gather = jax.vmap(_take_rows, in_axes=(0, 0, None))
+        send_x = _take_rows(x_mine, source, 0)  # [S, capacity, H]
+        send_ids = gather(send_ids, source, local_experts)
+        send_w = gather(send_w, source, 0)
+
+        def exchange(a):
+            return jax.lax.all_to_all(a, expert_axis, 0, 0)
+
+        recv_x, recv_ids, recv_w = exchange(send_x), exchange(send_ids), exchange(send_w)
+        flat = shards * capacity
+        out = expert_fn(
+            recv_x.reshape(flat, hidden),
+            recv_w.reshape(flat, top_k),
+            recv_ids.reshape(flat, top_k),
+            w_gate,
+            w_up,
+            w_down,
+        )
+        if mlp_axis:
+            out = jax.lax.psum(out, mlp_axis)
+        back = exchange(out.reshape(shards, capacity, hidden))  # results for the rows this shard sent
+        out_mine = gather(back, slot, 0).astype(jnp.float32).sum(0).astype(x.dtype)
+        out = jax.lax.all_gather(out_mine, expert_axis, tiled=True, to="invarying")[:n]
+        return out, jax.lax.psum(dropped, expert_axis)
+
+    body = replicated if mode == "replicated" else all_to_all
+
+    def counted(*args):
+        out, dropped = body(*args)
+        return out, jax.lax.psum(dropped, token_axis) if token_axis else dropped
+
+    down_spec = PartitionSpec(expert_axis, mlp_axis, None)
+    replicated_spec = PartitionSpec()
+    return jax.shard_map(
+        counted,
+        mesh=mesh,
+        in_specs=(PartitionSpec(token_axis, None), replicated_spec, replicated_spec, gate_spec, gate_spec, down_spec),
+        out_specs=(PartitionSpec(token_axis, None), replicated_spec),
+    )(x, router, correction_bias, w_gate, w_up, w_down)

@@ -1,23 +1,34 @@
-"""Device mesh and the one table mapping logical parameter axes to mesh axes.
+"""Device mesh and the one table mapping logical axes to mesh axes.
 
-Layers name logical axes only (`logical_axes` metadata on every `nnx.Param`); this module
-decides where they live. A dimension that the mesh axis does not divide is replicated (for
-example 4 kv heads on a tensor axis of 8).
+Layers name logical axes only (`logical_axes` metadata on every `nnx.Param`, and `constrain`
+on activations); this module decides where they live. A dimension that the mesh axis does
+not divide is replicated (for example 4 kv heads on a tensor axis of 8).
+
+How the mesh reaches the model: the caller traces the model inside `jax.set_mesh(mesh)`
+(`LanguageModel` does this for its jitted forward). `current_mesh()` reads that context
+while tracing; with no mesh set the model is plain single-device math. So model code never
+receives a mesh argument, and the same module runs on one device or many.
+
+Multi-host: one process per host calls `initialize_distributed()` before anything touches
+JAX devices; `jax.devices()` is then the global device list and `make_mesh` spans all hosts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "tensor", "expert")
 
-# logical axis -> mesh axis (None = replicated)
+# logical axis -> mesh axis (None = replicated); parameters and activations alike
 RULES: dict[str, str | None] = {
     "batch": "data",
     "vocab": "tensor",
@@ -27,7 +38,7 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "experts": "expert",
-    "moe_mlp": None,
+    "moe_mlp": "tensor",  # expert x tensor: each tensor shard holds a slice of every local expert
     "norm": None,
     "experts_replicated": None,
     "embed_replicated": None,
@@ -77,10 +88,13 @@ def parse_mesh_arg(text: str) -> dict[str, int]:
 
 
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Logical axis names of an array of `shape` -> PartitionSpec on `mesh` (by `RULES`)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match the array shape {shape}")
     spec = []
     for name, dim in zip(axes, shape, strict=True):
         mesh_axis = RULES.get(name) if name else None
-        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]):
+        if mesh_axis not in mesh.shape or mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]:
             mesh_axis = None
         spec.append(mesh_axis)
     return PartitionSpec(*spec)
@@ -95,3 +109,145 @@ def param_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
 def model_shardings(model: Any, mesh: Mesh) -> dict[tuple, NamedSharding]:
     """Parameter path -> NamedSharding for every parameter of an (abstract or concrete) model."""
     return {path: param_sharding(var, mesh) for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+
+
+def place_model(model: Any, mesh: Mesh) -> None:
+    """Move every plain-array parameter of `model` (in place) to its sharding on `mesh`.
+
+    Parameters already there stay put; structured values (e.g. quantized blocks) are left to the loader.
+    """
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and isinstance(value := var.get_value(), (jax.Array, np.ndarray)):
+            sharding = param_sharding(var, mesh)
+            if getattr(value, "sharding", None) != sharding:
+                var.set_value(jax.device_put(value, sharding))
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh set by `jax.set_mesh` around the trace, or None when there is none (or one device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pin activation x to the layout its logical axes imply on the current mesh (no-op off a mesh)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tuple[jax.Array, jax.Array]:
+    """Keys/values [B, S, KV, D] laid out to match q heads sharded over the tensor axis.
+
+    When the q heads split over the tensor axis but the KV heads do not (KV < axis size, or
+    not a multiple), each kv head is repeated lcm(KV, T) / KV times: every tensor shard then
+    slices out exactly the kv heads of its own q heads from the replicated k/v (no
+    communication), and attention keeps its grouped form. The cache still stores KV heads.
+    """
+    mesh = current_mesh()
+    axis = RULES["q_heads"]
+    if mesh is None or axis not in mesh.shape:
+        return keys, values
+    shards, kv = mesh.shape[axis], keys.shape[2]
+    if shards == 1 or kv % shards == 0 or num_q_heads % shards:
+        return keys, values
+    repeat = math.lcm(kv, shards) // kv
+    heads_axes = ("batch", None, "q_heads", None)
+    keys = constrain(jnp.repeat(keys, repeat, axis=2), heads_axes)
+    values = constrain(jnp.repeat(values, repeat, axis=2), heads_axes)
+    return keys, values
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Sharding of an input whose leading dim is the batch (split over data when it divides)."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def kv_cache_shardings(cache: list[Any], mesh: Mesh) -> list[Any]:
+    """Shardings for a KV cache (list of `LayerKV`): batch over data, kv heads over tensor where they divide.
+
+    Same pytree as the cache, for `jax.device_put` or a jitted step's in/out shardings.
+    """
+
+    def layer(kv):
+        def spec(axes, a):
+            return NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh))
+
+        heads = ("batch", None, "kv_heads", None)
+        return dataclasses.replace(kv, k=spec(heads, kv.k), v=spec(heads, kv.v), pos=spec(("batch", None), kv.pos))
+
+    return [layer(kv) for kv in cache]
+
+
+# Environment read by `initialize_distributed` when its arguments are left out.
+COORDINATOR_ENV = "MIMO_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "MIMO_NUM_PROCESSES"
+PROCESS_ID_ENV = "MIMO_PROCESS_ID"
+
+
+def add_distributed_arguments(parser) -> None:
+    """--coordinator-address/--num-processes/--process-id for a CLI (defaults: the MIMO_* environment).
+
+    A CLI then calls `initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)`
+    before touching JAX devices.
+    """
+    group = parser.add_argument_group("multi-host (one process per host)")
+    group.add_argument("--coordinator-address", default=None, help=f"host:port of process 0 (${COORDINATOR_ENV})")
+    group.add_argument("--num-processes", type=int, default=None, help=f"processes in the job (${NUM_PROCESSES_ENV})")
+    group.add_argument("--process-id", type=int, default=None, help=f"this process, 0-based (${PROCESS_ID_ENV})")
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: list[int] | None = None,
+    cpu_collectives: str | None = None,
+) -> bool:
+    """Join a multi-host JAX job (one process per host); returns False when running single-process.
+
+    Arguments left out come from MIMO_COORDINATOR_ADDRESS ("host:port" of process 0),
+    MIMO_NUM_PROCESSES and MIMO_PROCESS_ID. With none of them set and num_processes <= 1
+    nothing happens (single host). Must run before any JAX computation. `cpu_collectives`
+    ("gloo" or "mpi") enables cross-process collectives on the CPU backend (tests).
+    """
+    coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV) or None
+    if num_processes is None and os.environ.get(NUM_PROCESSES_ENV):
+        num_processes = _env_int(NUM_PROCESSES_ENV)
+    if process_id is None and os.environ.get(PROCESS_ID_ENV):
+        process_id = _env_int(PROCESS_ID_ENV)
+    if coordinator_address is None and (num_processes or 1) <= 1:
+        return False
+    missing = [
+        name
+        for name, value in (
+            (COORDINATOR_ENV, coordinator_address),
+            (NUM_PROCESSES_ENV, num_processes),
+            (PROCESS_ID_ENV, process_id),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(f"multi-host run: set {', '.join(missing)} (or pass them) on every process")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process id {process_id} is outside [0, {num_processes})")
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+    return True
+
+
+def _env_int(name: str) -> int:
+    text = os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected an integer") from None

@@ -1,0 +1,278 @@
+"""One MoE layer (router + routed experts) at MiMo-V2-Flash dims on 1, 2, 4... devices.
+
+For each mesh, token count, dispatch strategy and expert implementation: correctness against a
+float32 per-token reference, then the median time per layer, the achieved bandwidth over the
+bytes of the experts actually touched, and the useful TFLOP/s; beside them the ceilings measured
+in the same run (a large device copy, a large bf16 matmul), scaled by the mesh's device count.
+
+    python bench/bench_moe.py                                  # Flash dims, meshes expert=1,2,4
+    python bench/bench_moe.py --hidden 64 --experts 16 --intermediate 32 --tokens 1,64 \\
+        --meshes "expert=1;expert=2" --ceiling-mib 16 --matmul 256   # tiny, on CPU
+
+The last lines suggest `mimo_jax.moe.ALL_TO_ALL_MIN_TOKENS` (the strategy switch point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mimo_jax import moe
+from mimo_jax.sharding import make_mesh, parse_mesh_arg
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# bf16 operands with f32 accumulation land near 1e-3..1e-2 of an f32 reference (METHOD.md).
+MAX_REL_ERR = {"bfloat16": 2e-2, "float32": 1e-4}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--tokens", default="1,8,32,64,128,256,512,1024,2048,4096,8192")
+    ap.add_argument("--meshes", default="expert=1;expert=2;expert=4", help="';'-separated --mesh specs")
+    ap.add_argument("--strategies", default=",".join(s for s in moe.STRATEGIES if s != "auto"))
+    ap.add_argument("--impls", default=",".join(sorted(moe.EXPERT_IMPLS)))
+    ap.add_argument("--dense-max-tokens", type=int, default=64, help="experts_dense computes every expert")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--check-tokens", type=int, default=4, help="tokens compared with the f32 reference")
+    ap.add_argument("--ceiling-mib", type=int, default=4096, help="size of the copy that measures bandwidth")
+    ap.add_argument("--matmul", type=int, default=8192, help="n of the n^3 bf16 matmul that measures TFLOP/s")
+    ap.add_argument("--out", default=None, help="write one JSON line per measurement here")
+    return ap.parse_args(argv)
+
+
+def median_seconds(fn, arg_sets: tuple[tuple, ...], reps: int, warmup: int, budget_s: float = 3.0) -> float:
+    """Median wall time of fn over reps calls (synchronized), rotating among the argument sets.
+
+    Slow configurations get fewer repetitions (at least 3), so a sweep stays within a run's time limit.
+    """
+    for i in range(max(1, warmup)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    reps = max(3, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for i in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_ceilings(device, copy_mib: int, matmul_n: int, reps: int) -> dict[str, float]:
+    """One device: bytes/s of a large copy (read + write) and FLOP/s of an n^3 bf16 matmul."""
+    n = copy_mib * 2**20 // 2
+    src = jax.device_put(jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16), device)
+    copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))  # reads and writes every element once
+    copy_s = median_seconds(copy, ((src,),), reps, 2)
+    keys = jax.random.split(jax.random.key(1), 2)
+    a, b = (jax.device_put(jax.random.normal(k, (matmul_n, matmul_n), jnp.bfloat16), device) for k in keys)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm_s = median_seconds(mm, ((a, b),), reps, 2)
+    del src, a, b
+    return {"copy_bytes_per_s": 2 * n * 2 / copy_s, "matmul_flop_per_s": 2 * matmul_n**3 / mm_s}
+
+
+def make_weights(mesh, gate_spec, args, dtype):
+    """Random expert weights created directly in their shards (12.9 GB at Flash dims in bf16)."""
+    e, h, i = args.experts, args.hidden, args.intermediate
+    down_spec = P(gate_spec[0], gate_spec[2], None)
+    shardings = (NamedSharding(mesh, gate_spec),) * 2 + (NamedSharding(mesh, down_spec),)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init(key):
+        kg, ku, kd = jax.random.split(key, 3)
+        return (
+            (jax.random.normal(kg, (e, h, i), jnp.float32) / math.sqrt(h)).astype(dtype),
+            (jax.random.normal(ku, (e, h, i), jnp.float32) / math.sqrt(h)).astype(dtype),
+            (jax.random.normal(kd, (e, i, h), jnp.float32) / math.sqrt(i)).astype(dtype),
+        )
+
+    return init(jax.random.key(2))
+
+
+def reference(x, weights, ids, w_gate, w_up, w_down):
+    """float32 per-token sum over the chosen experts (gathers [C, K, H, I] weights: keep C small)."""
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    g = jnp.einsum("ch,ckhi->cki", f32(x), f32(w_gate[ids]), precision=hi)
+    u = jnp.einsum("ch,ckhi->cki", f32(x), f32(w_up[ids]), precision=hi)
+    y = jnp.einsum("cki,ckih->ckh", jax.nn.silu(g) * u, f32(w_down[ids]), precision=hi)
+    return jnp.einsum("ckh,ck->ch", y, weights)
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    dtype_bytes = jnp.dtype(dtype).itemsize
+    h, i, k, e = args.hidden, args.intermediate, args.top_k, args.experts
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    impls = args.impls.split(",")
+    for name in impls:
+        if name not in moe.EXPERT_IMPLS:
+            raise SystemExit(f"--impls: unknown {name!r}; registered: {sorted(moe.EXPERT_IMPLS)}")
+    devices = jax.devices()
+    print(f"# {devices[0].device_kind} x{len(devices)}, jax {jax.__version__}, {args.dtype}", flush=True)
+    ceil = measure_ceilings(devices[0], args.ceiling_mib, args.matmul, max(5, args.reps // 2))
+    print(
+        f"# ceilings per device: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
+    route = functools.partial(moe.route, top_k=k, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0)
+    rng = np.random.RandomState(0)
+    router = jnp.asarray(rng.randn(e, h) / math.sqrt(h), jnp.float32)
+    bias = jnp.asarray(0.01 * rng.randn(e), jnp.float32)
+    rows = []
+    out_file = open(args.out, "w") if args.out else None  # noqa: SIM115 (kept open across the sweep)
+    for mesh_text in filter(None, (m.strip() for m in args.meshes.split(";"))):
+        sizes = parse_mesh_arg(mesh_text)
+        n_dev = math.prod(sizes.values())
+        if n_dev > len(devices):
+            print(f"# skip mesh {mesh_text}: needs {n_dev} devices, have {len(devices)}", flush=True)
+            continue
+        mesh = make_mesh(**sizes, devices=devices[:n_dev])
+        gate_spec = P(
+            "expert" if mesh.shape["expert"] > 1 else None, None, "tensor" if mesh.shape["tensor"] > 1 else None
+        )
+        w_gate, w_up, w_down = make_weights(mesh, gate_spec, args, dtype)
+        strategies = args.strategies.split(",") if n_dev > 1 else ["local"]
+        for tokens in token_counts:
+            xs = tuple((jnp.asarray(rng.randn(tokens, h), dtype), router, bias, w_gate, w_up, w_down) for _ in range(3))
+            weights, ids = route(*xs[0][:3])
+            touched = len(np.unique(np.asarray(ids)))
+            touched_bytes = touched * 3 * h * i * dtype_bytes
+            useful_flop = 2 * tokens * k * 3 * h * i
+            c = min(args.check_tokens, tokens)
+            ref = np.asarray(reference(xs[0][0][:c], weights[:c], ids[:c], w_gate, w_up, w_down))
+            for strategy in strategies:
+                for impl in impls:
+                    if impl == "dense" and tokens > args.dense_max_tokens:
+                        continue
+                    row = dict(
+                        device=devices[0].device_kind,
+                        mesh=mesh_text,
+                        devices=n_dev,
+                        tokens=tokens,
+                        strategy=strategy,
+                        impl=impl,
+                        dtype=args.dtype,
+                        experts_touched=touched,
+                        touched_gb=touched_bytes / 1e9,
+                    )
+                    try:
+                        if strategy == "local":
+
+                            def layer(x, router, bias, wg, wu, wd, impl=impl):
+                                return moe.EXPERT_IMPLS[impl](x, *route(x, router, bias), wg, wu, wd)
+                        else:
+                            sharded = functools.partial(
+                                moe.experts_sharded, route_fn=route, top_k=k, mesh=mesh, gate_spec=gate_spec,
+                                token_axis=None, impl=impl, strategy=strategy,
+                            )  # fmt: skip
+
+                            def layer(x, router, bias, wg, wu, wd, sharded=sharded):
+                                return sharded(x, router, bias, wg, wu, wd)[0]
+
+                        fn = jax.jit(layer)
+                        with jax.set_mesh(mesh):
+                            out = np.asarray(fn(*xs[0])[:c], np.float32)
+                            err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                            seconds = median_seconds(fn, xs, args.reps, args.warmup)
+                        row.update(
+                            ms=seconds * 1e3,
+                            rel_err=err,
+                            ok=bool(err < MAX_REL_ERR[args.dtype]),
+                            tb_per_s=touched_bytes / seconds / 1e12,
+                            bw_frac=touched_bytes / seconds / (n_dev * ceil["copy_bytes_per_s"]),
+                            tflop_per_s=useful_flop / seconds / 1e12,
+                            matmul_frac=useful_flop / seconds / (n_dev * ceil["matmul_flop_per_s"]),
+                        )
+                    except Exception as exc:  # a configuration that does not compile or fit is a result too
+                        row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    rows.append(row)
+                    if out_file:
+                        out_file.write(json.dumps({**row, **ceil}) + "\n")
+                        out_file.flush()
+                    print(format_row(row), flush=True)
+            del xs
+        del w_gate, w_up, w_down
+    if out_file:
+        out_file.close()
+    print_summary(rows, ceil)
+    return rows
+
+
+HEADER = (
+    "| mesh | tokens | strategy | impl | experts touched | GB touched | ms | TB/s (% copy) "
+    "| TFLOP/s (% matmul) | rel err |"
+)
+
+
+def format_row(r: dict) -> str:
+    head = f"| {r['mesh']} | {r['tokens']} | {r['strategy']} | {r['impl']} | {r['experts_touched']} | "
+    head += f"{r['touched_gb']:.2f} | "
+    if "error" in r:
+        return head + f"fails: {r['error']} | | | |"
+    mark = "" if r["ok"] else " WRONG"
+    return head + (
+        f"{r['ms']:.3f} | {r['tb_per_s']:.2f} ({100 * r['bw_frac']:.0f}%) | "
+        f"{r['tflop_per_s']:.1f} ({100 * r['matmul_frac']:.0f}%) | {r['rel_err']:.1e}{mark} |"
+    )
+
+
+def print_summary(rows: list[dict], ceil: dict) -> None:
+    print()
+    print(
+        f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s "
+        "per device (ceilings scale with the mesh's device count)"
+    )
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1))
+    for r in rows:
+        print(format_row(r))
+    # switch point: the fewest tokens from which all_to_all is at least as fast as replicated (best impl each)
+    best: dict[tuple, float] = {}
+    for r in rows:
+        if "ms" in r and r["ok"]:
+            key = (r["mesh"], r["tokens"], r["strategy"])
+            best[key] = min(best.get(key, math.inf), r["ms"])
+    for mesh in sorted({m for m, _, s in best if s == "all_to_all"}):
+        counts = sorted({t for m, t, _ in best if m == mesh})
+        faster = [
+            t
+            for t in counts
+            if best.get((mesh, t, "all_to_all"), math.inf) <= best.get((mesh, t, "replicated"), math.inf)
+        ]
+        switch = next((t for t in counts if all(u in faster for u in counts if u >= t)), None)
+        if switch is None:
+            print(f"mesh {mesh}: replicated is faster up to {counts[-1]} tokens (keep ALL_TO_ALL_MIN_TOKENS above)")
+        else:
+            print(f"mesh {mesh}: all_to_all wins from {switch} tokens on (suggested ALL_TO_ALL_MIN_TOKENS)")
+    bad = [r for r in rows if "ok" in r and not r["ok"]]
+    if bad:
+        print(f"{len(bad)} configurations gave WRONG results")
+
+
+def main(argv: list[str] | None = None) -> int:
+    rows = run(argv)
+    return 1 if any("ok" in r and not r["ok"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

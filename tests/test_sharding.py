@@ -1,0 +1,231 @@
+"""The model on 8 fake CPU devices: every mesh and MoE dispatch gives the single-device logits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import make_hf_model, save_hf_checkpoint
+from jax.sharding import PartitionSpec as P
+
+import mimo_jax
+from mimo_jax import moe
+from mimo_jax.cache import empty_layer_kv
+from mimo_jax.sharding import kv_cache_shardings, make_mesh, model_shardings
+
+# 16 experts and 8 q heads so that every mesh below really splits them; full layers have 2
+# kv heads and SWA layers 4, so tensor=4 and tensor=8 exercise replicated kv heads.
+SHARDABLE = dict(
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_hidden_layers=3,
+    layer_types=["full_attention", "sliding_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    n_group=4,
+    topk_group=2,
+)
+MESHES = {
+    "expert8": dict(expert=8),
+    "tensor2-expert4": dict(tensor=2, expert=4),
+    "tensor4-expert2": dict(tensor=4, expert=2),
+    "data2-tensor2-expert2": dict(data=2, tensor=2, expert=2),
+    "tensor8": dict(tensor=8),
+}
+STRATEGIES = ("replicated", "all_to_all")
+IDS = np.random.RandomState(0).randint(0, 96, (2, 11))  # 22 tokens: no mesh divides them evenly
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def on_mesh(directory, mesh_sizes, strategy="auto", capacity_factor=None):
+    lm = mimo_jax.load_model(directory, mesh=make_mesh(**mesh_sizes))
+    lm.model.set_moe_strategy(strategy, capacity_factor)
+    return mimo_jax.LanguageModel(lm.model, mesh=lm.mesh)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = save_hf_checkpoint(make_hf_model(seed=11, **SHARDABLE), str(tmp_path_factory.mktemp("shardable")))
+    return directory, mimo_jax.load_model(directory).logits(IDS)
+
+
+@pytest.fixture(scope="module")
+def adversarial_checkpoint(tmp_path_factory):
+    """Every token's two experts are 2 and 3 (one shard's worth); the other 14 receive nothing."""
+    hf = make_hf_model(seed=12, **{**SHARDABLE, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1})
+    with torch.no_grad():
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf[3] += 1000.0
+                buf[2] += 500.0
+    directory = save_hf_checkpoint(hf, str(tmp_path_factory.mktemp("adversarial")))
+    return directory, mimo_jax.load_model(directory).logits(IDS)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_mesh_logits_equal_single_device(checkpoint, mesh, strategy):
+    directory, single = checkpoint
+    ours = on_mesh(directory, MESHES[mesh], strategy).logits(IDS)
+    assert ours.shape == single.shape and ours.dtype == np.float32
+    assert rel_err(ours, single) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mesh", ["expert8", "tensor2-expert4"])
+def test_adversarial_routing_same_on_every_strategy(adversarial_checkpoint, mesh, strategy):
+    directory, single = adversarial_checkpoint
+    assert rel_err(on_mesh(directory, MESHES[mesh], strategy).logits(IDS), single) < 1e-5
+
+
+def test_decode_with_cache_on_mesh_equals_single_device(checkpoint):
+    """Prefill then one-token decode steps (the "few tokens" case) through the KV cache."""
+    directory, _ = checkpoint
+    prompt, steps = IDS[:, :7], IDS[:, 7:10]
+
+    def run(lm):
+        cfg = lm.config
+
+        @jax.jit
+        def step(params, ids, positions, cache):
+            from flax import nnx
+
+            return nnx.merge(lm.graphdef, params)(ids, positions, cache)
+
+        cache = [empty_layer_kv(spec, 2, 16, jnp.float32) for spec in cfg.layers]
+        if lm.mesh is not None:
+            cache = jax.device_put(cache, kv_cache_shardings(cache, lm.mesh))
+        out = []
+        with lm.mesh_context():
+            positions = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), prompt.shape)
+            logits, cache = step(lm.params, jnp.asarray(prompt), positions, cache)
+            out.append(np.asarray(logits[:, -1]))
+            for t in range(steps.shape[1]):
+                positions = jnp.full((2, 1), 7 + t, jnp.int32)
+                logits, cache = step(lm.params, jnp.asarray(steps[:, t : t + 1]), positions, cache)
+                out.append(np.asarray(logits[:, -1]))
+        return np.stack(out)
+
+    single = run(mimo_jax.load_model(directory))
+    sharded = run(on_mesh(directory, MESHES["data2-tensor2-expert2"]))
+    assert rel_err(sharded, single) < 1e-5
+
+
+def test_rules_place_parameters(checkpoint):
+    directory, _ = checkpoint
+    lm = mimo_jax.load_model(directory)
+    specs = {k: v.spec for k, v in model_shardings(lm.model, make_mesh(tensor=4, expert=2)).items()}
+    assert specs[("embed_tokens",)] == P("tensor", None)
+    assert specs[("lm_head",)] == P(None, "tensor")
+    assert specs[("layers", 0, "self_attn", "q_proj")] == P(None, "tensor", None)
+    assert specs[("layers", 0, "self_attn", "k_proj")] == P(None, None, None)  # 2 kv heads on 4 shards
+    assert specs[("layers", 1, "self_attn", "k_proj")] == P(None, "tensor", None)  # SWA: 4 kv heads
+    assert specs[("layers", 0, "mlp", "gate_proj")] == P(None, "tensor")
+    assert specs[("layers", 1, "mlp", "gate_proj")] == P("expert", None, "tensor")
+    assert specs[("layers", 1, "mlp", "down_proj")] == P("expert", "tensor", None)
+    assert specs[("layers", 1, "mlp", "router")] == P(None, None)
+
+    cache = [empty_layer_kv(spec, 2, 16, jnp.float32) for spec in lm.config.layers]
+    cache_specs = kv_cache_shardings(cache, make_mesh(data=2, tensor=2, expert=2))
+    assert cache_specs[0].k.spec == P("data", None, "tensor", None) and cache_specs[0].pos.spec == P("data", None)
+    tensor4 = kv_cache_shardings(cache, make_mesh(tensor=4, expert=2))
+    assert tensor4[0].v.spec == P(None, None, None, None)  # 2 kv heads: replicated
+    assert tensor4[1].v.spec == P(None, None, "tensor", None) and tensor4[1].ring  # SWA ring: 4 kv heads
+
+
+# --- experts_sharded directly: dispatch, padding, capacity ----------------------------------
+
+E, H, MLP, K = 16, 8, 4, 2
+
+
+def _moe_inputs(tokens, seed=0, bias=None):
+    rng = np.random.RandomState(seed)
+    x = jnp.asarray(rng.randn(tokens, H), jnp.float32)
+    router = jnp.asarray(rng.randn(E, H), jnp.float32)
+    bias = jnp.zeros(E, jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    w_gate, w_up = (jnp.asarray(rng.randn(E, H, MLP) / 3, jnp.float32) for _ in range(2))
+    w_down = jnp.asarray(rng.randn(E, MLP, H) / 2, jnp.float32)
+    return x, router, bias, w_gate, w_up, w_down
+
+
+ROUTE = functools.partial(moe.route, top_k=K, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0)
+
+
+def _sharded(inputs, mesh_sizes, strategy, capacity_factor=None, impl="ragged"):
+    mesh = make_mesh(**mesh_sizes)
+    gate_spec = P("expert" if mesh.shape["expert"] > 1 else None, None, "tensor" if mesh.shape["tensor"] > 1 else None)
+    fn = functools.partial(
+        moe.experts_sharded,
+        route_fn=ROUTE,
+        top_k=K,
+        mesh=mesh,
+        gate_spec=gate_spec,
+        token_axis="data" if mesh.shape["data"] > 1 else None,
+        impl=impl,
+        strategy=strategy,
+        capacity_factor=capacity_factor,
+    )
+    with jax.set_mesh(mesh):
+        out, dropped = jax.jit(fn)(*inputs)
+    return np.asarray(out), int(dropped)
+
+
+def _reference(inputs):
+    x, router, bias, *experts = inputs
+    return np.asarray(moe.experts_dense(x, *ROUTE(x, router, bias), *experts))
+
+
+@pytest.mark.parametrize("impl", sorted(moe.EXPERT_IMPLS))
+def test_every_expert_impl_ignores_experts_not_here(impl):
+    """The local-compute contract: ids >= E contribute nothing (how a shard skips others' experts)."""
+    x, router, bias, *experts = _moe_inputs(12)
+    weights, ids = ROUTE(x, router, bias)
+    absent = (ids % 3) == 0
+    ours = moe.EXPERT_IMPLS[impl](x, jnp.where(absent, 7.0, weights), jnp.where(absent, E, ids), *experts)
+    ref = moe.experts_dense(x, jnp.where(absent, 0.0, weights), ids, *experts)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tokens", [1, 5, 24])
+def test_both_dispatches_equal_reference(strategy, tokens):
+    inputs = _moe_inputs(tokens, seed=tokens)
+    out, dropped = _sharded(inputs, dict(tensor=2, expert=4), strategy)
+    assert dropped == 0
+    np.testing.assert_allclose(out, _reference(inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_capacity_drops_are_counted(strategy):
+    """All tokens to experts 0 and 1 (shard 0 of 8): a buffer of 1/4 of the tokens drops the rest."""
+    bias = np.zeros(E)
+    bias[:2] = 1000.0
+    inputs = _moe_inputs(32, bias=bias)
+    full, none_dropped = _sharded(inputs, dict(expert=8), strategy, capacity_factor=8.0)
+    assert none_dropped == 0
+    np.testing.assert_allclose(full, _reference(inputs), rtol=1e-5, atol=1e-6)
+    out, dropped = _sharded(inputs, dict(expert=8), strategy, capacity_factor=1.0)
+    if strategy == "replicated":  # shard 0 sees all 32 tokens, keeps ceil(32 * 2 / 8) = 8
+        kept_tokens = 8
+    else:  # each of 8 shards routes 4 tokens, keeps ceil(4 * 2 / 8) = 1 per destination
+        kept_tokens = 8 * 1
+    assert dropped == 32 - kept_tokens
+    computed = np.abs(out).sum(-1) > 0
+    assert computed.sum() == kept_tokens
+    np.testing.assert_allclose(out[computed], _reference(inputs)[computed], rtol=1e-5, atol=1e-6)
+
+
+def test_strategy_choice():
+    assert moe.choose_strategy("auto", moe.ALL_TO_ALL_MIN_TOKENS - 1, 4) == "replicated"
+    assert moe.choose_strategy("auto", moe.ALL_TO_ALL_MIN_TOKENS, 4) == "all_to_all"
+    assert moe.choose_strategy("all_to_all", 8192, 1) == "replicated"  # no expert axis: nothing to send
+    with pytest.raises(ValueError, match="unknown MoE strategy"):
+        moe.choose_strategy("scatter", 1, 2)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe.buffer_capacity(4, 2, 2, 0.0)

@@ -1,0 +1,45 @@
+"""bench/bench_moe.py runs end to end on CPU at tiny dims, and its correctness check holds."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_moe.py")
+
+
+@pytest.fixture(scope="module")
+def bench_moe():
+    spec = importlib.util.spec_from_file_location("bench_moe", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_moe_tiny_on_cpu(bench_moe, tmp_path, capsys):
+    out = tmp_path / "moe.jsonl"
+    argv = [
+        "--hidden", "32", "--experts", "8", "--top-k", "2", "--intermediate", "16",
+        "--tokens", "1,24", "--meshes", "expert=1;expert=2;tensor=2,expert=2;expert=16",
+        "--impls", "ragged", "--dtype", "float32", "--reps", "2", "--warmup", "1",
+        "--ceiling-mib", "4", "--matmul", "128", "--out", str(out),
+    ]  # fmt: skip
+    assert bench_moe.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # expert=1: local only; the two multi-device meshes: both strategies; expert=16 skipped (8 devices)
+    assert len(rows) == 2 * (1 + 2 + 2)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ok"] and r["rel_err"] < 1e-4 and r["ms"] > 0
+        assert 0 < r["bw_frac"] and 0 < r["matmul_frac"]
+        assert r["copy_bytes_per_s"] > 0 and r["matmul_flop_per_s"] > 0
+    assert {(r["mesh"], r["strategy"]) for r in rows} == {
+        ("expert=1", "local"),
+        ("expert=2", "replicated"),
+        ("expert=2", "all_to_all"),
+        ("tensor=2,expert=2", "replicated"),
+        ("tensor=2,expert=2", "all_to_all"),
+    }
+    printed = capsys.readouterr().out
+    assert "skip mesh expert=16" in printed and "ALL_TO_ALL_MIN_TOKENS" in printed
