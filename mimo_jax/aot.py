@@ -94,31 +94,15 @@ def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
     return nnx.split(model)
 
 
-def cache_specs(mesh) -> Callable[[Any], Any]:
-    """LayerKV of arrays -> the same LayerKV of shardings: batch over `data`, kv heads over `tensor`."""
-    from jax.sharding import NamedSharding
-
-    from mimo_jax.cache import LayerKV
-    from mimo_jax.sharding import logical_to_spec
-
-    def shard(x, axes):
-        return NamedSharding(mesh, logical_to_spec(axes, tuple(x.shape), mesh))
-
-    def layer(kv: LayerKV) -> LayerKV:
-        heads = ("batch", None, "kv_heads", "head_dim")
-        return LayerKV(k=shard(kv.k, heads), v=shard(kv.v, heads), pos=shard(kv.pos, ("batch", None)), ring=kv.ring)
-
-    return layer
-
-
 def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:
     """The KV cache for `batch` sequences of up to `context` tokens, as sharded ShapeDtypeStructs."""
     import jax
 
     from mimo_jax.cache import empty_layer_kv
+    from mimo_jax.sharding import kv_cache_shardings
 
     shapes = jax.eval_shape(lambda: [empty_layer_kv(spec, batch, context, dtype) for spec in cfg.layers])
-    shardings = [cache_specs(mesh)(kv) for kv in shapes]
+    shardings = kv_cache_shardings(shapes, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
