@@ -73,19 +73,27 @@ class LanguageModel:
             return np.asarray(self._logits(self.params, ids))
 
 
-def load_model(path: str | os.PathLike, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> LanguageModel:
-    """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`."""
+def load_model(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    weights: str = "bf16",
+    mtp: bool | int = False,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    progress: bool = False,
+) -> LanguageModel:
+    """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`.
+
+    `weights`: "bf16" dequantizes FP8 checkpoints into `dtype` at load; "fp8" keeps FP8 blocks on
+    the devices (dequantized inside the jitted matmuls). `mtp`: True loads every MTP layer the
+    config declares (an int: that many). `mesh`: where parameters live (None: the first device);
+    each device receives only its own slices, read straight from the files.
+    """
     from mimo_jax.weights import load_params
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    put = None
-    if mesh is not None:
-        from mimo_jax.config import MiMoConfig
-        from mimo_jax.sharding import model_shardings
-        from mimo_jax.weights import abstract_model
-
-        shardings = model_shardings(abstract_model(MiMoConfig.from_json(path), DTYPES[dtype]), mesh)
-        put = lambda param_path, host: jax.device_put(host, shardings[param_path])
-    model = load_params(path, DTYPES[dtype], put=put)
+    cfg = MiMoConfig.from_json(path) if os.path.isdir(path) else None
+    mtp_layers = (cfg.num_mtp_layers if cfg else 0) if mtp is True else int(mtp)
+    model = load_params(path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress)
     return LanguageModel(model, mesh=mesh, source=os.fspath(path))

@@ -16,6 +16,7 @@ from mimo_jax import moe, sharding
 from mimo_jax.attention import apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
+from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
@@ -61,9 +62,9 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         spec = self.spec
-        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
-        k = jnp.einsum("bth,hkd->btkd", x, self.k_proj[...])
-        v = jnp.einsum("bth,hkd->btkd", x, self.v_proj[...]) * jnp.asarray(self.value_scale, x.dtype)
+        q = jnp.einsum("bth,hnd->btnd", x, weight(self.q_proj))
+        k = jnp.einsum("bth,hkd->btkd", x, weight(self.k_proj))
+        v = jnp.einsum("bth,hkd->btkd", x, weight(self.v_proj)) * jnp.asarray(self.value_scale, x.dtype)
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
@@ -81,7 +82,7 @@ class Attention(nnx.Module):
             sink=None if self.sink is None else self.sink[...],
             scale=spec.head_dim**-0.5,
         )
-        return jnp.einsum("btnd,ndh->bth", out, self.o_proj[...]), kv_cache
+        return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -93,8 +94,8 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (intermediate, hidden), dtype, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
-        return h @ self.down_proj[...]
+        h = jax.nn.silu(x @ weight(self.gate_proj)) * (x @ weight(self.up_proj))
+        return h @ weight(self.down_proj)
 
 
 class MoE(nnx.Module):
@@ -135,7 +136,7 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        experts = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        experts = (weight(self.gate_proj), weight(self.up_proj), weight(self.down_proj))
         mesh = sharding.current_mesh()
         gate_spec = None if mesh is None else sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh)
         if gate_spec is None or gate_spec == jax.sharding.PartitionSpec(None, None, None):
@@ -196,7 +197,7 @@ class MTPLayer(nnx.Module):
         self, token_embeds: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         """Returns the block's residual stream (before `final_layernorm`) and the new cache."""
-        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1) @ self.eh_proj[...]
+        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1) @ weight(self.eh_proj)
         return self.block(x, positions, kv_cache)
 
 
@@ -237,7 +238,7 @@ class MiMoModel(nnx.Module):
             layer.strategy, layer.capacity_factor = strategy, capacity_factor
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], token_ids, axis=0)
+        return jnp.take(weight(self.embed_tokens), token_ids, axis=0)
 
     def hidden_states(
         self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
@@ -257,9 +258,9 @@ class MiMoModel(nnx.Module):
         """Final norm (the model's, or an MTP layer's) and lm_head -> float32 logits [..., vocab]."""
         h = (norm or self.norm)(hidden)
         if self.lm_head is None:
-            logits = jnp.einsum("...h,vh->...v", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,vh->...v", h, weight(self.embed_tokens), preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("...h,hv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,hv->...v", h, weight(self.lm_head), preferred_element_type=jnp.float32)
         if logits.ndim < 2:
             return logits
         return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))

@@ -84,3 +84,14 @@ class Checkpoint:
 
     def get(self, name: str) -> np.ndarray:
         return self._file(name).get(name)
+
+    def read_rows(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """A copy of rows of a tensor (sorted unique first-axis indices; None = all), read without a memory map."""
+        return self._file(name).read_rows(name, rows)
+
+    def nbytes(self, name: str) -> int:
+        return self._file(name).nbytes(name)
+
+    def close(self) -> None:
+        for st in self._files.values():
+            st.close()

@@ -93,6 +93,7 @@ class SafetensorsFile:
                 )
             self._entries[name] = (dtype, shape, start, end)
         self._mmap: np.memmap | None = None
+        self._fd: int | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -117,6 +118,46 @@ class SafetensorsFile:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         buf = self._mmap[self._data_start + start : self._data_start + end]
         return buf.view(dtype).reshape(shape)
+
+    def read_rows(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """A copy of the given rows (first-axis indices, sorted and unique; None = all) read with pread.
+
+        Consecutive rows are read in one call, so a device's slice costs a few large reads and
+        the process holds only what it asked for (no page-cache-backed memory map grows RSS).
+        """
+        dtype, shape, start, _ = self._entries[name]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+        if rows is None:
+            rows = np.arange(shape[0] if shape else 1)
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), *shape[1:]) if shape else (), dtype)
+        if not len(rows) or not row_bytes:
+            return out
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        flat = out.reshape(-1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for run_start, run_end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+            offset = self._data_start + start + int(rows[run_start]) * row_bytes
+            view = memoryview(flat[run_start * row_bytes : run_end * row_bytes])
+            while len(view):
+                n = os.preadv(self._fd, [view], offset)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: tensor {name!r}: file ended while reading (truncated?)")
+                view, offset = view[n:], offset + n
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._mmap = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -1,0 +1,108 @@
+"""Block-quantized FP8 weights: one on-device representation and one accessor for the model.
+
+`BlockQuantized` holds float8_e4m3fn values in the parameter's own (input-major) shape and
+float32 scales with one entry per block: `W[i, j, ...] = values[i, j, ...] * scales[i // b0, j // b1, ...]`
+where `block = (b0, b1, ...)` (a block size of 1 gives every index of that axis its own scale).
+Layouts the importer produces (block 128 in the released checkpoints):
+
+| parameter | values | scales | block |
+|---|---|---|---|
+| dense MLP gate/up [H, I], down [I, H] | fp8, input-major | [ceil(in/128), ceil(out/128)] | (128, 128) |
+| experts gate/up [E, H, I], down [E, I, H] | fp8, [E, in, out] | [E, ceil(in/128), ceil(out/128)] | (1, 128, 128) |
+| attention q/k/v [H, heads, head_dim] | fp8 | [ceil(H/128), heads, head_dim] | (128, 1, 1) |
+
+Attention projections get one scale per output row because their checkpoint blocks do not line
+up with heads (head_dim 192, per-shard fused QKV, Flash's per-head fused K/V blocks).
+Expert blocks are the checkpoint's own 128x128 blocks, transposed: a grouped-matmul kernel can
+consume `values[e]` ([in, out]) with `scales[e]` directly.
+
+`weight(param)` is what model code calls to read any weight: it returns the array, dequantizing
+(f32 multiply, cast to the model's dtype) inside the jitted computation when quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockQuantized:
+    """A weight stored as float8 values with float32 per-block scales (see module docstring)."""
+
+    values: jax.Array
+    scales: jax.Array
+    block: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True), default="bfloat16")  # dequantized dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.values.shape) * FP8.itemsize + math.prod(self.scales.shape) * 4
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        scales = self.scales.astype(jnp.float32)
+        for axis, (size, b) in enumerate(zip(self.values.shape, self.block, strict=True)):
+            if b > 1:
+                scales = jax.lax.slice_in_dim(jnp.repeat(scales, b, axis=axis), 0, size, axis=axis)
+        return (self.values.astype(jnp.float32) * scales).astype(dtype or self.dtype)
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
+
+
+def weight(param: Any) -> jax.Array:
+    """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized."""
+    value = param.get_value() if hasattr(param, "get_value") else param
+    if isinstance(value, BlockQuantized):
+        return value.dequantize()
+    return param[...] if hasattr(param, "get_value") else value
+
+
+# ----------------------------------------------------------------------------- host (numpy) helpers
+def expand_scales(scales: np.ndarray, shape: tuple[int, ...], block: tuple[int, ...]) -> np.ndarray:
+    """Per-element scales of a `shape` tensor from its block scales."""
+    out = np.asarray(scales, np.float32)
+    for axis, (size, b) in enumerate(zip(shape, block, strict=True)):
+        if b > 1:
+            out = np.repeat(out, b, axis=axis).take(np.arange(size), axis=axis)
+    return out
+
+
+def dequantize_blocks(values: np.ndarray, scales: np.ndarray, block: tuple[int, ...], dtype: Any = np.float32):
+    """Reference dequantization (float32 multiply, as every FP8 loader does), cast to `dtype`."""
+    full = expand_scales(scales, values.shape, block)
+    return (values.astype(np.float32) * full).astype(dtype)
+
+
+def quantize_blocks(w: np.ndarray, block: tuple[int, int] = (128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    """[R, C] float -> (float8_e4m3fn [R, C], float32 scale_inv [ceil(R/br), ceil(C/bc)]), as the releases do:
+    each block's scale is amax / 448; partial edge blocks use the rows and columns they have."""
+    w = np.asarray(w, np.float32)
+    r, c = w.shape
+    br, bc = block
+    rb, cb = -(-r // br), -(-c // bc)
+    padded = np.zeros((rb * br, cb * bc), np.float32)
+    padded[:r, :c] = w
+    amax = np.abs(padded.reshape(rb, br, cb, bc)).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    q = np.clip(w / expand_scales(scale, (r, c), block), -FP8_MAX, FP8_MAX).astype(FP8)
+    return q, scale
