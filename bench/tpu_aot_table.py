@@ -91,7 +91,8 @@ def table(out: str) -> str:
             f"| {model} | {slice_name} ({topology}) | {weights} | {mesh} | "
             f"{gib(est['params'] + est['kv_cache'])} ({gib(est['params'])} + {gib(est['kv_cache'])}) | "
             f"{peak(steps['prefill'])} / {peak(steps['decode'])} | {gib(r['hbm_bytes'])} | "
-            f"{'yes' if r['fits'] else 'no'} | {steps['prefill']['compile_s']:.0f} / {steps['decode']['compile_s']:.0f} |"
+            f"{'yes' if r['fits'] else 'no'} | "
+            f"{steps['prefill']['compile_s']:.0f} / {steps['decode']['compile_s']:.0f} |"
         )
     return "\n".join(lines)
 

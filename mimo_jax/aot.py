@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -75,22 +74,54 @@ def slice_config(cfg, layers: int | None):
 
 
 def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
-    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings; no memory is used."""
-    from flax import nnx
+    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings; no memory is used.
 
-    from mimo_jax.sharding import model_shardings
-    from mimo_jax.weights.loader import abstract_model
-
-    if weights != "bf16":
-        raise ValueError(f"--weights {weights!r}: only 'bf16' is available until the fp8 weight mode lands")
+    `weights="fp8"`: what `load_model(..., weights="fp8")` places for a checkpoint with this config's
+    `quantization_config`: float8 values and float32 block scales (`quant.BlockQuantized`), each
+    sharded by the parameter's logical axes, for the kinds the loader keeps in FP8.
+    """
     import jax
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
 
+    from mimo_jax import plan
+    from mimo_jax.quant import FP8, BlockQuantized, scale_shape
+    from mimo_jax.sharding import logical_to_spec, model_shardings
+    from mimo_jax.weights.loader import abstract_model
+    from mimo_jax.weights.table import parameter_sources
+
+    if weights not in ("bf16", "fp8"):
+        raise ValueError(f"--weights {weights!r}: expected 'bf16' or 'fp8'")
+    block = plan._block(cfg) if weights == "fp8" else None
+    if weights == "fp8" and block is None:
+        raise ValueError("--weights fp8 needs a config with an fp8 quantization_config (weight_block_size)")
     model = abstract_model(cfg, dtype)
     shardings = model_shardings(model, mesh)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
+    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    for path, var in params.items():
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[path]))
+    if block is not None:
+        # The same choice as the loader and the planner: these kinds stay FP8 when their tensor is quantized.
+        for src in parameter_sources(cfg):
+            if src.kind not in plan._KEEP_FP8 or not src.tensors[0].quantizable:
+                continue
+            var = params[src.path]
             value = var.get_value()
-            var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[path]))
+            axes = tuple(var.get_metadata().get("logical_axes") or (None,) * value.ndim)
+            param_block = plan._param_block(src.kind, value.ndim, block)
+            scales = scale_shape(value.shape, param_block)
+            var.set_value(
+                BlockQuantized(
+                    jax.ShapeDtypeStruct(value.shape, FP8, sharding=shardings[src.path]),
+                    jax.ShapeDtypeStruct(
+                        scales, np.float32, sharding=NamedSharding(mesh, logical_to_spec(axes, scales, mesh))
+                    ),
+                    param_block,
+                    np.dtype(value.dtype).name,
+                )
+            )
     return nnx.split(model)
 
 
@@ -244,24 +275,16 @@ def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | 
 # ----------------------------------------------------------------------------- estimate
 
 
-def estimate_bytes(params, cache) -> dict[str, int]:
-    """What the planner should predict per chip: parameter and KV-cache bytes of each device's shard.
+def planner_estimate(cfg, mesh, weights: str, batch: int, context: int) -> dict[str, int]:
+    """The memory planner's bytes per chip (`python -m mimo_jax.plan`): parameters and KV cache."""
+    from mimo_jax import plan
 
-    Computed from the abstract arrays' shapes and shardings (no compiler). To move into the
-    memory planner (`python -m mimo_jax.plan`) when it lands.
-    """
-    import jax
-
-    def per_device(leaves) -> int:
-        total = 0
-        for x in leaves:
-            shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-            total += math.prod(shard) * x.dtype.itemsize
-        return total
-
+    sizes = dict(mesh.shape)
+    kv = plan.kv_plan(cfg, sizes)
+    rows_per_chip = -(-batch // sizes["data"])
     return {
-        "params": per_device(jax.tree.leaves(params)),
-        "kv_cache": per_device(jax.tree.leaves(cache)),
+        "params": plan.param_bytes_per_device(cfg, sizes, weights),
+        "kv_cache": rows_per_chip * kv.bytes_per_sequence(context),
     }
 
 
@@ -293,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = serving_steps(
         graphdef, params, cache, batch=args.batch, chunk=args.chunk, prefill_rows=args.prefill_rows, mesh=mesh
     )
-    estimate = estimate_bytes(params, cache)
+    estimate = planner_estimate(cfg, mesh, args.weights, args.batch, args.context)
     reports = []
     for step in steps:
         if args.steps and step.name not in args.steps:
@@ -346,7 +369,7 @@ def print_result(result: dict[str, Any]) -> None:
             print(f"{'':8} GPU-only custom calls on the TPU path: {gpu}")
     est = result["estimate"]
     print(
-        f"estimate (shapes x shardings): params {est['params'] / GiB:.2f} + KV cache {est['kv_cache'] / GiB:.2f} "
+        f"planner estimate: params {est['params'] / GiB:.2f} + KV cache {est['kv_cache'] / GiB:.2f} "
         f"= {(est['params'] + est['kv_cache']) / GiB:.2f} GiB per chip"
     )
     print("fits" if result["fits"] else "DOES NOT FIT")
