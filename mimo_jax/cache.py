@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mimo_jax.config import LayerSpec
+from mimo_jax.config import LayerSpec, MiMoConfig
 
 
 @jax.tree_util.register_dataclass
@@ -88,3 +88,108 @@ def update_and_read(
         key_pos = jnp.concatenate([old_pos, positions], axis=1)
         return keys, values, key_pos, new_cache
     return new_cache.k, new_cache.v, new_cache.pos, new_cache
+
+
+def empty_cache(
+    cfg: MiMoConfig, batch: int, max_len: int, dtype: jnp.dtype, extra_ring_slots: int = 0
+) -> list[LayerKV]:
+    """One LayerKV per decoder layer: full layers hold `max_len` slots, SWA layers a window-sized ring."""
+    return [empty_layer_kv(spec, batch, max_len, dtype, extra_ring_slots) for spec in cfg.layers]
+
+
+CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # logical axes of LayerKV.k / .v
+
+
+def cache_shardings(cache: list[LayerKV], mesh: jax.sharding.Mesh) -> list[LayerKV]:
+    """NamedShardings for a cache pytree: batch on the data axis, kv heads on the tensor axis."""
+    from mimo_jax.sharding import logical_to_spec
+
+    def named(x: jax.Array, axes: tuple) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(mesh, logical_to_spec(axes[: x.ndim], tuple(x.shape), mesh))
+
+    return [
+        LayerKV(k=named(c.k, CACHE_AXES), v=named(c.v, CACHE_AXES), pos=named(c.pos, ("batch", None)), ring=c.ring)
+        for c in cache
+    ]
+
+
+def read_slot(cache: list[LayerKV], slot: jax.Array, clear: jax.Array) -> list[LayerKV]:
+    """The cache of one batch row (batch axis kept, size 1); `clear` marks every slot empty (a new request)."""
+
+    def one(c: LayerKV) -> LayerKV:
+        row = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+        pos = jnp.where(clear, -1, row(c.pos))
+        return LayerKV(k=row(c.k), v=row(c.v), pos=pos, ring=c.ring)
+
+    return [one(c) for c in cache]
+
+
+def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> list[LayerKV]:
+    """Put one row's cache (from `read_slot`) back at batch index `slot`."""
+
+    def one(c: LayerKV, r: LayerKV) -> LayerKV:
+        put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis=0)
+        return LayerKV(k=put(c.k, r.k), v=put(c.v, r.v), pos=put(c.pos, r.pos), ring=c.ring)
+
+    return [one(c, r) for c, r in zip(cache, rows, strict=True)]
+
+
+# ------------------------------------------------------------------ memory planning
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    """KV cache bytes of one sequence at `context` tokens."""
+
+    context: int
+    full_layers: int
+    swa_layers: int
+    full_bytes_per_token: int  # all full-attention layers together; grows with the context
+    swa_bytes_per_token: int  # all SWA layers together, per ring slot
+    swa_ring_slots: int
+    full_bytes: int  # per sequence
+    swa_bytes: int  # per sequence, constant in the context
+    all_full_bytes: int  # the same model with every layer full attention (full-layer head shape)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.full_bytes + self.swa_bytes
+
+    @property
+    def saving(self) -> float:
+        """How many times smaller than an all-full-attention cache."""
+        return self.all_full_bytes / self.total_bytes
+
+    def report(self) -> str:
+        gib = 2.0**30
+        return "\n".join(
+            [
+                f"context {self.context} tokens, {self.full_layers} full + {self.swa_layers} SWA layers",
+                f"full layers: {self.full_bytes_per_token} B/token -> {self.full_bytes / gib:.3f} GiB per sequence",
+                f"SWA layers:  {self.swa_bytes_per_token} B/token x {self.swa_ring_slots} ring slots"
+                f" -> {self.swa_bytes / gib:.4f} GiB per sequence (constant)",
+                f"total {self.total_bytes / gib:.3f} GiB per sequence;"
+                f" all-full-attention {self.all_full_bytes / gib:.3f} GiB ({self.saving:.2f}x more)",
+            ]
+        )
+
+
+def kv_plan(cfg: MiMoConfig, context: int, dtype_bytes: int = 2, extra_ring_slots: int = 0) -> KVPlan:
+    """KV memory of one sequence of `context` tokens, from the same LayerSpecs the cache is built from."""
+    specs = cfg.layers
+    full = [s for s in specs if not s.sliding]
+    swa = [s for s in specs if s.sliding]
+    full_per_token = sum(kv_bytes_per_token(s, dtype_bytes) for s in full)
+    swa_per_token = sum(kv_bytes_per_token(s, dtype_bytes) for s in swa)
+    ring_slots = min(cfg.window_keys + extra_ring_slots, context) if swa else 0
+    all_full_spec = cfg.replace(sliding=(False,) * cfg.num_layers).layers
+    all_full_per_token = sum(kv_bytes_per_token(s, dtype_bytes) for s in all_full_spec)
+    return KVPlan(
+        context=context,
+        full_layers=len(full),
+        swa_layers=len(swa),
+        full_bytes_per_token=full_per_token,
+        swa_bytes_per_token=swa_per_token,
+        swa_ring_slots=ring_slots,
+        full_bytes=full_per_token * context,
+        swa_bytes=swa_per_token * ring_slots,
+        all_full_bytes=all_full_per_token * context,
+    )

@@ -86,13 +86,22 @@ def load_model(
 
     `weights`: "bf16" dequantizes FP8 checkpoints into `dtype` at load; "fp8" keeps FP8 blocks on
     the devices (dequantized inside the jitted matmuls). `mtp`: True loads every MTP layer the
-    config declares (an int: that many). `mesh`: where parameters live (None: the first device);
+    config declares (an int: that many). `path` may also be an Orbax checkpoint written by
+    `python -m mimo_jax.convert`, restored onto `mesh` whatever mesh it was written from.
+    `mesh`: where parameters live (None: the first device);
     each device receives only its own slices, read straight from the files.
     """
-    from mimo_jax.weights import load_params
+    from mimo_jax.weights import WEIGHT_MODES, load_params
+    from mimo_jax.weights.orbax_store import is_converted, read_meta, restore_params
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
+    if is_converted(path):  # written by `python -m mimo_jax.convert`
+        mtp_layers = int(read_meta(path).get("mtp_layers", 0)) if mtp is True else int(mtp)
+        model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh)
+        return LanguageModel(model, mesh=mesh, source=os.fspath(path))
     cfg = MiMoConfig.from_json(path) if os.path.isdir(path) else None
     mtp_layers = (cfg.num_mtp_layers if cfg else 0) if mtp is True else int(mtp)
     model = load_params(path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress)

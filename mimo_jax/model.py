@@ -81,6 +81,7 @@ class Attention(nnx.Module):
             window_keys=spec.window_keys,
             sink=None if self.sink is None else self.sink[...],
             scale=spec.head_dim**-0.5,
+            slot_is_position=kv_cache is not None and not kv_cache.ring,
         )
         return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj)), kv_cache
 

@@ -5,6 +5,8 @@ Expert implementations (`EXPERT_IMPLS`) compute the same thing on the experts th
   correct; the reference for the others (and fine for tiny test models).
 - `experts_ragged`: tokens sorted by expert and `jax.lax.ragged_dot` (the native grouped matmul
   on TPU/CPU).
+- `experts_gather`: each token gathers its chosen experts' weights (decode at a few tokens on GPU,
+  where `ragged_dot` reads every expert).
 Their contract: `fn(x [N, H], weights [N, K], ids [N, K], w_gate [E, H, I], w_up [E, H, I],
 w_down [E, I, H]) -> [N, H]` in x.dtype; an id >= E means "expert not here" and
 contributes nothing (its weight is 0 too). On a mesh every expert shard calls one of them on
@@ -105,7 +107,19 @@ def experts_ragged(
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged}
+def experts_gather(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """Each token gathers its K chosen experts' weights: reads only those experts (decode with few tokens;
+    at many tokens it reads an expert once per token that chose it). Same contract as `experts_dense`."""
+    weights = jnp.where(ids < w_gate.shape[0], weights, 0.0)  # ids >= E are experts not on this shard
+    g = jnp.einsum("nh,nkhi->nki", x, w_gate[ids])
+    u = jnp.einsum("nh,nkhi->nki", x, w_up[ids])
+    y = jnp.einsum("nki,nkih->nkh", _swiglu(x, g, u), w_down[ids], preferred_element_type=jnp.float32)
+    return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from mimo_jax.cache import kv_bytes_per_token
+from mimo_jax.cache import kv_bytes_per_token, kv_plan
 from mimo_jax.config import MiMoConfig
 from mimo_jax.quant import scale_shape
 from mimo_jax.sharding import MESH_AXES, logical_to_spec, parse_mesh_arg
@@ -31,6 +31,7 @@ from mimo_jax.weights.table import (
     TRANSPOSE,
     CheckpointTensor,
     checkpoint_tensors,
+    fp8_param_block,
     parameter_sources,
 )
 
@@ -96,7 +97,7 @@ def param_bytes_per_device(
         axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(shape))
         spec = logical_to_spec(axes, shape, mesh)
         if block and src.kind in _KEEP_FP8 and src.tensors[0].quantizable:
-            scales = scale_shape(shape, _param_block(src.kind, len(shape), block))
+            scales = scale_shape(shape, fp8_param_block(src.kind, len(shape), block))
             total += _per_device(shape, spec, mesh) + 4 * _per_device(scales, logical_to_spec(axes, scales, mesh), mesh)
         else:
             itemsize = np.dtype(var.get_value().dtype).itemsize  # router, bias and sinks stay float32
@@ -104,13 +105,8 @@ def param_bytes_per_device(
     return total
 
 
-def _param_block(kind: str, ndim: int, block: tuple[int, int]) -> tuple[int, ...]:
-    br, bc = block
-    return {TRANSPOSE: (bc, br), EXPERTS: (1, bc, br), HEADS_IN: (bc, 1, 1)}[kind][:ndim]
-
-
 @dataclasses.dataclass(frozen=True)
-class KVPlan:
+class DeviceKVPlan:
     full_bytes_per_token: int  # all full-attention layers, one token, whole model (grows with context)
     swa_bytes_per_token: int  # all SWA layers, one token
     swa_slots: int  # tokens an SWA layer keeps (window); its memory stops growing there
@@ -119,8 +115,13 @@ class KVPlan:
         return self.full_bytes_per_token * context + self.swa_bytes_per_token * min(context, self.swa_slots)
 
 
-def kv_plan(cfg: MiMoConfig, mesh_sizes: dict[str, int], dtype_bytes: int = 2, mtp_layers: int = 0) -> KVPlan:
-    """KV bytes per token on one device (kv heads split over the tensor axis when it divides them)."""
+def kv_plan_per_device(
+    cfg: MiMoConfig, mesh_sizes: dict[str, int], dtype_bytes: int = 2, mtp_layers: int = 0
+) -> DeviceKVPlan:
+    """KV bytes per token on one device (kv heads split over the tensor axis when it divides them).
+
+    The per-sequence plan of the cache the engine allocates is `mimo_jax.cache.kv_plan`.
+    """
     tensor = mesh_sizes.get("tensor", 1)
     specs = list(cfg.layers) + [cfg.mtp_layer()] * mtp_layers
 
@@ -130,7 +131,7 @@ def kv_plan(cfg: MiMoConfig, mesh_sizes: dict[str, int], dtype_bytes: int = 2, m
 
     full = sum(on_device(s) for s in specs if not s.sliding)
     swa = sum(on_device(s) for s in specs if s.sliding)
-    return KVPlan(full, swa, cfg.window_keys)
+    return DeviceKVPlan(full, swa, cfg.window_keys)
 
 
 def _gb(n: float) -> str:
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hbm-gb", type=float, default=None, help="memory of one device, GB (1e9 bytes)")
     ap.add_argument("--mtp", action="store_true", help="include the MTP layers (weights and KV)")
     ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (2: bf16)")
+    ap.add_argument("--extra-ring-slots", type=int, default=0, help="SWA ring slots beyond the window (drafts)")
     args = ap.parse_args(argv)
 
     cfg = MiMoConfig.from_json(args.config)
@@ -161,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     for weights in ("bf16", "fp8"):
         per_device[weights] = param_bytes_per_device(cfg, sizes, weights, 2, mtp)
         print(f"parameters per device, weights={weights}: {_gb(per_device[weights])}")
-    kv = kv_plan(cfg, sizes, args.kv_bytes, mtp)
+    context = args.context or cfg.context_len
+    print(kv_plan(cfg, context, args.kv_bytes, args.extra_ring_slots).report())
+    kv = kv_plan_per_device(cfg, sizes, args.kv_bytes, mtp)
     print(
         f"KV per token per device: full layers {kv.full_bytes_per_token:,} B, SWA layers {kv.swa_bytes_per_token:,} B"
     )
     print(
         f"  (SWA layers keep {kv.swa_slots} tokens: at most {kv.swa_bytes_per_token * kv.swa_slots:,} B per sequence)"
     )
-    context = args.context or cfg.context_len
     data = sizes.get("data", 1)
     seqs = -(-args.batch // data)  # sequences per device along the data axis
     kv_bytes = seqs * kv.bytes_per_sequence(context)
@@ -192,4 +195,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["CheckpointTensor", "KVPlan", "kv_plan", "param_bytes_per_device", "release_tensors"]
+__all__ = ["CheckpointTensor", "DeviceKVPlan", "kv_plan_per_device", "param_bytes_per_device", "release_tensors"]

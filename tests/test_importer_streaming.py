@@ -2,10 +2,13 @@
 
 Stated bound (measured in a fresh subprocess, one CPU device, whose "device" memory is host
 memory too): peak RSS growth during loading <= bytes of the placed parameters
-+ workers x 2 x the largest per-device parameter slice (the rows read, and the slice cut from
-them) + 64 MiB (runtime, threads, allocator). Reading the checkpoint into host memory first and
-then placing it would add the whole checkpoint (about 210 MB here, several times the bound's
-allowance), so the test tells streaming from not streaming.
++ workers x 3 x the largest per-device parameter slice (the rows read, the staged slice on the
+device and the finished parameter it is transposed into; on a GPU the last two are device
+memory) + 96 MiB (runtime, threads, allocator, compiling the finishing transposes). The loader
+makes glibc unmap freed slice buffers (`_return_freed_buffers_to_os`); without that, freed
+buffers stay in per-thread arenas and RSS ratchets up with the model size. Reading the
+checkpoint into host memory first and then placing it would add the whole checkpoint (about
+310 MB here, twice the bound's allowance), so the test tells streaming from not streaming.
 """
 
 import json
@@ -21,7 +24,7 @@ from mimo_jax.config import MiMoConfig
 from mimo_jax.weights import checkpoint_tensors, parameter_sources
 from mimo_jax.weights.export import export_release
 
-MARGIN = 64 << 20
+MARGIN = 96 << 20
 WORKERS = 2
 
 CONFIG = {
@@ -31,13 +34,13 @@ CONFIG = {
     "hidden_size": 512,
     "intermediate_size": 1024,
     "moe_intermediate_size": 1024,
-    "num_hidden_layers": 9,
+    "num_hidden_layers": 13,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 64,
     "v_head_dim": 64,
-    "hybrid_layer_pattern": [0, 1, 1, 1, 1, 1, 0, 1, 1],
-    "moe_layer_freq": [0, 1, 1, 1, 1, 1, 1, 1, 1],
+    "hybrid_layer_pattern": [0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0],
+    "moe_layer_freq": [0] + [1] * 12,
     "swa_num_attention_heads": 4,
     "swa_num_key_value_heads": 2,
     "swa_head_dim": 64,
@@ -103,9 +106,8 @@ def test_peak_host_memory_stays_under_params_plus_largest_tensor(checkpoint):
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     files = [f for f in os.listdir(checkpoint) if f.endswith(".safetensors")]
     disk = sum(os.path.getsize(os.path.join(checkpoint, f)) for f in files)
-    allowance = WORKERS * 2 * m["slice"] + MARGIN
-    assert m["placed"] > 200e6 and disk > 200e6 and disk > 2 * allowance
-    print("peak growth", m["peak"] - m["before"], "placed", m["placed"], "allowance", allowance, "disk", disk)
+    allowance = WORKERS * 3 * m["slice"] + MARGIN
+    assert m["placed"] > 300e6 and disk > 300e6 and disk > 2 * allowance
     assert m["peak"] - m["before"] <= m["placed"] + allowance, m
 
 

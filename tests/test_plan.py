@@ -9,7 +9,7 @@ from importer_fixtures import release_fixture
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
-from mimo_jax.plan import kv_plan, main, param_bytes_per_device, release_tensors
+from mimo_jax.plan import kv_plan_per_device, main, param_bytes_per_device, release_tensors
 from mimo_jax.sharding import make_mesh
 
 CONFIGS = "configs/{}.json"
@@ -81,7 +81,7 @@ def test_flash_separate_qkv():
 
 def test_kv_bytes_per_token():
     cfg = MiMoConfig.from_json(CONFIGS.format("mimo-v2.5-pro"))
-    kv = kv_plan(cfg, {"tensor": 8})
+    kv = kv_plan_per_device(cfg, {"tensor": 8})
     per_layer = 8 * (192 + 128) * 2 // 8
     assert kv.full_bytes_per_token == 10 * per_layer and kv.swa_bytes_per_token == 60 * per_layer
     assert kv.swa_slots == 129

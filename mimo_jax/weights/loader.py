@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from mimo_jax.config import MiMoConfig
 from mimo_jax.model import MiMoModel
@@ -212,8 +212,24 @@ def _needed_rows(plan: ParamPlan, r: tuple[range, ...]) -> dict[str, np.ndarray]
     return {src.tensors[e].name: np.arange(r[2].start, r[2].stop) for e in r[0]}
 
 
+# param = transpose(staged, STAGED_PERM[kind]): slices are staged in the checkpoint's row order so
+# the host only selects rows and column ranges (no element-wise transposes, slow for 1-byte FP8);
+# the device does the transpose.
+STAGED_PERM = {COPY: None, TRANSPOSE: (1, 0), EXPERTS: (0, 2, 1), HEADS_IN: (2, 0, 1), HEADS_OUT: (1, 2, 0)}
+
+
+def staged_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    perm = STAGED_PERM[kind]
+    if perm is None:
+        return shape
+    out = [0] * len(shape)
+    for i, p in enumerate(perm):
+        out[p] = shape[i]
+    return tuple(out)
+
+
 def _cut(plan: ParamPlan, r: tuple[range, ...], read: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The parameter slice `r` from rows already read (`read[name] = (rows, data)`)."""
+    """The staged slice of parameter ranges `r` from rows already read (`read[name] = (rows, data)`)."""
 
     def rows_of(name: str, rows: np.ndarray | None) -> np.ndarray:
         have, data = read[name]
@@ -221,25 +237,25 @@ def _cut(plan: ParamPlan, r: tuple[range, ...], read: dict[str, tuple[np.ndarray
             return data
         return data[np.searchsorted(have, rows)]
 
+    def span(x: range) -> slice:
+        return slice(x.start, x.stop)
+
     src = plan.src
     if src.kind == COPY:
-        if not r:
-            return rows_of(src.tensors[0].name, None)
         data = rows_of(src.tensors[0].name, np.arange(r[0].start, r[0].stop))
-        return data[(slice(None), *(slice(x.start, x.stop) for x in r[1:]))]
-    if src.kind == TRANSPOSE:
-        return rows_of(src.tensors[0].name, np.arange(r[1].start, r[1].stop))[:, r[0].start : r[0].stop].T
-    if src.kind == HEADS_OUT:
+        return data[(slice(None), *(span(x) for x in r[1:]))]
+    if src.kind == TRANSPOSE:  # staged [out, in]
+        return rows_of(src.tensors[0].name, np.arange(r[1].start, r[1].stop))[:, span(r[0])]
+    if src.kind == HEADS_OUT:  # staged [H, heads, head_dim]
         n, dv = src.heads, src.head_dim
-        cols = np.arange(n * dv).reshape(n, dv)[r[0].start : r[0].stop, r[1].start : r[1].stop].ravel()
-        data = rows_of(src.tensors[0].name, np.arange(r[2].start, r[2].stop))[:, cols]
-        return data.reshape(len(r[2]), len(r[0]), len(r[1])).transpose(1, 2, 0)
-    if src.kind == HEADS_IN:
-        rows = plan.value_rows.reshape(src.heads, src.head_dim)[r[1].start : r[1].stop, r[2].start : r[2].stop]
-        data = rows_of(plan.value_tensor, rows.ravel())[:, r[0].start : r[0].stop]
-        return data.reshape(len(r[1]), len(r[2]), len(r[0])).transpose(2, 0, 1)
-    rows = np.arange(r[2].start, r[2].stop)
-    return np.stack([rows_of(src.tensors[e].name, rows)[:, r[1].start : r[1].stop].T for e in r[0]])
+        data = rows_of(src.tensors[0].name, np.arange(r[2].start, r[2].stop)).reshape(-1, n, dv)
+        return data[:, span(r[0]), span(r[1])]
+    if src.kind == HEADS_IN:  # staged [heads, head_dim, H]
+        rows = plan.value_rows.reshape(src.heads, src.head_dim)[span(r[1]), span(r[2])]
+        data = rows_of(plan.value_tensor, rows.ravel())[:, span(r[0])]
+        return data.reshape(len(r[1]), len(r[2]), len(r[0]))
+    rows = np.arange(r[2].start, r[2].stop)  # experts, staged [E, out, in]
+    return np.stack([rows_of(src.tensors[e].name, rows)[:, span(r[1])] for e in r[0]])
 
 
 def _param_scales(ckpt: Checkpoint, plan: ParamPlan) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -298,7 +314,10 @@ class _Streamer:
 
         return NamedSharding(self.mesh, logical_to_spec(tuple(axes or (None,) * len(shape)), shape, self.mesh))
 
-    def read_values(self, plan: ParamPlan, ranges: list[tuple[range, ...]], dtype: np.dtype) -> list[np.ndarray]:
+    def read_values(self, plan: ParamPlan, staged: list[tuple[range, ...]]) -> list[np.ndarray]:
+        """Staged slices (checkpoint dtype) for the given staged index ranges."""
+        perm = STAGED_PERM[plan.src.kind]
+        ranges = staged if perm is None else [tuple(r[p] for p in perm) for r in staged]
         groups: dict[tuple[str, ...], list[int]] = {}
         needs = [_needed_rows(plan, r) for r in ranges]
         for i, need in enumerate(needs):
@@ -314,16 +333,32 @@ class _Streamer:
                 if self.progress is not None:
                     self.progress.update(data.nbytes)
             for i in members:
-                out[i] = _cut(plan, ranges[i], read).astype(dtype, copy=False)
+                out[i] = _cut(plan, ranges[i], read)
             del read
         return out
+
+    def place_values(self, plan: ParamPlan, shape: tuple[int, ...], sharding: Sharding, dtype: Any) -> jax.Array:
+        """The parameter's values with `sharding`, read in staged layout and finished (transposed, cast) on device."""
+        kind = plan.src.kind
+        perm = STAGED_PERM[kind]
+        staged_sharding = sharding
+        if perm is not None and isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+            staged_spec = [None] * len(shape)
+            for i, p in enumerate(perm):
+                staged_spec[p] = spec[i]
+            staged_sharding = NamedSharding(sharding.mesh, PartitionSpec(*staged_spec))
+        staged = _place(staged_shape(kind, shape), staged_sharding, lambda ranges: self.read_values(plan, ranges))
+        if perm is None and staged.dtype == dtype:
+            return staged
+        return _finisher(perm, np.dtype(dtype).name, sharding)(staged)
 
     def load(self, plan: ParamPlan, var: nnx.Variable, value_sharding: Sharding) -> Any:
         target = var.get_value()
         shape, dtype = tuple(target.shape), np.dtype(target.dtype)
         if not plan.quantized:
-            return _place(shape, value_sharding, lambda ranges: self.read_values(plan, ranges, dtype))
-        values = _place(shape, value_sharding, lambda ranges: self.read_values(plan, ranges, FP8))
+            return self.place_values(plan, shape, value_sharding, dtype)
+        values = self.place_values(plan, shape, value_sharding, FP8)
         scales, block = _param_scales(self.ckpt, plan)
         axes = var.get_metadata().get("logical_axes")
         scale_sharding = self.sharding(axes, scales.shape)
@@ -336,6 +371,26 @@ class _Streamer:
         if self.weights == "fp8" and plan.src.kind in _KEEP_FP8:
             return q
         return _dequantizer(value_sharding, dtype.name)(q)
+
+
+@functools.cache
+def _finisher(perm: tuple[int, ...] | None, dtype: str, sharding: Sharding):
+    def finish(x: jax.Array) -> jax.Array:
+        return (x if perm is None else jnp.transpose(x, perm)).astype(dtype)
+
+    return jax.jit(finish, out_shardings=sharding)
+
+
+def _return_freed_buffers_to_os() -> None:
+    """glibc keeps freed multi-MB buffers in per-thread arenas (its mmap threshold grows with use), so
+    streaming GBs through worker threads would ratchet RSS up; a fixed 1 MiB threshold maps every
+    slice buffer on its own and unmaps it when freed. Process-wide and harmless elsewhere; no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def load_params(
@@ -384,6 +439,7 @@ def load_params(
 
         total = _planned_bytes(ckpt, plans, params, shardings)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights", smoothing=0.1)
+    _return_freed_buffers_to_os()
     streamer = _Streamer(ckpt, weights, mesh, bar)
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -189,6 +189,14 @@ def checkpoint_tensors(sources: list[ParamSource]) -> list[CheckpointTensor]:
     return list(seen.values())
 
 
+def fp8_param_block(kind: str, ndim: int, block: tuple[int, int]) -> tuple[int, ...]:
+    """Block shape of an FP8 parameter in the model's layout (see `mimo_jax.quant`), from the checkpoint's."""
+    br, bc = block
+    return {COPY: (br, bc), TRANSPOSE: (bc, br), EXPERTS: (1, bc, br), HEADS_IN: (bc, 1, 1), HEADS_OUT: (1, 1, br)}[
+        kind
+    ][:ndim]
+
+
 # ----------------------------------------------------------------------------- attention row maps
 def kv_blocked_per_head(k_scale_rows: int, kv_heads: int, head_dim: int, block: int) -> bool:
     """Flash quirk: K and V quantized as one per-head [K | V] block column (k_scale then has

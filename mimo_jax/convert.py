@@ -1,0 +1,95 @@
+"""Convert a released checkpoint into an Orbax checkpoint of the imported parameters.
+
+    python -m mimo_jax.convert SRC DST [--weights fp8|bf16] [--mtp] [--dtype bfloat16] [--mesh tensor=8]
+
+Validates the whole source first (an error names the file and tensor, and nothing is written),
+imports it like `load_model` (FP8 kept or dequantized, fused qkv split per head), writes the
+Orbax tree, `mimo_jax.json`, `config.json` and the tokenizer files into a temporary sibling of
+DST and renames it to DST at the end: an interrupted or failed conversion leaves nothing at DST.
+`load_model(DST, mesh=...)` restores it onto a mesh of any shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from mimo_jax.weights.orbax_store import META_NAME, save_params
+
+# Files beside the weights that a converted directory keeps (tokenizer, chat template, generation defaults).
+_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    weights: str = "fp8",
+    mtp: bool = False,
+    dtype: str = "bfloat16",
+    mesh=None,
+    progress: bool = True,
+) -> str:
+    """Write the Orbax checkpoint of `src` at `dst` (which must not exist). Returns `dst`."""
+    from mimo_jax.lm import load_model
+
+    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst):
+        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    lm = load_model(src, dtype=dtype, weights=weights, mtp=mtp, mesh=mesh, progress=progress)  # validates first
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        save_params(lm.model, tmp)
+        for name in _SIDE_FILES:
+            for path in glob.glob(os.path.join(src, name)):
+                shutil.copy2(path, os.path.join(tmp, name))
+        meta = {"format": "orbax", "weights": weights, "dtype": dtype, "mtp_layers": len(lm.model.mtp)}
+        with open(os.path.join(tmp, META_NAME), "w") as f:
+            json.dump(meta, f, indent=2)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mimo_jax.convert", description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="released checkpoint directory (config.json + safetensors)")
+    ap.add_argument("dst", help="output directory (must not exist)")
+    ap.add_argument("--weights", choices=("fp8", "bf16"), default="fp8", help="keep FP8 blocks or dequantize")
+    ap.add_argument("--mtp", action="store_true", help="include the MTP layers")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--mesh", default="", help="mesh to import on, e.g. tensor=8 (default: the first device)")
+    args = ap.parse_args(argv)
+    mesh = None
+    if args.mesh:
+        from mimo_jax.sharding import make_mesh, parse_mesh_arg
+
+        mesh = make_mesh(**parse_mesh_arg(args.mesh))
+    out = convert(args.src, args.dst, weights=args.weights, mtp=args.mtp, dtype=args.dtype, mesh=mesh)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""`generate(model, prompts, ...)`: complete token-id prompts with the engine (exported as `mimo_jax.generate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from mimo_jax.engine import Engine
+from mimo_jax.lm import LanguageModel
+from mimo_jax.model import MiMoModel
+from mimo_jax.sampling import SamplingOptions
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[float] | None = None  # model logprob of each generated token, when asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the model's top-N (id, logprob)
+
+
+def generate(
+    model: LanguageModel | MiMoModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | Sequence[int] = 0,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    max_batch: int = 32,
+    prefill_chunk: int = 512,
+    max_context: int | None = None,
+    engine: Engine | None = None,
+) -> list[GenerationResult]:
+    """Complete every prompt (a list of token ids, any lengths); one result per prompt, in order.
+
+    Stops at `stop_token_ids` and, unless `ignore_eos`, the model's EOS tokens (the stop token is
+    the last of `token_ids`, finish_reason "stop"), else after `max_new_tokens` ("length").
+    `seed` is one int (prompt i draws from stream (seed, i)) or one seed per prompt.
+    `logprobs=N` returns each token's model logprob and the top-N. Prompts beyond `max_batch`
+    wait for a free slot (continuous batching). Pass `engine` to reuse a compiled engine.
+    """
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        return []
+    if isinstance(seed, int):
+        seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    if engine is None:
+        lm = model if isinstance(model, LanguageModel) else LanguageModel(model)
+        eos = () if ignore_eos else tuple(lm.config.eos_token_ids)
+        stops = len(set(stop_token_ids) | set(eos))
+        engine = Engine(
+            lm,
+            max_batch=min(max_batch, len(prompts)),
+            max_context=max_context or max(len(p) for p in prompts) + max_new_tokens + 1,
+            prefill_chunk=prefill_chunk,
+            max_stop_ids=max(stops, 1),
+            max_top_logprobs=logprobs or 0,
+            max_round_tokens=min(max_new_tokens, 64),
+        )
+    eos = () if ignore_eos else tuple(engine.config.eos_token_ids)
+    stop = tuple(sorted(set(stop_token_ids) | set(eos)))
+    options = [
+        SamplingOptions(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            seed=s,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop,
+            logprobs=logprobs,
+        )
+        for s in seeds
+    ]
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    pending = list(range(len(prompts)))[::-1]
+    while pending or engine.has_work():
+        while pending and engine.free_slots:
+            i = pending.pop()
+            engine.add(i, prompts[i], options[i])
+            results[i] = GenerationResult([], "", [] if logprobs is not None else None, [] if logprobs else None)
+        # Prefill everything waiting before decoding: generate() has no latency target.
+        for out in engine.step(prefill_tokens=1 << 62):
+            r = results[out.request_id]
+            r.token_ids.extend(out.token_ids)
+            if r.logprobs is not None:
+                r.logprobs.extend(out.logprobs)
+            if r.top_logprobs is not None:
+                r.top_logprobs.extend(out.top_logprobs)
+            if out.finished:
+                r.finish_reason = out.finish_reason
+    return results
