@@ -36,6 +36,9 @@ HBM_BYTES: dict[str, tuple[int, int]] = {
     "TPU v6 lite": (32 * GiB, int(31.25 * GiB)),
 }
 
+# Engine settings the compiled steps are shaped by (Engine's defaults: 8 stop ids, no top logprobs).
+MAX_STOP_IDS = 8
+
 # Custom-call targets that exist only on GPUs: cuDNN, cuBLAS, CUB, cuSOLVER, jaxlib's cu_* kernels,
 # Triton (Pallas GPU), Mosaic GPU, ROCm's hip*.
 GPU_ONLY_TARGETS = re.compile(r"^(cu_|cusolver|cusparse|hip|mosaic_gpu)|cudnn|cublas|__cub\$|__gpu\$|triton", re.I)
@@ -85,15 +88,14 @@ def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
     from flax import nnx
     from jax.sharding import NamedSharding
 
-    from mimo_jax import plan
     from mimo_jax.quant import FP8, BlockQuantized, scale_shape
     from mimo_jax.sharding import logical_to_spec, model_shardings
-    from mimo_jax.weights.loader import abstract_model
-    from mimo_jax.weights.table import parameter_sources
+    from mimo_jax.weights.loader import _KEEP_FP8, abstract_model, quantization_block
+    from mimo_jax.weights.table import fp8_param_block, parameter_sources
 
     if weights not in ("bf16", "fp8"):
         raise ValueError(f"--weights {weights!r}: expected 'bf16' or 'fp8'")
-    block = plan._block(cfg) if weights == "fp8" else None
+    block = quantization_block(cfg) if weights == "fp8" else None
     if weights == "fp8" and block is None:
         raise ValueError("--weights fp8 needs a config with an fp8 quantization_config (weight_block_size)")
     model = abstract_model(cfg, dtype)
@@ -105,12 +107,12 @@ def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
     if block is not None:
         # The same choice as the loader and the planner: these kinds stay FP8 when their tensor is quantized.
         for src in parameter_sources(cfg):
-            if src.kind not in plan._KEEP_FP8 or not src.tensors[0].quantizable:
+            if src.kind not in _KEEP_FP8 or not src.tensors[0].quantizable:
                 continue
             var = params[src.path]
             value = var.get_value()
             axes = tuple(var.get_metadata().get("logical_axes") or (None,) * value.ndim)
-            param_block = plan._param_block(src.kind, value.ndim, block)
+            param_block = fp8_param_block(src.kind, value.ndim, block)
             scales = scale_shape(value.shape, param_block)
             var.set_value(
                 BlockQuantized(
@@ -126,25 +128,15 @@ def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
 
 
 def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:
-    """The KV cache for `batch` sequences of up to `context` tokens, as sharded ShapeDtypeStructs."""
+    """The engine's KV cache for `batch` slots of up to `context` tokens, as sharded ShapeDtypeStructs."""
     import jax
 
-    from mimo_jax.cache import empty_layer_kv
-    from mimo_jax.sharding import kv_cache_shardings
+    from mimo_jax.cache import cache_shardings, empty_cache
+    from mimo_jax.engine import cache_length
 
-    shapes = jax.eval_shape(lambda: [empty_layer_kv(spec, batch, context, dtype) for spec in cfg.layers])
-    shardings = kv_cache_shardings(shapes, mesh)
+    shapes = jax.eval_shape(lambda: empty_cache(cfg, batch, cache_length(context), dtype))
+    shardings = cache_shardings(shapes, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def replicated(shape: tuple[int, ...], dtype, mesh, batch_axis: bool = False):
-    import jax
-    from jax.sharding import NamedSharding
-
-    from mimo_jax.sharding import logical_to_spec
-
-    axes = ("batch",) + (None,) * (len(shape) - 1) if batch_axis else (None,) * len(shape)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(axes, shape, mesh)))
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -161,49 +153,44 @@ class Step:
     describe: str
 
 
-def serving_steps(graphdef, params, cache, *, batch: int, chunk: int, prefill_rows: int, mesh) -> list[Step]:
-    """Prefill (a chunk of `prefill_rows` sequences written into their cache rows) and decode (one token per row).
+def serving_steps(
+    cfg, graphdef, params, cache, *, batch: int, context: int, chunk: int, round_tokens: int, mesh
+) -> list[Step]:
+    """The engine's jitted device functions (`mimo_jax.engine`) with abstract arguments, as `Engine` jits them.
 
-    Built from the model and the cache; to be replaced by the engine's own step functions
-    (mimo_jax/engine.py) once they are on main, keeping this signature.
+    prefill: one chunk of one request's prompt into its cache row (`prefill_step`);
+    decode: a `while_loop` round of up to `round_tokens` tokens for every slot (`decode_round`).
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    def prefill(params, cache, first_row, token_ids, positions):
-        model = nnx.merge(graphdef, params)
-        rows = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, first_row, token_ids.shape[0], axis=0), cache)
-        hidden, rows = model.hidden_states(token_ids, positions, rows)
-        cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, first_row, axis=0), cache, rows)
-        return model.logits(hidden[:, -1]), cache
+    from mimo_jax import engine
 
-    def decode(params, cache, token_ids, positions):
-        model = nnx.merge(graphdef, params)
-        hidden, cache = model.hidden_states(token_ids[:, None], positions[:, None], cache)
-        return jnp.argmax(model.logits(hidden[:, 0]), axis=-1).astype(jnp.int32), cache
+    whole = NamedSharding(mesh, PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+    shapes = jax.eval_shape(
+        lambda: engine.empty_state(batch, cfg.hidden_size, cfg.vocab_size, MAX_STOP_IDS, jnp.bfloat16)
+    )
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
 
-    i32 = jnp.int32
+    def prefill(params, cache, slot, tokens, start, length):
+        return engine.prefill_step(graphdef, params, cache, slot, tokens, start, length)
+
+    def decode(params, cache, state, num_steps):
+        return engine.decode_round(
+            graphdef, params, cache, state, num_steps, max_steps=round_tokens, max_context=context, num_top=0
+        )
+
+    tokens = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=whole)
     return [
-        Step(
-            "prefill",
-            prefill,
-            (
-                params,
-                cache,
-                replicated((), i32, mesh),
-                replicated((prefill_rows, chunk), i32, mesh),
-                replicated((prefill_rows, chunk), i32, mesh),
-            ),
-            (1,),
-            f"{prefill_rows} x {chunk} tokens into the cache",
-        ),
+        Step("prefill", prefill, (params, cache, scalar, tokens, scalar, scalar), (1,), f"{chunk} prompt tokens"),
         Step(
             "decode",
             decode,
-            (params, cache, replicated((batch,), i32, mesh, True), replicated((batch,), i32, mesh, True)),
-            (1,),
-            f"1 token x {batch} sequences, greedy",
+            (params, cache, state, scalar),
+            (1, 2),
+            f"round of up to {round_tokens} tokens x {batch} slots",
         ),
     ]
 
@@ -244,7 +231,9 @@ def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | 
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # model code that needs the mesh (shard_map MoE) reads it from the trace context
-            compiled = jax.jit(step.fn, donate_argnums=step.donate_argnums).lower(*step.args).compile()
+            compiled = (
+                jax.jit(step.fn, donate_argnums=step.donate_argnums, keep_unused=True).lower(*step.args).compile()
+            )
     except Exception as e:  # the TPU compiler's refusal (RESOURCE_EXHAUSTED, unsupported op ...)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         needed = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM", message)
@@ -280,7 +269,7 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int) -> dict[
     from mimo_jax import plan
 
     sizes = dict(mesh.shape)
-    kv = plan.kv_plan(cfg, sizes)
+    kv = plan.kv_plan_per_device(cfg, sizes)
     rows_per_chip = -(-batch // sizes["data"])
     return {
         "params": plan.param_bytes_per_device(cfg, sizes, weights),
@@ -309,12 +298,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = jnp.bfloat16
     if args.batch % mesh.shape["data"]:
         raise ValueError(f"--batch {args.batch} is not divisible by the data axis ({mesh.shape['data']})")
-    if args.prefill_rows > args.batch:
-        raise ValueError(f"--prefill-rows {args.prefill_rows} exceeds --batch {args.batch}")
     graphdef, params = abstract_params(cfg, dtype, mesh, args.weights)
     cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh)
     steps = serving_steps(
-        graphdef, params, cache, batch=args.batch, chunk=args.chunk, prefill_rows=args.prefill_rows, mesh=mesh
+        cfg,
+        graphdef,
+        params,
+        cache,
+        batch=args.batch,
+        context=args.context,
+        chunk=args.chunk,
+        round_tokens=args.round_tokens,
+        mesh=mesh,
     )
     estimate = planner_estimate(cfg, mesh, args.weights, args.batch, args.context)
     reports = []
@@ -336,7 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "context": args.context,
         "chunk": args.chunk,
-        "prefill_rows": args.prefill_rows,
+        "round_tokens": args.round_tokens,
         "jax": jax.__version__,
         "estimate": estimate,
         "steps": [dataclasses.asdict(r) | {"peak_bytes": r.peak_bytes} for r in reports],
@@ -351,8 +346,8 @@ def print_result(result: dict[str, Any]) -> None:
         f"{result['chips']} x {result['device_kind']}, {hbm / GiB:.2f} GiB HBM usable per chip; mesh {result['mesh']}"
     )
     print(
-        f"batch {result['batch']}, context {result['context']}, prefill chunk "
-        f"{result['prefill_rows']} x {result['chunk']}; GiB per chip:"
+        f"batch {result['batch']} slots, context {result['context']}, prefill chunk {result['chunk']}, "
+        f"decode rounds of {result['round_tokens']} tokens; GiB per chip:"
     )
     print(f"{'step':8} {'compile s':>9} {'args':>8} {'outputs':>8} {'aliased':>8} {'temps':>8} {'code':>8} {'peak':>8}")
     for s in result["steps"]:
@@ -381,15 +376,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:2x2x2, v6e:4x4")
     p.add_argument("--mesh", default="", help="e.g. data=1,tensor=4,expert=16 (product = chips)")
     p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
-    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (cache rows)")
+    p.add_argument("--batch", type=int, default=8, help="engine slots: sequences decoded together")
     p.add_argument("--context", type=int, default=32768, help="cache length of full-attention layers")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
-    p.add_argument("--prefill-rows", type=int, default=1, help="sequences prefilled together")
+    p.add_argument("--round-tokens", type=int, default=32, help="decode steps per while_loop round")
     p.add_argument("--layers", type=int, default=None, help="only the first N layers (real pattern)")
     p.add_argument("--steps", nargs="*", default=None, help="compile only these steps (prefill, decode)")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = p.parse_args(argv)
-    for name in ("batch", "context", "chunk", "prefill_rows"):
+    for name in ("batch", "context", "chunk", "round_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args

@@ -28,8 +28,8 @@ TOPOLOGY = "v5e:2x2"
 LAYERS, BATCH, CONTEXT, CHUNK = 2, 4, 1024, 128
 
 
-# The released weights are FP8 (served as `weights="fp8"`); bf16 decode covers the plain-array path.
-CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "decode")]
+# The released weights are FP8 (served as `weights="fp8"`); bf16 prefill covers the plain-array path.
+CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill")]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,9 @@ def flash_slice():
     def compile(weights, step_name):
         if (weights, step_name) not in done:
             graphdef, params = aot.abstract_params(cfg, jnp.bfloat16, mesh, weights)
-            steps = aot.serving_steps(graphdef, params, cache, batch=BATCH, chunk=CHUNK, prefill_rows=1, mesh=mesh)
+            steps = aot.serving_steps(
+                cfg, graphdef, params, cache, batch=BATCH, context=CONTEXT, chunk=CHUNK, round_tokens=4, mesh=mesh
+            )
             (step,) = [s for s in steps if s.name == step_name]
             report, hlo = aot.compile_step(step, keep_hlo=True)
             done[weights, step_name] = report, hlo, aot.planner_estimate(cfg, mesh, weights, BATCH, CONTEXT)
@@ -108,9 +110,9 @@ def test_hbm_table_matches_the_compiler(topology):
 
 def test_cli_exit_status_says_whether_it_fits(capsys):
     common = ["--config", FLASH, "--topology", TOPOLOGY, "--mesh", "tensor=2,expert=2", "--layers", "1"]
-    assert aot.main([*common, "--steps", "decode", "--batch", "2", "--context", "512"]) == 0
+    assert aot.main([*common, "--steps", "prefill", "--batch", "2", "--context", "512"]) == 0
     assert "fits" in capsys.readouterr().out
     # 64 sequences x 1M tokens of full-attention KV cannot fit 4 chips of 16 GiB.
-    assert aot.main([*common, "--steps", "decode", "--batch", "64", "--context", str(2**20)]) == 1
+    assert aot.main([*common, "--steps", "prefill", "--batch", "64", "--context", str(2**20)]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert aot.main([*common, "--topology", "v9z:1x1"]) == 2
