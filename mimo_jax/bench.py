@@ -30,6 +30,7 @@ from mimo_jax.cache import LayerKV, kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
+from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingParams
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -327,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale-down", action="store_true", help="tiny dimensions (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument(
-        "--moe-impl", default=None, help="expert implementation (default: gather at <= 8 tokens, else ragged)"
+        "--moe-impl",
+        default=None,
+        help="comma-separated expert implementations to time (default: gather_fused,gather at <= 8 tokens per "
+        "step, else ragged)",
     )
     p.add_argument("--mesh", default=None, help="e.g. tensor=8 or expert=8 (default: one device)")
     p.add_argument("--batch", default="1,32", help="decode: comma-separated batch sizes")
@@ -348,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
+    unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
+    if unknown:
+        p.error(f"--moe-impl {sorted(unknown)}: choose from {sorted(EXPERT_IMPLS)}")
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
     dtype_bytes = dtype.itemsize
@@ -376,75 +383,96 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs=[],
     )
 
-    def default_impl(tokens: int) -> str:
-        if jax.default_backend() == "gpu":
-            return "pallas_gpu"  # reads only the touched experts at any token count
-        return "gather" if tokens <= 8 else "ragged"
+    t = time.perf_counter()
+    model = random_model(cfg, dtype, "ragged", mesh, args.random_weights)
+    jax.block_until_ready(nnx.state(model))
+    fp8 = args.random_weights == "fp8"
+    print(
+        f"# random {args.random_weights} weights made on device in {time.perf_counter() - t:.1f} s;"
+        f" device memory in use: {device_memory_in_use() / 1e9:.1f} GB (fullest device)"
+    )
 
-    def model_for(tokens: int) -> tuple[LanguageModel, str]:
-        impl = args.moe_impl or default_impl(tokens)
-        t = time.perf_counter()
-        model = random_model(cfg, dtype, impl, mesh, args.random_weights)
-        jax.block_until_ready(nnx.state(model))
-        print(
-            f"# random {args.random_weights} weights ({impl} experts) made on device in "
-            f"{time.perf_counter() - t:.1f} s;"
-            f" device memory in use: {device_memory_in_use() / 1e9:.1f} GB (fullest device)"
-        )
-        return LanguageModel(model, mesh=mesh), impl
+    def with_experts(impl: str) -> LanguageModel:
+        model.set_moe_impl(impl)  # same weights, another expert path
+        return LanguageModel(model, mesh=mesh)
 
+    def impls(tokens_per_step: int) -> list[str]:
+        if args.moe_impl:
+            return args.moe_impl.split(",")
+        # The Pallas GPU kernel when this build has it; beside it the plain-XLA paths (prefill on GPU:
+        # ragged_dot reads all experts and may not compile at large sizes, so only the kernel there).
+        kernel = ["pallas_gpu"] if "pallas_gpu" in EXPERT_IMPLS and jax.default_backend() == "gpu" else []
+        if tokens_per_step <= 8:
+            return kernel + ["gather_fused", "gather"]
+        if kernel and args.mode == "prefill":
+            return kernel
+        return kernel + ["ragged"]
+
+    def failed(impl: str, what: str, error: Exception) -> None:
+        print(f"#   {impl} {what} failed: {type(error).__name__}: {str(error)[:300]}")
+        results["runs"].append(dict(moe=impl, case=what, error=f"{type(error).__name__}: {error}"[:2000]))
+
+    def vs_peer(tok_s: float, peer: float | None) -> str:
+        return f"{tok_s / peer:.2f}" if peer else "-"
+
+    is_peer_model = args.model == "flash-slice-4" and not args.scale_down
     if args.mode == "decode":
-        batches = [int(b) for b in args.batch.split(",")]
-        contexts = [int(c) for c in args.context.split(",")]
         print(
-            "| batch | context | MoE | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s | achieved | peer "
-            "tok/s | x peer |"
+            "| batch | context | MoE | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s | achieved "
+            "| peer tok/s | x peer |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|")
-        lm, impl = None, None
-        for batch in batches:
-            want = args.moe_impl or default_impl(batch)
-            if want != impl:
-                lm = None  # free the previous weights before making new ones
-                lm, impl = model_for(batch)
-            for context in contexts:
-                fp8 = args.random_weights == "fp8"
-                r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8)
-                roof_s = r["bytes"]["total"] / (bandwidth * ndev)
-                r.update(moe=impl, roofline_tok_s=batch / roof_s, achieved=roof_s / (r["ms_per_step"] / 1e3))
-                peer = PEER["decode"].get(batch) if args.model == "flash-slice-4" and not args.scale_down else None
-                r["peer_tok_s"] = peer
-                vs_peer = f"{r['tok_s'] / peer:.2f}" if peer else "-"
-                print(
-                    f"| {batch} | {context} | {impl} | {r['ms_per_step']:.3f} | {r['tok_s']:.1f} | "
-                    f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | {r['roofline_tok_s']:.0f} | "
-                    f"{r['achieved']:.0%} | {peer or '-'} | {vs_peer} |"
-                )
-                if not r["finite"]:
-                    print("#   warning: non-finite hidden states (random weights overflowed)")
-                results["runs"].append(r)
+        for batch in (int(b) for b in args.batch.split(",")):
+            for impl in impls(batch):
+                lm = with_experts(impl)
+                for context in (int(c) for c in args.context.split(",")):
+                    try:
+                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8)
+                    except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                        failed(impl, f"decode batch {batch} context {context}", e)
+                        continue
+                    roof_s = r["bytes"]["total"] / (bandwidth * ndev)
+                    peer = PEER["decode"].get(batch) if is_peer_model else None
+                    r.update(
+                        moe=impl,
+                        roofline_tok_s=batch / roof_s,
+                        achieved=roof_s / (r["ms_per_step"] / 1e3),
+                        peer_tok_s=peer,
+                    )
+                    print(
+                        f"| {batch} | {context} | {impl} | {r['ms_per_step']:.3f} | {r['tok_s']:.1f} | "
+                        f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
+                        f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {peer or '-'} | "
+                        f"{vs_peer(r['tok_s'], peer)} |"
+                    )
+                    if not r["finite"]:
+                        print("#   warning: non-finite hidden states (random weights overflowed)")
+                    results["runs"].append(r)
     else:
-        lm, impl = model_for(args.chunk)
-        r = run_prefill(lm, args.prompt_len, args.chunk, args.reps)
-        achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
-        peer = PEER["prefill"] if args.model == "flash-slice-4" and not args.scale_down else None
-        r.update(
-            moe=impl,
-            achieved_of_matmul=achieved,
-            roofline_tok_s=r["prompt_len"] * matmul * ndev / r["flops"],
-            peer_tok_s=peer,
-        )
-        vs_peer = f"{r['tok_s'] / peer:.2f}" if peer else "-"
         print("| prompt | chunk | MoE | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer | x peer |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        print(
-            f"| {args.prompt_len} | {args.chunk} | {impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
-            f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
-            f"{peer or '-'} | {vs_peer} |"
-        )
-        if not r["finite"]:
-            print("#   warning: non-finite hidden states (random weights overflowed)")
-        results["runs"].append(r)
+        for impl in impls(args.chunk):
+            try:
+                r = run_prefill(with_experts(impl), args.prompt_len, args.chunk, args.reps)
+            except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                failed(impl, f"prefill {args.prompt_len} chunk {args.chunk}", e)
+                continue
+            achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
+            peer = PEER["prefill"] if is_peer_model else None
+            r.update(
+                moe=impl,
+                achieved_of_matmul=achieved,
+                roofline_tok_s=r["prompt_len"] * matmul * ndev / r["flops"],
+                peer_tok_s=peer,
+            )
+            print(
+                f"| {args.prompt_len} | {args.chunk} | {impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
+                f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
+                f"{peer or '-'} | {vs_peer(r['tok_s'], peer)} |"
+            )
+            if not r["finite"]:
+                print("#   warning: non-finite hidden states (random weights overflowed)")
+            results["runs"].append(r)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
