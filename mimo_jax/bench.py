@@ -71,16 +71,21 @@ def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
     return cfg
 
 
-def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sharding.Mesh | None = None):
-    """A MiMoModel with random weights made on the device, one jitted initializer per parameter."""
-    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, rngs=nnx.Rngs(0)))
-    abstract.set_moe_impl(moe_impl)
-    graphdef, state = nnx.split(abstract)
-    shardings = None
-    if mesh is not None:
-        from mimo_jax.sharding import model_shardings
+def random_model(
+    cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sharding.Mesh | None = None, weights: str = "bf16"
+):
+    """A MiMoModel with random weights made on the device, one jitted initializer per parameter shape.
 
-        shardings = model_shardings(abstract, mesh)
+    `weights="fp8"`: the parameters `load_model(..., weights="fp8")` would place for this config
+    (float8 blocks + float32 scales for the kinds the loader keeps in FP8), filled with random values.
+    """
+    from mimo_jax.quant import BlockQuantized
+    from mimo_jax.sharding import make_mesh
+    from mimo_jax.weights.loader import abstract_params
+
+    if weights == "fp8" and cfg.quantization is None:
+        cfg = cfg.replace(quantization={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
+    graphdef, state = abstract_params(cfg, dtype, mesh or make_mesh(devices=jax.devices()[:1]), weights)
 
     @functools.cache
     def initializer(kind: str, shape: tuple, leaf_dtype: jnp.dtype, sharding):
@@ -88,11 +93,22 @@ def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sha
             fn = lambda k: jnp.ones(shape, leaf_dtype)
         elif kind == "zeros":
             fn = lambda k: jnp.zeros(shape, leaf_dtype)
+        elif kind == "scale":
+            fn = lambda k: jnp.full(shape, 0.02 / 4, leaf_dtype)  # fp8 values ~ N(0, 4^2) -> weights ~ N(0, 0.02^2)
+        elif kind == "fp8":
+            fn = lambda k: (4.0 * jax.random.normal(k, shape, jnp.float32)).astype(leaf_dtype)
         else:
             fn = lambda k: jax.random.normal(k, shape, leaf_dtype) * jnp.asarray(0.02, leaf_dtype)
         return jax.jit(fn, out_shardings=sharding)
 
-    def make(path: tuple, leaf: jax.ShapeDtypeStruct, key: jax.Array) -> jax.Array:
+    def make(path: tuple, leaf, key: jax.Array):
+        if isinstance(leaf, BlockQuantized):
+            k1, k2 = jax.random.split(key)
+            return dataclasses.replace(
+                leaf,
+                values=initializer("fp8", tuple(leaf.values.shape), leaf.values.dtype, leaf.values.sharding)(k1),
+                scales=initializer("scale", tuple(leaf.scales.shape), leaf.scales.dtype, leaf.scales.sharding)(k2),
+            )
         name = "/".join(map(str, path))
         if name.endswith("norm/weight") or "layernorm" in name:
             kind = "ones"
@@ -100,13 +116,14 @@ def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sha
             kind = "zeros"
         else:
             kind = "normal"
-        sharding = None if shardings is None else shardings[path]
-        return initializer(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), sharding)(key)
+        return initializer(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), leaf.sharding)(key)
 
     flat = nnx.to_flat_state(state)
     keys = jax.random.split(jax.random.key(0), len(flat))
     values = [(path, var.replace(make(path, var.get_value(), k))) for (path, var), k in zip(flat, keys, strict=True)]
-    return nnx.merge(graphdef, nnx.from_flat_state(values))
+    model = nnx.merge(graphdef, nnx.from_flat_state(values))
+    model.set_moe_impl(moe_impl)
+    return model
 
 
 # ------------------------------------------------------------------ ceilings measured in this run
@@ -140,27 +157,33 @@ def expected_experts_touched(cfg: MiMoConfig, tokens: int) -> float:
     return e * (1 - (1 - k / e) ** tokens)
 
 
-def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int) -> tuple[int, int]:
-    """(bytes of weights touched by `tokens` tokens, matmul parameters used per token) over all layers."""
+def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool = False) -> tuple[int, int]:
+    """(bytes of weights touched by `tokens` tokens, matmul parameters used per token) over all layers.
+
+    `fp8`: q/k/v, dense MLP and experts stored as float8 (1 byte) with float32 scales (q/k/v one per
+    128 input rows; MLP and experts one per 128x128 block); o_proj stays in `dtype_bytes`.
+    """
+    qkv_bytes = 1 + 4 / 128 if fp8 else dtype_bytes
+    mlp_bytes = 1 + 4 / 128**2 if fp8 else dtype_bytes
     touched, per_token = 0, 0
     h = cfg.hidden_size
     for spec in cfg.layers:
-        attn = h * spec.num_heads * spec.head_dim + h * spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
-        attn += spec.num_heads * spec.v_head_dim * h
-        touched += attn * dtype_bytes
-        per_token += attn
+        qkv = h * spec.num_heads * spec.head_dim + h * spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
+        o = spec.num_heads * spec.v_head_dim * h
+        touched += int(qkv * qkv_bytes) + o * dtype_bytes
+        per_token += qkv + o
         if spec.moe:
             expert = 3 * h * cfg.moe_intermediate_size
-            touched += int(expected_experts_touched(cfg, tokens) * expert * dtype_bytes) + cfg.num_experts * h * 4
+            touched += int(expected_experts_touched(cfg, tokens) * expert * mlp_bytes) + cfg.num_experts * h * 4
             per_token += cfg.experts_per_token * expert
         else:
-            touched += 3 * h * cfg.intermediate_size * dtype_bytes
+            touched += int(3 * h * cfg.intermediate_size * mlp_bytes)
             per_token += 3 * h * cfg.intermediate_size
     return touched, per_token
 
 
-def decode_step_bytes(cfg: MiMoConfig, batch: int, context: int, dtype_bytes: int) -> dict[str, float]:
-    weights, _ = layer_weight_bytes(cfg, batch, dtype_bytes)
+def decode_step_bytes(cfg: MiMoConfig, batch: int, context: int, dtype_bytes: int, fp8: bool = False) -> dict:
+    weights, _ = layer_weight_bytes(cfg, batch, dtype_bytes, fp8)
     weights += cfg.hidden_size * cfg.vocab_size * dtype_bytes  # lm_head
     kv = 0
     for spec in cfg.layers:
@@ -225,7 +248,15 @@ def fill_as_if_prefilled(engine: Engine, context: int, seed: int = 0) -> None:
 
 
 # ------------------------------------------------------------------ benchmarks
-def run_decode(lm: LanguageModel, batch: int, context: int, steps: int, rounds: int, dtype_bytes: int) -> dict:
+def device_memory_in_use() -> int:
+    """Bytes in use on the fullest local device (0 where the backend keeps no statistics)."""
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    return max(s.get("bytes_in_use", 0) for s in stats)
+
+
+def run_decode(
+    lm: LanguageModel, batch: int, context: int, steps: int, rounds: int, dtype_bytes: int, fp8: bool = False
+) -> dict:
     cfg = lm.config
     max_context = context + steps * (rounds + 2) + 1
     engine = Engine(lm, max_batch=batch, max_context=max_context, max_round_tokens=steps, prefill_chunk=16)
@@ -249,7 +280,8 @@ def run_decode(lm: LanguageModel, batch: int, context: int, steps: int, rounds: 
         context=context,
         ms_per_step=sec * 1e3,
         tok_s=batch / sec,
-        bytes=decode_step_bytes(cfg, batch, context, dtype_bytes),
+        bytes=decode_step_bytes(cfg, batch, context, dtype_bytes, fp8),
+        device_gb_in_use=device_memory_in_use() / 1e9,
         compile_s=compile_s,
         finite=hidden_ok,
     )
@@ -332,6 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the bandwidth ceiling")
     p.add_argument("--matmul-n", type=int, default=8192, help="matmul size for the FLOP/s ceiling")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument(
+        "--random-weights",
+        default="bf16",
+        choices=["bf16", "fp8"],
+        help="fp8: float8 blocks + scales as load_model(..., weights='fp8') places them",
+    )
     args = p.parse_args(argv)
 
     unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
@@ -366,9 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     t = time.perf_counter()
-    model = random_model(cfg, dtype, "ragged", mesh)
+    model = random_model(cfg, dtype, "ragged", mesh, args.random_weights)
     jax.block_until_ready(nnx.state(model))
-    print(f"# random weights made on device in {time.perf_counter() - t:.1f} s")
+    fp8 = args.random_weights == "fp8"
+    print(
+        f"# random {args.random_weights} weights made on device in {time.perf_counter() - t:.1f} s;"
+        f" device memory in use: {device_memory_in_use() / 1e9:.1f} GB (fullest device)"
+    )
     on_gpu_16bit = jax.default_backend() == "gpu" and dtype.itemsize == 2
     attention_impl = args.attention or ("cudnn" if on_gpu_16bit else "xla")
     if attention_impl != "xla" and args.mode == "prefill":
@@ -417,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lm = with_experts(impl)
                 for context in (int(c) for c in args.context.split(",")):
                     try:
-                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes)
+                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8)
                     except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
                         failed(impl, f"decode batch {batch} context {context}", e)
                         continue

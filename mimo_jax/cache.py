@@ -97,6 +97,22 @@ def empty_cache(
     return [empty_layer_kv(spec, batch, max_len, dtype, extra_ring_slots) for spec in cfg.layers]
 
 
+CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # logical axes of LayerKV.k / .v
+
+
+def cache_shardings(cache: list[LayerKV], mesh: jax.sharding.Mesh) -> list[LayerKV]:
+    """NamedShardings for a cache pytree: batch on the data axis, kv heads on the tensor axis."""
+    from mimo_jax.sharding import logical_to_spec
+
+    def named(x: jax.Array, axes: tuple) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(mesh, logical_to_spec(axes[: x.ndim], tuple(x.shape), mesh))
+
+    return [
+        LayerKV(k=named(c.k, CACHE_AXES), v=named(c.v, CACHE_AXES), pos=named(c.pos, ("batch", None)), ring=c.ring)
+        for c in cache
+    ]
+
+
 def read_slot(cache: list[LayerKV], slot: jax.Array, clear: jax.Array) -> list[LayerKV]:
     """The cache of one batch row (batch axis kept, size 1); `clear` marks every slot empty (a new request)."""
 

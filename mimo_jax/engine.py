@@ -33,11 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.cache import LayerKV, empty_cache, read_slot, write_slot
+from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, read_slot, write_slot
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
 from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
-from mimo_jax.sharding import kv_cache_shardings
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
@@ -351,7 +350,7 @@ class Engine:
         make_state = lambda: empty_state(max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype)
         if lm.mesh is not None:
             replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
-            shardings = kv_cache_shardings(jax.eval_shape(make_cache), lm.mesh)
+            shardings = cache_shardings(jax.eval_shape(make_cache), lm.mesh)
             self.cache = jax.jit(make_cache, out_shardings=shardings)()
             self.state = jax.jit(make_state, out_shardings=replicated)()
         else:

@@ -109,7 +109,8 @@ class MoE(nnx.Module):
     Traced under a mesh (`jax.set_mesh`) whose expert or tensor axis splits the experts, it runs
     expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `strategy` picks the dispatch
     ("auto" decides by token count) and `capacity_factor` (None = never drop) bounds the
-    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens".
+    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens" (read it
+    with `nnx.capture(model, nnx.Intermediate)`).
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
@@ -144,12 +145,13 @@ class MoE(nnx.Module):
         read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else weight
         experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
-        gate_spec = None if mesh is None else sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh)
-        if gate_spec is None or gate_spec == jax.sharding.PartitionSpec(None, None, None):
+        gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
+        if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
             return out.reshape(shape)
-        token_axis = sharding.logical_to_spec(("batch", None), flat.shape, mesh)[0]
+        batch_axes = ("batch",) + (None,) * (len(shape) - 1)
+        token_axes = sharding.logical_to_spec(batch_axes, shape, mesh)[0]  # the mesh axes the batch is split over
         out, dropped = moe.experts_sharded(
             flat,
             self.router[...],
@@ -159,7 +161,7 @@ class MoE(nnx.Module):
             top_k=self.top_k,
             mesh=mesh,
             gate_spec=gate_spec,
-            token_axis=token_axis,
+            token_axes=token_axes,
             impl=self.impl,
             strategy=self.strategy,
             capacity_factor=self.capacity_factor,
