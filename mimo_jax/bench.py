@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimo_jax import moe
 from mimo_jax.attention import ATTENTION_IMPLS
 from mimo_jax.cache import LayerKV, kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
-from mimo_jax.model import MiMoModel
+from mimo_jax.model import MiMoModel, MoE
 from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingParams
 
@@ -157,8 +158,12 @@ def expected_experts_touched(cfg: MiMoConfig, tokens: int) -> float:
     return e * (1 - (1 - k / e) ** tokens)
 
 
-def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool = False) -> tuple[int, int]:
+def layer_weight_bytes(
+    cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool = False, experts_touched: float | None = None
+) -> tuple[int, int]:
     """(bytes of weights touched by `tokens` tokens, matmul parameters used per token) over all layers.
+
+    `experts_touched`: distinct experts per MoE layer (measured); default: uniform random routing.
 
     `fp8`: q/k/v, dense MLP and experts stored as float8 (1 byte) with float32 scales (q/k/v one per
     128 input rows; MLP and experts one per 128x128 block); o_proj stays in `dtype_bytes`.
@@ -167,6 +172,8 @@ def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool
     mlp_bytes = 1 + 4 / 128**2 if fp8 else dtype_bytes
     touched, per_token = 0, 0
     h = cfg.hidden_size
+    if experts_touched is None:
+        experts_touched = expected_experts_touched(cfg, tokens)
     for spec in cfg.layers:
         qkv = h * spec.num_heads * spec.head_dim + h * spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
         o = spec.num_heads * spec.v_head_dim * h
@@ -174,7 +181,7 @@ def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool
         per_token += qkv + o
         if spec.moe:
             expert = 3 * h * cfg.moe_intermediate_size
-            touched += int(expected_experts_touched(cfg, tokens) * expert * mlp_bytes) + cfg.num_experts * h * 4
+            touched += int(experts_touched * expert * mlp_bytes) + cfg.num_experts * h * 4
             per_token += cfg.experts_per_token * expert
         else:
             touched += int(3 * h * cfg.intermediate_size * mlp_bytes)
@@ -182,8 +189,10 @@ def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool
     return touched, per_token
 
 
-def decode_step_bytes(cfg: MiMoConfig, batch: int, context: int, dtype_bytes: int, fp8: bool = False) -> dict:
-    weights, _ = layer_weight_bytes(cfg, batch, dtype_bytes, fp8)
+def decode_step_bytes(
+    cfg: MiMoConfig, batch: int, context: int, dtype_bytes: int, fp8: bool = False, experts_touched: float | None = None
+) -> dict:
+    weights, _ = layer_weight_bytes(cfg, batch, dtype_bytes, fp8, experts_touched)
     weights += cfg.hidden_size * cfg.vocab_size * dtype_bytes  # lm_head
     kv = 0
     for spec in cfg.layers:
@@ -275,16 +284,52 @@ def run_decode(
     assert (count == steps).all(), f"slots stopped early: {count}"
     sec = float(np.median(times)) / steps
     hidden_ok = bool(jnp.isfinite(engine.state.hidden.astype(jnp.float32)).all())
+    # Random weights need not route uniformly: count the experts this batch's next step touches.
+    touched = measure_experts_touched(engine) if batch > 1 and cfg.num_experts else None
     return dict(
         batch=batch,
         context=context,
         ms_per_step=sec * 1e3,
         tok_s=batch / sec,
-        bytes=decode_step_bytes(cfg, batch, context, dtype_bytes, fp8),
+        experts_touched=touched,
+        experts_touched_uniform=expected_experts_touched(cfg, batch) if cfg.num_experts else None,
+        bytes=decode_step_bytes(cfg, batch, context, dtype_bytes, fp8, touched),
         device_gb_in_use=device_memory_in_use() / 1e9,
         compile_s=compile_s,
         finite=hidden_ok,
     )
+
+
+def measure_experts_touched(engine: Engine) -> float:
+    """Mean distinct experts per MoE layer that the engine's next decode step routes its batch to."""
+    graphdef = engine.lm.graphdef
+
+    def count(params, cache, state) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        x = model.embed(state.tokens[:, None])
+        positions = jnp.where(state.active, state.positions, -1)[:, None]
+        counts = []
+        for layer, kv in zip(model.layers, cache, strict=True):  # DecoderLayer's steps, routing made visible
+            attn_out, _ = layer.self_attn(layer.input_layernorm(x), positions, kv)
+            x = x + attn_out
+            y = layer.post_attention_layernorm(x)
+            if isinstance(layer.mlp, MoE):
+                m = layer.mlp
+                _, ids = moe.route(
+                    y.reshape(-1, y.shape[-1]),
+                    m.router[...],
+                    m.correction_bias[...],
+                    top_k=m.top_k,
+                    n_group=m.n_group,
+                    topk_group=m.topk_group,
+                    norm_topk_prob=m.norm_topk_prob,
+                    scaling=m.scaling,
+                )
+                counts.append(jnp.zeros((m.router.shape[0],), bool).at[ids.reshape(-1)].set(True).sum())
+            x = x + layer.mlp(y)
+        return jnp.stack(counts)
+
+    return float(np.mean(jax.jit(count)(engine.params, engine.cache, engine.state)))
 
 
 def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> dict:
@@ -450,10 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     is_peer_model = args.model == "flash-slice-4" and not args.scale_down
     if args.mode == "decode":
         print(
-            "| batch | context | MoE | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s | achieved "
-            "| peer tok/s | x peer |"
+            "| batch | context | MoE | experts/layer | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s "
+            "| achieved | peer tok/s | x peer |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for batch in (int(b) for b in args.batch.split(",")):
             for impl in impls(batch):
                 lm = with_experts(impl)
@@ -471,8 +516,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         achieved=roof_s / (r["ms_per_step"] / 1e3),
                         peer_tok_s=peer,
                     )
+                    touched = r["experts_touched"] or (
+                        cfg.experts_per_token if batch == 1 else r["experts_touched_uniform"]
+                    )
                     print(
-                        f"| {batch} | {context} | {impl} | {r['ms_per_step']:.3f} | {r['tok_s']:.1f} | "
+                        f"| {batch} | {context} | {impl} | {touched or 0:.1f} | {r['ms_per_step']:.3f} | "
+                        f"{r['tok_s']:.1f} | "
                         f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
                         f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {peer or '-'} | "
                         f"{vs_peer(r['tok_s'], peer)} |"

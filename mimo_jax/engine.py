@@ -353,9 +353,10 @@ class Engine:
             shardings = cache_shardings(jax.eval_shape(make_cache), lm.mesh)
             self.cache = jax.jit(make_cache, out_shardings=shardings)()
             self.state = jax.jit(make_state, out_shardings=replicated)()
-        else:
-            self.cache = jax.jit(make_cache)()
-            self.state = jax.jit(make_state)()
+        else:  # committed to the parameters' device, like every later output (one compiled step)
+            device = jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(self.params)[0].devices())))
+            self.cache = jax.jit(make_cache, out_shardings=device)()
+            self.state = jax.jit(make_state, out_shardings=device)()
 
         def prefill(params, cache, slot, tokens, start, length):
             return prefill_step(graphdef, params, cache, slot, tokens, start, length)
@@ -377,10 +378,14 @@ class Engine:
                 num_top=max_top_logprobs,
             )
 
-        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,))
-        self.admit_fn = jax.jit(admit, donate_argnums=(1,))
-        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2))
-        self.release_fn = jax.jit(release_step, donate_argnums=(0,))
+        # Outputs keep the layouts the cache and state were made with, so every call after the first
+        # hits the same compiled step (equivalent but differently spelled shardings would recompile).
+        cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
+        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, None))
+        self.admit_fn = jax.jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
+        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=(cache_sharding, state_sharding, None))
+        self.release_fn = jax.jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
