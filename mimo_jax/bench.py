@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimo_jax import sharding
 from mimo_jax.cache import LayerKV, kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
@@ -309,11 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the bandwidth ceiling")
     p.add_argument("--matmul-n", type=int, default=8192, help="matmul size for the FLOP/s ceiling")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    sharding.add_distributed_arguments(p)
     args = p.parse_args(argv)
 
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
     dtype_bytes = dtype.itemsize
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # multi-host
     mesh = None
     if args.mesh:
         from mimo_jax.sharding import make_mesh, parse_mesh_arg
