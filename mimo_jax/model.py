@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import moe, sharding
+from mimo_jax import kernels, moe, sharding
 from mimo_jax.attention import apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
@@ -111,7 +111,7 @@ class MoE(nnx.Module):
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
 
-    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str = "ragged"):
+    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str | None = None):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.router = _param(rngs, (e, h), jnp.float32, ("experts_replicated", "embed_replicated"))
         self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
@@ -123,7 +123,7 @@ class MoE(nnx.Module):
         self.topk_group = cfg.topk_group
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
-        self.impl = impl
+        self.impl = impl or kernels.default_expert_impl()  # the Pallas kernel on GPU, ragged_dot elsewhere
         self.strategy = "auto"
         self.capacity_factor: float | None = None
 
@@ -138,7 +138,8 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        experts = (weight(self.gate_proj), weight(self.up_proj), weight(self.down_proj))
+        read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else weight
+        experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
         gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
         if not any(gate_spec or ()):  # one device, or experts not split: plain math

@@ -5,8 +5,9 @@ Expert implementations (`EXPERT_IMPLS`) compute the same thing on the experts th
   correct; the reference for the others (and fine for tiny test models).
 - `experts_ragged`: tokens sorted by expert and `jax.lax.ragged_dot` (the native grouped matmul
   on TPU/CPU).
-- `experts_gather`: each token gathers its chosen experts' weights (decode at a few tokens on GPU,
-  where `ragged_dot` reads every expert).
+- `experts_gather` / `experts_gather_fused`: each token gathers its chosen experts' weights (decode
+  at a few tokens on GPU, where `ragged_dot` reads every expert); as matmuls on gathered copies, or
+  as a multiply-reduce that XLA can fuse with the gather.
 Their contract: `fn(x [N, H], weights [N, K], ids [N, K], w_gate [E, H, I], w_up [E, H, I],
 w_down [E, I, H]) -> [N, H]` in x.dtype; an id >= E means "expert not here" and
 contributes nothing (its weight is 0 too). On a mesh every expert shard calls one of them on
@@ -35,6 +36,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from mimo_jax import kernels
 
 
 def route(
@@ -122,7 +125,29 @@ def experts_gather(
     return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
+def experts_gather_fused(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """`experts_gather` as multiply-and-reduce, so XLA can fuse the weight gather into the reduction
+    (reading each chosen expert once, no gathered copy). For one or a few tokens per step."""
+    weights = jnp.where(ids < w_gate.shape[0], weights, 0.0)  # ids >= E are experts not on this shard
+    xf = x.astype(jnp.float32)
+    g = jnp.sum(xf[:, None, :, None] * w_gate[ids], axis=2)  # [N, K, I]
+    u = jnp.sum(xf[:, None, :, None] * w_up[ids], axis=2)
+    h = _swiglu(x, g, u)
+    y = jnp.sum(h[:, :, :, None] * w_down[ids], axis=2)  # [N, K, H]
+    return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {
+    "dense": experts_dense,
+    "ragged": experts_ragged,
+    "gather": experts_gather,
+    "gather_fused": experts_gather_fused,
+    "pallas_gpu": kernels.experts_pallas_gpu,
+}
+# Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
+QUANTIZED_IMPLS = frozenset({"pallas_gpu"})
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------
