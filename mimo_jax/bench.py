@@ -43,7 +43,10 @@ PEER = {"decode": {1: 70.6, 32: 866.0}, "prefill": 41.6e3}
 # ------------------------------------------------------------------ models
 def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
     """'flash-slice-N' or a config.json path; `scale_down` divides the sizes for a CPU run."""
-    if model.startswith("flash-slice-"):
+    if model.startswith("flash-layers-"):  # the real Flash pattern (full attention at 0, 5, 11, ...)
+        cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
+        cfg = cfg.first_layers(int(model.rsplit("-", 1)[1]))
+    elif model.startswith("flash-slice-"):
         n = int(model.rsplit("-", 1)[1])
         cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
         cfg = cfg.replace(num_layers=n, sliding=(False,) + (True,) * (n - 1), moe=(False,) + (True,) * (n - 1))
