@@ -27,10 +27,12 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax import sharding
+from mimo_jax.attention import ATTENTION_IMPLS
 from mimo_jax.cache import LayerKV, kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
+from mimo_jax.model import MiMoModel
 from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingParams
 
@@ -325,6 +327,18 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
     )
 
 
+def compare_attention(model: MiMoModel, mesh, impl: str, vocab: int, prompt_len: int = 1024) -> float:
+    """Relative L2 difference of one forward's logits with `impl` against the xla reference attention
+    (a semantic check of the fast path on this device: windows, sinks, grouped heads)."""
+    tokens = np.random.RandomState(1).randint(0, vocab, (1, prompt_len))
+    logits = []
+    for attention_impl in ("xla", impl):
+        model.set_attention_impl(attention_impl)
+        logits.append(LanguageModel(model, mesh=mesh).logits(tokens))
+    ref, got = logits
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mimo_jax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["decode", "prefill"])
@@ -343,7 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode: tokens per round (one while_loop)")
     p.add_argument("--rounds", type=int, default=5, help="decode: timed rounds")
     p.add_argument("--prompt-len", type=int, default=8192, help="prefill: prompt tokens")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill: chunk size")
+    p.add_argument("--chunk", default="2048", help="prefill: comma-separated chunk sizes")
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=list(ATTENTION_IMPLS),
+        help="attention path (default: cudnn on GPU in bf16, else xla); decode steps always use xla",
+    )
     p.add_argument("--reps", type=int, default=3, help="prefill: timed repetitions")
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the bandwidth ceiling")
     p.add_argument("--matmul-n", type=int, default=8192, help="matmul size for the FLOP/s ceiling")
@@ -397,6 +417,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# random {args.random_weights} weights made on device in {time.perf_counter() - t:.1f} s;"
         f" device memory in use: {device_memory_in_use() / 1e9:.1f} GB (fullest device)"
     )
+    on_gpu_16bit = jax.default_backend() == "gpu" and dtype.itemsize == 2
+    attention_impl = args.attention or ("cudnn" if on_gpu_16bit else "xla")
+    if attention_impl != "xla" and args.mode == "prefill":
+        try:
+            err = compare_attention(model, mesh, attention_impl, cfg.vocab_size)
+            print(f"# check: logits with {attention_impl} attention vs xla, relative L2 difference {err:.2e}")
+            results["attention_check_rel_err"] = err
+        except Exception as e:
+            print(f"# {attention_impl} attention failed its check ({type(e).__name__}: {str(e)[:300]}); using xla")
+            attention_impl = "xla"
+    model.set_attention_impl(attention_impl)
+    results["attention"] = attention_impl
 
     def with_experts(impl: str) -> LanguageModel:
         model.set_moe_impl(impl)  # same weights, another expert path
@@ -455,30 +487,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print("#   warning: non-finite hidden states (random weights overflowed)")
                     results["runs"].append(r)
     else:
-        print("| prompt | chunk | MoE | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer | x peer |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for impl in impls(args.chunk):
-            try:
-                r = run_prefill(with_experts(impl), args.prompt_len, args.chunk, args.reps)
-            except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
-                failed(impl, f"prefill {args.prompt_len} chunk {args.chunk}", e)
-                continue
-            achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
-            peer = PEER["prefill"] if is_peer_model else None
-            r.update(
-                moe=impl,
-                achieved_of_matmul=achieved,
-                roofline_tok_s=r["prompt_len"] * matmul * ndev / r["flops"],
-                peer_tok_s=peer,
-            )
-            print(
-                f"| {args.prompt_len} | {args.chunk} | {impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
-                f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
-                f"{peer or '-'} | {vs_peer(r['tok_s'], peer)} |"
-            )
-            if not r["finite"]:
-                print("#   warning: non-finite hidden states (random weights overflowed)")
-            results["runs"].append(r)
+        print(
+            "| prompt | chunk | MoE | attention | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer "
+            "| x peer |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for chunk in (int(c) for c in args.chunk.split(",")):
+            for impl in impls(chunk):
+                try:
+                    r = run_prefill(with_experts(impl), args.prompt_len, chunk, args.reps)
+                except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                    failed(impl, f"prefill {args.prompt_len} chunk {chunk}", e)
+                    continue
+                achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
+                peer = PEER["prefill"] if is_peer_model else None
+                r.update(
+                    moe=impl,
+                    attention=attention_impl,
+                    achieved_of_matmul=achieved,
+                    roofline_tok_s=r["prompt_len"] * matmul * ndev / r["flops"],
+                    peer_tok_s=peer,
+                )
+                print(
+                    f"| {args.prompt_len} | {chunk} | {impl} | {attention_impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
+                    f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
+                    f"{peer or '-'} | {vs_peer(r['tok_s'], peer)} |"
+                )
+                if not r["finite"]:
+                    print("#   warning: non-finite hidden states (random weights overflowed)")
+                results["runs"].append(r)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

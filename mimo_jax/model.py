@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax import kernels, moe, sharding
-from mimo_jax.attention import apply_rope, attention, rope_cos_sin
+from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
 from mimo_jax.quant import weight
@@ -57,6 +57,7 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (hidden, kv, dv), dtype, ("embed", "kv_heads", "head_dim"))
         self.o_proj = _param(rngs, (n, dv, hidden), dtype, ("q_heads", "head_dim", "embed"))
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
+        self.impl = "xla"  # see mimo_jax.attention.ATTENTION_IMPLS
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
@@ -72,6 +73,7 @@ class Attention(nnx.Module):
         else:
             keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
         keys, values = sharding.spread_kv_heads(keys, values, spec.num_heads)
+        chunk_kv = sharding.spread_kv_heads(k, v, spec.num_heads) if self.impl != "xla" else None
         out = attention(
             q,
             keys,
@@ -82,6 +84,8 @@ class Attention(nnx.Module):
             sink=None if self.sink is None else self.sink[...],
             scale=spec.head_dim**-0.5,
             slot_is_position=kv_cache is not None and not kv_cache.ring,
+            impl=self.impl,
+            chunk_kv=chunk_kv,
         )
         return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj)), kv_cache
 
@@ -225,6 +229,14 @@ class MiMoModel(nnx.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for layer in (*self.layers, *(t.block for t in self.mtp)) if isinstance(m := layer.mlp, MoE)]
+
+    def set_attention_impl(self, impl: str) -> None:
+        """Attention implementation of every layer (MTP included), see `mimo_jax.attention.ATTENTION_IMPLS`."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+        for _, node in nnx.iter_graph(self):
+            if isinstance(node, Attention):
+                node.impl = impl
 
     def set_moe_impl(self, impl: str) -> None:
         if impl not in moe.EXPERT_IMPLS:
