@@ -4,7 +4,7 @@
         --mesh tensor=4,expert=2 --max-batch 64 --max-context 8192 --max-tokens 512
 
 Input: one JSON object per line, `{"id": ..., "prompt": "text"}` or `"messages": [...]` (rendered
-with the checkpoint's chat template, `mimo_jax.chat`) or `"prompt_ids": [...]` (token ids), plus
+with the checkpoint's chat template, `mimo_jax.serve.chat`) or `"prompt_ids": [...]` (token ids), plus
 optional per-request settings overriding the command line: `max_tokens` (or `max_new_tokens`),
 `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`,
 `repetition_penalty`, `seed`, `stop_token_ids`, `ignore_eos`, `logprobs`, `tools` and
@@ -410,7 +410,7 @@ class _Prompter:
         self.eos = tuple(eos)
 
     def __call__(self, req: Request) -> WorkItem:
-        from mimo_jax.chat import ChatTemplateError
+        from mimo_jax.serve.chat import ChatTemplateError
 
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
@@ -604,15 +604,6 @@ def _finish_record(rec: dict, finish_reason: str, now: float, tokenizer: Any) ->
 
 
 # ------------------------------------------------------------------ command line
-def model_path(name: str) -> str:
-    """--model: a checkpoint directory, or "demo" for the embedded demo checkpoint."""
-    if name == "demo" and not os.path.exists(name):
-        from mimo_jax.demo import demo_model_dir
-
-        return str(demo_model_dir())
-    return name
-
-
 def build_parser() -> argparse.ArgumentParser:
     from mimo_jax.sharding import add_distributed_arguments
 
@@ -745,12 +736,15 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
     if pending == 0:
         return EXIT_SKIPPED if scan is not None and scan.errors else EXIT_OK
 
-    path = model_path(args.model)
     mesh = make_mesh(**parse_mesh_arg(args.mesh or "")) if args.mesh is not None or jax.device_count() > 1 else None
     if leader:
         where = dict(mesh.shape) if mesh is not None else "one device"
-        _log(f"loading {path} ({args.dtype}, weights {args.weights}) on {where}, {jax.process_count()} process(es)")
-    lm = load_model(path, dtype=args.dtype, weights=args.weights, mesh=mesh, progress=leader and not args.no_progress)
+        _log(
+            f"loading {args.model} ({args.dtype}, weights {args.weights}) on {where}, {jax.process_count()} process(es)"
+        )
+    lm = load_model(
+        args.model, dtype=args.dtype, weights=args.weights, mesh=mesh, progress=leader and not args.no_progress
+    )
     engine = Engine(
         lm,
         max_batch=args.max_batch,
@@ -760,7 +754,7 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
         max_stop_ids=args.max_stop_ids,
         max_top_logprobs=args.max_logprobs,
     )
-    tokenizer, template = load_tokenizer(path) if leader else (None, None)
+    tokenizer, template = load_tokenizer(lm.source) if leader else (None, None)  # "demo" resolved
     summary = run_batch(
         engine,
         args.input if leader else None,
@@ -799,7 +793,7 @@ def _prepare_files(args: argparse.Namespace) -> tuple[set[str], InputScan]:
 
 def load_tokenizer(directory: str) -> tuple[Any, Any]:
     """(Tokenizer, ChatTemplate) of a checkpoint directory; (None, None) without tokenizer.json."""
-    from mimo_jax.chat import ChatTemplate, Tokenizer
+    from mimo_jax.serve.chat import ChatTemplate, Tokenizer
 
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return None, None

@@ -286,27 +286,6 @@ def test_request_seeds_and_ids():
         batch.parse_line(b'{"id": 1, "prompt": "\xff"}', 4)
 
 
-def test_chat_template_renders_as_transformers():
-    """The demo checkpoint's template through mimo_jax.chat equals transformers' apply_chat_template."""
-    from transformers import PreTrainedTokenizerFast
-
-    from mimo_jax.chat import ChatTemplate
-    from mimo_jax.demo import demo_model_dir
-
-    directory = str(demo_model_dir())
-    hf = PreTrainedTokenizerFast.from_pretrained(directory)
-    ours = ChatTemplate.from_dir(directory)
-    chats = [
-        [{"role": "user", "content": "Write fib."}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello", "reasoning_content": "greet"}, {"role": "user", "content": "?"}],
-    ]  # fmt: skip
-    for messages in chats:
-        for kwargs in ({}, {"enable_thinking": False}):
-            want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-            assert ours.render(messages, **kwargs) == want
-
-
 def test_launchers_dry_run(tmp_path):
     wrapper = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "batch_infer.py"), "--help"],

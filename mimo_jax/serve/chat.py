@@ -4,9 +4,6 @@ The template is the checkpoint's own (`chat_template.jinja`, `additional_chat_te
 `tokenizer_config.json`'s `chat_template`), run in the same sandboxed jinja2 environment with the
 same globals, filters and variables (`messages`, `tools`, `documents`, `add_generation_prompt`,
 the tokenizer's named special tokens, and the request's `chat_template_kwargs`).
-
-One module for every front end: the OpenAI server (`mimo_jax.serve`) and the batch script
-(`mimo_jax.batch`) both render chats and detokenize through it.
 """
 
 from __future__ import annotations
@@ -206,7 +203,7 @@ def special_tokens_of(tokenizer_config: dict) -> dict[str, str]:
 
 
 class Tokenizer:
-    """A checkpoint's `tokenizer.json` (HF `tokenizers`) with the facts serving needs from its configs."""
+    """A checkpoint's `tokenizer.json` (HF `tokenizers`) with the facts the server needs from its configs."""
 
     def __init__(self, directory: str | os.PathLike):
         from tokenizers import Tokenizer as HFTokenizer
@@ -214,9 +211,7 @@ class Tokenizer:
         directory = os.fspath(directory)
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{directory} has no tokenizer.json; text prompts and chats need the checkpoint's tokenizer"
-            )
+            raise FileNotFoundError(f"{directory} has no tokenizer.json; the server needs the checkpoint's tokenizer")
         self.hf = HFTokenizer.from_file(path)
         self.config = _read_json(os.path.join(directory, "tokenizer_config.json"))
         self.special_tokens = special_tokens_of(self.config)
