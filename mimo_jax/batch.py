@@ -38,13 +38,15 @@ it sends the work in blocks (token ids and sampling settings) with
 global mesh. The engine's outputs are the same on every process (`engine.to_host` all-gathers
 arrays split across hosts), so every process takes the same scheduling decisions without further
 messages: one broadcast per block of `--block-size` requests. If process 0 stops (a --strict
-error) it tells the others in that broadcast; if it dies, the JAX coordinator ends the others.
+error) it tells the others in that broadcast; if it dies, the others abort at once (the JAX
+coordination service lives in process 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -347,7 +349,8 @@ class WorkFeed:
                         break
             except BaseException:
                 if self.multiprocess:
-                    broadcast_bytes(None, abort=True)
+                    with contextlib.suppress(Aborted):  # tell the others, then raise our own error
+                        broadcast_bytes(None, abort=True)
                 raise
         if not self.multiprocess:
             return block

@@ -155,3 +155,28 @@ def test_work_blocks_round_trip():
     ]
     got = batch.decode_block(batch.encode_block(items))
     assert [(w.prompt_ids, w.options) for w in got] == [(w.prompt_ids, w.options) for w in items]
+
+
+def test_process_zero_error_aborts_every_process(monkeypatch):
+    """A --strict error on process 0 is sent as an abort in the block broadcast: process 0 raises its
+    own error, the others raise Aborted (instead of waiting in the next collective)."""
+    sent = []
+
+    def fake_broadcast(data, abort=False):
+        sent.append(abort)
+        if abort:
+            raise batch.Aborted("process 0 stopped the run")
+        return b""
+
+    def failing_source():
+        yield batch.WorkItem([1], mimo_jax.SamplingOptions())
+        raise batch.InputError(4, "a prompt of 60 tokens leaves no room")
+
+    monkeypatch.setattr(batch, "broadcast_bytes", fake_broadcast)
+    leader = batch.WorkFeed(failing_source(), block_size=8, multiprocess=True)
+    with pytest.raises(batch.InputError, match="no room"):
+        leader.next_block()
+    assert sent == [True]
+    monkeypatch.setattr(batch, "broadcast_bytes", lambda data, abort=False: fake_broadcast(data, abort=True))
+    with pytest.raises(batch.Aborted):
+        batch.WorkFeed(None, block_size=8, multiprocess=True).next_block()

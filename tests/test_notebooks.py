@@ -6,9 +6,12 @@ import json
 import os
 import sys
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+# The `test` extra installs these (pip install -e ".[test]"); a skip says so where they are missing.
+nbformat = pytest.importorskip("nbformat", reason='needs the test extra: pip install -e ".[test]"')
+NotebookClient = pytest.importorskip("nbclient", reason='needs the test extra: pip install -e ".[test]"').NotebookClient
+pytest.importorskip("ipykernel", reason='needs the test extra: pip install -e ".[test]"')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = "mimo-jax-tests"
@@ -37,13 +40,13 @@ def kernel(tmp_path_factory):
     mp.undo()
 
 
-def run_notebook(name: str, kernel: str, workdir) -> nbformat.NotebookNode:
+def run_notebook(name: str, kernel: str, workdir):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
     NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(workdir)}}).execute()
     return nb
 
 
-def outputs(nb: nbformat.NotebookNode) -> str:
+def outputs(nb) -> str:
     return "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
 
 
