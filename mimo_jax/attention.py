@@ -21,7 +21,7 @@ SCORE_BLOCK_ELEMENTS = 1 << 26
 # "xla": the reference above (blockwise over long caches); "cudnn": prefill chunks through
 # `attention_chunk` with cuDNN flash attention (GPU, bf16/fp16); "split": the same math in XLA.
 ATTENTION_IMPLS = ("xla", "split", "cudnn")
-SPLIT_MIN_QUERIES = 16  # decode steps and short verifies stay on the reference path
+SPLIT_MIN_QUERIES = 128  # decode steps, verifies and short chunks (cheap anyway) stay on the reference path
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -241,7 +241,7 @@ def attention_chunk(
         k_chunk,
         v_in.astype(q.dtype),
         scale=scale,
-        is_causal=True,
+        is_causal=window_keys is None,  # a (left, 0) window is causal already
         local_window_size=None if window_keys is None else (window_keys - 1, 0),
         implementation=None if implementation == "xla" else implementation,
         return_residual=True,
