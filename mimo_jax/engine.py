@@ -41,7 +41,7 @@ from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
 from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
-from mimo_jax.speculative import accept_drafts, draft_chain, history_length, mtp_prefill, target_logprobs
+from mimo_jax.speculative import draft_chain, history_length, mtp_prefill, verify
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
@@ -273,6 +273,7 @@ def decode_speculative(
     active = state.active
     batch = jnp.arange(active.shape[0])
     last = jnp.where(active, state.positions - 1, -1)  # P: the newest target hidden state
+    all_greedy = jnp.all((state.sampling.temperature <= 0) | ~active)
     drafts, draft_lp, mtp_cache = draft_chain(
         model,
         mtp_cache,
@@ -283,6 +284,7 @@ def decode_speculative(
         state.counts,
         state.prompt_mask,
         state.rng,
+        all_greedy,
     )
 
     # verify: the target reads the last token and the drafts at positions P+1 .. P+k+1
@@ -291,8 +293,9 @@ def decode_speculative(
     positions = jnp.where(active[:, None], state.positions[:, None] + steps, -1)
     hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
     logits = model.logits(hidden)  # [B, k+1, V]
-    target_lp = target_logprobs(logits, drafts, state.sampling, state.counts, state.prompt_mask)
-    accepted, candidates = accept_drafts(target_lp, draft_lp, drafts, state.rng, last)
+    accepted, candidates = verify(
+        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last, all_greedy
+    )
 
     # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit
     reasons = _finish_reason(

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from mimo_jax.cache import LayerKV
 from mimo_jax.model import MiMoModel
-from mimo_jax.sampling import SamplingParams, draw, processed_logprobs, step_keys
+from mimo_jax.sampling import SamplingParams, apply_penalties, draw, processed_logprobs, step_keys
 
 # Purposes folded into the per-position keys (sampling.step_keys); 0 is plain sampling.
 DRAFT_KEY, COIN_KEY, CORRECTION_KEY = 1, 2, 3
@@ -79,12 +79,14 @@ def draft_chain(
     counts: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    all_greedy: jax.Array,
 ) -> tuple[jax.Array, jax.Array, list[LayerKV]]:
     """k = len(mtp_cache) draft tokens per row from the MTP layers, one layer per step.
 
     recent_hidden [B, 2k, H]: target hidden states at positions last-2k+1 .. last;
     recent_tokens [B, 2k]: the token after each of them (t_{last-2k+2} .. t_{last+1});
-    last [B]: P, the position of the newest target hidden state (-1 = inactive row).
+    last [B]: P, the position of the newest target hidden state (-1 = inactive row);
+    all_greedy: every running row is greedy (then no distribution is formed or drawn from).
     Returns drafts [B, k] (tokens for positions P+2 .. P+k+1), their processed draft
     log-probabilities [B, k, V] and the MTP caches.
     """
@@ -103,8 +105,16 @@ def draft_chain(
         layer = model.mtp[j]
         h, kv = layer(model.embed(tokens), hidden, pos, kv)
         logits = model.logits(h[:, -1], layer.final_layernorm)
-        lp = processed_logprobs(logits, sampling, counts, prompt_mask)
-        token = draw(lp, step_keys(rng, last + j + 2, DRAFT_KEY))
+
+        def greedy(logits, counts):
+            token = jnp.argmax(apply_penalties(logits, sampling, counts, prompt_mask), axis=-1).astype(jnp.int32)
+            return _one_hot_logprobs(token, logits.shape[-1]), token
+
+        def sampled(logits, counts, j=j):
+            lp = processed_logprobs(logits, sampling, counts, prompt_mask)
+            return lp, draw(lp, step_keys(rng, last + j + 2, DRAFT_KEY))
+
+        lp, token = jax.lax.cond(all_greedy, greedy, sampled, logits, counts)
         drafts = jnp.concatenate([drafts, token[:, None]], axis=1)
         counts = counts.at[jnp.arange(token.shape[0]), token].add(1)
         draft_lp.append(lp)
@@ -112,17 +122,48 @@ def draft_chain(
     return drafts, jnp.stack(draft_lp, axis=1), out_cache
 
 
-def target_logprobs(
-    logits: jax.Array, drafts: jax.Array, sampling: SamplingParams, counts: jax.Array, prompt_mask: jax.Array
-) -> jax.Array:
-    """Processed target log-probabilities [B, k+1, V] of the verify rows; row m counts d_1..d_m as generated."""
-    rows = []
-    batch = jnp.arange(drafts.shape[0])
-    for m in range(logits.shape[1]):
-        if m:
-            counts = counts.at[batch, drafts[:, m - 1]].add(1)
-        rows.append(processed_logprobs(logits[:, m], sampling, counts, prompt_mask))
-    return jnp.stack(rows, axis=1)
+def _one_hot_logprobs(tokens: jax.Array, vocab: int) -> jax.Array:
+    return jnp.where(jnp.arange(vocab)[None, :] == tokens[:, None], 0.0, -jnp.inf)
+
+
+def _row_counts(counts: jax.Array, drafts: jax.Array) -> jax.Array:
+    """[B, k+1, V]: generated-token counts before each verify row (row m also counts d_1..d_m)."""
+    one_hot = jax.nn.one_hot(drafts, counts.shape[-1], dtype=counts.dtype)
+    before = jnp.concatenate([jnp.zeros_like(one_hot[:, :1]), jnp.cumsum(one_hot, axis=1)], axis=1)
+    return counts[:, None, :] + before
+
+
+def verify(
+    logits: jax.Array,
+    drafts: jax.Array,
+    draft_lp: jax.Array,
+    sampling: SamplingParams,
+    counts: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    last: jax.Array,
+    all_greedy: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Accept drafts against the target's logits [B, k+1, V] of the verify rows -> (accepted [B], tokens [B, k+1])
+    as `accept_drafts`. The target's distribution of row m counts d_1..d_m as generated (penalties).
+    All-greedy batches just compare the drafts with the target's argmax."""
+    batch, rows, vocab = logits.shape
+    flat_counts = _row_counts(counts, drafts).reshape(batch * rows, vocab)
+    flat_params = jax.tree.map(lambda a: jnp.repeat(a, rows, axis=0), sampling)
+    flat_mask = jnp.repeat(prompt_mask, rows, axis=0)
+    flat_logits = logits.reshape(batch * rows, vocab)
+
+    def greedy(_):
+        penalized = apply_penalties(flat_logits, flat_params, flat_counts, flat_mask)
+        target = jnp.argmax(penalized, axis=-1).astype(jnp.int32).reshape(batch, rows)
+        agree = (drafts == target[:, :-1]).astype(jnp.int32)
+        return jnp.sum(jnp.cumprod(agree, axis=1), axis=1), target
+
+    def sampled(_):
+        target_lp = processed_logprobs(flat_logits, flat_params, flat_counts, flat_mask)
+        return accept_drafts(target_lp.reshape(batch, rows, vocab), draft_lp, drafts, rng, last)
+
+    return jax.lax.cond(all_greedy, greedy, sampled, None)
 
 
 def accept_drafts(
