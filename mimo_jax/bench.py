@@ -296,14 +296,13 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
     tokens = np.random.RandomState(0).randint(0, lm.config.vocab_size, prompt_len).astype(np.int32)
 
     def once() -> jax.Array:
-        hidden = None
+        hidden = jnp.asarray(engine.empty_history())
         for start in range(0, prompt_len, chunk):
-            piece = tokens[start : start + chunk]
-            bucket = next(b for b in engine.buckets if b >= piece.size)
-            padded = np.zeros((bucket,), np.int32)
-            padded[: piece.size] = piece
+            length = min(chunk, prompt_len - start)
+            bucket = next(b for b in engine.buckets if b >= length)
+            padded = engine.prefill_tokens(tokens, start, length, bucket)
             engine.cache, hidden = engine.prefill_fn(
-                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(piece.size)
+                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
             )
         return jax.block_until_ready(hidden)
 
