@@ -69,11 +69,7 @@ def hbm_bytes(device: Any) -> int:
 
 def slice_config(cfg, layers: int | None):
     """The first `layers` layers of a config, in the real full/SWA and dense/MoE pattern."""
-    if layers is None:
-        return cfg
-    if not 1 <= layers <= cfg.num_layers:
-        raise ValueError(f"--layers {layers}: expected 1..{cfg.num_layers}")
-    return cfg.replace(num_layers=layers, sliding=cfg.sliding[:layers], moe=cfg.moe[:layers])
+    return cfg if layers is None else cfg.first_layers(layers)
 
 
 def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax import moe
+from mimo_jax import moe, sharding
 from mimo_jax.attention import ATTENTION_IMPLS
 from mimo_jax.cache import LayerKV, kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
@@ -45,7 +45,10 @@ PEER = {"decode": {1: 70.6, 32: 866.0}, "prefill": 41.6e3}
 # ------------------------------------------------------------------ models
 def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
     """'flash-slice-N' or a config.json path; `scale_down` divides the sizes for a CPU run."""
-    if model.startswith("flash-slice-"):
+    if model.startswith("flash-layers-"):  # the real Flash pattern (full attention at 0, 5, 11, ...)
+        cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
+        cfg = cfg.first_layers(int(model.rsplit("-", 1)[1]))
+    elif model.startswith("flash-slice-"):
         n = int(model.rsplit("-", 1)[1])
         cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
         cfg = cfg.replace(num_layers=n, sliding=(False,) + (True,) * (n - 1), moe=(False,) + (True,) * (n - 1))
@@ -337,14 +340,13 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
     tokens = np.random.RandomState(0).randint(0, lm.config.vocab_size, prompt_len).astype(np.int32)
 
     def once() -> jax.Array:
-        hidden = None
+        hidden = jnp.asarray(engine.empty_history())
         for start in range(0, prompt_len, chunk):
-            piece = tokens[start : start + chunk]
-            bucket = next(b for b in engine.buckets if b >= piece.size)
-            padded = np.zeros((bucket,), np.int32)
-            padded[: piece.size] = piece
+            length = min(chunk, prompt_len - start)
+            bucket = next(b for b in engine.buckets if b >= length)
+            padded = engine.prefill_tokens(tokens, start, length, bucket)
             engine.cache, hidden = engine.prefill_fn(
-                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(piece.size)
+                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
             )
         return jax.block_until_ready(hidden)
 
@@ -415,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["bf16", "fp8"],
         help="fp8: float8 blocks + scales as load_model(..., weights='fp8') places them",
     )
+    sharding.add_distributed_arguments(p)
     args = p.parse_args(argv)
 
     unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
@@ -423,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
     dtype_bytes = dtype.itemsize
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # multi-host
     mesh = None
     if args.mesh:
         from mimo_jax.sharding import make_mesh, parse_mesh_arg
