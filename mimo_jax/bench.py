@@ -69,9 +69,12 @@ def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
     return cfg
 
 
-def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sharding.Mesh | None = None):
-    """A MiMoModel with random weights made on the device, one jitted initializer per parameter."""
-    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, rngs=nnx.Rngs(0)))
+def random_model(
+    cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sharding.Mesh | None = None, mtp_layers: int = 0
+):
+    """A MiMoModel (with `mtp_layers` MTP layers) with random weights made on the device, one jitted
+    initializer per parameter."""
+    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, rngs=nnx.Rngs(0), mtp_layers=mtp_layers))
     abstract.set_moe_impl(moe_impl)
     graphdef, state = nnx.split(abstract)
     shardings = None
