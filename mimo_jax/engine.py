@@ -654,11 +654,8 @@ class Engine:
     def has_work(self) -> bool:
         return self.num_requests > 0
 
-    def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
-        """Reserve a slot for a request; its prompt is prefilled by the next `step`s. Returns the slot."""
-        sampling = sampling or SamplingOptions()
-        if request_id in self._by_id:
-            raise ValueError(f"request id {request_id!r} is already running")
+    def check_request(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions) -> np.ndarray:
+        """The prompt as int32 ids if this engine can run the request, else a ValueError saying why."""
         prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         if prompt.size == 0:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
@@ -682,12 +679,20 @@ class Engine:
                 f"request {request_id!r}: logprobs={sampling.logprobs} exceeds "
                 f"the engine's max_top_logprobs={self.max_top_logprobs}"
             )
+        return prompt.astype(np.int32)
+
+    def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
+        """Reserve a slot for a request; its prompt is prefilled by the next `step`s. Returns the slot."""
+        sampling = sampling or SamplingOptions()
+        if request_id in self._by_id:
+            raise ValueError(f"request id {request_id!r} is already running")
+        prompt = self.check_request(request_id, prompt_ids, sampling)
         try:
             slot = self._slots.index(None)
         except ValueError:
             raise EngineFull(f"all {self.max_batch} slots are busy") from None
         seed = next(self._seeds) if sampling.seed is None else sampling.seed
-        self._slots[slot] = _Request(request_id, prompt.astype(np.int32), sampling, seed)
+        self._slots[slot] = _Request(request_id, prompt, sampling, seed)
         self._by_id[request_id] = slot
         self._prefill_queue.append(slot)
         return slot
@@ -775,7 +780,7 @@ class Engine:
             greedy = all(r.options.temperature <= 0 for r in running)
             decode = self.greedy_decode_fn if greedy else self.decode_fn
             self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
-        host_admitted, host_round, reasons = jax.device_get((admitted, round_out, self.state.finish_reason))
+        host_admitted, host_round, reasons = to_host((admitted, round_out, self.state.finish_reason))
 
         results: dict[int, StepOutput] = {}
 
@@ -822,6 +827,23 @@ class Engine:
                 del self._by_id[out.request_id]
                 self._slots[slot] = None
         return list(results.values())
+
+
+def to_host(tree: Any) -> Any:
+    """`jax.device_get` that also works on arrays split across processes (multi-host meshes).
+
+    Such an array (e.g. a round's tokens split over a data axis spanning hosts) is all-gathered,
+    a collective: every process must fetch the same arrays in the same order, as the engine's
+    identical steps on every process do.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
 
 
 def _abstract(tree: Any) -> Any:
