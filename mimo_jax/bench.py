@@ -79,9 +79,15 @@ def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
 
 
 def random_model(
-    cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sharding.Mesh | None = None, weights: str = "bf16"
+    cfg: MiMoConfig,
+    dtype: jnp.dtype,
+    moe_impl: str,
+    mesh: jax.sharding.Mesh | None = None,
+    weights: str = "bf16",
+    mtp_layers: int = 0,
 ):
-    """A MiMoModel with random weights made on the device, one jitted initializer per parameter shape.
+    """A MiMoModel (with `mtp_layers` MTP layers) with random weights made on the device, one jitted
+    initializer per parameter shape.
 
     `weights="fp8"`: the parameters `load_model(..., weights="fp8")` would place for this config
     (float8 blocks + float32 scales for the kinds the loader keeps in FP8), filled with random values.
@@ -92,7 +98,7 @@ def random_model(
 
     if weights == "fp8" and cfg.quantization is None:
         cfg = cfg.replace(quantization={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
-    graphdef, state = abstract_params(cfg, dtype, mesh or make_mesh(devices=jax.devices()[:1]), weights)
+    graphdef, state = abstract_params(cfg, dtype, mesh or make_mesh(devices=jax.devices()[:1]), weights, mtp_layers)
 
     @functools.cache
     def initializer(kind: str, shape: tuple, leaf_dtype: jnp.dtype, sharding):

@@ -264,16 +264,18 @@ class IterationOutput:
 
 
 def decode_speculative(
-    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int
+    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int, greedy: bool
 ) -> tuple[list[LayerKV], SlotState, IterationOutput]:
-    """One MTP draft-verify-accept round for every active slot (`mimo_jax.speculative`)."""
+    """One MTP draft-verify-accept round for every active slot (`mimo_jax.speculative`).
+
+    `greedy` (static): every running slot is greedy, so no distribution is formed or sampled from.
+    """
     num_layers = len(model.layers)
     target_cache, mtp_cache = cache[:num_layers], cache[num_layers:]
     k = len(mtp_cache)
     active = state.active
     batch = jnp.arange(active.shape[0])
     last = jnp.where(active, state.positions - 1, -1)  # P: the newest target hidden state
-    all_greedy = jnp.all((state.sampling.temperature <= 0) | ~active)
     drafts, draft_lp, mtp_cache = draft_chain(
         model,
         mtp_cache,
@@ -284,7 +286,7 @@ def decode_speculative(
         state.counts,
         state.prompt_mask,
         state.rng,
-        all_greedy,
+        greedy,
     )
 
     # verify: the target reads the last token and the drafts at positions P+1 .. P+k+1
@@ -294,7 +296,7 @@ def decode_speculative(
     hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
     logits = model.logits(hidden)  # [B, k+1, V]
     accepted, candidates = verify(
-        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last, all_greedy
+        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last
     )
 
     # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit
@@ -357,11 +359,13 @@ def decode_round(
     max_context: int,
     num_top: int,
     speculative_steps: int = 0,
+    greedy: bool = False,
 ) -> tuple[list[LayerKV], SlotState, RoundOutput]:
     """Up to `num_steps` (<= max_steps) decode iterations in one `while_loop`; ends early when no slot is active.
 
     An iteration is one token, or with `speculative_steps=k` one draft-verify-accept round that
     emits 1..k+1 tokens per slot (so the round holds up to max_steps * (k+1) tokens per slot).
+    `greedy` (static, speculation only): the caller knows every running slot is greedy.
     """
     batch = state.tokens.shape[0]
     k = speculative_steps
@@ -384,7 +388,9 @@ def decode_round(
         i, cache, state, output = carry
         model = nnx.merge(graphdef, params)
         if k:
-            cache, state, out = decode_speculative(model, cache, state, max_context=max_context, num_top=num_top)
+            cache, state, out = decode_speculative(
+                model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy
+            )
         else:
             cache, state, sampled, emitted = decode_one(model, cache, state, max_context=max_context, num_top=num_top)
             out = IterationOutput(
@@ -578,7 +584,7 @@ class Engine:
                 graphdef, params, state, slot, history, request, max_context=max_context, num_top=max_top_logprobs
             )
 
-        def decode(params, cache, state, num_steps):
+        def decode(params, cache, state, num_steps, greedy=False):
             return decode_round(
                 graphdef,
                 params,
@@ -589,15 +595,23 @@ class Engine:
                 max_context=max_context,
                 num_top=max_top_logprobs,
                 speculative_steps=k,
+                greedy=greedy,
             )
 
         # Outputs keep the layouts the cache and state were made with, so every call after the first
         # hits the same compiled step (equivalent but differently spelled shardings would recompile).
         cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        decode_out = (cache_sharding, state_sharding, None)
         self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, None))
         self.admit_fn = jax.jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
-        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=(cache_sharding, state_sharding, None))
+        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
+        # Speculation when every running request is greedy (the host knows): drafts and verify
+        # compare argmaxes, no distributions. Without speculation the same function as decode_fn.
+        greedy_decode = lambda params, cache, state, num_steps: decode(params, cache, state, num_steps, True)
+        self.greedy_decode_fn = (
+            jax.jit(greedy_decode, donate_argnums=(1, 2), out_shardings=decode_out) if k else self.decode_fn
+        )
         self.release_fn = jax.jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
 
         self._slots: list[_Request | None] = [None] * max_batch
@@ -768,10 +782,12 @@ class Engine:
         if not 1 <= n <= self.max_round_tokens:
             raise ValueError(f"max_tokens_per_round={n}: expected 1..{self.max_round_tokens}")
         admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
-        decoding = any(r is not None and r.decoding for r in self._slots)
+        running = [r for r in self._slots if r is not None and r.decoding]
         round_out = None
-        if decoding:
-            self.cache, self.state, round_out = self.decode_fn(self.params, self.cache, self.state, jnp.int32(n))
+        if running:
+            greedy = all(r.options.temperature <= 0 for r in running)
+            decode = self.greedy_decode_fn if greedy else self.decode_fn
+            self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
         host_admitted, host_round, reasons = to_host((admitted, round_out, self.state.finish_reason))
 
         results: dict[int, StepOutput] = {}

@@ -79,19 +79,20 @@ def draft_chain(
     counts: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
-    all_greedy: jax.Array,
-) -> tuple[jax.Array, jax.Array, list[LayerKV]]:
+    greedy: bool,
+) -> tuple[jax.Array, jax.Array | None, list[LayerKV]]:
     """k = len(mtp_cache) draft tokens per row from the MTP layers, one layer per step.
 
     recent_hidden [B, 2k, H]: target hidden states at positions last-2k+1 .. last;
     recent_tokens [B, 2k]: the token after each of them (t_{last-2k+2} .. t_{last+1});
     last [B]: P, the position of the newest target hidden state (-1 = inactive row);
-    all_greedy: every running row is greedy (then no distribution is formed or drawn from).
-    Returns drafts [B, k] (tokens for positions P+2 .. P+k+1), their processed draft
-    log-probabilities [B, k, V] and the MTP caches.
+    greedy (static): every row is greedy, so drafts are argmaxes and no distribution is formed.
+    Returns drafts [B, k] (tokens for positions P+2 .. P+k+1), the processed draft
+    log-probabilities they were drawn from [B, k, V] (None when greedy) and the MTP caches.
     """
     k = len(mtp_cache)
     hist = recent_hidden.shape[1]
+    batch = jnp.arange(last.shape[0])
     drafts = jnp.zeros((last.shape[0], 0), jnp.int32)
     draft_lp, out_cache = [], []
     for j, kv in enumerate(mtp_cache):
@@ -105,25 +106,16 @@ def draft_chain(
         layer = model.mtp[j]
         h, kv = layer(model.embed(tokens), hidden, pos, kv)
         logits = model.logits(h[:, -1], layer.final_layernorm)
-
-        def greedy(logits, counts):
+        if greedy:
             token = jnp.argmax(apply_penalties(logits, sampling, counts, prompt_mask), axis=-1).astype(jnp.int32)
-            return _one_hot_logprobs(token, logits.shape[-1]), token
-
-        def sampled(logits, counts, j=j):
-            lp = processed_logprobs(logits, sampling, counts, prompt_mask)
-            return lp, draw(lp, step_keys(rng, last + j + 2, DRAFT_KEY))
-
-        lp, token = jax.lax.cond(all_greedy, greedy, sampled, logits, counts)
+        else:
+            lp = processed_logprobs(logits, sampling, counts, prompt_mask)  # one-hot for greedy rows
+            token = draw(lp, step_keys(rng, last + j + 2, DRAFT_KEY))
+            draft_lp.append(lp)
         drafts = jnp.concatenate([drafts, token[:, None]], axis=1)
-        counts = counts.at[jnp.arange(token.shape[0]), token].add(1)
-        draft_lp.append(lp)
+        counts = counts.at[batch, token].add(1)
         out_cache.append(kv)
-    return drafts, jnp.stack(draft_lp, axis=1), out_cache
-
-
-def _one_hot_logprobs(tokens: jax.Array, vocab: int) -> jax.Array:
-    return jnp.where(jnp.arange(vocab)[None, :] == tokens[:, None], 0.0, -jnp.inf)
+    return drafts, None if greedy else jnp.stack(draft_lp, axis=1), out_cache
 
 
 def _row_counts(counts: jax.Array, drafts: jax.Array) -> jax.Array:
@@ -136,34 +128,29 @@ def _row_counts(counts: jax.Array, drafts: jax.Array) -> jax.Array:
 def verify(
     logits: jax.Array,
     drafts: jax.Array,
-    draft_lp: jax.Array,
+    draft_lp: jax.Array | None,
     sampling: SamplingParams,
     counts: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
     last: jax.Array,
-    all_greedy: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Accept drafts against the target's logits [B, k+1, V] of the verify rows -> (accepted [B], tokens [B, k+1])
-    as `accept_drafts`. The target's distribution of row m counts d_1..d_m as generated (penalties).
-    All-greedy batches just compare the drafts with the target's argmax."""
+    as `accept_drafts`; the target's distribution of row m counts d_1..d_m as generated (penalties).
+    Without draft distributions (`draft_lp` None: an all-greedy batch) the drafts are compared with the
+    target's argmax."""
     batch, rows, vocab = logits.shape
     flat_counts = _row_counts(counts, drafts).reshape(batch * rows, vocab)
     flat_params = jax.tree.map(lambda a: jnp.repeat(a, rows, axis=0), sampling)
     flat_mask = jnp.repeat(prompt_mask, rows, axis=0)
     flat_logits = logits.reshape(batch * rows, vocab)
-
-    def greedy(_):
+    if draft_lp is None:
         penalized = apply_penalties(flat_logits, flat_params, flat_counts, flat_mask)
         target = jnp.argmax(penalized, axis=-1).astype(jnp.int32).reshape(batch, rows)
         agree = (drafts == target[:, :-1]).astype(jnp.int32)
         return jnp.sum(jnp.cumprod(agree, axis=1), axis=1), target
-
-    def sampled(_):
-        target_lp = processed_logprobs(flat_logits, flat_params, flat_counts, flat_mask)
-        return accept_drafts(target_lp.reshape(batch, rows, vocab), draft_lp, drafts, rng, last)
-
-    return jax.lax.cond(all_greedy, greedy, sampled, None)
+    target_lp = processed_logprobs(flat_logits, flat_params, flat_counts, flat_mask)
+    return accept_drafts(target_lp.reshape(batch, rows, vocab), draft_lp, drafts, rng, last)
 
 
 def accept_drafts(
