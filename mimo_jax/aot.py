@@ -69,62 +69,7 @@ def hbm_bytes(device: Any) -> int:
 
 def slice_config(cfg, layers: int | None):
     """The first `layers` layers of a config, in the real full/SWA and dense/MoE pattern."""
-    if layers is None:
-        return cfg
-    if not 1 <= layers <= cfg.num_layers:
-        raise ValueError(f"--layers {layers}: expected 1..{cfg.num_layers}")
-    return cfg.replace(num_layers=layers, sliding=cfg.sliding[:layers], moe=cfg.moe[:layers])
-
-
-def abstract_params(cfg, dtype, mesh, weights: str = "bf16"):
-    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings; no memory is used.
-
-    `weights="fp8"`: what `load_model(..., weights="fp8")` places for a checkpoint with this config's
-    `quantization_config`: float8 values and float32 block scales (`quant.BlockQuantized`), each
-    sharded by the parameter's logical axes, for the kinds the loader keeps in FP8.
-    """
-    import jax
-    import numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding
-
-    from mimo_jax.quant import FP8, BlockQuantized, scale_shape
-    from mimo_jax.sharding import logical_to_spec, model_shardings
-    from mimo_jax.weights.loader import _KEEP_FP8, abstract_model, quantization_block
-    from mimo_jax.weights.table import fp8_param_block, parameter_sources
-
-    if weights not in ("bf16", "fp8"):
-        raise ValueError(f"--weights {weights!r}: expected 'bf16' or 'fp8'")
-    block = quantization_block(cfg) if weights == "fp8" else None
-    if weights == "fp8" and block is None:
-        raise ValueError("--weights fp8 needs a config with an fp8 quantization_config (weight_block_size)")
-    model = abstract_model(cfg, dtype)
-    shardings = model_shardings(model, mesh)
-    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
-    for path, var in params.items():
-        value = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[path]))
-    if block is not None:
-        # The same choice as the loader and the planner: these kinds stay FP8 when their tensor is quantized.
-        for src in parameter_sources(cfg):
-            if src.kind not in _KEEP_FP8 or not src.tensors[0].quantizable:
-                continue
-            var = params[src.path]
-            value = var.get_value()
-            axes = tuple(var.get_metadata().get("logical_axes") or (None,) * value.ndim)
-            param_block = fp8_param_block(src.kind, value.ndim, block)
-            scales = scale_shape(value.shape, param_block)
-            var.set_value(
-                BlockQuantized(
-                    jax.ShapeDtypeStruct(value.shape, FP8, sharding=shardings[src.path]),
-                    jax.ShapeDtypeStruct(
-                        scales, np.float32, sharding=NamedSharding(mesh, logical_to_spec(axes, scales, mesh))
-                    ),
-                    param_block,
-                    np.dtype(value.dtype).name,
-                )
-            )
-    return nnx.split(model)
+    return cfg if layers is None else cfg.first_layers(layers)
 
 
 def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:
@@ -298,6 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = jnp.bfloat16
     if args.batch % mesh.shape["data"]:
         raise ValueError(f"--batch {args.batch} is not divisible by the data axis ({mesh.shape['data']})")
+    from mimo_jax.weights.loader import abstract_params
+
     graphdef, params = abstract_params(cfg, dtype, mesh, args.weights)
     cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh)
     steps = serving_steps(

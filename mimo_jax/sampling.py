@@ -212,5 +212,8 @@ def sample(
     tokens = jnp.where(is_greedy, greedy_tokens, drawn)
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(model_logprobs, num_top)
+    if num_top:
+        top_logprobs, top_ids = jax.lax.top_k(model_logprobs, num_top)
+    else:  # no top-k over the vocabulary when nobody asked for it
+        top_logprobs, top_ids = jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0), jnp.int32)
     return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

@@ -16,6 +16,7 @@ import pytest
 from mimo_jax import aot
 from mimo_jax.config import MiMoConfig
 from mimo_jax.sharding import make_mesh
+from mimo_jax.weights.loader import abstract_params
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -44,7 +45,7 @@ def flash_slice():
 
     def compile(weights, step_name):
         if (weights, step_name) not in done:
-            graphdef, params = aot.abstract_params(cfg, jnp.bfloat16, mesh, weights)
+            graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights)
             steps = aot.serving_steps(
                 cfg, graphdef, params, cache, batch=BATCH, context=CONTEXT, chunk=CHUNK, round_tokens=4, mesh=mesh
             )

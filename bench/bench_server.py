@@ -1,0 +1,251 @@
+"""Load benchmark of `python -m mimo_jax.serve` beside offline `mimo_jax.generate` at the same batch size.
+
+For each concurrency N: start a server with --max-batch N, let N clients each stream
+`--requests-per-client` completions back to back (token-id prompts of --prompt-len, exactly
+--output-len tokens: ignore_eos), and measure output tok/s, time to first token (p50/p99) and
+inter-token latency (p50/p99, a chunk of k tokens after a gap g counts k latencies of g/k).
+Then offline: `generate` on the same model with max_batch N over the same N x requests prompts
+(after a warm-up call). Server and offline each run in their own process (an accelerator
+process holds its memory until it exits). Each is timed --repeats times and the best run counts
+(shared machines are noisy).
+
+    python bench/bench_server.py                                   # the demo model on CPU
+    python bench/bench_server.py --model DIR --concurrency 1,8,32,64 --dtype bfloat16
+    python bench/bench_server.py --model flash-slice-4 --random-weights --tokenizer mimo_jax/demo_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from mimo_jax.moe import EXPERT_IMPLS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(10, vocab, size=length)] for _ in range(count)]
+
+
+def _vocab(args) -> int:
+    from mimo_jax.config import MiMoConfig
+
+    if args.random_weights:
+        from mimo_jax.bench import bench_config
+
+        return min(bench_config(args.model).vocab_size, _tokenizer_vocab(args.tokenizer))
+    return _tokenizer_vocab(args.tokenizer or args.model) or MiMoConfig.from_json(args.model).vocab_size
+
+
+def _tokenizer_vocab(directory: str) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(directory, "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+# ------------------------------------------------------------------------------------ offline
+def offline(args) -> dict:
+    """Offline `generate` tok/s at batch N (run in a child process: `--offline N`)."""
+    import mimo_jax
+
+    if args.random_weights:
+        import jax.numpy as jnp
+
+        from mimo_jax.bench import bench_config, random_model
+        from mimo_jax.kernels import default_expert_impl
+
+        impl = args.moe_impl or default_expert_impl()
+        lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), impl))
+    else:
+        lm = mimo_jax.load_model(args.model, dtype=args.dtype)
+        if args.moe_impl:
+            lm.model.set_moe_impl(args.moe_impl)
+            lm = mimo_jax.LanguageModel(lm.model, source=lm.source)
+    n = args.offline
+    prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
+    engine = mimo_jax.Engine(
+        lm,
+        max_batch=n,
+        max_context=args.prompt_len + args.output_len + 1,
+        prefill_chunk=args.prefill_chunk,
+        max_round_tokens=min(args.output_len, 64),  # generate()'s own choice
+        max_stop_ids=1,
+    )
+    run = lambda batch: mimo_jax.generate(lm, batch, engine=engine, max_new_tokens=args.output_len, ignore_eos=True)
+    run(prompts[:n])  # compile
+    best = None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        results = run(prompts)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r.token_ids) for r in results)
+        if best is None or tokens / seconds > best["tok_s"]:
+            best = {"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+    return best
+
+
+# ------------------------------------------------------------------------------------ server load
+async def _client(http, prompts, args, samples) -> None:
+    for prompt in prompts:
+        body = {
+            "prompt": prompt,
+            "max_tokens": args.output_len,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        start = time.perf_counter()
+        last, done, first = start, 0, None
+        gaps = []
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                usage = json.loads(line[6:]).get("usage") or {}
+                count = usage.get("completion_tokens", done)
+                if count > done:
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now - start
+                    else:
+                        gaps.extend([(now - last) / (count - done)] * (count - done))
+                    last, done = now, count
+        samples.append({"ttft": first, "itl": gaps, "tokens": done, "seconds": time.perf_counter() - start})
+
+
+async def _load(url: str, prompts: list[list[int]], n: int, args) -> dict:
+    import httpx
+
+    samples: list[dict] = []
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
+        per_client = [prompts[i::n] for i in range(n)]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_client(http, p, args, samples) for p in per_client))
+        seconds = time.perf_counter() - t0
+    tokens = sum(s["tokens"] for s in samples)
+    ttft = np.array([s["ttft"] for s in samples])
+    itl = np.array([g for s in samples for g in s["itl"]]) if any(s["itl"] for s in samples) else np.zeros(1)
+    return {
+        "concurrency": n,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_s": tokens / seconds,
+        "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
+        "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
+        "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)),
+        "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)),
+    }
+
+
+def serve_and_load(args, n: int) -> dict:
+    import httpx
+
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "mimo_jax.serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
+        "--max-batch", str(n), "--max-context", str(args.prompt_len + args.output_len + 1),
+        "--prefill-chunk", str(args.prefill_chunk), "--round-tokens", str(args.round_tokens),
+        "--max-waiting", str(max(256, n * args.requests_per_client)), "--max-logprobs", "0", "--log-level", "warning",
+    ]  # fmt: skip
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
+    if args.random_weights:
+        cmd += ["--random-weights"]
+    if args.moe_impl:
+        cmd += ["--moe-impl", args.moe_impl]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        startup = time.perf_counter() - t0
+        prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
+        asyncio.run(_load(url, prompts[:n], n, args))  # warm: first requests, connection pool
+        runs = [asyncio.run(_load(url, prompts, n, args)) for _ in range(args.repeats)]
+        result = max(runs, key=lambda r: r["tok_s"])
+        result["startup_s"] = startup
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint directory, or a config (flash-slice-N) with --random-weights")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--moe-impl", choices=sorted(EXPERT_IMPLS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--round-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best counts")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--offline", type=int, help=argparse.SUPPRESS)  # child mode: offline generate at this batch
+    args = p.parse_args()
+    if args.model is None:
+        from mimo_jax.demo import demo_model_dir
+
+        args.model = str(demo_model_dir())
+    if args.offline:
+        print(json.dumps(offline(args)))
+        return 0
+
+    rows = []
+    for n in (int(x) for x in args.concurrency.split(",")):
+        child = [*sys.argv[1:], "--model", args.model, "--offline", str(n)]
+        out = subprocess.run([sys.executable, __file__, *child], check=True, capture_output=True, text=True)
+        off = json.loads(out.stdout.strip().splitlines()[-1])
+        srv = serve_and_load(args, n)
+        row = {**srv, "offline_tok_s": off["tok_s"], "ratio": srv["tok_s"] / off["tok_s"]}
+        rows.append(row)
+        print(
+            f"N={n:3d}  server {row['tok_s']:9.1f} tok/s  offline {row['offline_tok_s']:9.1f} tok/s  "
+            f"ratio {row['ratio']:.2f}  TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms  "
+            f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""`python -m mimo_jax.serve`: an OpenAI-compatible HTTP server for a MiMo-V2 checkpoint.
+
+With no arguments it serves the embedded demo model on 127.0.0.1:8000. Startup loads the
+weights, logs the memory plan, compiles every shape it will run (warm-up), and only then logs
+the ready line and answers requests.
+
+Multi-host: start the same command on every process (with --coordinator-address/--num-processes/
+--process-id, or the MIMO_* environment of `mimo_jax.sharding.initialize_distributed`). Process 0
+listens and schedules; the others apply its broadcast round plans to their share of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from mimo_jax.moe import EXPERT_IMPLS
+
+log = logging.getLogger("mimo_jax.serve")
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mimo_jax.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint directory, HF safetensors or Orbax (default: the embedded demo model)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json / tokenizer_config.json (default: --model)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="benchmarks: --model names a config (flash-slice-N or a config.json) and the weights are random "
+        "(needs --tokenizer; ids outside its vocabulary decode to nothing)",
+    )
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--mesh", help="device mesh, e.g. tensor=4,expert=2 (default: one device, no mesh)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation/weight dtype")
+    p.add_argument("--weights", choices=["bf16", "fp8"], help="how FP8 checkpoints are kept (the importer's modes)")
+    p.add_argument(
+        "--moe-impl",
+        choices=sorted(EXPERT_IMPLS),
+        help="expert implementation (default: the Pallas kernel on GPU, ragged_dot elsewhere)",
+    )
+    p.add_argument("--max-batch", type=int, default=32, help="engine slots: sequences decoded together")
+    p.add_argument("--max-context", type=int, help="tokens per sequence, prompt + output (default: min(model, 8192))")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=512, help="largest prefill chunk (compiled in power-of-2 sizes)"
+    )
+    p.add_argument("--prefill-tokens", type=int, help="prompt tokens prefilled per round (default: one chunk)")
+    p.add_argument("--round-tokens", type=int, default=8, help="decode steps per round (between admissions)")
+    p.add_argument("--speculative-steps", type=int, default=0, help="MTP draft tokens per step (0: off)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (0: none)")
+    p.add_argument("--max-logprobs", type=int, default=20, help="largest top_logprobs a request may ask for")
+    p.add_argument("--max-stop-token-ids", type=int, default=8, help="stop token ids per request besides EOS")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    from mimo_jax.sharding import add_distributed_arguments
+
+    add_distributed_arguments(p)
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("max_batch", "prefill_chunk", "round_tokens", "max_waiting"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_context is not None and args.max_context < 2:
+        p.error("--max-context must be at least 2")
+    if args.speculative_steps < 0 or args.max_logprobs < 0 or args.max_stop_token_ids < 0:
+        p.error("--speculative-steps, --max-logprobs and --max-stop-token-ids must be >= 0")
+    if not 0 <= args.port < 65536:
+        p.error(f"--port {args.port}: expected 0..65535")
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def _log_memory_plan(lm, engine, max_context: int) -> None:
+    import jax
+
+    from mimo_jax.cache import kv_plan
+
+    cfg = lm.config
+    params = _tree_bytes(lm.params)
+    cache = _tree_bytes(engine.cache)
+    state = _tree_bytes(engine.state)
+    plan = kv_plan(cfg, max_context, dtype_bytes=jax.numpy.dtype(lm.dtype).itemsize)
+    devices = jax.devices()
+    log.info(
+        "memory plan: weights %s; KV cache %s (%d slots x %d tokens, %s per sequence: %d full + %d SWA layers,"
+        " %.1fx below all-full attention); slot state %s; total %s over %d %s device(s)",
+        _size(params),
+        _size(cache),
+        engine.max_batch,
+        max_context,
+        _size(plan.total_bytes),
+        plan.full_layers,
+        plan.swa_layers,
+        plan.saving,
+        _size(state),
+        _size(params + cache + state),
+        len(devices),
+        devices[0].platform,
+    )
+    local = jax.local_devices()[0]
+    try:
+        stats = local.memory_stats()
+    except Exception:  # not every backend reports memory
+        stats = None
+    if stats and "bytes_limit" in stats:
+        log.info("%s: %s in use of %s", local, _size(stats.get("bytes_in_use", 0)), _size(stats["bytes_limit"]))
+
+
+def _load(args: argparse.Namespace):
+    """Model, tokenizer and chat template as the flags ask."""
+    from mimo_jax.lm import load_model
+    from mimo_jax.serve.chat import ChatTemplate, Tokenizer
+
+    if args.model:
+        directory, default_name = args.model, os.path.basename(os.path.normpath(args.model))
+    else:
+        from mimo_jax.demo import demo_model_dir
+
+        directory, default_name = str(demo_model_dir()), "mimo-demo"
+    mesh = None
+    if args.mesh:
+        from mimo_jax.sharding import make_mesh, parse_mesh_arg
+
+        mesh = make_mesh(**parse_mesh_arg(args.mesh))
+    kwargs = {}
+    if args.weights:
+        kwargs["weights"] = args.weights
+    if args.speculative_steps:
+        kwargs["mtp"] = args.speculative_steps  # the MTP layers the drafts need
+    t0 = time.perf_counter()
+    if args.random_weights:
+        import jax.numpy as jnp
+
+        from mimo_jax.bench import bench_config, random_model
+        from mimo_jax.kernels import default_expert_impl
+        from mimo_jax.lm import LanguageModel
+
+        if not args.model or not args.tokenizer:
+            raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
+        model = random_model(
+            bench_config(args.model), jnp.dtype(args.dtype), args.moe_impl or default_expert_impl(), mesh
+        )
+        lm = LanguageModel(model, mesh=mesh, source=f"random:{args.model}")
+    else:
+        lm = load_model(directory, dtype=args.dtype, mesh=mesh, **kwargs)
+        if args.moe_impl:
+            from mimo_jax.lm import LanguageModel
+
+            lm.model.set_moe_impl(args.moe_impl)
+            lm = LanguageModel(lm.model, mesh=lm.mesh, source=lm.source)  # re-split: the graph holds the impl
+    log.info("loaded %s (%s) in %.1f s", lm.source, args.dtype, time.perf_counter() - t0)
+    tok_dir = args.tokenizer or directory
+    tokenizer = Tokenizer(tok_dir)
+    if tokenizer.vocab_size > lm.config.vocab_size:
+        raise SystemExit(
+            f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size={lm.config.vocab_size}"
+        )
+    template = ChatTemplate.from_dir(tok_dir)
+    if template is None:
+        log.warning("%s has no chat template: /v1/chat/completions will answer 400", tok_dir)
+    generation = {}
+    gen_path = os.path.join(directory, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            raw = json.load(f)
+        generation = {k: raw[k] for k in ("temperature", "top_p", "top_k") if isinstance(raw.get(k), int | float)}
+    return lm, tokenizer, template, args.served_model_name or default_name, directory, generation
+
+
+def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
+    from mimo_jax.engine import Engine
+
+    kwargs = dict(
+        max_batch=args.max_batch,
+        max_context=max_context,
+        prefill_chunk=min(args.prefill_chunk, max_context),
+        max_round_tokens=args.round_tokens,
+        max_stop_ids=num_eos + args.max_stop_token_ids,
+        max_top_logprobs=args.max_logprobs,
+    )
+    if args.speculative_steps:
+        if "speculative_steps" not in inspect.signature(Engine).parameters:
+            raise SystemExit("--speculative-steps: this build's engine has no MTP speculative decoding")
+        kwargs["speculative_steps"] = args.speculative_steps
+    return Engine(lm, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    import jax
+
+    from mimo_jax.sharding import initialize_distributed
+
+    # gloo: cross-process collectives for the CPU backend too (plans are broadcast through it on CPU hosts).
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, cpu_collectives="gloo")
+    leader = jax.process_index() == 0
+    multihost = jax.process_count() > 1
+
+    from mimo_jax.serve.metrics import Metrics
+    from mimo_jax.serve.scheduler import PlanChannel, Scheduler, follow
+
+    lm, tokenizer, template, model_name, directory, generation = _load(args)
+    eos = tuple(sorted(set(lm.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    max_context = min(args.max_context or min(lm.config.context_len, 8192), lm.config.context_len)
+    engine = _engine(args, lm, max_context, len(eos))
+    _log_memory_plan(lm, engine, max_context)
+    metrics = Metrics(model_name, args.max_batch, max_context)
+    channel = PlanChannel() if multihost else None
+    scheduler = Scheduler(
+        engine,
+        metrics,
+        dispatch=lambda batch: None,  # replaced by the app once its event loop runs
+        max_waiting=args.max_waiting,
+        round_tokens=args.round_tokens,
+        prefill_tokens=args.prefill_tokens,
+        channel=channel if leader else None,
+    )
+    t0 = time.perf_counter()
+    scheduler.warmup()
+    log.info(
+        "warm-up: compiled prefill chunks %s, admit, decode and cancel in %.1f s",
+        engine.buckets,
+        time.perf_counter() - t0,
+    )
+    if not leader:
+        log.info("process %d of %d: following process 0's round plans", jax.process_index(), jax.process_count())
+        follow(engine, channel)
+        log.info("process 0 shut down; leaving")
+        jax.distributed.shutdown()  # a barrier: the coordinator (process 0) stays up until everyone is here
+        return 0
+
+    import uvicorn
+
+    from mimo_jax.serve.app import Limits, Server, create_app
+
+    server = Server(
+        scheduler,
+        tokenizer,
+        template,
+        metrics,
+        model_name=model_name,
+        model_root=directory,
+        eos_token_ids=eos,
+        limits=Limits(
+            max_context=max_context,
+            max_top_logprobs=args.max_logprobs,
+            max_stop_ids=len(eos) + args.max_stop_token_ids,
+            request_timeout=args.request_timeout or None,
+        ),
+        sampling_defaults=generation,
+    )
+
+    class ReadyServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                log.info(
+                    "ready: serving '%s' on http://%s:%d (max batch %d, context %d)",
+                    model_name,
+                    args.host,
+                    args.port,
+                    args.max_batch,
+                    max_context,
+                )
+
+    # Multi-host: leave through the distributed barrier once the followers got the shutdown plan
+    # (uvicorn re-raises the stopping signal after the app's shutdown, so this cannot wait until after run()).
+    on_shutdown = jax.distributed.shutdown if multihost else None
+    config = uvicorn.Config(
+        create_app(server, on_shutdown=on_shutdown),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=5,
+    )
+    ReadyServer(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Tokenizer and chat template of a checkpoint, rendered exactly as transformers' `apply_chat_template`.
+
+The template is the checkpoint's own (`chat_template.jinja`, `additional_chat_templates/`, or
+`tokenizer_config.json`'s `chat_template`), run in the same sandboxed jinja2 environment with the
+same globals, filters and variables (`messages`, `tools`, `documents`, `add_generation_prompt`,
+the tokenizer's named special tokens, and the request's `chat_template_kwargs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# transformers' `SPECIAL_TOKENS_ATTRIBUTES`: named special tokens every template may read.
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Names a message's reasoning may arrive under; templates read `reasoning_content` (transformers aliases them).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered (the template raised, or the input is not a chat)."""
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):  # serialized AddedToken
+        return value["content"]
+    return None
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore attributes, as transformers' sandbox does."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
+    # Like transformers: no HTML escaping (jinja's own tojson escapes <, >, &, ').
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)
+    env.globals["namespace"] = _Namespace
+    return env.from_string(source)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-only copy of what the template sees (the sandbox should never meet rich objects)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ChatTemplate:
+    """A checkpoint's chat template(s) plus the special-token variables transformers passes them."""
+
+    def __init__(self, templates: dict[str, str], special_tokens: dict[str, str]):
+        if not templates:
+            raise ChatTemplateError("no chat template")
+        self.templates = dict(templates)
+        self.special_tokens = dict(special_tokens)
+        self._compiled: dict[str, jinja2.Template] = {}
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> ChatTemplate | None:
+        """The template of a checkpoint directory, or None if it has none. Same lookup order as transformers."""
+        directory = os.fspath(directory)
+        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        templates: dict[str, str] = {}
+        raw = config.get("chat_template")
+        if isinstance(raw, str):
+            templates["default"] = raw
+        elif isinstance(raw, list):
+            templates.update({t["name"]: t["template"] for t in raw})
+        files: dict[str, str] = {}
+        jinja_file = os.path.join(directory, "chat_template.jinja")
+        if os.path.exists(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                files["default"] = f.read()
+        extra_dir = os.path.join(directory, "additional_chat_templates")
+        if os.path.isdir(extra_dir):
+            for name in sorted(os.listdir(extra_dir)):
+                if name.endswith(".jinja"):
+                    with open(os.path.join(extra_dir, name), encoding="utf-8") as f:
+                        files[name.removesuffix(".jinja")] = f.read()
+        templates = files or templates  # template files take priority over tokenizer_config entries
+        if not templates:
+            return None
+        return cls(templates, special_tokens_of(config))
+
+    def source(self, tools: list | None) -> str:
+        if len(self.templates) == 1 and "default" in self.templates:
+            return self.templates["default"]
+        if tools is not None and "tool_use" in self.templates:
+            return self.templates["tool_use"]
+        if "default" in self.templates:
+            return self.templates["default"]
+        raise ChatTemplateError(f"several chat templates and no default: {sorted(self.templates)}")
+
+    def render(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text, as `tokenizer.apply_chat_template(messages, tools, tokenize=False, ...)` returns it."""
+        if not messages:
+            raise ChatTemplateError("messages must not be empty")
+        chat = []
+        for message in messages:
+            if not isinstance(message, dict):
+                raise ChatTemplateError(f"each message must be an object, got {type(message).__name__}")
+            message = {k: v for k, v in _plain(message).items() if v is not None}  # as transformers: None keys drop
+            reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+            if reasoning is not None:
+                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+            chat.append(message)
+        source = self.source(tools)
+        if source not in self._compiled:
+            self._compiled[source] = _compile(source)
+        variables = {**self.special_tokens, **_plain(template_kwargs)}  # request kwargs override special tokens
+        try:
+            return self._compiled[source].render(
+                messages=chat,
+                tools=_plain(tools),
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"chat template error: {e}") from e
+        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
+            raise ChatTemplateError(f"chat template could not render this conversation: {e}") from e
+
+
+def special_tokens_of(tokenizer_config: dict) -> dict[str, str]:
+    """Named special tokens (and model-specific `*_token` keys) as transformers puts them in `special_tokens_map`."""
+    out = {}
+    for key, value in tokenizer_config.items():
+        if key in NAMED_SPECIAL_TOKENS or key.endswith("_token"):
+            text = _token_text(value)
+            if text is not None:
+                out[key] = text
+    return out
+
+
+class Tokenizer:
+    """A checkpoint's `tokenizer.json` (HF `tokenizers`) with the facts the server needs from its configs."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory} has no tokenizer.json; the server needs the checkpoint's tokenizer")
+        self.hf = HFTokenizer.from_file(path)
+        self.config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        self.special_tokens = special_tokens_of(self.config)
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        # EOS: the tokenizer's eos_token and generation_config.json's eos_token_id (config.json's come via the model).
+        eos = set()
+        eos_text = self.special_tokens.get("eos_token")
+        if eos_text is not None and self.hf.token_to_id(eos_text) is not None:
+            eos.add(self.hf.token_to_id(eos_text))
+        generation = _read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")
+        eos.update([generation] if isinstance(generation, int) else (generation or []))
+        self.eos_token_ids = tuple(sorted(eos))
+        self.added_ids = set(self.hf.get_added_tokens_decoder())
+        self.byte_level = _uses_byte_level(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """What one token reads as on its own (logprobs entries)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def token_id(self, text: str) -> int | None:
+        return self.hf.token_to_id(text)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (a byte-level token may be part of a character, whose text would be U+FFFD)."""
+        piece = self.hf.id_to_token(token_id)
+        if self.byte_level and piece is not None and token_id not in self.added_ids:
+            if all(c in _BYTE_DECODER for c in piece):
+                return bytes(_BYTE_DECODER[c] for c in piece)
+        return self.token_text(token_id).encode("utf-8")
+
+
+def _uses_byte_level(hf: Any) -> bool:
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders") or []]
+    return "ByteLevel" in kinds
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level alphabet: printable stand-in character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+_BYTE_DECODER = _byte_decoder()

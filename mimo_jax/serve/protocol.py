@@ -1,0 +1,385 @@
+"""OpenAI-compatible request and response models (pydantic), and the OpenAI error body.
+
+Requests are validated strictly (a string is not an integer, `true` is not 1) straight from the
+raw body, so malformed JSON, missing fields and wrong types all become one 400 error that names
+the offending parameter. Unknown fields are ignored, as OpenAI's own server does with most.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_N = 16  # choices per request
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _loc(loc: tuple) -> str | None:
+    """Dotted parameter path of a validation error, without pydantic's union-member tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+        else:
+            break
+    return out or None
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a raw JSON body; any problem becomes an `APIError` 400 naming the parameter."""
+    if not body.strip():
+        raise invalid("request body is empty; expected a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except pydantic.ValidationError as e:
+        errors = e.errors(include_url=False)
+        first = max(errors, key=lambda err: len(err["loc"]))  # the most specific (deepest union member)
+        if first["type"] == "json_invalid":
+            raise invalid(f"request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}") from None
+        param = _loc(first["loc"])
+        if first["type"] == "missing":
+            raise invalid(f"missing required parameter '{param}'", param, "missing_required_parameter") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        text = f"invalid value for '{param}': {msg}" if param else msg
+        raise invalid(text, param, "invalid_value") from None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+# ----------------------------------------------------------------------------- shared parameters
+class StreamOptions(_Request):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(_Request):
+    """Parameters both endpoints share."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # 0 or -1: no top-k
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    seed: int | None = None
+    stop: str | list[str | int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension (vLLM's): generate exactly max_tokens
+    skip_special_tokens: bool = True
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _check_stop(self):
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        for s in stops:
+            if isinstance(s, str) and not s:
+                raise ValueError("stop strings must not be empty")
+            if isinstance(s, int) and s < 0:
+                raise ValueError("stop token ids must be >= 0")
+        return self
+
+    def stop_strings(self) -> list[str]:
+        if isinstance(self.stop, str):
+            return [self.stop]
+        return [s for s in self.stop or [] if isinstance(s, str)]
+
+    def stop_ids(self) -> list[int]:
+        ids = [s for s in self.stop or [] if isinstance(s, int) and not isinstance(self.stop, str)]
+        return ids + list(self.stop_token_ids or [])
+
+
+# ----------------------------------------------------------------------------- chat requests
+class TextPart(_Request):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"content parts of type '{self.type}' are not supported (this model reads text only)")
+        if self.text is None:
+            raise ValueError("a text content part needs 'text'")
+        return self
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    # Extra keys travel to the template, as with transformers (e.g. a template reading `name`).
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _check_content(self):
+        if self.content is None and self.role in ("system", "developer", "user", "tool"):
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        return self
+
+
+class FunctionDef(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedToolChoiceFunction
+
+
+class Thinking(_Request):
+    type: Literal["enabled", "disabled"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking: Thinking | None = None  # MiMo API's switch; same as chat_template_kwargs.enable_thinking
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+
+# ----------------------------------------------------------------------------- completion requests
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _check_prompt(self):
+        p = self.prompt
+        if isinstance(p, list) and not p:
+            raise ValueError("prompt must not be empty")
+        if isinstance(p, list) and isinstance(p[0], list) and any(not x for x in p):
+            raise ValueError("token-id prompts must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+# ----------------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None
+
+
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallOut
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mimo_jax"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

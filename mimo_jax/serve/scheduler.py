@@ -1,0 +1,376 @@
+"""Continuous batching: one background thread drives the engine for every HTTP request.
+
+Each round the scheduler thread
+1. applies cancellations (client gone, stop string seen, timeout): the engine slot is freed before
+   anything else runs;
+2. admits waiting sequences (first come, first served) into free engine slots;
+3. runs one `engine.step`: prefill chunks of newly admitted prompts (a bounded token budget, so
+   running requests keep decoding between the chunks of a long prompt), then a decode round of up
+   to `round_tokens` tokens for every running sequence;
+4. hands each sequence's new tokens to its HTTP handler on the event loop (one loop callback per
+   round), where detokenization and parsing happen, off this thread.
+
+Nothing here changes a compiled shape: sequences join and leave between rounds.
+
+Multi-host: every process holds the engine; only process 0 runs this scheduler and the HTTP
+server. Each round's decisions (cancel, add, step) form a `RoundPlan` that process 0 broadcasts
+(`multihost_utils.broadcast_one_to_all`) before applying it; the other processes run `follow()`,
+applying the same plans in the same order, so their engines stay in lockstep. Seeds are always
+chosen on process 0 and travel in the plan.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mimo_jax.serve.metrics import Metrics
+from mimo_jax.serve.protocol import APIError
+
+log = logging.getLogger("mimo_jax.serve")
+
+IDLE_TICK_S = 1.0  # an idle multi-host leader broadcasts an empty plan this often (keeps followers' collectives alive)
+
+
+@dataclasses.dataclass
+class Tokens:
+    """New tokens of one sequence (empty when only the finish is news)."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: str | None  # None while running; "stop" | "length"
+
+
+@dataclasses.dataclass
+class Failure:
+    """The sequence ended with an error (e.g. its timeout); the handler reports it."""
+
+    error: APIError
+
+
+Event = Tokens | Failure
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One sequence to generate: one choice of one HTTP request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    options: Any  # mimo_jax.sampling.SamplingOptions
+    deliver: Callable[[Event], None]  # runs on the event loop thread
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    deadline: float | None = None
+    # scheduler-thread bookkeeping
+    generated: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclasses.dataclass
+class RoundPlan:
+    """Everything one round does to the engine; identical on every process of a multi-host run."""
+
+    cancel: list[str] = dataclasses.field(default_factory=list)
+    add: list[tuple[str, list[int], dict]] = dataclasses.field(default_factory=list)  # (id, prompt, options)
+    step: bool = False
+    round_tokens: int = 1
+    prefill_tokens: int = 1
+    shutdown: bool = False
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoundPlan:
+        raw = json.loads(data)
+        raw["add"] = [(rid, prompt, options) for rid, prompt, options in raw["add"]]
+        return cls(**raw)
+
+
+def apply_plan(engine: Any, plan: RoundPlan) -> list:
+    """Run one plan against the engine (same code on every process). Returns the step's outputs."""
+    from mimo_jax.sampling import SamplingOptions
+
+    for rid in plan.cancel:
+        engine.cancel(rid)
+    for rid, prompt, options in plan.add:
+        engine.add(rid, prompt, SamplingOptions(**options))
+    if not plan.step:
+        return []
+    return engine.step(max_tokens_per_round=plan.round_tokens, prefill_tokens=plan.prefill_tokens)
+
+
+class PlanChannel:
+    """Ships plans from process 0 to the others with `broadcast_one_to_all` (length first, then the bytes)."""
+
+    def __init__(self):
+        from jax.experimental import multihost_utils
+
+        self._broadcast = multihost_utils.broadcast_one_to_all
+
+    def _bcast(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(self._broadcast(array))
+
+    def send(self, plan: RoundPlan) -> None:
+        data = plan.encode()
+        self._bcast(np.array([len(data)], np.int64))
+        self._bcast(_pad(np.frombuffer(data, np.uint8)))
+
+    def receive(self) -> RoundPlan:
+        size = int(self._bcast(np.zeros((1,), np.int64))[0])
+        data = self._bcast(np.zeros((_padded(size),), np.uint8))
+        return RoundPlan.decode(data[:size].tobytes())
+
+
+def _padded(size: int) -> int:
+    # Powers of two: the broadcast compiles once per shape, so keep the shapes few.
+    return max(256, 1 << (size - 1).bit_length())
+
+
+def _pad(data: np.ndarray) -> np.ndarray:
+    out = np.zeros((_padded(data.size),), np.uint8)
+    out[: data.size] = data
+    return out
+
+
+def follow(engine: Any, channel: PlanChannel) -> None:
+    """Processes other than 0: apply process 0's plans until it shuts down."""
+    while True:
+        plan = channel.receive()
+        if plan.shutdown:
+            return
+        apply_plan(engine, plan)
+
+
+class Scheduler:
+    """Owns the engine: a bounded waiting queue, admission, rounds, cancellation, timeouts, metrics.
+
+    `submit` and `cancel` are thread-safe (called from HTTP handlers); everything else runs on the
+    scheduler thread. `dispatch(batch)` must run each `(deliver, event)` pair of a round on the
+    handlers' event loop (the app passes `loop.call_soon_threadsafe`-based dispatch).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        metrics: Metrics,
+        dispatch: Callable[[list[tuple[Callable[[Event], None], Event]]], None],
+        *,
+        max_waiting: int = 256,
+        round_tokens: int = 8,
+        prefill_tokens: int | None = None,
+        channel: PlanChannel | None = None,
+    ):
+        self.engine = engine
+        self.metrics = metrics
+        self.dispatch = dispatch
+        self.max_waiting = max_waiting
+        self.round_tokens = min(round_tokens, engine.max_round_tokens)
+        self.prefill_tokens = prefill_tokens or engine.prefill_chunk
+        self.channel = channel
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cancels: set[str] = set()
+        self._running: dict[str, Sequence] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seeds = random.Random()
+        self.error: BaseException | None = None  # set if the scheduler thread died
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue all of them or none: 429 when the waiting queue cannot take them, 503 when stopped."""
+        with self._cv:
+            if self._stopping or self.error is not None:
+                raise APIError(503, "the server is shutting down or its scheduler failed", "server_error")
+            if len(self._waiting) + len(sequences) > self.max_waiting:
+                self.metrics.on_reject("queue_full")
+                raise APIError(
+                    429,
+                    f"server busy: {len(self._waiting)} requests are already waiting (limit {self.max_waiting}); "
+                    "retry later",
+                    "rate_limit_error",
+                    code="queue_full",
+                )
+            for seq in sequences:
+                if seq.options.seed is None:
+                    seq.options = dataclasses.replace(seq.options, seed=self._seeds.getrandbits(31))
+                self._waiting.append(seq)
+            self._cv.notify()
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """Free these sequences' slots (or drop them from the queue) before the next round."""
+        with self._cv:
+            self._cancels.update(request_ids)
+            self._cv.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def counts(self) -> tuple[int, int]:
+        with self._cv:
+            return len(self._running), len(self._waiting)
+
+    # ------------------------------------------------------------------ lifecycle
+    def warmup(self) -> None:
+        """Compile every shape the server will run (each prefill bucket, admit, decode, cancel) before serving.
+
+        Deterministic, so on a multi-host run every process runs it itself.
+        """
+        from mimo_jax.sampling import SamplingOptions
+
+        engine = self.engine
+        options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
+        # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
+        longest = max(1, engine.max_context - 2)
+        bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
+        lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
+        for start in range(0, len(lengths), engine.max_batch):
+            for i, n in enumerate(lengths[start : start + engine.max_batch]):
+                engine.add(f"warmup-{start + i}", [0] * n, options)
+            while engine.has_work():
+                engine.step(max_tokens_per_round=self.round_tokens, prefill_tokens=1 << 30)
+        engine.add("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
+        engine.step(max_tokens_per_round=1, prefill_tokens=1 << 30)
+        engine.cancel("warmup-cancel")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mimo-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _run(self) -> None:
+        try:
+            while self._round():
+                pass
+        except BaseException as e:  # a dead scheduler must not leave clients waiting forever
+            self.error = e
+            log.exception("scheduler thread failed")
+            failure = Failure(APIError(500, f"the engine failed: {e}", "server_error"))
+            with self._cv:
+                doomed = list(self._running.values()) + list(self._waiting)
+                self._running.clear()
+                self._waiting.clear()
+            self.dispatch([(seq.deliver, failure) for seq in doomed])
+        finally:
+            if self.channel is not None:
+                self.channel.send(RoundPlan(shutdown=True))
+
+    def _round(self) -> bool:
+        plan = RoundPlan(round_tokens=self.round_tokens, prefill_tokens=self.prefill_tokens)
+        deliveries: list[tuple[Callable[[Event], None], Event]] = []
+        with self._cv:
+            while not (self._stopping or self._waiting or self._running or self._cancels):
+                self._cv.wait(IDLE_TICK_S)
+                if self.channel is not None and not (self._stopping or self._waiting or self._cancels):
+                    self.channel.send(RoundPlan())  # heartbeat
+            if self._stopping:
+                return False
+            now = time.monotonic()
+            # 1. cancellations and timeouts
+            cancels, self._cancels = self._cancels, set()
+            if cancels:
+                self._waiting = collections.deque(s for s in self._waiting if s.request_id not in cancels)
+            for seq in list(self._running.values()):
+                if seq.deadline is not None and now > seq.deadline:
+                    cancels.add(seq.request_id)
+                    deliveries.append((seq.deliver, Failure(_timeout_error(seq, now))))
+            expired = [s for s in self._waiting if s.deadline is not None and now > s.deadline]
+            for seq in expired:
+                self._waiting.remove(seq)
+                self.metrics.on_reject("timeout")
+                deliveries.append((seq.deliver, Failure(_timeout_error(seq, now))))
+            for rid in cancels:
+                if self._running.pop(rid, None) is not None:
+                    plan.cancel.append(rid)
+            if plan.cancel:
+                self.metrics.on_cancel(len(plan.cancel))
+            # 2. admission
+            free = self.engine.free_slots + len(plan.cancel)
+            while self._waiting and free > 0:
+                seq = self._waiting.popleft()
+                self._running[seq.request_id] = seq
+                plan.add.append((seq.request_id, seq.prompt_ids, _options_dict(seq.options)))
+                self.metrics.on_prompt(len(seq.prompt_ids))
+                free -= 1
+            plan.step = bool(self._running)
+            running = dict(self._running)
+
+        if self.channel is not None:
+            self.channel.send(plan)
+        outputs = apply_plan(self.engine, plan)
+
+        # 3. hand the tokens to their handlers
+        now = time.monotonic()
+        finished = []
+        new_tokens = 0
+        draft_len = getattr(self.engine, "speculative_steps", 0)
+        for out in outputs:
+            seq = running.get(out.request_id)
+            if seq is None:
+                continue
+            # With MTP speculation: drafts accepted by each target forward that made these tokens.
+            accepted = [a for a in getattr(out, "accepted", None) or [] if a >= 0]
+            if draft_len and accepted:
+                self.metrics.on_speculation(len(accepted) * draft_len, sum(accepted), len(accepted))
+            n = len(out.token_ids)
+            if n:
+                new_tokens += n
+                if seq.first_token_at is None:
+                    seq.first_token_at = now
+                    self.metrics.on_first_token(now - seq.arrival)
+                    if n > 1:
+                        self.metrics.on_inter_token(0.0, n - 1)  # tokens that arrived together with the first
+                else:
+                    self.metrics.on_inter_token((now - seq.last_token_at) / n, n)
+                seq.last_token_at = now
+                seq.generated += n
+            reason = out.finish_reason if out.finished else None
+            deliveries.append((seq.deliver, Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason)))
+            if out.finished:
+                finished.append(out.request_id)
+                self.metrics.on_finish(reason or "stop", now - seq.arrival)
+        if new_tokens:
+            self.metrics.on_tokens(new_tokens, now)
+        with self._cv:
+            for rid in finished:
+                self._running.pop(rid, None)
+            kv_used = sum(len(s.prompt_ids) + s.generated for s in self._running.values())
+            self.metrics.set_batch(len(self._running), len(self._waiting), kv_used)
+        if deliveries:
+            self.dispatch(deliveries)
+        return True
+
+
+def _options_dict(options: Any) -> dict:
+    out = dataclasses.asdict(options)
+    out["stop_token_ids"] = list(out["stop_token_ids"])
+    return out
+
+
+def _timeout_error(seq: Sequence, now: float) -> APIError:
+    return APIError(
+        504,
+        f"request timed out after {now - seq.arrival:.1f} s (the server's --request-timeout)",
+        "timeout_error",
+        code="timeout",
+    )
