@@ -48,6 +48,8 @@ def tpu_devices(topology: str) -> list[Any]:
     """The chips of a TPU slice such as 'v5e:2x2' or 'v5p:4x4x4' (compile-only devices; no TPU needed)."""
     # No metadata server off Google Cloud: without this libtpu waits on it before giving up.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Compiling touches no TPU, so several processes (CI, a table run) may load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
