@@ -20,16 +20,16 @@ BATCH, CONTEXT, CHUNK = 16, 32768, 512
 
 # (model config, slice name, topology, mesh, weights)
 ROWS = [
-    ("mimo-v2-flash", "v5p-16", "v5p:2x2x2", "tensor=4,expert=2", "bf16"),
     ("mimo-v2-flash", "v5p-16", "v5p:2x2x2", "tensor=4,expert=2", "fp8"),
-    ("mimo-v2-flash", "v6e-16", "v6e:4x4", "tensor=4,expert=4", "bf16"),
     ("mimo-v2-flash", "v6e-16", "v6e:4x4", "tensor=4,expert=4", "fp8"),
-    ("mimo-v2-flash", "v5e-64", "v5e:8x8", "tensor=4,expert=16", "bf16"),
     ("mimo-v2-flash", "v5e-64", "v5e:8x8", "tensor=4,expert=16", "fp8"),
-    ("mimo-v2.5-pro", "v5p-64", "v5p:2x4x4", "tensor=8,expert=4", "bf16"),
     ("mimo-v2.5-pro", "v5p-64", "v5p:2x4x4", "tensor=8,expert=4", "fp8"),
-    ("mimo-v2.5-pro", "v6e-64", "v6e:8x8", "tensor=8,expert=8", "bf16"),
     ("mimo-v2.5-pro", "v6e-64", "v6e:8x8", "tensor=8,expert=8", "fp8"),
+    ("mimo-v2-flash", "v5p-16", "v5p:2x2x2", "tensor=4,expert=2", "bf16"),
+    ("mimo-v2-flash", "v6e-16", "v6e:4x4", "tensor=4,expert=4", "bf16"),
+    ("mimo-v2-flash", "v5e-64", "v5e:8x8", "tensor=4,expert=16", "bf16"),
+    ("mimo-v2.5-pro", "v5p-64", "v5p:2x4x4", "tensor=8,expert=4", "bf16"),
+    ("mimo-v2.5-pro", "v6e-64", "v6e:8x8", "tensor=8,expert=8", "bf16"),
 ]
 
 
