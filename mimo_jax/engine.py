@@ -567,14 +567,14 @@ class Engine:
             max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype, self.history
         )
         if lm.mesh is not None:
-            replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
+            self._replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
             shardings = cache_shardings(jax.eval_shape(make_cache), lm.mesh)
             self.cache = jax.jit(make_cache, out_shardings=shardings)()
-            self.state = jax.jit(make_state, out_shardings=replicated)()
         else:  # committed to the parameters' device, like every later output (one compiled step)
-            device = jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(self.params)[0].devices())))
-            self.cache = jax.jit(make_cache, out_shardings=device)()
-            self.state = jax.jit(make_state, out_shardings=device)()
+            device = next(iter(jax.tree.leaves(self.params)[0].devices()))
+            self._replicated = jax.sharding.SingleDeviceSharding(device)
+            self.cache = jax.jit(make_cache, out_shardings=self._replicated)()
+        self.state = jax.jit(make_state, out_shardings=self._replicated)()
 
         def prefill(params, cache, slot, tokens, start, length, history):
             return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
@@ -603,7 +603,7 @@ class Engine:
         cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         decode_out = (cache_sharding, state_sharding, None)
-        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, None))
+        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, self._replicated))
         self.admit_fn = jax.jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
         self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
         # Speculation when every running request is greedy (the host knows): drafts and verify
@@ -748,7 +748,7 @@ class Engine:
             bucket = next(b for b in self.buckets if b >= length)
             tokens = self.prefill_tokens(req.prompt, start, length, bucket)
             if start == 0:
-                req.history = jnp.asarray(self.empty_history())
+                req.history = jax.device_put(self.empty_history(), self._replicated)
             self.cache, req.history = self.prefill_fn(
                 self.params,
                 self.cache,
