@@ -413,7 +413,7 @@ def compare_attention(model: MiMoModel, mesh, impl: str, prompt_len: int = 2048,
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mimo_jax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["decode", "prefill"])
-    p.add_argument("--model", default="flash-slice-4", help="flash-slice-N or a config.json path")
+    p.add_argument("--model", "--config", default="flash-slice-4", help="flash-slice-N or a config.json path")
     p.add_argument("--scale-down", action="store_true", help="tiny dimensions (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument(
