@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax import moe
+from mimo_jax.quant import BlockQuantized
 from mimo_jax.sharding import make_mesh, parse_mesh_arg
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -46,8 +47,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--meshes", default="expert=1;expert=2;expert=4", help="';'-separated --mesh specs")
     ap.add_argument("--strategies", default=",".join(s for s in moe.STRATEGIES if s != "auto"))
     ap.add_argument("--impls", default=",".join(sorted(moe.EXPERT_IMPLS)))
+    ap.add_argument(
+        "--split-tokens",
+        action="store_true",
+        help="tokens arrive split over the expert axis (data-parallel attention) instead of replicated",
+    )
     ap.add_argument("--dense-max-tokens", type=int, default=64, help="experts_dense computes every expert")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="activations (and bf16 weights)")
+    ap.add_argument(
+        "--weights", default="bf16", choices=["bf16", "fp8"], help="fp8: e4m3 blocks + f32 scales, dequantized in jit"
+    )
+    ap.add_argument("--block", type=int, default=128, help="fp8 block size (the releases use 128)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--check-tokens", type=int, default=4, help="tokens compared with the f32 reference")
@@ -89,37 +99,79 @@ def measure_ceilings(device, copy_mib: int, matmul_n: int, reps: int) -> dict[st
 
 
 def make_weights(mesh, gate_spec, args, dtype):
-    """Random expert weights created directly in their shards (12.9 GB at Flash dims in bf16)."""
+    """Random expert weights created directly in their shards (12.9 GB at Flash dims in bf16, 6.5 GB fp8).
+
+    fp8: `mimo_jax.quant.BlockQuantized` as the importer loads them (values [E, in, out] e4m3,
+    f32 scales per (1, block, block)), sharded like the bf16 weights.
+    """
     e, h, i = args.experts, args.hidden, args.intermediate
     down_spec = P(gate_spec[0], gate_spec[2], None)
-    shardings = (NamedSharding(mesh, gate_spec),) * 2 + (NamedSharding(mesh, down_spec),)
+    fp8 = args.weights == "fp8"
 
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init(key):
-        kg, ku, kd = jax.random.split(key, 3)
-        return (
-            (jax.random.normal(kg, (e, h, i), jnp.float32) / math.sqrt(h)).astype(dtype),
-            (jax.random.normal(ku, (e, h, i), jnp.float32) / math.sqrt(h)).astype(dtype),
-            (jax.random.normal(kd, (e, i, h), jnp.float32) / math.sqrt(i)).astype(dtype),
-        )
+    def one(key, shape, spec):
+        scale = 1 / math.sqrt(shape[1])
+        if not fp8:
+            return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+        kv, ks = jax.random.split(key)
+        blocks = (shape[0], -(-shape[1] // args.block), -(-shape[2] // args.block))
+        values = (jax.random.normal(kv, shape, jnp.float32) * 64).astype(jnp.float8_e4m3fn)
+        scales = jax.random.uniform(ks, blocks, jnp.float32, 0.5, 1.5) * scale / 64
+        return BlockQuantized(values, scales, (1, args.block, args.block), jnp.dtype(dtype).name)
 
-    return init(jax.random.key(2))
+    def sharding_of(shape, spec):
+        named = NamedSharding(mesh, spec)
+        if not fp8:
+            return named
+        blocks = (shape[0], -(-shape[1] // args.block), -(-shape[2] // args.block))
+        divides = all(
+            ax is None or n % mesh.shape[ax] == 0 for ax, n in zip(spec, blocks, strict=True)
+        )  # scales follow the values where their block counts divide
+        scales = named if divides else NamedSharding(mesh, P(spec[0]))
+        return BlockQuantized(named, scales, (1, args.block, args.block), jnp.dtype(dtype).name)
+
+    shapes = ((e, h, i), (e, h, i), (e, i, h))
+    specs = (gate_spec, gate_spec, down_spec)
+    keys = jax.random.split(jax.random.key(2), 3)
+    init = jax.jit(
+        lambda keys: tuple(one(k, sh, sp) for k, sh, sp in zip(keys, shapes, specs, strict=True)),
+        out_shardings=tuple(sharding_of(sh, sp) for sh, sp in zip(shapes, specs, strict=True)),
+    )
+    return init(keys)
+
+
+def dense(w):
+    """The weight as the model reads it (`mimo_jax.quant.weight`): fp8 blocks dequantized inside the jit."""
+    return w.dequantize() if isinstance(w, BlockQuantized) else w
+
+
+def weight_bytes_per_expert(w) -> int:
+    if isinstance(w, BlockQuantized):
+        return (math.prod(w.values.shape) + 4 * math.prod(w.scales.shape)) // w.values.shape[0]
+    return math.prod(w.shape) * w.dtype.itemsize // w.shape[0]
 
 
 def reference(x, weights, ids, w_gate, w_up, w_down):
     """float32 per-token sum over the chosen experts (gathers [C, K, H, I] weights: keep C small)."""
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     hi = jax.lax.Precision.HIGHEST
-    g = jnp.einsum("ch,ckhi->cki", f32(x), f32(w_gate[ids]), precision=hi)
-    u = jnp.einsum("ch,ckhi->cki", f32(x), f32(w_up[ids]), precision=hi)
-    y = jnp.einsum("cki,ckih->ckh", jax.nn.silu(g) * u, f32(w_down[ids]), precision=hi)
+
+    def chosen(w):  # [C, K, in, out] float32, only the chosen experts dequantized
+        flat = ids.reshape(-1)
+        if isinstance(w, BlockQuantized):
+            w = BlockQuantized(w.values[flat], w.scales[flat], w.block, "float32").dequantize()
+        else:
+            w = w[flat].astype(jnp.float32)
+        return w.reshape(*ids.shape, *w.shape[1:])
+
+    xf = x.astype(jnp.float32)
+    g = jnp.einsum("ch,ckhi->cki", xf, chosen(w_gate), precision=hi)
+    u = jnp.einsum("ch,ckhi->cki", xf, chosen(w_up), precision=hi)
+    y = jnp.einsum("cki,ckih->ckh", jax.nn.silu(g) * u, chosen(w_down), precision=hi)
     return jnp.einsum("ckh,ck->ch", y, weights)
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype]
-    dtype_bytes = jnp.dtype(dtype).itemsize
     h, i, k, e = args.hidden, args.intermediate, args.top_k, args.experts
     token_counts = [int(t) for t in args.tokens.split(",")]
     impls = args.impls.split(",")
@@ -127,7 +179,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
         if name not in moe.EXPERT_IMPLS:
             raise SystemExit(f"--impls: unknown {name!r}; registered: {sorted(moe.EXPERT_IMPLS)}")
     devices = jax.devices()
-    print(f"# {devices[0].device_kind} x{len(devices)}, jax {jax.__version__}, {args.dtype}", flush=True)
+    print(
+        f"# {devices[0].device_kind} x{len(devices)}, jax {jax.__version__}, {args.dtype}, {args.weights} weights",
+        flush=True,
+    )
     ceil = measure_ceilings(devices[0], args.ceiling_mib, args.matmul, max(5, args.reps // 2))
     print(
         f"# ceilings per device: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
@@ -152,11 +207,19 @@ def run(argv: list[str] | None = None) -> list[dict]:
         )
         w_gate, w_up, w_down = make_weights(mesh, gate_spec, args, dtype)
         strategies = args.strategies.split(",") if n_dev > 1 else ["local"]
+        token_axes = "expert" if args.split_tokens and gate_spec[0] else None
+        token_sharding = NamedSharding(mesh, P(token_axes, None))
         for tokens in token_counts:
-            xs = tuple((jnp.asarray(rng.randn(tokens, h), dtype), router, bias, w_gate, w_up, w_down) for _ in range(3))
+            if token_axes and tokens % mesh.shape["expert"]:
+                continue
+            xs = tuple(
+                (jax.device_put(jnp.asarray(rng.randn(tokens, h), dtype), token_sharding), router, bias)
+                + (w_gate, w_up, w_down)
+                for _ in range(3)
+            )
             weights, ids = route(*xs[0][:3])
             touched = len(np.unique(np.asarray(ids)))
-            touched_bytes = touched * 3 * h * i * dtype_bytes
+            touched_bytes = touched * sum(weight_bytes_per_expert(w) for w in (w_gate, w_up, w_down))
             useful_flop = 2 * tokens * k * 3 * h * i
             c = min(args.check_tokens, tokens)
             ref = np.asarray(reference(xs[0][0][:c], weights[:c], ids[:c], w_gate, w_up, w_down))
@@ -167,11 +230,13 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     row = dict(
                         device=devices[0].device_kind,
                         mesh=mesh_text,
+                        tokens_split=bool(token_axes),
                         devices=n_dev,
                         tokens=tokens,
                         strategy=strategy,
                         impl=impl,
                         dtype=args.dtype,
+                        weights=args.weights,
                         experts_touched=touched,
                         touched_gb=touched_bytes / 1e9,
                     )
@@ -179,15 +244,16 @@ def run(argv: list[str] | None = None) -> list[dict]:
                         if strategy == "local":
 
                             def layer(x, router, bias, wg, wu, wd, impl=impl):
-                                return moe.EXPERT_IMPLS[impl](x, *route(x, router, bias), wg, wu, wd)
+                                experts = (dense(wg), dense(wu), dense(wd))
+                                return moe.EXPERT_IMPLS[impl](x, *route(x, router, bias), *experts)
                         else:
                             sharded = functools.partial(
                                 moe.experts_sharded, route_fn=route, top_k=k, mesh=mesh, gate_spec=gate_spec,
-                                token_axis=None, impl=impl, strategy=strategy,
+                                token_axes=token_axes, impl=impl, strategy=strategy,
                             )  # fmt: skip
 
                             def layer(x, router, bias, wg, wu, wd, sharded=sharded):
-                                return sharded(x, router, bias, wg, wu, wd)[0]
+                                return sharded(x, router, bias, dense(wg), dense(wu), dense(wd))[0]
 
                         fn = jax.jit(layer)
                         with jax.set_mesh(mesh):

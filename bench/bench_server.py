@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from mimo_jax.moe import EXPERT_IMPLS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -73,8 +75,9 @@ def offline(args) -> None:
         import jax.numpy as jnp
 
         from mimo_jax.bench import bench_config, random_model
+        from mimo_jax.kernels import default_expert_impl
 
-        impl = args.moe_impl or "ragged"
+        impl = args.moe_impl or default_expert_impl()
         lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), impl))
     else:
         lm = mimo_jax.load_model(args.model, dtype=args.dtype)
@@ -264,7 +267,7 @@ def main() -> int:
     p.add_argument("--model", help="checkpoint directory, or a config (flash-slice-N) with --random-weights")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--moe-impl", choices=["dense", "ragged", "gather"])
+    p.add_argument("--moe-impl", choices=sorted(EXPERT_IMPLS))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--requests-per-client", type=int, default=2)

@@ -13,6 +13,7 @@ KV read) over the measured HBM copy bandwidth, and FLOPs over the measured bf16 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,23 +27,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.cache import LayerKV, kv_bytes_per_token
+from mimo_jax import moe, sharding
+from mimo_jax.attention import ATTENTION_IMPLS
+from mimo_jax.cache import LayerKV, empty_layer_kv, kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
-from mimo_jax.model import MiMoModel
+from mimo_jax.model import MiMoModel, MoE
+from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingParams
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # transformers 5.17 (PyTorch, grouped_mm experts, eager attention), flash-slice-4 bf16, one H200 (issue 5).
+ATTENTION_CHECK_TOLERANCE = 0.05  # relative L2 of one bf16 attention layer's output, fast path vs XLA reference
+
 PEER = {"decode": {1: 70.6, 32: 866.0}, "prefill": 41.6e3}
 
 
 # ------------------------------------------------------------------ models
 def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
     """'flash-slice-N' or a config.json path; `scale_down` divides the sizes for a CPU run."""
-    if model.startswith("flash-slice-"):
+    if model.startswith("flash-layers-"):  # the real Flash pattern (full attention at 0, 5, 11, ...)
+        cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
+        cfg = cfg.first_layers(int(model.rsplit("-", 1)[1]))
+    elif model.startswith("flash-slice-"):
         n = int(model.rsplit("-", 1)[1])
         cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
         cfg = cfg.replace(num_layers=n, sliding=(False,) + (True,) * (n - 1), moe=(False,) + (True,) * (n - 1))
@@ -69,16 +78,27 @@ def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
     return cfg
 
 
-def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sharding.Mesh | None = None):
-    """A MiMoModel with random weights made on the device, one jitted initializer per parameter."""
-    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, rngs=nnx.Rngs(0)))
-    abstract.set_moe_impl(moe_impl)
-    graphdef, state = nnx.split(abstract)
-    shardings = None
-    if mesh is not None:
-        from mimo_jax.sharding import model_shardings
+def random_model(
+    cfg: MiMoConfig,
+    dtype: jnp.dtype,
+    moe_impl: str,
+    mesh: jax.sharding.Mesh | None = None,
+    weights: str = "bf16",
+    mtp_layers: int = 0,
+):
+    """A MiMoModel (with `mtp_layers` MTP layers) with random weights made on the device, one jitted
+    initializer per parameter shape.
 
-        shardings = model_shardings(abstract, mesh)
+    `weights="fp8"`: the parameters `load_model(..., weights="fp8")` would place for this config
+    (float8 blocks + float32 scales for the kinds the loader keeps in FP8), filled with random values.
+    """
+    from mimo_jax.quant import BlockQuantized
+    from mimo_jax.sharding import make_mesh
+    from mimo_jax.weights.loader import abstract_params
+
+    if weights == "fp8" and cfg.quantization is None:
+        cfg = cfg.replace(quantization={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
+    graphdef, state = abstract_params(cfg, dtype, mesh or make_mesh(devices=jax.devices()[:1]), weights, mtp_layers)
 
     @functools.cache
     def initializer(kind: str, shape: tuple, leaf_dtype: jnp.dtype, sharding):
@@ -86,11 +106,22 @@ def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sha
             fn = lambda k: jnp.ones(shape, leaf_dtype)
         elif kind == "zeros":
             fn = lambda k: jnp.zeros(shape, leaf_dtype)
+        elif kind == "scale":
+            fn = lambda k: jnp.full(shape, 0.02 / 4, leaf_dtype)  # fp8 values ~ N(0, 4^2) -> weights ~ N(0, 0.02^2)
+        elif kind == "fp8":
+            fn = lambda k: (4.0 * jax.random.normal(k, shape, jnp.float32)).astype(leaf_dtype)
         else:
             fn = lambda k: jax.random.normal(k, shape, leaf_dtype) * jnp.asarray(0.02, leaf_dtype)
         return jax.jit(fn, out_shardings=sharding)
 
-    def make(path: tuple, leaf: jax.ShapeDtypeStruct, key: jax.Array) -> jax.Array:
+    def make(path: tuple, leaf, key: jax.Array):
+        if isinstance(leaf, BlockQuantized):
+            k1, k2 = jax.random.split(key)
+            return dataclasses.replace(
+                leaf,
+                values=initializer("fp8", tuple(leaf.values.shape), leaf.values.dtype, leaf.values.sharding)(k1),
+                scales=initializer("scale", tuple(leaf.scales.shape), leaf.scales.dtype, leaf.scales.sharding)(k2),
+            )
         name = "/".join(map(str, path))
         if name.endswith("norm/weight") or "layernorm" in name:
             kind = "ones"
@@ -98,13 +129,14 @@ def random_model(cfg: MiMoConfig, dtype: jnp.dtype, moe_impl: str, mesh: jax.sha
             kind = "zeros"
         else:
             kind = "normal"
-        sharding = None if shardings is None else shardings[path]
-        return initializer(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), sharding)(key)
+        return initializer(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), leaf.sharding)(key)
 
     flat = nnx.to_flat_state(state)
     keys = jax.random.split(jax.random.key(0), len(flat))
     values = [(path, var.replace(make(path, var.get_value(), k))) for (path, var), k in zip(flat, keys, strict=True)]
-    return nnx.merge(graphdef, nnx.from_flat_state(values))
+    model = nnx.merge(graphdef, nnx.from_flat_state(values))
+    model.set_moe_impl(moe_impl)
+    return model
 
 
 # ------------------------------------------------------------------ ceilings measured in this run
@@ -138,27 +170,41 @@ def expected_experts_touched(cfg: MiMoConfig, tokens: int) -> float:
     return e * (1 - (1 - k / e) ** tokens)
 
 
-def layer_weight_bytes(cfg: MiMoConfig, tokens: int, dtype_bytes: int) -> tuple[int, int]:
-    """(bytes of weights touched by `tokens` tokens, matmul parameters used per token) over all layers."""
+def layer_weight_bytes(
+    cfg: MiMoConfig, tokens: int, dtype_bytes: int, fp8: bool = False, experts_touched: float | None = None
+) -> tuple[int, int]:
+    """(bytes of weights touched by `tokens` tokens, matmul parameters used per token) over all layers.
+
+    `experts_touched`: distinct experts per MoE layer (measured); default: uniform random routing.
+
+    `fp8`: q/k/v, dense MLP and experts stored as float8 (1 byte) with float32 scales (q/k/v one per
+    128 input rows; MLP and experts one per 128x128 block); o_proj stays in `dtype_bytes`.
+    """
+    qkv_bytes = 1 + 4 / 128 if fp8 else dtype_bytes
+    mlp_bytes = 1 + 4 / 128**2 if fp8 else dtype_bytes
     touched, per_token = 0, 0
     h = cfg.hidden_size
+    if experts_touched is None:
+        experts_touched = expected_experts_touched(cfg, tokens)
     for spec in cfg.layers:
-        attn = h * spec.num_heads * spec.head_dim + h * spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
-        attn += spec.num_heads * spec.v_head_dim * h
-        touched += attn * dtype_bytes
-        per_token += attn
+        qkv = h * spec.num_heads * spec.head_dim + h * spec.num_kv_heads * (spec.head_dim + spec.v_head_dim)
+        o = spec.num_heads * spec.v_head_dim * h
+        touched += int(qkv * qkv_bytes) + o * dtype_bytes
+        per_token += qkv + o
         if spec.moe:
             expert = 3 * h * cfg.moe_intermediate_size
-            touched += int(expected_experts_touched(cfg, tokens) * expert * dtype_bytes) + cfg.num_experts * h * 4
+            touched += int(experts_touched * expert * mlp_bytes) + cfg.num_experts * h * 4
             per_token += cfg.experts_per_token * expert
         else:
-            touched += 3 * h * cfg.intermediate_size * dtype_bytes
+            touched += int(3 * h * cfg.intermediate_size * mlp_bytes)
             per_token += 3 * h * cfg.intermediate_size
     return touched, per_token
 
 
-def decode_step_bytes(cfg: MiMoConfig, batch: int, context: int, dtype_bytes: int) -> dict[str, float]:
-    weights, _ = layer_weight_bytes(cfg, batch, dtype_bytes)
+def decode_step_bytes(
+    cfg: MiMoConfig, batch: int, context: int, dtype_bytes: int, fp8: bool = False, experts_touched: float | None = None
+) -> dict:
+    weights, _ = layer_weight_bytes(cfg, batch, dtype_bytes, fp8, experts_touched)
     weights += cfg.hidden_size * cfg.vocab_size * dtype_bytes  # lm_head
     kv = 0
     for spec in cfg.layers:
@@ -223,7 +269,15 @@ def fill_as_if_prefilled(engine: Engine, context: int, seed: int = 0) -> None:
 
 
 # ------------------------------------------------------------------ benchmarks
-def run_decode(lm: LanguageModel, batch: int, context: int, steps: int, rounds: int, dtype_bytes: int) -> dict:
+def device_memory_in_use() -> int:
+    """Bytes in use on the fullest local device (0 where the backend keeps no statistics)."""
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    return max(s.get("bytes_in_use", 0) for s in stats)
+
+
+def run_decode(
+    lm: LanguageModel, batch: int, context: int, steps: int, rounds: int, dtype_bytes: int, fp8: bool = False
+) -> dict:
     cfg = lm.config
     max_context = context + steps * (rounds + 2) + 1
     engine = Engine(lm, max_batch=batch, max_context=max_context, max_round_tokens=steps, prefill_chunk=16)
@@ -242,15 +296,52 @@ def run_decode(lm: LanguageModel, batch: int, context: int, steps: int, rounds: 
     assert (count == steps).all(), f"slots stopped early: {count}"
     sec = float(np.median(times)) / steps
     hidden_ok = bool(jnp.isfinite(engine.state.hidden.astype(jnp.float32)).all())
+    # Random weights need not route uniformly: count the experts this batch's next step touches.
+    touched = measure_experts_touched(engine) if batch > 1 and cfg.num_experts else None
     return dict(
         batch=batch,
         context=context,
         ms_per_step=sec * 1e3,
         tok_s=batch / sec,
-        bytes=decode_step_bytes(cfg, batch, context, dtype_bytes),
+        experts_touched=touched,
+        experts_touched_uniform=expected_experts_touched(cfg, batch) if cfg.num_experts else None,
+        bytes=decode_step_bytes(cfg, batch, context, dtype_bytes, fp8, touched),
+        device_gb_in_use=device_memory_in_use() / 1e9,
         compile_s=compile_s,
         finite=hidden_ok,
     )
+
+
+def measure_experts_touched(engine: Engine) -> float:
+    """Mean distinct experts per MoE layer that the engine's next decode step routes its batch to."""
+    graphdef = engine.lm.graphdef
+
+    def count(params, cache, state) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        x = model.embed(state.tokens[:, None])
+        positions = jnp.where(state.active, state.positions, -1)[:, None]
+        counts = []
+        for layer, kv in zip(model.layers, cache, strict=True):  # DecoderLayer's steps, routing made visible
+            attn_out, _ = layer.self_attn(layer.input_layernorm(x), positions, kv)
+            x = x + attn_out
+            y = layer.post_attention_layernorm(x)
+            if isinstance(layer.mlp, MoE):
+                m = layer.mlp
+                _, ids = moe.route(
+                    y.reshape(-1, y.shape[-1]),
+                    m.router[...],
+                    m.correction_bias[...],
+                    top_k=m.top_k,
+                    n_group=m.n_group,
+                    topk_group=m.topk_group,
+                    norm_topk_prob=m.norm_topk_prob,
+                    scaling=m.scaling,
+                )
+                counts.append(jnp.zeros((m.router.shape[0],), bool).at[ids.reshape(-1)].set(True).sum())
+            x = x + layer.mlp(y)
+        return jnp.stack(counts)
+
+    return float(np.mean(jax.jit(count)(engine.params, engine.cache, engine.state)))
 
 
 def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> dict:
@@ -258,14 +349,13 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
     tokens = np.random.RandomState(0).randint(0, lm.config.vocab_size, prompt_len).astype(np.int32)
 
     def once() -> jax.Array:
-        hidden = None
+        hidden = jnp.asarray(engine.empty_history())
         for start in range(0, prompt_len, chunk):
-            piece = tokens[start : start + chunk]
-            bucket = next(b for b in engine.buckets if b >= piece.size)
-            padded = np.zeros((bucket,), np.int32)
-            padded[: piece.size] = piece
+            length = min(chunk, prompt_len - start)
+            bucket = next(b for b in engine.buckets if b >= length)
+            padded = engine.prefill_tokens(tokens, start, length, bucket)
             engine.cache, hidden = engine.prefill_fn(
-                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(piece.size)
+                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
             )
         return jax.block_until_ready(hidden)
 
@@ -289,14 +379,48 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
     )
 
 
+def compare_attention(model: MiMoModel, mesh, impl: str, prompt_len: int = 2048, chunk: int = 1024) -> float:
+    """Largest relative L2 difference, over the first full-attention and first SWA layer, between `impl`
+    and the XLA reference: one layer's attention on random activations, prefilled in two chunks through
+    its KV cache (a semantic check of the fast path on this device, cheap to compile)."""
+    layers = [next(layer for layer in model.layers if layer.self_attn.spec.sliding == s) for s in (False, True)]
+    errors = []
+    for layer in layers:
+        attn = layer.self_attn
+        x = jax.random.normal(jax.random.key(2), (1, prompt_len, model.config.hidden_size), model.dtype)
+        outs = []
+        for attention_impl in ("xla", impl):
+            attn.impl = attention_impl
+            graphdef, state = nnx.split(attn)
+
+            @jax.jit
+            def run(state, x, positions, cache, graphdef=graphdef):
+                return nnx.merge(graphdef, state)(x, positions, cache)
+
+            cache = empty_layer_kv(attn.spec, 1, prompt_len, model.dtype)
+            pieces = []
+            with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+                for start in range(0, prompt_len, chunk):
+                    positions = jnp.arange(start, start + chunk, dtype=jnp.int32)[None]
+                    out, cache = run(state, x[:, start : start + chunk], positions, cache)
+                    pieces.append(np.asarray(out.astype(jnp.float32)))
+            outs.append(np.concatenate(pieces, axis=1))
+        ref, got = outs
+        errors.append(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+    return max(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mimo_jax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["decode", "prefill"])
-    p.add_argument("--model", default="flash-slice-4", help="flash-slice-N or a config.json path")
+    p.add_argument("--model", "--config", default="flash-slice-4", help="flash-slice-N or a config.json path")
     p.add_argument("--scale-down", action="store_true", help="tiny dimensions (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument(
-        "--moe-impl", default=None, help="expert implementation (default: gather at <= 8 tokens, else ragged)"
+        "--moe-impl",
+        default=None,
+        help="comma-separated expert implementations to time (default: gather_fused,gather at <= 8 tokens per "
+        "step, else ragged)",
     )
     p.add_argument("--mesh", default=None, help="e.g. tensor=8 or expert=8 (default: one device)")
     p.add_argument("--batch", default="1,32", help="decode: comma-separated batch sizes")
@@ -304,16 +428,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode: tokens per round (one while_loop)")
     p.add_argument("--rounds", type=int, default=5, help="decode: timed rounds")
     p.add_argument("--prompt-len", type=int, default=8192, help="prefill: prompt tokens")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill: chunk size")
+    p.add_argument("--chunk", default="2048", help="prefill: comma-separated chunk sizes")
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=list(ATTENTION_IMPLS),
+        help="attention path (default: cudnn on GPU in bf16, else xla); decode steps always use xla",
+    )
     p.add_argument("--reps", type=int, default=3, help="prefill: timed repetitions")
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the bandwidth ceiling")
     p.add_argument("--matmul-n", type=int, default=8192, help="matmul size for the FLOP/s ceiling")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument(
+        "--random-weights",
+        default="bf16",
+        choices=["bf16", "fp8"],
+        help="fp8: float8 blocks + scales as load_model(..., weights='fp8') places them",
+    )
+    sharding.add_distributed_arguments(p)
     args = p.parse_args(argv)
 
+    unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
+    if unknown:
+        p.error(f"--moe-impl {sorted(unknown)}: choose from {sorted(EXPERT_IMPLS)}")
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
     dtype_bytes = dtype.itemsize
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # multi-host
     mesh = None
     if args.mesh:
         from mimo_jax.sharding import make_mesh, parse_mesh_arg
@@ -339,65 +480,119 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs=[],
     )
 
-    def model_for(tokens: int) -> tuple[LanguageModel, str]:
-        impl = args.moe_impl or ("gather" if tokens <= 8 else "ragged")
-        t = time.perf_counter()
-        model = random_model(cfg, dtype, impl, mesh)
-        jax.block_until_ready(nnx.state(model))
-        print(f"# random weights ({impl} experts) made on device in {time.perf_counter() - t:.1f} s")
-        return LanguageModel(model, mesh=mesh), impl
+    t = time.perf_counter()
+    model = random_model(cfg, dtype, "ragged", mesh, args.random_weights)
+    jax.block_until_ready(nnx.state(model))
+    fp8 = args.random_weights == "fp8"
+    print(
+        f"# random {args.random_weights} weights made on device in {time.perf_counter() - t:.1f} s;"
+        f" device memory in use: {device_memory_in_use() / 1e9:.1f} GB (fullest device)"
+    )
+    on_gpu_16bit = jax.default_backend() == "gpu" and dtype.itemsize == 2
+    attention_impl = args.attention or ("cudnn" if on_gpu_16bit else "xla")
+    if attention_impl != "xla" and args.mode == "prefill":
+        try:
+            err = compare_attention(model, mesh, attention_impl)
+            print(f"# check: {attention_impl} attention vs xla (full and SWA layer, 2 chunks), relative L2 {err:.2e}")
+            results["attention_check_rel_err"] = err
+            if not err <= ATTENTION_CHECK_TOLERANCE:
+                raise ValueError(f"relative difference {err:.2e} > {ATTENTION_CHECK_TOLERANCE}")
+        except Exception as e:
+            print(f"# {attention_impl} attention failed its check ({type(e).__name__}: {str(e)[:300]}); using xla")
+            attention_impl = "xla"
+    model.set_attention_impl(attention_impl)
+    results["attention"] = attention_impl
 
+    def with_experts(impl: str) -> LanguageModel:
+        model.set_moe_impl(impl)  # same weights, another expert path
+        return LanguageModel(model, mesh=mesh)
+
+    def impls(tokens_per_step: int) -> list[str]:
+        if args.moe_impl:
+            return args.moe_impl.split(",")
+        # The Pallas GPU kernel when this build has it; beside it the plain-XLA paths (prefill on GPU:
+        # ragged_dot reads all experts and may not compile at large sizes, so only the kernel there).
+        kernel = ["pallas_gpu"] if "pallas_gpu" in EXPERT_IMPLS and jax.default_backend() == "gpu" else []
+        if tokens_per_step <= 8:
+            return kernel + ["gather_fused", "gather"]
+        if kernel and args.mode == "prefill":
+            return kernel
+        return kernel + ["ragged"]
+
+    def failed(impl: str, what: str, error: Exception) -> None:
+        print(f"#   {impl} {what} failed: {type(error).__name__}: {str(error)[:300]}")
+        results["runs"].append(dict(moe=impl, case=what, error=f"{type(error).__name__}: {error}"[:2000]))
+
+    def vs_peer(tok_s: float, peer: float | None) -> str:
+        return f"{tok_s / peer:.2f}" if peer else "-"
+
+    is_peer_model = args.model == "flash-slice-4" and not args.scale_down
     if args.mode == "decode":
-        batches = [int(b) for b in args.batch.split(",")]
-        contexts = [int(c) for c in args.context.split(",")]
         print(
-            "| batch | context | MoE | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s | achieved | peer "
-            "tok/s | x peer |"
+            "| batch | context | MoE | experts/layer | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s "
+            "| achieved | peer tok/s | x peer |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        lm, impl = None, None
-        for batch in batches:
-            want = args.moe_impl or ("gather" if batch <= 8 else "ragged")
-            if want != impl:
-                lm = None  # free the previous weights before making new ones
-                lm, impl = model_for(batch)
-            for context in contexts:
-                r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes)
-                roof_s = r["bytes"]["total"] / (bandwidth * ndev)
-                r.update(moe=impl, roofline_tok_s=batch / roof_s, achieved=roof_s / (r["ms_per_step"] / 1e3))
-                peer = PEER["decode"].get(batch) if args.model == "flash-slice-4" and not args.scale_down else None
-                r["peer_tok_s"] = peer
-                vs_peer = f"{r['tok_s'] / peer:.2f}" if peer else "-"
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for batch in (int(b) for b in args.batch.split(",")):
+            for impl in impls(batch):
+                lm = with_experts(impl)
+                for context in (int(c) for c in args.context.split(",")):
+                    try:
+                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8)
+                    except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                        failed(impl, f"decode batch {batch} context {context}", e)
+                        continue
+                    roof_s = r["bytes"]["total"] / (bandwidth * ndev)
+                    peer = PEER["decode"].get(batch) if is_peer_model else None
+                    r.update(
+                        moe=impl,
+                        roofline_tok_s=batch / roof_s,
+                        achieved=roof_s / (r["ms_per_step"] / 1e3),
+                        peer_tok_s=peer,
+                    )
+                    touched = r["experts_touched"] or (
+                        cfg.experts_per_token if batch == 1 else r["experts_touched_uniform"]
+                    )
+                    print(
+                        f"| {batch} | {context} | {impl} | {touched or 0:.1f} | {r['ms_per_step']:.3f} | "
+                        f"{r['tok_s']:.1f} | "
+                        f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
+                        f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {peer or '-'} | "
+                        f"{vs_peer(r['tok_s'], peer)} |"
+                    )
+                    if not r["finite"]:
+                        print("#   warning: non-finite hidden states (random weights overflowed)")
+                    results["runs"].append(r)
+    else:
+        print(
+            "| prompt | chunk | MoE | attention | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer "
+            "| x peer |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for chunk in (int(c) for c in args.chunk.split(",")):
+            for impl in impls(chunk):
+                try:
+                    r = run_prefill(with_experts(impl), args.prompt_len, chunk, args.reps)
+                except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                    failed(impl, f"prefill {args.prompt_len} chunk {chunk}", e)
+                    continue
+                achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
+                peer = PEER["prefill"] if is_peer_model else None
+                r.update(
+                    moe=impl,
+                    attention=attention_impl,
+                    achieved_of_matmul=achieved,
+                    roofline_tok_s=r["prompt_len"] * matmul * ndev / r["flops"],
+                    peer_tok_s=peer,
+                )
                 print(
-                    f"| {batch} | {context} | {impl} | {r['ms_per_step']:.3f} | {r['tok_s']:.1f} | "
-                    f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | {r['roofline_tok_s']:.0f} | "
-                    f"{r['achieved']:.0%} | {peer or '-'} | {vs_peer} |"
+                    f"| {args.prompt_len} | {chunk} | {impl} | {attention_impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
+                    f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
+                    f"{peer or '-'} | {vs_peer(r['tok_s'], peer)} |"
                 )
                 if not r["finite"]:
                     print("#   warning: non-finite hidden states (random weights overflowed)")
                 results["runs"].append(r)
-    else:
-        lm, impl = model_for(args.chunk)
-        r = run_prefill(lm, args.prompt_len, args.chunk, args.reps)
-        achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
-        peer = PEER["prefill"] if args.model == "flash-slice-4" and not args.scale_down else None
-        r.update(
-            moe=impl,
-            achieved_of_matmul=achieved,
-            roofline_tok_s=r["prompt_len"] * matmul * ndev / r["flops"],
-            peer_tok_s=peer,
-        )
-        vs_peer = f"{r['tok_s'] / peer:.2f}" if peer else "-"
-        print("| prompt | chunk | MoE | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer | x peer |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        print(
-            f"| {args.prompt_len} | {args.chunk} | {impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
-            f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
-            f"{peer or '-'} | {vs_peer} |"
-        )
-        if not r["finite"]:
-            print("#   warning: non-finite hidden states (random weights overflowed)")
-        results["runs"].append(r)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

@@ -135,6 +135,12 @@ class MiMoConfig:
             has_sink=self.swa_sink,
         )
 
+    def first_layers(self, n: int) -> MiMoConfig:
+        """The first `n` layers of this model, in its real full/SWA and dense/MoE pattern."""
+        if not 1 <= n <= self.num_layers:
+            raise ConfigError(f"layers={n}: expected 1..{self.num_layers}")
+        return dataclasses.replace(self, num_layers=n, sliding=self.sliding[:n], moe=self.moe[:n])
+
     def replace(self, **changes: Any) -> MiMoConfig:
         return dataclasses.replace(self, **changes)
 

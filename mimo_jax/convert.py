@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 
+from mimo_jax import sharding
 from mimo_jax.weights.orbax_store import META_NAME, save_params
 
 # Files beside the weights that a converted directory keeps (tokenizer, chat template, generation defaults).
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mtp", action="store_true", help="include the MTP layers")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--mesh", default="", help="mesh to import on, e.g. tensor=8 (default: the first device)")
+    sharding.add_distributed_arguments(ap)
     args = ap.parse_args(argv)
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # multi-host
     mesh = None
     if args.mesh:
         from mimo_jax.sharding import make_mesh, parse_mesh_arg

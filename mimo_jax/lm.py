@@ -86,7 +86,8 @@ def load_model(
 
     `weights`: "bf16" dequantizes FP8 checkpoints into `dtype` at load; "fp8" keeps FP8 blocks on
     the devices (dequantized inside the jitted matmuls). `mtp`: True loads every MTP layer the
-    config declares (an int: that many). `path` may also be an Orbax checkpoint written by
+    config declares (an int: that many). `path` may be "demo" (the embedded demo checkpoint,
+    `mimo_jax/demo_model`), or an Orbax checkpoint written by
     `python -m mimo_jax.convert`, restored onto `mesh` whatever mesh it was written from.
     `mesh`: where parameters live (None: the first device);
     each device receives only its own slices, read straight from the files.
@@ -98,6 +99,10 @@ def load_model(
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
+    if os.fspath(path) == "demo" and not os.path.exists(path):  # the checkpoint shipped in the package
+        from mimo_jax.demo import demo_model_dir
+
+        path = demo_model_dir()
     if is_converted(path):  # written by `python -m mimo_jax.convert`
         mtp_layers = int(read_meta(path).get("mtp_layers", 0)) if mtp is True else int(mtp)
         model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh)

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import moe, sharding
-from mimo_jax.attention import apply_rope, attention, rope_cos_sin
+from mimo_jax import kernels, moe, sharding
+from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
 from mimo_jax.quant import weight
@@ -57,6 +57,7 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (hidden, kv, dv), dtype, ("embed", "kv_heads", "head_dim"))
         self.o_proj = _param(rngs, (n, dv, hidden), dtype, ("q_heads", "head_dim", "embed"))
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
+        self.impl = "xla"  # see mimo_jax.attention.ATTENTION_IMPLS
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
@@ -72,6 +73,7 @@ class Attention(nnx.Module):
         else:
             keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
         keys, values = sharding.spread_kv_heads(keys, values, spec.num_heads)
+        chunk_kv = sharding.spread_kv_heads(k, v, spec.num_heads) if self.impl != "xla" else None
         out = attention(
             q,
             keys,
@@ -82,6 +84,8 @@ class Attention(nnx.Module):
             sink=None if self.sink is None else self.sink[...],
             scale=spec.head_dim**-0.5,
             slot_is_position=kv_cache is not None and not kv_cache.ring,
+            impl=self.impl,
+            chunk_kv=chunk_kv,
         )
         return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj)), kv_cache
 
@@ -105,12 +109,13 @@ class MoE(nnx.Module):
     Traced under a mesh (`jax.set_mesh`) whose expert or tensor axis splits the experts, it runs
     expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `strategy` picks the dispatch
     ("auto" decides by token count) and `capacity_factor` (None = never drop) bounds the
-    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens".
+    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens" (read it
+    with `nnx.capture(model, nnx.Intermediate)`).
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
 
-    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str = "ragged"):
+    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str | None = None):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.router = _param(rngs, (e, h), jnp.float32, ("experts_replicated", "embed_replicated"))
         self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
@@ -122,7 +127,7 @@ class MoE(nnx.Module):
         self.topk_group = cfg.topk_group
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
-        self.impl = impl
+        self.impl = impl or kernels.default_expert_impl()  # the Pallas kernel on GPU, ragged_dot elsewhere
         self.strategy = "auto"
         self.capacity_factor: float | None = None
 
@@ -137,14 +142,16 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        experts = (weight(self.gate_proj), weight(self.up_proj), weight(self.down_proj))
+        read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else weight
+        experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
-        gate_spec = None if mesh is None else sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh)
-        if gate_spec is None or gate_spec == jax.sharding.PartitionSpec(None, None, None):
+        gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
+        if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
             return out.reshape(shape)
-        token_axis = sharding.logical_to_spec(("batch", None), flat.shape, mesh)[0]
+        batch_axes = ("batch",) + (None,) * (len(shape) - 1)
+        token_axes = sharding.logical_to_spec(batch_axes, shape, mesh)[0]  # the mesh axes the batch is split over
         out, dropped = moe.experts_sharded(
             flat,
             self.router[...],
@@ -154,7 +161,7 @@ class MoE(nnx.Module):
             top_k=self.top_k,
             mesh=mesh,
             gate_spec=gate_spec,
-            token_axis=token_axis,
+            token_axes=token_axes,
             impl=self.impl,
             strategy=self.strategy,
             capacity_factor=self.capacity_factor,
@@ -222,6 +229,14 @@ class MiMoModel(nnx.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for layer in (*self.layers, *(t.block for t in self.mtp)) if isinstance(m := layer.mlp, MoE)]
+
+    def set_attention_impl(self, impl: str) -> None:
+        """Attention implementation of every layer (MTP included), see `mimo_jax.attention.ATTENTION_IMPLS`."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+        for _, node in nnx.iter_graph(self):
+            if isinstance(node, Attention):
+                node.impl = impl
 
     def set_moe_impl(self, impl: str) -> None:
         if impl not in moe.EXPERT_IMPLS:

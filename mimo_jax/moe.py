@@ -5,19 +5,23 @@ Expert implementations (`EXPERT_IMPLS`) compute the same thing on the experts th
   correct; the reference for the others (and fine for tiny test models).
 - `experts_ragged`: tokens sorted by expert and `jax.lax.ragged_dot` (the native grouped matmul
   on TPU/CPU).
-- `experts_gather`: each token gathers its chosen experts' weights (decode at a few tokens on GPU,
-  where `ragged_dot` reads every expert).
+- `experts_gather` / `experts_gather_fused`: each token gathers its chosen experts' weights (decode
+  at a few tokens on GPU, where `ragged_dot` reads every expert); as matmuls on gathered copies, or
+  as a multiply-reduce that XLA can fuse with the gather.
 Their contract: `fn(x [N, H], weights [N, K], ids [N, K], w_gate [E, H, I], w_up [E, H, I],
 w_down [E, I, H]) -> [N, H]` in x.dtype; an id >= E means "expert not here" and
 contributes nothing (its weight is 0 too). On a mesh every expert shard calls one of them on
 its local experts only (`experts_sharded`), so a new kernel plugs in by joining the table.
 
 On a mesh `experts_sharded` runs the MoE inside `jax.shard_map` with one of two dispatches:
-- "replicated" (few tokens, decode): every expert shard sees all tokens of its data shard,
-  keeps the assignments to its own experts, and the partial outputs are summed with `psum`.
-- "all_to_all" (many tokens, prefill): each expert shard routes 1/S of the tokens and sends
-  each token once to every shard owning one of its experts (`jax.lax.all_to_all` with
-  per-destination buffers), the owners send results back, and the slices are all-gathered.
+- "replicated" (few tokens, decode): every expert shard sees all tokens of its data shard
+  (all-gathered first when the batch is split over the expert axis), keeps the assignments
+  to its own experts, and the partial outputs are summed with `psum` (`psum_scatter` back to
+  each shard's own tokens when the batch is split over the expert axis).
+- "all_to_all" (many tokens, prefill): each expert shard routes its own tokens (its batch
+  slice, or 1/S of replicated tokens) and sends each token once to every shard owning one of
+  its experts (`jax.lax.all_to_all` with per-destination buffers); the owners send results
+  back (replicated tokens are then all-gathered).
   (`jax.lax.ragged_all_to_all` would move fewer bytes but XLA:CPU does not implement it.)
 Expert weights may also be split over the tensor axis along the intermediate dim (`moe_mlp`);
 those partial outputs are summed over `tensor`. No token is dropped unless a capacity factor
@@ -32,6 +36,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from mimo_jax import kernels
 
 
 def route(
@@ -119,7 +125,29 @@ def experts_gather(
     return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
+def experts_gather_fused(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """`experts_gather` as multiply-and-reduce, so XLA can fuse the weight gather into the reduction
+    (reading each chosen expert once, no gathered copy). For one or a few tokens per step."""
+    weights = jnp.where(ids < w_gate.shape[0], weights, 0.0)  # ids >= E are experts not on this shard
+    xf = x.astype(jnp.float32)
+    g = jnp.sum(xf[:, None, :, None] * w_gate[ids], axis=2)  # [N, K, I]
+    u = jnp.sum(xf[:, None, :, None] * w_up[ids], axis=2)
+    h = _swiglu(x, g, u)
+    y = jnp.sum(h[:, :, :, None] * w_down[ids], axis=2)  # [N, K, H]
+    return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {
+    "dense": experts_dense,
+    "ragged": experts_ragged,
+    "gather": experts_gather,
+    "gather_fused": experts_gather_fused,
+    "pallas_gpu": kernels.experts_pallas_gpu,
+}
+# Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
+QUANTIZED_IMPLS = frozenset({"pallas_gpu"})
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------
@@ -195,34 +223,40 @@ def experts_sharded(
     top_k: int,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
     gate_spec: PartitionSpec,
-    token_axis: str | None,
+    token_axes: str | tuple[str, ...] | None,
     impl: str = "ragged",
     strategy: str = "auto",
     capacity_factor: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Routed MoE of x [N, H] on a mesh -> (out [N, H], dropped (token, shard) pairs int32).
+    """Routed MoE of x [N, H] on a mesh -> (out [N, H] laid out like x, dropped (token, shard) pairs int32).
 
     `gate_spec` is the PartitionSpec of w_gate [E, H, I] (experts over an expert axis, the
     intermediate dim optionally over a tensor axis); w_up has the same, w_down [E, I, H] its
-    transpose. `token_axis` is the mesh axis the tokens are split over (or None).
+    transpose. `token_axes`: the mesh axes the tokens are split over (None: replicated). Tokens
+    split over the expert axis too (data-parallel attention) are gathered for "replicated" and
+    scattered back with `psum_scatter`; for "all_to_all" each shard dispatches its own tokens.
     """
     expert_axis, embed_axis, mlp_axis = gate_spec
     if embed_axis is not None:
         raise ValueError(f"expert weights split over the hidden dim ({gate_spec}) are not supported")
+    token_axes = () if token_axes is None else (token_axes,) if isinstance(token_axes, str) else tuple(token_axes)
     expert_fn = EXPERT_IMPLS[impl]
     expert_shards = mesh.shape[expert_axis] if expert_axis else 1
-    data_shards = mesh.shape[token_axis] if token_axis else 1
-    tokens = x.shape[0] // data_shards
-    mode = choose_strategy(strategy, tokens, expert_shards)
-    sum_axes = tuple(a for a in (expert_axis, mlp_axis) if a)
+    split = expert_axis is not None and expert_axis in token_axes  # each expert shard holds its own tokens
+    other_token_axes = tuple(a for a in token_axes if a != expert_axis)
+    group_tokens = x.shape[0] // math.prod(mesh.shape[a] for a in other_token_axes)  # one expert group's tokens
+    mode = choose_strategy(strategy, group_tokens, expert_shards)
 
     def replicated(x, router, bias, w_gate, w_up, w_down):
+        if split:
+            x = jax.lax.all_gather(x, expert_axis, tiled=True)
         n, local_experts = x.shape[0], w_gate.shape[0]
         shard = jax.lax.axis_index(expert_axis) if expert_axis else 0
         weights, ids = _local_assignments(*route_fn(x, router, bias), shard * local_experts, local_experts)
         capacity = buffer_capacity(n, top_k, expert_shards, capacity_factor)
+        dropped = jnp.int32(0)
         if capacity == n:
-            out, dropped = expert_fn(x, weights, ids, w_gate, w_up, w_down), jnp.int32(0)
+            out = expert_fn(x, weights, ids, w_gate, w_up, w_down)
         else:  # only the tokens that fit in the buffer get computed
             source, slot, dropped = _pack((ids < local_experts).any(-1), capacity)
             packed = expert_fn(
@@ -235,17 +269,24 @@ def experts_sharded(
             )
             out = _take_rows(packed, slot, 0)
             dropped = jax.lax.psum(dropped, expert_axis) if expert_axis else dropped
+        if split:  # each shard keeps the sum for its own tokens
+            out = jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
+            return jax.lax.psum(out, mlp_axis) if mlp_axis else out, dropped
+        sum_axes = tuple(a for a in (expert_axis, mlp_axis) if a)
         return jax.lax.psum(out, sum_axes) if sum_axes else out, dropped
 
     def all_to_all(x, router, bias, w_gate, w_up, w_down):
         n, hidden, local_experts = x.shape[0], x.shape[1], w_gate.shape[0]
         shards, shard = expert_shards, jax.lax.axis_index(expert_axis)
-        mine = -(-n // shards)  # this shard routes tokens [shard * mine, (shard + 1) * mine)
-        x = jnp.pad(x, ((0, mine * shards - n), (0, 0)))
-        x_mine = jax.lax.dynamic_slice_in_dim(x, shard * mine, mine)
+        if split:
+            x_mine, mine, real = x, n, jnp.ones((n,), bool)
+        else:  # tokens replicated over the expert axis: this shard dispatches rows [shard * mine, ...)
+            mine = -(-n // shards)
+            x = jnp.pad(x, ((0, mine * shards - n), (0, 0)))
+            x_mine = jax.lax.dynamic_slice_in_dim(x, shard * mine, mine)
+            real = (shard * mine + jnp.arange(mine)) < n  # padding rows go nowhere
         weights, ids = route_fn(x_mine, router, bias)
         owner = ids // local_experts  # [mine, K]
-        real = (shard * mine + jnp.arange(mine)) < n  # padding rows go nowhere
         dest = jnp.arange(shards, dtype=jnp.int32)[:, None, None]
         to_dest = (owner[None] == dest) & real[None, :, None]  # [S, mine, K]
         capacity = buffer_capacity(mine, top_k, shards, capacity_factor)
@@ -274,20 +315,23 @@ def experts_sharded(
             out = jax.lax.psum(out, mlp_axis)
         back = exchange(out.reshape(shards, capacity, hidden))  # results for the rows this shard sent
         out_mine = gather(back, slot, 0).astype(jnp.float32).sum(0).astype(x.dtype)
-        out = jax.lax.all_gather(out_mine, expert_axis, tiled=True, to="invarying")[:n]
-        return out, jax.lax.psum(dropped, expert_axis)
+        dropped = jax.lax.psum(dropped, expert_axis)
+        if split:
+            return out_mine, dropped
+        return jax.lax.all_gather(out_mine, expert_axis, tiled=True, to="invarying")[:n], dropped
 
     body = replicated if mode == "replicated" else all_to_all
 
     def counted(*args):
         out, dropped = body(*args)
-        return out, jax.lax.psum(dropped, token_axis) if token_axis else dropped
+        return out, jax.lax.psum(dropped, other_token_axes) if other_token_axes else dropped
 
+    token_spec = PartitionSpec(token_axes or None, None)
     down_spec = PartitionSpec(expert_axis, mlp_axis, None)
     replicated_spec = PartitionSpec()
     return jax.shard_map(
         counted,
         mesh=mesh,
-        in_specs=(PartitionSpec(token_axis, None), replicated_spec, replicated_spec, gate_spec, gate_spec, down_spec),
-        out_specs=(PartitionSpec(token_axis, None), replicated_spec),
+        in_specs=(token_spec, replicated_spec, replicated_spec, gate_spec, gate_spec, down_spec),
+        out_specs=(token_spec, replicated_spec),
     )(x, router, correction_bias, w_gate, w_up, w_down)

@@ -15,7 +15,6 @@ JAX devices; `jax.devices()` is then the global device list and `make_mesh` span
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Any
@@ -28,9 +27,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "tensor", "expert")
 
-# logical axis -> mesh axis (None = replicated); parameters and activations alike
-RULES: dict[str, str | None] = {
-    "batch": "data",
+# logical axis -> mesh axis, or axes in order (None = replicated); parameters and activations alike
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # the batch also splits over the expert axis (data-parallel attention beside expert-parallel
+    # MoE): attention, its KV cache and the dense layers are not repeated on every expert shard
+    "batch": ("data", "expert"),
     "vocab": "tensor",
     "embed": None,
     "q_heads": "tensor",
@@ -91,12 +92,20 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     """Logical axis names of an array of `shape` -> PartitionSpec on `mesh` (by `RULES`)."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match the array shape {shape}")
-    spec = []
+    spec, used = [], set()
     for name, dim in zip(axes, shape, strict=True):
-        mesh_axis = RULES.get(name) if name else None
-        if mesh_axis not in mesh.shape or mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]:
-            mesh_axis = None
-        spec.append(mesh_axis)
+        rule = RULES.get(name) if name else None
+        kept, split = [], 1
+        for mesh_axis in (rule,) if isinstance(rule, str) else rule or ():
+            size = mesh.shape.get(mesh_axis, 1)
+            if size == 1 or mesh_axis in used:
+                continue
+            if dim % (split * size):
+                break  # the dim splits over the axes kept so far and no further
+            kept.append(mesh_axis)
+            split *= size
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*spec)
 
 
@@ -148,7 +157,7 @@ def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tup
     communication), and attention keeps its grouped form. The cache still stores KV heads.
     """
     mesh = current_mesh()
-    axis = RULES["q_heads"]
+    axis = RULES["q_heads"]  # one mesh axis
     if mesh is None or axis not in mesh.shape:
         return keys, values
     shards, kv = mesh.shape[axis], keys.shape[2]
@@ -162,24 +171,8 @@ def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tup
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Sharding of an input whose leading dim is the batch (split over data when it divides)."""
+    """Sharding of an input whose leading dim is the batch (over data, then expert, as far as it divides)."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
-
-
-def kv_cache_shardings(cache: list[Any], mesh: Mesh) -> list[Any]:
-    """Shardings for a KV cache (list of `LayerKV`): batch over data, kv heads over tensor where they divide.
-
-    Same pytree as the cache, for `jax.device_put` or a jitted step's in/out shardings.
-    """
-
-    def layer(kv):
-        def spec(axes, a):
-            return NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh))
-
-        heads = ("batch", None, "kv_heads", None)
-        return dataclasses.replace(kv, k=spec(heads, kv.k), v=spec(heads, kv.v), pos=spec(("batch", None), kv.pos))
-
-    return [layer(kv) for kv in cache]
 
 
 # Environment read by `initialize_distributed` when its arguments are left out.

@@ -24,7 +24,25 @@ def test_sharded_engine_equals_single_device():
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [4, 6], [50, 1, 2], [7] * 5]
     kwargs = dict(max_new_tokens=10, temperature=0.8, seed=3)
     engine = Engine(sharded, max_batch=4, max_context=24, prefill_chunk=4, max_round_tokens=10)
-    assert tuple(engine.cache[1].k.sharding.spec) == ("data", None, "tensor", None)  # batch on data, kv heads on tensor
+    # batch 4 on data x expert (data-parallel attention), kv heads on tensor
+    assert tuple(engine.cache[1].k.sharding.spec) == (("data", "expert"), None, "tensor", None)
     want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
     got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_steps_compile_once_whatever_the_parameter_layout():
+    """Parameters placed on a one-device mesh (as the bench's initializers do) must not make the
+    decode loop recompile when its outputs come back with differently spelled shardings."""
+    cfg = MiMoConfig.from_dict(TINY)
+    model = MiMoModel(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(data=1, tensor=1, expert=1, devices=jax.devices()[:1])
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_value(
+                jax.device_put(var.get_value(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            )
+    engine = Engine(mimo_jax.LanguageModel(model), max_batch=2, max_context=40, prefill_chunk=8, max_round_tokens=2)
+    mimo_jax.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9, engine=engine)
+    for fn in (engine.prefill_fn, engine.admit_fn, engine.decode_fn):
+        assert fn._cache_size() == 1

@@ -1,4 +1,4 @@
-"""The gather-based expert path (decode) computes the same as the dense reference."""
+"""The gather-based expert paths (decode) compute the same as the dense reference."""
 
 import jax
 import jax.numpy as jnp
@@ -17,5 +17,6 @@ def test_gather_experts_equal_dense():
         x, router, jnp.zeros(8), top_k=3, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.5
     )
     want = moe.experts_dense(x, weights, ids, w_gate, w_up, w_down)
-    got = moe.EXPERT_IMPLS["gather"](x, weights, ids, w_gate, w_up, w_down)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for impl in ("gather", "gather_fused"):
+        got = moe.EXPERT_IMPLS[impl](x, weights, ids, w_gate, w_up, w_down)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=impl)

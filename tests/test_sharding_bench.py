@@ -43,3 +43,20 @@ def test_bench_moe_tiny_on_cpu(bench_moe, tmp_path, capsys):
     }
     printed = capsys.readouterr().out
     assert "skip mesh expert=16" in printed and "ALL_TO_ALL_MIN_TOKENS" in printed
+
+
+def test_bench_moe_fp8_weights_tokens_split_over_experts(bench_moe, tmp_path):
+    out = tmp_path / "moe.jsonl"
+    argv = [
+        "--hidden", "32", "--experts", "8", "--top-k", "2", "--intermediate", "16", "--tokens", "3,16",
+        "--meshes", "expert=2", "--split-tokens", "--weights", "fp8", "--block", "16", "--impls", "ragged",
+        "--dtype", "float32", "--reps", "2", "--warmup", "1", "--ceiling-mib", "4", "--matmul", "128",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert bench_moe.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["tokens"], r["strategy"]) for r in rows] == [(16, "replicated"), (16, "all_to_all")]  # 3: no split
+    assert all(r["tokens_split"] and r["ok"] and r["weights"] == "fp8" for r in rows)
+    # fp8: 1 byte per weight plus one f32 scale per 16x16 block, 3 matrices of 32x16 per expert
+    per_expert = 3 * (32 * 16 + 4 * 2 * 1)
+    assert all(abs(r["touched_gb"] * 1e9 - r["experts_touched"] * per_expert) < 1e-6 for r in rows)

@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mimo_jax.moe import EXPERT_IMPLS
+
 log = logging.getLogger("mimo_jax.serve")
 
 
@@ -46,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. tensor=4,expert=2 (default: one device, no mesh)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation/weight dtype")
     p.add_argument("--weights", choices=["bf16", "fp8"], help="how FP8 checkpoints are kept (the importer's modes)")
-    p.add_argument("--moe-impl", choices=["dense", "ragged", "gather"], help="expert implementation (default: ragged)")
+    p.add_argument(
+        "--moe-impl",
+        choices=sorted(EXPERT_IMPLS),
+        help="expert implementation (default: the Pallas kernel on GPU, ragged_dot elsewhere)",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="engine slots: sequences decoded together")
     p.add_argument("--max-context", type=int, help="tokens per sequence, prompt + output (default: min(model, 8192))")
     p.add_argument(
@@ -147,11 +153,14 @@ def _load(args: argparse.Namespace):
         import jax.numpy as jnp
 
         from mimo_jax.bench import bench_config, random_model
+        from mimo_jax.kernels import default_expert_impl
         from mimo_jax.lm import LanguageModel
 
         if not args.model or not args.tokenizer:
             raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
-        model = random_model(bench_config(args.model), jnp.dtype(args.dtype), args.moe_impl or "ragged", mesh)
+        model = random_model(
+            bench_config(args.model), jnp.dtype(args.dtype), args.moe_impl or default_expert_impl(), mesh
+        )
         lm = LanguageModel(model, mesh=mesh, source=f"random:{args.model}")
     else:
         lm = load_model(directory, dtype=args.dtype, mesh=mesh, **kwargs)

@@ -61,7 +61,15 @@ _OTHER_MODALITY_PREFIXES = ("visual.", "vision_model.", "audio_", "model.visual.
 # Kinds whose FP8 form the model consumes; any other quantized tensor is dequantized at load.
 _KEEP_FP8 = (TRANSPOSE, EXPERTS, HEADS_IN)
 
-__all__ = ["WEIGHT_MODES", "abstract_model", "load_params", "parameter_sources", "quantization_block", "validate"]
+__all__ = [
+    "WEIGHT_MODES",
+    "abstract_model",
+    "abstract_params",
+    "load_params",
+    "parameter_sources",
+    "quantization_block",
+    "validate",
+]
 
 
 def quantization_block(cfg: MiMoConfig, where: str = "config.json") -> tuple[int, int] | None:
@@ -109,6 +117,52 @@ class ParamPlan:
     def value_tensor(self) -> str:
         src = self.src
         return src.tensors[1 if src.kind == HEADS_IN and src.part == "v" and len(src.tensors) == 2 else 0].name
+
+
+def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weights: str = "bf16", mtp_layers: int = 0):
+    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings (and `mtp_layers`
+    MTP layers); no memory is used.
+
+    `weights="fp8"`: what `load_model(..., weights="fp8")` places for a checkpoint with this config's
+    `quantization_config`: float8 values and float32 block scales (`quant.BlockQuantized`), each
+    sharded by the parameter's logical axes, for the kinds the loader keeps in FP8.
+    """
+    from mimo_jax.quant import scale_shape
+    from mimo_jax.sharding import logical_to_spec, model_shardings
+    from mimo_jax.weights.table import fp8_param_block
+
+    if weights not in ("bf16", "fp8"):
+        raise ValueError(f"--weights {weights!r}: expected 'bf16' or 'fp8'")
+    block = quantization_block(cfg) if weights == "fp8" else None
+    if weights == "fp8" and block is None:
+        raise ValueError("--weights fp8 needs a config with an fp8 quantization_config (weight_block_size)")
+    model = abstract_model(cfg, dtype, mtp_layers)
+    shardings = model_shardings(model, mesh)
+    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    for path, var in params.items():
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[path]))
+    if block is not None:
+        # The same choice as the loader and the planner: these kinds stay FP8 when their tensor is quantized.
+        for src in parameter_sources(cfg, mtp_layers):
+            if src.kind not in _KEEP_FP8 or not src.tensors[0].quantizable:
+                continue
+            var = params[src.path]
+            value = var.get_value()
+            axes = tuple(var.get_metadata().get("logical_axes") or (None,) * value.ndim)
+            param_block = fp8_param_block(src.kind, value.ndim, block)
+            scales = scale_shape(value.shape, param_block)
+            var.set_value(
+                BlockQuantized(
+                    jax.ShapeDtypeStruct(value.shape, FP8, sharding=shardings[src.path]),
+                    jax.ShapeDtypeStruct(
+                        scales, np.float32, sharding=NamedSharding(mesh, logical_to_spec(axes, scales, mesh))
+                    ),
+                    param_block,
+                    np.dtype(value.dtype).name,
+                )
+            )
+    return nnx.split(model)
 
 
 def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtypes: set, what: str) -> np.dtype:

@@ -1,0 +1,389 @@
+"""Check and time the Pallas MoE kernel (mimo_jax.kernels.moe_gpu) against plain-XLA paths on one GPU.
+
+    PYTHONPATH=. python bench/bench_moe_kernel.py            # GPU: checks, ceilings, Flash-size timings
+    PYTHONPATH=. python bench/bench_moe_kernel.py --small    # CPU smoke run of this script (interpret mode)
+
+1. Checks (fresh random inputs each run): kernel vs a float32 `experts_dense` on mid-size experts, random and
+   adversarial routings (all assignments on one expert, only three experts used, one token, foreign ids),
+   bf16 and fp8 weights, every tile config; at Flash size, sampled tokens vs a per-token float32 reference.
+2. Ceilings measured in this run: device copy bandwidth (read + write), bf16 8192^3 matmul.
+3. Flash MoE layer (hidden 4096, 256 experts, top-8, intermediate 2048) at T = 1 ... 8192 tokens: kernel bf16 and
+   fp8 (tile candidates, best kept), plain paths timed in the same run, the calibration table's best plain path.
+Exit code 1 if any check fails. Results also go, line by line, to $OUT/bench_moe_kernel.jsonl when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import moe
+from mimo_jax.kernels import moe_gpu as mg
+
+FLASH = dict(experts=256, hidden=4096, inter=2048, top_k=8)
+TOKENS = (1, 8, 32, 128, 1024, 8192)
+# ../shared/docs/gpu-moe-calibration.md (H100, 2026-11-27): best plain-XLA path per T, ms.
+CALIBRATION_BEST = {
+    1: (0.56, "gather"),
+    8: (3.50, "buckets"),
+    32: (4.62, "buckets"),
+    128: (4.86, "buckets"),
+    1024: (5.76, "buckets"),
+    8192: (15.4, "buckets"),
+}
+T = mg.TileConfig
+CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is the module default)
+    "bf16": {
+        "decode": [
+            mg.DECODE,
+            mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4)),
+            mg.KernelConfig(T(16, 32, 256, 4, 3), T(16, 64, 256, 4, 3)),
+        ],
+        "middle": [mg.MIDDLE, mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4))],
+        "prefill": [
+            mg.PREFILL,
+            mg.KernelConfig(T(128, 128, 64, 8, 3), T(128, 128, 64, 8, 3)),
+            mg.KernelConfig(T(64, 128, 64, 4, 4), T(64, 128, 64, 4, 4)),
+        ],
+    },
+    "fp8": {
+        "decode": [
+            mg.DECODE_FP8,
+            mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4)),
+            mg.KernelConfig(T(16, 128, 128, 8, 4), T(16, 128, 128, 8, 4)),
+        ],
+        "middle": [mg.MIDDLE_FP8, mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4))],
+        "prefill": [mg.PREFILL_FP8, mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 3))],
+    },
+}
+EXPERIMENTAL = []  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
+
+
+LOG_PATH = os.path.join(os.environ["OUT"], "bench_moe_kernel.jsonl") if os.environ.get("OUT") else None
+
+
+def emit(kind: str, **fields) -> None:
+    """One JSON line per result, appended at once (a crash later keeps what was measured)."""
+    if LOG_PATH:
+        with open(LOG_PATH, "a") as f:
+            f.write(json.dumps(dict(kind=kind, **fields), default=str) + "\n")
+
+
+def regime(assignments: int, experts: int) -> str:
+    per_expert = assignments / experts
+    return "decode" if per_expert <= 16 else "middle" if per_expert <= 96 else "prefill"
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def timeit(fn, *args, target_s: float = 0.05, batches: int = 5) -> float:
+    """Median over batches of the mean seconds per call, calls dispatched back to back (device-bound)."""
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - t0
+    reps = max(1, min(50, int(target_s / max(once, 1e-6))))
+    means = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        means.append((time.perf_counter() - t0) / reps)
+    return statistics.median(means)
+
+
+def random_weights(key, e, h, i, dtype=jnp.bfloat16):
+    kg, ku, kd = jax.random.split(key, 3)
+    make = jax.jit(
+        lambda k, shape, scale: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype), static_argnums=(1,)
+    )
+    return make(kg, (e, h, i), h**-0.5), make(ku, (e, h, i), h**-0.5), make(kd, (e, i, h), i**-0.5)
+
+
+def random_routing(key, n, e, k):
+    kr, kw = jax.random.split(key)
+    ids = jax.lax.top_k(jax.random.uniform(kr, (n, e)), k)[1].astype(jnp.int32)
+    weights = jax.random.uniform(kw, (n, k), minval=0.05, maxval=0.5)
+    return ids, weights
+
+
+quantize = jax.jit(mg.quantize_fp8_blocks)
+
+
+def reference(x, weights, ids, wg, wu, wd):
+    """float32 experts_dense (matmuls at full precision) with foreign ids dropped; fp8 pairs dequantized."""
+    wg, wu, wd = (mg.dequantize_fp8_blocks(*w) if isinstance(w, tuple) else w.astype(jnp.float32) for w in (wg, wu, wd))
+    ok = (ids >= 0) & (ids < wg.shape[0])
+    with jax.default_matmul_precision("highest"):
+        return moe.experts_dense(x.astype(jnp.float32), jnp.where(ok, weights, 0.0), jnp.where(ok, ids, 0), wg, wu, wd)
+
+
+def token_reference(x, weights, ids, wg, wu, wd):
+    """float32 output of a few tokens from their own experts' weights (gathered per token; Flash-size check)."""
+
+    def expert_weights(w, e):
+        if isinstance(w, tuple):
+            return mg.dequantize_fp8_blocks(w[0][e], w[1][e])
+        return w[e].astype(jnp.float32)
+
+    def one(args):
+        xt, wt, it = args
+        g = jnp.einsum("h,khi->ki", xt.astype(jnp.float32), expert_weights(wg, it), precision="highest")
+        u = jnp.einsum("h,khi->ki", xt.astype(jnp.float32), expert_weights(wu, it), precision="highest")
+        y = jnp.einsum("ki,kih->kh", jax.nn.silu(g) * u, expert_weights(wd, it), precision="highest")
+        return (y * wt[:, None]).sum(0)
+
+    return jax.lax.map(one, (x, weights, ids))
+
+
+def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> bool:
+    e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
+    kw, key = jax.random.split(key)
+    bf16 = random_weights(kw, e, h, i)
+    fp8 = tuple(quantize(w) for w in bf16)
+    kernel = jax.jit(
+        lambda x, w, ids, g, u, d, cfg: mg.experts_grouped(x, w, ids, g, u, d, config=cfg, interpret=interpret),
+        static_argnums=(6,),
+    )
+    ref = jax.jit(reference)
+    sizes = dims["check_tokens"]
+    cases = []
+    for t in sizes:
+        cases.append((f"random T={t}", t, None, None))
+    big = sizes[-2]
+    cases += [
+        (f"all on one expert T={big}", big, "one", None),
+        (f"three experts T={big}", big, "three", None),
+        ("one token", 1, None, None),
+        (f"foreign ids T={big}", big, "foreign", None),
+    ]
+    for name in () if quick else ("DECODE", "MIDDLE", "PREFILL"):
+        cases.append((f"config {name} T={sizes[1]}", sizes[1], None, name))
+    ok_all = True
+    print(f"\n== checks: experts {e}, hidden {h}, intermediate {i}, top-{k}; rel. error vs float32 (tol {tol})")
+    for name, t, routing, cfg_name in cases:
+        key, kx, kr = jax.random.split(key, 3)
+        x = jax.random.normal(kx, (t, h), jnp.float32).astype(jnp.bfloat16)
+        ids, weights = random_routing(kr, t, e, k)
+        if routing == "one":
+            ids = jnp.full_like(ids, e // 2)
+        elif routing == "three":
+            ids = jnp.asarray([0, e // 3, e - 1], jnp.int32)[ids % 3]
+        elif routing == "foreign":
+            ids = ids.at[::3, 0].set(-1).at[1::4, -1].set(e + 7)
+        row = []
+        for wname, w in (("bf16", bf16), ("fp8", fp8)):
+            cfg = None
+            if cfg_name:
+                cfg = getattr(mg, cfg_name + ("_FP8" if wname == "fp8" else ""))
+            err = rel_err(kernel(x, weights, ids, *w, cfg), ref(x, weights, ids, *w))
+            passed = err < tol
+            ok_all &= passed
+            row.append(f"{wname} {err:.2e}{'' if passed else ' FAIL'}")
+            emit("check", case=name, weights=wname, rel_err=err, passed=passed)
+        print(f"  {name:<28} " + "  ".join(row))
+    return ok_all
+
+
+def ceilings(small: bool) -> tuple[float, float]:
+    n = (1 << 20) if small else (1 << 30)  # 2 GiB of bf16 on GPU
+    a = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float32).astype(jnp.bfloat16)
+    copy_s = timeit(jax.jit(lambda v: -v), a)
+    copy_bw = 2 * a.nbytes / copy_s
+    m = 512 if small else 8192
+    ka, kb = jax.random.split(jax.random.PRNGKey(2))
+    p = jax.random.normal(ka, (m, m), jnp.bfloat16)
+    q = jax.random.normal(kb, (m, m), jnp.bfloat16)
+    mm_s = timeit(jax.jit(lambda p, q: p @ q), p, q)
+    mm_rate = 2 * m**3 / mm_s
+    del a, p, q
+    print(
+        f"\n== ceilings: device copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 {m}^3 matmul "
+        f"{mm_rate / 1e12:.0f} TFLOP/s"
+    )
+    emit("ceilings", copy_tb_s=copy_bw / 1e12, matmul_tflop_s=mm_rate / 1e12)
+    return copy_bw, mm_rate
+
+
+def experts_gather(x, weights, ids, wg, wu, wd):
+    """Plain XLA: gather each token's chosen experts' weights (good at 1 token)."""
+    g = jnp.einsum("nh,nkhi->nki", x, wg[ids])
+    u = jnp.einsum("nh,nkhi->nki", x, wu[ids])
+    y = jnp.einsum("nki,nkih->nkh", jax.nn.silu(g) * u, wd[ids], preferred_element_type=jnp.float32)
+    return (y * weights[..., None]).sum(1).astype(x.dtype)
+
+
+def experts_buckets(x, weights, ids, wg, wu, wd):
+    """Plain XLA: every expert on a bucket of capacity 2 x mean rows (overflow dropped: timing baseline only)."""
+    n, k = ids.shape
+    e = wg.shape[0]
+    cap = max(1, 2 * n * k // e)
+    order, sizes = moe.sort_by_expert(ids, e)
+    flat = ids.reshape(-1)[order]
+    slot = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[flat]
+    keep = slot < cap
+    dest = jnp.where(keep, flat * cap + slot, e * cap)
+    xb = jnp.zeros((e * cap + 1, x.shape[1]), x.dtype).at[dest].set(x[order // k])[:-1].reshape(e, cap, -1)
+    h = jax.nn.silu(jnp.einsum("ech,ehi->eci", xb, wg)) * jnp.einsum("ech,ehi->eci", xb, wu)
+    y = jnp.einsum("eci,eih->ech", h, wd).reshape(e * cap, -1)
+    y = jnp.where(keep[:, None], y[jnp.minimum(dest, e * cap - 1)], 0) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[order // k].add(y).astype(x.dtype)
+
+
+def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, start) -> bool:
+    e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
+    kw, key = jax.random.split(key)
+    bf16 = random_weights(kw, e, h, i)
+    fp8 = tuple(quantize(w) for w in bf16)
+    expert_bytes = {"bf16": 3 * h * i * 2, "fp8": 3 * (h * i + (h // 128) * (i // 128) * 4)}
+    plain = {
+        "gather": jax.jit(experts_gather),
+        "ragged": jax.jit(moe.experts_ragged),
+        "buckets": jax.jit(experts_buckets),
+    }
+    plain_limit = {"gather": 8, "ragged": 1, "buckets": 1 << 30}
+    token_ref = jax.jit(token_reference)
+    ok_all = True
+    rows = []
+    inputs = {}
+
+    def measure(t, wname, w, cfg, label):
+        """Check sampled tokens and time one kernel config; None if it does not compile."""
+        nonlocal ok_all
+        x, weights, ids, sample = inputs[t]
+        fn = jax.jit(lambda *a: mg.experts_grouped(*a, config=cfg, interpret=interpret))
+        try:
+            out = fn(x, weights, ids, *w)
+            err = rel_err(out[sample], token_ref(x[sample], weights[sample], ids[sample], *w))
+            sec = timeit(fn, x, weights, ids, *w)
+        except Exception as exc:  # a config that does not compile is reported, not fatal
+            print(f"  T={t} {wname} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
+            emit("config_error", tokens=t, weights=wname, config=repr(cfg), error=str(exc)[:2000])
+            return None
+        passed = err < 1e-2
+        ok_all &= passed
+        emit("kernel", tokens=t, weights=wname, config=repr(cfg), label=label, ms=sec * 1e3, rel_err=err, ok=passed)
+        print(
+            f"  T={t:<5} {wname} {label} {sec * 1e3:8.3f} ms  err {err:.1e}{'' if passed else ' FAIL'}"
+            f"  {cfg.gate_up} | {cfg.down}"
+        )
+        return sec
+
+    print(f"\n== Flash MoE layer: experts {e}, hidden {h}, intermediate {i}, top-{k}")
+    for t in tokens:
+        key, kx, kr, ks = jax.random.split(key, 4)
+        x = jax.random.normal(kx, (t, h), jnp.float32).astype(jnp.bfloat16)
+        ids, weights = random_routing(kr, t, e, k)
+        touched = len(np.unique(np.asarray(ids)))
+        sample = np.unique(np.asarray(jax.random.randint(ks, (min(t, 6),), 0, t)))
+        result = dict(tokens=t, experts_touched=touched)
+        inputs[t] = (x, weights, ids, sample)
+        for wname, w in (("bf16", bf16), ("fp8", fp8)):
+            best = None
+            for n_cfg, cfg in enumerate(CANDIDATES[wname][regime(t * k, e)]):
+                if n_cfg and time.perf_counter() - start > sweep_budget_s:
+                    break  # out of device time for the sweep: defaults only
+                sec = measure(t, wname, w, cfg, f"cfg{n_cfg}")
+                if sec is not None and (best is None or sec < best[0]):
+                    best = (sec, n_cfg)
+            result[wname] = best
+        measured_plain = {}
+        for name, fn in plain.items():
+            if t <= plain_limit[name]:
+                measured_plain[name] = timeit(fn, x, weights, ids, *bf16, target_s=0.02, batches=3)
+                emit("plain", tokens=t, path=name, ms=measured_plain[name] * 1e3)
+        result["plain"] = measured_plain
+        rows.append(result)
+
+    print(f"\n== summary (copy {copy_bw / 1e12:.2f} TB/s, matmul {mm_rate / 1e12:.0f} TFLOP/s measured here)")
+    print(
+        "| T | experts | GB bf16 | roofline ms | kernel bf16 ms (%bw, TFLOP/s) | kernel fp8 ms (%bw, x bf16) | "
+        "best plain here ms | calibration best plain ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, touched = r["tokens"], r["experts_touched"]
+        gb = touched * expert_bytes["bf16"] / 1e9
+        roof = touched * expert_bytes["bf16"] / copy_bw
+        flops = 2 * t * k * 3 * h * i
+        cells = []
+        for wname in ("bf16", "fp8"):
+            if r[wname] is None:
+                cells.append("failed")
+                continue
+            sec, n_cfg = r[wname]
+            bw = touched * expert_bytes[wname] / copy_bw / sec
+            extra = f"{flops / sec / 1e12:.0f} TF" if wname == "bf16" else f"x{r['bf16'][0] / sec:.2f}"
+            cells.append(f"{sec * 1e3:.3f} ({bw:.0%} bw, {extra}, cfg{n_cfg})")
+        if r["plain"]:
+            name, sec = min(r["plain"].items(), key=lambda kv: kv[1])
+            plain_cell = f"{sec * 1e3:.2f} ({name})"
+        else:
+            plain_cell = "-"
+        cal = CALIBRATION_BEST.get(t)
+        cal_cell = f"{cal[0]} ({cal[1]})" if cal else "-"
+        cells = " | ".join([f"{t}", f"{touched}", f"{gb:.2f}", f"{roof * 1e3:.3f}", *cells, plain_cell, cal_cell])
+        print(f"| {cells} |")
+        emit(
+            "summary",
+            tokens=t,
+            experts=touched,
+            roofline_ms=roof * 1e3,
+            bf16=r["bf16"],
+            fp8=r["fp8"],
+            plain=r["plain"],
+            useful_tflop=flops / 1e12,
+        )
+    print("\n== experimental configs")
+    for t, wname, cfg in EXPERIMENTAL:
+        if t in inputs:
+            measure(t, wname, bf16 if wname == "bf16" else fp8, cfg, "exp")
+    return ok_all
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny dims in Pallas interpret mode (CPU smoke run)")
+    parser.add_argument("--sweep-budget", type=float, default=330.0, help="seconds after which only defaults run")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--quick-checks", action="store_true", help="fewer check shapes (less compile time)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"jax {jax.__version__}, devices {jax.devices()}, seed {seed}")
+    emit("env", jax=jax.__version__, device=str(jax.devices()[0]), seed=seed)
+    key = jax.random.PRNGKey(seed)
+    kc, kt = jax.random.split(key)
+    if args.small:
+        check_dims = dict(experts=8, hidden=256, inter=256, top_k=2, check_tokens=(1, 5, 40, 200))
+        dims, tokens = dict(experts=8, hidden=256, inter=256, top_k=2), (1, 8, 600)
+    else:
+        sizes = (1, 7, 200, 2000) if args.quick_checks else (1, 7, 64, 200, 2000)
+        check_dims = dict(experts=32, hidden=1024, inter=512, top_k=8, check_tokens=sizes)
+        dims, tokens = FLASH, TOKENS
+    ok = True
+    if not args.skip_checks:
+        ok &= run_checks(kc, check_dims, args.small, tol=1e-2, quick=args.quick_checks)
+        print(f"  checks took {time.perf_counter() - start:.0f} s")
+    copy_bw, mm_rate = ceilings(args.small)
+    ok &= run_timings(kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start)
+    print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The TPU memory table of README.md / bench/RESULTS.md: `python -m mimo_jax.aot` for each model x slice.
+
+    PYTHONPATH=. python bench/tpu_aot_table.py --out /tmp/aot          # all rows, one compile at a time
+    PYTHONPATH=. python bench/tpu_aot_table.py --out /tmp/aot --table  # only print the table from saved JSON
+
+Each row runs in its own process (full-size compiles take minutes and GBs of host RAM), is
+skipped when its JSON already exists, and the markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from mimo_jax import aot
+
+GiB = 1024**3
+BATCH, CONTEXT, CHUNK = 16, 32768, 512
+
+# (model config, slice name, topology, mesh, weights)
+ROWS = [
+    ("mimo-v2-flash", "v5p-16", "v5p:2x2x2", "tensor=4,expert=2", "fp8"),
+    ("mimo-v2-flash", "v6e-16", "v6e:4x4", "tensor=4,expert=4", "fp8"),
+    ("mimo-v2-flash", "v5e-64", "v5e:8x8", "tensor=4,expert=16", "fp8"),
+    ("mimo-v2.5-pro", "v5p-64", "v5p:2x4x4", "tensor=8,expert=4", "fp8"),
+    ("mimo-v2.5-pro", "v6e-64", "v6e:8x8", "tensor=8,expert=8", "fp8"),
+    ("mimo-v2-flash", "v5p-16", "v5p:2x2x2", "tensor=4,expert=2", "bf16"),
+    ("mimo-v2-flash", "v6e-16", "v6e:4x4", "tensor=4,expert=4", "bf16"),
+    ("mimo-v2-flash", "v5e-64", "v5e:8x8", "tensor=4,expert=16", "bf16"),
+    ("mimo-v2.5-pro", "v5p-64", "v5p:2x4x4", "tensor=8,expert=4", "bf16"),
+    ("mimo-v2.5-pro", "v6e-64", "v6e:8x8", "tensor=8,expert=8", "bf16"),
+]
+
+
+def json_path(out: str, row: tuple) -> str:
+    model, slice_name, _, _, weights = row
+    return os.path.join(out, f"{model}_{slice_name}_{weights}.json")
+
+
+def compile_row(out: str, row: tuple) -> None:
+    model, _, topology, mesh, weights = row
+    path = json_path(out, row)
+    if os.path.exists(path):
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "mimo_jax.aot",
+        f"--config=configs/{model}.json",
+        f"--topology={topology}",
+        f"--mesh={mesh}",
+        f"--weights={weights}",
+        f"--batch={BATCH}",
+        f"--context={CONTEXT}",
+        f"--chunk={CHUNK}",
+        f"--json={path}",
+    ]
+    print(" ".join(cmd[1:]), flush=True)
+    with open(path.replace(".json", ".log"), "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+
+
+KIND = {"v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+
+
+def planner_only(model: str, mesh: str, weights: str) -> dict[str, int]:
+    from mimo_jax.config import MiMoConfig
+    from mimo_jax.plan import abstract_mesh
+    from mimo_jax.sharding import parse_mesh_arg
+
+    cfg = MiMoConfig.from_json(f"configs/{model}.json")
+    return aot.planner_estimate(cfg, abstract_mesh(parse_mesh_arg(mesh)), weights, BATCH, CONTEXT)
+
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.1f}"
+
+
+def table(out: str) -> str:
+    lines = [
+        "| model | slice | weights | mesh | planner est. GiB/chip (params + KV) | compiler GiB/chip prefill / decode "
+        "(args + temps) | HBM GiB/chip | fits | compile s prefill / decode |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        model, slice_name, topology, mesh, weights = row
+        path = json_path(out, row)
+        if not os.path.exists(path):  # not compiled: the planner's figure alone
+            est = planner_only(model, mesh, weights)
+            hbm = aot.HBM_BYTES[KIND[topology.split(":")[0]]][1]
+            total = est["params"] + est["kv_cache"]
+            lines.append(
+                f"| {model} | {slice_name} ({topology}) | {weights} | {mesh} | "
+                f"{gib(total)} ({gib(est['params'])} + {gib(est['kv_cache'])}) | not compiled | {gib(hbm)} | "
+                f"{'planner: yes' if total < hbm else 'no (planner: weights + KV exceed HBM)'} | |"
+            )
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        est = r["estimate"]
+        steps = {s["name"]: s for s in r["steps"]}
+
+        def peak(s):
+            if s["error"]:
+                return f"needs {gib(s['required_bytes'])}" if s["required_bytes"] else "error"
+            return f"{gib(s['peak_bytes'])} ({gib(s['argument_bytes'])} + {gib(s['temp_bytes'])})"
+
+        lines.append(
+            f"| {model} | {slice_name} ({topology}) | {weights} | {mesh} | "
+            f"{gib(est['params'] + est['kv_cache'])} ({gib(est['params'])} + {gib(est['kv_cache'])}) | "
+            f"{peak(steps['prefill'])} / {peak(steps['decode'])} | {gib(r['hbm_bytes'])} | "
+            f"{'yes' if r['fits'] else 'no'} | "
+            f"{steps['prefill']['compile_s']:.0f} / {steps['decode']['compile_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the per-row JSON and logs")
+    p.add_argument("--table", action="store_true", help="only print the table from the saved JSON")
+    p.add_argument("--only", default=None, help="run only rows whose model or slice contains this text")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not args.table:
+        for row in ROWS:
+            if args.only is None or args.only in row[0] or args.only in row[1]:
+                compile_row(args.out, row)
+    print(f"batch {BATCH} sequences, context {CONTEXT} tokens, prefill chunk {CHUNK}")
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Grouped-matmul expert FFN for GPU in Pallas (Triton backend).
+
+Same contract as `mimo_jax.moe.experts_ragged`: (x [N, H], weights [N, K], ids [N, K], w_gate, w_up, w_down)
+-> [N, H]. Assignments are sorted by expert; a small schedule computed in XLA lists, for every program,
+(expert, first row, end row, output column tile), so each program reads only weight tiles of an expert that
+received tokens. Two Pallas kernels run over that schedule:
+
+1. gate/up: h = silu(x @ w_gate[e]) * (x @ w_up[e]) on the expert's rows (x rows gathered by token index);
+2. down: y = (h @ w_down[e]) * routing weight.
+
+Programs of one expert at one column tile are adjacent, so its row tiles read each weight tile once from HBM
+and again from L2. Shapes are static (the schedule has an upper-bound length; spare programs return at once),
+so one compilation serves every routing pattern. The tile sizes are chosen by rows per expert: small row tiles
+and narrow column tiles when decoding (weight streaming, memory-bound), large tiles for prefill (compute-bound).
+
+Weights are bf16 arrays, or block-scaled fp8 (the importer's layout, `mimo_jax.quant.BlockQuantized` with block
+(1, 128, 128), or a plain (values, scales) pair): values float8_e4m3fn [E, in, out], scales float32
+[E, in/128, out/128], W[e, i, j] = values[e, i, j] * scales[e, i // 128, j // 128], dequantized in the kernel.
+Expert ids outside [0, E) (e.g. experts on another shard) contribute zero, as in `experts_ragged`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One kernel's tiling: rows per program (block_rows), output columns per program, reduction step, launch."""
+
+    block_rows: int
+    block_cols: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    gate_up: TileConfig
+    down: TileConfig
+
+
+# Chosen by bench/bench_moe_kernel.py on an H100 (bench/RESULTS.md). fp8 steps stay inside one scale block.
+DECODE = KernelConfig(TileConfig(16, 128, 64, 4, 5), TileConfig(16, 128, 128, 4, 4))
+MIDDLE = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
+PREFILL = KernelConfig(TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3))
+DECODE_FP8 = KernelConfig(TileConfig(16, 128, 128, 4, 4), TileConfig(16, 128, 128, 4, 4))
+MIDDLE_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
+PREFILL_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
+
+
+def default_config(assignments: int, num_experts: int, fp8: bool = False) -> KernelConfig:
+    """Tiles by the mean rows per expert (static: from shapes, not from the routing)."""
+    rows_per_expert = assignments / num_experts
+    if rows_per_expert <= 16:
+        return DECODE_FP8 if fp8 else DECODE
+    if rows_per_expert <= 96:
+        return MIDDLE_FP8 if fp8 else MIDDLE
+    return PREFILL_FP8 if fp8 else PREFILL
+
+
+def _fit(tile: TileConfig, d_in: int, d_out: int) -> TileConfig:
+    """Halve the reduction step and column tile until they divide the weight (small test models)."""
+    block_k, block_cols = tile.block_k, tile.block_cols
+    while d_in % block_k and block_k > 16:
+        block_k //= 2
+    while d_out % block_cols and block_cols > 16:
+        block_cols //= 2
+    return dataclasses.replace(tile, block_k=block_k, block_cols=block_cols)
+
+
+def _split_weight(w) -> tuple[jax.Array, jax.Array | None]:
+    """bf16 array -> (w, None); fp8 -> (values, scales), from a (values, scales) pair or any object with
+    `.values` / `.scales` (e.g. the importer's `BlockQuantized` with block (1, 128, 128)), shapes checked."""
+    if isinstance(w, tuple):
+        values, scales = w
+    elif hasattr(w, "values") and hasattr(w, "scales"):
+        block = getattr(w, "block", (1, FP8_BLOCK, FP8_BLOCK))
+        if tuple(block) != (1, FP8_BLOCK, FP8_BLOCK):
+            raise ValueError(f"fp8 expert weights need block (1, {FP8_BLOCK}, {FP8_BLOCK}), got {block}")
+        values, scales = w.values, w.scales
+    else:
+        return w, None
+    e, d_in, d_out = values.shape
+    want = (e, -(-d_in // FP8_BLOCK), -(-d_out // FP8_BLOCK))
+    if scales.shape != want:
+        raise ValueError(f"fp8 block scales have shape {scales.shape}; values {values.shape} need {want}")
+    return values, scales
+
+
+def max_tiles(assignments: int, num_experts: int, block_rows: int) -> int:
+    """Upper bound of sum_e ceil(g_e / block_rows) over group sizes g summing to `assignments`."""
+    nonempty = min(num_experts, assignments)
+    return (assignments - nonempty) // block_rows + nonempty
+
+
+def schedule(group_sizes: jax.Array, block_rows: int, n_col_tiles: int, n_tiles: int) -> jax.Array:
+    """Program table [4, n_tiles * n_col_tiles] int32: (expert, row start, row end, column tile) per program.
+
+    Programs are ordered expert-major, then column tile, then row tile, so the row tiles of one expert that
+    share a weight tile run side by side. Spare programs get row start = row end = 0 (they do nothing).
+    """
+    num_experts = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    tiles = (group_sizes + block_rows - 1) // block_rows
+    prog_end = jnp.cumsum(tiles) * n_col_tiles
+    prog_begin = prog_end - tiles * n_col_tiles
+    p = jnp.arange(n_tiles * n_col_tiles, dtype=jnp.int32)
+    expert = jnp.searchsorted(prog_end, p, side="right", method="compare_all").astype(jnp.int32)
+    valid = expert < num_experts
+    expert = jnp.minimum(expert, num_experts - 1)
+    local = p - prog_begin[expert]
+    row_tiles = jnp.maximum(tiles[expert], 1)
+    col = local // row_tiles
+    row_start = starts[expert] + (local % row_tiles) * block_rows
+    row_end = ends[expert]
+    zero = jnp.zeros_like(p)
+    table = [jnp.where(valid, v, zero) for v in (expert, row_start, row_end, col)]
+    return jnp.stack(table).astype(jnp.int32)
+
+
+def _scale(s_ref, expert, k, cfg: TileConfig, col):
+    """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column when the tile spans blocks."""
+    k_block = (k * cfg.block_k) // FP8_BLOCK
+    if cfg.block_cols <= FP8_BLOCK:
+        return s_ref[expert, k_block, col // FP8_BLOCK]
+    cols = col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)
+    return s_ref[expert, k_block, cols // FP8_BLOCK][None, :]
+
+
+def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig):
+    """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
+
+    fp8 tiles are widened to the activation dtype and their block scale applied to the partial product.
+    (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
+    """
+
+    def step(k, accs):
+        a = a_at(k)
+        out = []
+        for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
+            w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
+            prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
+            out.append(acc + (prod if s_ref is None else prod * _scale(s_ref, expert, k, cfg, col)))
+        return tuple(out)
+
+    zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
+    return jax.lax.fori_loop(0, n_steps, step, (zeros,) * len(w_refs))
+
+
+def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
+    rows = row_start + jax.lax.broadcasted_iota(jnp.int32, value.shape, 0)
+    target = out_ref.at[pl.ds(row_start, cfg.block_rows), pl.ds(col, cfg.block_cols)]
+    plgpu.store(target, value.astype(out_ref.dtype), mask=rows < row_end)
+
+
+def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: TileConfig, scaled: bool):
+    sg_ref, su_ref, h_ref = refs if scaled else (None, None, refs[0])
+    pid = pl.program_id(0)
+    expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
+    col = table_ref[3, pid] * cfg.block_cols
+
+    @pl.when(row_start < row_end)
+    def _():
+        tokens = token_ref[pl.ds(row_start, cfg.block_rows)]
+
+        def x_at(k):  # the tile's rows of x, gathered by token index
+            return x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
+
+        n_steps = x_ref.shape[1] // cfg.block_k
+        gate, up = _expert_matmuls(x_at, (wg_ref, wu_ref), (sg_ref, su_ref), expert, col, n_steps, cfg)
+        h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
+        _store_rows(h_ref, row_start, row_end, col, h, cfg)
+
+
+def _down_kernel(table_ref, rw_ref, h_ref, wd_ref, *refs, cfg: TileConfig, scaled: bool):
+    sd_ref, y_ref = refs if scaled else (None, refs[0])
+    pid = pl.program_id(0)
+    expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
+    col = table_ref[3, pid] * cfg.block_cols
+
+    @pl.when(row_start < row_end)
+    def _():
+        def h_at(k):
+            return h_ref[pl.ds(row_start, cfg.block_rows), pl.ds(k * cfg.block_k, cfg.block_k)]
+
+        n_steps = h_ref.shape[1] // cfg.block_k
+        (acc,) = _expert_matmuls(h_at, (wd_ref,), (sd_ref,), expert, col, n_steps, cfg)
+        routing = rw_ref[pl.ds(row_start, cfg.block_rows)]
+        _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
+
+
+def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: str) -> None:
+    for name, size in (("block_rows", cfg.block_rows), ("block_cols", cfg.block_cols), ("block_k", cfg.block_k)):
+        if size & (size - 1) or size < 16:
+            raise ValueError(f"{what}: {name}={size} must be a power of two >= 16 (Triton tiles)")
+    if d_in % cfg.block_k or d_out % cfg.block_cols:
+        raise ValueError(f"{what}: weight [{d_in}, {d_out}] is not a multiple of tile {cfg.block_k}x{cfg.block_cols}")
+    if scaled and (FP8_BLOCK % cfg.block_k or (cfg.block_cols > FP8_BLOCK and cfg.block_cols % FP8_BLOCK)):
+        raise ValueError(f"{what}: fp8 needs block_k dividing {FP8_BLOCK} and block_cols dividing or multiple of it")
+
+
+def _varying_axes(a) -> frozenset:
+    aval = jax.typeof(a)
+    if hasattr(aval, "manual_axis_type"):  # JAX >= 0.10
+        return aval.manual_axis_type.varying
+    return getattr(aval, "vma", frozenset())
+
+
+def _match_varying(args: tuple) -> tuple[tuple, frozenset]:
+    """Inside `jax.shard_map`, mark every kernel input as varying over the union of their manual mesh axes
+    (Pallas wants one type for all operands); outside it this is the identity."""
+    union = frozenset().union(*map(_varying_axes, args))
+    if not union:
+        return args, union
+    cast = jax.lax.pcast if hasattr(jax.lax, "pcast") else None
+
+    def vary(a):
+        missing = tuple(sorted(union - _varying_axes(a)))
+        if not missing:
+            return a
+        return cast(a, missing, to="varying") if cast else jax.lax.pvary(a, missing)
+
+    return tuple(map(vary, args)), union
+
+
+def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """Output type varying over the same manual mesh axes as the (matched) input `like`."""
+    aval = jax.typeof(like)
+    if hasattr(aval, "manual_axis_type"):  # JAX >= 0.10
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
+    if hasattr(aval, "vma"):
+        return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _call(kernel, cfg: TileConfig, out_shape, n_programs: int, interpret: bool, name: str):
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n_programs,),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=name,
+    )
+
+
+def experts_grouped(
+    x: jax.Array,
+    weights: jax.Array,
+    ids: jax.Array,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    config: KernelConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow)."""
+    n, top_k = ids.shape
+    wg, sg = _split_weight(w_gate)
+    wu, su = _split_weight(w_up)
+    wd, sd = _split_weight(w_down)
+    num_experts, hidden, inter = wg.shape
+    if wu.shape != wg.shape or wd.shape != (num_experts, inter, hidden) or x.shape != (n, hidden):
+        raise ValueError(f"shapes disagree: x {x.shape}, gate {wg.shape}, up {wu.shape}, down {wd.shape}")
+    if (sg is None) != (su is None) or (sg is None) != (sd is None):
+        raise ValueError("gate, up and down must all be bf16 arrays or all fp8 (values, scales) pairs")
+    scaled = sg is not None
+    m = n * top_k
+    if m == 0:
+        return jnp.zeros_like(x)
+    if config is None:
+        base = default_config(m, num_experts, scaled)
+        config = KernelConfig(_fit(base.gate_up, hidden, inter), _fit(base.down, inter, hidden))
+    cfg = config
+    _check_tiling(cfg.gate_up, hidden, inter, scaled, "gate/up")
+    _check_tiling(cfg.down, inter, hidden, scaled, "down")
+
+    with jax.named_scope("moe_sort"):
+        flat = ids.reshape(-1)
+        valid = (flat >= 0) & (flat < num_experts)
+        flat = jnp.where(valid, flat, num_experts)  # foreign experts sort last and get no tiles
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        pad = max(cfg.gate_up.block_rows, cfg.down.block_rows)  # any row window starting below m stays in bounds
+        tokens = jnp.pad(order // top_k, (0, pad))
+        routing = jnp.pad(weights.reshape(-1).astype(jnp.float32)[order], (0, pad))
+        rows = m + pad
+
+    with jax.named_scope("moe_gate_up"):
+        c = cfg.gate_up
+        n_tiles = max_tiles(m, num_experts, c.block_rows)
+        n_cols = inter // c.block_cols
+        table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
+        kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled)
+        args, _ = _match_varying((table, tokens, x, wg, wu) + ((sg, su) if scaled else ()))
+        out = _out_struct((rows, inter), x.dtype, args[0])
+        h = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_gate_up")(*args)
+
+    with jax.named_scope("moe_down"):
+        c = cfg.down
+        n_tiles = max_tiles(m, num_experts, c.block_rows)
+        n_cols = hidden // c.block_cols
+        table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
+        kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled)
+        args, _ = _match_varying((table, routing, h, wd) + ((sd,) if scaled else ()))
+        out = _out_struct((rows, hidden), x.dtype, args[0])
+        y = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_down")(*args)
+
+    with jax.named_scope("moe_combine"):
+        position = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32)).reshape(n, top_k)
+        picked = jnp.where(valid.reshape(n, top_k, 1), y[position].astype(jnp.float32), 0.0)
+        return picked.sum(axis=1).astype(x.dtype)
+
+
+def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
+    """EXPERT_IMPLS entry: the Pallas kernel on GPU; elsewhere a clear error (use "ragged" on CPU/TPU)."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"the pallas_gpu MoE kernel needs a GPU backend, not {jax.default_backend()!r}")
+    return experts_grouped(x, weights, ids, w_gate, w_up, w_down)
+
+
+def quantize_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[E, in, out] -> (float8_e4m3fn values, float32 scales [E, in/128, out/128]), amax-scaled per block."""
+    e, d_in, d_out = w.shape
+    if d_in % FP8_BLOCK or d_out % FP8_BLOCK:
+        raise ValueError(f"weight {w.shape} is not a multiple of {FP8_BLOCK}x{FP8_BLOCK} blocks")
+    blocks = w.astype(jnp.float32).reshape(e, d_in // FP8_BLOCK, FP8_BLOCK, d_out // FP8_BLOCK, FP8_BLOCK)
+    amax = jnp.abs(blocks).max(axis=(2, 4))
+    scales = jnp.maximum(amax, 1e-12) / float(jnp.finfo(jnp.float8_e4m3fn).max)
+    values = (blocks / scales[:, :, None, :, None]).astype(jnp.float8_e4m3fn).reshape(w.shape)
+    return values, scales
+
+
+def dequantize_fp8_blocks(values: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Inverse of `quantize_fp8_blocks` (up to fp8 rounding): values * scale of their 128x128 block."""
+    full = jnp.repeat(jnp.repeat(scales, FP8_BLOCK, axis=1), FP8_BLOCK, axis=2)
+    full = full[:, : values.shape[1], : values.shape[2]]
+    return (values.astype(jnp.float32) * full).astype(dtype)

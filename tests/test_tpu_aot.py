@@ -1,0 +1,119 @@
+"""The serving steps compile for a real TPU slice (v5e:2x2) at MiMo-V2-Flash's real layer dimensions.
+
+No TPU is needed: libtpu's compiler runs on the CPU host against a described topology. This
+catches what only the TPU compiler rejects: a GPU-only kernel or custom call, a sharding it
+cannot partition, a program that does not fit HBM.
+"""
+
+import importlib.util
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mimo_jax import aot
+from mimo_jax.config import MiMoConfig
+from mimo_jax.sharding import make_mesh
+from mimo_jax.weights.loader import abstract_params
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason=f'libtpu is not installed (pip install "jax[tpu]=={jax.__version__}"); TPU compilation untested',
+)
+
+FLASH = os.path.join(os.path.dirname(__file__), "..", "configs", "mimo-v2-flash.json")
+TOPOLOGY = "v5e:2x2"
+# Layer 0: full attention + dense MLP; layer 1: sliding window with sinks + 256-expert MoE.
+LAYERS, BATCH, CONTEXT, CHUNK = 2, 4, 1024, 128
+
+
+# The released weights are FP8 (served as `weights="fp8"`); bf16 prefill covers the plain-array path.
+CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill")]
+
+
+@pytest.fixture(scope="module")
+def flash_slice():
+    """compile(weights, step) -> (report, hlo text, planner estimate), each compiled once."""
+    devices = aot.tpu_devices(TOPOLOGY)
+    cfg = MiMoConfig.from_json(FLASH).first_layers(LAYERS)
+    assert cfg.sliding == (False, True) and cfg.moe == (False, True) and cfg.hidden_size == 4096
+    mesh = make_mesh(tensor=2, expert=2, devices=devices)
+    cache = aot.abstract_cache(cfg, BATCH, CONTEXT, jnp.bfloat16, mesh)
+    done = {}
+
+    def compile(weights, step_name):
+        if (weights, step_name) not in done:
+            graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights)
+            steps = aot.serving_steps(
+                cfg, graphdef, params, cache, batch=BATCH, context=CONTEXT, chunk=CHUNK, round_tokens=4, mesh=mesh
+            )
+            (step,) = [s for s in steps if s.name == step_name]
+            report, hlo = aot.compile_step(step, keep_hlo=True)
+            done[weights, step_name] = report, hlo, aot.planner_estimate(cfg, mesh, weights, BATCH, CONTEXT)
+        return done[weights, step_name]
+
+    compile.hbm = aot.hbm_bytes(devices[0])
+    return compile
+
+
+@pytest.mark.parametrize("weights,step", CASES)
+def test_flash_slice_compiles_for_tpu(flash_slice, weights, step):
+    report, _, estimate = flash_slice(weights, step)
+    assert report.error is None, report.error
+    # Every argument arrives sharded as the rules say: parameters + cache per chip are what the planner predicts.
+    expected = estimate["params"] + estimate["kv_cache"]
+    assert abs(report.argument_bytes - expected) <= 0.01 * expected
+    # The cache is donated and updated in place.
+    assert report.alias_bytes >= estimate["kv_cache"]
+    assert report.peak_bytes <= flash_slice.hbm
+
+
+@pytest.mark.parametrize("weights,step", CASES)
+def test_tpu_path_has_no_gpu_only_ops_and_uses_native_grouped_matmul(flash_slice, weights, step):
+    report, hlo, _ = flash_slice(weights, step)
+    gpu_only = [t for t in report.custom_calls if aot.GPU_ONLY_TARGETS.search(t)]
+    assert not gpu_only, f"GPU-only custom calls in the TPU program: {gpu_only}"
+    # jax.lax.ragged_dot becomes the TPU compiler's own grouped-matmul kernel.
+    assert re.search(r"ragged-dot\S* = .*custom_call_target=\"tpu_custom_call\"", hlo)
+
+
+def test_gpu_only_targets_are_recognised():
+    gpu = [
+        "__cudnn$fmha",
+        "__cublas$gemm",
+        "__gpu$xla.gpu.triton",
+        "mosaic_gpu",
+        "cu_threefry2x32",
+        "__cub$DeviceRadixSort",
+    ]
+    tpu = ["tpu_custom_call", "AllocateBuffer", "Sharding", "SPMDFullToShardShape", "AssumeGatherIndicesInBound"]
+    assert all(aot.GPU_ONLY_TARGETS.search(t) for t in gpu)
+    assert not any(aot.GPU_ONLY_TARGETS.search(t) for t in tpu)
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_hbm_table_matches_the_compiler(topology):
+    """The TPU compiler states the HBM it allows when a program exceeds it; our table must agree."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = aot.tpu_devices(topology)
+    mesh = Mesh(devices, ("x",))
+    too_big = jax.ShapeDtypeStruct(
+        (len(devices), 200 * 2**30), jnp.int8, sharding=NamedSharding(mesh, PartitionSpec("x"))
+    )
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
+        jax.jit(lambda x: x + 1).lower(too_big).compile()
+    available = float(re.search(r"available HBM \(([\d.]+)G\)", str(info.value)).group(1))
+    assert abs(aot.hbm_bytes(devices[0]) / aot.GiB - available) < 0.01
+
+
+def test_cli_exit_status_says_whether_it_fits(capsys):
+    common = ["--config", FLASH, "--topology", TOPOLOGY, "--mesh", "tensor=2,expert=2", "--layers", "1"]
+    assert aot.main([*common, "--steps", "prefill", "--batch", "2", "--context", "512"]) == 0
+    assert "fits" in capsys.readouterr().out
+    # 64 sequences x 1M tokens of full-attention KV cannot fit 4 chips of 16 GiB.
+    assert aot.main([*common, "--steps", "prefill", "--batch", "64", "--context", str(2**20)]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert aot.main([*common, "--topology", "v9z:1x1"]) == 2
