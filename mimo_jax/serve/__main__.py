@@ -12,7 +12,6 @@ listens and schedules; the others apply its broadcast round plans to their share
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -201,8 +200,6 @@ def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
         max_top_logprobs=args.max_logprobs,
     )
     if args.speculative_steps:
-        if "speculative_steps" not in inspect.signature(Engine).parameters:
-            raise SystemExit("--speculative-steps: this build's engine has no MTP speculative decoding")
         kwargs["speculative_steps"] = args.speculative_steps
     return Engine(lm, **kwargs)
 
