@@ -226,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     lm, tokenizer, template, model_name, directory, generation = _load(args)
     eos = tuple(sorted(set(lm.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
     max_context = min(args.max_context or min(lm.config.context_len, 8192), lm.config.context_len)
+    if args.max_context and args.max_context > max_context:
+        log.warning(
+            "--max-context %d is past the model's context of %d tokens; using %d",
+            args.max_context,
+            max_context,
+            max_context,
+        )
     engine = _engine(args, lm, max_context, len(eos))
     _log_memory_plan(lm, engine, max_context)
     metrics = Metrics(model_name, args.max_batch, max_context)
