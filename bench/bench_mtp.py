@@ -10,8 +10,8 @@ layers, caches filled as if a `--context`-token prompt had been prefilled: draft
 accepted (acceptance length 1), so the table shows what a speculative iteration costs.
 
 Each configuration runs the engine's jitted `greedy_decode_fn` (one `while_loop` of `--iters`
-iterations per host round-trip, every slot running) for `--rounds` timed rounds after a
-compiling one. Columns: ms per iteration (one token, or one draft-verify-accept round),
+iterations per host round-trip, every slot running) for `--rounds` timed rounds after two
+untimed ones. Columns: ms per iteration (one token, or one draft-verify-accept round),
 tok/s, acceptance length (tokens per target forward), speedup over k=0 at the same batch, and
 the ideal speedup (= acceptance length: what a free draft and a verify as cheap as one plain
 step would give); `cost` is a speculative iteration's time over a plain step's.
@@ -36,6 +36,7 @@ import numpy as np
 from mimo_jax.bench import bench_config, fill_as_if_prefilled, random_model
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel, load_model
+from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingOptions
 
 # Held out of the demo's training corpus by its split rule (sha256("heldout:" + path) % 50 == 0),
@@ -81,10 +82,13 @@ def heldout_prompts(tokenizer_path: str, count: int, length: int) -> list[list[i
 
 
 def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
-    """Time `rounds` decode rounds of `iters` iterations after a compiling one; every slot must keep running."""
+    """Time `rounds` decode rounds of `iters` iterations after two untimed ones; every slot must keep running."""
     n = jnp.int32(iters)
-    engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
-    jax.block_until_ready(out)
+    # Two warm-up rounds: the second compiles again when the first one's outputs come back with other
+    # shardings than the engine's initial arrays (random_model puts the weights on a one-device mesh).
+    for _ in range(2):
+        engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
+        jax.block_until_ready(out)
     tokens, forwards, times = 0, 0, []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -105,7 +109,7 @@ def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
 
 
 def run_demo(lm: LanguageModel, batch: int, k: int, args, prompts: list[list[int]]) -> dict:
-    needed = args.prompt_len + (args.rounds + 2) * args.iters * (k + 1) + 2
+    needed = args.prompt_len + (args.rounds + 3) * args.iters * (k + 1) + 2
     if needed > lm.config.context_len:
         raise SystemExit(f"--prompt-len/--rounds/--iters need {needed} positions, the demo has {lm.config.context_len}")
     engine = Engine(
@@ -124,12 +128,21 @@ def run_demo(lm: LanguageModel, batch: int, k: int, args, prompts: list[list[int
 
 
 def run_random(lm: LanguageModel, batch: int, k: int, args, context: int) -> dict:
-    max_context = context + (args.rounds + 2) * args.iters * (k + 1) + 2
+    max_context = context + (args.rounds + 3) * args.iters * (k + 1) + 2
     engine = Engine(
         lm, max_batch=batch, max_context=max_context, prefill_chunk=16, max_round_tokens=args.iters, speculative_steps=k
     )
     fill_as_if_prefilled(engine, context)
     return decode_rounds(engine, args.iters, args.rounds)
+
+
+def expert_impl(choice: str | None, tokens_per_step: int) -> str:
+    """As `python -m mimo_jax.bench`: the Pallas kernel on GPU, else gather for <= 8 tokens per step, else ragged."""
+    if choice:
+        return choice
+    if "pallas_gpu" in EXPERT_IMPLS and jax.default_backend() == "gpu":
+        return "pallas_gpu"
+    return "gather" if tokens_per_step <= 8 else "ragged"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="timed rounds")
     p.add_argument("--prompt-len", type=int, default=128, help="demo: tokens per held-out prompt")
     p.add_argument("--context", type=int, default=2048, help="random weights: positions already in the cache")
+    p.add_argument(
+        "--moe-impl",
+        default=None,
+        help="expert implementation (default: the Pallas kernel on GPU, else gather for <= 8 tokens per step, "
+        "else ragged)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
@@ -160,32 +179,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = "demo checkpoint (held-out stdlib text, greedy)"
     else:
         cfg = bench_config(args.model, args.scale_down)
-        lm, impl = None, None
+        model = random_model(cfg, jnp.dtype(dtype), "ragged", mtp_layers=max(steps))
         name = f"{args.model}{' (scaled down)' if args.scale_down else ''} random weights, context {args.context}"
     print(f"# {name}, {dtype}, {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"# {args.iters} iterations per round, {args.rounds} timed rounds")
-    print("| batch | k | ms/iteration | tok/s | accept length | speedup | ideal | cost |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | k | MoE | ms/iteration | tok/s | accept length | speedup | ideal | cost |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = dict(model=name, dtype=dtype, device=device.device_kind, runs=[])
     for batch in batches:
         plain = None
         for k in steps:
+            impl = expert_impl(args.moe_impl, batch * (k + 1))
             if args.model == "demo":
-                r = run_demo(lm, batch, k, args, prompts)
+                lm.model.set_moe_impl(impl)
+                r = run_demo(LanguageModel(lm.model), batch, k, args, prompts)
             else:
-                # as `python -m mimo_jax.bench`: gather experts for <= 8 tokens per step, else ragged
-                want = "gather" if batch * (k + 1) <= 8 else "ragged"
-                if want != impl:
-                    lm = None  # free the previous weights first
-                    lm, impl = LanguageModel(random_model(cfg, jnp.dtype(dtype), want, mtp_layers=max(steps))), want
-                r = run_random(lm, batch, k, args, args.context)
-                r["moe"] = impl
+                model.set_moe_impl(impl)  # same weights, another expert path
+                r = run_random(LanguageModel(model), batch, k, args, args.context)
+            r["moe"] = impl
             plain = plain or r
             r.update(batch=batch, k=k, speedup=r["tok_s"] / plain["tok_s"])
             r["cost"] = r["ms_per_iter"] / plain["ms_per_iter"]
             print(
-                f"| {batch} | {k} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | {r['accept_length']:.2f} | "
-                f"{r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} |",
+                f"| {batch} | {k} | {r['moe']} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | "
+                f"{r['accept_length']:.2f} | {r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} |",
                 flush=True,
             )
             results["runs"].append(r)
