@@ -14,7 +14,9 @@ iterations per host round-trip, every slot running) for `--rounds` timed rounds 
 untimed ones. Columns: ms per iteration (one token, or one draft-verify-accept round),
 tok/s, acceptance length (tokens per target forward), speedup over k=0 at the same batch, and
 the ideal speedup (= acceptance length: what a free draft and a verify as cheap as one plain
-step would give); `cost` is a speculative iteration's time over a plain step's.
+step would give); `cost` is a speculative iteration's time over a plain step's, `HBM cost` the
+same ratio of the bytes each must move (weights touched, KV read: `iteration_bytes`), and the
+HBM-bound speedup the acceptance length over it (the roofline when decode is bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax.bench import bench_config, fill_as_if_prefilled, random_model
+from mimo_jax.bench import bench_config, decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes, random_model
+from mimo_jax.cache import kv_bytes_per_token
+from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel, load_model
 from mimo_jax.moe import EXPERT_IMPLS
@@ -79,6 +83,23 @@ def heldout_prompts(tokenizer_path: str, count: int, length: int) -> list[list[i
         start = ((i // len(streams)) * 7 + 1) % windows * length  # different windows of the same file
         prompts.append(ids[start : start + length])
     return prompts
+
+
+def iteration_bytes(cfg: MiMoConfig, batch: int, k: int, context: int, dtype_bytes: int) -> float:
+    """HBM bytes one decode iteration must move: a plain step (k = 0), or k MTP draft steps (MTP layer,
+    eh_proj, lm_head, the window of its ring) and a verify whose batch x (k+1) tokens touch more experts
+    but read the KV cache once."""
+    plain = decode_step_bytes(cfg, batch, context, dtype_bytes)
+    if not k:
+        return plain["total"]
+    target, _ = layer_weight_bytes(cfg, batch * (k + 1), dtype_bytes)
+    verify = target + cfg.hidden_size * cfg.vocab_size * dtype_bytes + plain["kv"]
+    mtp_cfg = cfg.replace(num_layers=1, sliding=(True,), moe=(False,))
+    mtp_layer, _ = layer_weight_bytes(mtp_cfg, batch, dtype_bytes)
+    h = cfg.hidden_size
+    draft = mtp_layer + 2 * h * h * dtype_bytes + h * cfg.vocab_size * dtype_bytes
+    draft += batch * min(cfg.window_keys, context) * kv_bytes_per_token(cfg.mtp_layer(), dtype_bytes)
+    return verify + k * draft
 
 
 def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
@@ -177,14 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load_model(directory, dtype=dtype, mtp=max(steps))
         prompts = heldout_prompts(str(directory / "tokenizer.json"), max(batches), args.prompt_len)
         name = "demo checkpoint (held-out stdlib text, greedy)"
+        lm_cfg = lm.config
     else:
         cfg = bench_config(args.model, args.scale_down)
         model = random_model(cfg, jnp.dtype(dtype), "ragged", mtp_layers=max(steps))
+        lm_cfg = cfg
         name = f"{args.model}{' (scaled down)' if args.scale_down else ''} random weights, context {args.context}"
     print(f"# {name}, {dtype}, {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"# {args.iters} iterations per round, {args.rounds} timed rounds")
-    print("| batch | k | MoE | ms/iteration | tok/s | accept length | speedup | ideal | cost |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = "batch | k | MoE | ms/iteration | tok/s | accept length | speedup | ideal | cost | HBM cost | HBM-bound"
+    print(f"| {columns} |")
+    print("|---" * (columns.count("|") + 1) + "|")
     results = dict(model=name, dtype=dtype, device=device.device_kind, runs=[])
     for batch in batches:
         plain = None
@@ -200,9 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain = plain or r
             r.update(batch=batch, k=k, speedup=r["tok_s"] / plain["tok_s"])
             r["cost"] = r["ms_per_iter"] / plain["ms_per_iter"]
+            context = args.prompt_len if args.model == "demo" else args.context
+            nbytes = [iteration_bytes(lm_cfg, batch, kk, context, jnp.dtype(dtype).itemsize) for kk in (0, k)]
+            r["hbm_cost"] = nbytes[1] / nbytes[0]
             print(
                 f"| {batch} | {k} | {r['moe']} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | "
-                f"{r['accept_length']:.2f} | {r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} |",
+                f"{r['accept_length']:.2f} | {r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} | "
+                f"{r['hbm_cost']:.2f} | {r['accept_length'] / r['hbm_cost']:.2f}x |",
                 flush=True,
             )
             results["runs"].append(r)
