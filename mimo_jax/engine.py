@@ -17,7 +17,8 @@ slot state are donated):
   `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
   slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
   one token, or with `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per
-  slot, `mimo_jax.speculative`).
+  slot, `mimo_jax.speculative`); `greedy_decode_fn` is the same loop for rounds where every
+  running request is greedy (the host picks it: drafts and verify compare argmaxes).
 
 `SlotState` holds everything per slot in one pytree (last token, its position, the last hidden
 state before the final norm, counts for penalties, the recent hidden states the MTP drafts read).
