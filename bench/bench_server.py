@@ -54,6 +54,12 @@ def _vocab(args) -> int:
     return _tokenizer_vocab(args.tokenizer or args.model) or MiMoConfig.from_json(args.model).vocab_size
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc): on a shared CPU it varies less than wall time."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tokenizer_vocab(directory: str) -> int:
     from tokenizers import Tokenizer
 
@@ -92,11 +98,12 @@ def offline(args) -> None:
     run(prompts[:n])  # compile
     print("ready", flush=True)
     for _ in sys.stdin:  # one timed run per line
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_seconds(os.getpid()), time.perf_counter()
         results = run(prompts)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds(os.getpid()) - cpu0
         tokens = sum(len(r.token_ids) for r in results)
-        print(json.dumps({"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}), flush=True)
+        row = {"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+        print(json.dumps({**row, "cpu_ms_per_token": 1e3 * cpu / tokens}), flush=True)
 
 
 class Offline:
@@ -224,7 +231,9 @@ class Server:
         return self
 
     def measure(self) -> dict:
-        return asyncio.run(_load(self.url, self.prompts, self.n, self.args))
+        cpu0 = _cpu_seconds(self.proc.pid)
+        row = asyncio.run(_load(self.url, self.prompts, self.n, self.args))
+        return {**row, "cpu_ms_per_token": 1e3 * (_cpu_seconds(self.proc.pid) - cpu0) / row["tokens"]}
 
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -286,12 +295,18 @@ def main() -> int:
     rows = []
     for n in (int(x) for x in args.concurrency.split(",")):
         off, srv = measure(args, n)
-        row = {**srv, "offline_tok_s": off["tok_s"], "ratio": srv["tok_s"] / off["tok_s"]}
+        row = {
+            **srv,
+            "offline_tok_s": off["tok_s"],
+            "ratio": srv["tok_s"] / off["tok_s"],
+            "offline_cpu_ms_per_token": off["cpu_ms_per_token"],
+        }
         rows.append(row)
         print(
             f"N={n:3d}  server {row['tok_s']:9.1f} tok/s  offline {row['offline_tok_s']:9.1f} tok/s  "
             f"ratio {row['ratio']:.2f}  TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms  "
-            f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms",
+            f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms  "
+            f"CPU ms/token server {row['cpu_ms_per_token']:.2f} offline {row['offline_cpu_ms_per_token']:.2f}",
             flush=True,
         )
     if args.json:
