@@ -6,18 +6,22 @@ run at position -1: nothing is written to their cache and their outputs are igno
 recompiles. The device work is three pure jitted functions (state in, state out; the cache and
 slot state are donated):
 
-- `prefill_fn(params, cache, slot, tokens[C], start, length) -> (cache, last_hidden[H])`: one
-  chunk of one request's prompt, attending against what the slot already holds. Chunk lengths
-  are bucketed (powers of two up to `prefill_chunk`).
-- `admit_fn(params, state, slot, hidden, request) -> (state, first)`: samples the first token
+- `prefill_fn(params, cache, slot, tokens[C + k], start, length, history[K, H]) -> (cache, history)`:
+  one chunk of one request's prompt (the first `length` of tokens[:C]; the k tokens after the
+  chunk feed the MTP layers), attending against what the slot already holds. `history` rolls
+  the prompt's last K hidden states through the chunks (K = 1 without speculation). Chunk
+  lengths are bucketed (powers of two up to `prefill_chunk`).
+- `admit_fn(params, state, slot, history, request) -> (state, first)`: samples the first token
   from the prompt's last hidden state and starts the slot.
 - `decode_fn(params, cache, state, num_steps) -> (cache, state, RoundOutput)`: a
-  `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) tokens for every active slot,
-  stopping each at its stop tokens, its token budget or the context end.
+  `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
+  slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
+  one token, or with `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per
+  slot, `mimo_jax.speculative`).
 
 `SlotState` holds everything per slot in one pytree (last token, its position, the last hidden
-state before the final norm, counts for penalties, ...): a speculative-decoding loop (MTP draft,
-verify, accept) replaces the one-token step of `decode_fn`'s body with the same state.
+state before the final norm, counts for penalties, the recent hidden states the MTP drafts read).
+The cache is one list: the target's layers, then (with speculation) the k MTP layers' rings.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, read_slot, write_slot
+from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
+from mimo_jax.quant import BlockQuantized
 from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
+from mimo_jax.speculative import draft_chain, history_length, mtp_prefill, verify
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
@@ -63,6 +69,9 @@ class SlotState:
     rng: jax.Array  # [B, 2] uint32, key data of each request's random stream
     counts: jax.Array  # [B, V] int32, generated-token counts (presence / frequency penalties)
     prompt_mask: jax.Array  # [B, V] bool, tokens of the prompt (repetition penalty)
+    # speculation (K = 2k, else 0): target hidden states at positions-K .. positions-1, the token after each
+    recent_hidden: jax.Array  # [B, K, H]
+    recent_tokens: jax.Array  # [B, K] int32, the last one is `tokens`
 
 
 @jax.tree_util.register_dataclass
@@ -76,6 +85,7 @@ class SlotRequest:
     sampling: SamplingParams  # fields of shape [1]
     rng: jax.Array  # [2] uint32
     prompt_mask: jax.Array  # [V] bool
+    recent_tokens: jax.Array  # [K] int32, the prompt's last K tokens (speculation; 0 = before the prompt)
 
 
 @jax.tree_util.register_dataclass
@@ -88,9 +98,13 @@ class RoundOutput:
     top_ids: jax.Array  # [B, N, K] int32
     top_logprobs: jax.Array  # [B, N, K] float32
     count: jax.Array  # [B] int32, tokens emitted per slot this round
+    accepted: jax.Array  # [B, S] int32, drafts accepted by each iteration's verify (-1: slot not running)
+    drafts: jax.Array  # [B, S, k] int32, each iteration's draft tokens (k = 0 without speculation)
 
 
-def empty_state(batch: int, hidden_size: int, vocab: int, max_stop_ids: int, dtype: jnp.dtype) -> SlotState:
+def empty_state(
+    batch: int, hidden_size: int, vocab: int, max_stop_ids: int, dtype: jnp.dtype, history: int = 0
+) -> SlotState:
     zeros = jnp.zeros((batch,), jnp.int32)
     return SlotState(
         tokens=zeros,
@@ -105,12 +119,15 @@ def empty_state(batch: int, hidden_size: int, vocab: int, max_stop_ids: int, dty
         rng=jnp.zeros((batch, 2), jnp.uint32),
         counts=jnp.zeros((batch, vocab), jnp.int32),
         prompt_mask=jnp.zeros((batch, vocab), bool),
+        recent_hidden=jnp.zeros((batch, history, hidden_size), dtype),
+        recent_tokens=jnp.zeros((batch, history), jnp.int32),
     )
 
 
 def _finish_reason(tokens, positions, num_generated, max_new_tokens, stop_ids, max_context: int) -> jax.Array:
-    """RUNNING, or why a slot that just emitted `tokens` at `positions` stops."""
-    stopped = jnp.any(tokens[:, None] == stop_ids, axis=-1)
+    """RUNNING, or why a slot that just emitted `tokens` at `positions` stops (arrays [B] or [B, M])."""
+    stop_ids = stop_ids.reshape(stop_ids.shape[:1] + (1,) * (tokens.ndim - 1) + stop_ids.shape[1:])
+    stopped = jnp.any(tokens[..., None] == stop_ids, axis=-1)
     # The next step would feed the token at `positions`; the sequence may not outgrow the cache.
     out_of_room = (num_generated >= max_new_tokens) | (positions >= max_context - 1)
     return jnp.where(stopped, STOPPED, jnp.where(out_of_room, LENGTH, RUNNING)).astype(jnp.int32)
@@ -125,18 +142,26 @@ def prefill_step(
     tokens: jax.Array,
     start: jax.Array,
     length: jax.Array,
+    history: jax.Array,
 ) -> tuple[list[LayerKV], jax.Array]:
-    """Run prompt tokens [C] (the first `length` real, placed at start, start+1, ...) into slot `slot`.
+    """Run a prompt chunk into slot `slot`: tokens [C + k], of which the first `length` are the chunk
+    (placed at start, start+1, ...) and tokens[length:] the prompt's next tokens (-1 past its end),
+    which only the k MTP layers read (k = len(cache) - num_layers).
 
     A chunk starting at 0 begins a new request: the slot's old keys are marked empty first.
-    Returns the new cache and the hidden state [H] of the chunk's last real token.
+    Returns the new cache and `history` [K, H] advanced by the chunk (the prompt's last K hidden states).
     """
     model = nnx.merge(graphdef, params)
-    idx = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    num_layers = len(model.layers)
+    chunk = tokens.shape[0] - (len(cache) - num_layers)
+    idx = jnp.arange(chunk, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]
     rows = read_slot(cache, slot, clear=start == 0)
-    hidden, rows = model.hidden_states(tokens[None], positions, rows)
-    return write_slot(cache, rows, slot), hidden[0, length - 1]
+    hidden, target_rows = model.hidden_states(jnp.maximum(tokens[None, :chunk], 0), positions, rows[:num_layers])
+    mtp_rows = mtp_prefill(model, rows[num_layers:], hidden, tokens[None], positions)
+    joined = jnp.concatenate([history, hidden[0].astype(history.dtype)], axis=0)
+    history = jax.lax.dynamic_slice_in_dim(joined, length, history.shape[0], axis=0)
+    return write_slot(cache, target_rows + mtp_rows, slot), history
 
 
 def admit_step(
@@ -144,17 +169,18 @@ def admit_step(
     params: nnx.State,
     state: SlotState,
     slot: jax.Array,
-    hidden: jax.Array,
+    history: jax.Array,
     request: SlotRequest,
     *,
     max_context: int,
     num_top: int,
 ) -> tuple[SlotState, SampleOutput, jax.Array]:
-    """Sample a request's first token from its prompt's last hidden state and start its slot.
+    """Sample a request's first token from its prompt's last hidden state (`history[-1]`) and start its slot.
 
     Returns the new state, the first token (batch of 1) and its finish reason [1].
     """
     model = nnx.merge(graphdef, params)
+    hidden = history[-1]
     logits = model.logits(hidden[None])
     position = request.prompt_len[None]
     counts = jnp.zeros((1, logits.shape[-1]), jnp.int32)
@@ -164,6 +190,10 @@ def admit_step(
     reason = _finish_reason(
         first.tokens, position, one, request.max_new_tokens[None], request.stop_ids[None], max_context
     )
+    hist = state.recent_tokens.shape[1]  # K (0 without speculation)
+    recent_tokens = state.recent_tokens[:1]
+    if hist:
+        recent_tokens = jnp.concatenate([request.recent_tokens[1:], first.tokens])[None]
     row = SlotState(
         tokens=first.tokens,
         positions=position,
@@ -177,6 +207,8 @@ def admit_step(
         rng=request.rng[None],
         counts=counts.at[0, first.tokens[0]].add(1),
         prompt_mask=request.prompt_mask[None],
+        recent_hidden=history[history.shape[0] - hist :][None].astype(state.hidden.dtype),
+        recent_tokens=recent_tokens,
     )
     state = jax.tree.map(lambda all_rows, r: jax.lax.dynamic_update_slice_in_dim(all_rows, r, slot, 0), state, row)
     return state, first, reason
@@ -218,6 +250,118 @@ def decode_one(
     return cache, state, out, active
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class IterationOutput:
+    """What one decode iteration emits: up to M tokens per slot (M = 1, or k+1 with speculation)."""
+
+    tokens: jax.Array  # [B, M] int32
+    logprobs: jax.Array  # [B, M] float32
+    top_ids: jax.Array  # [B, M, N] int32
+    top_logprobs: jax.Array  # [B, M, N] float32
+    count: jax.Array  # [B] int32, how many of the M were emitted (0 for slots not running)
+    accepted: jax.Array  # [B] int32, drafts the verify accepted (-1 for slots not running)
+    drafts: jax.Array  # [B, k] int32
+
+
+def decode_speculative(
+    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int, greedy: bool
+) -> tuple[list[LayerKV], SlotState, IterationOutput]:
+    """One MTP draft-verify-accept round for every active slot (`mimo_jax.speculative`).
+
+    `greedy` (static): every running slot is greedy, so no distribution is formed or sampled from.
+    """
+    num_layers = len(model.layers)
+    target_cache, mtp_cache = cache[:num_layers], cache[num_layers:]
+    k = len(mtp_cache)
+    active = state.active
+    batch = jnp.arange(active.shape[0])
+    last = jnp.where(active, state.positions - 1, -1)  # P: the newest target hidden state
+    drafts, draft_lp, mtp_cache = draft_chain(
+        model,
+        mtp_cache,
+        state.recent_hidden,
+        state.recent_tokens,
+        last,
+        state.sampling,
+        state.counts,
+        state.prompt_mask,
+        state.rng,
+        greedy,
+    )
+
+    # verify: the target reads the last token and the drafts at positions P+1 .. P+k+1
+    steps = jnp.arange(k + 1, dtype=jnp.int32)
+    inputs = jnp.concatenate([state.tokens[:, None], drafts], axis=1)
+    positions = jnp.where(active[:, None], state.positions[:, None] + steps, -1)
+    hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
+    logits = model.logits(hidden)  # [B, k+1, V]
+    accepted, candidates = verify(
+        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last
+    )
+
+    # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit
+    reasons = _finish_reason(
+        candidates,
+        state.positions[:, None] + 1 + steps,
+        state.num_generated[:, None] + 1 + steps,
+        state.max_new_tokens[:, None],
+        state.stop_ids,
+        max_context,
+    )
+    first_stop = jnp.min(jnp.where(reasons != RUNNING, steps, k + 1), axis=1)
+    count = jnp.minimum(accepted, first_stop) + 1
+    newest = count - 1
+    pick = lambda x: jnp.take_along_axis(x, newest.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+    reason = pick(reasons)
+    emitted = (steps[None, :] < count[:, None]) & active[:, None]
+    # the recent window moves by `count`: append this verify's hidden states and tokens, keep the last K
+    hist = state.recent_hidden.shape[1]
+    shift = lambda old, new: jax.vmap(lambda row, c: jax.lax.dynamic_slice_in_dim(row, c, hist, axis=0))(
+        jnp.concatenate([old, new.astype(old.dtype)], axis=1), count
+    )
+    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
+    state = dataclasses.replace(
+        state,
+        tokens=keep(pick(candidates), state.tokens),
+        positions=keep(state.positions + count, state.positions),
+        hidden=keep(pick(hidden).astype(state.hidden.dtype), state.hidden),
+        active=active & (reason == RUNNING),
+        finish_reason=keep(reason, state.finish_reason),
+        num_generated=keep(state.num_generated + count, state.num_generated),
+        counts=state.counts.at[batch[:, None], candidates].add(emitted.astype(jnp.int32)),
+        recent_hidden=keep(shift(state.recent_hidden, hidden), state.recent_hidden),
+        recent_tokens=keep(shift(state.recent_tokens, candidates), state.recent_tokens),
+    )
+
+    model_lp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(model_lp, candidates[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(model_lp, num_top)
+    out = IterationOutput(
+        tokens=candidates,
+        logprobs=chosen,
+        top_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_lp,
+        count=jnp.where(active, count, 0),
+        accepted=jnp.where(active, accepted, -1),
+        drafts=drafts,
+    )
+    return target_cache + mtp_cache, state, out
+
+
+def _tie_quantized_to(params: nnx.State, i: jax.Array) -> nnx.State:
+    """Block-quantized weights made to depend on the loop counter `i` (an optimization barrier, no copy):
+    else XLA hoists their dequantization out of the decode loop and holds every weight in bf16 at once."""
+    is_quantized = lambda x: isinstance(x, BlockQuantized)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
+    at = [j for j, x in enumerate(leaves) if is_quantized(x)]
+    if at:
+        tied, _ = jax.lax.optimization_barrier(([leaves[j] for j in at], i))
+        for j, x in zip(at, tied, strict=True):
+            leaves[j] = x
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def decode_round(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -228,15 +372,26 @@ def decode_round(
     max_steps: int,
     max_context: int,
     num_top: int,
+    speculative_steps: int = 0,
+    greedy: bool = False,
 ) -> tuple[list[LayerKV], SlotState, RoundOutput]:
-    """Up to `num_steps` (<= max_steps) decode steps in one `while_loop`; ends early when no slot is active."""
+    """Up to `num_steps` (<= max_steps) decode iterations in one `while_loop`; ends early when no slot is active.
+
+    An iteration is one token, or with `speculative_steps=k` one draft-verify-accept round that
+    emits 1..k+1 tokens per slot (so the round holds up to max_steps * (k+1) tokens per slot).
+    `greedy` (static, speculation only): the caller knows every running slot is greedy.
+    """
     batch = state.tokens.shape[0]
+    k = speculative_steps
+    width = max_steps * (k + 1)
     output = RoundOutput(
-        tokens=jnp.full((batch, max_steps), -1, jnp.int32),
-        logprobs=jnp.zeros((batch, max_steps), jnp.float32),
-        top_ids=jnp.zeros((batch, max_steps, num_top), jnp.int32),
-        top_logprobs=jnp.zeros((batch, max_steps, num_top), jnp.float32),
+        tokens=jnp.full((batch, width), -1, jnp.int32),
+        logprobs=jnp.zeros((batch, width), jnp.float32),
+        top_ids=jnp.zeros((batch, width, num_top), jnp.int32),
+        top_logprobs=jnp.zeros((batch, width, num_top), jnp.float32),
         count=jnp.zeros((batch,), jnp.int32),
+        accepted=jnp.full((batch, max_steps), -1, jnp.int32),
+        drafts=jnp.zeros((batch, max_steps, k), jnp.int32),
     )
 
     def cond(carry):
@@ -245,17 +400,36 @@ def decode_round(
 
     def body(carry):
         i, cache, state, output = carry
-        model = nnx.merge(graphdef, params)
-        cache, state, out, emitted = decode_one(model, cache, state, max_context=max_context, num_top=num_top)
-        col = lambda buf, new: buf.at[:, i].set(
-            jnp.where(emitted.reshape((-1,) + (1,) * (new.ndim - 1)), new, buf[:, i])
-        )
+        model = nnx.merge(graphdef, _tie_quantized_to(params, i))
+        if k:
+            cache, state, out = decode_speculative(
+                model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy
+            )
+        else:
+            cache, state, sampled, emitted = decode_one(model, cache, state, max_context=max_context, num_top=num_top)
+            out = IterationOutput(
+                tokens=sampled.tokens[:, None],
+                logprobs=sampled.logprobs[:, None],
+                top_ids=sampled.top_ids[:, None],
+                top_logprobs=sampled.top_logprobs[:, None],
+                count=emitted.astype(jnp.int32),
+                accepted=jnp.where(emitted, 0, -1),
+                drafts=jnp.zeros((batch, 0), jnp.int32),
+            )
+        # this iteration's tokens go to columns count .. count+emitted-1 of each slot's row
+        m = out.tokens.shape[1]
+        cols = output.count[:, None] + jnp.arange(m)
+        cols = jnp.where(jnp.arange(m)[None, :] < out.count[:, None], cols, width)  # out of range: dropped
+        rows = jnp.arange(batch)[:, None]
+        put = lambda buf, new: buf.at[rows, cols].set(new, mode="drop")
         output = RoundOutput(
-            tokens=col(output.tokens, out.tokens),
-            logprobs=col(output.logprobs, out.logprobs),
-            top_ids=col(output.top_ids, out.top_ids),
-            top_logprobs=col(output.top_logprobs, out.top_logprobs),
-            count=output.count + emitted.astype(jnp.int32),
+            tokens=put(output.tokens, out.tokens),
+            logprobs=put(output.logprobs, out.logprobs),
+            top_ids=put(output.top_ids, out.top_ids),
+            top_logprobs=put(output.top_logprobs, out.top_logprobs),
+            count=output.count + out.count,
+            accepted=output.accepted.at[:, i].set(out.accepted),
+            drafts=output.drafts.at[:, i].set(out.drafts),
         )
         return i + 1, cache, state, output
 
@@ -274,6 +448,9 @@ class StepOutput:
     top_logprobs: list[list[tuple[int, float]]] | None  # per token: the model's top-N (id, logprob)
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "cancelled" when finished
+    # speculation, per target forward (verify) that produced these tokens: drafts accepted, drafts proposed
+    accepted: list[int] = dataclasses.field(default_factory=list)
+    drafts: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -283,8 +460,41 @@ class _Request:
     options: SamplingOptions
     seed: int
     prefilled: int = 0  # prompt tokens already in the cache
-    hidden: jax.Array | None = None  # last prefill chunk's output hidden state
+    history: jax.Array | None = None  # the prompt's last hidden states so far (prefill_fn's `history`)
     decoding: bool = False
+
+
+@dataclasses.dataclass
+class SpeculationStats:
+    """Engine-wide MTP counters since the engine was built (what a server exports as metrics)."""
+
+    draft_steps: int  # k: drafts proposed per target forward
+    target_forwards: int = 0  # verify forwards (one per running slot per round iteration)
+    draft_tokens: int = 0  # drafts proposed (k per forward)
+    accepted_tokens: int = 0  # drafts accepted
+    emitted_tokens: int = 0  # tokens the verifies emitted (accepted drafts + corrected/bonus, after stops)
+    accepted_at: list[int] = dataclasses.field(default_factory=list)  # [k]: forwards that accepted draft j
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens per target forward, bonus included: (accepted drafts + forwards) / forwards (0 before any)."""
+        return (self.accepted_tokens + self.target_forwards) / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rates(self) -> list[float]:
+        """Per draft position j: the fraction of target forwards that accepted draft j (0 before any)."""
+        f = self.target_forwards
+        return [a / f if f else 0.0 for a in self.accepted_at]
+
+    def add(self, accepted: np.ndarray, emitted: int) -> None:
+        """Count one round's verifies: `accepted` holds each running forward's accepted-draft count."""
+        accepted = accepted[accepted >= 0]
+        self.target_forwards += int(accepted.size)
+        self.draft_tokens += int(accepted.size) * self.draft_steps
+        self.accepted_tokens += int(accepted.sum())
+        self.emitted_tokens += emitted
+        for j in range(self.draft_steps):
+            self.accepted_at[j] += int((accepted > j).sum())
 
 
 def prefill_buckets(prefill_chunk: int, smallest: int = 16) -> tuple[int, ...]:
@@ -324,6 +534,7 @@ class Engine:
         max_top_logprobs: int = 0,
         extra_ring_slots: int = 0,
         cache_dtype: Any = None,
+        speculative_steps: int = 0,
     ):
         lm = model if isinstance(model, LanguageModel) else LanguageModel(model)
         if max_batch < 1 or max_context < 2 or prefill_chunk < 1 or max_round_tokens < 1:
@@ -331,7 +542,17 @@ class Engine:
                 f"max_batch={max_batch}, max_context={max_context}, prefill_chunk={prefill_chunk}, "
                 f"max_round_tokens={max_round_tokens}: expected max_context >= 2 and the others >= 1"
             )
+        k = speculative_steps
+        num_mtp = len(lm.model.mtp)
+        if not 0 <= k <= num_mtp:
+            raise ValueError(
+                f"speculative_steps={k}: expected 0 (off) to the model's {num_mtp} MTP layers"
+                + ("" if num_mtp else " (load the checkpoint with load_model(..., mtp=True))")
+            )
         cfg = lm.config
+        self.speculative_steps = k
+        # the k MTP layers' stats (None without speculation); see SpeculationStats
+        self.speculation = SpeculationStats(k, accepted_at=[0] * k) if k else None
         self.lm = lm
         self.config = cfg
         self.max_batch = max_batch
@@ -346,26 +567,38 @@ class Engine:
         dtype = jnp.dtype(cache_dtype or lm.dtype)
 
         self.cache_len = cache_length(max_context)
-        make_cache = lambda: empty_cache(cfg, max_batch, self.cache_len, dtype, extra_ring_slots)
-        make_state = lambda: empty_state(max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype)
+        # A verify writes k positions past what it may accept: rings keep k extra slots so those
+        # writes never evict a position still inside the window.
+        extra_ring_slots = max(extra_ring_slots, k)
+        self.history = history_length(k)
+        mtp_spec = cfg.mtp_layer()
+
+        def make_cache():
+            target = empty_cache(cfg, max_batch, self.cache_len, dtype, extra_ring_slots)
+            return target + [empty_layer_kv(mtp_spec, max_batch, self.cache_len, dtype) for _ in range(k)]
+
+        make_state = lambda: empty_state(
+            max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype, self.history
+        )
         if lm.mesh is not None:
-            replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
+            self._replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
             shardings = cache_shardings(jax.eval_shape(make_cache), lm.mesh)
             self.cache = jax.jit(make_cache, out_shardings=shardings)()
-            self.state = jax.jit(make_state, out_shardings=replicated)()
-        else:
-            self.cache = jax.jit(make_cache)()
-            self.state = jax.jit(make_state)()
+        else:  # committed to the parameters' device, like every later output (one compiled step)
+            device = next(iter(jax.tree.leaves(self.params)[0].devices()))
+            self._replicated = jax.sharding.SingleDeviceSharding(device)
+            self.cache = jax.jit(make_cache, out_shardings=self._replicated)()
+        self.state = jax.jit(make_state, out_shardings=self._replicated)()
 
-        def prefill(params, cache, slot, tokens, start, length):
-            return prefill_step(graphdef, params, cache, slot, tokens, start, length)
+        def prefill(params, cache, slot, tokens, start, length, history):
+            return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
 
-        def admit(params, state, slot, hidden, request):
+        def admit(params, state, slot, history, request):
             return admit_step(
-                graphdef, params, state, slot, hidden, request, max_context=max_context, num_top=max_top_logprobs
+                graphdef, params, state, slot, history, request, max_context=max_context, num_top=max_top_logprobs
             )
 
-        def decode(params, cache, state, num_steps):
+        def decode(params, cache, state, num_steps, greedy=False):
             return decode_round(
                 graphdef,
                 params,
@@ -375,12 +608,25 @@ class Engine:
                 max_steps=max_round_tokens,
                 max_context=max_context,
                 num_top=max_top_logprobs,
+                speculative_steps=k,
+                greedy=greedy,
             )
 
-        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,))
-        self.admit_fn = jax.jit(admit, donate_argnums=(1,))
-        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2))
-        self.release_fn = jax.jit(release_step, donate_argnums=(0,))
+        # Outputs keep the layouts the cache and state were made with, so every call after the first
+        # hits the same compiled step (equivalent but differently spelled shardings would recompile).
+        cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
+        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        decode_out = (cache_sharding, state_sharding, None)
+        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, self._replicated))
+        self.admit_fn = jax.jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
+        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
+        # Speculation when every running request is greedy (the host knows): drafts and verify
+        # compare argmaxes, no distributions. Without speculation the same function as decode_fn.
+        greedy_decode = lambda params, cache, state, num_steps: decode(params, cache, state, num_steps, True)
+        self.greedy_decode_fn = (
+            jax.jit(greedy_decode, donate_argnums=(1, 2), out_shardings=decode_out) if k else self.decode_fn
+        )
+        self.release_fn = jax.jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
@@ -391,13 +637,28 @@ class Engine:
     def abstract_prefill_args(self, chunk: int) -> tuple:
         """Abstract arguments of `prefill_fn` for a chunk of `chunk` tokens: `prefill_fn.lower(*args)`."""
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        return (_abstract(self.params), _abstract(self.cache), i32, jax.ShapeDtypeStruct((chunk,), jnp.int32), i32, i32)
+        tokens = jax.ShapeDtypeStruct((chunk + self.speculative_steps,), jnp.int32)
+        history = jax.ShapeDtypeStruct(self.empty_history().shape, self.lm.dtype)
+        return (_abstract(self.params), _abstract(self.cache), i32, tokens, i32, i32, history)
 
     def abstract_admit_args(self) -> tuple:
-        hidden = jax.ShapeDtypeStruct((self.config.hidden_size,), self.lm.dtype)
+        history = jax.ShapeDtypeStruct(self.empty_history().shape, self.lm.dtype)
         request = _abstract(self._slot_request(np.zeros(1, np.int32), SamplingOptions(), 0))
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        return (_abstract(self.params), _abstract(self.state), i32, hidden, request)
+        return (_abstract(self.params), _abstract(self.state), i32, history, request)
+
+    def empty_history(self) -> np.ndarray:
+        """prefill_fn's `history` before a prompt's first chunk: the last max(K, 1) hidden states."""
+        return np.zeros((max(self.history, 1), self.config.hidden_size), self.lm.dtype)
+
+    def prefill_tokens(self, prompt: np.ndarray, start: int, length: int, bucket: int) -> np.ndarray:
+        """prefill_fn's `tokens` for prompt[start : start+length] padded to `bucket`: the chunk, then
+        the k prompt tokens after it (-1 past the prompt's end) for the MTP layers."""
+        tokens = np.full((bucket + self.speculative_steps,), -1, np.int32)
+        tokens[:length] = prompt[start : start + length]
+        after = prompt[start + length : start + length + self.speculative_steps]
+        tokens[length : length + after.size] = after
+        return tokens
 
     def abstract_decode_args(self) -> tuple:
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
@@ -415,11 +676,8 @@ class Engine:
     def has_work(self) -> bool:
         return self.num_requests > 0
 
-    def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
-        """Reserve a slot for a request; its prompt is prefilled by the next `step`s. Returns the slot."""
-        sampling = sampling or SamplingOptions()
-        if request_id in self._by_id:
-            raise ValueError(f"request id {request_id!r} is already running")
+    def check_request(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions) -> np.ndarray:
+        """The prompt as int32 ids if this engine can run the request, else a ValueError saying why."""
         prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         if prompt.size == 0:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
@@ -443,12 +701,20 @@ class Engine:
                 f"request {request_id!r}: logprobs={sampling.logprobs} exceeds "
                 f"the engine's max_top_logprobs={self.max_top_logprobs}"
             )
+        return prompt.astype(np.int32)
+
+    def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
+        """Reserve a slot for a request; its prompt is prefilled by the next `step`s. Returns the slot."""
+        sampling = sampling or SamplingOptions()
+        if request_id in self._by_id:
+            raise ValueError(f"request id {request_id!r} is already running")
+        prompt = self.check_request(request_id, prompt_ids, sampling)
         try:
             slot = self._slots.index(None)
         except ValueError:
             raise EngineFull(f"all {self.max_batch} slots are busy") from None
         seed = next(self._seeds) if sampling.seed is None else sampling.seed
-        self._slots[slot] = _Request(request_id, prompt.astype(np.int32), sampling, seed)
+        self._slots[slot] = _Request(request_id, prompt, sampling, seed)
         self._by_id[request_id] = slot
         self._prefill_queue.append(slot)
         return slot
@@ -470,6 +736,9 @@ class Engine:
         stop[: len(options.stop_token_ids)] = options.stop_token_ids
         mask = np.zeros((self.config.vocab_size,), bool)
         mask[prompt] = True
+        recent = np.zeros((self.history,), np.int32)
+        tail = prompt[-self.history :] if self.history else prompt[:0]
+        recent[self.history - tail.size :] = tail
         return SlotRequest(
             prompt_len=jnp.int32(prompt.size),
             max_new_tokens=jnp.int32(options.max_new_tokens),
@@ -477,6 +746,7 @@ class Engine:
             sampling=SamplingParams.make(1, **options.params()),
             rng=jnp.asarray(request_key(seed)),
             prompt_mask=jnp.asarray(mask),
+            recent_tokens=jnp.asarray(recent),
         )
 
     # ---------------------------------------------------------------- running
@@ -490,34 +760,49 @@ class Engine:
             start = req.prefilled
             length = min(self.prefill_chunk, req.prompt.size - start)
             bucket = next(b for b in self.buckets if b >= length)
-            tokens = np.zeros((bucket,), np.int32)
-            tokens[:length] = req.prompt[start : start + length]
-            self.cache, req.hidden = self.prefill_fn(
-                self.params, self.cache, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(start), jnp.int32(length)
+            tokens = self.prefill_tokens(req.prompt, start, length, bucket)
+            if start == 0:
+                req.history = jax.device_put(self.empty_history(), self._replicated)
+            self.cache, req.history = self.prefill_fn(
+                self.params,
+                self.cache,
+                jnp.int32(slot),
+                jnp.asarray(tokens),
+                jnp.int32(start),
+                jnp.int32(length),
+                req.history,
             )
             req.prefilled += length
             spent += length
             if req.prefilled == req.prompt.size:
                 self._prefill_queue.popleft()
                 request = self._slot_request(req.prompt, req.options, req.seed)
-                self.state, first, reason = self.admit_fn(self.params, self.state, jnp.int32(slot), req.hidden, request)
-                req.hidden = None
+                self.state, first, reason = self.admit_fn(
+                    self.params, self.state, jnp.int32(slot), req.history, request
+                )
+                req.history = None
                 req.decoding = True
                 admitted.append((slot, first, reason))
         return admitted
 
     def step(self, max_tokens_per_round: int | None = None, prefill_tokens: int | None = None) -> list[StepOutput]:
         """Prefill up to `prefill_tokens` queued prompt tokens (default one chunk), then decode up to
-        `max_tokens_per_round` tokens (default and cap: `max_round_tokens`) for every running request."""
+        `max_tokens_per_round` tokens (default and cap: `max_round_tokens`) for every running request.
+
+        With speculation, `max_tokens_per_round` counts target forwards (draft-verify-accept
+        iterations), each of which emits 1 to k+1 tokens per request.
+        """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
             raise ValueError(f"max_tokens_per_round={n}: expected 1..{self.max_round_tokens}")
         admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
-        decoding = any(r is not None and r.decoding for r in self._slots)
+        running = [r for r in self._slots if r is not None and r.decoding]
         round_out = None
-        if decoding:
-            self.cache, self.state, round_out = self.decode_fn(self.params, self.cache, self.state, jnp.int32(n))
-        host_admitted, host_round, reasons = jax.device_get((admitted, round_out, self.state.finish_reason))
+        if running:
+            greedy = all(r.options.temperature <= 0 for r in running)
+            decode = self.greedy_decode_fn if greedy else self.decode_fn
+            self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
+        host_admitted, host_round, reasons = to_host((admitted, round_out, self.state.finish_reason))
 
         results: dict[int, StepOutput] = {}
 
@@ -551,6 +836,12 @@ class Engine:
                         host_round.top_ids[slot, :c],
                         host_round.top_logprobs[slot, :c],
                     )
+                    if self.speculation is not None:
+                        ran = host_round.accepted[slot] >= 0
+                        results[slot].accepted.extend(int(a) for a in host_round.accepted[slot][ran])
+                        results[slot].drafts.extend([int(t) for t in d] for d in host_round.drafts[slot][ran])
+            if self.speculation is not None:
+                self.speculation.add(host_round.accepted, int(host_round.count.sum()))
         for slot, out in results.items():
             if reasons[slot] != RUNNING:
                 out.finished = True
@@ -558,6 +849,23 @@ class Engine:
                 del self._by_id[out.request_id]
                 self._slots[slot] = None
         return list(results.values())
+
+
+def to_host(tree: Any) -> Any:
+    """`jax.device_get` that also works on arrays split across processes (multi-host meshes).
+
+    Such an array (e.g. a round's tokens split over a data axis spanning hosts) is all-gathered,
+    a collective: every process must fetch the same arrays in the same order, as the engine's
+    identical steps on every process do.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
 
 
 def _abstract(tree: Any) -> Any:

@@ -17,6 +17,24 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length"
     logprobs: list[float] | None = None  # model logprob of each generated token, when asked
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the model's top-N (id, logprob)
+    # speculation: drafts accepted by each target forward (verify) of this request, in order
+    accepted_per_forward: list[int] | None = None
+    speculative_steps: int = 0
+
+    @property
+    def mean_accept_length(self) -> float | None:
+        """Tokens per target forward, bonus included (mean of accepted + 1); None without speculation or
+        when the first token was the last (no forward)."""
+        a = self.accepted_per_forward
+        return sum(a) / len(a) + 1 if a else None
+
+    @property
+    def acceptance_rates(self) -> list[float] | None:
+        """Per draft position j (0..k-1): the fraction of this request's target forwards that accepted draft j."""
+        a = self.accepted_per_forward
+        if not a:
+            return None
+        return [sum(x > j for x in a) / len(a) for j in range(self.speculative_steps)]
 
 
 def generate(
@@ -38,6 +56,7 @@ def generate(
     max_batch: int = 32,
     prefill_chunk: int = 512,
     max_context: int | None = None,
+    speculative_steps: int = 0,
     engine: Engine | None = None,
 ) -> list[GenerationResult]:
     """Complete every prompt (a list of token ids, any lengths); one result per prompt, in order.
@@ -47,6 +66,9 @@ def generate(
     `seed` is one int (prompt i draws from stream (seed, i)) or one seed per prompt.
     `logprobs=N` returns each token's model logprob and the top-N. Prompts beyond `max_batch`
     wait for a free slot (continuous batching). Pass `engine` to reuse a compiled engine.
+    `speculative_steps=k` drafts k tokens per target forward with the model's MTP layers (load
+    it with `mtp=True`); the output is the same (greedy) or distributed the same (sampling), and
+    each result reports `mean_accept_length` and `acceptance_rates`.
     """
     prompts = [list(p) for p in prompts]
     if not prompts:
@@ -69,7 +91,10 @@ def generate(
             max_stop_ids=max(stops, 1),
             max_top_logprobs=logprobs or 0,
             max_round_tokens=min(max_new_tokens, 64),
+            speculative_steps=speculative_steps,
         )
+    elif speculative_steps != engine.speculative_steps:
+        raise ValueError(f"speculative_steps={speculative_steps}, but the engine has {engine.speculative_steps}")
     eos = () if ignore_eos else tuple(engine.config.eos_token_ids)
     stop = tuple(sorted(set(stop_token_ids) | set(eos)))
     options = [
@@ -94,7 +119,14 @@ def generate(
         while pending and engine.free_slots:
             i = pending.pop()
             engine.add(i, prompts[i], options[i])
-            results[i] = GenerationResult([], "", [] if logprobs is not None else None, [] if logprobs else None)
+            results[i] = GenerationResult(
+                [],
+                "",
+                [] if logprobs is not None else None,
+                [] if logprobs else None,
+                [] if engine.speculative_steps else None,
+                engine.speculative_steps,
+            )
         # Prefill everything waiting before decoding: generate() has no latency target.
         for out in engine.step(prefill_tokens=1 << 62):
             r = results[out.request_id]
@@ -103,6 +135,8 @@ def generate(
                 r.logprobs.extend(out.logprobs)
             if r.top_logprobs is not None:
                 r.top_logprobs.extend(out.top_logprobs)
+            if r.accepted_per_forward is not None:
+                r.accepted_per_forward.extend(out.accepted)
             if out.finished:
                 r.finish_reason = out.finish_reason
     return results

@@ -16,7 +16,10 @@ against a numpy reference):
   logits), as vLLM and the OpenAI API report them; `processed_logprobs` gives the distribution
   actually sampled from (what speculative rejection sampling needs).
 - Random keys: a request's key folded with the position of the token being sampled, so the
-  draw does not depend on which slot or batch the request is in.
+  draw does not depend on which slot or batch the request is in (speculative decoding folds in
+  a purpose too: draft, acceptance coin, correction; see `step_keys`).
+- Draws are Gumbel-max over log-probabilities (`draw`), the same for a first token, a plain
+  decode step, an MTP draft and a speculative correction.
 """
 
 from __future__ import annotations
@@ -116,10 +119,22 @@ def request_key(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
 
 
-def step_keys(key_data: jax.Array, positions: jax.Array) -> jax.Array:
-    """Typed keys [B] for sampling the token at `positions` [B] of each request."""
-    keys = jax.random.wrap_key_data(key_data)
-    return jax.vmap(jax.random.fold_in)(keys, positions)
+def step_keys(key_data: jax.Array, positions: jax.Array, purpose: int = 0) -> jax.Array:
+    """Typed keys [B] for sampling the token at `positions` [B] of each request.
+
+    `purpose` > 0 gives an independent stream for the same position (speculative decoding's
+    draft, acceptance coin and correction draws); 0 is the plain sampling stream.
+    """
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), positions)
+    if purpose:
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, purpose))(keys)
+    return keys
+
+
+def draw(scores: jax.Array, keys: jax.Array) -> jax.Array:
+    """One token per row [B] from unnormalized log-probabilities [B, V] (-inf = never), Gumbel-max."""
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scores.shape[-1:], jnp.float32))(keys)
+    return jnp.argmax(scores + gumbel, axis=-1).astype(jnp.int32)
 
 
 def apply_penalties(
@@ -202,13 +217,10 @@ def sample(
     penalized = apply_penalties(logits, params, counts, prompt_mask)
     greedy_tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
 
-    def draw(penalized: jax.Array) -> jax.Array:
-        filtered = _filtered_logits(penalized, params)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, filtered.shape[-1:], jnp.float32))(keys)
-        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
-
     is_greedy = params.temperature <= 0
-    drawn = jax.lax.cond(jnp.all(is_greedy), lambda p: greedy_tokens, draw, penalized)
+    drawn = jax.lax.cond(
+        jnp.all(is_greedy), lambda p: greedy_tokens, lambda p: draw(_filtered_logits(p, params), keys), penalized
+    )
     tokens = jnp.where(is_greedy, greedy_tokens, drawn)
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]

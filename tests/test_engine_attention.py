@@ -89,6 +89,7 @@ def _chunk_case(rs, slots, start, length, bucket, window, sink, ring):
 )
 def test_chunk_split_equals_reference(monkeypatch, ring, start, length, window, sink):
     """Chunk-vs-itself (dot_product_attention) + chunk-vs-prefix merged by log-sum-exp = one softmax."""
+    monkeypatch.setattr(attn, "SPLIT_MIN_QUERIES", 16)
     rs = np.random.RandomState(start + length)
     slots = 9 if ring else 64
     q, kc, vc, q_pos, (pk, pv, ppos), sinks = _chunk_case(rs, slots, start, length, 16, window, sink, ring)
@@ -113,6 +114,7 @@ def test_chunk_split_equals_reference(monkeypatch, ring, start, length, window, 
 @pytest.mark.parametrize("blocks", [False, True])
 def test_engine_with_split_prefill_attention_equals_full_forward(monkeypatch, blocks):
     """Prefill chunks through the split (cuDNN-shaped) path: every step's distribution = the full forward's."""
+    monkeypatch.setattr(attn, "SPLIT_MIN_QUERIES", 16)
     if blocks:  # full-layer prefixes long enough to go blockwise
         monkeypatch.setattr(attn, "KEY_BLOCK_MIN", 8)
         monkeypatch.setattr(attn, "KEY_BLOCK_MAX", 16)

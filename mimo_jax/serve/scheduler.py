@@ -5,8 +5,9 @@ Each round the scheduler thread
    anything else runs;
 2. admits waiting sequences (first come, first served) into free engine slots;
 3. runs one `engine.step`: prefill chunks of newly admitted prompts (a bounded token budget, so
-   running requests keep decoding between the chunks of a long prompt), then a decode round of up
-   to `round_tokens` tokens for every running sequence;
+   running requests keep decoding between the chunks of a long prompt; unbounded while fewer than
+   half the slots decode, since an idle slot costs a full one), then a decode round of up to
+   `round_tokens` tokens for every running sequence;
 4. hands each sequence's new tokens to its HTTP handler on the event loop (one loop callback per
    round), where detokenization and parsing happen, off this thread.
 
@@ -313,6 +314,16 @@ class Scheduler:
                 self.metrics.on_prompt(len(seq.prompt_ids))
                 free -= 1
             plan.step = bool(self._running)
+            # A decode round costs the same for every slot, busy or not: while fewer than half the slots
+            # are decoding, prefill everything admitted before decoding (as offline generate does); else
+            # at most prefill_tokens per round, which bounds the pause the running requests see.
+            decoding = sum(s.first_token_at is not None for s in self._running.values())
+            if decoding < self.engine.max_batch / 2:
+                plan.prefill_tokens = 1 << 30
+            # Requests tend to come in waves: while one is arriving (admissions this round) and the batch
+            # is under half full, a short decode round lets the rest of the wave join a few steps later.
+            if plan.add and len(self._running) < self.engine.max_batch / 2:
+                plan.round_tokens = max(1, self.round_tokens // 4)
             running = dict(self._running)
 
         if self.channel is not None:

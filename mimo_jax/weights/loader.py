@@ -119,8 +119,9 @@ class ParamPlan:
         return src.tensors[1 if src.kind == HEADS_IN and src.part == "v" and len(src.tensors) == 2 else 0].name
 
 
-def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weights: str = "bf16"):
-    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings; no memory is used.
+def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weights: str = "bf16", mtp_layers: int = 0):
+    """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings (and `mtp_layers`
+    MTP layers); no memory is used.
 
     `weights="fp8"`: what `load_model(..., weights="fp8")` places for a checkpoint with this config's
     `quantization_config`: float8 values and float32 block scales (`quant.BlockQuantized`), each
@@ -135,7 +136,7 @@ def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weight
     block = quantization_block(cfg) if weights == "fp8" else None
     if weights == "fp8" and block is None:
         raise ValueError("--weights fp8 needs a config with an fp8 quantization_config (weight_block_size)")
-    model = abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, mtp_layers)
     shardings = model_shardings(model, mesh)
     params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
     for path, var in params.items():
@@ -143,7 +144,7 @@ def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weight
         var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[path]))
     if block is not None:
         # The same choice as the loader and the planner: these kinds stay FP8 when their tensor is quantized.
-        for src in parameter_sources(cfg):
+        for src in parameter_sources(cfg, mtp_layers):
             if src.kind not in _KEEP_FP8 or not src.tensors[0].quantizable:
                 continue
             var = params[src.path]

@@ -1,0 +1,201 @@
+"""MTP speculative decoding: decode tok/s with and without speculation, per batch size.
+
+    python bench/bench_mtp.py --model demo --batch 1,8,32 --steps 3
+    python bench/bench_mtp.py --model flash-slice-4 --batch 1,8,32 --steps 3 --context 2048
+
+`demo`: the embedded demo checkpoint (trained MTP layers) decoding greedily from windows of
+held-out text (Python standard library files the demo never trained on, chosen by its split
+rule): real acceptance. `flash-slice-N` (or a config.json): random weights with random MTP
+layers, caches filled as if a `--context`-token prompt had been prefilled: drafts are never
+accepted (acceptance length 1), so the table shows what a speculative iteration costs.
+
+Each configuration runs the engine's jitted `greedy_decode_fn` (one `while_loop` of `--iters`
+iterations per host round-trip, every slot running) for `--rounds` timed rounds after a
+compiling one. Columns: ms per iteration (one token, or one draft-verify-accept round),
+tok/s, acceptance length (tokens per target forward), speedup over k=0 at the same batch, and
+the ideal speedup (= acceptance length: what a free draft and a verify as cheap as one plain
+step would give); `cost` is a speculative iteration's time over a plain step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax.bench import bench_config, fill_as_if_prefilled, random_model
+from mimo_jax.engine import Engine
+from mimo_jax.lm import LanguageModel, load_model
+from mimo_jax.sampling import SamplingOptions
+
+# Held out of the demo's training corpus by its split rule (sha256("heldout:" + path) % 50 == 0),
+# present in Python 3.11 and 3.12.
+HELDOUT_FILES = (
+    "statistics.py",
+    "difflib.py",
+    "fileinput.py",
+    "hashlib.py",
+    "pkgutil.py",
+    "ast.py",
+    "dbm/dumb.py",
+    "email/headerregistry.py",
+)
+
+
+def is_heldout(relpath: str) -> bool:
+    digest = hashlib.sha256(("heldout:" + relpath).encode()).digest()[:8]
+    return int.from_bytes(digest, "little") % 50 == 0
+
+
+def heldout_prompts(tokenizer_path: str, count: int, length: int) -> list[list[int]]:
+    """`count` windows of `length` tokens, spread over the held-out files."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    streams = []
+    for rel in HELDOUT_FILES:
+        assert is_heldout(rel), rel
+        path = root / rel
+        if path.is_file():
+            streams.append(tok.encode(path.read_text(encoding="utf-8")).ids)
+    if not streams:
+        raise SystemExit(f"no held-out standard library files under {root}")
+    prompts = []
+    for i in range(count):
+        ids = streams[i % len(streams)]
+        windows = max(1, len(ids) // length - 1)
+        start = ((i // len(streams)) * 7 + 1) % windows * length  # different windows of the same file
+        prompts.append(ids[start : start + length])
+    return prompts
+
+
+def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
+    """Time `rounds` decode rounds of `iters` iterations after a compiling one; every slot must keep running."""
+    n = jnp.int32(iters)
+    engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
+    jax.block_until_ready(out)
+    tokens, forwards, times = 0, 0, []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
+        count, accepted = np.asarray(out.count), np.asarray(out.accepted)  # the round trip a server makes
+        times.append(time.perf_counter() - t)
+        tokens += int(count.sum())
+        forwards += int((accepted >= 0).sum())
+    if not bool(np.asarray(engine.state.active).all()):
+        raise RuntimeError("a slot stopped during the timed rounds: raise max_context")
+    sec = float(np.sum(times))
+    return dict(
+        ms_per_iter=sec / (rounds * iters) * 1e3,
+        tok_s=tokens / sec,
+        accept_length=tokens / forwards,
+        tokens=tokens,
+    )
+
+
+def run_demo(lm: LanguageModel, batch: int, k: int, args, prompts: list[list[int]]) -> dict:
+    needed = args.prompt_len + (args.rounds + 2) * args.iters * (k + 1) + 2
+    if needed > lm.config.context_len:
+        raise SystemExit(f"--prompt-len/--rounds/--iters need {needed} positions, the demo has {lm.config.context_len}")
+    engine = Engine(
+        lm,
+        max_batch=batch,
+        max_context=needed,
+        prefill_chunk=args.prompt_len,
+        max_round_tokens=args.iters,
+        speculative_steps=k,
+    )
+    options = SamplingOptions(max_new_tokens=1 << 20)
+    for i in range(batch):
+        engine.add(i, prompts[i], options)
+    engine.step(max_tokens_per_round=1, prefill_tokens=1 << 62)  # prefill + first tokens (not timed)
+    return decode_rounds(engine, args.iters, args.rounds)
+
+
+def run_random(lm: LanguageModel, batch: int, k: int, args, context: int) -> dict:
+    max_context = context + (args.rounds + 2) * args.iters * (k + 1) + 2
+    engine = Engine(
+        lm, max_batch=batch, max_context=max_context, prefill_chunk=16, max_round_tokens=args.iters, speculative_steps=k
+    )
+    fill_as_if_prefilled(engine, context)
+    return decode_rounds(engine, args.iters, args.rounds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/bench_mtp.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="demo, flash-slice-N or a config.json path")
+    p.add_argument("--scale-down", action="store_true", help="flash-slice: tiny dimensions (CPU smoke test)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 (float32 on CPU)")
+    p.add_argument("--batch", default="1,8,32")
+    p.add_argument("--steps", default="3", help="comma-separated speculative_steps k (k=0 always runs)")
+    p.add_argument("--iters", type=int, default=16, help="decode iterations per round (one while_loop)")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds")
+    p.add_argument("--prompt-len", type=int, default=128, help="demo: tokens per held-out prompt")
+    p.add_argument("--context", type=int, default=2048, help="random weights: positions already in the cache")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    batches = [int(b) for b in args.batch.split(",")]
+    steps = [0] + [int(k) for k in args.steps.split(",") if int(k) > 0]
+    device = jax.devices()[0]
+    if args.model == "demo":
+        from mimo_jax.demo import demo_model_dir
+
+        directory = demo_model_dir()
+        lm = load_model(directory, dtype=dtype, mtp=max(steps))
+        prompts = heldout_prompts(str(directory / "tokenizer.json"), max(batches), args.prompt_len)
+        name = "demo checkpoint (held-out stdlib text, greedy)"
+    else:
+        cfg = bench_config(args.model, args.scale_down)
+        lm, impl = None, None
+        name = f"{args.model}{' (scaled down)' if args.scale_down else ''} random weights, context {args.context}"
+    print(f"# {name}, {dtype}, {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"# {args.iters} iterations per round, {args.rounds} timed rounds")
+    print("| batch | k | ms/iteration | tok/s | accept length | speedup | ideal | cost |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = dict(model=name, dtype=dtype, device=device.device_kind, runs=[])
+    for batch in batches:
+        plain = None
+        for k in steps:
+            if args.model == "demo":
+                r = run_demo(lm, batch, k, args, prompts)
+            else:
+                # as `python -m mimo_jax.bench`: gather experts for <= 8 tokens per step, else ragged
+                want = "gather" if batch * (k + 1) <= 8 else "ragged"
+                if want != impl:
+                    lm = None  # free the previous weights first
+                    lm, impl = LanguageModel(random_model(cfg, jnp.dtype(dtype), want, mtp_layers=max(steps))), want
+                r = run_random(lm, batch, k, args, args.context)
+                r["moe"] = impl
+            plain = plain or r
+            r.update(batch=batch, k=k, speedup=r["tok_s"] / plain["tok_s"])
+            r["cost"] = r["ms_per_iter"] / plain["ms_per_iter"]
+            print(
+                f"| {batch} | {k} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | {r['accept_length']:.2f} | "
+                f"{r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} |",
+                flush=True,
+            )
+            results["runs"].append(r)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,807 @@
+"""`python -m mimo_jax.batch`: offline generation over a JSONL file of prompts, on one host or many.
+
+    python -m mimo_jax.batch --model DIR --input prompts.jsonl --output results.jsonl \\
+        --mesh tensor=4,expert=2 --max-batch 64 --max-context 8192 --max-tokens 512
+
+Input: one JSON object per line, `{"id": ..., "prompt": "text"}` or `"messages": [...]` (rendered
+with the checkpoint's chat template, `mimo_jax.serve.chat`) or `"prompt_ids": [...]` (token ids), plus
+optional per-request settings overriding the command line: `max_tokens` (or `max_new_tokens`),
+`temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`,
+`repetition_penalty`, `seed`, `stop_token_ids`, `ignore_eos`, `logprobs`, `tools` and
+`chat_template_kwargs` (chats), `metadata` (copied to the result). Blank lines are allowed;
+any other key is an error (a misspelt setting is never silently ignored).
+
+Output: one line per request as it finishes: `id`, `text`, `token_ids`, `finish_reason`
+("stop" | "length"), `usage` (prompt / completion / total tokens), `timing` (seconds: `wait_s`
+from the start of the run to taking a slot, then `first_tokens_s` to the end of the engine step
+that returned its first tokens - prefill and one decode round - and `total_s` to the end), `seed`,
+and `logprobs` / `top_logprobs` when asked, `metadata` when given.
+
+Behaviour:
+- Continuous batching: requests fill `--max-batch` engine slots and leave when done, so long and
+  short prompts share the slots; the next prompts join as slots free up.
+- Resumable: ids already in the output are skipped. Each finished step's lines are appended
+  whole, flushed and fsynced, so a crash loses at most the requests in flight; a torn last line
+  (a crash mid-write) is detected and cut off at the next start.
+- Deterministic: a request's seed is its `seed` field, else derived from `--seed` and its id
+  (`request_seed`), and the engine's draws do not depend on which slot or batch a request runs in.
+- A malformed line is reported as `FILE:LINE: why` and skipped (exit status 3 at the end), or
+  with `--strict` stops the run (exit status 1) - before the model loads when the line is
+  malformed JSON or has bad fields, as soon as it is met when the prompt does not fit.
+
+Multi-host: start the same command on every host (`launch/tpu_vm.sh`, `launch/gpu_multinode.sh`;
+`mimo_jax.sharding.initialize_distributed` reads `MIMO_COORDINATOR_ADDRESS`, `MIMO_NUM_PROCESSES`,
+`MIMO_PROCESS_ID` or the matching flags). Only process 0 reads the input, tokenizes and writes
+the output, so the input and output paths need only exist on host 0 (no shared file system):
+it sends the work in blocks (token ids and sampling settings) with
+`multihost_utils.broadcast_one_to_all`, and every process runs the same engine steps on the
+global mesh. The engine's outputs are the same on every process (`engine.to_host` all-gathers
+arrays split across hosts), so every process takes the same scheduling decisions without further
+messages: one broadcast per block of `--block-size` requests. If process 0 stops (a --strict
+error) it tells the others in that broadcast; if it dies, the others abort at once (the JAX
+coordination service lives in process 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mimo_jax.sampling import SamplingOptions
+
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+INT_FIELDS = ("top_k", "max_new_tokens", "seed", "logprobs")
+PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
+OTHER_FIELDS = ("id", "stop_token_ids", "ignore_eos", "tools", "chat_template_kwargs", "metadata", "max_tokens")
+KNOWN_FIELDS = frozenset(PROMPT_FIELDS + OTHER_FIELDS + FLOAT_FIELDS + INT_FIELDS)
+SEED_LIMIT = 2**31  # jax.random.key keeps 32 bits of a seed; stay in the non-negative int32 range
+
+EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
+
+
+class InputError(ValueError):
+    """A request line that cannot run; `line` is its 1-based line number in the input."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
+def request_seed(global_seed: int, request_id: str | int) -> int:
+    """The seed of a request without its own: a hash of the run's seed and the id (not of its position)."""
+    digest = hashlib.sha256(f"{global_seed}\0{json.dumps(request_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % SEED_LIMIT
+
+
+def id_key(request_id: str | int) -> str:
+    """Ids compare by their JSON text: 7 and "7" are different requests."""
+    return json.dumps(request_id, ensure_ascii=False)
+
+
+@dataclasses.dataclass
+class Request:
+    """One parsed input line (process 0 only)."""
+
+    line: int
+    id: str | int
+    prompt: str | None
+    messages: list[dict] | None
+    prompt_ids: list[int] | None
+    settings: dict[str, Any]  # SamplingOptions fields given on the line (defaults not applied)
+    ignore_eos: bool | None
+    tools: list | None
+    chat_template_kwargs: dict
+    metadata: Any
+    has_metadata: bool
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+
+def parse_line(text: str | bytes, line: int) -> Request | None:
+    """A JSONL line -> Request (None for a blank line); InputError names what is wrong."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(line, f"not valid UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(line, f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - KNOWN_FIELDS)
+    if unknown:
+        raise InputError(line, f"unknown field(s) {unknown}; known: {sorted(KNOWN_FIELDS)}")
+    if "id" not in obj:
+        raise InputError(line, 'missing "id"')
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        raise InputError(line, f'"id" must be a string or an integer, got {json.dumps(rid)}')
+    given = [k for k in PROMPT_FIELDS if k in obj]
+    if len(given) != 1:
+        raise InputError(line, f"expected exactly one of {list(PROMPT_FIELDS)}, got {given or 'none'}")
+    prompt, messages, prompt_ids = obj.get("prompt"), obj.get("messages"), obj.get("prompt_ids")
+    if "prompt" in obj and (not isinstance(prompt, str) or not prompt):
+        raise InputError(line, '"prompt" must be a non-empty string')
+    if "messages" in obj and (
+        not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
+    ):
+        raise InputError(line, '"messages" must be a non-empty list of objects')
+    if "prompt_ids" in obj and (
+        not isinstance(prompt_ids, list) or not prompt_ids or not all(_is_int(t) and t >= 0 for t in prompt_ids)
+    ):
+        raise InputError(line, '"prompt_ids" must be a non-empty list of non-negative integers')
+    if "max_tokens" in obj and "max_new_tokens" in obj:
+        raise InputError(line, 'give "max_tokens" or "max_new_tokens", not both')
+    settings: dict[str, Any] = {}
+    for name in FLOAT_FIELDS + INT_FIELDS + ("max_tokens",):
+        if name not in obj:
+            continue
+        value = obj[name]
+        field = "max_new_tokens" if name == "max_tokens" else name
+        if field in INT_FIELDS and not _is_int(value):
+            raise InputError(line, f'"{name}" must be an integer, got {json.dumps(value)}')
+        if field in FLOAT_FIELDS and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InputError(line, f'"{name}" must be a number, got {json.dumps(value)}')
+        settings[field] = value
+    if "seed" in settings and not 0 <= settings["seed"] < SEED_LIMIT:
+        raise InputError(line, f'"seed" must lie in [0, 2**31), got {settings["seed"]}')
+    if "stop_token_ids" in obj:
+        stops = obj["stop_token_ids"]
+        if not isinstance(stops, list) or not all(_is_int(t) and t >= 0 for t in stops):
+            raise InputError(line, '"stop_token_ids" must be a list of non-negative integers')
+        settings["stop_token_ids"] = tuple(stops)
+    ignore_eos = obj.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise InputError(line, '"ignore_eos" must be true or false')
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise InputError(line, '"tools" must be a list')
+    kwargs = obj.get("chat_template_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise InputError(line, '"chat_template_kwargs" must be an object')
+    if (tools is not None or "chat_template_kwargs" in obj) and messages is None:
+        raise InputError(line, '"tools" and "chat_template_kwargs" apply to "messages" only')
+    try:
+        SamplingOptions(**{**settings, "seed": 0})  # range checks, with the defaults for what is left out
+    except ValueError as e:
+        raise InputError(line, str(e)) from None
+    return Request(
+        line=line,
+        id=rid,
+        prompt=prompt,
+        messages=messages,
+        prompt_ids=prompt_ids,
+        settings=settings,
+        ignore_eos=ignore_eos,
+        tools=tools,
+        chat_template_kwargs=kwargs,
+        metadata=obj.get("metadata"),
+        has_metadata="metadata" in obj,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class InputScan:
+    """What a first pass over the input found."""
+
+    pending: int  # requests to run
+    done: int  # requests skipped because the output has them
+    errors: list[InputError]
+    bad_lines: set[int]
+
+
+def scan_input(path: str, done_keys: set[str]) -> InputScan:
+    """Parse every line once: count the work, collect malformed lines and repeated ids."""
+    errors: list[InputError] = []
+    seen: dict[str, int] = {}
+    pending = done = 0
+    for line, text in _lines(path):
+        try:
+            req = parse_line(text, line)
+            if req is None:
+                continue
+            if req.key in seen:
+                raise InputError(line, f"id {req.key} repeats line {seen[req.key]}")
+        except InputError as e:
+            errors.append(e)
+            continue
+        seen[req.key] = line
+        if req.key in done_keys:
+            done += 1
+        else:
+            pending += 1
+    return InputScan(pending, done, errors, {e.line for e in errors})
+
+
+def iter_requests(path: str, scan: InputScan, done_keys: set[str]) -> Iterator[Request]:
+    """The requests still to run, in input order (the lines `scan_input` accepted)."""
+    for line, text in _lines(path):
+        if line in scan.bad_lines:
+            continue
+        req = parse_line(text, line)
+        if req is not None and req.key not in done_keys:
+            yield req
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        yield from enumerate(f, start=1)
+
+
+# ------------------------------------------------------------------ output file
+class ResultWriter:
+    """Appends whole JSON lines, then flush + fsync: after a crash the file holds complete lines
+    and at most one torn last line, which `recover` cuts off."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "ab")  # noqa: SIM115 (held for the run)
+
+    @staticmethod
+    def recover(path: str) -> tuple[set[str], int]:
+        """Ids already written (as `id_key`s), truncating a torn last line; returns (ids, bytes cut)."""
+        if not os.path.exists(path):
+            return set(), 0
+        done: set[str] = set()
+        good_end = 0
+        with open(path, "rb") as f:
+            for line, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line: everything up to good_end stays
+                try:
+                    obj = json.loads(raw)
+                    done.add(id_key(obj["id"]))
+                except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                    raise ValueError(
+                        f"{path}:{line}: not a result line (the file was changed by something else?); "
+                        "fix or remove it, then rerun"
+                    ) from None
+                good_end += len(raw)
+            size = f.seek(0, os.SEEK_END)
+        if size > good_end:
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+        return done, size - good_end
+
+    def write(self, records: Sequence[dict]) -> None:
+        if not records:
+            return
+        data = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ------------------------------------------------------------------ work shared by all processes
+@dataclasses.dataclass
+class WorkItem:
+    """What every process needs to run one request; `request` (host-side details) on process 0 only."""
+
+    prompt_ids: list[int]
+    options: SamplingOptions
+    request: Request | None = None
+
+
+def encode_block(items: Sequence[WorkItem]) -> bytes:
+    """What process 0 sends of a block: each request's token ids and sampling settings."""
+    rows = [[w.prompt_ids, {**dataclasses.asdict(w.options), "stop_token_ids": list(w.options.stop_token_ids)}]
+            for w in items]  # fmt: skip
+    return json.dumps(rows).encode()
+
+
+def decode_block(data: bytes) -> list[WorkItem]:
+    return [
+        WorkItem(list(ids), SamplingOptions(**{**o, "stop_token_ids": tuple(o["stop_token_ids"])}))
+        for ids, o in json.loads(data)
+    ]
+
+
+class Aborted(RuntimeError):
+    """Process 0 stopped the run (a --strict error, or an error while reading); every process exits."""
+
+
+class WorkFeed:
+    """Blocks of work from process 0's reader; in a multi-process run each block is one broadcast.
+
+    Every process calls `next_block` at the same point of the (identical) scheduling loop; process
+    0 reads up to `block_size` requests and sends them, the others receive. An empty block ends
+    the input; a negative length aborts everywhere.
+    """
+
+    def __init__(self, source: Iterator[WorkItem] | None, block_size: int, multiprocess: bool):
+        self.source = source
+        self.block_size = block_size
+        self.multiprocess = multiprocess
+
+    def next_block(self) -> list[WorkItem]:
+        block: list[WorkItem] = []
+        if self.source is not None:  # process 0
+            try:
+                for item in self.source:
+                    block.append(item)
+                    if len(block) >= self.block_size:
+                        break
+            except BaseException:
+                if self.multiprocess:
+                    with contextlib.suppress(Aborted):  # tell the others, then raise our own error
+                        broadcast_bytes(None, abort=True)
+                raise
+        if not self.multiprocess:
+            return block
+        received = broadcast_bytes(encode_block(block) if self.source is not None else None)
+        return block if self.source is not None else decode_block(received)
+
+
+def broadcast_bytes(data: bytes | None, abort: bool = False) -> bytes:
+    """Process 0's `data` on every process (others pass None); raises Aborted everywhere if 0 aborts."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    leader = jax.process_index() == 0
+    length = np.asarray([-1 if abort else len(data) if leader else 0], np.int32)
+    length = int(np.asarray(multihost_utils.broadcast_one_to_all(length))[0])
+    if length < 0:
+        raise Aborted("process 0 stopped the run")
+    if length == 0:
+        return b""
+    size = 1 << max(10, (length - 1).bit_length())  # few distinct shapes: each compiles once
+    buf = np.zeros((size,), np.uint8)
+    if leader:
+        buf[:length] = np.frombuffer(data, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:length].tobytes()
+
+
+# ------------------------------------------------------------------ the run
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Command-line defaults for what a line leaves out, and how to schedule."""
+
+    sampling: dict[str, Any]  # SamplingOptions fields
+    seed: int = 0
+    ignore_eos: bool = False
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+    strict: bool = False
+    block_size: int = 256
+    prefill_tokens: int | None = None  # per engine step; None: everything waiting
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class RunSummary:
+    completed: int = 0
+    skipped: int = 0  # lines reported and not run
+    done_before: int = 0  # ids already in the output
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+class _Prompter:
+    """Process 0: a Request -> WorkItem (tokenized, stops and seed settled, checked against the engine)."""
+
+    def __init__(self, engine: Any, tokenizer: Any, template: Any, settings: RunSettings, eos: Sequence[int]):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.template = template
+        self.settings = settings
+        self.eos = tuple(eos)
+
+    def __call__(self, req: Request) -> WorkItem:
+        from mimo_jax.serve.chat import ChatTemplateError
+
+        if req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+        elif self.tokenizer is None:
+            raise InputError(req.line, 'the model has no tokenizer.json: give "prompt_ids" instead of text')
+        elif req.prompt is not None:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
+        else:
+            if self.template is None:
+                raise InputError(req.line, 'the model has no chat template: give "prompt" or "prompt_ids"')
+            kwargs = {**self.settings.chat_template_kwargs, **req.chat_template_kwargs}
+            try:
+                text = self.template.render(req.messages, tools=req.tools, add_generation_prompt=True, **kwargs)
+            except ChatTemplateError as e:
+                raise InputError(req.line, str(e)) from None
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        values = {**self.settings.sampling, **req.settings}
+        ignore_eos = self.settings.ignore_eos if req.ignore_eos is None else req.ignore_eos
+        stops = set(values.get("stop_token_ids", ())) | (set() if ignore_eos else set(self.eos))
+        values["stop_token_ids"] = tuple(sorted(stops))
+        if values.get("seed") is None:
+            values["seed"] = request_seed(self.settings.seed, req.id)
+        try:
+            options = SamplingOptions(**values)
+            prompt = self.engine.check_request(req.id, ids, options)
+        except ValueError as e:
+            raise InputError(req.line, str(e)) from None
+        return WorkItem(prompt.tolist(), options, req)
+
+
+def run_batch(
+    engine: Any,
+    input_path: str | None,
+    output_path: str | None,
+    settings: RunSettings,
+    *,
+    tokenizer: Any = None,
+    template: Any = None,
+    scan: InputScan | None = None,
+    done_keys: set[str] | None = None,
+    log=None,
+) -> RunSummary:
+    """Run the input's pending requests through `engine` and append their results to the output.
+
+    Single process: give the paths (`scan` and `done_keys` when already made, with the scan's
+    errors already reported). Multi-process: every process calls this with the same engine
+    settings; process 0 gives the paths, the others None. On an error the requests in flight
+    are cancelled, so the engine can be used again.
+    """
+    import jax
+
+    log = log or _log
+    leader = input_path is not None
+    summary = RunSummary()
+    writer = bar = source = None
+    if leader:
+        if done_keys is None:
+            done_keys, cut = ResultWriter.recover(output_path)
+            if cut:
+                log(f"{output_path}: cut a torn last line ({cut} bytes) left by an interrupted run")
+        if scan is None:
+            scan = scan_input(input_path, done_keys)
+            for e in scan.errors:
+                log(f"{input_path}:{e.line}: {e}")
+            if scan.errors and settings.strict:
+                raise scan.errors[0]
+        summary.done_before = scan.done
+        summary.skipped = len(scan.errors)
+        if settings.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=scan.pending, unit="prompt", dynamic_ncols=True, file=sys.stderr)
+        eos = tuple(engine.config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer is not None else ())
+        prompter = _Prompter(engine, tokenizer, template, settings, eos)
+
+        def items() -> Iterator[WorkItem]:
+            for req in iter_requests(input_path, scan, done_keys):
+                try:
+                    yield prompter(req)
+                except InputError as e:
+                    log(f"{input_path}:{e.line}: {e}")
+                    if settings.strict:
+                        raise
+                    summary.skipped += 1
+                    if bar is not None:
+                        bar.total -= 1
+
+        source = items()
+        writer = ResultWriter(output_path)
+    feed = WorkFeed(source, settings.block_size, jax.process_count() > 1)
+
+    start = time.perf_counter()
+    queue: collections.deque[WorkItem] = collections.deque()
+    in_flight: dict[int, dict | None] = {}  # engine request id -> result so far (None off process 0)
+    next_id = 0
+    exhausted = False
+    try:
+        with engine.lm.mesh_context():
+            while True:
+                while engine.free_slots:
+                    if not queue and not exhausted:
+                        block = feed.next_block()
+                        exhausted = not block
+                        queue.extend(block)
+                    if not queue:
+                        break
+                    item = queue.popleft()
+                    engine.add(next_id, item.prompt_ids, item.options)
+                    in_flight[next_id] = _start_record(item, start) if leader else None
+                    next_id += 1
+                if not engine.has_work():
+                    break
+                outputs = engine.step(prefill_tokens=settings.prefill_tokens or 1 << 62)
+                now = time.perf_counter()
+                finished = []
+                for out in outputs:
+                    rec = in_flight[out.request_id]
+                    if out.finished:
+                        del in_flight[out.request_id]
+                    if rec is None:
+                        continue
+                    rec["first"] = rec["first"] or now
+                    rec["token_ids"].extend(out.token_ids)
+                    if rec["logprobs"] is not None:
+                        rec["logprobs"].extend(out.logprobs)
+                        rec["top_logprobs"].extend([[list(p) for p in top] for top in out.top_logprobs])
+                    summary.completion_tokens += len(out.token_ids)
+                    if out.finished:
+                        finished.append(_finish_record(rec, out.finish_reason, now, tokenizer))
+                if writer is not None:
+                    writer.write(finished)
+                summary.completed += len(finished)
+                summary.prompt_tokens += sum(r["usage"]["prompt_tokens"] for r in finished)
+                if bar is not None:
+                    bar.update(len(finished))
+                    bar.set_postfix_str(
+                        f"{summary.completion_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False
+                    )
+    finally:
+        for request_id in in_flight:  # after an error: free the slots
+            engine.cancel(request_id)
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _start_record(item: WorkItem, run_start: float) -> dict:
+    want_lp = item.options.logprobs is not None
+    return dict(
+        request=item.request,
+        prompt_tokens=len(item.prompt_ids),
+        seed=item.options.seed,
+        token_ids=[],
+        logprobs=[] if want_lp else None,
+        top_logprobs=[] if want_lp else None,
+        waited=time.perf_counter() - run_start,
+        added=time.perf_counter(),
+        first=None,
+    )
+
+
+def _finish_record(rec: dict, finish_reason: str, now: float, tokenizer: Any) -> dict:
+    req: Request = rec["request"]
+    ids = rec["token_ids"]
+    out = {
+        "id": req.id,
+        "text": tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None,
+        "token_ids": ids,
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": rec["prompt_tokens"],
+            "completion_tokens": len(ids),
+            "total_tokens": rec["prompt_tokens"] + len(ids),
+        },
+        "timing": {
+            "wait_s": round(rec["waited"], 6),
+            "first_tokens_s": round(rec["first"] - rec["added"], 6),
+            "total_s": round(now - rec["added"], 6),
+        },
+        "seed": rec["seed"],
+    }
+    if rec["logprobs"] is not None:
+        out["logprobs"] = rec["logprobs"]
+        out["top_logprobs"] = rec["top_logprobs"]
+    if req.has_metadata:
+        out["metadata"] = req.metadata
+    return out
+
+
+# ------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    from mimo_jax.sharding import add_distributed_arguments
+
+    p = argparse.ArgumentParser(
+        prog="python -m mimo_jax.batch",
+        description="Generate completions for a JSONL file of prompts (resumable; one host or many).",
+    )
+    p.add_argument("--model", default="demo", help='checkpoint directory (config.json + safetensors) or "demo"')
+    p.add_argument("--input", required=True, help="JSONL prompts (read by process 0 only)")
+    p.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    p.add_argument("--mesh", default=None, help="data=..,tensor=..,expert=.. (default: every device on expert)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--weights", default="bf16", choices=["bf16", "fp8"], help="fp8: keep FP8 blocks on device")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-batch", type=int, default=32, help="engine slots (requests decoded together)")
+    g.add_argument("--max-context", type=int, default=4096, help="prompt + completion tokens per request")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call")
+    g.add_argument("--round-tokens", type=int, default=32, help="decode steps per engine round")
+    g.add_argument("--prefill-per-step", type=int, default=0, help="prompt tokens prefilled per step (0: all waiting)")
+    g.add_argument("--max-logprobs", type=int, default=0, help="largest `logprobs` a line may ask for")
+    g.add_argument("--max-stop-ids", type=int, default=16, help="largest number of stop tokens of a request")
+    g.add_argument("--block-size", type=int, default=256, help="requests per broadcast from process 0 (multi-host)")
+    s = p.add_argument_group("sampling defaults (a line's own fields win)")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0, help="run seed: a request's seed derives from it and its id")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--chat-template-kwargs", type=json.loads, default={}, help='JSON, e.g. {"enable_thinking": false}')
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument("--no-progress", action="store_true")
+    add_distributed_arguments(p)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    sampling = dict(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+    )
+    SamplingOptions(**sampling)  # range checks
+    if not isinstance(args.chat_template_kwargs, dict):
+        raise ValueError("--chat-template-kwargs must be a JSON object")
+    return RunSettings(
+        sampling=sampling,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        chat_template_kwargs=args.chat_template_kwargs,
+        strict=args.strict,
+        block_size=args.block_size,
+        prefill_tokens=args.prefill_per_step or None,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("max_batch", "max_context", "prefill_chunk", "round_tokens", "block_size", "max_stop_ids"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    from mimo_jax import sharding
+
+    multiprocess = sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        return _main(args, settings, multiprocess)
+    except InputError:  # --strict, already reported with its line
+        _log("--strict: stopped at the first bad line")
+        return EXIT_FAILED
+    except Aborted as e:
+        _log(str(e))
+        return EXIT_FAILED
+    finally:
+        if multiprocess:
+            import jax
+
+            jax.distributed.shutdown()
+
+
+def _log(message: str) -> None:
+    print(f"mimo_jax.batch: {message}", file=sys.stderr, flush=True)
+
+
+def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -> int:
+    import jax
+
+    from mimo_jax.engine import Engine
+    from mimo_jax.lm import load_model
+    from mimo_jax.sharding import make_mesh, parse_mesh_arg
+
+    leader = jax.process_index() == 0
+    scan = done_keys = None
+    pending = -1  # what process 0 tells everyone: requests to run, or -1 to stop
+    if leader:
+        try:
+            done_keys, scan = _prepare_files(args)
+        except (OSError, ValueError) as e:
+            _log(str(e))
+        else:
+            for e in scan.errors:
+                _log(f"{args.input}:{e.line}: {e}")
+            if scan.errors and args.strict:
+                _log(f"--strict: {len(scan.errors)} bad line(s); nothing was run")
+            else:
+                skipped = f", {len(scan.errors)} bad line(s) skipped" if scan.errors else ""
+                _log(f"{scan.pending} request(s) to run, {scan.done} already in {args.output}{skipped}")
+                pending = scan.pending
+    if multiprocess:  # everyone learns whether there is work before loading the model
+        from jax.experimental import multihost_utils
+
+        pending = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray([pending], np.int32)))[0])
+    if pending < 0:
+        return EXIT_FAILED
+    if pending == 0:
+        return EXIT_SKIPPED if scan is not None and scan.errors else EXIT_OK
+
+    mesh = make_mesh(**parse_mesh_arg(args.mesh or "")) if args.mesh is not None or jax.device_count() > 1 else None
+    if leader:
+        where = dict(mesh.shape) if mesh is not None else "one device"
+        _log(
+            f"loading {args.model} ({args.dtype}, weights {args.weights}) on {where}, {jax.process_count()} process(es)"
+        )
+    lm = load_model(
+        args.model, dtype=args.dtype, weights=args.weights, mesh=mesh, progress=leader and not args.no_progress
+    )
+    engine = Engine(
+        lm,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
+        max_round_tokens=args.round_tokens,
+        max_stop_ids=args.max_stop_ids,
+        max_top_logprobs=args.max_logprobs,
+    )
+    tokenizer, template = load_tokenizer(lm.source) if leader else (None, None)  # "demo" resolved
+    summary = run_batch(
+        engine,
+        args.input if leader else None,
+        args.output if leader else None,
+        settings,
+        tokenizer=tokenizer,
+        template=template,
+        scan=scan,
+        done_keys=done_keys,
+        log=_log,
+    )
+    if not leader:
+        return EXIT_OK
+    seconds = max(summary.seconds, 1e-9)
+    _log(
+        f"{summary.completed} request(s) done in {summary.seconds:.1f} s ({summary.completed / seconds:.2f} prompts/s, "
+        f"{summary.completion_tokens / seconds:.1f} generated tokens/s); {summary.prompt_tokens} prompt + "
+        f"{summary.completion_tokens} completion tokens"
+        + (f"; {summary.skipped} bad line(s) skipped" if summary.skipped else "")
+    )
+    return EXIT_SKIPPED if summary.skipped else EXIT_OK
+
+
+def _prepare_files(args: argparse.Namespace) -> tuple[set[str], InputScan]:
+    """Process 0: check the paths, recover the output (cut a torn line), scan the input."""
+    if not os.path.isfile(args.input):
+        raise ValueError(f"--input {args.input}: no such file")
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        raise ValueError("--output must not be the input file")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    done_keys, cut = ResultWriter.recover(args.output)
+    if cut:
+        _log(f"{args.output}: cut a torn last line ({cut} bytes) left by an interrupted run")
+    return done_keys, scan_input(args.input, done_keys)
+
+
+def load_tokenizer(directory: str) -> tuple[Any, Any]:
+    """(Tokenizer, ChatTemplate) of a checkpoint directory; (None, None) without tokenizer.json."""
+    from mimo_jax.serve.chat import ChatTemplate, Tokenizer
+
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return None, None
+    return Tokenizer(directory), ChatTemplate.from_dir(directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
