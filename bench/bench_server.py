@@ -5,9 +5,9 @@ For each concurrency N: start a server with --max-batch N, let N clients each st
 --output-len tokens: ignore_eos), and measure output tok/s, time to first token (p50/p99) and
 inter-token latency (p50/p99, a chunk of k tokens after a gap g counts k latencies of g/k).
 Then offline: `generate` on the same model with max_batch N over the same N x requests prompts
-(after a warm-up call). Server and offline each run in their own process (an accelerator
-process holds its memory until it exits). Each is timed --repeats times and the best run counts
-(shared machines are noisy).
+(after a warm-up call). Server and offline each run in their own process; on a CPU
+(--together) the two alternate run by run so both see the same machine load, on an accelerator
+one process holds it at a time. Each is timed --repeats times and the best run counts.
 
     python bench/bench_server.py                                   # the demo model on CPU
     python bench/bench_server.py --model DIR --concurrency 1,8,32,64 --dtype bfloat16
@@ -54,6 +54,12 @@ def _vocab(args) -> int:
     return _tokenizer_vocab(args.tokenizer or args.model) or MiMoConfig.from_json(args.model).vocab_size
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc): on a shared CPU it varies less than wall time."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tokenizer_vocab(directory: str) -> int:
     from tokenizers import Tokenizer
 
@@ -61,8 +67,8 @@ def _tokenizer_vocab(directory: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ offline
-def offline(args) -> dict:
-    """Offline `generate` tok/s at batch N (run in a child process: `--offline N`)."""
+def offline(args) -> None:
+    """Child process `--offline N`: build the engine, compile, then time one `generate` per stdin line."""
     import mimo_jax
 
     if args.random_weights:
@@ -90,15 +96,40 @@ def offline(args) -> dict:
     )
     run = lambda batch: mimo_jax.generate(lm, batch, engine=engine, max_new_tokens=args.output_len, ignore_eos=True)
     run(prompts[:n])  # compile
-    best = None
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one timed run per line
+        cpu0, t0 = _cpu_seconds(os.getpid()), time.perf_counter()
         results = run(prompts)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds(os.getpid()) - cpu0
         tokens = sum(len(r.token_ids) for r in results)
-        if best is None or tokens / seconds > best["tok_s"]:
-            best = {"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
-    return best
+        row = {"batch": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+        print(json.dumps({**row, "cpu_ms_per_token": 1e3 * cpu / tokens}), flush=True)
+
+
+class Offline:
+    """The offline child process: `measure()` asks it for one timed run."""
+
+    def __init__(self, args, n: int):
+        child = [*sys.argv[1:], "--model", args.model, "--offline", str(n)]
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, *child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._read()
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"offline child exited with {self.proc.wait()}")
+        return line.strip()
+
+    def measure(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(120)
 
 
 # ------------------------------------------------------------------------------------ server load
@@ -157,49 +188,78 @@ async def _load(url: str, prompts: list[list[int]], n: int, args) -> dict:
     }
 
 
-def serve_and_load(args, n: int) -> dict:
-    import httpx
+class Server:
+    """`python -m mimo_jax.serve --max-batch N` as a child process (context manager)."""
 
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "mimo_jax.serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
-        "--max-batch", str(n), "--max-context", str(args.prompt_len + args.output_len + 1),
-        "--prefill-chunk", str(args.prefill_chunk), "--round-tokens", str(args.round_tokens),
-        "--max-waiting", str(max(256, n * args.requests_per_client)), "--max-logprobs", "0", "--log-level", "warning",
-    ]  # fmt: skip
-    if args.tokenizer:
-        cmd += ["--tokenizer", args.tokenizer]
-    if args.random_weights:
-        cmd += ["--random-weights"]
-    if args.moe_impl:
-        cmd += ["--moe-impl", args.moe_impl]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    def __init__(self, args, n: int):
+        self.args, self.n = args, n
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        args, n = self.args, self.n
+        port = _free_port()
+        cmd = [
+            sys.executable, "-m", "mimo_jax.serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
+            "--max-batch", str(n), "--max-context", str(args.prompt_len + args.output_len + 1),
+            "--prefill-chunk", str(args.prefill_chunk), "--round-tokens", str(args.round_tokens),
+            "--max-waiting", str(max(256, n * args.requests_per_client)), "--max-logprobs", "0",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        if args.tokenizer:
+            cmd += ["--tokenizer", args.tokenizer]
+        if args.random_weights:
+            cmd += ["--random-weights"]
+        if args.moe_impl:
+            cmd += ["--moe-impl", args.moe_impl]
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
+        self.url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        startup = time.perf_counter() - t0
-        prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
-        asyncio.run(_load(url, prompts[:n], n, args))  # warm: first requests, connection pool
-        runs = [asyncio.run(_load(url, prompts, n, args)) for _ in range(args.repeats)]
-        result = max(runs, key=lambda r: r["tok_s"])
-        result["startup_s"] = startup
-        return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
+        self.startup_s = time.perf_counter() - t0
+        self.prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
+        asyncio.run(_load(self.url, self.prompts[:n], n, args))  # warm: first requests, connection pool
+        return self
+
+    def measure(self) -> dict:
+        cpu0 = _cpu_seconds(self.proc.pid)
+        row = asyncio.run(_load(self.url, self.prompts, self.n, self.args))
+        return {**row, "cpu_ms_per_token": 1e3 * (_cpu_seconds(self.proc.pid) - cpu0) / row["tokens"]}
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(60)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+def measure(args, n: int) -> tuple[dict, dict]:
+    """Best offline run and best server run at concurrency n."""
+    best = lambda runs: max(runs, key=lambda r: r["tok_s"])
+    off = Offline(args, n)
+    if args.together:  # CPU: alternate the two so both see the same machine load
+        with Server(args, n) as server:
+            pairs = [(off.measure(), server.measure()) for _ in range(args.repeats)]
+            startup = server.startup_s
+        off.close()
+        offline_runs, server_runs = zip(*pairs, strict=True)
+    else:  # an accelerator holds one process's memory at a time
+        offline_runs = [off.measure() for _ in range(args.repeats)]
+        off.close()
+        with Server(args, n) as server:
+            server_runs = [server.measure() for _ in range(args.repeats)]
+            startup = server.startup_s
+    return best(offline_runs), {**best(server_runs), "startup_s": startup}
 
 
 def main() -> int:
@@ -215,7 +275,12 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--round-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="CPU: keep the server up while offline runs and alternate the measurements (not on one GPU)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--offline", type=int, help=argparse.SUPPRESS)  # child mode: offline generate at this batch
     args = p.parse_args()
@@ -224,21 +289,24 @@ def main() -> int:
 
         args.model = str(demo_model_dir())
     if args.offline:
-        print(json.dumps(offline(args)))
+        offline(args)
         return 0
 
     rows = []
     for n in (int(x) for x in args.concurrency.split(",")):
-        child = [*sys.argv[1:], "--model", args.model, "--offline", str(n)]
-        out = subprocess.run([sys.executable, __file__, *child], check=True, capture_output=True, text=True)
-        off = json.loads(out.stdout.strip().splitlines()[-1])
-        srv = serve_and_load(args, n)
-        row = {**srv, "offline_tok_s": off["tok_s"], "ratio": srv["tok_s"] / off["tok_s"]}
+        off, srv = measure(args, n)
+        row = {
+            **srv,
+            "offline_tok_s": off["tok_s"],
+            "ratio": srv["tok_s"] / off["tok_s"],
+            "offline_cpu_ms_per_token": off["cpu_ms_per_token"],
+        }
         rows.append(row)
         print(
             f"N={n:3d}  server {row['tok_s']:9.1f} tok/s  offline {row['offline_tok_s']:9.1f} tok/s  "
             f"ratio {row['ratio']:.2f}  TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms  "
-            f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms",
+            f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms  "
+            f"CPU ms/token server {row['cpu_ms_per_token']:.2f} offline {row['offline_cpu_ms_per_token']:.2f}",
             flush=True,
         )
     if args.json:

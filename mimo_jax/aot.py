@@ -48,6 +48,8 @@ def tpu_devices(topology: str) -> list[Any]:
     """The chips of a TPU slice such as 'v5e:2x2' or 'v5p:4x4x4' (compile-only devices; no TPU needed)."""
     # No metadata server off Google Cloud: without this libtpu waits on it before giving up.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Compiling touches no TPU, so several processes (CI, a table run) may load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
@@ -65,11 +67,6 @@ def hbm_bytes(device: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- abstract inputs
-
-
-def slice_config(cfg, layers: int | None):
-    """The first `layers` layers of a config, in the real full/SWA and dense/MoE pattern."""
-    return cfg if layers is None else cfg.first_layers(layers)
 
 
 def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:
@@ -119,8 +116,8 @@ def serving_steps(
     )
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
 
-    def prefill(params, cache, slot, tokens, start, length):
-        return engine.prefill_step(graphdef, params, cache, slot, tokens, start, length)
+    def prefill(params, cache, slot, tokens, start, length, history):
+        return engine.prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
 
     def decode(params, cache, state, num_steps):
         return engine.decode_round(
@@ -128,8 +125,11 @@ def serving_steps(
         )
 
     tokens = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=whole)
+    # the prompt's last hidden states that MTP drafting reads ([1, H] without MTP layers), as Engine passes them
+    history = jax.ShapeDtypeStruct((1, cfg.hidden_size), jnp.bfloat16, sharding=whole)
+    prefill_args = (params, cache, scalar, tokens, scalar, scalar, history)
     return [
-        Step("prefill", prefill, (params, cache, scalar, tokens, scalar, scalar), (1,), f"{chunk} prompt tokens"),
+        Step("prefill", prefill, prefill_args, (1,), f"{chunk} prompt tokens"),
         Step(
             "decode",
             decode,
@@ -210,12 +210,20 @@ def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | 
 
 
 def planner_estimate(cfg, mesh, weights: str, batch: int, context: int) -> dict[str, int]:
-    """The memory planner's bytes per chip (`python -m mimo_jax.plan`): parameters and KV cache."""
+    """The memory planner's bytes per chip (`mimo_jax.plan`): parameters and KV cache.
+
+    Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
+    """
+    import math
+
     from mimo_jax import plan
+    from mimo_jax.sharding import logical_to_spec
 
     sizes = dict(mesh.shape)
     kv = plan.kv_plan_per_device(cfg, sizes)
-    rows_per_chip = -(-batch // sizes["data"])
+    batch_axes = logical_to_spec(("batch",), (batch,), mesh)[0] or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    rows_per_chip = batch // math.prod(sizes[a] for a in batch_axes)
     return {
         "params": plan.param_bytes_per_device(cfg, sizes, weights),
         "kv_cache": rows_per_chip * kv.bytes_per_sequence(context),
@@ -235,16 +243,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from mimo_jax.config import MiMoConfig
     from mimo_jax.sharding import make_mesh, parse_mesh_arg
+    from mimo_jax.weights.loader import abstract_params
 
     devices = tpu_devices(args.topology)
-    cfg = slice_config(MiMoConfig.from_json(args.config), args.layers)
+    cfg = MiMoConfig.from_json(args.config)
+    cfg = cfg.first_layers(args.layers) if args.layers else cfg
     mesh = make_mesh(**parse_mesh_arg(args.mesh), devices=devices)
     hbm = hbm_bytes(devices[0])
     dtype = jnp.bfloat16
     if args.batch % mesh.shape["data"]:
         raise ValueError(f"--batch {args.batch} is not divisible by the data axis ({mesh.shape['data']})")
-    from mimo_jax.weights.loader import abstract_params
-
     graphdef, params = abstract_params(cfg, dtype, mesh, args.weights)
     cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh)
     steps = serving_steps(

@@ -228,7 +228,8 @@ def attention_chunk(
     `jax.nn.dot_product_attention` (`implementation="cudnn"`: flash attention on GPU). The chunk
     against the keys before it, `prefix` = (k, v, positions) of a ring or a full-layer cache
     (keys at or past the chunk's first position are ignored), runs in plain XLA, blockwise over a
-    long full-layer cache. Same result as `attention` over both key sets.
+    long full-layer cache. Same result as `attention` over both key sets. (cuDNN returns the
+    log-sum-exp in the activation dtype, so in bf16 the merge weights carry bf16 rounding.)
     """
     b, t, n, d = q.shape
     dv = v_chunk.shape[-1]
@@ -241,7 +242,7 @@ def attention_chunk(
         k_chunk,
         v_in.astype(q.dtype),
         scale=scale,
-        is_causal=window_keys is None,  # a (left, 0) window is causal already
+        is_causal=True,  # cuDNN applies a sliding window only together with its causal mask
         local_window_size=None if window_keys is None else (window_keys - 1, 0),
         implementation=None if implementation == "xla" else implementation,
         return_residual=True,

@@ -41,6 +41,7 @@ from flax import nnx
 from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
+from mimo_jax.quant import BlockQuantized
 from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
 from mimo_jax.speculative import draft_chain, history_length, mtp_prefill, verify
 
@@ -349,6 +350,19 @@ def decode_speculative(
     return target_cache + mtp_cache, state, out
 
 
+def _tie_quantized_to(params: nnx.State, i: jax.Array) -> nnx.State:
+    """Block-quantized weights made to depend on the loop counter `i` (an optimization barrier, no copy):
+    else XLA hoists their dequantization out of the decode loop and holds every weight in bf16 at once."""
+    is_quantized = lambda x: isinstance(x, BlockQuantized)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
+    at = [j for j, x in enumerate(leaves) if is_quantized(x)]
+    if at:
+        tied, _ = jax.lax.optimization_barrier(([leaves[j] for j in at], i))
+        for j, x in zip(at, tied, strict=True):
+            leaves[j] = x
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def decode_round(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -387,7 +401,7 @@ def decode_round(
 
     def body(carry):
         i, cache, state, output = carry
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, _tie_quantized_to(params, i))
         if k:
             cache, state, out = decode_speculative(
                 model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy
@@ -568,13 +582,14 @@ class Engine:
             max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype, self.history
         )
         if lm.mesh is not None:
-            replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
+            self._replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
             shardings = cache_shardings(jax.eval_shape(make_cache), lm.mesh)
             self.cache = jax.jit(make_cache, out_shardings=shardings)()
-            self.state = jax.jit(make_state, out_shardings=replicated)()
-        else:
-            self.cache = jax.jit(make_cache)()
-            self.state = jax.jit(make_state)()
+        else:  # committed to the parameters' device, like every later output (one compiled step)
+            device = next(iter(jax.tree.leaves(self.params)[0].devices()))
+            self._replicated = jax.sharding.SingleDeviceSharding(device)
+            self.cache = jax.jit(make_cache, out_shardings=self._replicated)()
+        self.state = jax.jit(make_state, out_shardings=self._replicated)()
 
         def prefill(params, cache, slot, tokens, start, length, history):
             return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
@@ -598,14 +613,21 @@ class Engine:
                 greedy=greedy,
             )
 
-        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,))
-        self.admit_fn = jax.jit(admit, donate_argnums=(1,))
-        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2))
+        # Outputs keep the layouts the cache and state were made with, so every call after the first
+        # hits the same compiled step (equivalent but differently spelled shardings would recompile).
+        cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
+        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        decode_out = (cache_sharding, state_sharding, None)
+        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, self._replicated))
+        self.admit_fn = jax.jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
+        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
         # Speculation when every running request is greedy (the host knows): drafts and verify
         # compare argmaxes, no distributions. Without speculation the same function as decode_fn.
         greedy_decode = lambda params, cache, state, num_steps: decode(params, cache, state, num_steps, True)
-        self.greedy_decode_fn = jax.jit(greedy_decode, donate_argnums=(1, 2)) if k else self.decode_fn
-        self.release_fn = jax.jit(release_step, donate_argnums=(0,))
+        self.greedy_decode_fn = (
+            jax.jit(greedy_decode, donate_argnums=(1, 2), out_shardings=decode_out) if k else self.decode_fn
+        )
+        self.release_fn = jax.jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
@@ -741,7 +763,7 @@ class Engine:
             bucket = next(b for b in self.buckets if b >= length)
             tokens = self.prefill_tokens(req.prompt, start, length, bucket)
             if start == 0:
-                req.history = jnp.asarray(self.empty_history())
+                req.history = jax.device_put(self.empty_history(), self._replicated)
             self.cache, req.history = self.prefill_fn(
                 self.params,
                 self.cache,

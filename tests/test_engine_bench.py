@@ -26,8 +26,10 @@ def test_bench_runs_on_cpu(tmp_path):
     main(["decode", *small, "--batch", "2", "--context", "40", "--steps", "2", "--rounds", "1", "--moe-impl",
           "gather", "--json", str(decode_json)])  # fmt: skip
     main(["prefill", *small, "--prompt-len", "40", "--chunk", "16", "--reps", "1", "--moe-impl", "ragged",
-          "--json", str(prefill_json)])  # fmt: skip
+          "--attention", "split", "--json", str(prefill_json)])  # fmt: skip
     (decode,) = json.loads(decode_json.read_text())["runs"]
     assert decode["batch"] == 2 and decode["tok_s"] > 0 and decode["finite"] and decode["moe"] == "gather"
-    (prefill,) = json.loads(prefill_json.read_text())["runs"]
+    prefill_results = json.loads(prefill_json.read_text())
+    assert prefill_results["attention"] == "split" and prefill_results["attention_check_rel_err"] < 0.05
+    (prefill,) = prefill_results["runs"]
     assert prefill["prompt_len"] == 40 and prefill["tok_s"] > 0 and prefill["finite"]

@@ -29,3 +29,35 @@ def test_sharded_engine_equals_single_device():
     want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
     got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_steps_compile_once_whatever_the_parameter_layout():
+    """Parameters placed on a one-device mesh (as the bench's initializers do) must not make the
+    decode loop recompile when its outputs come back with differently spelled shardings."""
+    cfg = MiMoConfig.from_dict(TINY)
+    model = MiMoModel(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(data=1, tensor=1, expert=1, devices=jax.devices()[:1])
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_value(
+                jax.device_put(var.get_value(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            )
+    engine = Engine(mimo_jax.LanguageModel(model), max_batch=2, max_context=40, prefill_chunk=8, max_round_tokens=2)
+    mimo_jax.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9, engine=engine)
+    for fn in (engine.prefill_fn, engine.admit_fn, engine.decode_fn):
+        assert fn._cache_size() == 1
+
+
+def test_fp8_weights_are_dequantized_inside_the_decode_loop():
+    """XLA must not hoist the FP8 dequantization out of the decode while_loop (every weight in bf16 at once)."""
+    import re
+
+    lm = mimo_jax.load_model("demo", dtype="bfloat16", weights="fp8")
+    lm.model.set_moe_impl("ragged")
+    engine = Engine(mimo_jax.LanguageModel(lm.model), max_batch=2, max_context=64, max_round_tokens=4)
+    hlo = engine.decode_fn.lower(*engine.abstract_decode_args()).compile().as_text()
+    computations = re.split(r"\n(?=\S)", hlo)
+    takes_fp8 = [c.split(" ", 1)[0].lstrip("%") for c in computations if "f8e4m3fn" in c.split("\n", 1)[0]]
+    entry = next(c for c in computations if c.startswith("ENTRY"))
+    assert takes_fp8  # the dequantizing computations exist...
+    assert not [name for name in takes_fp8 if f"calls=%{name}" in entry]  # ...and none runs before the loop

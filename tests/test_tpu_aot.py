@@ -37,7 +37,7 @@ CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill")]
 def flash_slice():
     """compile(weights, step) -> (report, hlo text, planner estimate), each compiled once."""
     devices = aot.tpu_devices(TOPOLOGY)
-    cfg = aot.slice_config(MiMoConfig.from_json(FLASH), LAYERS)
+    cfg = MiMoConfig.from_json(FLASH).first_layers(LAYERS)
     assert cfg.sliding == (False, True) and cfg.moe == (False, True) and cfg.hidden_size == 4096
     mesh = make_mesh(tensor=2, expert=2, devices=devices)
     cache = aot.abstract_cache(cfg, BATCH, CONTEXT, jnp.bfloat16, mesh)

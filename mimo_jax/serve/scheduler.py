@@ -320,6 +320,10 @@ class Scheduler:
             decoding = sum(s.first_token_at is not None for s in self._running.values())
             if decoding < self.engine.max_batch / 2:
                 plan.prefill_tokens = 1 << 30
+            # Requests tend to come in waves: while one is arriving (admissions this round) and the batch
+            # is under half full, a short decode round lets the rest of the wave join a few steps later.
+            if plan.add and len(self._running) < self.engine.max_batch / 2:
+                plan.round_tokens = max(1, self.round_tokens // 4)
             running = dict(self._running)
 
         if self.channel is not None:
