@@ -105,8 +105,7 @@ def iteration_bytes(cfg: MiMoConfig, batch: int, k: int, context: int, dtype_byt
 def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
     """Time `rounds` decode rounds of `iters` iterations after two untimed ones; every slot must keep running."""
     n = jnp.int32(iters)
-    # Two warm-up rounds: the second compiles again when the first one's outputs come back with other
-    # shardings than the engine's initial arrays (random_model puts the weights on a one-device mesh).
+    # Two untimed rounds: compilation, then one more so the timed ones start from steady state.
     for _ in range(2):
         engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
         jax.block_until_ready(out)
