@@ -10,11 +10,13 @@ layers, caches filled as if a `--context`-token prompt had been prefilled: draft
 accepted (acceptance length 1), so the table shows what a speculative iteration costs.
 
 Each configuration runs the engine's jitted `greedy_decode_fn` (one `while_loop` of `--iters`
-iterations per host round-trip, every slot running) for `--rounds` timed rounds after a
-compiling one. Columns: ms per iteration (one token, or one draft-verify-accept round),
+iterations per host round-trip, every slot running) for `--rounds` timed rounds after two
+untimed ones. Columns: ms per iteration (one token, or one draft-verify-accept round),
 tok/s, acceptance length (tokens per target forward), speedup over k=0 at the same batch, and
 the ideal speedup (= acceptance length: what a free draft and a verify as cheap as one plain
-step would give); `cost` is a speculative iteration's time over a plain step's.
+step would give); `cost` is a speculative iteration's time over a plain step's, `HBM cost` the
+same ratio of the bytes each must move (weights touched, KV read: `iteration_bytes`), and the
+HBM-bound speedup the acceptance length over it (the roofline when decode is bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax.bench import bench_config, fill_as_if_prefilled, random_model
+from mimo_jax.bench import bench_config, decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes, random_model
+from mimo_jax.cache import kv_bytes_per_token
+from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel, load_model
+from mimo_jax.moe import EXPERT_IMPLS
 from mimo_jax.sampling import SamplingOptions
 
 # Held out of the demo's training corpus by its split rule (sha256("heldout:" + path) % 50 == 0),
@@ -80,11 +85,30 @@ def heldout_prompts(tokenizer_path: str, count: int, length: int) -> list[list[i
     return prompts
 
 
+def iteration_bytes(cfg: MiMoConfig, batch: int, k: int, context: int, dtype_bytes: int) -> float:
+    """HBM bytes one decode iteration must move: a plain step (k = 0), or k MTP draft steps (MTP layer,
+    eh_proj, lm_head, the window of its ring) and a verify whose batch x (k+1) tokens touch more experts
+    but read the KV cache once."""
+    plain = decode_step_bytes(cfg, batch, context, dtype_bytes)
+    if not k:
+        return plain["total"]
+    target, _ = layer_weight_bytes(cfg, batch * (k + 1), dtype_bytes)
+    verify = target + cfg.hidden_size * cfg.vocab_size * dtype_bytes + plain["kv"]
+    mtp_cfg = cfg.replace(num_layers=1, sliding=(True,), moe=(False,))
+    mtp_layer, _ = layer_weight_bytes(mtp_cfg, batch, dtype_bytes)
+    h = cfg.hidden_size
+    draft = mtp_layer + 2 * h * h * dtype_bytes + h * cfg.vocab_size * dtype_bytes
+    draft += batch * min(cfg.window_keys, context) * kv_bytes_per_token(cfg.mtp_layer(), dtype_bytes)
+    return verify + k * draft
+
+
 def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
-    """Time `rounds` decode rounds of `iters` iterations after a compiling one; every slot must keep running."""
+    """Time `rounds` decode rounds of `iters` iterations after two untimed ones; every slot must keep running."""
     n = jnp.int32(iters)
-    engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
-    jax.block_until_ready(out)
+    # Two untimed rounds: compilation, then one more so the timed ones start from steady state.
+    for _ in range(2):
+        engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
+        jax.block_until_ready(out)
     tokens, forwards, times = 0, 0, []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -105,7 +129,7 @@ def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
 
 
 def run_demo(lm: LanguageModel, batch: int, k: int, args, prompts: list[list[int]]) -> dict:
-    needed = args.prompt_len + (args.rounds + 2) * args.iters * (k + 1) + 2
+    needed = args.prompt_len + (args.rounds + 3) * args.iters * (k + 1) + 2
     if needed > lm.config.context_len:
         raise SystemExit(f"--prompt-len/--rounds/--iters need {needed} positions, the demo has {lm.config.context_len}")
     engine = Engine(
@@ -124,12 +148,21 @@ def run_demo(lm: LanguageModel, batch: int, k: int, args, prompts: list[list[int
 
 
 def run_random(lm: LanguageModel, batch: int, k: int, args, context: int) -> dict:
-    max_context = context + (args.rounds + 2) * args.iters * (k + 1) + 2
+    max_context = context + (args.rounds + 3) * args.iters * (k + 1) + 2
     engine = Engine(
         lm, max_batch=batch, max_context=max_context, prefill_chunk=16, max_round_tokens=args.iters, speculative_steps=k
     )
     fill_as_if_prefilled(engine, context)
     return decode_rounds(engine, args.iters, args.rounds)
+
+
+def expert_impl(choice: str | None, tokens_per_step: int) -> str:
+    """As `python -m mimo_jax.bench`: the Pallas kernel on GPU, else gather for <= 8 tokens per step, else ragged."""
+    if choice:
+        return choice
+    if "pallas_gpu" in EXPERT_IMPLS and jax.default_backend() == "gpu":
+        return "pallas_gpu"
+    return "gather" if tokens_per_step <= 8 else "ragged"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="timed rounds")
     p.add_argument("--prompt-len", type=int, default=128, help="demo: tokens per held-out prompt")
     p.add_argument("--context", type=int, default=2048, help="random weights: positions already in the cache")
+    p.add_argument(
+        "--moe-impl",
+        default=None,
+        help="expert implementation (default: the Pallas kernel on GPU, else gather for <= 8 tokens per step, "
+        "else ragged)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
@@ -158,34 +197,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load_model(directory, dtype=dtype, mtp=max(steps))
         prompts = heldout_prompts(str(directory / "tokenizer.json"), max(batches), args.prompt_len)
         name = "demo checkpoint (held-out stdlib text, greedy)"
+        lm_cfg = lm.config
     else:
         cfg = bench_config(args.model, args.scale_down)
-        lm, impl = None, None
+        model = random_model(cfg, jnp.dtype(dtype), "ragged", mtp_layers=max(steps))
+        lm_cfg = cfg
         name = f"{args.model}{' (scaled down)' if args.scale_down else ''} random weights, context {args.context}"
     print(f"# {name}, {dtype}, {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"# {args.iters} iterations per round, {args.rounds} timed rounds")
-    print("| batch | k | ms/iteration | tok/s | accept length | speedup | ideal | cost |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = "batch | k | MoE | ms/iteration | tok/s | accept length | speedup | ideal | cost | HBM cost | HBM-bound"
+    print(f"| {columns} |")
+    print("|---" * (columns.count("|") + 1) + "|")
     results = dict(model=name, dtype=dtype, device=device.device_kind, runs=[])
     for batch in batches:
         plain = None
         for k in steps:
+            impl = expert_impl(args.moe_impl, batch * (k + 1))
             if args.model == "demo":
-                r = run_demo(lm, batch, k, args, prompts)
+                lm.model.set_moe_impl(impl)
+                r = run_demo(LanguageModel(lm.model), batch, k, args, prompts)
             else:
-                # as `python -m mimo_jax.bench`: gather experts for <= 8 tokens per step, else ragged
-                want = "gather" if batch * (k + 1) <= 8 else "ragged"
-                if want != impl:
-                    lm = None  # free the previous weights first
-                    lm, impl = LanguageModel(random_model(cfg, jnp.dtype(dtype), want, mtp_layers=max(steps))), want
-                r = run_random(lm, batch, k, args, args.context)
-                r["moe"] = impl
+                model.set_moe_impl(impl)  # same weights, another expert path
+                r = run_random(LanguageModel(model), batch, k, args, args.context)
+            r["moe"] = impl
             plain = plain or r
             r.update(batch=batch, k=k, speedup=r["tok_s"] / plain["tok_s"])
             r["cost"] = r["ms_per_iter"] / plain["ms_per_iter"]
+            context = args.prompt_len if args.model == "demo" else args.context
+            nbytes = [iteration_bytes(lm_cfg, batch, kk, context, jnp.dtype(dtype).itemsize) for kk in (0, k)]
+            r["hbm_cost"] = nbytes[1] / nbytes[0]
             print(
-                f"| {batch} | {k} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | {r['accept_length']:.2f} | "
-                f"{r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} |",
+                f"| {batch} | {k} | {r['moe']} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | "
+                f"{r['accept_length']:.2f} | {r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} | "
+                f"{r['hbm_cost']:.2f} | {r['accept_length'] / r['hbm_cost']:.2f}x |",
                 flush=True,
             )
             results["runs"].append(r)

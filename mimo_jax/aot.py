@@ -116,8 +116,8 @@ def serving_steps(
     )
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
 
-    def prefill(params, cache, slot, tokens, start, length):
-        return engine.prefill_step(graphdef, params, cache, slot, tokens, start, length)
+    def prefill(params, cache, slot, tokens, start, length, history):
+        return engine.prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
 
     def decode(params, cache, state, num_steps):
         return engine.decode_round(
@@ -125,8 +125,11 @@ def serving_steps(
         )
 
     tokens = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=whole)
+    # the prompt's last hidden states that MTP drafting reads ([1, H] without MTP layers), as Engine passes them
+    history = jax.ShapeDtypeStruct((1, cfg.hidden_size), jnp.bfloat16, sharding=whole)
+    prefill_args = (params, cache, scalar, tokens, scalar, scalar, history)
     return [
-        Step("prefill", prefill, (params, cache, scalar, tokens, scalar, scalar), (1,), f"{chunk} prompt tokens"),
+        Step("prefill", prefill, prefill_args, (1,), f"{chunk} prompt tokens"),
         Step(
             "decode",
             decode,

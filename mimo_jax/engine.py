@@ -17,7 +17,8 @@ slot state are donated):
   `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
   slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
   one token, or with `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per
-  slot, `mimo_jax.speculative`).
+  slot, `mimo_jax.speculative`); `greedy_decode_fn` is the same loop for rounds where every
+  running request is greedy (the host picks it: drafts and verify compare argmaxes).
 
 `SlotState` holds everything per slot in one pytree (last token, its position, the last hidden
 state before the final norm, counts for penalties, the recent hidden states the MTP drafts read).
@@ -40,6 +41,7 @@ from flax import nnx
 from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
+from mimo_jax.quant import BlockQuantized
 from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
 from mimo_jax.speculative import draft_chain, history_length, mtp_prefill, verify
 
@@ -348,6 +350,19 @@ def decode_speculative(
     return target_cache + mtp_cache, state, out
 
 
+def _tie_quantized_to(params: nnx.State, i: jax.Array) -> nnx.State:
+    """Block-quantized weights made to depend on the loop counter `i` (an optimization barrier, no copy):
+    else XLA hoists their dequantization out of the decode loop and holds every weight in bf16 at once."""
+    is_quantized = lambda x: isinstance(x, BlockQuantized)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
+    at = [j for j, x in enumerate(leaves) if is_quantized(x)]
+    if at:
+        tied, _ = jax.lax.optimization_barrier(([leaves[j] for j in at], i))
+        for j, x in zip(at, tied, strict=True):
+            leaves[j] = x
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def decode_round(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -386,7 +401,7 @@ def decode_round(
 
     def body(carry):
         i, cache, state, output = carry
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, _tie_quantized_to(params, i))
         if k:
             cache, state, out = decode_speculative(
                 model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy

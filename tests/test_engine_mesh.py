@@ -46,3 +46,18 @@ def test_steps_compile_once_whatever_the_parameter_layout():
     mimo_jax.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9, engine=engine)
     for fn in (engine.prefill_fn, engine.admit_fn, engine.decode_fn):
         assert fn._cache_size() == 1
+
+
+def test_fp8_weights_are_dequantized_inside_the_decode_loop():
+    """XLA must not hoist the FP8 dequantization out of the decode while_loop (every weight in bf16 at once)."""
+    import re
+
+    lm = mimo_jax.load_model("demo", dtype="bfloat16", weights="fp8")
+    lm.model.set_moe_impl("ragged")
+    engine = Engine(mimo_jax.LanguageModel(lm.model), max_batch=2, max_context=64, max_round_tokens=4)
+    hlo = engine.decode_fn.lower(*engine.abstract_decode_args()).compile().as_text()
+    computations = re.split(r"\n(?=\S)", hlo)
+    takes_fp8 = [c.split(" ", 1)[0].lstrip("%") for c in computations if "f8e4m3fn" in c.split("\n", 1)[0]]
+    entry = next(c for c in computations if c.startswith("ENTRY"))
+    assert takes_fp8  # the dequantizing computations exist...
+    assert not [name for name in takes_fp8 if f"calls=%{name}" in entry]  # ...and none runs before the loop
