@@ -15,6 +15,7 @@ Exit code 1 if any check fails. Results also go, line by line, to $OUT/bench_moe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -40,6 +41,12 @@ CALIBRATION_BEST = {
     8192: (15.4, "buckets"),
 }
 T = mg.TileConfig
+
+
+def F16(cfg: mg.KernelConfig) -> mg.KernelConfig:  # noqa: N802 (reads like the other config builders)
+    return dataclasses.replace(cfg, fp8_dot="f16")
+
+
 CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is the module default)
     "bf16": {
         "decode": [
@@ -57,11 +64,26 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
     "fp8": {
         "decode": [
             mg.DECODE_FP8,
+            F16(mg.DECODE_FP8),
+            mg.KernelConfig(T(16, 256, 128, 4, 3), T(16, 256, 128, 4, 3), "f16"),
+            mg.KernelConfig(T(16, 128, 128, 4, 6), T(16, 128, 128, 4, 6), "f16"),
+            mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4), "f16"),
+            mg.KernelConfig(T(16, 128, 128, 8, 4), T(16, 128, 128, 8, 4), "f16"),
             mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4)),
-            mg.KernelConfig(T(16, 128, 128, 8, 4), T(16, 128, 128, 8, 4)),
         ],
-        "middle": [mg.MIDDLE_FP8, mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4))],
-        "prefill": [mg.PREFILL_FP8, mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 3))],
+        "middle": [
+            mg.MIDDLE_FP8,
+            F16(mg.MIDDLE_FP8),
+            mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4), "f16"),
+            mg.KernelConfig(T(64, 128, 128, 4, 3), T(64, 128, 128, 4, 3), "f16"),
+        ],
+        "prefill": [
+            mg.PREFILL_FP8,
+            F16(mg.PREFILL_FP8),
+            mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 3), "f16"),
+            mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "f16"),
+            mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 128, 64, 8, 4)),
+        ],
     },
 }
 EXPERIMENTAL = []  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
@@ -186,10 +208,12 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> b
         elif routing == "foreign":
             ids = ids.at[::3, 0].set(-1).at[1::4, -1].set(e + 7)
         row = []
-        for wname, w in (("bf16", bf16), ("fp8", fp8)):
+        for wname, w in (("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8)):
             cfg = None
             if cfg_name:
-                cfg = getattr(mg, cfg_name + ("_FP8" if wname == "fp8" else ""))
+                cfg = getattr(mg, cfg_name + ("" if wname == "bf16" else "_FP8"))
+            if wname == "fp8-f16":
+                cfg = F16(cfg or mg.default_config(t * k, e, fp8=True))
             err = rel_err(kernel(x, weights, ids, *w, cfg), ref(x, weights, ids, *w))
             passed = err < tol
             ok_all &= passed
@@ -244,7 +268,7 @@ def experts_buckets(x, weights, ids, wg, wu, wd):
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[order // k].add(y).astype(x.dtype)
 
 
-def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, start) -> bool:
+def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, start, kinds=("bf16", "fp8")) -> bool:
     e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
     kw, key = jax.random.split(key)
     bf16 = random_weights(kw, e, h, i)
@@ -293,6 +317,9 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         result = dict(tokens=t, experts_touched=touched)
         inputs[t] = (x, weights, ids, sample)
         for wname, w in (("bf16", bf16), ("fp8", fp8)):
+            if wname not in kinds:
+                result[wname] = None
+                continue
             best = None
             for n_cfg, cfg in enumerate(CANDIDATES[wname][regime(t * k, e)]):
                 if n_cfg and time.perf_counter() - start > sweep_budget_s:
@@ -323,11 +350,12 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         cells = []
         for wname in ("bf16", "fp8"):
             if r[wname] is None:
-                cells.append("failed")
+                cells.append("failed" if wname in kinds else "-")
                 continue
             sec, n_cfg = r[wname]
             bw = touched * expert_bytes[wname] / copy_bw / sec
-            extra = f"{flops / sec / 1e12:.0f} TF" if wname == "bf16" else f"x{r['bf16'][0] / sec:.2f}"
+            tflops = f"{flops / sec / 1e12:.0f} TF"
+            extra = tflops if wname == "bf16" or not r["bf16"] else f"{tflops}, x{r['bf16'][0] / sec:.2f}"
             cells.append(f"{sec * 1e3:.3f} ({bw:.0%} bw, {extra}, cfg{n_cfg})")
         if r["plain"]:
             name, sec = min(r["plain"].items(), key=lambda kv: kv[1])
@@ -361,6 +389,8 @@ def main() -> int:
     parser.add_argument("--sweep-budget", type=float, default=330.0, help="seconds after which only defaults run")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--quick-checks", action="store_true", help="fewer check shapes (less compile time)")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts timed at Flash size")
+    parser.add_argument("--weights", default="bf16,fp8", help="which weight kinds to time")
     args = parser.parse_args()
     start = time.perf_counter()
     seed = int.from_bytes(os.urandom(4), "little")
@@ -374,13 +404,14 @@ def main() -> int:
     else:
         sizes = (1, 7, 200, 2000) if args.quick_checks else (1, 7, 64, 200, 2000)
         check_dims = dict(experts=32, hidden=1024, inter=512, top_k=8, check_tokens=sizes)
-        dims, tokens = FLASH, TOKENS
+        dims, tokens = FLASH, tuple(int(t) for t in args.tokens.split(","))
     ok = True
     if not args.skip_checks:
         ok &= run_checks(kc, check_dims, args.small, tol=1e-2, quick=args.quick_checks)
         print(f"  checks took {time.perf_counter() - start:.0f} s")
     copy_bw, mm_rate = ceilings(args.small)
-    ok &= run_timings(kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start)
+    kinds = tuple(args.weights.split(","))
+    ok &= run_timings(kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start, kinds)
     print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

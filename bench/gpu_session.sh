@@ -4,10 +4,17 @@
 #   bash bench/gpu_session.sh one    # one GPU: prefill, partial-depth Flash in fp8, MTP, server (wheels in .carry/wheels)
 #   bash bench/gpu_session.sh four   # four GPUs (kind nvidia-h200-x4): prefill on one GPU, MoE layer 1 vs 4 GPUs,
 #                                    # full-depth Flash in fp8 over 4 GPUs
+#   bash bench/gpu_session.sh two-a  # two GPUs (kind nvidia-h200-x2), each running single-GPU benches side by side:
+#                                    # GPU 0 prefill + MTP, GPU 1 MoE kernel sweep + server load
+#   bash bench/gpu_session.sh two-b  # MoE layer on 1 vs 2 GPUs (replicated vs all_to_all; bf16, fp8)
+#   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs, fp8: decode, prefill
+# With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
-O=${OUT:-/tmp/gpu_session}
+O=/tmp/gpu_session
 mkdir -p "$O"
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$O" . ; }
+trap pack EXIT
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "### $name (limit ${limit}s): $*"
@@ -38,5 +45,40 @@ four)
   step full_decode 190 python -m mimo_jax.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
     --mesh expert=4 --batch 16,1,64 --context 1024,16384 --steps 16 --rounds 3 --copy-mb 1024
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|four" >&2; exit 2 ;;
+two-a)
+  [ -d .carry/wheels ] && pip install -q --no-index --find-links .carry/wheels fastapi uvicorn httpx openai 2>&1 | tail -1
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step prefill 150 python -m mimo_jax.bench prefill --prompt-len 8192 --chunk 2048,4096,8192 --reps 2 \
+      --json "$O/prefill.json"
+    step mtp 130 python bench/bench_mtp.py --json "$O/mtp.json"
+    step mtp_slice 100 python bench/bench_mtp.py --model flash-slice-4 --batch 1,8,32 --iters 8 --rounds 3 \
+      --json "$O/mtp_slice.json"
+  ) > "$O/gpu0.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    export OUT=$O
+    step kernel 250 python bench/bench_moe_kernel.py --quick-checks --sweep-budget 200
+    step server 220 python bench/bench_server.py --model flash-slice-4 --random-weights --tokenizer mimo_jax/demo_model \
+      --dtype bfloat16 --concurrency 1,8,32,64 --requests-per-client 2 --repeats 1 --json "$O/server.json"
+  ) > "$O/gpu1.txt" 2>&1 &
+  wait
+  cat "$O/gpu0.txt" "$O/gpu1.txt"
+  ;;
+two-b)
+  for w in bf16 fp8; do
+    step "moe_$w" 140 python bench/bench_moe.py --meshes "expert=1;expert=2" --tokens 1,64,512,2048,8192 \
+      --impls pallas_gpu --strategies replicated,all_to_all --weights $w --reps 10 --out "$O/moe_$w.jsonl"
+  done
+  ;;
+two-c)
+  N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384 --mesh expert=2)
+  echo "### device bytes_limit $HBM -> flash-layers-$N on expert=2"
+  step full_decode 300 python -m mimo_jax.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
+    --mesh expert=2 --batch 16,1,64 --context 1024,16384 --steps 16 --rounds 3 --copy-mb 1024 --json "$O/full_decode.json"
+  step full_prefill 200 python -m mimo_jax.bench prefill --model "flash-layers-$N" --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh expert=2 --prompt-len 1024,8192,32768 --chunk 4096 --reps 1 --copy-mb 1024 \
+    --json "$O/full_prefill.json"
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|four|two-a|two-b|two-c" >&2; exit 2 ;;
 esac

@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--context", default="2048", help="decode: comma-separated context lengths")
     p.add_argument("--steps", type=int, default=32, help="decode: tokens per round (one while_loop)")
     p.add_argument("--rounds", type=int, default=5, help="decode: timed rounds")
-    p.add_argument("--prompt-len", type=int, default=8192, help="prefill: prompt tokens")
+    p.add_argument("--prompt-len", default="8192", help="prefill: comma-separated prompt lengths")
     p.add_argument("--chunk", default="2048", help="prefill: comma-separated chunk sizes")
     p.add_argument(
         "--attention",
@@ -451,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
     if unknown:
         p.error(f"--moe-impl {sorted(unknown)}: choose from {sorted(EXPERT_IMPLS)}")
+    prompt_lens = [int(n) for n in args.prompt_len.split(",")]
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
     dtype_bytes = dtype.itemsize
@@ -569,12 +570,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "| x peer |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for chunk in (int(c) for c in args.chunk.split(",")):
+        # Chunks longer than a prompt run as one chunk of the prompt's length.
+        cases = {(n, min(c, n)): None for n in prompt_lens for c in (int(c) for c in args.chunk.split(","))}
+        for prompt_len, chunk in cases:
             for impl in impls(chunk):
                 try:
-                    r = run_prefill(with_experts(impl), args.prompt_len, chunk, args.reps)
+                    r = run_prefill(with_experts(impl), prompt_len, chunk, args.reps)
                 except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
-                    failed(impl, f"prefill {args.prompt_len} chunk {chunk}", e)
+                    failed(impl, f"prefill {prompt_len} chunk {chunk}", e)
                     continue
                 achieved = r["flops"] / (r["ms"] / 1e3) / (matmul * ndev)
                 peer = PEER["prefill"] if is_peer_model else None
@@ -586,8 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     peer_tok_s=peer,
                 )
                 print(
-                    f"| {args.prompt_len} | {chunk} | {impl} | {attention_impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
-                    f"{r['flops'] / args.prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
+                    f"| {prompt_len} | {chunk} | {impl} | {attention_impl} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
+                    f"{r['flops'] / prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
                     f"{peer or '-'} | {vs_peer(r['tok_s'], peer)} |"
                 )
                 if not r["finite"]:

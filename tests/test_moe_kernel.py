@@ -18,6 +18,7 @@ from mimo_jax.kernels import moe_gpu
 
 SMALL = moe_gpu.KernelConfig(moe_gpu.TileConfig(16, 64, 64, 4, 3), moe_gpu.TileConfig(16, 64, 64, 4, 3))
 WIDE_FP8 = moe_gpu.KernelConfig(moe_gpu.TileConfig(32, 256, 128, 4, 3), moe_gpu.TileConfig(16, 128, 128, 4, 3))
+F16_FP8 = dataclasses.replace(SMALL, fp8_dot="f16")
 
 
 @jax.tree_util.register_dataclass
@@ -102,7 +103,7 @@ def test_bf16_within_bf16_tolerance():
     assert rel_err(out, reference(x, weights, ids, wg, wu, wd)) < 1e-2
 
 
-@pytest.mark.parametrize("config", [SMALL, WIDE_FP8], ids=["narrow", "wide"])
+@pytest.mark.parametrize("config", [SMALL, WIDE_FP8, F16_FP8], ids=["narrow", "wide", "f16"])
 def test_fp8_block_scaled_weights(config):
     """fp8 values with 128x128 block scales, dequantized in the kernel, against the dequantized reference."""
     e, h, i, n, k = 4, 256, 256, 9, 2
@@ -117,6 +118,21 @@ def test_fp8_block_scaled_weights(config):
     x = activations(11, n, h, jnp.bfloat16)
     out = run_kernel(x, weights, ids, *q, config=config)
     assert rel_err(out, reference(x, weights, ids, *deq)) < 1e-2
+
+
+def test_fp8_f16_dot_keeps_activations_past_f16_range():
+    """fp8_dot="f16" scales each activation row into f16's range: rows of 1e6 and 1e-6 stay exact."""
+    e, h, i, n, k = 4, 256, 256, 6, 2
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(12, e, h, i)]
+    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    ids, weights = make_tokens(13, n, e, k)
+    row_scale = jnp.asarray([1e6, 1e-6, 1.0, 3e4, 1e-3, 70.0])[:, None]
+    x = (activations(14, n, h) * row_scale).astype(jnp.bfloat16)
+    out = np.asarray(run_kernel(x, weights, ids, *q, config=F16_FP8), np.float64)
+    ref = np.asarray(reference(x, weights, ids, *deq), np.float64)
+    assert np.isfinite(out).all()
+    for row in range(n):  # each row on its own: their magnitudes differ by 1e12
+        assert rel_err(out[row], ref[row]) < 1e-2, row
 
 
 def test_schedule_lists_each_row_tile_once():

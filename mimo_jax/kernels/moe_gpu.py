@@ -45,8 +45,15 @@ class TileConfig:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
+    """Both kernels' tiles; `fp8_dot` is the dtype fp8 weight tiles are widened to for the matmul.
+
+    "f16": e4m3 -> f16 is one conversion per two values on Hopper (bf16 needs three), and the
+    activation tile is scaled per row by a power of two into f16's range first (exact, no overflow).
+    """
+
     gate_up: TileConfig
     down: TileConfig
+    fp8_dot: str = "bf16"
 
 
 # Chosen by bench/bench_moe_kernel.py on an H100 (bench/RESULTS.md). fp8 steps stay inside one scale block.
@@ -138,20 +145,34 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col):
     return s_ref[expert, k_block, cols // FP8_BLOCK][None, :]
 
 
-def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig):
+def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a [rows, k] -> (a / 2^e in f16, 2^e [rows, 1] f32), 2^e per row so that |a / 2^e| <= 2^8."""
+    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1, keepdims=True)
+    row_scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30))) - 8.0)
+    return (a.astype(jnp.float32) / row_scale).astype(jnp.float16), row_scale
+
+
+def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, fp8_dot: str = "bf16"):
     """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
 
-    fp8 tiles are widened to the activation dtype and their block scale applied to the partial product.
+    fp8 tiles are widened to the activation dtype (or f16, see KernelConfig) and their block scale
+    applied to the partial product.
     (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
     """
+    f16 = fp8_dot == "f16" and s_refs[0] is not None
 
     def step(k, accs):
         a = a_at(k)
+        row_scale = None
+        if f16:
+            a, row_scale = _f16_rows(a)
         out = []
         for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
             w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
             prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
-            out.append(acc + (prod if s_ref is None else prod * _scale(s_ref, expert, k, cfg, col)))
+            if s_ref is not None:
+                prod = prod * _scale(s_ref, expert, k, cfg, col)
+            out.append(acc + (prod if row_scale is None else prod * row_scale))
         return tuple(out)
 
     zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
@@ -164,7 +185,7 @@ def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
     plgpu.store(target, value.astype(out_ref.dtype), mask=rows < row_end)
 
 
-def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: TileConfig, scaled: bool):
+def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
     sg_ref, su_ref, h_ref = refs if scaled else (None, None, refs[0])
     pid = pl.program_id(0)
     expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
@@ -178,12 +199,12 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: Til
             return x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
 
         n_steps = x_ref.shape[1] // cfg.block_k
-        gate, up = _expert_matmuls(x_at, (wg_ref, wu_ref), (sg_ref, su_ref), expert, col, n_steps, cfg)
+        gate, up = _expert_matmuls(x_at, (wg_ref, wu_ref), (sg_ref, su_ref), expert, col, n_steps, cfg, fp8_dot)
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
         _store_rows(h_ref, row_start, row_end, col, h, cfg)
 
 
-def _down_kernel(table_ref, rw_ref, h_ref, wd_ref, *refs, cfg: TileConfig, scaled: bool):
+def _down_kernel(table_ref, rw_ref, h_ref, wd_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
     sd_ref, y_ref = refs if scaled else (None, refs[0])
     pid = pl.program_id(0)
     expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
@@ -195,7 +216,7 @@ def _down_kernel(table_ref, rw_ref, h_ref, wd_ref, *refs, cfg: TileConfig, scale
             return h_ref[pl.ds(row_start, cfg.block_rows), pl.ds(k * cfg.block_k, cfg.block_k)]
 
         n_steps = h_ref.shape[1] // cfg.block_k
-        (acc,) = _expert_matmuls(h_at, (wd_ref,), (sd_ref,), expert, col, n_steps, cfg)
+        (acc,) = _expert_matmuls(h_at, (wd_ref,), (sd_ref,), expert, col, n_steps, cfg, fp8_dot)
         routing = rw_ref[pl.ds(row_start, cfg.block_rows)]
         _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
@@ -282,8 +303,12 @@ def experts_grouped(
         return jnp.zeros_like(x)
     if config is None:
         base = default_config(m, num_experts, scaled)
-        config = KernelConfig(_fit(base.gate_up, hidden, inter), _fit(base.down, inter, hidden))
+        config = dataclasses.replace(
+            base, gate_up=_fit(base.gate_up, hidden, inter), down=_fit(base.down, inter, hidden)
+        )
     cfg = config
+    if cfg.fp8_dot not in ("bf16", "f16"):
+        raise ValueError(f"fp8_dot={cfg.fp8_dot!r}: choose 'bf16' or 'f16'")
     _check_tiling(cfg.gate_up, hidden, inter, scaled, "gate/up")
     _check_tiling(cfg.down, inter, hidden, scaled, "down")
 
@@ -303,7 +328,7 @@ def experts_grouped(
         n_tiles = max_tiles(m, num_experts, c.block_rows)
         n_cols = inter // c.block_cols
         table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
-        kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled)
+        kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot)
         args, _ = _match_varying((table, tokens, x, wg, wu) + ((sg, su) if scaled else ()))
         out = _out_struct((rows, inter), x.dtype, args[0])
         h = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_gate_up")(*args)
@@ -313,7 +338,7 @@ def experts_grouped(
         n_tiles = max_tiles(m, num_experts, c.block_rows)
         n_cols = hidden // c.block_cols
         table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
-        kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled)
+        kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot)
         args, _ = _match_varying((table, routing, h, wd) + ((sd,) if scaled else ()))
         out = _out_struct((rows, hidden), x.dtype, args[0])
         y = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_down")(*args)
