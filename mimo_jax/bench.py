@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode: tokens per round (one while_loop)")
     p.add_argument("--rounds", type=int, default=5, help="decode: timed rounds")
     p.add_argument("--prompt-len", default="8192", help="prefill: comma-separated prompt lengths")
-    p.add_argument("--chunk", default="2048", help="prefill: comma-separated chunk sizes")
+    p.add_argument("--chunk", default="8192", help="prefill: comma-separated chunk sizes")
     p.add_argument(
         "--attention",
         default=None,

@@ -16,7 +16,7 @@ from mimo_jax import kernels, moe, sharding
 from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
-from mimo_jax.quant import weight
+from mimo_jax.quant import dequantize_after, stored, weight
 
 _INIT_STD = 0.02
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
@@ -142,7 +142,7 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else weight
+        read = stored if self.impl in moe.QUANTIZED_IMPLS else weight
         experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
         gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
@@ -184,9 +184,10 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        with dequantize_after(x):  # this layer's fp8 weights are dequantized when the layer runs
+            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache)
+            x = x + attn_out
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
 
 

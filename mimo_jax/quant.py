@@ -22,8 +22,11 @@ consume `values[e]` ([in, out]) with `scales[e]` directly.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -69,9 +72,35 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ..
     return tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
 
 
+_ANCHOR: contextvars.ContextVar = contextvars.ContextVar("dequantize_after", default=None)
+
+
+@contextlib.contextmanager
+def dequantize_after(anchor: jax.Array) -> Iterator[None]:
+    """Inside: block-quantized weights read through `weight` / `stored` wait for `anchor` (a layer's input).
+
+    Their dequantization depends on no activation, so XLA may otherwise run every layer's at the
+    program's start and hold all layers' dequantized weights at once (tens of GB at full size).
+    """
+    token = _ANCHOR.set(anchor)
+    try:
+        yield
+    finally:
+        _ANCHOR.reset(token)
+
+
+def stored(param: Any) -> Any:
+    """A parameter's value as stored (a `BlockQuantized` stays quantized), ordered after `dequantize_after`'s anchor."""
+    value = param.get_value() if hasattr(param, "get_value") else param
+    anchor = _ANCHOR.get()
+    if isinstance(value, BlockQuantized) and anchor is not None:
+        value, _ = jax.lax.optimization_barrier((value, anchor))  # no copy: only orders the reads
+    return value
+
+
 def weight(param: Any) -> jax.Array:
     """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized."""
-    value = param.get_value() if hasattr(param, "get_value") else param
+    value = stored(param)
     if isinstance(value, BlockQuantized):
         return value.dequantize()
     return param[...] if hasattr(param, "get_value") else value
