@@ -64,7 +64,7 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
     "fp8": {
         "decode": [
             mg.DECODE_FP8,
-            F16(mg.DECODE_FP8),
+            dataclasses.replace(mg.DECODE_FP8, fp8_dot="bf16"),
             mg.KernelConfig(T(16, 256, 128, 4, 3), T(16, 256, 128, 4, 3), "f16"),
             mg.KernelConfig(T(16, 128, 128, 4, 6), T(16, 128, 128, 4, 6), "f16"),
             mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4), "f16"),

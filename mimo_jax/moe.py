@@ -152,9 +152,11 @@ QUANTIZED_IMPLS = frozenset({"pallas_gpu"})
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------
 
-# Tokens per data shard at or above which "auto" dispatches with all_to_all instead of
-# replicating tokens over the expert shards; bench/bench_moe.py measures where the switch pays.
-ALL_TO_ALL_MIN_TOKENS = 256
+# Tokens per data shard at or above which "auto" dispatches with all_to_all instead of replicating
+# tokens over the expert shards. On 2 x H200 (bench/bench_moe.py, bench/RESULTS.md) replicated was as
+# fast or faster from 64 to 8192 tokens; past that the replicated buffers (tokens x top_k rows per
+# shard) grow with the whole batch, so all_to_all takes over.
+ALL_TO_ALL_MIN_TOKENS = 16384
 
 STRATEGIES = ("auto", "replicated", "all_to_all")
 
