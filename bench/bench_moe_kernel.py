@@ -47,6 +47,13 @@ def F16(cfg: mg.KernelConfig) -> mg.KernelConfig:  # noqa: N802 (reads like the 
     return dataclasses.replace(cfg, fp8_dot="f16")
 
 
+def W8A8(cfg: mg.KernelConfig) -> mg.KernelConfig:  # noqa: N802
+    return dataclasses.replace(cfg, fp8_dot="fp8")
+
+
+W8A8_TOL = 8e-2  # fp8 activations (3 mantissa bits) vs the float32 reference: a few percent, by design
+
+
 CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is the module default)
     "bf16": {
         "decode": [
@@ -83,6 +90,19 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
             mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 3), "f16"),
             mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "f16"),
             mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 128, 64, 8, 4)),
+        ],
+    },
+    "fp8-w8a8": {  # activations quantized to fp8 too (KernelConfig.fp8_dot="fp8"): not the exact path
+        "decode": [
+            W8A8(mg.DECODE_FP8),
+            mg.KernelConfig(T(16, 128, 128, 4, 5), T(16, 128, 128, 4, 5), "fp8"),
+            mg.KernelConfig(T(16, 256, 128, 4, 3), T(16, 256, 128, 4, 3), "fp8"),
+        ],
+        "middle": [W8A8(mg.MIDDLE_FP8), mg.KernelConfig(T(64, 128, 128, 4, 3), T(64, 128, 128, 4, 3), "fp8")],
+        "prefill": [
+            mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "fp8"),
+            mg.KernelConfig(T(128, 256, 128, 8, 3), T(128, 256, 128, 8, 3), "fp8"),
+            W8A8(mg.PREFILL_FP8),
         ],
     },
 }
@@ -208,14 +228,15 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> b
         elif routing == "foreign":
             ids = ids.at[::3, 0].set(-1).at[1::4, -1].set(e + 7)
         row = []
-        for wname, w in (("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8)):
+        for wname, w in (("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8), ("fp8-w8a8", fp8)):
             cfg = None
             if cfg_name:
                 cfg = getattr(mg, cfg_name + ("" if wname == "bf16" else "_FP8"))
-            if wname == "fp8-f16":
-                cfg = F16(cfg or mg.default_config(t * k, e, fp8=True))
+            if wname in ("fp8-f16", "fp8-w8a8"):
+                fp8_dot = {"fp8-f16": "f16", "fp8-w8a8": "fp8"}[wname]
+                cfg = dataclasses.replace(cfg or mg.default_config(t * k, e, fp8=True), fp8_dot=fp8_dot)
             err = rel_err(kernel(x, weights, ids, *w, cfg), ref(x, weights, ids, *w))
-            passed = err < tol
+            passed = err < (W8A8_TOL if wname == "fp8-w8a8" else tol)
             ok_all &= passed
             row.append(f"{wname} {err:.2e}{'' if passed else ' FAIL'}")
             emit("check", case=name, weights=wname, rel_err=err, passed=passed)
@@ -298,7 +319,7 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
             print(f"  T={t} {wname} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
             emit("config_error", tokens=t, weights=wname, config=repr(cfg), error=str(exc)[:2000])
             return None
-        passed = err < 1e-2
+        passed = err < (W8A8_TOL if wname == "fp8-w8a8" else 1e-2)
         ok_all &= passed
         emit("kernel", tokens=t, weights=wname, config=repr(cfg), label=label, ms=sec * 1e3, rel_err=err, ok=passed)
         print(
@@ -316,7 +337,7 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         sample = np.unique(np.asarray(jax.random.randint(ks, (min(t, 6),), 0, t)))
         result = dict(tokens=t, experts_touched=touched)
         inputs[t] = (x, weights, ids, sample)
-        for wname, w in (("bf16", bf16), ("fp8", fp8)):
+        for wname, w in (("bf16", bf16), ("fp8", fp8), ("fp8-w8a8", fp8)):
             if wname not in kinds:
                 result[wname] = None
                 continue
@@ -339,21 +360,22 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
     print(f"\n== summary (copy {copy_bw / 1e12:.2f} TB/s, matmul {mm_rate / 1e12:.0f} TFLOP/s measured here)")
     print(
         "| T | experts | GB bf16 | roofline ms | kernel bf16 ms (%bw, TFLOP/s) | kernel fp8 ms (%bw, x bf16) | "
+        "kernel fp8 w8a8 ms (%bw, x bf16) | "
         "best plain here ms | calibration best plain ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, touched = r["tokens"], r["experts_touched"]
         gb = touched * expert_bytes["bf16"] / 1e9
         roof = touched * expert_bytes["bf16"] / copy_bw
         flops = 2 * t * k * 3 * h * i
         cells = []
-        for wname in ("bf16", "fp8"):
+        for wname in ("bf16", "fp8", "fp8-w8a8"):
             if r[wname] is None:
                 cells.append("failed" if wname in kinds else "-")
                 continue
             sec, n_cfg = r[wname]
-            bw = touched * expert_bytes[wname] / copy_bw / sec
+            bw = touched * expert_bytes[wname.split("-")[0]] / copy_bw / sec
             tflops = f"{flops / sec / 1e12:.0f} TF"
             extra = tflops if wname == "bf16" or not r["bf16"] else f"{tflops}, x{r['bf16'][0] / sec:.2f}"
             cells.append(f"{sec * 1e3:.3f} ({bw:.0%} bw, {extra}, cfg{n_cfg})")
@@ -390,7 +412,7 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--quick-checks", action="store_true", help="fewer check shapes (less compile time)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts timed at Flash size")
-    parser.add_argument("--weights", default="bf16,fp8", help="which weight kinds to time")
+    parser.add_argument("--weights", default="bf16,fp8,fp8-w8a8", help="which weight kinds to time")
     args = parser.parse_args()
     start = time.perf_counter()
     seed = int.from_bytes(os.urandom(4), "little")

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
+FP8_MAX = 448.0  # largest float8_e4m3fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,19 @@ class TileConfig:
     num_stages: int
 
 
+FP8_DOTS = ("bf16", "f16", "fp8")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Both kernels' tiles; `fp8_dot` is the dtype fp8 weight tiles are widened to for the matmul.
+    """Both kernels' tiles; `fp8_dot` says how fp8 weight tiles meet the activations in the matmul.
 
-    "f16": e4m3 -> f16 is one conversion per two values on Hopper (bf16 needs three), and the
-    activation tile is scaled per row by a power of two into f16's range first (exact, no overflow).
+    "bf16" / "f16": weights widened to that dtype. e4m3 -> f16 is one conversion per two values on
+    Hopper (bf16 needs three); the activation tile is scaled per row by a power of two into f16's
+    range first (exact, no overflow).
+    "fp8" (w8a8, as SGLang and vLLM serve block-FP8 checkpoints): each activation row is quantized to
+    e4m3 per reduction step (a 1 x block_k group, scale = amax / 448) and the dot runs on fp8 operands
+    with no widening; not exact (about 3% relative error against bf16 activations).
     """
 
     gate_up: TileConfig
@@ -153,6 +161,13 @@ def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (a.astype(jnp.float32) / row_scale).astype(jnp.float16), row_scale
 
 
+def _fp8_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a [rows, k] -> (a / s in e4m3, s [rows, 1] f32) with s = amax(row) / 448: one scale per row group."""
+    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1, keepdims=True)
+    row_scale = jnp.maximum(amax, 1e-30) / FP8_MAX
+    return (a.astype(jnp.float32) / row_scale).astype(jnp.float8_e4m3fn), row_scale
+
+
 def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, fp8_dot: str = "bf16"):
     """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
 
@@ -160,13 +175,13 @@ def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileCo
     applied to the partial product.
     (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
     """
-    f16 = fp8_dot == "f16" and s_refs[0] is not None
+    scale_rows = {"f16": _f16_rows, "fp8": _fp8_rows}.get(fp8_dot) if s_refs[0] is not None else None
 
     def step(k, accs):
         a = a_at(k)
         row_scale = None
-        if f16:
-            a, row_scale = _f16_rows(a)
+        if scale_rows is not None:
+            a, row_scale = scale_rows(a)
         out = []
         for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
             w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
@@ -286,9 +301,13 @@ def experts_grouped(
     w_down,
     *,
     config: KernelConfig | None = None,
+    fp8_dot: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow)."""
+    """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow).
+
+    `config`: tiles (default: by rows per expert); `fp8_dot` overrides its `fp8_dot` (see KernelConfig).
+    """
     n, top_k = ids.shape
     wg, sg = _split_weight(w_gate)
     wu, su = _split_weight(w_up)
@@ -307,9 +326,9 @@ def experts_grouped(
         config = dataclasses.replace(
             base, gate_up=_fit(base.gate_up, hidden, inter), down=_fit(base.down, inter, hidden)
         )
-    cfg = config
-    if cfg.fp8_dot not in ("bf16", "f16"):
-        raise ValueError(f"fp8_dot={cfg.fp8_dot!r}: choose 'bf16' or 'f16'")
+    cfg = config if fp8_dot is None else dataclasses.replace(config, fp8_dot=fp8_dot)
+    if cfg.fp8_dot not in FP8_DOTS:
+        raise ValueError(f"fp8_dot={cfg.fp8_dot!r}: choose from {FP8_DOTS}")
     _check_tiling(cfg.gate_up, hidden, inter, scaled, "gate/up")
     _check_tiling(cfg.down, inter, hidden, scaled, "down")
 
@@ -350,11 +369,11 @@ def experts_grouped(
         return picked.sum(axis=1).astype(x.dtype)
 
 
-def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
+def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None) -> jax.Array:
     """EXPERT_IMPLS entry: the Pallas kernel on GPU; elsewhere a clear error (use "ragged" on CPU/TPU)."""
     if jax.default_backend() != "gpu":
         raise ValueError(f"the pallas_gpu MoE kernel needs a GPU backend, not {jax.default_backend()!r}")
-    return experts_grouped(x, weights, ids, w_gate, w_up, w_down)
+    return experts_grouped(x, weights, ids, w_gate, w_up, w_down, fp8_dot=fp8_dot)
 
 
 def quantize_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
