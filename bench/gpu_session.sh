@@ -8,6 +8,8 @@
 #                                    # GPU 0 prefill + MTP, GPU 1 MoE kernel sweep + server load
 #   bash bench/gpu_session.sh two-b  # MoE layer on 1 vs 2 GPUs (replicated vs all_to_all; bf16, fp8)
 #   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs, fp8: decode, prefill
+#   bash bench/gpu_session.sh two-rest  # what two-a/b/c left unmeasured on 2026-11-27: fp8 kernel sweep incl. w8a8
+#                                    # (GPU 1) beside the server at N = 1 and 64 (GPU 0), then full-depth decode
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -80,5 +82,23 @@ two-c)
     --moe-impl pallas_gpu --mesh expert=2 --prompt-len 1024,8192,32768 --chunk 4096 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill.json"
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|four|two-a|two-b|two-c" >&2; exit 2 ;;
+two-rest)
+  python -m pip install -q --no-index --find-links .carry/wheels fastapi uvicorn httpx openai 2>&1 | grep -v WARN | tail -1
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step server 280 python bench/bench_server.py --model flash-slice-4 --random-weights --tokenizer mimo_jax/demo_model \
+      --dtype bfloat16 --concurrency 1,64 --requests-per-client 2 --repeats 1 --json "$O/server.json"
+  ) > "$O/gpu0.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1 OUT=$O
+    step kernel 280 python bench/bench_moe_kernel.py --quick-checks --weights fp8,fp8-w8a8 --tokens 1,8,32,128,8192 \
+      --sweep-budget 240
+  ) > "$O/gpu1.txt" 2>&1 &
+  wait
+  cat "$O/gpu0.txt" "$O/gpu1.txt"
+  N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384 --mesh expert=2)
+  step full_decode 280 python -m mimo_jax.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
+    --mesh expert=2 --batch 16,1,64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 --json "$O/full_decode.json"
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|four|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
 esac
