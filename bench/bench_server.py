@@ -212,6 +212,8 @@ class Server:
             cmd += ["--random-weights"]
         if args.moe_impl:
             cmd += ["--moe-impl", args.moe_impl]
+        if args.no_overlap:
+            cmd += ["--no-overlap"]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
         self.url = f"http://127.0.0.1:{port}"
@@ -281,6 +283,7 @@ def main() -> int:
         action="store_true",
         help="CPU: keep the server up while offline runs and alternate the measurements (not on one GPU)",
     )
+    p.add_argument("--no-overlap", action="store_true", help="serve with --no-overlap (host work not overlapped)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--offline", type=int, help=argparse.SUPPRESS)  # child mode: offline generate at this batch
     args = p.parse_args()

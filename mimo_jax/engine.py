@@ -466,6 +466,17 @@ class _Request:
 
 
 @dataclasses.dataclass
+class _Launched:
+    """One step's work on the device, not yet read: admissions' first tokens, the decode round, and the
+    slots' requests when it was launched (to drop what was cancelled or replaced before it is read)."""
+
+    admitted: list
+    round_out: Any
+    finish_reason: jax.Array
+    slots: list
+
+
+@dataclasses.dataclass
 class SpeculationStats:
     """Engine-wide MTP counters since the engine was built (what a server exports as metrics)."""
 
@@ -522,6 +533,9 @@ class Engine:
     `add` puts a request into a free slot (its prompt is prefilled during the following `step`s),
     `step` runs pending prefill chunks then one decode round, `cancel` frees a slot.
     """
+
+    overlap = False  # see `step`: the server turns it on, offline generation leaves it off
+    _pending: _Launched | None = None  # with overlap: the last step's work, read by the next step
 
     def __init__(
         self,
@@ -675,7 +689,8 @@ class Engine:
         return self.max_batch - self.free_slots
 
     def has_work(self) -> bool:
-        return self.num_requests > 0
+        """Requests in slots, or (with overlap) a step's work not yet read."""
+        return self.num_requests > 0 or self._pending is not None
 
     def check_request(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions) -> np.ndarray:
         """The prompt as int32 ids if this engine can run the request, else a ValueError saying why."""
@@ -792,6 +807,11 @@ class Engine:
 
         With speculation, `max_tokens_per_round` counts target forwards (draft-verify-accept
         iterations), each of which emits 1 to k+1 tokens per request.
+
+        With `overlap` on, the step returns the outputs of the previous step's work, read from the
+        device while this step's work runs (the host's bookkeeping hides behind the device); a step
+        with nothing to launch only collects. A request's end is then seen one step later, and a
+        slot freed by it is reused from the step after that.
         """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
@@ -803,12 +823,25 @@ class Engine:
             greedy = all(r.options.temperature <= 0 for r in running)
             decode = self.greedy_decode_fn if greedy else self.decode_fn
             self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
-        host_admitted, host_round, reasons = to_host((admitted, round_out, self.state.finish_reason))
+        launched = None
+        if admitted or round_out is not None:
+            # a copy: the next step donates `state`, and with overlap this is read after that
+            reasons = jnp.copy(self.state.finish_reason) if self.overlap else self.state.finish_reason
+            launched = _Launched(admitted, round_out, reasons, list(self._slots))
+        if not self.overlap:
+            return self._collect(launched) if launched is not None else []
+        previous, self._pending = self._pending, launched
+        return self._collect(previous) if previous is not None else []
 
+    def _collect(self, launched: _Launched) -> list[StepOutput]:
+        """Read one step's tokens on the host; finished requests free their slots. Requests cancelled (or
+        replaced in their slot) since the step was launched get nothing."""
+        host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
+        live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
 
         def emit(slot, tokens, logprobs, top_ids, top_logprobs):
-            req = self._slots[slot]
+            req = live[slot]
             out = results.get(slot)
             if out is None:
                 want_lp = req.options.logprobs is not None
@@ -825,11 +858,12 @@ class Engine:
                 )
 
         for slot, first, _ in host_admitted:
-            emit(slot, first.tokens, first.logprobs, first.top_ids, first.top_logprobs)
+            if live[slot] is not None:
+                emit(slot, first.tokens, first.logprobs, first.top_ids, first.top_logprobs)
         if host_round is not None:
             for slot in range(self.max_batch):
                 c = int(host_round.count[slot])
-                if c and self._slots[slot] is not None:
+                if c and live[slot] is not None:
                     emit(
                         slot,
                         host_round.tokens[slot, :c],

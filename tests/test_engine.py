@@ -132,7 +132,16 @@ def test_mixed_batch_equals_solo(lm, engine, solo_engine):
             assert batch[i].token_ids == solo.token_ids
 
 
-def test_continuous_batching_equals_solo(engine):
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def overlap(request, engine):
+    """Run a test with the engine's `overlap` (a step reads the previous step's tokens) off and on."""
+    engine.overlap = request.param
+    yield request.param
+    assert not engine.has_work()
+    engine.overlap = False
+
+
+def test_continuous_batching_equals_solo(engine, overlap):
     greedy = SamplingOptions(max_new_tokens=10)
     sampled = SamplingOptions(max_new_tokens=7, temperature=1.0, top_k=20, seed=4)
     solo = {

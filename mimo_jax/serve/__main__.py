@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, help="prompt tokens prefilled per round (default: one chunk)")
     p.add_argument("--round-tokens", type=int, default=8, help="decode steps per round (between admissions)")
     p.add_argument("--speculative-steps", type=int, default=0, help="MTP draft tokens per step (0: off)")
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="read each round's tokens before launching the next (default: the host's work overlaps the device's)",
+    )
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (0: none)")
     p.add_argument("--max-logprobs", type=int, default=20, help="largest top_logprobs a request may ask for")
@@ -253,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.buckets,
         time.perf_counter() - t0,
     )
+    engine.overlap = not args.no_overlap  # every process alike: followers run the same steps
     if not leader:
         log.info("process %d of %d: following process 0's round plans", jax.process_index(), jax.process_count())
         follow(engine, channel)
