@@ -63,9 +63,9 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         spec = self.spec
-        q = jnp.einsum("bth,hnd->btnd", x, weight(self.q_proj))
-        k = jnp.einsum("bth,hkd->btkd", x, weight(self.k_proj))
-        v = jnp.einsum("bth,hkd->btkd", x, weight(self.v_proj)) * jnp.asarray(self.value_scale, x.dtype)
+        q = jnp.einsum("bth,hnd->btnd", x, weight(self.q_proj, after=x))
+        k = jnp.einsum("bth,hkd->btkd", x, weight(self.k_proj, after=x))
+        v = jnp.einsum("bth,hkd->btkd", x, weight(self.v_proj, after=x)) * jnp.asarray(self.value_scale, x.dtype)
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
@@ -87,7 +87,7 @@ class Attention(nnx.Module):
             impl=self.impl,
             chunk_kv=chunk_kv,
         )
-        return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj)), kv_cache
+        return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj, after=out)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -99,8 +99,8 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (intermediate, hidden), dtype, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ weight(self.gate_proj)) * (x @ weight(self.up_proj))
-        return h @ weight(self.down_proj)
+        h = jax.nn.silu(x @ weight(self.gate_proj, after=x)) * (x @ weight(self.up_proj, after=x))
+        return h @ weight(self.down_proj, after=h)
 
 
 class MoE(nnx.Module):
@@ -142,7 +142,7 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else weight
+        read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else (lambda p: weight(p, after=x))
         experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
         gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
@@ -205,7 +205,8 @@ class MTPLayer(nnx.Module):
         self, token_embeds: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         """Returns the block's residual stream (before `final_layernorm`) and the new cache."""
-        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1) @ weight(self.eh_proj)
+        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1)
+        x = x @ weight(self.eh_proj, after=x)
         return self.block(x, positions, kv_cache)
 
 
@@ -254,7 +255,7 @@ class MiMoModel(nnx.Module):
             layer.strategy, layer.capacity_factor = strategy, capacity_factor
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
-        return jnp.take(weight(self.embed_tokens), token_ids, axis=0)
+        return jnp.take(weight(self.embed_tokens, after=token_ids), token_ids, axis=0)
 
     def hidden_states(
         self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
@@ -274,9 +275,11 @@ class MiMoModel(nnx.Module):
         """Final norm (the model's, or an MTP layer's) and lm_head -> float32 logits [..., vocab]."""
         h = (norm or self.norm)(hidden)
         if self.lm_head is None:
-            logits = jnp.einsum("...h,vh->...v", h, weight(self.embed_tokens), preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "...h,vh->...v", h, weight(self.embed_tokens, after=h), preferred_element_type=jnp.float32
+            )
         else:
-            logits = jnp.einsum("...h,hv->...v", h, weight(self.lm_head), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,hv->...v", h, weight(self.lm_head, after=h), preferred_element_type=jnp.float32)
         if logits.ndim < 2:
             return logits
         return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))

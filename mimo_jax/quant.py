@@ -58,21 +58,43 @@ class BlockQuantized:
         return math.prod(self.values.shape) * FP8.itemsize + math.prod(self.scales.shape) * 4
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
+        """values * scales in float32, cast to `dtype`: one fused elementwise pass on TPU/GPU.
+
+        The last (minor) axis's scales are repeated (1/b of the weight's size); every other axis is
+        split into [n/b, b] so the scales broadcast over b. Repeating them along every axis would
+        materialize a float32 scale tensor as large as the weight (the TPU compiler does not fuse
+        that broadcast through the reshape into the multiply).
+        """
+        shape, block, last = self.values.shape, self.block, self.values.ndim - 1
         scales = self.scales.astype(jnp.float32)
-        for axis, (size, b) in enumerate(zip(self.values.shape, self.block, strict=True)):
-            if b > 1:
-                scales = jax.lax.slice_in_dim(jnp.repeat(scales, b, axis=axis), 0, size, axis=axis)
-        return (self.values.astype(jnp.float32) * scales).astype(dtype or self.dtype)
+        split = [axis < last and b > 1 and n % b == 0 for axis, (n, b) in enumerate(zip(shape, block, strict=True))]
+        for axis, (n, b) in enumerate(zip(shape, block, strict=True)):
+            if b > 1 and not split[axis]:
+                scales = jax.lax.slice_in_dim(jnp.repeat(scales, b, axis=axis), 0, n, axis=axis)
+        values_shape = [
+            d for axis, n in enumerate(shape) for d in ((n // block[axis], block[axis]) if split[axis] else (n,))
+        ]
+        scales_shape = [d for axis, n in enumerate(scales.shape) for d in ((n, 1) if split[axis] else (n,))]
+        values = self.values.reshape(values_shape).astype(jnp.float32)
+        return (values * scales.reshape(scales_shape)).astype(dtype or self.dtype).reshape(shape)
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
 
 
-def weight(param: Any) -> jax.Array:
-    """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized."""
+def weight(param: Any, after: jax.Array | None = None) -> jax.Array:
+    """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized.
+
+    `after`: the activation the weight is applied to. A quantized weight's dequantization then waits
+    for it (an optimization barrier, no copy); else XLA, seeing it depends on no activation, may
+    dequantize every layer's weights up front and hold them all in bf16 at once.
+    """
     value = param.get_value() if hasattr(param, "get_value") else param
     if isinstance(value, BlockQuantized):
+        if after is not None:
+            values, scales, _ = jax.lax.optimization_barrier((value.values, value.scales, after))
+            value = dataclasses.replace(value, values=values, scales=scales)
         return value.dequantize()
     return param[...] if hasattr(param, "get_value") else value
 
