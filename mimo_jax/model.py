@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import kernels, moe, sharding
+from mimo_jax import kernels, moe, quant, sharding
 from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
@@ -114,6 +114,7 @@ class MoE(nnx.Module):
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
+    DOWN_AXES = ("experts", "moe_mlp", "embed")
 
     def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str | None = None):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -121,7 +122,7 @@ class MoE(nnx.Module):
         self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
         self.gate_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
         self.up_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
-        self.down_proj = _param(rngs, (e, i, h), dtype, ("experts", "moe_mlp", "embed"))
+        self.down_proj = _param(rngs, (e, i, h), dtype, self.DOWN_AXES)
         self.top_k = cfg.experts_per_token
         self.n_group = cfg.n_group
         self.topk_group = cfg.topk_group
@@ -142,10 +143,19 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        read = (lambda p: p.get_value()) if self.impl in moe.QUANTIZED_IMPLS else (lambda p: weight(p, after=x))
-        experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
-        gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
+        gate_spec = sharding.logical_to_spec(self.GATE_AXES, self.gate_proj.get_value().shape, mesh) if mesh else None
+        down_spec = sharding.logical_to_spec(self.DOWN_AXES, self.down_proj.get_value().shape, mesh) if mesh else None
+
+        def read(p, spec):
+            # FP8 experts go as they are to implementations that take them (dequantized per shard or in the
+            # kernel) when each shard holds whole scale blocks; else dequantized here
+            value = p.get_value()
+            if self.impl in moe.QUANTIZED_IMPLS and quant.blocks_split_evenly(value, spec, mesh):
+                return quant.tied(value, x)
+            return weight(p, after=x)
+
+        experts = (read(self.gate_proj, gate_spec), read(self.up_proj, gate_spec), read(self.down_proj, down_spec))
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)

@@ -83,19 +83,57 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ..
     return tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
 
 
+def tied(value: Any, after: jax.Array) -> Any:
+    """A block-quantized `value` made to wait for `after` (an optimization barrier, no copy); others as given.
+
+    Its dequantization then cannot run before the activation it is applied to exists: else XLA,
+    seeing it depends on no activation, may dequantize every layer's weights up front (and hoist
+    them out of the decode loop), holding them all in bf16 at once.
+    """
+    if not isinstance(value, BlockQuantized):
+        return value
+    values, scales, _ = jax.lax.optimization_barrier((value.values, value.scales, after))
+    return dataclasses.replace(value, values=values, scales=scales)
+
+
+def blocks_split_evenly(value: Any, spec: Any, mesh: Any) -> bool:
+    """Whether every shard of `value` laid out by PartitionSpec `spec` on `mesh` holds whole scale blocks
+    (True for a plain array, or without a mesh): the scales then shard like the values."""
+    if not isinstance(value, BlockQuantized):
+        return True
+    if mesh is None or spec is None:
+        return True
+    for n, axes in zip(value.scales.shape, tuple(spec) + (None,) * value.ndim, strict=False):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        if n % math.prod(mesh.shape[a] for a in axes):
+            return False
+    return True
+
+
+def dequantize_experts(w: Any, group: int = 8) -> jax.Array:
+    """Stacked expert weights [E, ...] (an array, or `BlockQuantized`) in bf16, dequantized `group` experts
+    at a time in a loop: the float32 working set (the products and the broadcast block scales, which
+    the TPU compiler materializes) is one group's, not every expert's at once."""
+    if not isinstance(w, BlockQuantized):
+        return w
+    e = w.shape[0]
+    g = math.gcd(e, group)
+    if g == e:
+        return w.dequantize()
+    one = lambda vs: dataclasses.replace(w, values=vs[0], scales=vs[1]).dequantize()
+    grouped = lambda a: a.reshape((e // g, g) + a.shape[1:])
+    out = jax.lax.map(one, (grouped(w.values), grouped(w.scales)))
+    return out.reshape(w.shape)
+
+
 def weight(param: Any, after: jax.Array | None = None) -> jax.Array:
     """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized.
 
-    `after`: the activation the weight is applied to. A quantized weight's dequantization then waits
-    for it (an optimization barrier, no copy); else XLA, seeing it depends on no activation, may
-    dequantize every layer's weights up front and hold them all in bf16 at once.
+    `after`: the activation the weight is applied to; a quantized weight's dequantization waits for it (`tied`).
     """
     value = param.get_value() if hasattr(param, "get_value") else param
     if isinstance(value, BlockQuantized):
-        if after is not None:
-            values, scales, _ = jax.lax.optimization_barrier((value.values, value.scales, after))
-            value = dataclasses.replace(value, values=values, scales=scales)
-        return value.dequantize()
+        return (value if after is None else tied(value, after)).dequantize()
     return param[...] if hasattr(param, "get_value") else value
 
 
