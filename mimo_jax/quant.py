@@ -97,15 +97,15 @@ def tied(value: Any, after: jax.Array) -> Any:
 
 
 def blocks_split_evenly(value: Any, spec: Any, mesh: Any) -> bool:
-    """Whether every shard of `value` laid out by PartitionSpec `spec` on `mesh` holds whole scale blocks
+    """Whether every shard of `value` laid out by PartitionSpec `spec` on `mesh` holds whole blocks
     (True for a plain array, or without a mesh): the scales then shard like the values."""
     if not isinstance(value, BlockQuantized):
         return True
     if mesh is None or spec is None:
         return True
-    for n, axes in zip(value.scales.shape, tuple(spec) + (None,) * value.ndim, strict=False):
+    for n, b, axes in zip(value.shape, value.block, tuple(spec) + (None,) * value.ndim, strict=False):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        if n % math.prod(mesh.shape[a] for a in axes):
+        if n % (b * math.prod(mesh.shape[a] for a in axes)):  # a shard's rows: whole blocks
             return False
     return True
 
