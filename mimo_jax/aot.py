@@ -3,10 +3,12 @@
 With `libtpu` installed, `jax.experimental.topologies` describes the chips of a TPU slice on
 any host, and `jax.jit(...).lower(abstract inputs).compile()` runs the real TPU compiler. No
 weights are created: parameters and the KV cache are `jax.ShapeDtypeStruct`s carrying the
-model's shardings. The compiled executables' memory analysis gives the bytes per chip.
+model's shardings. The compiled executables' memory analysis gives the bytes per chip. The steps
+are the engine's prefill and decode loop, or with `--speculative-steps k` its prefill and MTP
+speculative loop; their kernels are chosen for the TPU (`kernel_choices`), not for this host.
 
     python -m mimo_jax.aot --config configs/mimo-v2-flash.json --topology v5p:2x2x2 \\
-        --mesh tensor=2,expert=4 --batch 16 --context 32768
+        --mesh tensor=2,expert=4 --batch 16 --context 32768 [--speculative-steps 3]
 
 Exit status: 0 when every step fits the chip's HBM, 1 when one does not (or the compiler
 ran out of HBM), 2 for bad arguments.
