@@ -3,10 +3,12 @@
 With `libtpu` installed, `jax.experimental.topologies` describes the chips of a TPU slice on
 any host, and `jax.jit(...).lower(abstract inputs).compile()` runs the real TPU compiler. No
 weights are created: parameters and the KV cache are `jax.ShapeDtypeStruct`s carrying the
-model's shardings. The compiled executables' memory analysis gives the bytes per chip.
+model's shardings. The compiled executables' memory analysis gives the bytes per chip. The steps
+are the engine's prefill and decode loop, or with `--speculative-steps k` its prefill and MTP
+speculative loop; their kernels are chosen for the TPU (`kernel_choices`), not for this host.
 
     python -m mimo_jax.aot --config configs/mimo-v2-flash.json --topology v5p:2x2x2 \\
-        --mesh tensor=2,expert=4 --batch 16 --context 32768
+        --mesh tensor=2,expert=4 --batch 16 --context 32768 [--speculative-steps 3]
 
 Exit status: 0 when every step fits the chip's HBM, 1 when one does not (or the compiler
 ran out of HBM), 2 for bad arguments.
@@ -69,16 +71,42 @@ def hbm_bytes(device: Any) -> int:
 # ----------------------------------------------------------------------------- abstract inputs
 
 
-def abstract_cache(cfg, batch: int, context: int, dtype, mesh) -> list:
-    """The engine's KV cache for `batch` slots of up to `context` tokens, as sharded ShapeDtypeStructs."""
+def abstract_cache(cfg, batch: int, context: int, dtype, mesh, speculative_steps: int = 0) -> list:
+    """The engine's KV cache for `batch` slots of up to `context` tokens (and the MTP layers' caches
+    with `speculative_steps` k), as sharded ShapeDtypeStructs."""
     import jax
 
-    from mimo_jax.cache import cache_shardings, empty_cache
-    from mimo_jax.engine import cache_length
+    from mimo_jax.cache import cache_shardings
+    from mimo_jax.engine import cache_length, engine_cache
 
-    shapes = jax.eval_shape(lambda: empty_cache(cfg, batch, cache_length(context), dtype))
+    shapes = jax.eval_shape(lambda: engine_cache(cfg, batch, cache_length(context), dtype, speculative_steps))
     shardings = cache_shardings(shapes, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+# ----------------------------------------------------------------------------- kernels for the target
+
+
+def kernel_choices(platform: str) -> dict[str, str]:
+    """The MoE and attention implementations a program compiled for `platform` uses.
+
+    Decided by the target, never by this host's backend: a TPU program compiled on a GPU host
+    must use `jax.lax.ragged_dot` and XLA's attention, not the Pallas GPU kernel or cuDNN.
+    """
+    from mimo_jax import kernels
+
+    return {"moe": kernels.default_expert_impl(platform), "attention": "xla"}
+
+
+def for_platform(graphdef, params, platform: str):
+    """(graphdef, params) with every layer's kernels set for `platform` (`kernel_choices`)."""
+    from flax import nnx
+
+    choice = kernel_choices(platform)
+    model = nnx.merge(graphdef, params)
+    model.set_moe_impl(choice["moe"])
+    model.set_attention_impl(choice["attention"])
+    return nnx.split(model)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -96,23 +124,42 @@ class Step:
 
 
 def serving_steps(
-    cfg, graphdef, params, cache, *, batch: int, context: int, chunk: int, round_tokens: int, mesh
+    cfg,
+    graphdef,
+    params,
+    cache,
+    *,
+    batch: int,
+    context: int,
+    chunk: int,
+    round_tokens: int,
+    mesh,
+    speculative_steps: int = 0,
 ) -> list[Step]:
-    """The engine's jitted device functions (`mimo_jax.engine`) with abstract arguments, as `Engine` jits them.
+    """The engine's jitted device functions (`mimo_jax.engine`) with abstract arguments, as `Engine` jits them,
+    with the kernels of the mesh's platform (`for_platform`).
 
-    prefill: one chunk of one request's prompt into its cache row (`prefill_step`);
-    decode: a `while_loop` round of up to `round_tokens` tokens for every slot (`decode_round`).
+    prefill: one chunk of one request's prompt into its cache row (`prefill_step`; with speculation
+    also into the MTP layers' caches);
+    decode: a `while_loop` round of up to `round_tokens` tokens for every slot (`decode_round`);
+    with `speculative_steps` k > 0 instead speculative: a `while_loop` of up to `round_tokens`
+    MTP draft-verify-accept iterations (k drafts each, sampled), what the engine decodes with.
+    `params` must then hold k MTP layers and `cache` their caches (`abstract_cache`).
     """
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
     from mimo_jax import engine
+    from mimo_jax.speculative import history_length
 
+    k = speculative_steps
+    graphdef, params = for_platform(graphdef, params, mesh.devices.flat[0].platform)
     whole = NamedSharding(mesh, PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+    hist = history_length(k)
     shapes = jax.eval_shape(
-        lambda: engine.empty_state(batch, cfg.hidden_size, cfg.vocab_size, MAX_STOP_IDS, jnp.bfloat16)
+        lambda: engine.empty_state(batch, cfg.hidden_size, cfg.vocab_size, MAX_STOP_IDS, jnp.bfloat16, hist)
     )
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
 
@@ -121,23 +168,35 @@ def serving_steps(
 
     def decode(params, cache, state, num_steps):
         return engine.decode_round(
-            graphdef, params, cache, state, num_steps, max_steps=round_tokens, max_context=context, num_top=0
+            graphdef,
+            params,
+            cache,
+            state,
+            num_steps,
+            max_steps=round_tokens,
+            max_context=context,
+            num_top=0,
+            speculative_steps=k,
         )
 
-    tokens = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=whole)
+    # the chunk and the k prompt tokens after it (the MTP layers read them), as Engine.prefill_tokens
+    tokens = jax.ShapeDtypeStruct((chunk + k,), jnp.int32, sharding=whole)
     # the prompt's last hidden states that MTP drafting reads ([1, H] without MTP layers), as Engine passes them
-    history = jax.ShapeDtypeStruct((1, cfg.hidden_size), jnp.bfloat16, sharding=whole)
+    history = jax.ShapeDtypeStruct((max(hist, 1), cfg.hidden_size), jnp.bfloat16, sharding=whole)
     prefill_args = (params, cache, scalar, tokens, scalar, scalar, history)
-    return [
-        Step("prefill", prefill, prefill_args, (1,), f"{chunk} prompt tokens"),
-        Step(
-            "decode",
+    decode_args = (params, cache, state, scalar)
+    if k:
+        decode_step = Step(
+            "speculative",
             decode,
-            (params, cache, state, scalar),
+            decode_args,
             (1, 2),
-            f"round of up to {round_tokens} tokens x {batch} slots",
-        ),
-    ]
+            f"round of up to {round_tokens} draft-verify-accept iterations ({k} MTP drafts) x {batch} slots",
+        )
+    else:
+        describe = f"round of up to {round_tokens} tokens x {batch} slots"
+        decode_step = Step("decode", decode, decode_args, (1, 2), describe)
+    return [Step("prefill", prefill, prefill_args, (1,), f"{chunk} prompt tokens"), decode_step]
 
 
 # ----------------------------------------------------------------------------- compile and measure
@@ -209,8 +268,9 @@ def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | 
 # ----------------------------------------------------------------------------- estimate
 
 
-def planner_estimate(cfg, mesh, weights: str, batch: int, context: int) -> dict[str, int]:
-    """The memory planner's bytes per chip (`mimo_jax.plan`): parameters and KV cache.
+def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_layers: int = 0) -> dict[str, int]:
+    """The memory planner's bytes per chip (`mimo_jax.plan`): parameters and KV cache (with `mtp_layers`
+    MTP layers' weights and caches).
 
     Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
@@ -220,12 +280,12 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int) -> dict[
     from mimo_jax.sharding import logical_to_spec
 
     sizes = dict(mesh.shape)
-    kv = plan.kv_plan_per_device(cfg, sizes)
+    kv = plan.kv_plan_per_device(cfg, sizes, mtp_layers=mtp_layers)
     batch_axes = logical_to_spec(("batch",), (batch,), mesh)[0] or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     rows_per_chip = batch // math.prod(sizes[a] for a in batch_axes)
     return {
-        "params": plan.param_bytes_per_device(cfg, sizes, weights),
+        "params": plan.param_bytes_per_device(cfg, sizes, weights, mtp_layers=mtp_layers),
         "kv_cache": rows_per_chip * kv.bytes_per_sequence(context),
     }
 
@@ -253,8 +313,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = jnp.bfloat16
     if args.batch % mesh.shape["data"]:
         raise ValueError(f"--batch {args.batch} is not divisible by the data axis ({mesh.shape['data']})")
-    graphdef, params = abstract_params(cfg, dtype, mesh, args.weights)
-    cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh)
+    k = args.speculative_steps
+    if k > cfg.num_mtp_layers:
+        raise ValueError(f"--speculative-steps {k}: the model has {cfg.num_mtp_layers} MTP layers")
+    graphdef, params = abstract_params(cfg, dtype, mesh, args.weights, mtp_layers=k)
+    cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh, k)
     steps = serving_steps(
         cfg,
         graphdef,
@@ -265,8 +328,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chunk=args.chunk,
         round_tokens=args.round_tokens,
         mesh=mesh,
+        speculative_steps=k,
     )
-    estimate = planner_estimate(cfg, mesh, args.weights, args.batch, args.context)
+    estimate = planner_estimate(cfg, mesh, args.weights, args.batch, args.context, mtp_layers=k)
     reports = []
     for step in steps:
         if args.steps and step.name not in args.steps:
@@ -287,11 +351,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "context": args.context,
         "chunk": args.chunk,
         "round_tokens": args.round_tokens,
+        "speculative_steps": k,
+        "kernels": kernel_choices(devices[0].platform),
         "jax": jax.__version__,
+        "libtpu": _libtpu_version(),
         "estimate": estimate,
         "steps": [dataclasses.asdict(r) | {"peak_bytes": r.peak_bytes} for r in reports],
         "fits": all(r.error is None and r.peak_bytes <= hbm for r in reports),
     }
+
+
+def _libtpu_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -302,21 +378,24 @@ def print_result(result: dict[str, Any]) -> None:
     )
     print(
         f"batch {result['batch']} slots, context {result['context']}, prefill chunk {result['chunk']}, "
-        f"decode rounds of {result['round_tokens']} tokens; GiB per chip:"
+        f"decode rounds of {result['round_tokens']} "
+        + (f"iterations, {k} MTP drafts each" if (k := result.get("speculative_steps", 0)) else "tokens")
+        + f"; kernels {result['kernels']}; jax {result['jax']}, libtpu {result['libtpu']}; GiB per chip:"
     )
-    print(f"{'step':8} {'compile s':>9} {'args':>8} {'outputs':>8} {'aliased':>8} {'temps':>8} {'code':>8} {'peak':>8}")
+    columns = ("args", "outputs", "aliased", "temps", "code", "peak")
+    print(f"{'step':11} {'compile s':>9} " + " ".join(f"{c:>8}" for c in columns))
     for s in result["steps"]:
         if s["error"]:
-            print(f"{s['name']:8} {s['compile_s']:9.1f}  does not compile: {s['error']}")
+            print(f"{s['name']:11} {s['compile_s']:9.1f}  does not compile: {s['error']}")
             continue
         print(
-            f"{s['name']:8} {s['compile_s']:9.1f} {_gib(s['argument_bytes'])} {_gib(s['output_bytes'])} "
+            f"{s['name']:11} {s['compile_s']:9.1f} {_gib(s['argument_bytes'])} {_gib(s['output_bytes'])} "
             f"{_gib(s['alias_bytes'])} {_gib(s['temp_bytes'])} {_gib(s['code_bytes'])} {_gib(s['peak_bytes'])}"
             f"  {'fits' if s['peak_bytes'] <= hbm else 'DOES NOT FIT'}"
         )
         gpu = [t for t in s["custom_calls"] if GPU_ONLY_TARGETS.search(t)]
         if gpu:
-            print(f"{'':8} GPU-only custom calls on the TPU path: {gpu}")
+            print(f"{'':11} GPU-only custom calls on the TPU path: {gpu}")
     est = result["estimate"]
     print(
         f"planner estimate: params {est['params'] / GiB:.2f} + KV cache {est['kv_cache'] / GiB:.2f} "
@@ -336,12 +415,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
     p.add_argument("--round-tokens", type=int, default=32, help="decode steps per while_loop round")
     p.add_argument("--layers", type=int, default=None, help="only the first N layers (real pattern)")
-    p.add_argument("--steps", nargs="*", default=None, help="compile only these steps (prefill, decode)")
+    p.add_argument(
+        "--speculative-steps",
+        type=int,
+        default=0,
+        help="k > 0: the engine with MTP speculation (k MTP layers); compiles prefill and the speculative loop",
+    )
+    p.add_argument("--steps", nargs="*", default=None, help="compile only these steps (prefill, decode, speculative)")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = p.parse_args(argv)
     for name in ("batch", "context", "chunk", "round_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.speculative_steps < 0:
+        p.error("--speculative-steps must be >= 0")
     return args
 
 

@@ -35,7 +35,6 @@ from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel, MoE
 from mimo_jax.moe import EXPERT_IMPLS
-from mimo_jax.quant import dequantize_after
 from mimo_jax.sampling import SamplingParams
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -284,15 +283,19 @@ def run_decode(
     engine = Engine(lm, max_batch=batch, max_context=max_context, max_round_tokens=steps, prefill_chunk=16)
     fill_as_if_prefilled(engine, context)
     n = jnp.int32(steps)
+
+    def decode_round():  # traced under the model's mesh, as Engine.step runs it (expert-parallel MoE)
+        with lm.mesh_context():
+            engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, n)
+        return out
+
     t0 = time.perf_counter()
-    engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, n)
-    jax.block_until_ready(out)
+    jax.block_until_ready(decode_round())
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, n)
-        count = np.asarray(out.count)  # the host round-trip a server makes each round
+        count = np.asarray(decode_round().count)  # the host round-trip a server makes each round
         times.append(time.perf_counter() - t)
     assert (count == steps).all(), f"slots stopped early: {count}"
     sec = float(np.median(times)) / steps
@@ -323,28 +326,28 @@ def measure_experts_touched(engine: Engine) -> float:
         positions = jnp.where(state.active, state.positions, -1)[:, None]
         counts = []
         for layer, kv in zip(model.layers, cache, strict=True):  # DecoderLayer's steps, routing made visible
-            with dequantize_after(x):  # fp8 weights dequantized layer by layer, as in DecoderLayer
-                attn_out, _ = layer.self_attn(layer.input_layernorm(x), positions, kv)
-                x = x + attn_out
-                y = layer.post_attention_layernorm(x)
-                if isinstance(layer.mlp, MoE):
-                    m = layer.mlp
-                    _, ids = moe.route(
-                        y.reshape(-1, y.shape[-1]),
-                        m.router[...],
-                        m.correction_bias[...],
-                        top_k=m.top_k,
-                        n_group=m.n_group,
-                        topk_group=m.topk_group,
-                        norm_topk_prob=m.norm_topk_prob,
-                        scaling=m.scaling,
-                    )
-                    counts.append(jnp.zeros((m.router.shape[0],), bool).at[ids.reshape(-1)].set(True).sum())
-                x = x + layer.mlp(y)
+            attn_out, _ = layer.self_attn(layer.input_layernorm(x), positions, kv)
+            x = x + attn_out
+            y = layer.post_attention_layernorm(x)
+            if isinstance(layer.mlp, MoE):
+                m = layer.mlp
+                _, ids = moe.route(
+                    y.reshape(-1, y.shape[-1]),
+                    m.router[...],
+                    m.correction_bias[...],
+                    top_k=m.top_k,
+                    n_group=m.n_group,
+                    topk_group=m.topk_group,
+                    norm_topk_prob=m.norm_topk_prob,
+                    scaling=m.scaling,
+                )
+                counts.append(jnp.zeros((m.router.shape[0],), bool).at[ids.reshape(-1)].set(True).sum())
+            x = x + layer.mlp(y)
         return jnp.stack(counts)
 
     try:
-        return float(np.mean(jax.jit(count)(engine.params, engine.cache, engine.state)))
+        with engine.lm.mesh_context():
+            return float(np.mean(jax.jit(count)(engine.params, engine.cache, engine.state)))
     except Exception as e:  # a side measurement: the step's timing must survive it (e.g. out of memory)
         print(f"#   experts-touched count failed ({type(e).__name__}: {str(e)[:200]}); uniform-routing estimate used")
         return None
@@ -360,9 +363,10 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
             length = min(chunk, prompt_len - start)
             bucket = next(b for b in engine.buckets if b >= length)
             padded = engine.prefill_tokens(tokens, start, length, bucket)
-            engine.cache, hidden = engine.prefill_fn(
-                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
-            )
+            with lm.mesh_context():  # as Engine.step runs it
+                engine.cache, hidden = engine.prefill_fn(
+                    engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
+                )
         return jax.block_until_ready(hidden)
 
     t0 = time.perf_counter()

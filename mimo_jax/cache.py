@@ -114,14 +114,39 @@ def cache_shardings(cache: list[LayerKV], mesh: jax.sharding.Mesh) -> list[Layer
 
 
 def read_slot(cache: list[LayerKV], slot: jax.Array, clear: jax.Array) -> list[LayerKV]:
-    """The cache of one batch row (batch axis kept, size 1); `clear` marks every slot empty (a new request)."""
+    """The cache of one batch row (batch axis kept, size 1); `clear` marks every slot empty (a new request).
+
+    Traced under a mesh that splits the batch, each shard reads only its own rows (`_read_row`):
+    a plain dynamic_slice would make XLA all-gather every layer's whole cache to pick one row.
+    """
 
     def one(c: LayerKV) -> LayerKV:
-        row = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
-        pos = jnp.where(clear, -1, row(c.pos))
-        return LayerKV(k=row(c.k), v=row(c.v), pos=pos, ring=c.ring)
+        pos = jnp.where(clear, -1, _read_row(c.pos, slot, ("batch", None)))
+        return LayerKV(k=_read_row(c.k, slot, CACHE_AXES), v=_read_row(c.v, slot, CACHE_AXES), pos=pos, ring=c.ring)
 
     return [one(c) for c in cache]
+
+
+def _read_row(x: jax.Array, slot: jax.Array, axes: tuple) -> jax.Array:
+    """x[slot : slot+1] for x laid out by its logical `axes` on the current mesh (if any)."""
+    from mimo_jax.sharding import current_mesh, logical_to_spec
+
+    mesh = current_mesh()
+    spec = logical_to_spec(axes[: x.ndim], x.shape, mesh) if mesh is not None else None
+    if spec is None or spec[0] is None:  # batch not split: every device holds the row
+        return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+    batch_axes = spec[0]
+    row_spec = jax.sharding.PartitionSpec(None, *spec[1:])
+
+    def local(x, slot):
+        rows = x.shape[0]  # this shard's rows: slot's owner is shard slot // rows
+        row = jax.lax.dynamic_slice_in_dim(x, slot % rows, 1, axis=0)
+        mine = jax.lax.axis_index(batch_axes) == slot // rows
+        # only the owner contributes: the sum over the batch shards moves one row, not the cache
+        return jax.lax.psum(jnp.where(mine, row, jnp.zeros_like(row)), batch_axes)
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, replicated), out_specs=row_spec)(x, slot)
 
 
 def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> list[LayerKV]:

@@ -39,9 +39,9 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
+from mimo_jax.config import MiMoConfig
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel
-from mimo_jax.quant import BlockQuantized
 from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
 from mimo_jax.speculative import draft_chain, history_length, mtp_prefill, verify
 
@@ -101,6 +101,17 @@ class RoundOutput:
     count: jax.Array  # [B] int32, tokens emitted per slot this round
     accepted: jax.Array  # [B, S] int32, drafts accepted by each iteration's verify (-1: slot not running)
     drafts: jax.Array  # [B, S, k] int32, each iteration's draft tokens (k = 0 without speculation)
+
+
+def engine_cache(
+    cfg: MiMoConfig, batch: int, cache_len: int, dtype: Any, speculative_steps: int = 0, extra_ring_slots: int = 0
+) -> list[LayerKV]:
+    """The engine's KV cache: one LayerKV per decoder layer, then one per MTP layer speculation uses."""
+    k = speculative_steps
+    # A verify writes k positions past what it may accept: rings keep k extra slots so those
+    # writes never evict a position still inside the window.
+    target = empty_cache(cfg, batch, cache_len, dtype, max(extra_ring_slots, k))
+    return target + [empty_layer_kv(cfg.mtp_layer(), batch, cache_len, dtype) for _ in range(k)]
 
 
 def empty_state(
@@ -350,19 +361,6 @@ def decode_speculative(
     return target_cache + mtp_cache, state, out
 
 
-def _tie_quantized_to(params: nnx.State, i: jax.Array) -> nnx.State:
-    """Block-quantized weights made to depend on the loop counter `i` (an optimization barrier, no copy):
-    else XLA hoists their dequantization out of the decode loop and holds every weight in bf16 at once."""
-    is_quantized = lambda x: isinstance(x, BlockQuantized)
-    leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
-    at = [j for j, x in enumerate(leaves) if is_quantized(x)]
-    if at:
-        tied, _ = jax.lax.optimization_barrier(([leaves[j] for j in at], i))
-        for j, x in zip(at, tied, strict=True):
-            leaves[j] = x
-    return jax.tree.unflatten(treedef, leaves)
-
-
 def decode_round(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -401,7 +399,7 @@ def decode_round(
 
     def body(carry):
         i, cache, state, output = carry
-        model = nnx.merge(graphdef, _tie_quantized_to(params, i))
+        model = nnx.merge(graphdef, params)
         if k:
             cache, state, out = decode_speculative(
                 model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy
@@ -582,15 +580,8 @@ class Engine:
         dtype = jnp.dtype(cache_dtype or lm.dtype)
 
         self.cache_len = cache_length(max_context)
-        # A verify writes k positions past what it may accept: rings keep k extra slots so those
-        # writes never evict a position still inside the window.
-        extra_ring_slots = max(extra_ring_slots, k)
         self.history = history_length(k)
-        mtp_spec = cfg.mtp_layer()
-
-        def make_cache():
-            target = empty_cache(cfg, max_batch, self.cache_len, dtype, extra_ring_slots)
-            return target + [empty_layer_kv(mtp_spec, max_batch, self.cache_len, dtype) for _ in range(k)]
+        make_cache = lambda: engine_cache(cfg, max_batch, self.cache_len, dtype, k, extra_ring_slots)
 
         make_state = lambda: empty_state(
             max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype, self.history
@@ -816,18 +807,21 @@ class Engine:
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
             raise ValueError(f"max_tokens_per_round={n}: expected 1..{self.max_round_tokens}")
-        admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
-        running = [r for r in self._slots if r is not None and r.decoding]
-        round_out = None
-        if running:
-            greedy = all(r.options.temperature <= 0 for r in running)
-            decode = self.greedy_decode_fn if greedy else self.decode_fn
-            self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
-        launched = None
-        if admitted or round_out is not None:
-            # a copy: the next step donates `state`, and with overlap this is read after that
-            reasons = jnp.copy(self.state.finish_reason) if self.overlap else self.state.finish_reason
-            launched = _Launched(admitted, round_out, reasons, list(self._slots))
+        # Traced under the model's mesh (as LanguageModel's forward is): the expert-parallel MoE and
+        # the per-shard cache row reads (`cache.read_slot`) need it; without a mesh it is no context.
+        with self.lm.mesh_context():
+            admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
+            running = [r for r in self._slots if r is not None and r.decoding]
+            round_out = None
+            if running:
+                greedy = all(r.options.temperature <= 0 for r in running)
+                decode = self.greedy_decode_fn if greedy else self.decode_fn
+                self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
+            launched = None
+            if admitted or round_out is not None:
+                # a copy: the next step donates `state`, and with overlap this is read after that
+                reasons = jnp.copy(self.state.finish_reason) if self.overlap else self.state.finish_reason
+                launched = _Launched(admitted, round_out, reasons, list(self._slots))
         if not self.overlap:
             return self._collect(launched) if launched is not None else []
         previous, self._pending = self._pending, launched

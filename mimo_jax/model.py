@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import kernels, moe, sharding
+from mimo_jax import kernels, moe, quant, sharding
 from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
 from mimo_jax.cache import LayerKV, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
-from mimo_jax.quant import dequantize_after, stored, weight
+from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
@@ -63,9 +63,9 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         spec = self.spec
-        q = jnp.einsum("bth,hnd->btnd", x, weight(self.q_proj))
-        k = jnp.einsum("bth,hkd->btkd", x, weight(self.k_proj))
-        v = jnp.einsum("bth,hkd->btkd", x, weight(self.v_proj)) * jnp.asarray(self.value_scale, x.dtype)
+        q = jnp.einsum("bth,hnd->btnd", x, weight(self.q_proj, after=x))
+        k = jnp.einsum("bth,hkd->btkd", x, weight(self.k_proj, after=x))
+        v = jnp.einsum("bth,hkd->btkd", x, weight(self.v_proj, after=x)) * jnp.asarray(self.value_scale, x.dtype)
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
@@ -87,7 +87,7 @@ class Attention(nnx.Module):
             impl=self.impl,
             chunk_kv=chunk_kv,
         )
-        return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj)), kv_cache
+        return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj, after=out)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -99,8 +99,8 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (intermediate, hidden), dtype, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ weight(self.gate_proj)) * (x @ weight(self.up_proj))
-        return h @ weight(self.down_proj)
+        h = jax.nn.silu(x @ weight(self.gate_proj, after=x)) * (x @ weight(self.up_proj, after=x))
+        return h @ weight(self.down_proj, after=h)
 
 
 class MoE(nnx.Module):
@@ -114,6 +114,7 @@ class MoE(nnx.Module):
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
+    DOWN_AXES = ("experts", "moe_mlp", "embed")
 
     def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str | None = None):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -121,7 +122,7 @@ class MoE(nnx.Module):
         self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
         self.gate_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
         self.up_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
-        self.down_proj = _param(rngs, (e, i, h), dtype, ("experts", "moe_mlp", "embed"))
+        self.down_proj = _param(rngs, (e, i, h), dtype, self.DOWN_AXES)
         self.top_k = cfg.experts_per_token
         self.n_group = cfg.n_group
         self.topk_group = cfg.topk_group
@@ -142,10 +143,19 @@ class MoE(nnx.Module):
             norm_topk_prob=self.norm_topk_prob,
             scaling=self.scaling,
         )
-        read = stored if self.impl in moe.QUANTIZED_IMPLS else weight
-        experts = (read(self.gate_proj), read(self.up_proj), read(self.down_proj))
         mesh = sharding.current_mesh()
-        gate_spec = sharding.logical_to_spec(self.GATE_AXES, experts[0].shape, mesh) if mesh else None
+        gate_spec = sharding.logical_to_spec(self.GATE_AXES, self.gate_proj.get_value().shape, mesh) if mesh else None
+        down_spec = sharding.logical_to_spec(self.DOWN_AXES, self.down_proj.get_value().shape, mesh) if mesh else None
+
+        def read(p, spec):
+            # FP8 experts go as they are to implementations that take them (dequantized per shard or in the
+            # kernel) when each shard holds whole scale blocks; else dequantized here
+            value = p.get_value()
+            if self.impl in moe.QUANTIZED_IMPLS and quant.blocks_split_evenly(value, spec, mesh):
+                return quant.tied(value, x)
+            return weight(p, after=x)
+
+        experts = (read(self.gate_proj, gate_spec), read(self.up_proj, gate_spec), read(self.down_proj, down_spec))
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
@@ -184,10 +194,9 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
-        with dequantize_after(x):  # this layer's fp8 weights are dequantized when the layer runs
-            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache)
-            x = x + attn_out
-            x = x + self.mlp(self.post_attention_layernorm(x))
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
 
 
@@ -206,7 +215,8 @@ class MTPLayer(nnx.Module):
         self, token_embeds: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         """Returns the block's residual stream (before `final_layernorm`) and the new cache."""
-        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1) @ weight(self.eh_proj)
+        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(hidden)], axis=-1)
+        x = x @ weight(self.eh_proj, after=x)
         return self.block(x, positions, kv_cache)
 
 
@@ -255,7 +265,7 @@ class MiMoModel(nnx.Module):
             layer.strategy, layer.capacity_factor = strategy, capacity_factor
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
-        return jnp.take(weight(self.embed_tokens), token_ids, axis=0)
+        return jnp.take(weight(self.embed_tokens, after=token_ids), token_ids, axis=0)
 
     def hidden_states(
         self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
@@ -275,9 +285,11 @@ class MiMoModel(nnx.Module):
         """Final norm (the model's, or an MTP layer's) and lm_head -> float32 logits [..., vocab]."""
         h = (norm or self.norm)(hidden)
         if self.lm_head is None:
-            logits = jnp.einsum("...h,vh->...v", h, weight(self.embed_tokens), preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "...h,vh->...v", h, weight(self.embed_tokens, after=h), preferred_element_type=jnp.float32
+            )
         else:
-            logits = jnp.einsum("...h,hv->...v", h, weight(self.lm_head), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,hv->...v", h, weight(self.lm_head, after=h), preferred_element_type=jnp.float32)
         if logits.ndim < 2:
             return logits
         return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))

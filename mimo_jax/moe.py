@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mimo_jax import kernels
+from mimo_jax import kernels, quant
 
 
 def route(
@@ -101,14 +101,21 @@ def sort_by_expert(ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Arr
 def experts_ragged(
     x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
 ) -> jax.Array:
-    """Grouped matmul over tokens sorted by expert; same contract as `experts_dense`."""
+    """Grouped matmul over tokens sorted by expert; same contract as `experts_dense`.
+
+    Block-quantized FP8 experts (`quant.BlockQuantized`) are dequantized here, a few experts at a time
+    (`quant.dequantize_experts`): inside the expert-parallel shard_map that is this shard's experts.
+    """
     n, k = ids.shape
     order, group_sizes = sort_by_expert(ids, w_gate.shape[0])
     token = order // k
     xs = x[token]
-    g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
-    u = jax.lax.ragged_dot(xs, w_up, group_sizes)
-    y = jax.lax.ragged_dot(_swiglu(xs, g, u), w_down, group_sizes, preferred_element_type=jnp.float32)
+    # one projection's dequantized experts at a time: each waits for the previous product (`quant.tied`)
+    g = jax.lax.ragged_dot(xs, quant.dequantize_experts(w_gate), group_sizes)
+    u = jax.lax.ragged_dot(xs, quant.dequantize_experts(quant.tied(w_up, g)), group_sizes)
+    h = _swiglu(xs, g, u)
+    w_down = quant.dequantize_experts(quant.tied(w_down, h))
+    y = jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32)
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
 
@@ -147,7 +154,7 @@ EXPERT_IMPLS = {
     "pallas_gpu": kernels.experts_pallas_gpu,
 }
 # Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
-QUANTIZED_IMPLS = frozenset({"pallas_gpu"})
+QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu"})
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------

@@ -22,11 +22,8 @@ consume `values[e]` ([in, out]) with `scales[e]` directly.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -61,48 +58,82 @@ class BlockQuantized:
         return math.prod(self.values.shape) * FP8.itemsize + math.prod(self.scales.shape) * 4
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
+        """values * scales in float32, cast to `dtype`: one fused elementwise pass on TPU/GPU.
+
+        The last (minor) axis's scales are repeated (1/b of the weight's size); every other axis is
+        split into [n/b, b] so the scales broadcast over b. Repeating them along every axis would
+        materialize a float32 scale tensor as large as the weight (the TPU compiler does not fuse
+        that broadcast through the reshape into the multiply).
+        """
+        shape, block, last = self.values.shape, self.block, self.values.ndim - 1
         scales = self.scales.astype(jnp.float32)
-        for axis, (size, b) in enumerate(zip(self.values.shape, self.block, strict=True)):
-            if b > 1:
-                scales = jax.lax.slice_in_dim(jnp.repeat(scales, b, axis=axis), 0, size, axis=axis)
-        return (self.values.astype(jnp.float32) * scales).astype(dtype or self.dtype)
+        split = [axis < last and b > 1 and n % b == 0 for axis, (n, b) in enumerate(zip(shape, block, strict=True))]
+        for axis, (n, b) in enumerate(zip(shape, block, strict=True)):
+            if b > 1 and not split[axis]:
+                scales = jax.lax.slice_in_dim(jnp.repeat(scales, b, axis=axis), 0, n, axis=axis)
+        values_shape = [
+            d for axis, n in enumerate(shape) for d in ((n // block[axis], block[axis]) if split[axis] else (n,))
+        ]
+        scales_shape = [d for axis, n in enumerate(scales.shape) for d in ((n, 1) if split[axis] else (n,))]
+        values = self.values.reshape(values_shape).astype(jnp.float32)
+        return (values * scales.reshape(scales_shape)).astype(dtype or self.dtype).reshape(shape)
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
 
 
-_ANCHOR: contextvars.ContextVar = contextvars.ContextVar("dequantize_after", default=None)
+def tied(value: Any, after: jax.Array) -> Any:
+    """A block-quantized `value` made to wait for `after` (an optimization barrier, no copy); others as given.
 
-
-@contextlib.contextmanager
-def dequantize_after(anchor: jax.Array) -> Iterator[None]:
-    """Inside: block-quantized weights read through `weight` / `stored` wait for `anchor` (a layer's input).
-
-    Their dequantization depends on no activation, so XLA may otherwise run every layer's at the
-    program's start and hold all layers' dequantized weights at once (tens of GB at full size).
+    Its dequantization then cannot run before the activation it is applied to exists: else XLA,
+    seeing it depends on no activation, may dequantize every layer's weights up front (and hoist
+    them out of the decode loop), holding them all in bf16 at once.
     """
-    token = _ANCHOR.set(anchor)
-    try:
-        yield
-    finally:
-        _ANCHOR.reset(token)
+    if not isinstance(value, BlockQuantized):
+        return value
+    values, scales, _ = jax.lax.optimization_barrier((value.values, value.scales, after))
+    return dataclasses.replace(value, values=values, scales=scales)
 
 
-def stored(param: Any) -> Any:
-    """A parameter's value as stored (a `BlockQuantized` stays quantized), ordered after `dequantize_after`'s anchor."""
+def blocks_split_evenly(value: Any, spec: Any, mesh: Any) -> bool:
+    """Whether every shard of `value` laid out by PartitionSpec `spec` on `mesh` holds whole blocks
+    (True for a plain array, or without a mesh): the scales then shard like the values."""
+    if not isinstance(value, BlockQuantized):
+        return True
+    if mesh is None or spec is None:
+        return True
+    for n, b, axes in zip(value.shape, value.block, tuple(spec) + (None,) * value.ndim, strict=False):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        if n % (b * math.prod(mesh.shape[a] for a in axes)):  # a shard's rows: whole blocks
+            return False
+    return True
+
+
+def dequantize_experts(w: Any, group: int = 8) -> jax.Array:
+    """Stacked expert weights [E, ...] (an array, or `BlockQuantized`) in bf16, dequantized `group` experts
+    at a time in a loop: the float32 working set (the products and the broadcast block scales, which
+    the TPU compiler materializes) is one group's, not every expert's at once."""
+    if not isinstance(w, BlockQuantized):
+        return w
+    e = w.shape[0]
+    g = math.gcd(e, group)
+    if g == e:
+        return w.dequantize()
+    one = lambda vs: dataclasses.replace(w, values=vs[0], scales=vs[1]).dequantize()
+    grouped = lambda a: a.reshape((e // g, g) + a.shape[1:])
+    out = jax.lax.map(one, (grouped(w.values), grouped(w.scales)))
+    return out.reshape(w.shape)
+
+
+def weight(param: Any, after: jax.Array | None = None) -> jax.Array:
+    """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized.
+
+    `after`: the activation the weight is applied to; a quantized weight's dequantization waits for it (`tied`).
+    """
     value = param.get_value() if hasattr(param, "get_value") else param
-    anchor = _ANCHOR.get()
-    if isinstance(value, BlockQuantized) and anchor is not None:
-        value, _ = jax.lax.optimization_barrier((value, anchor))  # no copy: only orders the reads
-    return value
-
-
-def weight(param: Any) -> jax.Array:
-    """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized."""
-    value = stored(param)
     if isinstance(value, BlockQuantized):
-        return value.dequantize()
+        return (value if after is None else tied(value, after)).dequantize()
     return param[...] if hasattr(param, "get_value") else value
 
 

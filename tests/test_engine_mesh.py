@@ -61,3 +61,27 @@ def test_fp8_weights_are_dequantized_inside_the_decode_loop():
     entry = next(c for c in computations if c.startswith("ENTRY"))
     assert takes_fp8  # the dequantizing computations exist...
     assert not [name for name in takes_fp8 if f"calls=%{name}" in entry]  # ...and none runs before the loop
+
+
+def test_prefill_reads_only_the_owner_shard_of_a_batch_split_cache():
+    """Prefill reads one slot's cache row: on a mesh that splits the batch (data x expert) only that
+    row may cross devices, never a whole layer cache (a plain dynamic_slice all-gathers it)."""
+    import re
+
+    cfg = MiMoConfig.from_dict(TINY)
+    model = MiMoModel(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    shardings = model_shardings(model, mesh)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_value(jax.device_put(var.get_value(), shardings[path]))
+    lm = mimo_jax.LanguageModel(model, mesh=mesh)
+    engine = Engine(lm, max_batch=8, max_context=64, prefill_chunk=8, max_round_tokens=2)
+    assert engine.cache[0].k.sharding.spec[0] == ("data", "expert")
+    with lm.mesh_context():  # as Engine.step traces it
+        hlo = engine.prefill_fn.lower(*engine.abstract_prefill_args(8)).compile().as_text()
+    gathered = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", hlo)
+    whole = {f"{x.dtype}[{','.join(map(str, x.shape))}]" for c in engine.cache for x in (c.k, c.v, c.pos)}
+    whole = {w.replace("float32", "f32").replace("int32", "s32") for w in whole}
+    assert not whole & set(gathered), f"prefill all-gathers whole cache arrays: {sorted(whole & set(gathered))}"
+    assert "all-reduce" in hlo  # the owner's row is summed across the batch shards

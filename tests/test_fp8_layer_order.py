@@ -1,4 +1,4 @@
-"""fp8 weights are dequantized layer by layer (`quant.dequantize_after`), not all at a program's start.
+"""fp8 weights are dequantized layer by layer (`quant.weight(p, after=x)`), not all at a program's start.
 
 The behaviour shows in compiled memory: without the ordering, the TPU compiler schedules every layer's
 dequantization first and the temporaries grow by a layer's bf16 experts per layer (206 -> 1026 MB

@@ -2,7 +2,8 @@
 
 No TPU is needed: libtpu's compiler runs on the CPU host against a described topology. This
 catches what only the TPU compiler rejects: a GPU-only kernel or custom call, a sharding it
-cannot partition, a program that does not fit HBM.
+cannot partition, a program that does not fit HBM. The models are built as on a GPU host
+(Pallas GPU MoE kernel, cuDNN attention): the kernels must follow the target, not the host.
 """
 
 import importlib.util
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mimo_jax import aot
+from mimo_jax import aot, kernels
 from mimo_jax.config import MiMoConfig
 from mimo_jax.sharding import make_mesh
 from mimo_jax.weights.loader import abstract_params
@@ -29,8 +30,22 @@ TOPOLOGY = "v5e:2x2"
 LAYERS, BATCH, CONTEXT, CHUNK = 2, 4, 1024, 128
 
 
-# The released weights are FP8 (served as `weights="fp8"`); bf16 prefill covers the plain-array path.
-CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill")]
+# MTP speculation: the engine with this many draft steps (as many of Flash's 3 MTP layers)
+SPECULATIVE_STEPS = 2
+
+# The released weights are FP8 (served as `weights="fp8"`); bf16 prefill covers the plain-array path;
+# "speculative" is the MTP draft-verify-accept loop (and its prefill also fills the MTP layers' caches).
+CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill"), ("fp8", "speculative")]
+
+
+def as_on_a_gpu_host(graphdef, params):
+    """The model as a GPU host builds it by default: Pallas GPU MoE kernel, cuDNN attention."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    model.set_moe_impl("pallas_gpu")
+    model.set_attention_impl("cudnn")
+    return nnx.split(model)
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +54,35 @@ def flash_slice():
     devices = aot.tpu_devices(TOPOLOGY)
     cfg = MiMoConfig.from_json(FLASH).first_layers(LAYERS)
     assert cfg.sliding == (False, True) and cfg.moe == (False, True) and cfg.hidden_size == 4096
+    assert cfg.num_mtp_layers >= SPECULATIVE_STEPS
     mesh = make_mesh(tensor=2, expert=2, devices=devices)
-    cache = aot.abstract_cache(cfg, BATCH, CONTEXT, jnp.bfloat16, mesh)
     done = {}
 
     def compile(weights, step_name):
         if (weights, step_name) not in done:
-            graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights)
+            k = SPECULATIVE_STEPS if step_name == "speculative" else 0
+            cache = aot.abstract_cache(cfg, BATCH, CONTEXT, jnp.bfloat16, mesh, k)
+            with pytest.MonkeyPatch.context() as patch:  # the host's default says GPU
+                patch.setattr(kernels, "default_expert_impl", lambda platform=None: "pallas_gpu")
+                graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights, mtp_layers=k)
+            graphdef, params = as_on_a_gpu_host(graphdef, params)
             steps = aot.serving_steps(
-                cfg, graphdef, params, cache, batch=BATCH, context=CONTEXT, chunk=CHUNK, round_tokens=4, mesh=mesh
+                cfg,
+                graphdef,
+                params,
+                cache,
+                batch=BATCH,
+                context=CONTEXT,
+                chunk=CHUNK,
+                round_tokens=4,
+                mesh=mesh,
+                speculative_steps=k,
             )
+            assert [s.name for s in steps] == ["prefill", "speculative" if k else "decode"]
             (step,) = [s for s in steps if s.name == step_name]
             report, hlo = aot.compile_step(step, keep_hlo=True)
-            done[weights, step_name] = report, hlo, aot.planner_estimate(cfg, mesh, weights, BATCH, CONTEXT)
+            estimate = aot.planner_estimate(cfg, mesh, weights, BATCH, CONTEXT, mtp_layers=k)
+            done[weights, step_name] = report, hlo, estimate
         return done[weights, step_name]
 
     compile.hbm = aot.hbm_bytes(devices[0])
@@ -77,6 +108,23 @@ def test_tpu_path_has_no_gpu_only_ops_and_uses_native_grouped_matmul(flash_slice
     assert not gpu_only, f"GPU-only custom calls in the TPU program: {gpu_only}"
     # jax.lax.ragged_dot becomes the TPU compiler's own grouped-matmul kernel.
     assert re.search(r"ragged-dot\S* = .*custom_call_target=\"tpu_custom_call\"", hlo)
+
+
+def test_speculative_loop_drafts_with_the_mtp_layers(flash_slice):
+    """The compiled speculative round holds the MTP layers' work: their weights are arguments
+    (the planner counts them) and its program is not the plain decode loop's."""
+    spec, spec_hlo, spec_estimate = flash_slice("fp8", "speculative")
+    plain, _, plain_estimate = flash_slice("fp8", "decode")
+    assert spec_estimate["params"] > plain_estimate["params"]
+    assert spec.argument_bytes > plain.argument_bytes
+    assert spec_hlo.count("while(") >= 1 and "ragged-dot" in spec_hlo
+
+
+def test_kernels_follow_the_target_platform(monkeypatch):
+    monkeypatch.setattr("jax.default_backend", lambda: "gpu")
+    assert kernels.default_expert_impl() == "pallas_gpu"  # the host's default...
+    assert aot.kernel_choices("tpu") == {"moe": "ragged", "attention": "xla"}  # ...not the target's
+    assert aot.kernel_choices("gpu")["moe"] == "pallas_gpu"
 
 
 def test_gpu_only_targets_are_recognised():

@@ -12,6 +12,11 @@ def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
     return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down)
 
 
-def default_expert_impl() -> str:
-    """EXPERT_IMPLS name to use on this backend: the Pallas kernel on GPU, `jax.lax.ragged_dot` elsewhere."""
-    return "pallas_gpu" if jax.default_backend() == "gpu" else "ragged"
+def default_expert_impl(platform: str | None = None) -> str:
+    """EXPERT_IMPLS name for `platform` ("gpu", "tpu", "cpu"; default: this process's backend): the
+    Pallas kernel on GPU, `jax.lax.ragged_dot` elsewhere (on TPU the compiler's own grouped matmul).
+
+    Code that compiles for another platform than the host's (`mimo_jax.aot`) passes the target.
+    """
+    platform = platform or jax.default_backend()
+    return "pallas_gpu" if platform in ("gpu", "cuda", "rocm") else "ragged"
