@@ -54,7 +54,7 @@ def compile_row(out: str, row: tuple) -> None:
     model, _, topology, mesh, weights, k = unpack(row)
     path = json_path(out, row)
     est = planner_only(model, mesh, weights, k)
-    if os.path.exists(path) or est["params"] + est["kv_cache"] >= hbm_of(topology):
+    if os.path.exists(path) or sum(est.values()) >= hbm_of(topology):
         return
     cmd = [
         sys.executable,
@@ -91,9 +91,14 @@ def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.1f}"
 
 
+def planned_cell(est: dict[str, int]) -> str:
+    return f"{gib(sum(est.values()))} ({gib(est['params'])} + {gib(est['kv_cache'])} + {gib(est['dequantized'])})"
+
+
 def table(out: str) -> str:
     lines = [
-        "| model | slice | weights | mesh | planner est. GiB/chip (params + KV) | compiler GiB/chip prefill / decode "
+        "| model | slice | weights | mesh | planner est. GiB/chip (params + KV + fp8 dequantized) | "
+        "compiler GiB/chip prefill / decode "
         "(args + temps) | compiler / planner | HBM GiB/chip | fits | compile s prefill / decode |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -104,16 +109,16 @@ def table(out: str) -> str:
         if not os.path.exists(path):  # not compiled: the planner's figure alone
             est = planner_only(model, mesh, weights, k)
             hbm = hbm_of(topology)
-            total = est["params"] + est["kv_cache"]
+            total = sum(est.values())
             lines.append(
-                f"| {name} | {slice_name} ({topology}) | {weights} | {mesh} | "
-                f"{gib(total)} ({gib(est['params'])} + {gib(est['kv_cache'])}) | not compiled | | {gib(hbm)} | "
+                f"| {name} | {slice_name} ({topology}) | {weights} | {mesh} | {planned_cell(est)} | not compiled | | "
+                f"{gib(hbm)} | "
                 f"{'planner: yes' if total < hbm else 'no (planner: weights + KV exceed HBM)'} | |"
             )
             continue
         with open(path) as f:
             r = json.load(f)
-        est = r["estimate"]
+        est = planner_only(model, mesh, weights, k)  # today's planner (the saved JSON has the compile-time one)
         steps = {s["name"]: s for s in r["steps"]}
 
         def peak(s):
@@ -122,11 +127,11 @@ def table(out: str) -> str:
             return f"{gib(s['peak_bytes'])} ({gib(s['argument_bytes'])} + {gib(s['temp_bytes'])})"
 
         loop = steps["speculative" if k else "decode"]
-        planned = est["params"] + est["kv_cache"]
+        planned = sum(est.values())
         worst = max((s["peak_bytes"] for s in (steps["prefill"], loop) if not s["error"]), default=None)
         lines.append(
             f"| {name} | {slice_name} ({topology}) | {weights} | {mesh} | "
-            f"{gib(planned)} ({gib(est['params'])} + {gib(est['kv_cache'])}) | "
+            f"{planned_cell(est)} | "
             f"{peak(steps['prefill'])} / {peak(loop)} | "
             f"{'-' if worst is None else f'{worst / planned:.2f}'} | {gib(r['hbm_bytes'])} | "
             f"{'yes' if r['fits'] else 'no'} | "

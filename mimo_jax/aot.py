@@ -269,8 +269,8 @@ def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | 
 
 
 def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_layers: int = 0) -> dict[str, int]:
-    """The memory planner's bytes per chip (`mimo_jax.plan`): parameters and KV cache (with `mtp_layers`
-    MTP layers' weights and caches).
+    """The memory planner's bytes per chip (`mimo_jax.plan`): parameters, KV cache (with `mtp_layers`
+    MTP layers' weights and caches) and the FP8 weights dequantized at once.
 
     Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
@@ -287,6 +287,7 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_laye
     return {
         "params": plan.param_bytes_per_device(cfg, sizes, weights, mtp_layers=mtp_layers),
         "kv_cache": rows_per_chip * kv.bytes_per_sequence(context),
+        "dequantized": plan.dequantized_working_set_per_device(cfg, sizes, weights, mtp_layers=mtp_layers),
     }
 
 
@@ -399,7 +400,7 @@ def print_result(result: dict[str, Any]) -> None:
     est = result["estimate"]
     print(
         f"planner estimate: params {est['params'] / GiB:.2f} + KV cache {est['kv_cache'] / GiB:.2f} "
-        f"= {(est['params'] + est['kv_cache']) / GiB:.2f} GiB per chip"
+        f"+ fp8 dequantized at once {est['dequantized'] / GiB:.2f} = {sum(est.values()) / GiB:.2f} GiB per chip"
     )
     print("fits" if result["fits"] else "DOES NOT FIT")
 

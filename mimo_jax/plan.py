@@ -105,6 +105,32 @@ def param_bytes_per_device(
     return total
 
 
+def dequantized_working_set_per_device(
+    cfg: MiMoConfig, mesh_sizes: dict[str, int], weights: str = "bf16", mtp_layers: int = 0
+) -> int:
+    """Bytes of FP8 weights dequantized at once on a device: the two largest kept-FP8 parameters (per
+    device) in bf16, e.g. a MoE projection's local experts and the lm_head. Each weight is dequantized
+    only when its layer runs (`quant.weight(p, after=x)`), so this, not the sum, is what is live."""
+    from mimo_jax.weights.loader import abstract_model
+
+    block = _block(cfg) if weights == "fp8" else None
+    if block is None:
+        return 0
+    import jax.numpy as jnp
+
+    mesh = abstract_mesh(mesh_sizes)
+    model = abstract_model(cfg, jnp.bfloat16, mtp_layers)
+    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    sizes = []
+    for src in parameter_sources(cfg, mtp_layers):
+        if src.kind in _KEEP_FP8 and src.tensors[0].quantizable:
+            var = params[src.path]
+            shape = tuple(var.get_value().shape)
+            axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(shape))
+            sizes.append(2 * _per_device(shape, logical_to_spec(axes, shape, mesh), mesh))
+    return sum(sorted(sizes)[-2:])
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceKVPlan:
     full_bytes_per_token: int  # all full-attention layers, one token, whole model (grows with context)
