@@ -152,9 +152,10 @@ EXPERT_IMPLS = {
     "gather": experts_gather,
     "gather_fused": experts_gather_fused,
     "pallas_gpu": kernels.experts_pallas_gpu,
+    "pallas_gpu_w8a8": kernels.experts_pallas_gpu_w8a8,
 }
 # Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
-QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu"})
+QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu", "pallas_gpu_w8a8"})
 
 
 # --- Expert parallelism on a mesh -----------------------------------------------------------

@@ -219,9 +219,12 @@ def test_lowers_to_triton_for_cuda_inside_shard_map(fp8):
 
 def test_registry_and_backend_choice():
     assert moe.EXPERT_IMPLS["pallas_gpu"] is kernels.experts_pallas_gpu
+    assert moe.EXPERT_IMPLS["pallas_gpu_w8a8"] is kernels.experts_pallas_gpu_w8a8
+    assert {"pallas_gpu", "pallas_gpu_w8a8"} <= moe.QUANTIZED_IMPLS  # fp8 experts reach the kernel as stored
     assert kernels.default_expert_impl() == "ragged"  # CI runs on CPU
-    with pytest.raises(ValueError, match="GPU backend"):
-        kernels.experts_pallas_gpu(*([jnp.zeros((1, 1))] * 6))
+    for impl in (kernels.experts_pallas_gpu, kernels.experts_pallas_gpu_w8a8):
+        with pytest.raises(ValueError, match="GPU backend"):
+            impl(*([jnp.zeros((1, 1))] * 6))
 
 
 def test_bad_inputs_are_named():
