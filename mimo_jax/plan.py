@@ -78,25 +78,36 @@ def _per_device(shape: tuple[int, ...], spec: PartitionSpec, mesh: AbstractMesh)
     return n
 
 
-def param_bytes_per_device(
-    cfg: MiMoConfig, mesh_sizes: dict[str, int], weights: str = "bf16", dtype_bytes: int = 2, mtp_layers: int = 0
-) -> int:
-    """Bytes of parameters on each device (the fullest one) after `load_model(..., weights=weights)`."""
+def _placed_params(cfg: MiMoConfig, mesh: AbstractMesh, dtype: Any, mtp_layers: int):
+    """(source, parameter variable, shape, logical axes, PartitionSpec on `mesh`) for every parameter
+    the loader places, in the tensor table's order."""
     from mimo_jax.weights.loader import abstract_model
 
-    mesh = abstract_mesh(mesh_sizes)
-    block = _block(cfg) if weights == "fp8" else None
-    import jax.numpy as jnp
-
-    model = abstract_model(cfg, jnp.bfloat16 if dtype_bytes == 2 else jnp.float32, mtp_layers)
+    model = abstract_model(cfg, dtype, mtp_layers)
     params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
-    total = 0
     for src in parameter_sources(cfg, mtp_layers):
         var = params[src.path]
         shape = tuple(var.get_value().shape)
         axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(shape))
-        spec = logical_to_spec(axes, shape, mesh)
-        if block and src.kind in _KEEP_FP8 and src.tensors[0].quantizable:
+        yield src, var, shape, axes, logical_to_spec(axes, shape, mesh)
+
+
+def _kept_fp8(src, block) -> bool:
+    return bool(block) and src.kind in _KEEP_FP8 and src.tensors[0].quantizable
+
+
+def param_bytes_per_device(
+    cfg: MiMoConfig, mesh_sizes: dict[str, int], weights: str = "bf16", dtype_bytes: int = 2, mtp_layers: int = 0
+) -> int:
+    """Bytes of parameters on each device (the fullest one) after `load_model(..., weights=weights)`."""
+    import jax.numpy as jnp
+
+    mesh = abstract_mesh(mesh_sizes)
+    block = _block(cfg) if weights == "fp8" else None
+    total = 0
+    dtype = jnp.bfloat16 if dtype_bytes == 2 else jnp.float32
+    for src, var, shape, axes, spec in _placed_params(cfg, mesh, dtype, mtp_layers):
+        if _kept_fp8(src, block):
             scales = scale_shape(shape, fp8_param_block(src.kind, len(shape), block))
             total += _per_device(shape, spec, mesh) + 4 * _per_device(scales, logical_to_spec(axes, scales, mesh), mesh)
         else:
@@ -111,23 +122,15 @@ def dequantized_working_set_per_device(
     """Bytes of FP8 weights dequantized at once on a device: the two largest kept-FP8 parameters (per
     device) in bf16, e.g. a MoE projection's local experts and the lm_head. Each weight is dequantized
     only when its layer runs (`quant.weight(p, after=x)`), so this, not the sum, is what is live."""
-    from mimo_jax.weights.loader import abstract_model
-
-    block = _block(cfg) if weights == "fp8" else None
-    if block is None:
-        return 0
     import jax.numpy as jnp
 
+    block = _block(cfg) if weights == "fp8" else None
     mesh = abstract_mesh(mesh_sizes)
-    model = abstract_model(cfg, jnp.bfloat16, mtp_layers)
-    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
-    sizes = []
-    for src in parameter_sources(cfg, mtp_layers):
-        if src.kind in _KEEP_FP8 and src.tensors[0].quantizable:
-            var = params[src.path]
-            shape = tuple(var.get_value().shape)
-            axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(shape))
-            sizes.append(2 * _per_device(shape, logical_to_spec(axes, shape, mesh), mesh))
+    sizes = [
+        2 * _per_device(shape, spec, mesh)
+        for src, _, shape, _, spec in _placed_params(cfg, mesh, jnp.bfloat16, mtp_layers)
+        if _kept_fp8(src, block)
+    ]
     return sum(sorted(sizes)[-2:])
 
 
