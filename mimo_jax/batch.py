@@ -511,47 +511,44 @@ def run_batch(
     next_id = 0
     exhausted = False
     try:
-        with engine.lm.mesh_context():
-            while True:
-                while engine.free_slots:
-                    if not queue and not exhausted:
-                        block = feed.next_block()
-                        exhausted = not block
-                        queue.extend(block)
-                    if not queue:
-                        break
-                    item = queue.popleft()
-                    engine.add(next_id, item.prompt_ids, item.options)
-                    in_flight[next_id] = _start_record(item, start) if leader else None
-                    next_id += 1
-                if not engine.has_work():
+        while True:
+            while engine.free_slots:
+                if not queue and not exhausted:
+                    block = feed.next_block()
+                    exhausted = not block
+                    queue.extend(block)
+                if not queue:
                     break
-                outputs = engine.step(prefill_tokens=settings.prefill_tokens or 1 << 62)
-                now = time.perf_counter()
-                finished = []
-                for out in outputs:
-                    rec = in_flight[out.request_id]
-                    if out.finished:
-                        del in_flight[out.request_id]
-                    if rec is None:
-                        continue
-                    rec["first"] = rec["first"] or now
-                    rec["token_ids"].extend(out.token_ids)
-                    if rec["logprobs"] is not None:
-                        rec["logprobs"].extend(out.logprobs)
-                        rec["top_logprobs"].extend([[list(p) for p in top] for top in out.top_logprobs])
-                    summary.completion_tokens += len(out.token_ids)
-                    if out.finished:
-                        finished.append(_finish_record(rec, out.finish_reason, now, tokenizer))
-                if writer is not None:
-                    writer.write(finished)
-                summary.completed += len(finished)
-                summary.prompt_tokens += sum(r["usage"]["prompt_tokens"] for r in finished)
-                if bar is not None:
-                    bar.update(len(finished))
-                    bar.set_postfix_str(
-                        f"{summary.completion_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False
-                    )
+                item = queue.popleft()
+                engine.add(next_id, item.prompt_ids, item.options)
+                in_flight[next_id] = _start_record(item, start) if leader else None
+                next_id += 1
+            if not engine.has_work():
+                break
+            outputs = engine.step(prefill_tokens=settings.prefill_tokens or 1 << 62)
+            now = time.perf_counter()
+            finished = []
+            for out in outputs:
+                rec = in_flight[out.request_id]
+                if out.finished:
+                    del in_flight[out.request_id]
+                if rec is None:
+                    continue
+                rec["first"] = rec["first"] or now
+                rec["token_ids"].extend(out.token_ids)
+                if rec["logprobs"] is not None:
+                    rec["logprobs"].extend(out.logprobs)
+                    rec["top_logprobs"].extend([[list(p) for p in top] for top in out.top_logprobs])
+                summary.completion_tokens += len(out.token_ids)
+                if out.finished:
+                    finished.append(_finish_record(rec, out.finish_reason, now, tokenizer))
+            if writer is not None:
+                writer.write(finished)
+            summary.completed += len(finished)
+            summary.prompt_tokens += sum(r["usage"]["prompt_tokens"] for r in finished)
+            if bar is not None:
+                bar.update(len(finished))
+                bar.set_postfix_str(f"{summary.completion_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
     finally:
         for request_id in in_flight:  # after an error: free the slots
             engine.cancel(request_id)

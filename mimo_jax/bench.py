@@ -284,9 +284,8 @@ def run_decode(
     fill_as_if_prefilled(engine, context)
     n = jnp.int32(steps)
 
-    def decode_round():  # traced under the model's mesh, as Engine.step runs it (expert-parallel MoE)
-        with lm.mesh_context():
-            engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, n)
+    def decode_round():
+        engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, n)
         return out
 
     t0 = time.perf_counter()
@@ -363,10 +362,9 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
             length = min(chunk, prompt_len - start)
             bucket = next(b for b in engine.buckets if b >= length)
             padded = engine.prefill_tokens(tokens, start, length, bucket)
-            with lm.mesh_context():  # as Engine.step runs it
-                engine.cache, hidden = engine.prefill_fn(
-                    engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
-                )
+            engine.cache, hidden = engine.prefill_fn(
+                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
+            )
         return jax.block_until_ready(hidden)
 
     t0 = time.perf_counter()

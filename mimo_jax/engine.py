@@ -463,6 +463,25 @@ class _Request:
     decoding: bool = False
 
 
+class _UnderMesh:
+    """A jitted engine function that is traced, run and lowered under the model's mesh, whoever calls it
+    (as LanguageModel's forward is): the expert-parallel MoE and the per-shard cache reads find it there."""
+
+    def __init__(self, jitted: Any, lm: LanguageModel):
+        self._jitted, self._lm = jitted, lm
+
+    def __call__(self, *args: Any) -> Any:
+        with self._lm.mesh_context():
+            return self._jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with self._lm.mesh_context():
+            return self._jitted.lower(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)
+
+
 @dataclasses.dataclass
 class _Launched:
     """One step's work on the device, not yet read: admissions' first tokens, the decode round, and the
@@ -623,16 +642,17 @@ class Engine:
         cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         decode_out = (cache_sharding, state_sharding, None)
-        self.prefill_fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, self._replicated))
-        self.admit_fn = jax.jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
-        self.decode_fn = jax.jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
+        jit = lambda fn, **kw: _UnderMesh(jax.jit(fn, **kw), lm)
+        self.prefill_fn = jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, self._replicated))
+        self.admit_fn = jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
+        self.decode_fn = jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
         # Speculation when every running request is greedy (the host knows): drafts and verify
         # compare argmaxes, no distributions. Without speculation the same function as decode_fn.
         greedy_decode = lambda params, cache, state, num_steps: decode(params, cache, state, num_steps, True)
         self.greedy_decode_fn = (
-            jax.jit(greedy_decode, donate_argnums=(1, 2), out_shardings=decode_out) if k else self.decode_fn
+            jit(greedy_decode, donate_argnums=(1, 2), out_shardings=decode_out) if k else self.decode_fn
         )
-        self.release_fn = jax.jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
+        self.release_fn = jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
@@ -807,21 +827,18 @@ class Engine:
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
             raise ValueError(f"max_tokens_per_round={n}: expected 1..{self.max_round_tokens}")
-        # Traced under the model's mesh (as LanguageModel's forward is): the expert-parallel MoE and
-        # the per-shard cache row reads (`cache.read_slot`) need it; without a mesh it is no context.
-        with self.lm.mesh_context():
-            admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
-            running = [r for r in self._slots if r is not None and r.decoding]
-            round_out = None
-            if running:
-                greedy = all(r.options.temperature <= 0 for r in running)
-                decode = self.greedy_decode_fn if greedy else self.decode_fn
-                self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
-            launched = None
-            if admitted or round_out is not None:
-                # a copy: the next step donates `state`, and with overlap this is read after that
-                reasons = jnp.copy(self.state.finish_reason) if self.overlap else self.state.finish_reason
-                launched = _Launched(admitted, round_out, reasons, list(self._slots))
+        admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
+        running = [r for r in self._slots if r is not None and r.decoding]
+        round_out = None
+        if running:
+            greedy = all(r.options.temperature <= 0 for r in running)
+            decode = self.greedy_decode_fn if greedy else self.decode_fn
+            self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
+        launched = None
+        if admitted or round_out is not None:
+            # a copy: the next step donates `state`, and with overlap this is read after that
+            reasons = jnp.copy(self.state.finish_reason) if self.overlap else self.state.finish_reason
+            launched = _Launched(admitted, round_out, reasons, list(self._slots))
         if not self.overlap:
             return self._collect(launched) if launched is not None else []
         previous, self._pending = self._pending, launched

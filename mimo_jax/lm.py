@@ -23,7 +23,7 @@ class LanguageModel:
 
     With a mesh, the forward is traced and run inside `mesh_context()` (`jax.set_mesh`), which
     is how the model finds the mesh (activation constraints, expert-parallel MoE); code that
-    jits its own model calls (the engine) wraps them in `lm.mesh_context()` the same way.
+    jits its own model calls (the engine's device functions) runs them in `lm.mesh_context()` the same way.
     """
 
     def __init__(self, model: MiMoModel, mesh: jax.sharding.Mesh | None = None, source: str | None = None):

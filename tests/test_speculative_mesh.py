@@ -1,22 +1,16 @@
 """Speculative decoding on a (data, tensor, expert) mesh of 8 CPU devices gives the single-device tokens."""
 
-import jax
-from flax import nnx
 from test_speculative import predictable_model
 
 import mimo_jax
 from mimo_jax.engine import Engine
-from mimo_jax.sharding import make_mesh, model_shardings
+from mimo_jax.sharding import make_mesh
 
 
 def test_sharded_speculative_engine_equals_single_device():
     plain = mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
     model = predictable_model(noise=100.0, mtp_noise=300.0)
     mesh = make_mesh(data=2, tensor=2, expert=2)
-    shardings = model_shardings(model, mesh)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            var.set_value(jax.device_put(var.get_value(), shardings[path]))
     sharded = mimo_jax.LanguageModel(model, mesh=mesh)
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [4, 6], [50, 1, 2], [7] * 5]
     kwargs = dict(max_new_tokens=12, temperature=0.8, seed=3, speculative_steps=2, prefill_chunk=4)
