@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax import moe
+from mimo_jax.profiling import format_ops, top_ops
 from mimo_jax.quant import BlockQuantized
 from mimo_jax.sharding import make_mesh, parse_mesh_arg
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ceiling-mib", type=int, default=4096, help="size of the copy that measures bandwidth")
     ap.add_argument("--matmul", type=int, default=8192, help="n of the n^3 bf16 matmul that measures TFLOP/s")
     ap.add_argument("--out", default=None, help="write one JSON line per measurement here")
+    ap.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each configuration")
     return ap.parse_args(argv)
 
 
@@ -262,6 +264,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
                             out = np.asarray(fn(*xs[0])[:c], np.float32)
                             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
                             seconds = median_seconds(fn, xs, args.reps, args.warmup)
+                            if args.profile:
+                                print(format_ops(top_ops(fn, xs[0]), args.profile), flush=True)
                         row.update(
                             ms=seconds * 1e3,
                             rel_err=err,

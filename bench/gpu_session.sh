@@ -10,6 +10,9 @@
 #   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs, fp8: decode, prefill
 #   bash bench/gpu_session.sh two-rest  # what two-a/b/c left unmeasured on 2026-11-27: fp8 kernel sweep incl. w8a8
 #                                    # (GPU 1) beside the server at N = 1 and 64 (GPU 0), then full-depth decode
+#   bash bench/gpu_session.sh four-a # four GPUs (nvidia-h200-x4): all 48 Flash layers in fp8 decoding on tensor=4; then side by
+#                                    # side: server load (GPU 0), fp8/w8a8 kernel sweep (GPU 1), MoE layer 1 vs 2 GPUs (2, 3)
+#   bash bench/gpu_session.sh four-b # four GPUs: full Flash fp8 prefill on tensor=4, decode on expert=4, MoE layer 1 vs 4 GPUs
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -100,5 +103,42 @@ two-rest)
   step full_decode 280 python -m mimo_jax.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
     --mesh expert=2 --batch 16,1,64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 --json "$O/full_decode.json"
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|four|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
+four-a)
+  python -m pip install -q --no-index --find-links .carry/wheels fastapi uvicorn httpx openai 2>&1 | grep -v WARN | tail -1
+  TAIL=40 step full_decode_t4 270 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 16,1,64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
+    --profile 14 --json "$O/full_decode_t4.json"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    step server 290 python bench/bench_server.py --model flash-slice-4 --random-weights --tokenizer mimo_jax/demo_model \
+      --dtype bfloat16 --concurrency 1,8,32,64 --requests-per-client 2 --repeats 1 --json "$O/server.json"
+  ) > "$O/gpu0.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1 OUT=$O
+    step kernel 280 python bench/bench_moe_kernel.py --quick-checks --weights fp8,fp8-w8a8 --tokens 1,8,32,128,8192 \
+      --sweep-budget 230
+  ) > "$O/gpu1.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=2,3
+    for w in bf16 fp8; do
+      TAIL=60 step "moe2_$w" 140 python bench/bench_moe.py --meshes "expert=1;expert=2" --tokens 1,64,8192 \
+        --impls pallas_gpu --strategies replicated --weights $w --reps 10 --profile 10 --out "$O/moe2_$w.jsonl"
+    done
+  ) > "$O/gpu23.txt" 2>&1 &
+  wait
+  cat "$O/gpu0.txt" "$O/gpu1.txt" "$O/gpu23.txt"
+  ;;
+four-b)
+  TAIL=40 step full_prefill_t4 230 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 1024,8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
+    --profile 14 --json "$O/full_prefill_t4.json"
+  TAIL=30 step full_decode_e4 150 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh expert=4 --batch 16 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
+    --profile 10 --json "$O/full_decode_e4.json"
+  for w in bf16 fp8; do
+    TAIL=60 step "moe4_$w" 100 python bench/bench_moe.py --meshes "expert=1;expert=4" --tokens 1,64,8192 \
+      --impls pallas_gpu --strategies replicated --weights $w --reps 10 --profile 10 --out "$O/moe4_$w.jsonl"
+  done
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|four|four-a|four-b|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
 esac

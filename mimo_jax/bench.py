@@ -35,6 +35,7 @@ from mimo_jax.engine import Engine
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import MiMoModel, MoE
 from mimo_jax.moe import EXPERT_IMPLS
+from mimo_jax.profiling import format_ops, top_ops
 from mimo_jax.sampling import SamplingParams
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -276,10 +277,17 @@ def device_memory_in_use() -> int:
 
 
 def run_decode(
-    lm: LanguageModel, batch: int, context: int, steps: int, rounds: int, dtype_bytes: int, fp8: bool = False
+    lm: LanguageModel,
+    batch: int,
+    context: int,
+    steps: int,
+    rounds: int,
+    dtype_bytes: int,
+    fp8: bool = False,
+    profile: int = 0,
 ) -> dict:
     cfg = lm.config
-    max_context = context + steps * (rounds + 2) + 1
+    max_context = context + steps * (rounds + 5) + 1  # warm-up, timed and profiled rounds
     engine = Engine(lm, max_batch=batch, max_context=max_context, max_round_tokens=steps, prefill_chunk=16)
     fill_as_if_prefilled(engine, context)
     n = jnp.int32(steps)
@@ -298,6 +306,9 @@ def run_decode(
         times.append(time.perf_counter() - t)
     assert (count == steps).all(), f"slots stopped early: {count}"
     sec = float(np.median(times)) / steps
+    if profile:
+        print(f"# batch {batch} context {context}, one decode round of {steps} steps:")
+        print(format_ops(top_ops(decode_round, (), calls=2), profile))
     hidden_ok = bool(jnp.isfinite(engine.state.hidden.astype(jnp.float32)).all())
     # Random weights need not route uniformly: count the experts this batch's next step touches.
     touched = measure_experts_touched(engine) if batch > 1 and cfg.num_experts else None
@@ -352,7 +363,7 @@ def measure_experts_touched(engine: Engine) -> float:
         return None
 
 
-def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> dict:
+def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int, profile: int = 0) -> dict:
     engine = Engine(lm, max_batch=1, max_context=prompt_len + 1, prefill_chunk=chunk)
     tokens = np.random.RandomState(0).randint(0, lm.config.vocab_size, prompt_len).astype(np.int32)
 
@@ -376,6 +387,9 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int) -> di
         hidden = once()
         times.append(time.perf_counter() - t)
     sec = float(np.median(times))
+    if profile:
+        print(f"# prefill of {prompt_len} tokens in chunks of {chunk}:")
+        print(format_ops(top_ops(once, (), calls=1), profile))
     return dict(
         prompt_len=prompt_len,
         chunk=chunk,
@@ -447,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the bandwidth ceiling")
     p.add_argument("--matmul-n", type=int, default=8192, help="matmul size for the FLOP/s ceiling")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each case")
     p.add_argument(
         "--random-weights",
         default="bf16",
@@ -539,15 +554,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "decode":
         print(
             "| batch | context | MoE | experts/layer | ms/step | tok/s | GB/step (weights + KV) | HBM roofline tok/s "
-            "| achieved | peer tok/s | x peer |"
+            "| achieved | peer tok/s | x peer | GB in use |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for batch in (int(b) for b in args.batch.split(",")):
             for impl in impls(batch):
                 lm = with_experts(impl)
                 for context in (int(c) for c in args.context.split(",")):
                     try:
-                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8)
+                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8, args.profile)
                     except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
                         failed(impl, f"decode batch {batch} context {context}", e)
                         continue
@@ -567,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{r['tok_s']:.1f} | "
                         f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
                         f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {peer or '-'} | "
-                        f"{vs_peer(r['tok_s'], peer)} |"
+                        f"{vs_peer(r['tok_s'], peer)} | {r['device_gb_in_use']:.1f} |"
                     )
                     if not r["finite"]:
                         print("#   warning: non-finite hidden states (random weights overflowed)")
@@ -583,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for prompt_len, chunk in cases:
             for impl in impls(chunk):
                 try:
-                    r = run_prefill(with_experts(impl), prompt_len, chunk, args.reps)
+                    r = run_prefill(with_experts(impl), prompt_len, chunk, args.reps, args.profile)
                 except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
                     failed(impl, f"prefill {prompt_len} chunk {chunk}", e)
                     continue

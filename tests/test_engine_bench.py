@@ -20,11 +20,11 @@ def test_flash_slice_4_step_costs_match_the_issue():
     assert 2.3 < per_token < 3.1  # ~2.4 GFLOP of matmuls per token + attention (lm_head once per prompt)
 
 
-def test_bench_runs_on_cpu(tmp_path):
+def test_bench_runs_on_cpu(tmp_path, capsys):
     small = ["--model", "flash-slice-2", "--scale-down", "--copy-mb", "8", "--matmul-n", "128"]
     decode_json, prefill_json = tmp_path / "d.json", tmp_path / "p.json"
     main(["decode", *small, "--batch", "2", "--context", "40", "--steps", "2", "--rounds", "1", "--moe-impl",
-          "gather", "--json", str(decode_json)])  # fmt: skip
+          "gather", "--json", str(decode_json), "--profile", "3"])  # fmt: skip
     main(["prefill", *small, "--prompt-len", "40", "--chunk", "16", "--reps", "1", "--moe-impl", "ragged",
           "--attention", "split", "--json", str(prefill_json)])  # fmt: skip
     (decode,) = json.loads(decode_json.read_text())["runs"]
@@ -33,3 +33,5 @@ def test_bench_runs_on_cpu(tmp_path):
     assert prefill_results["attention"] == "split" and prefill_results["attention_check_rel_err"] < 0.05
     (prefill,) = prefill_results["runs"]
     assert prefill["prompt_len"] == 40 and prefill["tok_s"] > 0 and prefill["finite"]
+    printed = capsys.readouterr().out
+    assert "one decode round of 2 steps:" in printed and "| kernel (first device" in printed

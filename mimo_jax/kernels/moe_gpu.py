@@ -365,7 +365,9 @@ def experts_grouped(
 
     with jax.named_scope("moe_combine"):
         position = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32)).reshape(n, top_k)
-        picked = jnp.where(valid.reshape(n, top_k, 1), y[position].astype(jnp.float32), 0.0)
+        # foreign experts' rows point past the end: the gather reads only this shard's rows, not all N x K
+        position = jnp.where(valid.reshape(n, top_k), position, rows)
+        picked = jnp.take(y, position, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
         return picked.sum(axis=1).astype(x.dtype)
 
 

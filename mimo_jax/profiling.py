@@ -1,0 +1,79 @@
+"""Where a jitted call spends its device time: a profiler trace summed by kernel (benchmarks' `--profile`).
+
+    rows = top_ops(fn, args, calls=3)     # [(kernel name, ms per call, launches per call), ...]
+    print(format_ops(rows, top=15))
+
+Reads the trace with `jax.profiler.ProfileData` (no TensorBoard needed). On GPU it sums the kernels of
+the first device's streams (XLA fusions, cuBLAS/cuDNN, Pallas kernels by their names, NCCL collectives);
+on CPU the XLA client threads' op events, so the same code is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+
+import jax
+from jax.profiler import ProfileData
+
+_SKIPPED = ("ThreadpoolListener", "ThunkExecutor", "end: ")  # CPU bookkeeping events, not work
+
+
+def _first_device_plane(data: ProfileData):
+    planes = list(data.planes)
+    gpu = sorted((p for p in planes if p.name.startswith("/device:GPU:")), key=lambda p: p.name)
+    if gpu:
+        return gpu[0], lambda line: line.name.startswith("Stream")
+    host = next((p for p in planes if p.name == "/host:CPU"), None)
+    return host, lambda line: "XLA" in line.name and "Client" in line.name
+
+
+def summarize_trace(trace_dir: str) -> dict[str, tuple[float, int]]:
+    """Kernel name -> (total seconds, launches) on the first device of the trace under `trace_dir`."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for path in files:
+        plane, wanted = _first_device_plane(ProfileData.from_file(path))
+        if plane is None:
+            continue
+        for line in plane.lines:
+            if not wanted(line):
+                continue
+            for event in line.events:
+                if event.name.startswith(_SKIPPED):
+                    continue
+                totals[event.name][0] += event.duration_ns * 1e-9
+                totals[event.name][1] += 1
+    return {name: (s, n) for name, (s, n) in totals.items()}
+
+
+def top_ops(fn: Callable, args: Sequence, calls: int = 3) -> list[tuple[str, float, float]]:
+    """Profile `calls` calls of fn(*args) (already compiled and warm): [(kernel, ms per call, launches per
+    call)], slowest first."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        totals = summarize_trace(trace_dir)
+    rows = [(name, s * 1e3 / calls, n / calls) for name, (s, n) in totals.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def format_ops(rows: list[tuple[str, float, float]], top: int = 15, width: int = 70) -> str:
+    """A markdown table of the `top` kernels and the rest's total, with each one's share of the device time."""
+    total = sum(ms for _, ms, _ in rows) or 1.0
+    lines = [f"| kernel (first device; device time {total:.3f} ms per call) | ms | share | launches |", "|---|---|---|---|"]
+    for name, ms, launches in rows[:top]:
+        short = name if len(name) <= width else name[: width - 3] + "..."
+        lines.append(f"| {short} | {ms:.3f} | {ms / total:.0%} | {launches:g} |")
+    rest = rows[top:]
+    if rest:
+        ms = sum(r[1] for r in rest)
+        lines.append(f"| ({len(rest)} others) | {ms:.3f} | {ms / total:.0%} | {sum(r[2] for r in rest):g} |")
+    return "\n".join(lines)
