@@ -68,7 +68,8 @@ def top_ops(fn: Callable, args: Sequence, calls: int = 3) -> list[tuple[str, flo
 def format_ops(rows: list[tuple[str, float, float]], top: int = 15, width: int = 70) -> str:
     """A markdown table of the `top` kernels and the rest's total, with each one's share of the device time."""
     total = sum(ms for _, ms, _ in rows) or 1.0
-    lines = [f"| kernel (first device; device time {total:.3f} ms per call) | ms | share | launches |", "|---|---|---|---|"]
+    head = f"| kernel (first device; device time {total:.3f} ms per call) | ms | share | launches |"
+    lines = [head, "|---|---|---|---|"]
     for name, ms, launches in rows[:top]:
         short = name if len(name) <= width else name[: width - 3] + "..."
         lines.append(f"| {short} | {ms:.3f} | {ms / total:.0%} | {launches:g} |")
