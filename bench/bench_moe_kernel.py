@@ -413,6 +413,12 @@ def main() -> int:
     parser.add_argument("--quick-checks", action="store_true", help="fewer check shapes (less compile time)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts timed at Flash size")
     parser.add_argument("--weights", default="bf16,fp8,fp8-w8a8", help="which weight kinds to time")
+    parser.add_argument(
+        "--intermediate",
+        type=int,
+        default=FLASH["inter"],
+        help="expert intermediate size timed (512: one shard of Flash's experts on a tensor axis of 4)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     seed = int.from_bytes(os.urandom(4), "little")
@@ -426,7 +432,7 @@ def main() -> int:
     else:
         sizes = (1, 7, 200, 2000) if args.quick_checks else (1, 7, 64, 200, 2000)
         check_dims = dict(experts=32, hidden=1024, inter=512, top_k=8, check_tokens=sizes)
-        dims, tokens = FLASH, tuple(int(t) for t in args.tokens.split(","))
+        dims, tokens = dict(FLASH, inter=args.intermediate), tuple(int(t) for t in args.tokens.split(","))
     ok = True
     if not args.skip_checks:
         ok &= run_checks(kc, check_dims, args.small, tol=1e-2, quick=args.quick_checks)

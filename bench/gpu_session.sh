@@ -13,6 +13,10 @@
 #   bash bench/gpu_session.sh four-a # four GPUs (nvidia-h200-x4): all 48 Flash layers in fp8 decoding on tensor=4; then side by
 #                                    # side: server load (GPU 0), fp8/w8a8 kernel sweep (GPU 1), MoE layer 1 vs 2 GPUs (2, 3)
 #   bash bench/gpu_session.sh four-b # four GPUs: full Flash fp8 prefill on tensor=4, decode on expert=4, MoE layer 1 vs 4 GPUs
+#   bash bench/gpu_session.sh four-c # four GPUs: side by side server N=64 (GPU 0), fp8 kernel checks + timings (GPU 1),
+#                                    # the kernel at one tensor=4 shard's expert size (GPU 2), fp8 MoE layer (GPU 3);
+#                                    # then full Flash fp8 decode (batch 16, 1, 64 at 1K) and prefill on tensor=4
+#   bash bench/gpu_session.sh four-d # four GPUs: MoE layer 1 vs 4 GPUs (bf16, fp8), full Flash decode at 16K context
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -140,5 +144,34 @@ four-b)
       --impls pallas_gpu --strategies replicated --weights $w --reps 10 --profile 10 --out "$O/moe4_$w.jsonl"
   done
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|four|four-a|four-b|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
+four-c)
+  python -m pip install -q --no-index --find-links .carry/wheels fastapi uvicorn httpx openai 2>&1 | grep -v WARN | tail -1
+  (CUDA_VISIBLE_DEVICES=0 step server 165 python bench/bench_server.py --model flash-slice-4 --random-weights \
+    --tokenizer mimo_jax/demo_model --dtype bfloat16 --concurrency 64 --requests-per-client 2 --repeats 1 \
+    --json "$O/server64.json") > "$O/gpu0.txt" 2>&1 &
+  (CUDA_VISIBLE_DEVICES=1 OUT=$O TAIL=12 step kernel 165 python bench/bench_moe_kernel.py --quick-checks \
+    --weights fp8,fp8-w8a8 --tokens 1,8,32,128 --sweep-budget 70) > "$O/gpu1.txt" 2>&1 &
+  (CUDA_VISIBLE_DEVICES=2 TAIL=12 step kernel512 165 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights bf16,fp8,fp8-w8a8 --tokens 16,64 --sweep-budget 110) > "$O/gpu2.txt" 2>&1 &
+  (CUDA_VISIBLE_DEVICES=3 TAIL=40 step moe1_fp8 165 python bench/bench_moe.py --meshes "expert=1" --tokens 1,16,64,8192 \
+    --impls pallas_gpu --weights fp8 --reps 10 --profile 6 --out "$O/moe1_fp8.jsonl") > "$O/gpu3.txt" 2>&1 &
+  wait
+  cat "$O/gpu0.txt" "$O/gpu1.txt" "$O/gpu2.txt" "$O/gpu3.txt"
+  TAIL=60 step full_decode_t4 230 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 16,1,64 --context 1024 --steps 16 --rounds 2 --copy-mb 1024 \
+    --no-experts-count --profile 12 --json "$O/full_decode_t4.json"
+  TAIL=50 step full_prefill_t4 175 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 1024,8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
+    --profile 12 --json "$O/full_prefill_t4.json"
+  ;;
+four-d)
+  for w in bf16 fp8; do
+    TAIL=30 step "moe4_$w" 85 python bench/bench_moe.py --meshes "expert=1;expert=4" --tokens 1,64,8192 \
+      --impls pallas_gpu --strategies replicated --weights $w --reps 10 --profile 6 --out "$O/moe4_$w.jsonl"
+  done
+  TAIL=40 step full_decode_t4_16k 190 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 16,64,1 --context 16384 --steps 16 --rounds 2 --copy-mb 1024 \
+    --no-experts-count --profile 8 --json "$O/full_decode_t4_16k.json"
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|four|four-a|four-b|four-c|four-d|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
 esac

@@ -285,6 +285,7 @@ def run_decode(
     dtype_bytes: int,
     fp8: bool = False,
     profile: int = 0,
+    count_experts: bool = True,
 ) -> dict:
     cfg = lm.config
     max_context = context + steps * (rounds + 5) + 1  # warm-up, timed and profiled rounds
@@ -311,7 +312,7 @@ def run_decode(
         print(format_ops(top_ops(decode_round, (), calls=2), profile))
     hidden_ok = bool(jnp.isfinite(engine.state.hidden.astype(jnp.float32)).all())
     # Random weights need not route uniformly: count the experts this batch's next step touches.
-    touched = measure_experts_touched(engine) if batch > 1 and cfg.num_experts else None
+    touched = measure_experts_touched(engine) if count_experts and batch > 1 and cfg.num_experts else None
     return dict(
         batch=batch,
         context=context,
@@ -463,6 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each case")
     p.add_argument(
+        "--no-experts-count",
+        action="store_true",
+        help="decode: use the uniform-routing estimate of experts touched instead of counting them (which "
+        "compiles the model a second time)",
+    )
+    p.add_argument(
         "--random-weights",
         default="bf16",
         choices=["bf16", "fp8"],
@@ -527,6 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.set_attention_impl(attention_impl)
     results["attention"] = attention_impl
 
+    def save() -> None:  # after every case, so a run stopped at its time limit keeps what it measured
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1, default=float)
+            os.replace(tmp, args.json)
+
     def with_experts(impl: str) -> LanguageModel:
         model.set_moe_impl(impl)  # same weights, another expert path
         return LanguageModel(model, mesh=mesh)
@@ -546,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def failed(impl: str, what: str, error: Exception) -> None:
         print(f"#   {impl} {what} failed: {type(error).__name__}: {str(error)[:300]}")
         results["runs"].append(dict(moe=impl, case=what, error=f"{type(error).__name__}: {error}"[:2000]))
+        save()
 
     def vs_peer(tok_s: float, peer: float | None) -> str:
         return f"{tok_s / peer:.2f}" if peer else "-"
@@ -562,7 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lm = with_experts(impl)
                 for context in (int(c) for c in args.context.split(",")):
                     try:
-                        r = run_decode(lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8, args.profile)
+                        r = run_decode(
+                            lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8, args.profile,
+                            count_experts=not args.no_experts_count,
+                        )  # fmt: skip
                     except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
                         failed(impl, f"decode batch {batch} context {context}", e)
                         continue
@@ -587,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if not r["finite"]:
                         print("#   warning: non-finite hidden states (random weights overflowed)")
                     results["runs"].append(r)
+                    save()
     else:
         print(
             "| prompt | chunk | MoE | attention | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer "
@@ -619,11 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not r["finite"]:
                     print("#   warning: non-finite hidden states (random weights overflowed)")
                 results["runs"].append(r)
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1, default=float)
-        os.replace(tmp, args.json)
+                save()
+    save()
     return 0
 
 

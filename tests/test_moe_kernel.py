@@ -260,3 +260,20 @@ def test_cpu_process_does_not_import_gpu_module_until_called():
     code = "import mimo_jax.model, sys; print('mimo_jax.kernels.moe_gpu' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fp8_dot", moe_gpu.FP8_DOTS)
+def test_kernel_lowers_to_triton_for_cuda_on_any_host(fp8_dot):
+    """Pallas -> Triton lowering runs on a CPU host (jax.export for "cuda"): a kernel that would not lower
+    for the GPU fails here, before any GPU run."""
+    from jax import export
+
+    e, h, i = 8, 512, 256
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(20, e, h, i)]
+    ids, weights = make_tokens(21, 4, e, 2)
+    x = activations(22, 4, h, jnp.bfloat16)
+    config = dataclasses.replace(moe_gpu.DECODE_FP8, fp8_dot=fp8_dot)
+    fn = jax.jit(lambda x, weights, ids, q: moe_gpu.experts_grouped(x, weights, ids, *q, config=config))
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
+    assert text.count("xla.gpu.triton") >= 2 and 'name = "moe_gate_up"' in text and 'name = "moe_down"' in text

@@ -52,11 +52,12 @@ class KernelConfig:
     """Both kernels' tiles; `fp8_dot` says how fp8 weight tiles meet the activations in the matmul.
 
     "bf16" / "f16": weights widened to that dtype. e4m3 -> f16 is one conversion per two values on
-    Hopper (bf16 needs three); the activation tile is scaled per row by a power of two into f16's
-    range first (exact, no overflow).
-    "fp8" (w8a8, as SGLang and vLLM serve block-FP8 checkpoints): each activation row is quantized to
-    e4m3 per reduction step (a 1 x block_k group, scale = amax / 448) and the dot runs on fp8 operands
-    with no widening; not exact (about 3% relative error against bf16 activations).
+    Hopper (bf16 needs three); for f16 the activations are scaled per row by a power of two into f16's
+    range (exact, no overflow) once before the kernel, and the row scale applied to the finished sum.
+    "fp8" (w8a8, as SGLang and vLLM serve block-FP8 checkpoints): activations are quantized to e4m3 per
+    1 x 128 group of a row (scale = amax / 448) before the kernel and the dot runs on fp8 operands with
+    no widening; not exact (about 3% relative error against bf16 activations).
+    Preparing activations outside the kernel keeps reductions out of its inner loop.
     """
 
     gate_up: TileConfig
@@ -155,40 +156,52 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col):
 
 
 def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """a [rows, k] -> (a / 2^e in f16, 2^e [rows, 1] f32), 2^e per row so that |a / 2^e| <= 2^8."""
-    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1, keepdims=True)
+    """a [rows, d] -> (a / 2^e in f16, 2^e [rows] f32), 2^e per row so that |a / 2^e| <= 2^8 (exact, no overflow)."""
+    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1)
     row_scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30))) - 8.0)
-    return (a.astype(jnp.float32) / row_scale).astype(jnp.float16), row_scale
+    return (a.astype(jnp.float32) / row_scale[:, None]).astype(jnp.float16), row_scale
 
 
-def _fp8_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """a [rows, k] -> (a / s in e4m3, s [rows, 1] f32) with s = amax(row) / 448: one scale per row group."""
-    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1, keepdims=True)
-    row_scale = jnp.maximum(amax, 1e-30) / FP8_MAX
-    return (a.astype(jnp.float32) / row_scale).astype(jnp.float8_e4m3fn), row_scale
+def _fp8_groups(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a [rows, d] -> (e4m3 values, scales [rows, d / 128] f32): amax / 448 per 1 x 128 group of a row,
+    as SGLang and vLLM quantize activations for block-FP8 weights."""
+    rows, d = a.shape
+    padded = -(-d // FP8_BLOCK) * FP8_BLOCK
+    groups = jnp.pad(a.astype(jnp.float32), ((0, 0), (0, padded - d))).reshape(rows, -1, FP8_BLOCK)
+    scale = jnp.maximum(jnp.max(jnp.abs(groups), axis=2), 1e-30) / FP8_MAX
+    values = (groups / scale[:, :, None]).astype(jnp.float8_e4m3fn).reshape(rows, padded)[:, :d]
+    return values, scale
 
 
-def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, fp8_dot: str = "bf16"):
+def _dot_operand(a: jax.Array, fp8_dot: str, scaled: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Activations as the kernel's dot takes them, prepared once in XLA (not per tile step):
+    (a, None) for bf16 weights or widening to bf16; ("f16") the row-scaled f16 copy and its per-row
+    scales [rows]; ("fp8") e4m3 values and per-group scales [rows, d / 128]."""
+    if not scaled or fp8_dot == "bf16":
+        return a, None
+    return _f16_rows(a) if fp8_dot == "f16" else _fp8_groups(a)
+
+
+def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, a_scale_at=None):
     """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
 
-    fp8 tiles are widened to the activation dtype (or f16, see KernelConfig) and their block scale
-    applied to the partial product.
+    fp8 tiles are widened to the activation tile's dtype (a dot on fp8 operands when that is fp8) and
+    their block scale applied to the partial product; `a_scale_at(k)`: the activation tile's per-row
+    scales [rows] at step k (fp8 activations), applied likewise.
     (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
     """
-    scale_rows = {"f16": _f16_rows, "fp8": _fp8_rows}.get(fp8_dot) if s_refs[0] is not None else None
 
     def step(k, accs):
         a = a_at(k)
-        row_scale = None
-        if scale_rows is not None:
-            a, row_scale = scale_rows(a)
         out = []
         for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
             w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
             prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
             if s_ref is not None:
                 prod = prod * _scale(s_ref, expert, k, cfg, col)
-            out.append(acc + (prod if row_scale is None else prod * row_scale))
+            if a_scale_at is not None:
+                prod = prod * a_scale_at(k)[:, None]
+            out.append(acc + prod)
         return tuple(out)
 
     zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
@@ -201,8 +214,18 @@ def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
     plgpu.store(target, value.astype(out_ref.dtype), mask=rows < row_end)
 
 
-def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
-    sg_ref, su_ref, h_ref = refs if scaled else (None, None, refs[0])
+def _unpack_refs(refs, a_scaled: bool, n_weights: int, scaled: bool):
+    """(activation scales or None, weight refs, scale refs (None each when bf16), output ref)."""
+    refs = list(refs)
+    a_scale = refs.pop(0) if a_scaled else None
+    weights = [refs.pop(0) for _ in range(n_weights)]
+    scales = [refs.pop(0) for _ in range(n_weights)] if scaled else [None] * n_weights
+    (out,) = refs
+    return a_scale, weights, scales, out
+
+
+def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
+    xs_ref, w_refs, s_refs, h_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 2, scaled)
     pid = pl.program_id(0)
     expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
     col = table_ref[3, pid] * cfg.block_cols
@@ -214,26 +237,41 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, wg_ref, wu_ref, *refs, cfg: Til
         def x_at(k):  # the tile's rows of x, gathered by token index
             return x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
 
+        def group_scale_at(k):
+            return xs_ref[tokens, (k * cfg.block_k) // FP8_BLOCK]
+
         n_steps = x_ref.shape[1] // cfg.block_k
-        gate, up = _expert_matmuls(x_at, (wg_ref, wu_ref), (sg_ref, su_ref), expert, col, n_steps, cfg, fp8_dot)
+        by_group = group_scale_at if xs_ref is not None and fp8_dot == "fp8" else None
+        gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, by_group)
+        if xs_ref is not None and fp8_dot == "f16":  # the per-row scale factors out of the whole sum
+            row_scale = xs_ref[tokens][:, None]
+            gate, up = gate * row_scale, up * row_scale
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
         _store_rows(h_ref, row_start, row_end, col, h, cfg)
 
 
-def _down_kernel(table_ref, rw_ref, h_ref, wd_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
-    sd_ref, y_ref = refs if scaled else (None, refs[0])
+def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
+    hs_ref, w_refs, s_refs, y_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 1, scaled)
     pid = pl.program_id(0)
     expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
     col = table_ref[3, pid] * cfg.block_cols
 
     @pl.when(row_start < row_end)
     def _():
+        rows = pl.ds(row_start, cfg.block_rows)
+
         def h_at(k):
-            return h_ref[pl.ds(row_start, cfg.block_rows), pl.ds(k * cfg.block_k, cfg.block_k)]
+            return h_ref[rows, pl.ds(k * cfg.block_k, cfg.block_k)]
+
+        def group_scale_at(k):
+            return hs_ref[rows, (k * cfg.block_k) // FP8_BLOCK]
 
         n_steps = h_ref.shape[1] // cfg.block_k
-        (acc,) = _expert_matmuls(h_at, (wd_ref,), (sd_ref,), expert, col, n_steps, cfg, fp8_dot)
-        routing = rw_ref[pl.ds(row_start, cfg.block_rows)]
+        by_group = group_scale_at if hs_ref is not None and fp8_dot == "fp8" else None
+        (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, by_group)
+        routing = rw_ref[rows]
+        if hs_ref is not None and fp8_dot == "f16":
+            routing = routing * hs_ref[rows]
         _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
 
@@ -349,7 +387,9 @@ def experts_grouped(
         n_cols = inter // c.block_cols
         table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
         kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot)
-        args, _ = _match_varying((table, tokens, x, wg, wu) + ((sg, su) if scaled else ()))
+        x_op, x_scale = _dot_operand(x, cfg.fp8_dot, scaled)
+        a_scale = () if x_scale is None else (x_scale,)
+        args, _ = _match_varying((table, tokens, x_op, *a_scale, wg, wu) + ((sg, su) if scaled else ()))
         out = _out_struct((rows, inter), x.dtype, args[0])
         h = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_gate_up")(*args)
 
@@ -359,7 +399,9 @@ def experts_grouped(
         n_cols = hidden // c.block_cols
         table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
         kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot)
-        args, _ = _match_varying((table, routing, h, wd) + ((sd,) if scaled else ()))
+        h_op, h_scale = _dot_operand(h, cfg.fp8_dot, scaled)
+        a_scale = () if h_scale is None else (h_scale,)
+        args, _ = _match_varying((table, routing, h_op, *a_scale, wd) + ((sd,) if scaled else ()))
         out = _out_struct((rows, hidden), x.dtype, args[0])
         y = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_down")(*args)
 
