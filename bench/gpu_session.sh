@@ -146,14 +146,14 @@ four-b)
   ;;
 four-c)
   python -m pip install -q --no-index --find-links .carry/wheels fastapi uvicorn httpx openai 2>&1 | grep -v WARN | tail -1
-  (CUDA_VISIBLE_DEVICES=0 step server 165 python bench/bench_server.py --model flash-slice-4 --random-weights \
+  (export CUDA_VISIBLE_DEVICES=0; step server 165 python bench/bench_server.py --model flash-slice-4 --random-weights \
     --tokenizer mimo_jax/demo_model --dtype bfloat16 --concurrency 64 --requests-per-client 2 --repeats 1 \
     --json "$O/server64.json") > "$O/gpu0.txt" 2>&1 &
-  (CUDA_VISIBLE_DEVICES=1 OUT=$O TAIL=12 step kernel 165 python bench/bench_moe_kernel.py --quick-checks \
+  (export CUDA_VISIBLE_DEVICES=1 OUT=$O TAIL=12; step kernel 165 python bench/bench_moe_kernel.py --quick-checks \
     --weights fp8,fp8-w8a8 --tokens 1,8,32,128 --sweep-budget 70) > "$O/gpu1.txt" 2>&1 &
-  (CUDA_VISIBLE_DEVICES=2 TAIL=12 step kernel512 165 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+  (export CUDA_VISIBLE_DEVICES=2 TAIL=12; step kernel512 165 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
     --weights bf16,fp8,fp8-w8a8 --tokens 16,64 --sweep-budget 110) > "$O/gpu2.txt" 2>&1 &
-  (CUDA_VISIBLE_DEVICES=3 TAIL=40 step moe1_fp8 165 python bench/bench_moe.py --meshes "expert=1" --tokens 1,16,64,8192 \
+  (export CUDA_VISIBLE_DEVICES=3 TAIL=40; step moe1_fp8 165 python bench/bench_moe.py --meshes "expert=1" --tokens 1,16,64,8192 \
     --impls pallas_gpu --weights fp8 --reps 10 --profile 6 --out "$O/moe1_fp8.jsonl") > "$O/gpu3.txt" 2>&1 &
   wait
   cat "$O/gpu0.txt" "$O/gpu1.txt" "$O/gpu2.txt" "$O/gpu3.txt"
