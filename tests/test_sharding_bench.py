@@ -51,7 +51,7 @@ def test_bench_moe_fp8_weights_tokens_split_over_experts(bench_moe, tmp_path):
         "--hidden", "32", "--experts", "8", "--top-k", "2", "--intermediate", "16", "--tokens", "3,16",
         "--meshes", "expert=2", "--split-tokens", "--weights", "fp8", "--block", "16", "--impls", "ragged",
         "--dtype", "float32", "--reps", "2", "--warmup", "1", "--ceiling-mib", "4", "--matmul", "128",
-        "--out", str(out),
+        "--out", str(out), "--layers-per-call", "3",
     ]  # fmt: skip
     assert bench_moe.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -60,3 +60,10 @@ def test_bench_moe_fp8_weights_tokens_split_over_experts(bench_moe, tmp_path):
     # fp8: 1 byte per weight plus one f32 scale per 16x16 block, 3 matrices of 32x16 per expert
     per_expert = 3 * (32 * 16 + 4 * 2 * 1)
     assert all(abs(r["touched_gb"] * 1e9 - r["experts_touched"] * per_expert) < 1e-6 for r in rows)
+
+
+def test_layers_per_call_chains_the_residual_stream(bench_moe):
+    import jax.numpy as jnp
+
+    fn = bench_moe.repeated(lambda h, scale: h * scale, 3)  # h <- h + h * scale, three times
+    assert float(fn(jnp.ones(()), 1.0)) == 8.0
