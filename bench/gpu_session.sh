@@ -17,6 +17,8 @@
 #                                    # the kernel at one tensor=4 shard's expert size (GPU 2), fp8 MoE layer (GPU 3);
 #                                    # then full Flash fp8 decode (batch 16, 1, 64 at 1K) and prefill on tensor=4
 #   bash bench/gpu_session.sh four-d # four GPUs: MoE layer 1 vs 4 GPUs (bf16, fp8), full Flash decode at 16K context
+#   bash bench/gpu_session.sh four-e # four GPUs: what four-a..d left unmeasured: MoE layer 1 vs 4 GPUs with 8 layers per
+#                                    # jitted call, full Flash decode at batch 64 (1K, 16K) and batch 1 (16K), 32K prefill
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -173,5 +175,18 @@ four-d)
     --moe-impl pallas_gpu --mesh tensor=4 --batch 16,64,1 --context 16384 --steps 16 --rounds 2 --copy-mb 1024 \
     --no-experts-count --profile 8 --json "$O/full_decode_t4_16k.json"
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|four|four-a|four-b|four-c|four-d|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
+four-e)
+  for w in bf16 fp8; do
+    TAIL=30 step "moe4_$w" 90 python bench/bench_moe.py --meshes "expert=1;expert=4" --tokens 1,64,8192 \
+      --impls pallas_gpu --strategies replicated --weights $w --reps 10 --layers-per-call 8 --profile 6 \
+      --out "$O/moe4_$w.jsonl"
+  done
+  TAIL=30 step full_decode_t4_b64 200 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
+    --no-experts-count --profile 8 --json "$O/full_decode_t4_b64.json"
+  TAIL=30 step full_prefill_t4_32k 120 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 32768 --chunk 8192 --reps 1 --copy-mb 1024 \
+    --json "$O/full_prefill_t4_32k.json"
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|four|four-a|...|four-e|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
 esac
