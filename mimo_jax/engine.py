@@ -485,11 +485,12 @@ class _UnderMesh:
 @dataclasses.dataclass
 class _Launched:
     """One step's work on the device, not yet read: admissions' first tokens, the decode round, and the
-    slots' requests when it was launched (to drop what was cancelled or replaced before it is read)."""
+    slots' requests when it was launched (to drop what was cancelled or replaced before it is read).
+    `finish_reason` None: only admissions, each finished or not by its own admission's reason."""
 
     admitted: list
     round_out: Any
-    finish_reason: jax.Array
+    finish_reason: jax.Array | None
     slots: list
 
 
@@ -834,20 +835,29 @@ class Engine:
             greedy = all(r.options.temperature <= 0 for r in running)
             decode = self.greedy_decode_fn if greedy else self.decode_fn
             self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
-        launched = None
-        if admitted or round_out is not None:
-            # a copy: the next step donates `state`, and with overlap this is read after that
-            reasons = jnp.copy(self.state.finish_reason) if self.overlap else self.state.finish_reason
-            launched = _Launched(admitted, round_out, reasons, list(self._slots))
+        slots = list(self._slots)
         if not self.overlap:
-            return self._collect(launched) if launched is not None else []
+            if not admitted and round_out is None:
+                return []
+            return self._collect(_Launched(admitted, round_out, self.state.finish_reason, slots))
+        # The round is read one step later, but the first tokens of the requests admitted now are read now:
+        # their prefill and sampling precede the round on the device, so time to first token does not wait
+        # for a round. (A copy of the reasons: the next step donates `state` before this round is read.)
+        launched = None if round_out is None else _Launched([], round_out, jnp.copy(self.state.finish_reason), slots)
         previous, self._pending = self._pending, launched
-        return self._collect(previous) if previous is not None else []
+        outputs = self._collect(previous) if previous is not None else []
+        if admitted:
+            outputs += self._collect(_Launched(admitted, None, None, slots))
+        return outputs
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
         """Read one step's tokens on the host; finished requests free their slots. Requests cancelled (or
         replaced in their slot) since the step was launched get nothing."""
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
+        if reasons is None:  # first tokens read on their own: each request's reason right after its admission
+            reasons = np.full(len(launched.slots), RUNNING)
+            for slot, _, reason in host_admitted:
+                reasons[slot] = int(np.asarray(reason).reshape(-1)[0])
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
 

@@ -177,6 +177,29 @@ def test_continuous_batching_equals_solo(engine, overlap):
     assert not engine.cancel("x")
 
 
+def test_first_token_comes_with_its_admission_step(engine, overlap):
+    """With or without overlap, the step that admits a request returns its first token (time to first token
+    never waits for a decode round); a request ended by its first token finishes in that step."""
+    greedy = SamplingOptions(max_new_tokens=6)
+    want = run_all(engine, {"w": (PROMPTS[2], greedy)})["w"]
+    engine.add("r", PROMPTS[2], greedy)  # prompt of 9 tokens: three chunks of 4, then admission
+    engine.add("one", PROMPTS[1], SamplingOptions(max_new_tokens=1))
+    out = {"r": [[], None], "one": [[], None]}
+    steps_to_first = None
+    step = 0
+    while engine.has_work():
+        step += 1
+        for o in engine.step(max_tokens_per_round=2, prefill_tokens=4):
+            if o.request_id == "r" and not out["r"][0]:
+                steps_to_first = step
+            out[o.request_id][0].extend(o.token_ids)
+            if o.finished:
+                out[o.request_id][1] = o.finish_reason
+    assert steps_to_first == 3  # chunks 0-3 and 4-7 in steps 1-2; the last token (and "one"'s prompt) in 3
+    assert (out["r"][0], out["r"][1]) == want
+    assert len(out["one"][0]) == 1 and out["one"][1] == "length"
+
+
 def test_stop_tokens_and_length(engine):
     (tokens, reason) = run_all(engine, {"r": (PROMPTS[0], SamplingOptions(max_new_tokens=9))})["r"]
     assert len(tokens) == 9 and reason == "length"
