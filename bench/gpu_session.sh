@@ -176,6 +176,8 @@ four-d)
     --no-experts-count --profile 8 --json "$O/full_decode_t4_16k.json"
   ;;
 four-e)
+  CUDA_VISIBLE_DEVICES=0 TAIL=12 step kernel512 90 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8 --tokens 1,16 --sweep-budget 60  # batch 1 on tensor=4: 8 experts x 4 column tiles = 32 programs
   for w in bf16 fp8; do
     TAIL=30 step "moe4_$w" 90 python bench/bench_moe.py --meshes "expert=1;expert=4" --tokens 1,64,8192 \
       --impls pallas_gpu --strategies replicated --weights $w --reps 10 --layers-per-call 8 --profile 6 \
