@@ -77,6 +77,10 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
             mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4), "f16"),
             mg.KernelConfig(T(16, 128, 128, 8, 4), T(16, 128, 128, 8, 4), "f16"),
             mg.KernelConfig(T(16, 64, 128, 4, 4), T(16, 64, 128, 4, 4)),
+            # fewer stages: less shared memory per program, so several programs per SM keep loads in flight
+            # (if the widening keeps Triton from pipelining the fp8 loads, stages buy nothing)
+            mg.KernelConfig(T(16, 128, 128, 4, 2), T(16, 128, 128, 4, 2), "f16"),
+            mg.KernelConfig(T(16, 64, 128, 4, 2), T(16, 64, 128, 4, 2), "f16"),
         ],
         "middle": [
             mg.MIDDLE_FP8,
