@@ -17,8 +17,9 @@
 #                                    # the kernel at one tensor=4 shard's expert size (GPU 2), fp8 MoE layer (GPU 3);
 #                                    # then full Flash fp8 decode (batch 16, 1, 64 at 1K) and prefill on tensor=4
 #   bash bench/gpu_session.sh four-d # four GPUs: MoE layer 1 vs 4 GPUs (bf16, fp8), full Flash decode at 16K context
-#   bash bench/gpu_session.sh four-e # four GPUs: what four-a..d left unmeasured: MoE layer 1 vs 4 GPUs with 8 layers per
-#                                    # jitted call, full Flash decode at batch 64 (1K, 16K) and batch 1 (16K), 32K prefill
+#   bash bench/gpu_session.sh four-e # four GPUs, what four-a..d left: fp8 kernel tiles at a tensor=4 shard's size, full
+#                                    # Flash decode with XLA command buffers, MoE layer 1 vs 4 GPUs at 8 layers per call
+#   bash bench/gpu_session.sh four-f # four GPUs: full Flash decode at batch 64 (1K, 16K) and a 32K prefill
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -178,11 +179,18 @@ four-d)
 four-e)
   CUDA_VISIBLE_DEVICES=0 TAIL=12 step kernel512 90 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
     --weights fp8 --tokens 1,16 --sweep-budget 60  # batch 1 on tensor=4: 8 experts x 4 column tiles = 32 programs
+  # the ~2 ms per step between a decode round's ~2,000 kernels: XLA command buffers (CUDA graphs) with the loop inside
+  XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE \
+    TAIL=20 step full_decode_t4_graphs 100 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 16 --context 1024 --steps 16 --rounds 2 --copy-mb 1024 \
+    --no-experts-count --json "$O/full_decode_t4_graphs.json"
   for w in bf16 fp8; do
     TAIL=30 step "moe4_$w" 90 python bench/bench_moe.py --meshes "expert=1;expert=4" --tokens 1,64,8192 \
       --impls pallas_gpu --strategies replicated --weights $w --reps 10 --layers-per-call 8 --profile 6 \
       --out "$O/moe4_$w.jsonl"
   done
+  ;;
+four-f)
   TAIL=30 step full_decode_t4_b64 200 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
     --moe-impl pallas_gpu --mesh tensor=4 --batch 64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
     --no-experts-count --profile 8 --json "$O/full_decode_t4_b64.json"
@@ -190,5 +198,5 @@ four-e)
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4_32k.json"
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|four|four-a|...|four-e|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|four|four-a|...|four-f|two-a|two-b|two-c|two-rest" >&2; exit 2 ;;
 esac
