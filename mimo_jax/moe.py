@@ -17,7 +17,9 @@ On a mesh `experts_sharded` runs the MoE inside `jax.shard_map` with one of two 
 - "replicated" (few tokens, decode): every expert shard sees all tokens of its data shard
   (all-gathered first when the batch is split over the expert axis), keeps the assignments
   to its own experts, and the partial outputs are summed with `psum` (`psum_scatter` back to
-  each shard's own tokens when the batch is split over the expert axis).
+  each shard's own tokens when the batch is split over the expert axis). From
+  `SPLIT_ROUTING_MIN_TOKENS` tokens on, each shard routes only a slice of them and the routing
+  (weights, ids) is all-gathered.
 - "all_to_all" (many tokens, prefill): each expert shard routes its own tokens (its batch
   slice, or 1/S of replicated tokens) and sends each token once to every shard owning one of
   its experts (`jax.lax.all_to_all` with per-destination buffers); the owners send results
@@ -166,6 +168,11 @@ QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu", "pallas_gpu_w8a8"})
 # shard) grow with the whole batch, so all_to_all takes over.
 ALL_TO_ALL_MIN_TOKENS = 16384
 
+# Replicated tokens at or above this count are routed 1/S per expert shard and the (weights, ids) all-gathered,
+# instead of every shard running the router over every token (at 8192 tokens on 4 x H200 the replicated
+# routing was ~0.2 ms of a 2.4 ms layer, bench/RESULTS.md); below it one all-gather's latency costs more.
+SPLIT_ROUTING_MIN_TOKENS = 2048
+
 STRATEGIES = ("auto", "replicated", "all_to_all")
 
 RouteFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -257,12 +264,23 @@ def experts_sharded(
     group_tokens = x.shape[0] // math.prod(mesh.shape[a] for a in other_token_axes)  # one expert group's tokens
     mode = choose_strategy(strategy, group_tokens, expert_shards)
 
+    def route_all(x, router, bias):
+        """(weights, ids) of every token x [N, H] on every expert shard."""
+        n = x.shape[0]
+        if expert_shards == 1 or n < SPLIT_ROUTING_MIN_TOKENS:
+            return route_fn(x, router, bias)
+        mine = -(-n // expert_shards)  # this shard routes rows [shard * mine, ...), then all shards share
+        padded = jnp.pad(x, ((0, mine * expert_shards - n), (0, 0)))
+        rows = jax.lax.dynamic_slice_in_dim(padded, jax.lax.axis_index(expert_axis) * mine, mine)
+        gathered = [jax.lax.all_gather(a, expert_axis, tiled=True) for a in route_fn(rows, router, bias)]
+        return tuple(a[:n] for a in gathered)
+
     def replicated(x, router, bias, w_gate, w_up, w_down):
         if split:
             x = jax.lax.all_gather(x, expert_axis, tiled=True)
         n, local_experts = x.shape[0], w_gate.shape[0]
         shard = jax.lax.axis_index(expert_axis) if expert_axis else 0
-        weights, ids = _local_assignments(*route_fn(x, router, bias), shard * local_experts, local_experts)
+        weights, ids = _local_assignments(*route_all(x, router, bias), shard * local_experts, local_experts)
         capacity = buffer_capacity(n, top_k, expert_shards, capacity_factor)
         dropped = jnp.int32(0)
         if capacity == n:

@@ -224,6 +224,18 @@ def test_both_dispatches_equal_reference(strategy, tokens, mesh, token_axes):
     np.testing.assert_allclose(out, _reference(inputs), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("token_axes", [None, "expert"])
+def test_replicated_dispatch_with_split_routing_equals_reference(monkeypatch, token_axes):
+    """Many replicated tokens: each expert shard routes a slice and the routing is all-gathered (21 tokens
+    over 4 shards: padded to 24); tokens split over the expert axis are gathered first, then routed so."""
+    monkeypatch.setattr(moe, "SPLIT_ROUTING_MIN_TOKENS", 8)
+    tokens = 24 if token_axes else 21
+    inputs = _moe_inputs(tokens, seed=5)
+    out, dropped = _sharded(inputs, dict(tensor=2, expert=4), "replicated", token_axes=token_axes)
+    assert dropped == 0
+    np.testing.assert_allclose(out, _reference(inputs), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_capacity_drops_are_counted(strategy):
     """All tokens to experts 0 and 1 (shard 0 of 8): a buffer of 1/4 of the tokens drops the rest."""
