@@ -177,8 +177,10 @@ four-d)
     --no-experts-count --profile 8 --json "$O/full_decode_t4_16k.json"
   ;;
 four-e)
-  CUDA_VISIBLE_DEVICES=0 TAIL=12 step kernel512 90 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
-    --weights fp8 --tokens 1,16 --sweep-budget 60  # batch 1 on tensor=4: 8 experts x 4 column tiles = 32 programs
+  # batch 1 on tensor=4 (8 experts x 4 column tiles = 32 programs), and prefill: w8a8 since activations are prepared
+  # before the kernel (it took 92 ms at 8192 tokens with the per-step quantization)
+  CUDA_VISIBLE_DEVICES=0 TAIL=12 step kernel512 120 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8,fp8-w8a8 --tokens 1,16,8192 --sweep-budget 80
   # the ~2 ms per step between a decode round's ~2,000 kernels: XLA command buffers (CUDA graphs) with the loop inside
   XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE \
     TAIL=20 step full_decode_t4_graphs 100 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
