@@ -63,9 +63,9 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
     ) -> tuple[jax.Array, LayerKV | None]:
         spec = self.spec
-        q = jnp.einsum("bth,hnd->btnd", x, weight(self.q_proj, after=x))
-        k = jnp.einsum("bth,hkd->btkd", x, weight(self.k_proj, after=x))
-        v = jnp.einsum("bth,hkd->btkd", x, weight(self.v_proj, after=x)) * jnp.asarray(self.value_scale, x.dtype)
+        q = quant.project(x, self.q_proj)
+        k = quant.project(x, self.k_proj)
+        v = quant.project(x, self.v_proj) * jnp.asarray(self.value_scale, x.dtype)
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:

@@ -126,6 +126,36 @@ def dequantize_experts(w: Any, group: int = 8) -> jax.Array:
     return out.reshape(w.shape)
 
 
+# At most this many activation rows go through `project`'s per-block partial products; more rows dequantize
+# the weight once (the partials [rows, I/b, *out] in float32 outgrow the bf16 copy they avoid).
+BLOCKED_PROJECTION_MAX_ROWS = 32
+
+
+def project(x: jax.Array, param: Any) -> jax.Array:
+    """x [..., I] @ W [I, *out] -> [..., *out] for a weight parameter (or raw value) W, quantized or not.
+
+    A block-quantized W with blocks only along I (block (b, 1, ..., 1): the attention q/k/v projections),
+    applied to few rows (decode): partial products per input block on the fp8 values (widened inside the
+    dot), scaled per output element and summed in float32. No dequantized copy of W is written and read
+    back (on 4 x H200 that copy was a separate pass over every layer's q projection each decode step).
+    Otherwise the weight is read through `weight` (dequantized, ordered after x).
+    """
+    value = param.get_value() if hasattr(param, "get_value") else param
+    rows = math.prod(x.shape[:-1])
+    blocked_on_input = isinstance(value, BlockQuantized) and all(b == 1 for b in value.block[1:])
+    if not blocked_on_input or rows > BLOCKED_PROJECTION_MAX_ROWS or value.shape[0] % value.block[0]:
+        w = weight(param, after=x)
+        return jnp.tensordot(x, w, axes=1)
+    value = tied(value, x)
+    n_in, b = value.shape[0], value.block[0]
+    out = "".join(chr(ord("n") + i) for i in range(value.ndim - 1))  # letters of the output dims
+    blocks_x = x.reshape(*x.shape[:-1], n_in // b, b)
+    blocks_w = value.values.reshape(n_in // b, b, *value.shape[1:]).astype(x.dtype)
+    partial = jnp.einsum(f"...cb,cb{out}->...c{out}", blocks_x, blocks_w, preferred_element_type=jnp.float32)
+    y = jnp.einsum(f"...c{out},c{out}->...{out}", partial, value.scales.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
 def weight(param: Any, after: jax.Array | None = None) -> jax.Array:
     """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized.
 
