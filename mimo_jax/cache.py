@@ -5,10 +5,11 @@ computed from positions. Full layers keep slot = position (capacity = max contex
 layers keep slot = position % ring_size, where ring_size >= window_keys, so their memory
 does not grow with the sequence.
 
-Keys and values are stored heads-major, [batch, kv_heads, slots, head_dim]: each head's slots
-are one contiguous [slots, head_dim] matrix, the layout the attention matmuls read. (Stored as
-[batch, slots, kv_heads, head_dim], TPU tiles the last two dims, so one KV head per chip was
-padded to a tile, and the decode step copied the whole cache into the attention's layout.)
+Keys and values are stored heads-major, [batch, kv_heads, slots, head_dim], on every backend:
+each head's slots are one contiguous [slots, head_dim] matrix, the layout the attention matmuls
+read. (Stored [batch, slots, kv_heads, head_dim], TPU tiles the last two dims, so one KV head per
+chip was padded to a tile, and every decode step copied each full-attention layer's whole cache
+into the attention's layout; `tests/test_tpu_aot.py` checks the compiled decode loop for that.)
 """
 
 from __future__ import annotations
