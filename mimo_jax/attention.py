@@ -125,8 +125,9 @@ def attention(
     if sink is not None:
         denom = denom + jnp.exp(sink_logit - row_max)
     probs = probs / denom
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+    # [b, kv, g, t, dv] first: XLA:CPU has no bf16 x bf16 -> f32 dot that writes [b, t, kv, g, dv] directly
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1]).astype(q.dtype)
 
 
 def key_block_size(queries: int, heads: int, keys: int) -> int | None:
