@@ -73,12 +73,13 @@ def attention(
 ) -> jax.Array:
     """Reference attention in fp32.
 
-    q [B, T, N, D], k [B, S, KV, D], v [B, S, KV, Dv], positions [B, T] / [B, S] -> [B, T, N, Dv].
+    q [B, T, N, D], k [B, KV, S, D], v [B, KV, S, Dv] (heads-major, as the cache stores them),
+    positions [B, T] / [B, S] -> [B, T, N, Dv].
     `sink` [N] is an extra logit per head that takes probability mass but carries no value.
     `slot_is_position`: key slot i holds position i (a full-layer cache), so keys past the
     largest query position are never visible; long caches then go through `attention_blockwise`,
     which reads only the blocks up to that position and never holds T x S scores.
-    `impl` "cudnn" / "split" with `chunk_kv` (the chunk's own keys/values, which `k`/`v` end with
+    `impl` "cudnn" / "split" with `chunk_kv` (the chunk's own keys/values [B, T, KV, D], which `k`/`v` end with
     or, in a full-layer cache, hold at their positions): prefill chunks of at least
     SPLIT_MIN_QUERIES queries go through `attention_chunk` (cuDNN flash attention on GPU; "split"
     is the same math with XLA's implementation, the reference for it on any backend).
@@ -88,7 +89,8 @@ def attention(
     if impl != "xla" and chunk_kv is not None and q.shape[1] >= SPLIT_MIN_QUERIES:
         t = q.shape[1]
         # Full-layer cache: every slot may precede the chunk. Else keys = [ring before the chunk; chunk].
-        prefix = (k, v, k_pos) if slot_is_position else (k[:, : k.shape[1] - t], v[:, : k.shape[1] - t], k_pos[:, :-t])
+        before = k.shape[2] - t
+        prefix = (k, v, k_pos) if slot_is_position else (k[:, :, :before], v[:, :, :before], k_pos[:, :before])
         return attention_chunk(
             q,
             *chunk_kv,
@@ -100,18 +102,18 @@ def attention(
             prefix_slot_is_position=slot_is_position,
             implementation="cudnn" if impl == "cudnn" else "xla",
         )
-    block = key_block_size(q.shape[1], q.shape[2], k.shape[1]) if slot_is_position else None
+    block = key_block_size(q.shape[1], q.shape[2], k.shape[2]) if slot_is_position else None
     if block is not None:
         needed = (jnp.max(q_pos) + block) // block  # blocks holding positions 0 .. max(q_pos)
-        num_blocks = jnp.clip(needed, 1, k.shape[1] // block)
+        num_blocks = jnp.clip(needed, 1, k.shape[2] // block)
         return attention_blockwise(
             q, k, v, q_pos, k_pos, window_keys=window_keys, sink=sink, scale=scale, block=block, num_blocks=num_blocks
         )
     b, t, n, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     g = n // kv
     qg = q.reshape(b, t, kv, g, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = visible_mask(q_pos, k_pos, window_keys)[:, None, None]
     scores = jnp.where(mask, scores, _MASKED)
     row_max = scores.max(axis=-1, keepdims=True)
@@ -123,8 +125,9 @@ def attention(
     if sink is not None:
         denom = denom + jnp.exp(sink_logit - row_max)
     probs = probs / denom
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+    # [b, kv, g, t, dv] first: XLA:CPU has no bf16 x bf16 -> f32 dot that writes [b, t, kv, g, dv] directly
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1]).astype(q.dtype)
 
 
 def key_block_size(queries: int, heads: int, keys: int) -> int | None:
@@ -142,16 +145,16 @@ def key_block_size(queries: int, heads: int, keys: int) -> int | None:
 def _partial_softmax(
     qg: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window_keys: int | None, scale: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Softmax pieces over some keys: (row max, sum of exp, exp-weighted values) [b, kv, g, t](, dv).
+    """Softmax pieces over some keys k/v [b, kv, s, d]: (row max, sum of exp, exp-weighted values) [b, kv, g, t](, dv).
 
     Keys a query may not see add nothing (a row that sees none has sum 0).
     """
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = visible_mask(q_pos, k_pos, window_keys)[:, None, None]
     scores = jnp.where(mask, scores, _MASKED)
     row_max = scores.max(axis=-1)
     probs = jnp.where(mask, jnp.exp(scores - row_max[..., None]), 0.0)
-    pv = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return row_max, probs.sum(axis=-1), pv
 
 
@@ -167,8 +170,9 @@ def _blockwise_partial(qg, k, v, q_pos, k_pos, window_keys, scale, block, num_bl
     b, t, kv, g, _ = qg.shape
 
     def body(j, carry):
-        piece = lambda x: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
-        return _merge(carry, _partial_softmax(qg, piece(k), piece(v), q_pos, piece(k_pos), window_keys, scale))
+        piece = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
+        keys, values, key_pos = piece(k, 2), piece(v, 2), piece(k_pos, 1)
+        return _merge(carry, _partial_softmax(qg, keys, values, q_pos, key_pos, window_keys, scale))
 
     init = (
         jnp.full((b, kv, g, t), _MASKED, jnp.float32),
@@ -197,7 +201,7 @@ def attention_blockwise(
     at a time, and the loop runs only over the blocks that can hold visible keys.
     """
     b, t, n, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     g = n // kv
     qg = q.reshape(b, t, kv, g, d)
     row_max, denom, acc = _blockwise_partial(qg, k, v, q_pos, k_pos, window_keys, scale, block, num_blocks)
@@ -227,8 +231,9 @@ def attention_chunk(
     tokens sit at consecutive positions, padding only at the end) runs in
     `jax.nn.dot_product_attention` (`implementation="cudnn"`: flash attention on GPU). The chunk
     against the keys before it, `prefix` = (k, v, positions) of a ring or a full-layer cache
-    (keys at or past the chunk's first position are ignored), runs in plain XLA, blockwise over a
-    long full-layer cache. Same result as `attention` over both key sets. (cuDNN returns the
+    (k/v [B, KV, S, D] as the cache stores them; keys at or past the chunk's first position are
+    ignored), runs in plain XLA, blockwise over a long full-layer cache. The chunk's own k/v come
+    [B, T, KV, D] as projected (cuDNN's BTNH layout). Same result as `attention` over both key sets. (cuDNN returns the
     log-sum-exp in the activation dtype, so in bf16 the merge weights carry bf16 rounding.)
     """
     b, t, n, d = q.shape
@@ -249,12 +254,12 @@ def attention_chunk(
     )
     total = own_lse.astype(jnp.float32)  # [b, t, n]
     parts = [(own_out[..., :dv].astype(jnp.float32), total)]
-    if prefix is not None and prefix[0].shape[1]:
+    if prefix is not None and prefix[0].shape[2]:
         pk, pv, ppos = prefix
         first = jnp.min(jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
         before = jnp.where(ppos < first, ppos, -1)
         qg = q.reshape(b, t, kv, g, d)
-        slots = pk.shape[1]
+        slots = pk.shape[2]
         block = key_block_size(t, n, slots) if prefix_slot_is_position else None
         if block is None:
             row_max, denom, acc = _partial_softmax(qg, pk, pv, q_pos, before, window_keys, scale)

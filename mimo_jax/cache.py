@@ -4,6 +4,12 @@ Each cache stores the absolute position of every slot (-1 = empty), so attention
 computed from positions. Full layers keep slot = position (capacity = max context); SWA
 layers keep slot = position % ring_size, where ring_size >= window_keys, so their memory
 does not grow with the sequence.
+
+Keys and values are stored heads-major, [batch, kv_heads, slots, head_dim], on every backend:
+each head's slots are one contiguous [slots, head_dim] matrix, the layout the attention matmuls
+read. (Stored [batch, slots, kv_heads, head_dim], TPU tiles the last two dims, so one KV head per
+chip was padded to a tile, and every decode step copied each full-attention layer's whole cache
+into the attention's layout; `tests/test_tpu_aot.py` checks the compiled decode loop for that.)
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from mimo_jax.config import LayerSpec, MiMoConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerKV:
-    k: jax.Array  # [B, S, KV, D]
-    v: jax.Array  # [B, S, KV, Dv], already multiplied by the value scale
+    k: jax.Array  # [B, KV, S, D]
+    v: jax.Array  # [B, KV, S, Dv], already multiplied by the value scale
     pos: jax.Array  # [B, S] int32, -1 = empty slot
     ring: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
@@ -36,8 +42,8 @@ def empty_layer_kv(spec: LayerSpec, batch: int, max_len: int, dtype: jnp.dtype, 
     else:
         slots, ring = max_len, False
     return LayerKV(
-        k=jnp.zeros((batch, slots, spec.num_kv_heads, spec.head_dim), dtype),
-        v=jnp.zeros((batch, slots, spec.num_kv_heads, spec.v_head_dim), dtype),
+        k=jnp.zeros((batch, spec.num_kv_heads, slots, spec.head_dim), dtype),
+        v=jnp.zeros((batch, spec.num_kv_heads, slots, spec.v_head_dim), dtype),
         pos=jnp.full((batch, slots), -1, jnp.int32),
         ring=ring,
     )
@@ -48,7 +54,7 @@ def kv_bytes_per_token(spec: LayerSpec, dtype_bytes: int = 2) -> int:
 
 
 def _write(cache: LayerKV, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerKV:
-    """Scatter new k/v at their slots; positions < 0 (padding) are dropped."""
+    """Scatter new k/v [B, T, KV, D] at their slots; positions < 0 (padding) are dropped."""
     slots = cache.slots
     valid = positions >= 0
     if cache.ring:
@@ -61,18 +67,25 @@ def _write(cache: LayerKV, k: jax.Array, v: jax.Array, positions: jax.Array) -> 
         slot = positions
     slot = jnp.where(valid, slot, slots)  # out of range -> dropped by the scatter
     rows = jnp.arange(k.shape[0])[:, None]
+    # [rows, :, slot] selects [B, T, KV, D] (the indexed axes first, numpy's rule): the new k/v as they are
     return LayerKV(
-        k=cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop"),
+        k=cache.k.at[rows, :, slot].set(k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[rows, :, slot].set(v.astype(cache.v.dtype), mode="drop"),
         pos=cache.pos.at[rows, slot].set(positions, mode="drop"),
         ring=cache.ring,
     )
 
 
+def heads_major(x: jax.Array) -> jax.Array:
+    """[B, T, KV, D] (as projected) -> [B, KV, T, D] (as the cache stores it)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def update_and_read(
     cache: LayerKV, k: jax.Array, v: jax.Array, positions: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, LayerKV]:
-    """Add this step's keys/values; return (keys, values, key_positions) to attend over, and the new cache.
+    """Add this step's keys/values [B, T, KV, D]; return (keys, values, key_positions) to attend over,
+    keys/values [B, KV, S, D] as the cache stores them, and the new cache.
 
     Full layers write first and read the slots (slot = position, nothing is overwritten).
     Rings are read before the write, concatenated with the new keys, because a long chunk may
@@ -83,8 +96,8 @@ def update_and_read(
         # Slots at or past this chunk's first position are stale (e.g. rejected drafts).
         first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
         old_pos = jnp.where(cache.pos >= first, -1, cache.pos)
-        keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-        values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+        keys = jnp.concatenate([cache.k, heads_major(k).astype(cache.k.dtype)], axis=2)
+        values = jnp.concatenate([cache.v, heads_major(v).astype(cache.v.dtype)], axis=2)
         key_pos = jnp.concatenate([old_pos, positions], axis=1)
         return keys, values, key_pos, new_cache
     return new_cache.k, new_cache.v, new_cache.pos, new_cache
@@ -97,7 +110,7 @@ def empty_cache(
     return [empty_layer_kv(spec, batch, max_len, dtype, extra_ring_slots) for spec in cfg.layers]
 
 
-CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # logical axes of LayerKV.k / .v
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # logical axes of LayerKV.k / .v
 
 
 def cache_shardings(cache: list[LayerKV], mesh: jax.sharding.Mesh) -> list[LayerKV]:

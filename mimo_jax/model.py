@@ -14,7 +14,7 @@ from flax import nnx
 
 from mimo_jax import kernels, moe, quant, sharding
 from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
-from mimo_jax.cache import LayerKV, update_and_read
+from mimo_jax.cache import LayerKV, heads_major, update_and_read
 from mimo_jax.config import LayerSpec, MiMoConfig
 from mimo_jax.quant import weight
 
@@ -69,11 +69,11 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
-            keys, values, key_pos = k, v, positions
+            keys, values, key_pos = heads_major(k), heads_major(v), positions
         else:
             keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
         keys, values = sharding.spread_kv_heads(keys, values, spec.num_heads)
-        chunk_kv = sharding.spread_kv_heads(k, v, spec.num_heads) if self.impl != "xla" else None
+        chunk_kv = sharding.spread_kv_heads(k, v, spec.num_heads, heads_axis=2) if self.impl != "xla" else None
         out = attention(
             q,
             keys,

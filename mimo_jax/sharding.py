@@ -148,8 +148,11 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
-def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tuple[jax.Array, jax.Array]:
-    """Keys/values [B, S, KV, D] laid out to match q heads sharded over the tensor axis.
+def spread_kv_heads(
+    keys: jax.Array, values: jax.Array, num_q_heads: int, heads_axis: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """Keys/values (kv heads on `heads_axis`: [B, KV, S, D] as cached, 2 for [B, T, KV, D] as
+    projected) laid out to match q heads sharded over the tensor axis.
 
     When the q heads split over the tensor axis but the KV heads do not (KV < axis size, or
     not a multiple), each kv head is repeated lcm(KV, T) / KV times: every tensor shard then
@@ -160,13 +163,13 @@ def spread_kv_heads(keys: jax.Array, values: jax.Array, num_q_heads: int) -> tup
     axis = RULES["q_heads"]  # one mesh axis
     if mesh is None or axis not in mesh.shape:
         return keys, values
-    shards, kv = mesh.shape[axis], keys.shape[2]
+    shards, kv = mesh.shape[axis], keys.shape[heads_axis]
     if shards == 1 or kv % shards == 0 or num_q_heads % shards:
         return keys, values
     repeat = math.lcm(kv, shards) // kv
-    heads_axes = ("batch", None, "q_heads", None)
-    keys = constrain(jnp.repeat(keys, repeat, axis=2), heads_axes)
-    values = constrain(jnp.repeat(values, repeat, axis=2), heads_axes)
+    heads_axes = tuple("q_heads" if i == heads_axis else ("batch" if i == 0 else None) for i in range(keys.ndim))
+    keys = constrain(jnp.repeat(keys, repeat, axis=heads_axis), heads_axes)
+    values = constrain(jnp.repeat(values, repeat, axis=heads_axis), heads_axes)
     return keys, values
 
 

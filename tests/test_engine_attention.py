@@ -9,6 +9,7 @@ from test_cache import TINY
 
 import mimo_jax
 from mimo_jax import attention as attn
+from mimo_jax.cache import heads_major
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine import Engine
 from mimo_jax.model import MiMoModel
@@ -19,8 +20,8 @@ def test_blockwise_equals_reference(window, sink):
     rs = np.random.RandomState(0)
     b, t, n, kv, d, dv, slots, block = 2, 5, 4, 2, 8, 6, 64, 16
     q = jnp.asarray(rs.randn(b, t, n, d), jnp.float32)
-    k = jnp.asarray(rs.randn(b, slots, kv, d), jnp.float32)
-    v = jnp.asarray(rs.randn(b, slots, kv, dv), jnp.float32)
+    k = jnp.asarray(rs.randn(b, kv, slots, d), jnp.float32)  # heads-major, as the cache stores them
+    v = jnp.asarray(rs.randn(b, kv, slots, dv), jnp.float32)
     lengths = np.array([37, 20])  # slot = position; slots past a row's length are empty
     k_pos = jnp.asarray(np.where(np.arange(slots)[None] < lengths[:, None], np.arange(slots)[None], -1), jnp.int32)
     q_pos = jnp.asarray(lengths[:, None] - t + np.arange(t)[None], jnp.int32)
@@ -69,15 +70,15 @@ def _chunk_case(rs, slots, start, length, bucket, window, sink, ring):
     v_chunk = jnp.asarray(rs.randn(b, bucket, kv, dv), jnp.float32)
     idx = np.arange(bucket)
     q_pos = jnp.asarray(np.broadcast_to(np.where(idx < length, start + idx, -1), (b, bucket)), jnp.int32)
-    pk = jnp.asarray(rs.randn(b, slots, kv, d), jnp.float32)
-    pv = jnp.asarray(rs.randn(b, slots, kv, dv), jnp.float32)
+    pk = jnp.asarray(rs.randn(b, kv, slots, d), jnp.float32)  # the cache: heads-major
+    pv = jnp.asarray(rs.randn(b, kv, slots, dv), jnp.float32)
     s = np.arange(slots)
     if ring:  # slot s holds the latest position < start with p % slots == s
         ppos = start - 1 - ((start - 1 - s) % slots)
     else:  # full-layer cache: slot = position, the chunk already written at its positions
         ppos = np.where(s < start + length, s, -1)
-        pk = pk.at[:, start : start + length].set(k_chunk[:, :length])
-        pv = pv.at[:, start : start + length].set(v_chunk[:, :length])
+        pk = pk.at[:, :, start : start + length].set(heads_major(k_chunk[:, :length]))
+        pv = pv.at[:, :, start : start + length].set(heads_major(v_chunk[:, :length]))
     ppos = jnp.asarray(np.broadcast_to(np.where(ppos >= 0, ppos, -1), (b, slots)), jnp.int32)
     sinks = jnp.asarray(rs.randn(n), jnp.float32) if sink else None
     return q, k_chunk, v_chunk, q_pos, (pk, pv, ppos), sinks
@@ -95,7 +96,7 @@ def test_chunk_split_equals_reference(monkeypatch, ring, start, length, window, 
     q, kc, vc, q_pos, (pk, pv, ppos), sinks = _chunk_case(rs, slots, start, length, 16, window, sink, ring)
     kwargs = dict(window_keys=window, sink=sinks, scale=8**-0.5)
     if ring:  # the reference reads [ring; chunk], as update_and_read returns them
-        keys, values = jnp.concatenate([pk, kc], 1), jnp.concatenate([pv, vc], 1)
+        keys, values = jnp.concatenate([pk, heads_major(kc)], 2), jnp.concatenate([pv, heads_major(vc)], 2)
         key_pos = jnp.concatenate([ppos, q_pos], 1)
     else:
         keys, values, key_pos = pk, pv, ppos

@@ -21,7 +21,7 @@ def test_sharded_engine_equals_single_device():
     kwargs = dict(max_new_tokens=10, temperature=0.8, seed=3)
     engine = Engine(sharded, max_batch=4, max_context=24, prefill_chunk=4, max_round_tokens=10)
     # batch 4 on data x expert (data-parallel attention), kv heads on tensor
-    assert tuple(engine.cache[1].k.sharding.spec) == (("data", "expert"), None, "tensor", None)
+    assert tuple(engine.cache[1].k.sharding.spec) == (("data", "expert"), "tensor", None, None)
     want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
     got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]

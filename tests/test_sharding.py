@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import mimo_jax
 from mimo_jax import moe
-from mimo_jax.cache import empty_layer_kv
+from mimo_jax.cache import CACHE_AXES, empty_layer_kv
 from mimo_jax.sharding import logical_to_spec, make_mesh, model_shardings
 
 # 16 experts and 8 q heads so that every mesh below really splits them; full layers have 2
@@ -126,8 +126,9 @@ def cache_sharding(kv, mesh):
     def named(axes, a):
         return NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh))
 
-    heads = ("batch", None, "kv_heads", None)
-    return dataclasses.replace(kv, k=named(heads, kv.k), v=named(heads, kv.v), pos=named(("batch", None), kv.pos))
+    return dataclasses.replace(
+        kv, k=named(CACHE_AXES, kv.k), v=named(CACHE_AXES, kv.v), pos=named(("batch", None), kv.pos)
+    )
 
 
 def test_rules_place_parameters(checkpoint):

@@ -165,3 +165,28 @@ def test_cli_exit_status_says_whether_it_fits(capsys):
     assert aot.main([*common, "--steps", "prefill", "--batch", "64", "--context", str(2**20)]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert aot.main([*common, "--topology", "v9z:1x1"]) == 2
+
+
+def test_decode_step_reads_the_full_attention_cache_in_place():
+    """One KV head and one sequence per chip (Flash's full layers on tensor=4, as on v5e-64): each
+    decode step must write and read the full-attention cache where it lies. With the cache stored
+    [batch, slots, kv_heads, head_dim] the TPU compiler copied every full layer's whole K and V into
+    another layout inside the decode loop, every step (0.43 GiB per chip on v5e-64)."""
+    devices = aot.tpu_devices(TOPOLOGY)
+    cfg = MiMoConfig.from_json(FLASH).first_layers(1)  # layer 0: full attention, dense MLP
+    mesh = make_mesh(tensor=4, devices=devices)
+    context = 16384  # two blocks of blockwise attention
+    cache = aot.abstract_cache(cfg, 1, context, jnp.bfloat16, mesh)
+    graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, "bf16")
+    steps = aot.serving_steps(
+        cfg, graphdef, params, cache, batch=1, context=context, chunk=CHUNK, round_tokens=4, mesh=mesh
+    )
+    report, hlo = aot.compile_step(steps[1], keep_hlo=True)
+    assert report.error is None, report.error
+    per_chip = {"bf16[" + ",".join(map(str, x.sharding.shard_shape(x.shape))) + "]" for x in (cache[0].k, cache[0].v)}
+    assert all("32768" not in s and "16384" in s for s in per_chip)  # the full layer's cache, not a ring
+    # Copies in the entry computation run once per decode round (a layout change of K at the round's
+    # start and end); inside the loop's computations they would run every step.
+    loop_code = hlo[: hlo.index("\nENTRY")]
+    copied = {s for s in per_chip if re.search(re.escape(s) + r"\{[^}]*\} copy\(", loop_code)}
+    assert not copied, f"the decode loop copies the whole full-attention cache every step: {sorted(copied)}"
