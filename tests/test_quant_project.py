@@ -49,9 +49,7 @@ def test_blocked_projection_in_bf16_and_on_a_tensor_mesh():
     assert np.linalg.norm(plain - want) / np.linalg.norm(want) < 1e-2
     mesh = make_mesh(tensor=4, expert=2)
     heads = NamedSharding(mesh, P(None, "tensor", None))
-    sharded = quant.BlockQuantized(
-        jax.device_put(w.values, heads), jax.device_put(w.scales, heads), w.block, w.dtype
-    )
+    sharded = quant.BlockQuantized(jax.device_put(w.values, heads), jax.device_put(w.scales, heads), w.block, w.dtype)
     with jax.set_mesh(mesh):
         got = jax.jit(quant.project)(x, sharded)
     np.testing.assert_allclose(np.asarray(got, np.float32), plain, rtol=1e-2, atol=1e-2)
