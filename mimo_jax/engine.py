@@ -820,10 +820,11 @@ class Engine:
         With speculation, `max_tokens_per_round` counts target forwards (draft-verify-accept
         iterations), each of which emits 1 to k+1 tokens per request.
 
-        With `overlap` on, the step returns the outputs of the previous step's work, read from the
-        device while this step's work runs (the host's bookkeeping hides behind the device); a step
-        with nothing to launch only collects. A request's end is then seen one step later, and a
-        slot freed by it is reused from the step after that.
+        With `overlap` on, the step returns the outputs of the previous step's decode round, read from
+        the device while this step's work runs (the host's bookkeeping hides behind the device), and the
+        first tokens of the requests this step admitted; a step with nothing to launch only collects.
+        A request's end is then seen one step later, and a slot freed by it is reused from the step
+        after that.
         """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:

@@ -137,7 +137,7 @@ def project(x: jax.Array, param: Any) -> jax.Array:
     A block-quantized W with blocks only along I (block (b, 1, ..., 1): the attention q/k/v projections),
     applied to few rows (decode): partial products per input block on the fp8 values (widened inside the
     dot), scaled per output element and summed in float32. No dequantized copy of W is written and read
-    back (on 4 x H200 that copy was a separate pass over every layer's q projection each decode step).
+    back (the 4 x H200 decode profile showed a separate convert pass per layer for it).
     Otherwise the weight is read through `weight` (dequantized, ordered after x).
     """
     value = param.get_value() if hasattr(param, "get_value") else param
