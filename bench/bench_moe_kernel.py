@@ -81,6 +81,9 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
             # (if the widening keeps Triton from pipelining the fp8 loads, stages buy nothing)
             mg.KernelConfig(T(16, 128, 128, 4, 2), T(16, 128, 128, 4, 2), "f16"),
             mg.KernelConfig(T(16, 64, 128, 4, 2), T(16, 64, 128, 4, 2), "f16"),
+            # narrow gate/up columns: more programs when few experts x few column tiles leave SMs idle
+            # (batch 1 on a tensor axis of 4: 8 experts x 512 / 128 = 32 programs for 132 SMs)
+            mg.KernelConfig(T(16, 32, 128, 4, 4), T(16, 128, 128, 4, 4), "f16"),
         ],
         "middle": [
             mg.MIDDLE_FP8,
