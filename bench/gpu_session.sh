@@ -19,7 +19,7 @@
 #   bash bench/gpu_session.sh four-d # four GPUs: MoE layer 1 vs 4 GPUs (bf16, fp8), full Flash decode at 16K context
 #   bash bench/gpu_session.sh four-e # four GPUs, what four-a..d left: fp8 kernel tiles at a tensor=4 shard's size, full
 #                                    # Flash decode with XLA command buffers, MoE layer 1 vs 4 GPUs at 8 layers per call
-#   bash bench/gpu_session.sh four-f # four GPUs: full Flash decode at batch 64 (1K, 16K) and a 32K prefill
+#   bash bench/gpu_session.sh four-f # four GPUs: full Flash decode at batch 16 and 64 (1K, 16K) and a 32K prefill
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -193,9 +193,9 @@ four-e)
   done
   ;;
 four-f)
-  TAIL=30 step full_decode_t4_b64 200 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
-    --moe-impl pallas_gpu --mesh tensor=4 --batch 64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
-    --no-experts-count --profile 8 --json "$O/full_decode_t4_b64.json"
+  TAIL=40 step full_decode_t4 300 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 16,64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
+    --no-experts-count --profile 8 --json "$O/full_decode_t4.json"
   TAIL=30 step full_prefill_t4_32k 120 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4_32k.json"
