@@ -156,14 +156,6 @@ def repeated(layer, n: int):
     return fn
 
 
-def as_read(w, impl: str):
-    """The weight as the model reads it: fp8 blocks as stored for kernels that take them
-    (`moe.QUANTIZED_IMPLS`), else dequantized inside the jit (`mimo_jax.quant.weight`)."""
-    if isinstance(w, BlockQuantized) and impl not in moe.QUANTIZED_IMPLS:
-        return w.dequantize()
-    return w
-
-
 def weight_bytes_per_expert(w) -> int:
     if isinstance(w, BlockQuantized):
         return (math.prod(w.values.shape) + 4 * math.prod(w.scales.shape)) // w.values.shape[0]
@@ -264,7 +256,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                         if strategy == "local":
 
                             def layer(x, router, bias, wg, wu, wd, impl=impl):
-                                experts = (as_read(wg, impl), as_read(wu, impl), as_read(wd, impl))
+                                experts = [moe.read_experts(w, impl, x) for w in (wg, wu, wd)]
                                 return moe.EXPERT_IMPLS[impl](x, *route(x, router, bias), *experts)
                         else:
                             sharded = functools.partial(
@@ -273,7 +265,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                             )  # fmt: skip
 
                             def layer(x, router, bias, wg, wu, wd, sharded=sharded, impl=impl):
-                                experts = (as_read(wg, impl), as_read(wu, impl), as_read(wd, impl))
+                                experts = [moe.read_experts(w, impl, x) for w in (wg, wu, wd)]
                                 return sharded(x, router, bias, *experts)[0]
 
                         fn = jax.jit(layer)

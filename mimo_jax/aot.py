@@ -184,18 +184,14 @@ def serving_steps(
     # the prompt's last hidden states that MTP drafting reads ([1, H] without MTP layers), as Engine passes them
     history = jax.ShapeDtypeStruct((max(hist, 1), cfg.hidden_size), jnp.bfloat16, sharding=whole)
     prefill_args = (params, cache, scalar, tokens, scalar, scalar, history)
-    decode_args = (params, cache, state, scalar)
-    if k:
-        decode_step = Step(
-            "speculative",
-            decode,
-            decode_args,
-            (1, 2),
-            f"round of up to {round_tokens} draft-verify-accept iterations ({k} MTP drafts) x {batch} slots",
-        )
-    else:
-        describe = f"round of up to {round_tokens} tokens x {batch} slots"
-        decode_step = Step("decode", decode, decode_args, (1, 2), describe)
+    per_round = f"draft-verify-accept iterations ({k} MTP drafts)" if k else "tokens"
+    decode_step = Step(
+        "speculative" if k else "decode",
+        decode,
+        (params, cache, state, scalar),
+        (1, 2),
+        f"round of up to {round_tokens} {per_round} x {batch} slots",
+    )
     return [Step("prefill", prefill, prefill_args, (1,), f"{chunk} prompt tokens"), decode_step]
 
 

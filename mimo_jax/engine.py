@@ -485,12 +485,11 @@ class _UnderMesh:
 @dataclasses.dataclass
 class _Launched:
     """One step's work on the device, not yet read: admissions' first tokens, the decode round, and the
-    slots' requests when it was launched (to drop what was cancelled or replaced before it is read).
-    `finish_reason` None: only admissions, each finished or not by its own admission's reason."""
+    slots' requests when it was launched (to drop what was cancelled or replaced before it is read)."""
 
     admitted: list
     round_out: Any
-    finish_reason: jax.Array | None
+    finish_reason: jax.Array
     slots: list
 
 
@@ -830,6 +829,9 @@ class Engine:
         if not 1 <= n <= self.max_round_tokens:
             raise ValueError(f"max_tokens_per_round={n}: expected 1..{self.max_round_tokens}")
         admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
+        # with overlap the admissions are read before the round: their reasons as admitted (a copy, as the
+        # round donates `state`)
+        admit_reasons = jnp.copy(self.state.finish_reason) if admitted and self.overlap else None
         running = [r for r in self._slots if r is not None and r.decoding]
         round_out = None
         if running:
@@ -848,17 +850,13 @@ class Engine:
         previous, self._pending = self._pending, launched
         outputs = self._collect(previous) if previous is not None else []
         if admitted:
-            outputs += self._collect(_Launched(admitted, None, None, slots))
+            outputs += self._collect(_Launched(admitted, None, admit_reasons, slots))
         return outputs
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
         """Read one step's tokens on the host; finished requests free their slots. Requests cancelled (or
         replaced in their slot) since the step was launched get nothing."""
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
-        if reasons is None:  # first tokens read on their own: each request's reason right after its admission
-            reasons = np.full(len(launched.slots), RUNNING)
-            for slot, _, reason in host_admitted:
-                reasons[slot] = int(np.asarray(reason).reshape(-1)[0])
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
 

@@ -146,16 +146,10 @@ class MoE(nnx.Module):
         mesh = sharding.current_mesh()
         gate_spec = sharding.logical_to_spec(self.GATE_AXES, self.gate_proj.get_value().shape, mesh) if mesh else None
         down_spec = sharding.logical_to_spec(self.DOWN_AXES, self.down_proj.get_value().shape, mesh) if mesh else None
-
-        def read(p, spec):
-            # FP8 experts go as they are to implementations that take them (dequantized per shard or in the
-            # kernel) when each shard holds whole scale blocks; else dequantized here
-            value = p.get_value()
-            if self.impl in moe.QUANTIZED_IMPLS and quant.blocks_split_evenly(value, spec, mesh):
-                return quant.tied(value, x)
-            return weight(p, after=x)
-
-        experts = (read(self.gate_proj, gate_spec), read(self.up_proj, gate_spec), read(self.down_proj, down_spec))
+        experts = tuple(
+            moe.read_experts(p, self.impl, x, spec, mesh)
+            for p, spec in ((self.gate_proj, gate_spec), (self.up_proj, gate_spec), (self.down_proj, down_spec))
+        )
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)

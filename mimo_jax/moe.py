@@ -160,6 +160,16 @@ EXPERT_IMPLS = {
 QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu", "pallas_gpu_w8a8"})
 
 
+def read_experts(param, impl: str, after: jax.Array, spec: PartitionSpec | None = None, mesh=None):
+    """Stacked expert weights (a parameter or raw value) as `impl` takes them, ordered after `after`: FP8
+    blocks as stored for `QUANTIZED_IMPLS` when each shard (by `spec` on `mesh`) holds whole scale blocks
+    (dequantized per shard or in the kernel), else dequantized here."""
+    value = param.get_value() if hasattr(param, "get_value") else param
+    if impl in QUANTIZED_IMPLS and quant.blocks_split_evenly(value, spec, mesh):
+        return quant.tied(value, after)
+    return quant.weight(param, after=after)
+
+
 # --- Expert parallelism on a mesh -----------------------------------------------------------
 
 # Tokens per data shard at or above which "auto" dispatches with all_to_all instead of replicating

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mimo_jax.quant import FP8_MAX
+
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
-FP8_MAX = 448.0  # largest float8_e4m3fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,16 @@ def _unpack_refs(refs, a_scaled: bool, n_weights: int, scaled: bool):
     return a_scale, weights, scales, out
 
 
+def _activation_scales(a_scale_ref, rows, fp8_dot: str, cfg: TileConfig):
+    """The scales `_dot_operand` made for the activation rows `rows`: (per-step group scales `k -> [rows]`
+    for w8a8, None) or (None, per-row scales [rows] that multiply the finished sum for f16)."""
+    if a_scale_ref is None:
+        return None, None
+    if fp8_dot == "fp8":
+        return (lambda k: a_scale_ref[rows, (k * cfg.block_k) // FP8_BLOCK]), None
+    return None, a_scale_ref[rows]
+
+
 def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
     xs_ref, w_refs, s_refs, h_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 2, scaled)
     pid = pl.program_id(0)
@@ -237,15 +248,11 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled:
         def x_at(k):  # the tile's rows of x, gathered by token index
             return x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
 
-        def group_scale_at(k):
-            return xs_ref[tokens, (k * cfg.block_k) // FP8_BLOCK]
-
         n_steps = x_ref.shape[1] // cfg.block_k
-        by_group = group_scale_at if xs_ref is not None and fp8_dot == "fp8" else None
+        by_group, by_row = _activation_scales(xs_ref, tokens, fp8_dot, cfg)
         gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, by_group)
-        if xs_ref is not None and fp8_dot == "f16":  # the per-row scale factors out of the whole sum
-            row_scale = xs_ref[tokens][:, None]
-            gate, up = gate * row_scale, up * row_scale
+        if by_row is not None:  # the per-row scale factors out of the whole sum
+            gate, up = gate * by_row[:, None], up * by_row[:, None]
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
         _store_rows(h_ref, row_start, row_end, col, h, cfg)
 
@@ -263,15 +270,10 @@ def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool,
         def h_at(k):
             return h_ref[rows, pl.ds(k * cfg.block_k, cfg.block_k)]
 
-        def group_scale_at(k):
-            return hs_ref[rows, (k * cfg.block_k) // FP8_BLOCK]
-
         n_steps = h_ref.shape[1] // cfg.block_k
-        by_group = group_scale_at if hs_ref is not None and fp8_dot == "fp8" else None
+        by_group, by_row = _activation_scales(hs_ref, rows, fp8_dot, cfg)
         (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, by_group)
-        routing = rw_ref[rows]
-        if hs_ref is not None and fp8_dot == "f16":
-            routing = routing * hs_ref[rows]
+        routing = rw_ref[rows] if by_row is None else rw_ref[rows] * by_row
         _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
 
@@ -427,7 +429,7 @@ def quantize_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise ValueError(f"weight {w.shape} is not a multiple of {FP8_BLOCK}x{FP8_BLOCK} blocks")
     blocks = w.astype(jnp.float32).reshape(e, d_in // FP8_BLOCK, FP8_BLOCK, d_out // FP8_BLOCK, FP8_BLOCK)
     amax = jnp.abs(blocks).max(axis=(2, 4))
-    scales = jnp.maximum(amax, 1e-12) / float(jnp.finfo(jnp.float8_e4m3fn).max)
+    scales = jnp.maximum(amax, 1e-12) / FP8_MAX
     values = (blocks / scales[:, :, None, :, None]).astype(jnp.float8_e4m3fn).reshape(w.shape)
     return values, scales
 
