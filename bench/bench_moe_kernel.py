@@ -87,13 +87,13 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
         ],
         "middle": [
             mg.MIDDLE_FP8,
-            F16(mg.MIDDLE_FP8),
+            dataclasses.replace(mg.MIDDLE_FP8, fp8_dot="bf16"),
             mg.KernelConfig(T(32, 128, 128, 4, 4), T(32, 128, 128, 4, 4), "f16"),
             mg.KernelConfig(T(64, 128, 128, 4, 3), T(64, 128, 128, 4, 3), "f16"),
         ],
         "prefill": [
             mg.PREFILL_FP8,
-            F16(mg.PREFILL_FP8),
+            dataclasses.replace(mg.PREFILL_FP8, fp8_dot="bf16"),
             mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 3), "f16"),
             mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "f16"),
             mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 128, 64, 8, 4)),
@@ -113,7 +113,72 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
         ],
     },
 }
+S = dict(swap_ab=True)
+# Weights given [E, out, in] (kind "<weights>/out_in", what the model hands the kernel): the reduction
+# dimension contiguous, as MMAs read operands (the first of each list is the module default).
+OUT_IN_CANDIDATES = {
+    "bf16": {
+        "decode": [
+            mg.DECODE,
+            mg.KernelConfig(T(16, 128, 64, 4, 5, **S), T(16, 128, 128, 4, 4, **S)),
+            mg.KernelConfig(T(16, 64, 128, 4, 4, **S), T(16, 64, 128, 4, 4, **S)),
+        ],
+        "middle": [mg.MIDDLE, mg.KernelConfig(T(64, 128, 64, 4, 4, **S), T(64, 128, 64, 4, 4, **S))],
+        "prefill": [mg.PREFILL, mg.KernelConfig(T(128, 128, 64, 8, 3), T(128, 128, 64, 8, 3))],
+    },
+    "fp8": {
+        "decode": [
+            mg.DECODE_FP8,
+            mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "f16"),
+            mg.KernelConfig(T(16, 64, 128, 4, 4, **S), T(16, 64, 128, 4, 4, **S), "f16"),
+            mg.KernelConfig(T(16, 128, 128, 4, 3, **S), T(16, 128, 128, 4, 3, **S), "f16"),
+            mg.KernelConfig(T(16, 256, 128, 8, 3, **S), T(16, 256, 128, 8, 3, **S), "f16"),
+            mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "bf16"),
+        ],
+        "middle": [
+            mg.MIDDLE_FP8,
+            mg.KernelConfig(T(64, 128, 128, 4, 3, **S), T(64, 128, 128, 4, 3, **S), "f16"),
+        ],
+        "prefill": [mg.PREFILL_FP8, mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "f16")],
+    },
+    "fp8-w8a8": {
+        "decode": [
+            W8A8(mg.DECODE_FP8),
+            mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "fp8"),
+            mg.KernelConfig(T(16, 64, 128, 4, 4, **S), T(16, 64, 128, 4, 4, **S), "fp8"),
+        ],
+        "middle": [
+            mg.KernelConfig(T(64, 128, 128, 4, 3), T(64, 128, 128, 4, 3), "fp8"),
+            mg.KernelConfig(T(64, 128, 128, 4, 3, **S), T(64, 128, 128, 4, 3, **S), "fp8"),
+        ],
+        "prefill": [
+            mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "fp8"),
+            mg.KernelConfig(T(128, 256, 128, 8, 3), T(128, 256, 128, 8, 3), "fp8"),
+            mg.KernelConfig(T(64, 128, 128, 4, 4), T(64, 128, 128, 4, 4), "fp8"),
+        ],
+    },
+}
 EXPERIMENTAL = []  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """Kind "fp8-w8a8/out_in" -> ("fp8-w8a8", "out_in"); no suffix: the in_out layout."""
+    base, _, layout = kind.partition("/")
+    return base, layout or "in_out"
+
+
+def candidates(kind: str, regime_name: str) -> list:
+    base, layout = split_kind(kind)
+    table = OUT_IN_CANDIDATES if layout == "out_in" else CANDIDATES
+    return table[base][regime_name]
+
+
+def as_layout(w, layout: str):
+    """Weights made [E, in, out] -> the layout timed (fp8 pairs: values and scales both transposed)."""
+    if layout == "in_out":
+        return w
+    turn = jax.jit(lambda a: jnp.swapaxes(a, 1, 2))
+    return tuple(tuple(turn(a) for a in m) if isinstance(m, tuple) else turn(m) for m in w)
 
 
 LOG_PATH = os.path.join(os.environ["OUT"], "bench_moe_kernel.jsonl") if os.environ.get("OUT") else None
@@ -205,9 +270,17 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> b
     bf16 = random_weights(kw, e, h, i)
     fp8 = tuple(quantize(w) for w in bf16)
     kernel = jax.jit(
-        lambda x, w, ids, g, u, d, cfg: mg.experts_grouped(x, w, ids, g, u, d, config=cfg, interpret=interpret),
-        static_argnums=(6,),
+        lambda x, w, ids, g, u, d, cfg, layout: mg.experts_grouped(
+            x, w, ids, g, u, d, config=cfg, layout=layout, interpret=interpret
+        ),
+        static_argnums=(6, 7),
     )
+    swapped = {  # [E, out, in] weights through the swapped matmul
+        "bf16/out_in": mg.KernelConfig(T(16, 128, 64, 4, 4, **S), T(16, 128, 128, 4, 4, **S)),
+        "fp8-f16/out_in": mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "f16"),
+        "fp8-w8a8/out_in": mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "fp8"),
+    }
+    turned = {"bf16": as_layout(bf16, "out_in"), "fp8": as_layout(fp8, "out_in")}
     ref = jax.jit(reference)
     sizes = dims["check_tokens"]
     cases = []
@@ -235,15 +308,21 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> b
         elif routing == "foreign":
             ids = ids.at[::3, 0].set(-1).at[1::4, -1].set(e + 7)
         row = []
-        for wname, w in (("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8), ("fp8-w8a8", fp8)):
-            cfg = None
+        kinds = [("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8), ("fp8-w8a8", fp8)]
+        if not cfg_name:
+            kinds += [(name, turned["bf16" if name.startswith("bf16") else "fp8"]) for name in swapped]
+        for wname, w in kinds:
+            cfg, layout = None, "in_out"
             if cfg_name:
                 cfg = getattr(mg, cfg_name + ("" if wname == "bf16" else "_FP8"))
             if wname in ("fp8-f16", "fp8-w8a8"):
                 fp8_dot = {"fp8-f16": "f16", "fp8-w8a8": "fp8"}[wname]
                 cfg = dataclasses.replace(cfg or mg.default_config(t * k, e, fp8=True), fp8_dot=fp8_dot)
-            err = rel_err(kernel(x, weights, ids, *w, cfg), ref(x, weights, ids, *w))
-            passed = err < (W8A8_TOL if wname == "fp8-w8a8" else tol)
+            if wname in swapped:
+                cfg, layout = swapped[wname], "out_in"
+            got = kernel(x, weights, ids, *w, cfg, layout)
+            err = rel_err(got, ref(x, weights, ids, *(bf16 if wname.startswith("bf16") else fp8)))
+            passed = err < (W8A8_TOL if wname.startswith("fp8-w8a8") else tol)
             ok_all &= passed
             row.append(f"{wname} {err:.2e}{'' if passed else ' FAIL'}")
             emit("check", case=name, weights=wname, rel_err=err, passed=passed)
@@ -301,6 +380,10 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
     kw, key = jax.random.split(key)
     bf16 = random_weights(kw, e, h, i)
     fp8 = tuple(quantize(w) for w in bf16)
+    layouts = {split_kind(kind)[1] for kind in kinds}
+    weight_sets = {
+        (is_bf16, lay): as_layout(bf16 if is_bf16 else fp8, lay) for is_bf16 in (True, False) for lay in layouts
+    }
     expert_bytes = {"bf16": 3 * h * i * 2, "fp8": 3 * (h * i + (h // 128) * (i // 128) * 4)}
     plain = {
         "gather": jax.jit(experts_gather),
@@ -317,16 +400,18 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         """Check sampled tokens and time one kernel config; None if it does not compile."""
         nonlocal ok_all
         x, weights, ids, sample = inputs[t]
-        fn = jax.jit(lambda *a: mg.experts_grouped(*a, config=cfg, interpret=interpret))
+        base, layout = split_kind(wname)
+        fn = jax.jit(lambda *a: mg.experts_grouped(*a, config=cfg, layout=layout, interpret=interpret))
+        w_ref = bf16 if base == "bf16" else fp8  # the reference reads [E, in, out]
         try:
             out = fn(x, weights, ids, *w)
-            err = rel_err(out[sample], token_ref(x[sample], weights[sample], ids[sample], *w))
+            err = rel_err(out[sample], token_ref(x[sample], weights[sample], ids[sample], *w_ref))
             sec = timeit(fn, x, weights, ids, *w)
         except Exception as exc:  # a config that does not compile is reported, not fatal
             print(f"  T={t} {wname} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
             emit("config_error", tokens=t, weights=wname, config=repr(cfg), error=str(exc)[:2000])
             return None
-        passed = err < (W8A8_TOL if wname == "fp8-w8a8" else 1e-2)
+        passed = err < (W8A8_TOL if base == "fp8-w8a8" else 1e-2)
         ok_all &= passed
         emit("kernel", tokens=t, weights=wname, config=repr(cfg), label=label, ms=sec * 1e3, rel_err=err, ok=passed)
         print(
@@ -344,12 +429,11 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         sample = np.unique(np.asarray(jax.random.randint(ks, (min(t, 6),), 0, t)))
         result = dict(tokens=t, experts_touched=touched)
         inputs[t] = (x, weights, ids, sample)
-        for wname, w in (("bf16", bf16), ("fp8", fp8), ("fp8-w8a8", fp8)):
-            if wname not in kinds:
-                result[wname] = None
-                continue
+        for wname in kinds:
+            base, layout = split_kind(wname)
+            w = weight_sets[(base == "bf16", layout)]
             best = None
-            for n_cfg, cfg in enumerate(CANDIDATES[wname][regime(t * k, e)]):
+            for n_cfg, cfg in enumerate(candidates(wname, regime(t * k, e))):
                 if n_cfg and time.perf_counter() - start > sweep_budget_s:
                     break  # out of device time for the sweep: defaults only
                 sec = measure(t, wname, w, cfg, f"cfg{n_cfg}")
@@ -365,26 +449,24 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         rows.append(result)
 
     print(f"\n== summary (copy {copy_bw / 1e12:.2f} TB/s, matmul {mm_rate / 1e12:.0f} TFLOP/s measured here)")
-    print(
-        "| T | experts | GB bf16 | roofline ms | kernel bf16 ms (%bw, TFLOP/s) | kernel fp8 ms (%bw, x bf16) | "
-        "kernel fp8 w8a8 ms (%bw, x bf16) | "
-        "best plain here ms | calibration best plain ms |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = " | ".join(f"kernel {kind} ms (%bw, TFLOP/s, x bf16)" for kind in kinds)
+    print(f"| T | experts | GB bf16 | roofline ms | {columns} | best plain here ms | calibration best plain ms |")
+    print("|---|---|---|---|" + "---|" * len(kinds) + "---|---|")
     for r in rows:
         t, touched = r["tokens"], r["experts_touched"]
         gb = touched * expert_bytes["bf16"] / 1e9
         roof = touched * expert_bytes["bf16"] / copy_bw
         flops = 2 * t * k * 3 * h * i
         cells = []
-        for wname in ("bf16", "fp8", "fp8-w8a8"):
+        bf16_best = next((r[kind] for kind in kinds if split_kind(kind)[0] == "bf16" and r[kind]), None)
+        for wname in kinds:
             if r[wname] is None:
-                cells.append("failed" if wname in kinds else "-")
+                cells.append("failed")
                 continue
             sec, n_cfg = r[wname]
-            bw = touched * expert_bytes[wname.split("-")[0]] / copy_bw / sec
+            bw = touched * expert_bytes[wname.split("-")[0].split("/")[0]] / copy_bw / sec
             tflops = f"{flops / sec / 1e12:.0f} TF"
-            extra = tflops if wname == "bf16" or not r["bf16"] else f"{tflops}, x{r['bf16'][0] / sec:.2f}"
+            extra = tflops if wname.startswith("bf16") or not bf16_best else f"{tflops}, x{bf16_best[0] / sec:.2f}"
             cells.append(f"{sec * 1e3:.3f} ({bw:.0%} bw, {extra}, cfg{n_cfg})")
         if r["plain"]:
             name, sec = min(r["plain"].items(), key=lambda kv: kv[1])
@@ -400,15 +482,15 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
             tokens=t,
             experts=touched,
             roofline_ms=roof * 1e3,
-            bf16=r["bf16"],
-            fp8=r["fp8"],
+            kernels={kind: r[kind] for kind in kinds},
             plain=r["plain"],
             useful_tflop=flops / 1e12,
         )
     print("\n== experimental configs")
     for t, wname, cfg in EXPERIMENTAL:
         if t in inputs:
-            measure(t, wname, bf16 if wname == "bf16" else fp8, cfg, "exp")
+            base, layout = split_kind(wname)
+            measure(t, wname, weight_sets.get((base == "bf16", layout)), cfg, "exp")
     return ok_all
 
 
@@ -419,7 +501,11 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--quick-checks", action="store_true", help="fewer check shapes (less compile time)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts timed at Flash size")
-    parser.add_argument("--weights", default="bf16,fp8,fp8-w8a8", help="which weight kinds to time")
+    parser.add_argument(
+        "--weights",
+        default="bf16,fp8,fp8-w8a8",
+        help="weight kinds to time; '/out_in' after a kind gives the kernel [E, out, in] weights",
+    )
     parser.add_argument(
         "--intermediate",
         type=int,

@@ -277,3 +277,67 @@ def test_kernel_lowers_to_triton_for_cuda_on_any_host(fp8_dot):
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
     assert text.count("xla.gpu.triton") >= 2 and 'name = "moe_gate_up"' in text and 'name = "moe_down"' in text
+
+
+def out_in(w):
+    """[E, in, out] weights (fp8: values and block scales) as checkpoints store them, [E, out, in]."""
+    return tuple(jnp.swapaxes(a, 1, 2) for a in w) if isinstance(w, tuple) else jnp.swapaxes(w, 1, 2)
+
+
+SWAP = moe_gpu.KernelConfig(
+    moe_gpu.TileConfig(16, 128, 128, 4, 3, swap_ab=True), moe_gpu.TileConfig(16, 256, 128, 4, 3, swap_ab=True)
+)
+
+
+@pytest.mark.parametrize("layout", moe_gpu.LAYOUTS)
+@pytest.mark.parametrize(
+    "config",
+    [SMALL, WIDE_FP8, SWAP, dataclasses.replace(SWAP, fp8_dot="f16")],
+    ids=["narrow", "wide", "swap_ab", "swap_ab_f16"],
+)
+def test_weight_layouts_and_swapped_operands(layout, config):
+    """[E, out, in] weights and the swapped matmul (weight tile as the MMA's wide side) give the same
+    result as the plain layout, fp8 scales differing per block (a transposed scale index shows)."""
+    e, h, i, n, k = 4, 256, 256, 9, 2
+    wg, wu, wd = make_weights(30, e, h, i)
+    ramp = jnp.linspace(0.5, 2.0, e * (h // 128) * (i // 128)).reshape(e, h // 128, 1, i // 128, 1)
+    wg = (wg.reshape(e, h // 128, 128, i // 128, 128) * ramp).reshape(e, h, i)
+    wd = (wd.reshape(e, i // 128, 128, h // 128, 128) * ramp[::-1]).reshape(e, i, h)
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
+    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    ids, weights = make_tokens(31, n, e, k)
+    x = activations(32, n, h, jnp.bfloat16)
+    given = [out_in(w) for w in q] if layout == "out_in" else q
+    out = moe_gpu.experts_grouped(x, weights, ids, *given, config=config, layout=layout, interpret=True)
+    assert rel_err(out, reference(x, weights, ids, *deq)) < 1e-2
+    bf16 = [w.astype(jnp.bfloat16) for w in (wg, wu, wd)]
+    given = [out_in(w) for w in bf16] if layout == "out_in" else bf16
+    out = moe_gpu.experts_grouped(x, weights, ids, *given, config=config, layout=layout, interpret=True)
+    assert rel_err(out, reference(x, weights, ids, *bf16)) < 1e-2
+
+
+def test_out_in_layout_shapes_are_checked():
+    wg, wu, wd = make_weights(33, 4, 256, 128)
+    ids, weights = make_tokens(34, 3, 4, 2)
+    x = activations(35, 3, 256)
+    with pytest.raises(ValueError, match="shapes disagree \\(out_in\\)"):
+        moe_gpu.experts_grouped(x, weights, ids, wg, wu, wd, layout="out_in", interpret=True)
+    with pytest.raises(ValueError, match="layout"):
+        moe_gpu.experts_grouped(x, weights, ids, wg, wu, wd, layout="kn", interpret=True)
+
+
+@pytest.mark.parametrize("fp8_dot", moe_gpu.FP8_DOTS)
+def test_out_in_swapped_kernel_lowers_to_triton_for_cuda(fp8_dot):
+    from jax import export
+
+    e, h, i = 8, 512, 256
+    q = [out_in(moe_gpu.quantize_fp8_blocks(w)) for w in make_weights(36, e, h, i)]
+    ids, weights = make_tokens(37, 4, e, 2)
+    x = activations(38, 4, h, jnp.bfloat16)
+    config = dataclasses.replace(SWAP, fp8_dot=fp8_dot)
+    fn = jax.jit(
+        lambda x, weights, ids, q: moe_gpu.experts_grouped(x, weights, ids, *q, config=config, layout="out_in")
+    )
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
+    assert text.count("xla.gpu.triton") >= 2

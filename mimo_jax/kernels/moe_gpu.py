@@ -16,6 +16,8 @@ and narrow column tiles when decoding (weight streaming, memory-bound), large ti
 Weights are bf16 arrays, or block-scaled fp8 (the importer's layout, `mimo_jax.quant.BlockQuantized` with block
 (1, 128, 128), or a plain (values, scales) pair): values float8_e4m3fn [E, in, out], scales float32
 [E, in/128, out/128], W[e, i, j] = values[e, i, j] * scales[e, i // 128, j // 128], dequantized in the kernel.
+With `layout="out_in"` every weight (and its scales) is given transposed, [E, out, in] as checkpoints store
+nn.Linear weights: the reduction dimension is contiguous, which is the operand order tensor-core MMAs read.
 Expert ids outside [0, E) (e.g. experts on another shard) contribute zero, as in `experts_ragged`.
 """
 
@@ -43,9 +45,11 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    swap_ab: bool = False  # compute (W^T a^T)^T: the weight tile is the MMA's wide side, the rows its narrow one
 
 
 FP8_DOTS = ("bf16", "f16", "fp8")
+LAYOUTS = ("in_out", "out_in")  # expert weights [E, in, out] or, as checkpoints store them, [E, out, in]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +71,13 @@ class KernelConfig:
 
 
 # Chosen by bench/bench_moe_kernel.py on an H100 and an H200 (bench/RESULTS.md). fp8 steps stay inside one
-# scale block; fp8 decode widens to f16 (8-19% faster than bf16 widening at T = 1..128 on an H200).
+# scale block; fp8 widens to f16 (8-19% faster than bf16 widening at T = 1..128, 11-15% at 8192, H200).
 DECODE = KernelConfig(TileConfig(16, 128, 64, 4, 5), TileConfig(16, 128, 128, 4, 4))
 MIDDLE = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
 PREFILL = KernelConfig(TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3))
 DECODE_FP8 = KernelConfig(TileConfig(16, 128, 128, 4, 4), TileConfig(16, 128, 128, 4, 4), fp8_dot="f16")
-MIDDLE_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
-PREFILL_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4))
+MIDDLE_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4), fp8_dot="f16")
+PREFILL_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4), fp8_dot="f16")
 
 
 def default_config(assignments: int, num_experts: int, fp8: bool = False) -> KernelConfig:
@@ -147,13 +151,15 @@ def schedule(group_sizes: jax.Array, block_rows: int, n_col_tiles: int, n_tiles:
     return jnp.stack(table).astype(jnp.int32)
 
 
-def _scale(s_ref, expert, k, cfg: TileConfig, col):
-    """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column when the tile spans blocks."""
+def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
+    """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column [block_cols] when the
+    tile spans blocks."""
     k_block = (k * cfg.block_k) // FP8_BLOCK
     if cfg.block_cols <= FP8_BLOCK:
-        return s_ref[expert, k_block, col // FP8_BLOCK]
-    cols = col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)
-    return s_ref[expert, k_block, cols // FP8_BLOCK][None, :]
+        c_block = col // FP8_BLOCK
+    else:
+        c_block = (col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)) // FP8_BLOCK
+    return s_ref[expert, c_block, k_block] if out_in else s_ref[expert, k_block, c_block]
 
 
 def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -183,30 +189,43 @@ def _dot_operand(a: jax.Array, fp8_dot: str, scaled: bool) -> tuple[jax.Array, j
     return _f16_rows(a) if fp8_dot == "f16" else _fp8_groups(a)
 
 
-def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, a_scale_at=None):
-    """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32.
+def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, out_in: bool, a_scale_at=None):
+    """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32
+    [rows, block_cols]. With `out_in` the weights are stored [E, out, in] and the tile read transposed.
 
     fp8 tiles are widened to the activation tile's dtype (a dot on fp8 operands when that is fp8) and
     their block scale applied to the partial product; `a_scale_at(k)`: the activation tile's per-row
-    scales [rows] at step k (fp8 activations), applied likewise.
+    scales [rows] at step k (fp8 activations), applied likewise. With `cfg.swap_ab` the products are
+    accumulated transposed, [block_cols, rows] (the weight tile as the MMA's M side), and turned at the end.
     (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
     """
+    w_contract = 1 if out_in else 0
+    # where per-row (activation) and per-column (weight) factors broadcast in a product tile
+    row_axis, col_axis = (1, 0) if cfg.swap_ab else (0, 1)
 
     def step(k, accs):
         a = a_at(k)
+        ks, cs = pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)
         out = []
         for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
-            w = w_ref[expert, pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)].astype(a.dtype)
-            prod = jnp.dot(a, w, preferred_element_type=jnp.float32)
+            w = (w_ref[expert, cs, ks] if out_in else w_ref[expert, ks, cs]).astype(a.dtype)
+            if cfg.swap_ab:
+                dims = (((w_contract,), (1,)), ((), ()))
+                prod = jax.lax.dot_general(w, a, dims, preferred_element_type=jnp.float32)
+            else:
+                dims = (((1,), (w_contract,)), ((), ()))
+                prod = jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
             if s_ref is not None:
-                prod = prod * _scale(s_ref, expert, k, cfg, col)
+                scale = _scale(s_ref, expert, k, cfg, col, out_in)
+                prod = prod * (jnp.expand_dims(scale, row_axis) if jnp.ndim(scale) else scale)
             if a_scale_at is not None:
-                prod = prod * a_scale_at(k)[:, None]
+                prod = prod * jnp.expand_dims(a_scale_at(k), col_axis)
             out.append(acc + prod)
         return tuple(out)
 
-    zeros = jnp.zeros((cfg.block_rows, cfg.block_cols), jnp.float32)
-    return jax.lax.fori_loop(0, n_steps, step, (zeros,) * len(w_refs))
+    shape = (cfg.block_cols, cfg.block_rows) if cfg.swap_ab else (cfg.block_rows, cfg.block_cols)
+    accs = jax.lax.fori_loop(0, n_steps, step, (jnp.zeros(shape, jnp.float32),) * len(w_refs))
+    return tuple(acc.T for acc in accs) if cfg.swap_ab else accs
 
 
 def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
@@ -235,7 +254,7 @@ def _activation_scales(a_scale_ref, rows, fp8_dot: str, cfg: TileConfig):
     return None, a_scale_ref[rows]
 
 
-def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
+def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str, out_in: bool):
     xs_ref, w_refs, s_refs, h_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 2, scaled)
     pid = pl.program_id(0)
     expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
@@ -250,14 +269,14 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled:
 
         n_steps = x_ref.shape[1] // cfg.block_k
         by_group, by_row = _activation_scales(xs_ref, tokens, fp8_dot, cfg)
-        gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, by_group)
+        gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in, by_group)
         if by_row is not None:  # the per-row scale factors out of the whole sum
             gate, up = gate * by_row[:, None], up * by_row[:, None]
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
         _store_rows(h_ref, row_start, row_end, col, h, cfg)
 
 
-def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str):
+def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str, out_in: bool):
     hs_ref, w_refs, s_refs, y_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 1, scaled)
     pid = pl.program_id(0)
     expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
@@ -272,7 +291,7 @@ def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool,
 
         n_steps = h_ref.shape[1] // cfg.block_k
         by_group, by_row = _activation_scales(hs_ref, rows, fp8_dot, cfg)
-        (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, by_group)
+        (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in, by_group)
         routing = rw_ref[rows] if by_row is None else rw_ref[rows] * by_row
         _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
@@ -342,19 +361,26 @@ def experts_grouped(
     *,
     config: KernelConfig | None = None,
     fp8_dot: str | None = None,
+    layout: str = "in_out",
     interpret: bool = False,
 ) -> jax.Array:
     """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow).
 
     `config`: tiles (default: by rows per expert); `fp8_dot` overrides its `fp8_dot` (see KernelConfig).
+    `layout`: "in_out" (weights [E, in, out], as `experts_ragged` takes them) or "out_in" ([E, out, in]).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose from {LAYOUTS}")
+    out_in = layout == "out_in"
     n, top_k = ids.shape
     wg, sg = _split_weight(w_gate)
     wu, su = _split_weight(w_up)
     wd, sd = _split_weight(w_down)
-    num_experts, hidden, inter = wg.shape
-    if wu.shape != wg.shape or wd.shape != (num_experts, inter, hidden) or x.shape != (n, hidden):
-        raise ValueError(f"shapes disagree: x {x.shape}, gate {wg.shape}, up {wu.shape}, down {wd.shape}")
+    num_experts = wg.shape[0]
+    hidden, inter = (wg.shape[2], wg.shape[1]) if out_in else wg.shape[1:]
+    want_down = (num_experts, hidden, inter) if out_in else (num_experts, inter, hidden)
+    if wu.shape != wg.shape or wd.shape != want_down or x.shape != (n, hidden):
+        raise ValueError(f"shapes disagree ({layout}): x {x.shape}, gate {wg.shape}, up {wu.shape}, down {wd.shape}")
     if (sg is None) != (su is None) or (sg is None) != (sd is None):
         raise ValueError("gate, up and down must all be bf16 arrays or all fp8 (values, scales) pairs")
     scaled = sg is not None
@@ -388,7 +414,7 @@ def experts_grouped(
         n_tiles = max_tiles(m, num_experts, c.block_rows)
         n_cols = inter // c.block_cols
         table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
-        kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot)
+        kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot, out_in=out_in)
         x_op, x_scale = _dot_operand(x, cfg.fp8_dot, scaled)
         a_scale = () if x_scale is None else (x_scale,)
         args, _ = _match_varying((table, tokens, x_op, *a_scale, wg, wu) + ((sg, su) if scaled else ()))
@@ -400,7 +426,7 @@ def experts_grouped(
         n_tiles = max_tiles(m, num_experts, c.block_rows)
         n_cols = hidden // c.block_cols
         table = schedule(group_sizes, c.block_rows, n_cols, n_tiles)
-        kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot)
+        kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot, out_in=out_in)
         h_op, h_scale = _dot_operand(h, cfg.fp8_dot, scaled)
         a_scale = () if h_scale is None else (h_scale,)
         args, _ = _match_varying((table, routing, h_op, *a_scale, wd) + ((sd,) if scaled else ()))
@@ -415,11 +441,13 @@ def experts_grouped(
         return picked.sum(axis=1).astype(x.dtype)
 
 
-def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None) -> jax.Array:
+def experts_pallas_gpu(
+    x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None, layout: str = "in_out"
+) -> jax.Array:
     """EXPERT_IMPLS entry: the Pallas kernel on GPU; elsewhere a clear error (use "ragged" on CPU/TPU)."""
     if jax.default_backend() != "gpu":
         raise ValueError(f"the pallas_gpu MoE kernel needs a GPU backend, not {jax.default_backend()!r}")
-    return experts_grouped(x, weights, ids, w_gate, w_up, w_down, fp8_dot=fp8_dot)
+    return experts_grouped(x, weights, ids, w_gate, w_up, w_down, fp8_dot=fp8_dot, layout=layout)
 
 
 def quantize_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
