@@ -3,10 +3,9 @@
 # slow step cannot cost the others. Logs and JSON under $OUT.
 #   bash bench/gpu_session.sh one    # one GPU: prefill, partial-depth Flash in fp8, MTP, server (wheels in .carry/wheels)
 #   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs (tensor=2), fp8: decode, prefill
-#   bash bench/gpu_session.sh four-e # four GPUs (nvidia-h200-x4): fp8 kernel tiles at a tensor=4 shard's size, full
-#                                    # Flash decode with XLA command buffers, MoE layer 1 vs 4 GPUs at 8 layers per call
-#   bash bench/gpu_session.sh four-f # four GPUs: full Flash decode at batch 16 and 64 (1K, 16K) and a 32K prefill
-# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-d) are in this file's history at the
+#   bash bench/gpu_session.sh four-g # four GPUs (nvidia-h200-x4): full Flash decode (batch 16/64/1, 1K/16K) and
+#                                    # prefill (8K, 32K) with the experts in the kernel's [E, out, in] layout
+# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f) are in this file's history at the
 # commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
@@ -46,29 +45,15 @@ two-c)
     --moe-impl pallas_gpu --mesh tensor=2 --prompt-len 1024,8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill.json"
   ;;
-four-e)
-  # batch 1 on tensor=4 (8 experts x 4 column tiles = 32 programs), and prefill: w8a8 since activations are prepared
-  # before the kernel (it took 92 ms at 8192 tokens with the per-step quantization)
-  CUDA_VISIBLE_DEVICES=0 TAIL=12 step kernel512 120 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
-    --weights fp8,fp8-w8a8 --tokens 1,16,8192 --sweep-budget 80
-  # the ~2 ms per step between a decode round's ~2,000 kernels: XLA command buffers (CUDA graphs) with the loop inside
-  XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE \
-    TAIL=20 step full_decode_t4_graphs 100 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
-    --moe-impl pallas_gpu --mesh tensor=4 --batch 16 --context 1024 --steps 16 --rounds 2 --copy-mb 1024 \
-    --no-experts-count --json "$O/full_decode_t4_graphs.json"
-  for w in bf16 fp8; do
-    TAIL=30 step "moe4_$w" 90 python bench/bench_moe.py --meshes "expert=1;expert=4" --tokens 1,64,8192 \
-      --impls pallas_gpu --strategies replicated --weights $w --reps 10 --layers-per-call 8 --profile 6 \
-      --out "$O/moe4_$w.jsonl"
-  done
+four-g)
+  # expert weights re-laid out to [E, out, in] for the kernel (bench/RESULTS.md, kernel run 6): full Flash decode
+  # at batch 16 / 64 / 1 and 1K / 16K, then prefill 8K and 32K
+  TAIL=30 step full_decode_t4 380 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --batch 16,64,1 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
+    --no-experts-count --json "$O/full_decode_t4.json"
+  TAIL=20 step full_prefill_t4 170 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
+    --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
+    --json "$O/full_prefill_t4.json"
   ;;
-four-f)
-  TAIL=40 step full_decode_t4 300 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
-    --moe-impl pallas_gpu --mesh tensor=4 --batch 16,64 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
-    --no-experts-count --profile 8 --json "$O/full_decode_t4.json"
-  TAIL=30 step full_prefill_t4_32k 120 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
-    --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 32768 --chunk 8192 --reps 1 --copy-mb 1024 \
-    --json "$O/full_prefill_t4_32k.json"
-  ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-e|four-f" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g" >&2; exit 2 ;;
 esac

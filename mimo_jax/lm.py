@@ -106,8 +106,9 @@ def load_model(
     if is_converted(path):  # written by `python -m mimo_jax.convert`
         mtp_layers = int(read_meta(path).get("mtp_layers", 0)) if mtp is True else int(mtp)
         model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh)
-        return LanguageModel(model, mesh=mesh, source=os.fspath(path))
-    cfg = MiMoConfig.from_json(path) if os.path.isdir(path) else None
-    mtp_layers = (cfg.num_mtp_layers if cfg else 0) if mtp is True else int(mtp)
-    model = load_params(path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress)
+    else:
+        cfg = MiMoConfig.from_json(path) if os.path.isdir(path) else None
+        mtp_layers = (cfg.num_mtp_layers if cfg else 0) if mtp is True else int(mtp)
+        model = load_params(path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress)
+    model.set_moe_impl()  # expert weights in the layout this backend's implementation reads
     return LanguageModel(model, mesh=mesh, source=os.fspath(path))

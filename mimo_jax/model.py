@@ -6,11 +6,13 @@ axes. Weights are stored input-major (`x @ W`), attention projections per head.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax import kernels, moe, quant, sharding
 from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
@@ -19,6 +21,36 @@ from mimo_jax.config import LayerSpec, MiMoConfig
 from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
+
+
+def _swapped(axes) -> tuple:
+    """(experts, a, b) -> (experts, b, a): logical axes or a PartitionSpec's entries of stacked expert weights."""
+    axes = tuple(axes) + (None,) * (3 - len(axes))
+    return axes[0], axes[2], axes[1]
+
+
+@functools.cache
+def _swap_on_device(sharding):
+    return jax.jit(lambda a: jnp.swapaxes(a, 1, 2), out_shardings=sharding)
+
+
+def _transposed_experts(value):
+    """Stacked expert weights [E, a, b] -> [E, b, a] where they live (a NamedSharding permuted alike); the old
+    buffers are freed at once, so re-laying out a whole model needs room for one more weight only."""
+    if isinstance(value, quant.BlockQuantized):
+        block = (value.block[0], value.block[2], value.block[1])
+        values, scales = _transposed_experts(value.values), _transposed_experts(value.scales)
+        return dataclasses.replace(value, values=values, scales=scales, block=block)
+    if not isinstance(value, jax.Array):  # shapes only (an abstract model), or host data
+        return moe.swap_expert_axes(value)
+    sharding = value.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*_swapped(sharding.spec)))
+    out = _swap_on_device(sharding)(value)
+    value.delete()
+    return out
+
+
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
 
 
@@ -111,6 +143,10 @@ class MoE(nnx.Module):
     ("auto" decides by token count) and `capacity_factor` (None = never drop) bounds the
     per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens" (read it
     with `nnx.capture(model, nnx.Intermediate)`).
+
+    The expert weights are made and imported as [E, H, I] / [E, I, H] (`layout` "in_out");
+    `set_layout` transposes them on their devices into the layout the implementation reads
+    (`moe.expert_layout`: the GPU kernel's "out_in"), else each call hands them over transposed.
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
@@ -129,6 +165,7 @@ class MoE(nnx.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
         self.impl = impl or kernels.default_expert_impl()  # the Pallas kernel on GPU, ragged_dot elsewhere
+        self.layout = "in_out"  # of gate/up/down as stored (see `set_layout`)
         self.strategy = "auto"
         self.capacity_factor: float | None = None
 
@@ -144,12 +181,16 @@ class MoE(nnx.Module):
             scaling=self.scaling,
         )
         mesh = sharding.current_mesh()
-        gate_spec = sharding.logical_to_spec(self.GATE_AXES, self.gate_proj.get_value().shape, mesh) if mesh else None
-        down_spec = sharding.logical_to_spec(self.DOWN_AXES, self.down_proj.get_value().shape, mesh) if mesh else None
+        gate_axes, down_axes = self._axes(self.layout)
+        gate_spec = sharding.logical_to_spec(gate_axes, self.gate_proj.get_value().shape, mesh) if mesh else None
+        down_spec = sharding.logical_to_spec(down_axes, self.down_proj.get_value().shape, mesh) if mesh else None
         experts = tuple(
             moe.read_experts(p, self.impl, x, spec, mesh)
             for p, spec in ((self.gate_proj, gate_spec), (self.up_proj, gate_spec), (self.down_proj, down_spec))
         )
+        if self.layout != moe.expert_layout(self.impl):  # not re-laid out (`set_layout`): transposed per call
+            experts = tuple(moe.swap_expert_axes(w) for w in experts)
+            gate_spec = None if gate_spec is None else PartitionSpec(*_swapped(gate_spec))
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
@@ -173,6 +214,25 @@ class MoE(nnx.Module):
         if self.capacity_factor is not None:
             self.sow(nnx.Intermediate, "dropped_tokens", dropped)
         return out.reshape(shape)
+
+    @classmethod
+    def _axes(cls, layout: str) -> tuple[tuple, tuple]:
+        """Logical axes of (gate/up, down) weights stored in `layout`."""
+        if layout == "out_in":
+            return _swapped(cls.GATE_AXES), _swapped(cls.DOWN_AXES)
+        return cls.GATE_AXES, cls.DOWN_AXES
+
+    def set_layout(self, layout: str) -> None:
+        """Store gate/up/down in `layout` (`moe.EXPERT_LAYOUTS`), transposed on their devices one at a time."""
+        if layout not in moe.EXPERT_LAYOUTS:
+            raise ValueError(f"unknown expert layout {layout!r}; choose from {moe.EXPERT_LAYOUTS}")
+        if layout == self.layout:
+            return
+        gate_axes, down_axes = self._axes(layout)
+        for param, axes in ((self.gate_proj, gate_axes), (self.up_proj, gate_axes), (self.down_proj, down_axes)):
+            param.set_value(_transposed_experts(param.get_value()))
+            param.set_metadata(logical_axes=axes)
+        self.layout = layout
 
 
 class DecoderLayer(nnx.Module):
@@ -243,11 +303,19 @@ class MiMoModel(nnx.Module):
             if isinstance(node, Attention):
                 node.impl = impl
 
-    def set_moe_impl(self, impl: str) -> None:
-        if impl not in moe.EXPERT_IMPLS:
+    def set_moe_impl(self, impl: str | None = None) -> None:
+        """Expert implementation of every MoE layer (None: keep each layer's), its expert weights re-laid out
+        on their devices to the layout it reads (`moe.expert_layout`; a no-op when they already are)."""
+        if impl is not None and impl not in moe.EXPERT_IMPLS:
             raise ValueError(f"unknown MoE implementation {impl!r}; choose from {sorted(moe.EXPERT_IMPLS)}")
         for layer in self.moe_layers():
-            layer.impl = impl
+            layer.impl = impl or layer.impl
+            layer.set_layout(moe.expert_layout(layer.impl))
+
+    def set_expert_layout(self, layout: str) -> None:
+        """Every MoE layer's expert weights in `layout` (e.g. "in_out" before saving: checkpoints keep it)."""
+        for layer in self.moe_layers():
+            layer.set_layout(layout)
 
     def set_moe_strategy(self, strategy: str = "auto", capacity_factor: float | None = None) -> None:
         """Dispatch of the expert-parallel MoE on a mesh (see `mimo_jax.moe.STRATEGIES`)."""

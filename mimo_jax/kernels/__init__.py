@@ -6,10 +6,11 @@ import jax
 
 
 def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
-    """MoE experts through the Pallas GPU kernel (`mimo_jax.kernels.moe_gpu`); contract of `experts_ragged`."""
+    """MoE experts through the Pallas GPU kernel (`mimo_jax.kernels.moe_gpu`); contract of `experts_ragged`
+    with the weights transposed ([E, out, in], `moe.expert_layout`)."""
     from mimo_jax.kernels import moe_gpu  # lazy: CPU/TPU processes never load the GPU kernel module
 
-    return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down)
+    return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, layout="out_in")
 
 
 def experts_pallas_gpu_w8a8(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
@@ -17,7 +18,7 @@ def experts_pallas_gpu_w8a8(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
     and vLLM serve block-FP8 checkpoints: faster, about 3% off the exact path); bf16 weights as "pallas_gpu"."""
     from mimo_jax.kernels import moe_gpu
 
-    return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, fp8_dot="fp8")
+    return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, fp8_dot="fp8", layout="out_in")
 
 
 def default_expert_impl(platform: str | None = None) -> str:

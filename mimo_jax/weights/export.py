@@ -254,7 +254,8 @@ def hub_tensors(model: Any) -> dict[str, np.ndarray]:
     from flax import nnx
 
     cfg = model.config.replace(fused_qkv=False)
-    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    nodes = dict(nnx.iter_graph(model))
+    params = {path: var for path, var in nodes.items() if isinstance(var, nnx.Param)}
     out: dict[str, np.ndarray] = {}
     for src in parameter_sources(cfg, len(model.mtp)):
         value = np.asarray(weight(params[src.path]), np.float32)
@@ -268,6 +269,7 @@ def hub_tensors(model: Any) -> dict[str, np.ndarray]:
         elif src.kind == HEADS_OUT:
             out[src.tensors[0].name] = np.ascontiguousarray(value.reshape(-1, value.shape[-1]).T)
         elif src.kind == EXPERTS:
+            out_in = nodes[src.path[:-1]].layout == "out_in"  # re-laid out for a kernel: already [out, in]
             for e, t in enumerate(src.tensors):
-                out[t.name] = np.ascontiguousarray(value[e].T)
+                out[t.name] = np.ascontiguousarray(value[e] if out_in else value[e].T)
     return out

@@ -45,13 +45,24 @@ def _key(path: tuple) -> str:
 
 
 def save_params(model: Any, directory: str) -> None:
-    """Write every parameter of `model` (sharded arrays stay sharded) under `directory`/params."""
+    """Write every parameter of `model` (sharded arrays stay sharded) under `directory`/params.
+
+    Expert weights are written in the stored layout ("in_out"); layers re-laid out for a kernel
+    (`MiMoModel.set_moe_impl`) are turned back for the write and again after it, on their devices.
+    """
     import orbax.checkpoint as ocp
 
-    tree = {_key(path): var.get_value() for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), tree)
-    checkpointer.wait_until_finished()
+    layouts = [(layer, layer.layout) for layer in model.moe_layers()]
+    model.set_expert_layout("in_out")
+    try:
+        tree = {_key(path): var.get_value() for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), tree)
+        checkpointer.wait_until_finished()
+        del tree
+    finally:
+        for layer, layout in layouts:
+            layer.set_layout(layout)
 
 
 def restore_params(
