@@ -22,6 +22,19 @@ TINY_BASE = dict(
     sliding_window=5,
     max_position_embeddings=512,
 )
+# Overrides that give meshes of up to 8 devices something to split: 16 experts and 8 q heads; full layers
+# have 2 kv heads and SWA layers 4, so tensor=4 and tensor=8 exercise replicated kv heads.
+SHARDABLE = dict(
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_hidden_layers=3,
+    layer_types=["full_attention", "sliding_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    n_group=4,
+    topk_group=2,
+)
 
 
 def make_hf_model(seed: int = 0, **overrides):

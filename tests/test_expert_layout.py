@@ -9,24 +9,13 @@ the plain path by tests/test_moe_kernel.py in interpret mode and bench/bench_moe
 import jax
 import numpy as np
 import pytest
-from hf_fixtures import make_hf_model, save_hf_checkpoint
+from hf_fixtures import SHARDABLE, make_hf_model, save_hf_checkpoint
 from importer_fixtures import release_fixture
 
 import mimo_jax
 from mimo_jax import moe, quant
 from mimo_jax.sharding import make_mesh
 
-SHARDABLE = dict(
-    n_routed_experts=16,
-    num_experts_per_tok=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    num_hidden_layers=3,
-    layer_types=["full_attention", "sliding_attention", "full_attention"],
-    mlp_layer_types=["dense", "sparse", "sparse"],
-    n_group=4,
-    topk_group=2,
-)
 IDS = np.random.RandomState(1).randint(0, 96, (4, 7))
 
 

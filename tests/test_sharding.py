@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import make_hf_model, save_hf_checkpoint
+from hf_fixtures import SHARDABLE, make_hf_model, save_hf_checkpoint
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -17,19 +17,6 @@ from mimo_jax import moe
 from mimo_jax.cache import CACHE_AXES, empty_layer_kv
 from mimo_jax.sharding import logical_to_spec, make_mesh, model_shardings
 
-# 16 experts and 8 q heads so that every mesh below really splits them; full layers have 2
-# kv heads and SWA layers 4, so tensor=4 and tensor=8 exercise replicated kv heads.
-SHARDABLE = dict(
-    n_routed_experts=16,
-    num_experts_per_tok=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    num_hidden_layers=3,
-    layer_types=["full_attention", "sliding_attention", "full_attention"],
-    mlp_layer_types=["dense", "sparse", "sparse"],
-    n_group=4,
-    topk_group=2,
-)
 MESHES = {
     "expert8": dict(expert=8),
     "tensor2-expert4": dict(tensor=2, expert=4),
