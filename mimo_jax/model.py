@@ -6,13 +6,12 @@ axes. Weights are stored input-major (`x @ W`), attention projections per head.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from mimo_jax import kernels, moe, quant, sharding
 from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
@@ -21,34 +20,6 @@ from mimo_jax.config import LayerSpec, MiMoConfig
 from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
-
-
-def _swapped(axes) -> tuple:
-    """(experts, a, b) -> (experts, b, a): logical axes or a PartitionSpec's entries of stacked expert weights."""
-    axes = tuple(axes) + (None,) * (3 - len(axes))
-    return axes[0], axes[2], axes[1]
-
-
-@functools.cache
-def _swap_on_device(sharding):
-    return jax.jit(lambda a: jnp.swapaxes(a, 1, 2), out_shardings=sharding)
-
-
-def _transposed_experts(value):
-    """Stacked expert weights [E, a, b] -> [E, b, a] where they live (a NamedSharding permuted alike); the old
-    buffers are freed at once, so re-laying out a whole model needs room for one more weight only."""
-    if isinstance(value, quant.BlockQuantized):
-        block = (value.block[0], value.block[2], value.block[1])
-        values, scales = _transposed_experts(value.values), _transposed_experts(value.scales)
-        return dataclasses.replace(value, values=values, scales=scales, block=block)
-    if not isinstance(value, jax.Array):  # shapes only (an abstract model), or host data
-        return moe.swap_expert_axes(value)
-    sharding = value.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*_swapped(sharding.spec)))
-    out = _swap_on_device(sharding)(value)
-    value.delete()
-    return out
 
 
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
@@ -190,7 +161,7 @@ class MoE(nnx.Module):
         )
         if self.layout != moe.expert_layout(self.impl):  # not re-laid out (`set_layout`): transposed per call
             experts = tuple(moe.swap_expert_axes(w) for w in experts)
-            gate_spec = None if gate_spec is None else PartitionSpec(*_swapped(gate_spec))
+            gate_spec = None if gate_spec is None else PartitionSpec(*moe.swapped_axes(gate_spec))
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
             out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
@@ -219,19 +190,24 @@ class MoE(nnx.Module):
     def _axes(cls, layout: str) -> tuple[tuple, tuple]:
         """Logical axes of (gate/up, down) weights stored in `layout`."""
         if layout == "out_in":
-            return _swapped(cls.GATE_AXES), _swapped(cls.DOWN_AXES)
+            return moe.swapped_axes(cls.GATE_AXES), moe.swapped_axes(cls.DOWN_AXES)
         return cls.GATE_AXES, cls.DOWN_AXES
 
     def set_layout(self, layout: str) -> None:
-        """Store gate/up/down in `layout` (`moe.EXPERT_LAYOUTS`), transposed on their devices one at a time."""
+        """Store gate/up/down in `layout` (`moe.EXPERT_LAYOUTS`), transposed on their devices one at a time, each
+        old buffer freed at once (re-laying out a whole model needs room for one more weight only)."""
         if layout not in moe.EXPERT_LAYOUTS:
             raise ValueError(f"unknown expert layout {layout!r}; choose from {moe.EXPERT_LAYOUTS}")
         if layout == self.layout:
             return
         gate_axes, down_axes = self._axes(layout)
         for param, axes in ((self.gate_proj, gate_axes), (self.up_proj, gate_axes), (self.down_proj, down_axes)):
-            param.set_value(_transposed_experts(param.get_value()))
+            old = param.get_value()
+            param.set_value(moe.swap_expert_axes(old))
             param.set_metadata(logical_axes=axes)
+            for leaf in jax.tree.leaves(old):
+                if isinstance(leaf, jax.Array):
+                    leaf.delete()
         self.layout = layout
 
 

@@ -153,18 +153,24 @@ def experts_gather_fused(
     return jnp.einsum("nkh,nk->nh", y, weights).astype(x.dtype)
 
 
+def swapped_axes(entries: Any) -> tuple:
+    """(experts, a, b) -> (experts, b, a): the logical axes or PartitionSpec entries of stacked expert weights."""
+    entries = tuple(entries) + (None,) * (3 - len(entries))
+    return entries[0], entries[2], entries[1]
+
+
 def swap_expert_axes(w: Any) -> Any:
-    """Stacked expert weights [E, a, b] -> [E, b, a]: an array, a `jax.ShapeDtypeStruct` (its NamedSharding
-    permuted alike) or `quant.BlockQuantized` (values, scales and block transposed together)."""
+    """Stacked expert weights [E, a, b] -> [E, b, a]: an array (a placed one stays where it is, its
+    NamedSharding permuted alike), a `jax.ShapeDtypeStruct`, or `quant.BlockQuantized` (values, scales and
+    block transposed together)."""
     if isinstance(w, quant.BlockQuantized):
-        block = (w.block[0], w.block[2], w.block[1])
+        block = swapped_axes(w.block)
         return dataclasses.replace(w, values=swap_expert_axes(w.values), scales=swap_expert_axes(w.scales), block=block)
     if isinstance(w, jax.ShapeDtypeStruct):
         sharding = w.sharding
         if isinstance(sharding, jax.sharding.NamedSharding):
-            spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
-            sharding = jax.sharding.NamedSharding(sharding.mesh, PartitionSpec(spec[0], spec[2], spec[1]))
-        return jax.ShapeDtypeStruct((w.shape[0], w.shape[2], w.shape[1]), w.dtype, sharding=sharding)
+            sharding = jax.sharding.NamedSharding(sharding.mesh, PartitionSpec(*swapped_axes(sharding.spec)))
+        return jax.ShapeDtypeStruct(swapped_axes(w.shape), w.dtype, sharding=sharding)
     return jnp.swapaxes(w, 1, 2)
 
 

@@ -289,7 +289,7 @@ SWAP = moe_gpu.KernelConfig(
 )
 
 
-@pytest.mark.parametrize("layout", moe_gpu.LAYOUTS)
+@pytest.mark.parametrize("layout", moe.EXPERT_LAYOUTS)
 @pytest.mark.parametrize(
     "config",
     [SMALL, WIDE_FP8, SWAP, dataclasses.replace(SWAP, fp8_dot="f16")],

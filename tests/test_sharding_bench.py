@@ -67,3 +67,32 @@ def test_layers_per_call_chains_the_residual_stream(bench_moe):
 
     fn = bench_moe.repeated(lambda h, scale: h * scale, 3)  # h <- h + h * scale, three times
     assert float(fn(jnp.ones(()), 1.0)) == 8.0
+
+
+def test_bench_moe_hands_each_implementation_its_weight_layout(bench_moe, tmp_path, monkeypatch):
+    """An implementation that reads [E, out, in] weights (as the GPU kernels do) gets them re-laid out, with
+    its gate spec permuted, beside one that reads [E, in, out], on one device and on meshes."""
+    from mimo_jax import moe, quant
+
+    def dense_out_in(x, weights, ids, w_gate, w_up, w_down):
+        ws = [moe.swap_expert_axes(w.dequantize(x.dtype) if isinstance(w, quant.BlockQuantized) else w)
+              for w in (w_gate, w_up, w_down)]  # fmt: skip
+        return moe.experts_dense(x, weights, ids, *ws)
+
+    monkeypatch.setitem(moe.EXPERT_IMPLS, "dense_out_in", dense_out_in)
+    monkeypatch.setattr(moe, "_OUT_IN_IMPLS", moe._OUT_IN_IMPLS | {"dense_out_in"})
+    out = tmp_path / "moe.jsonl"
+    argv = [
+        "--hidden", "32", "--experts", "8", "--top-k", "2", "--intermediate", "16", "--tokens", "5",
+        "--meshes", "expert=1;tensor=2,expert=2", "--impls", "ragged,dense_out_in", "--strategies", "replicated",
+        "--dtype", "float32", "--reps", "2", "--warmup", "1", "--ceiling-mib", "4", "--matmul", "128",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert bench_moe.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["mesh"], r["impl"]) for r in rows} == {
+        (mesh, impl) for mesh in ("expert=1", "tensor=2,expert=2") for impl in ("ragged", "dense_out_in")
+    }
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ok"] and r["rel_err"] < 1e-4

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mimo_jax.moe import EXPERT_LAYOUTS
 from mimo_jax.quant import FP8_MAX
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
@@ -49,7 +50,6 @@ class TileConfig:
 
 
 FP8_DOTS = ("bf16", "f16", "fp8")
-LAYOUTS = ("in_out", "out_in")  # expert weights [E, in, out] or, as checkpoints store them, [E, out, in]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,8 +369,8 @@ def experts_grouped(
     `config`: tiles (default: by rows per expert); `fp8_dot` overrides its `fp8_dot` (see KernelConfig).
     `layout`: "in_out" (weights [E, in, out], as `experts_ragged` takes them) or "out_in" ([E, out, in]).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}: choose from {LAYOUTS}")
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose from {EXPERT_LAYOUTS}")
     out_in = layout == "out_in"
     n, top_k = ids.shape
     wg, sg = _split_weight(w_gate)

@@ -59,7 +59,6 @@ def save_params(model: Any, directory: str) -> None:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), tree)
         checkpointer.wait_until_finished()
-        del tree
     finally:
         for layer, layout in layouts:
             layer.set_layout(layout)
