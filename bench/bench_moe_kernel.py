@@ -159,18 +159,44 @@ OUT_IN_CANDIDATES = {
     },
 }
 EXPERIMENTAL = []  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
+FUSED_BENCH_MAX = 64  # the fused decode kernel is timed up to this many assignments (module limit or not)
+
+
+def fused_candidates(base: str, assignments: int, inter: int) -> list:
+    """Variants of the fused decode kernel around the module's choice for this size."""
+    fp8 = base != "bf16"
+    auto = mg.fused_config(assignments, inter, fp8)
+    r = dataclasses.replace
+    bis = sorted({max(16, auto.block_inter // 2), auto.block_inter, min(128, auto.block_inter * 2)})
+    bis = [bi for bi in bis if inter % bi == 0 and bi != auto.block_inter]
+    out = [auto] + [r(auto, block_inter=bi) for bi in bis]
+    out += [r(auto, swap_ab=False), r(auto, num_stages=6), r(auto, num_stages=3), r(auto, num_warps=8)]
+    if fp8:
+        out += [r(auto, block_k=64, block_out=64), r(auto, fp8_dot="bf16")]
+    else:
+        out += [r(auto, block_k=128, num_stages=3), r(auto, block_out=128)]
+    return out
+
+
+def candidates(kind: str, assignments: int, experts: int, inter: int) -> list:
+    """Configs timed for this kind and size, the module's default first: at a few assignments the fused
+    kernel's variants and the grouped decode tiles side by side."""
+    base, layout = split_kind(kind)
+    table = OUT_IN_CANDIDATES if layout == "out_in" else CANDIDATES
+    grouped = table[base][regime(assignments, experts)]
+    if assignments > FUSED_BENCH_MAX:
+        return grouped
+    default = mg.default_config(assignments, experts, base != "bf16", inter)
+    if base == "fp8-w8a8" and isinstance(default, mg.KernelConfig):
+        default = W8A8(default)
+    listed = [default] + fused_candidates(base, assignments, inter) + grouped
+    return list(dict.fromkeys(listed))  # unique, in order
 
 
 def split_kind(kind: str) -> tuple[str, str]:
     """Kind "fp8-w8a8/out_in" -> ("fp8-w8a8", "out_in"); no suffix: the in_out layout."""
     base, _, layout = kind.partition("/")
     return base, layout or "in_out"
-
-
-def candidates(kind: str, regime_name: str) -> list:
-    base, layout = split_kind(kind)
-    table = OUT_IN_CANDIDATES if layout == "out_in" else CANDIDATES
-    return table[base][regime_name]
 
 
 def as_layout(w, layout: str):
@@ -279,6 +305,10 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> b
         "bf16/out_in": mg.KernelConfig(T(16, 128, 64, 4, 4, **S), T(16, 128, 128, 4, 4, **S)),
         "fp8-f16/out_in": mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "f16"),
         "fp8-w8a8/out_in": mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "fp8"),
+        # the fused decode kernel at every check size (at thousands of assignments too: slow, still exact)
+        "bf16-fused/out_in": mg.FusedConfig(64, 64, 64, 4, 4),
+        "fp8-fused/out_in": mg.FusedConfig(64, 128, 128, 4, 4),
+        "fp8-fused-rows/out_in": mg.FusedConfig(32, 128, 64, 4, 3, swap_ab=False),
     }
     turned = {"bf16": as_layout(bf16, "out_in"), "fp8": as_layout(fp8, "out_in")}
     ref = jax.jit(reference)
@@ -416,7 +446,7 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         emit("kernel", tokens=t, weights=wname, config=repr(cfg), label=label, ms=sec * 1e3, rel_err=err, ok=passed)
         print(
             f"  T={t:<5} {wname} {label} {sec * 1e3:8.3f} ms  err {err:.1e}{'' if passed else ' FAIL'}"
-            f"  {cfg.gate_up} | {cfg.down}"
+            f"  {f'{cfg.gate_up} | {cfg.down}' if isinstance(cfg, mg.KernelConfig) else cfg}"
         )
         return sec
 
@@ -433,7 +463,7 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
             base, layout = split_kind(wname)
             w = weight_sets[(base == "bf16", layout)]
             best = None
-            for n_cfg, cfg in enumerate(candidates(wname, regime(t * k, e))):
+            for n_cfg, cfg in enumerate(candidates(wname, t * k, e, i)):
                 if n_cfg and time.perf_counter() - start > sweep_budget_s:
                     break  # out of device time for the sweep: defaults only
                 sec = measure(t, wname, w, cfg, f"cfg{n_cfg}")

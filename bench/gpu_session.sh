@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs (tensor=2), fp8: decode, prefill
 #   bash bench/gpu_session.sh four-g # four GPUs (nvidia-h200-x4): full Flash decode (batch 16/64/1, 1K/16K) and
 #                                    # prefill (8K, 32K) with the experts in the kernel's [E, out, in] layout
+#   bash bench/gpu_session.sh kernel-a # one GPU: the fused decode MoE kernel vs the grouped ones, then GPU checks
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f) are in this file's history at the
 # commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -55,5 +56,14 @@ four-g)
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4.json"
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g" >&2; exit 2 ;;
+kernel-a)
+  # one GPU: the fused decode kernel (one launch, no sort) against the grouped kernels at a few tokens, Flash
+  # experts and one tensor=4 shard's (intermediate 512); then the GPU checks (adversarial routings, every kind)
+  TAIL=40 step kernel_flash 330 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+    --tokens 1,8,2,4 --sweep-budget 260
+  TAIL=30 step kernel_shard 150 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8/out_in,bf16/out_in --tokens 1,2,4 --sweep-budget 100
+  TAIL=30 step kernel_checks 100 python bench/bench_moe_kernel.py --quick-checks --weights fp8/out_in --tokens 1
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a" >&2; exit 2 ;;
 esac

@@ -201,10 +201,11 @@ def test_inside_expert_parallel_shard_map():
     assert rel_err(out, reference(x, weights, ids, wg, wu, wd)) < 1e-5
 
 
+@pytest.mark.parametrize("n,kernel_name", [(7, "moe_fused"), (40, "moe_gate_up")], ids=["fused", "grouped"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_lowers_to_triton_for_cuda_inside_shard_map(fp8):
-    """The compiled (non-interpreted) kernel lowers for CUDA on this CPU machine, varying-axis checks on."""
-    e, h, i, n, k = 8, 256, 128, 7, 2
+def test_lowers_to_triton_for_cuda_inside_shard_map(fp8, n, kernel_name):
+    """The compiled (non-interpreted) kernels lower for CUDA on this CPU machine, varying-axis checks on."""
+    e, h, i, k = 8, 256, 128, 2
     mesh = Mesh(np.array(jax.devices()[:2]), ("expert",))
     s = jax.ShapeDtypeStruct
     if fp8:
@@ -214,7 +215,7 @@ def test_lowers_to_triton_for_cuda_inside_shard_map(fp8):
         wg, wd = s((e, h, i), jnp.bfloat16), s((e, i, h), jnp.bfloat16)
     args = (s((n, h), jnp.bfloat16), s((n, k), jnp.float32), s((n, k), jnp.int32), wg, wg, wd)
     text = expert_parallel(mesh, interpret=False).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("moe_gate_up") and text.count("moe_down")
+    assert kernel_name in text
 
 
 def test_registry_and_backend_choice():
@@ -341,3 +342,89 @@ def test_out_in_swapped_kernel_lowers_to_triton_for_cuda(fp8_dot):
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
     assert text.count("xla.gpu.triton") >= 2
+
+
+def ramped(w, e, d_in, d_out):
+    """Weights times a scale that differs per 128 x 128 block, so a wrong block-scale index shows."""
+    ramp = jnp.linspace(0.5, 2.0, e * (d_in // 128) * (d_out // 128)).reshape(e, d_in // 128, 1, d_out // 128, 1)
+    return (w.reshape(e, d_in // 128, 128, d_out // 128, 128) * ramp).reshape(e, d_in, d_out)
+
+
+FUSED_VARIANTS = {
+    "swap_f16": moe_gpu.FusedConfig(32, 64, 64, 4, 3),
+    "rows_f16": moe_gpu.FusedConfig(64, 128, 128, 4, 3, swap_ab=False),
+    "swap_bf16": moe_gpu.FusedConfig(128, 128, 64, 4, 3, fp8_dot="bf16"),
+}
+
+
+@pytest.mark.parametrize("layout", moe.EXPERT_LAYOUTS)
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_fused_decode_kernel_matches_dense(layout, variant):
+    """The single-launch kernel (no sort): fp8 block scales differing per block, bf16 weights, an expert chosen
+    by two tokens, foreign ids (other shards' experts), and rows 1e12 apart in magnitude (f16 scaling)."""
+    e, h, i = 4, 256, 256
+    wg, wu, wd = make_weights(40, e, h, i)
+    wg, wd = ramped(wg, e, h, i), ramped(wd, e, i, h)[:, ::-1]
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
+    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    ids = jnp.asarray([[1, 3], [3, -1], [e + 2, 0]], jnp.int32)
+    weights = jnp.asarray([[0.7, 0.2], [0.4, 0.9], [0.5, 0.3]])
+    x = (activations(41, 3, h) * jnp.asarray([[1e6], [1e-6], [1.0]])).astype(jnp.bfloat16)
+    config = FUSED_VARIANTS[variant]
+    for w, want in ((q, deq), ([a.astype(jnp.bfloat16) for a in (wg, wu, wd)], None)):
+        given = [out_in(a) for a in w] if layout == "out_in" else w
+        got = moe_gpu.experts_grouped(x, weights, ids, *given, config=config, layout=layout, interpret=True)
+        ref = reference(x, weights, ids, *(want or w))
+        assert got.dtype == x.dtype and np.isfinite(np.asarray(got, np.float32)).all()
+        for row in range(3):  # each row on its own: their magnitudes differ by 1e12
+            assert rel_err(got[row], ref[row]) < 1e-2, (row, want is None)
+
+
+def test_fused_kernel_is_the_default_for_few_assignments():
+    """At most FUSED_MAX_ASSIGNMENTS (tokens x top-k) take the fused kernel, with block_inter sized so that the
+    programs fill the GPU; more take the grouped kernels."""
+    limit = moe_gpu.FUSED_MAX_ASSIGNMENTS
+    fused = moe_gpu.default_config(8, 256, True, 2048)
+    assert isinstance(fused, moe_gpu.FusedConfig) and fused.block_inter == 128  # 8 x 16 programs
+    assert moe_gpu.default_config(8, 256, True, 512).block_inter == 32  # one tensor=4 shard: 8 x 16 again
+    assert moe_gpu.default_config(1, 256, False, 2048).block_inter == 16  # top-1: as many as it can
+    assert isinstance(moe_gpu.default_config(limit + 1, 256, True, 2048), moe_gpu.KernelConfig)
+    assert isinstance(moe_gpu.default_config(8, 256, True), moe_gpu.KernelConfig)  # no size given: grouped
+    e, h, i, n, k = 8, 256, 128, 3, 2  # n x k <= limit: the default path is the fused kernel
+    wg, wu, wd = make_weights(42, e, h, i)
+    ids, weights = make_tokens(43, n, e, k)
+    x = activations(44, n, h)
+    out = moe_gpu.experts_grouped(x, weights, ids, wg, wu, wd, interpret=True)
+    assert rel_err(out, reference(x, weights, ids, wg, wu, wd)) < 1e-5
+    jaxpr = str(jax.make_jaxpr(lambda *a: moe_gpu.experts_grouped(*a, interpret=True))(x, weights, ids, wg, wu, wd))
+    assert "moe_fused" in jaxpr and "moe_gate_up" not in jaxpr
+
+
+def test_fused_tiles_are_checked():
+    wg, wu, wd = make_weights(45, 4, 256, 192)
+    ids, weights = make_tokens(46, 2, 4, 2)
+    x = activations(47, 2, 256)
+    with pytest.raises(ValueError, match="block_inter=128 must be a power of two >= 16 dividing intermediate 192"):
+        run_kernel(x, weights, ids, wg, wu, wd, config=moe_gpu.FusedConfig(128, 64, 64, 4, 3))
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(45, 4, 512, 256)]
+    with pytest.raises(ValueError, match="block_k=256 .* at most 128"):
+        run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 256, 64, 4, 3))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("swap_ab", [True, False], ids=["swap_ab", "rows"])
+def test_fused_kernel_lowers_to_triton_for_cuda(fp8, swap_ab):
+    from jax import export
+
+    e, h, i = 8, 512, 256
+    w = make_weights(48, e, h, i, jnp.bfloat16)
+    q = [out_in(moe_gpu.quantize_fp8_blocks(a) if fp8 else a) for a in w]
+    ids, weights = make_tokens(49, 1, e, 2)
+    x = activations(50, 1, h, jnp.bfloat16)
+    config = moe_gpu.FusedConfig(64, 128, 128, 4, 4, swap_ab=swap_ab)
+    fn = jax.jit(
+        lambda x, weights, ids, q: moe_gpu.experts_grouped(x, weights, ids, *q, config=config, layout="out_in")
+    )
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
+    assert text.count("xla.gpu.triton") == 1 and 'name = "moe_fused"' in text

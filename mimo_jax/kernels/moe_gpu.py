@@ -1,4 +1,4 @@
-"""Grouped-matmul expert FFN for GPU in Pallas (Triton backend).
+"""Expert FFN for GPU in Pallas (Triton backend): grouped matmuls, and a fused kernel for decode.
 
 Same contract as `mimo_jax.moe.experts_ragged`: (x [N, H], weights [N, K], ids [N, K], w_gate, w_up, w_down)
 -> [N, H]. Assignments are sorted by expert; a small schedule computed in XLA lists, for every program,
@@ -12,6 +12,12 @@ Programs of one expert at one column tile are adjacent, so its row tiles read ea
 and again from L2. Shapes are static (the schedule has an upper-bound length; spare programs return at once),
 so one compilation serves every routing pattern. The tile sizes are chosen by rows per expert: small row tiles
 and narrow column tiles when decoding (weight streaming, memory-bound), large tiles for prefill (compute-bound).
+
+At a few assignments (decode at small batch) a third kernel does it all in one launch, with no sort or schedule
+(`FusedConfig`): one program per (assignment, block of intermediate columns) computes that block of h from its
+token's row and multiplies it by the matching slice of the down weight; the [hidden] partial sums are added after
+the kernel. Each assignment reads its expert's weights once (an expert chosen twice is read twice, which is why
+this serves only a few assignments).
 
 Weights are bf16 arrays, or block-scaled fp8 (the importer's layout, `mimo_jax.quant.BlockQuantized` with block
 (1, 128, 128), or a plain (values, scales) pair): values float8_e4m3fn [E, in, out], scales float32
@@ -80,8 +86,48 @@ MIDDLE_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64,
 PREFILL_FP8 = KernelConfig(TileConfig(64, 128, 64, 4, 4), TileConfig(64, 128, 64, 4, 4), fp8_dot="f16")
 
 
-def default_config(assignments: int, num_experts: int, fp8: bool = False) -> KernelConfig:
-    """Tiles by the mean rows per expert (static: from shapes, not from the routing)."""
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    """The single-launch decode kernel's tiling: `block_inter` intermediate columns per program, the gate/up
+    reduction over hidden in steps of `block_k`, the down product in steps of `block_out` hidden columns.
+
+    `swap_ab`: the weight tile is the MMA's wide side and the token's row its narrow one (as TileConfig).
+    `fp8_dot`: how fp8 weight tiles are widened, "f16" (the row and h scaled by a power of two inside the
+    kernel: exact) or "bf16"; w8a8 ("fp8") is taken as "f16" here (exact, and no slower at this size).
+    """
+
+    block_inter: int
+    block_k: int
+    block_out: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool = True
+    fp8_dot: str = "f16"
+
+
+# Up to this many assignments (tokens x top-k) the fused kernel serves; chosen on an H200 (bench/RESULTS.md).
+FUSED_MAX_ASSIGNMENTS = 16
+FUSED_MIN_PROGRAMS = 128  # about one program per SM: block_inter shrinks (down to 16) until there are this many
+FUSED = FusedConfig(128, 64, 64, 4, 4)
+FUSED_FP8 = FusedConfig(128, 128, 128, 4, 4)
+
+
+def fused_config(assignments: int, inter: int, fp8: bool = False) -> FusedConfig:
+    """FUSED(_FP8) with block_inter halved until `assignments x inter / block_inter` programs fill the GPU."""
+    base = FUSED_FP8 if fp8 else FUSED
+    block_inter = base.block_inter
+    while block_inter > 16 and (inter % block_inter or assignments * (inter // block_inter) < FUSED_MIN_PROGRAMS):
+        block_inter //= 2
+    return dataclasses.replace(base, block_inter=block_inter)
+
+
+def default_config(
+    assignments: int, num_experts: int, fp8: bool = False, inter: int | None = None
+) -> KernelConfig | FusedConfig:
+    """Kernel and tiles by the assignments and the mean rows per expert (static: from shapes, not the routing);
+    the fused kernel when `inter` is given and there are at most FUSED_MAX_ASSIGNMENTS assignments."""
+    if inter is not None and assignments <= FUSED_MAX_ASSIGNMENTS:
+        return fused_config(assignments, inter, fp8)
     rows_per_expert = assignments / num_experts
     if rows_per_expert <= 16:
         return DECODE_FP8 if fp8 else DECODE
@@ -162,10 +208,14 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
     return s_ref[expert, c_block, k_block] if out_in else s_ref[expert, k_block, c_block]
 
 
+def _pow2_scale(amax: jax.Array) -> jax.Array:
+    """2^e with |a / 2^e| <= 2^8 for |a| <= amax: f16 holds a / 2^e exactly to its precision, without overflow."""
+    return jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30))) - 8.0)
+
+
 def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """a [rows, d] -> (a / 2^e in f16, 2^e [rows] f32), 2^e per row so that |a / 2^e| <= 2^8 (exact, no overflow)."""
-    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1)
-    row_scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30))) - 8.0)
+    """a [rows, d] -> (a / 2^e in f16, 2^e [rows] f32), one `_pow2_scale` per row."""
+    row_scale = _pow2_scale(jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1))
     return (a.astype(jnp.float32) / row_scale[:, None]).astype(jnp.float16), row_scale
 
 
@@ -296,6 +346,92 @@ def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool,
         _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
 
+FUSED_ROWS = 16  # the MMA's narrow side: one token's row and 15 rows of zeros (Triton dots need 16)
+
+
+def _fused_dot(w, a, w_contract: int, swap_ab: bool):
+    """Weight tile w (reduction on axis `w_contract`) times the padded activation tile a, fp32: [w_out, ROWS]
+    with a [k, ROWS] when swap_ab, else [ROWS, w_out] with a [ROWS, k]."""
+    if swap_ab:
+        return jax.lax.dot_general(w, a, (((w_contract,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, w, (((1,), (w_contract,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, scaled: bool, out_in: bool):
+    """Program (p, c): assignment p's expert on intermediate columns [c * bi, (c + 1) * bi): h = silu(x Wg) *
+    (x Wu) * routing weight for those columns, then out[p, c] = h @ Wd[those rows] ([hidden], fp32)."""
+    w_refs, s_refs, out_ref = refs[:3], refs[3:6] if scaled else (None,) * 3, refs[-1]
+    wg_ref, wd_ref = w_refs[0], w_refs[2]
+    p, c = pl.program_id(0), pl.program_id(1)
+    expert = ids_ref[p]
+    bi, bk, bo = cfg.block_inter, cfg.block_k, cfg.block_out
+    hidden = x_ref.shape[1]
+    col = c * bi
+    f16 = scaled and cfg.fp8_dot in ("f16", "fp8")
+    dtype = jnp.float16 if f16 else (x_ref.dtype if not scaled else jnp.bfloat16)
+    w_contract = 1 if out_in else 0
+    # row 0 of the narrow MMA side is the token, the other rows zeros (so h and every product there stay 0)
+    pad_shape, pad_axis = ((bk, FUSED_ROWS), 1) if cfg.swap_ab else ((FUSED_ROWS, bk), 0)
+    first = jax.lax.broadcasted_iota(jnp.int32, pad_shape, pad_axis) == 0
+
+    @pl.when((expert >= 0) & (expert < wg_ref.shape[0]))
+    def _():
+        token = p // top_k
+
+        def x_row(k):
+            return x_ref[token, pl.ds(k * bk, bk)].astype(jnp.float32)
+
+        n_k = hidden // bk
+        x_scale = None
+        if f16:
+            amax = jax.lax.fori_loop(0, n_k, lambda k, m: jnp.maximum(m, jnp.max(jnp.abs(x_row(k)))), 0.0)
+            x_scale = _pow2_scale(amax)
+
+        def x_tile(k):
+            row = x_row(k) if x_scale is None else x_row(k) / x_scale
+            row = row.astype(dtype)
+            return jnp.where(first, row[:, None] if cfg.swap_ab else row[None, :], jnp.zeros((), dtype))
+
+        def gate_up_step(k, accs):
+            a = x_tile(k)
+            ks, cs = pl.ds(k * bk, bk), pl.ds(col, bi)
+            out = []
+            for acc, w_ref, s_ref in zip(accs, w_refs[:2], s_refs[:2], strict=True):
+                w = (w_ref[expert, cs, ks] if out_in else w_ref[expert, ks, cs]).astype(dtype)
+                prod = _fused_dot(w, a, w_contract, cfg.swap_ab)
+                if s_ref is not None:
+                    kb, cb = (k * bk) // FP8_BLOCK, col // FP8_BLOCK
+                    prod = prod * (s_ref[expert, cb, kb] if out_in else s_ref[expert, kb, cb])
+                out.append(acc + prod)
+            return tuple(out)
+
+        shape = (bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)
+        zeros = jnp.zeros(shape, jnp.float32)
+        gate, up = jax.lax.fori_loop(0, n_k, gate_up_step, (zeros, zeros))
+        if x_scale is not None:
+            gate, up = gate * x_scale, up * x_scale
+        h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p]  # silu(gate) * up, routing weight applied
+        h_scale = None
+        if f16:
+            h_scale = _pow2_scale(jnp.max(jnp.abs(h)))
+            h = h / h_scale
+        h = h.astype(dtype)
+
+        def down_step(j, carry):
+            os, cs = pl.ds(j * bo, bo), pl.ds(col, bi)
+            w = (wd_ref[expert, os, cs] if out_in else wd_ref[expert, cs, os]).astype(dtype)
+            y = jnp.sum(_fused_dot(w, h, w_contract, cfg.swap_ab), axis=1 if cfg.swap_ab else 0)  # row 0 alone
+            if s_refs[2] is not None:
+                ob, cb = (j * bo) // FP8_BLOCK, col // FP8_BLOCK
+                y = y * (s_refs[2][expert, ob, cb] if out_in else s_refs[2][expert, cb, ob])
+            if h_scale is not None:
+                y = y * h_scale
+            out_ref[p, c, os] = y
+            return carry
+
+        jax.lax.fori_loop(0, hidden // bo, down_step, 0)
+
+
 def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: str) -> None:
     for name, size in (("block_rows", cfg.block_rows), ("block_cols", cfg.block_cols), ("block_k", cfg.block_k)):
         if size & (size - 1) or size < 16:
@@ -340,11 +476,11 @@ def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _call(kernel, cfg: TileConfig, out_shape, n_programs: int, interpret: bool, name: str):
+def _call(kernel, cfg: TileConfig | FusedConfig, out_shape, grid: int | tuple, interpret: bool, name: str):
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(n_programs,),
+        grid=grid if isinstance(grid, tuple) else (grid,),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=name,
@@ -366,7 +502,8 @@ def experts_grouped(
 ) -> jax.Array:
     """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow).
 
-    `config`: tiles (default: by rows per expert); `fp8_dot` overrides its `fp8_dot` (see KernelConfig).
+    `config`: the grouped kernels' tiles (KernelConfig) or the fused decode kernel's (FusedConfig); default:
+    by assignments and rows per expert (`default_config`). `fp8_dot` overrides the config's (see KernelConfig).
     `layout`: "in_out" (weights [E, in, out], as `experts_ragged` takes them) or "out_in" ([E, out, in]).
     """
     if layout not in EXPERT_LAYOUTS:
@@ -388,13 +525,17 @@ def experts_grouped(
     if m == 0:
         return jnp.zeros_like(x)
     if config is None:
-        base = default_config(m, num_experts, scaled)
-        config = dataclasses.replace(
-            base, gate_up=_fit(base.gate_up, hidden, inter), down=_fit(base.down, inter, hidden)
-        )
+        config = default_config(m, num_experts, scaled, inter)
+        if isinstance(config, KernelConfig):
+            config = dataclasses.replace(
+                config, gate_up=_fit(config.gate_up, hidden, inter), down=_fit(config.down, inter, hidden)
+            )
     cfg = config if fp8_dot is None else dataclasses.replace(config, fp8_dot=fp8_dot)
     if cfg.fp8_dot not in FP8_DOTS:
         raise ValueError(f"fp8_dot={cfg.fp8_dot!r}: choose from {FP8_DOTS}")
+    weights_and_scales = (wg, wu, wd) + ((sg, su, sd) if scaled else ())
+    if isinstance(cfg, FusedConfig):
+        return _experts_fused(x, weights, ids, weights_and_scales, cfg, scaled, out_in, interpret)
     _check_tiling(cfg.gate_up, hidden, inter, scaled, "gate/up")
     _check_tiling(cfg.down, inter, hidden, scaled, "down")
 
@@ -439,6 +580,34 @@ def experts_grouped(
         position = jnp.where(valid.reshape(n, top_k), position, rows)
         picked = jnp.take(y, position, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
         return picked.sum(axis=1).astype(x.dtype)
+
+
+def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled: bool, out_in: bool, interpret):
+    """The fused decode kernel over every assignment, then the partial sums added per token in XLA."""
+    n, top_k = ids.shape
+    wg = weights_and_scales[0]
+    num_experts = wg.shape[0]
+    hidden, inter = (wg.shape[2], wg.shape[1]) if out_in else wg.shape[1:]
+    for name, size, dim, what in (
+        ("block_inter", cfg.block_inter, inter, "intermediate"),
+        ("block_k", cfg.block_k, hidden, "hidden"),
+        ("block_out", cfg.block_out, hidden, "hidden"),
+    ):
+        if size & (size - 1) or size < 16 or dim % size or (scaled and size > FP8_BLOCK):
+            limit = f" and at most {FP8_BLOCK} (fp8 blocks)" if scaled else ""
+            raise ValueError(f"fused: {name}={size} must be a power of two >= 16 dividing {what} {dim}{limit}")
+    n_cols = inter // cfg.block_inter
+    flat_ids = ids.reshape(-1).astype(jnp.int32)
+    routing = weights.reshape(-1).astype(jnp.float32)
+    with jax.named_scope("moe_fused"):
+        kernel = functools.partial(_fused_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
+        args, _ = _match_varying((flat_ids, routing, x, *weights_and_scales))
+        out = _out_struct((n * top_k, n_cols, hidden), jnp.float32, args[0])
+        partial = _call(kernel, cfg, out, (n * top_k, n_cols), interpret, "moe_fused")(*args)
+    with jax.named_scope("moe_combine"):
+        valid = ((ids >= 0) & (ids < num_experts))[:, :, None, None]  # other shards' programs wrote nothing
+        partial = jnp.where(valid, partial.reshape(n, top_k, n_cols, hidden), 0.0)
+        return partial.sum(axis=(1, 2)).astype(x.dtype)
 
 
 def experts_pallas_gpu(
