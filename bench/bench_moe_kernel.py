@@ -28,6 +28,7 @@ import numpy as np
 
 from mimo_jax import moe
 from mimo_jax.kernels import moe_gpu as mg
+from mimo_jax.profiling import format_ops, top_ops
 
 FLASH = dict(experts=256, hidden=4096, inter=2048, top_k=8)
 TOKENS = (1, 8, 32, 128, 1024, 8192)
@@ -163,19 +164,21 @@ FUSED_BENCH_MAX = 64  # the fused decode kernel is timed up to this many assignm
 
 
 def fused_candidates(base: str, assignments: int, inter: int) -> list:
-    """Variants of the fused decode kernel around the module's choice for this size."""
+    """Variants of the fused decode kernel around the module's choice for this size: narrower intermediate
+    blocks (more programs, several resident per SM), launch shapes, steps, operand order."""
     fp8 = base != "bf16"
     auto = mg.fused_config(assignments, inter, fp8)
     r = dataclasses.replace
-    bis = sorted({max(16, auto.block_inter // 2), auto.block_inter, min(128, auto.block_inter * 2)})
-    bis = [bi for bi in bis if inter % bi == 0 and bi != auto.block_inter]
-    out = [auto] + [r(auto, block_inter=bi) for bi in bis]
-    out += [r(auto, swap_ab=False), r(auto, num_stages=6), r(auto, num_stages=3), r(auto, num_warps=8)]
+    narrower = [bi for bi in (auto.block_inter // 2, auto.block_inter // 4) if bi >= 16 and inter % bi == 0]
+    out = [auto] + [r(auto, block_inter=bi) for bi in narrower]
+    half = r(auto, block_inter=narrower[0]) if narrower else auto
+    out += [r(half, num_warps=8), r(half, num_stages=3), r(half, num_stages=6), r(half, swap_ab=not auto.swap_ab)]
+    out += [r(auto, swap_ab=not auto.swap_ab), r(auto, num_warps=8)]
     if fp8:
-        out += [r(auto, block_k=64, block_out=64), r(auto, fp8_dot="bf16")]
+        out += [r(half, block_out=64), r(half, block_k=64), r(auto, fp8_dot="bf16")]
     else:
-        out += [r(auto, block_k=128, num_stages=3), r(auto, block_out=128)]
-    return out
+        out += [r(auto, block_k=128), r(half, block_k=128), r(auto, block_out=128)]
+    return list(dict.fromkeys(out))
 
 
 def candidates(kind: str, assignments: int, experts: int, inter: int) -> list:
@@ -290,7 +293,7 @@ def token_reference(x, weights, ids, wg, wu, wd):
     return jax.lax.map(one, (x, weights, ids))
 
 
-def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> bool:
+def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only: tuple = ()) -> bool:
     e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
     kw, key = jax.random.split(key)
     bf16 = random_weights(kw, e, h, i)
@@ -342,6 +345,8 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False) -> b
         if not cfg_name:
             kinds += [(name, turned["bf16" if name.startswith("bf16") else "fp8"]) for name in swapped]
         for wname, w in kinds:
+            if only and wname not in only:
+                continue
             cfg, layout = None, "in_out"
             if cfg_name:
                 cfg = getattr(mg, cfg_name + ("" if wname == "bf16" else "_FP8"))
@@ -405,7 +410,13 @@ def experts_buckets(x, weights, ids, wg, wu, wd):
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[order // k].add(y).astype(x.dtype)
 
 
-def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, start, kinds=("bf16", "fp8")) -> bool:
+def kernel_fn(cfg, layout: str, interpret: bool):
+    return jax.jit(lambda *a: mg.experts_grouped(*a, config=cfg, layout=layout, interpret=interpret))
+
+
+def run_timings(
+    key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, start, kinds=("bf16", "fp8"), profile: int = 0
+) -> bool:
     e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
     kw, key = jax.random.split(key)
     bf16 = random_weights(kw, e, h, i)
@@ -431,7 +442,7 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         nonlocal ok_all
         x, weights, ids, sample = inputs[t]
         base, layout = split_kind(wname)
-        fn = jax.jit(lambda *a: mg.experts_grouped(*a, config=cfg, layout=layout, interpret=interpret))
+        fn = kernel_fn(cfg, layout, interpret)
         w_ref = bf16 if base == "bf16" else fp8  # the reference reads [E, in, out]
         try:
             out = fn(x, weights, ids, *w)
@@ -468,8 +479,10 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
                     break  # out of device time for the sweep: defaults only
                 sec = measure(t, wname, w, cfg, f"cfg{n_cfg}")
                 if sec is not None and (best is None or sec < best[0]):
-                    best = (sec, n_cfg)
-            result[wname] = best
+                    best = (sec, n_cfg, cfg)
+            if best and profile:  # where the best config's time goes, kernel by kernel
+                print(format_ops(top_ops(kernel_fn(best[2], layout, interpret), (x, weights, ids, *w)), profile))
+            result[wname] = best and best[:2]
         measured_plain = {}
         for name, fn in plain.items():
             if t <= plain_limit[name]:
@@ -488,7 +501,8 @@ def run_timings(key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, 
         roof = touched * expert_bytes["bf16"] / copy_bw
         flops = 2 * t * k * 3 * h * i
         cells = []
-        bf16_best = next((r[kind] for kind in kinds if split_kind(kind)[0] == "bf16" and r[kind]), None)
+        bf16_runs = [r[kind] for kind in kinds if split_kind(kind)[0] == "bf16" and r[kind]]
+        bf16_best = min(bf16_runs, default=None, key=lambda run: run[0])  # the faster bf16 layout
         for wname in kinds:
             if r[wname] is None:
                 cells.append("failed")
@@ -542,6 +556,9 @@ def main() -> int:
         default=FLASH["inter"],
         help="expert intermediate size timed (512: one shard of Flash's experts on a tensor axis of 4)",
     )
+    parser.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each best config")
+    parser.add_argument("--checks-only", action="store_true", help="the checks, no timings")
+    parser.add_argument("--check-kinds", default="", help="only these weight kinds in the checks (default: all)")
     args = parser.parse_args()
     start = time.perf_counter()
     seed = int.from_bytes(os.urandom(4), "little")
@@ -558,11 +575,15 @@ def main() -> int:
         dims, tokens = dict(FLASH, inter=args.intermediate), tuple(int(t) for t in args.tokens.split(","))
     ok = True
     if not args.skip_checks:
-        ok &= run_checks(kc, check_dims, args.small, tol=1e-2, quick=args.quick_checks)
+        only = tuple(filter(None, args.check_kinds.split(",")))
+        ok &= run_checks(kc, check_dims, args.small, tol=1e-2, quick=args.quick_checks, only=only)
         print(f"  checks took {time.perf_counter() - start:.0f} s")
+    if args.checks_only:
+        print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
+        return 0 if ok else 1
     copy_bw, mm_rate = ceilings(args.small)
     kinds = tuple(args.weights.split(","))
-    ok &= run_timings(kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start, kinds)
+    ok &= run_timings(kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start, kinds, args.profile)
     print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

@@ -65,5 +65,15 @@ kernel-a)
     --weights fp8/out_in,bf16/out_in --tokens 1,2,4 --sweep-budget 100
   TAIL=30 step kernel_checks 100 python bench/bench_moe_kernel.py --quick-checks --weights fp8/out_in --tokens 1
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a" >&2; exit 2 ;;
+kernel-b)
+  # one GPU: fused decode kernel variants (narrower intermediate blocks, launch shapes) at 1, 2, 4 tokens with a
+  # profile of each best config, then the GPU checks of the fused kernel and the default paths
+  TAIL=60 step kernel_flash 330 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+    --tokens 1,2,4 --sweep-budget 250 --profile 5
+  TAIL=40 step kernel_shard 120 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8/out_in,bf16/out_in --tokens 1,2 --sweep-budget 70 --profile 5
+  TAIL=30 step kernel_checks 120 python bench/bench_moe_kernel.py --checks-only --quick-checks \
+    --check-kinds bf16,fp8,bf16/out_in,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a|kernel-b" >&2; exit 2 ;;
 esac

@@ -108,8 +108,8 @@ class FusedConfig:
 # Up to this many assignments (tokens x top-k) the fused kernel serves; chosen on an H200 (bench/RESULTS.md).
 FUSED_MAX_ASSIGNMENTS = 16
 FUSED_MIN_PROGRAMS = 128  # about one program per SM: block_inter shrinks (down to 16) until there are this many
-FUSED = FusedConfig(128, 64, 64, 4, 4)
-FUSED_FP8 = FusedConfig(128, 128, 128, 4, 4)
+FUSED = FusedConfig(128, 64, 64, 4, 3)
+FUSED_FP8 = FusedConfig(128, 128, 128, 4, 4, swap_ab=False)
 
 
 def fused_config(assignments: int, inter: int, fp8: bool = False) -> FusedConfig:
