@@ -181,7 +181,14 @@ def fused_candidates(base: str, assignments: int, inter: int) -> list:
     return list(dict.fromkeys(out))
 
 
-def candidates(kind: str, assignments: int, experts: int, inter: int) -> list:
+def fma_candidates(assignments: int, inter: int) -> list:
+    """The fused kernel on the CUDA cores (tensor_cores=False): widths and launch shapes."""
+    shapes = [(64, 128, 128, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (64, 128, 64, 8, 4),
+              (128, 64, 64, 8, 3), (32, 64, 128, 4, 6)]  # fmt: skip
+    return [mg.FusedConfig(*shape, tensor_cores=False) for shape in shapes if inter % shape[0] == 0]
+
+
+def candidates(kind: str, assignments: int, experts: int, inter: int, variants: str = "all") -> list:
     """Configs timed for this kind and size, the module's default first: at a few assignments the fused
     kernel's variants and the grouped decode tiles side by side."""
     base, layout = split_kind(kind)
@@ -192,7 +199,8 @@ def candidates(kind: str, assignments: int, experts: int, inter: int) -> list:
     default = mg.default_config(assignments, experts, base != "bf16", inter)
     if base == "fp8-w8a8" and isinstance(default, mg.KernelConfig):
         default = W8A8(default)
-    listed = [default] + fused_candidates(base, assignments, inter) + grouped
+    fused = fused_candidates(base, assignments, inter)
+    listed = [default] + {"all": fused + grouped, "fused": fused, "fma": fma_candidates(assignments, inter)}[variants]
     return list(dict.fromkeys(listed))  # unique, in order
 
 
@@ -312,6 +320,8 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
         "bf16-fused/out_in": mg.FusedConfig(64, 64, 64, 4, 4),
         "fp8-fused/out_in": mg.FusedConfig(64, 128, 128, 4, 4),
         "fp8-fused-rows/out_in": mg.FusedConfig(32, 128, 64, 4, 3, swap_ab=False),
+        "bf16-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
+        "fp8-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
     }
     turned = {"bf16": as_layout(bf16, "out_in"), "fp8": as_layout(fp8, "out_in")}
     ref = jax.jit(reference)
@@ -415,7 +425,17 @@ def kernel_fn(cfg, layout: str, interpret: bool):
 
 
 def run_timings(
-    key, dims, tokens, copy_bw, mm_rate, interpret, sweep_budget_s, start, kinds=("bf16", "fp8"), profile: int = 0
+    key,
+    dims,
+    tokens,
+    copy_bw,
+    mm_rate,
+    interpret,
+    sweep_budget_s,
+    start,
+    kinds=("bf16", "fp8"),
+    profile: int = 0,
+    variants: str = "all",
 ) -> bool:
     e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
     kw, key = jax.random.split(key)
@@ -474,7 +494,7 @@ def run_timings(
             base, layout = split_kind(wname)
             w = weight_sets[(base == "bf16", layout)]
             best = None
-            for n_cfg, cfg in enumerate(candidates(wname, t * k, e, i)):
+            for n_cfg, cfg in enumerate(candidates(wname, t * k, e, i, variants)):
                 if n_cfg and time.perf_counter() - start > sweep_budget_s:
                     break  # out of device time for the sweep: defaults only
                 sec = measure(t, wname, w, cfg, f"cfg{n_cfg}")
@@ -557,6 +577,12 @@ def main() -> int:
         help="expert intermediate size timed (512: one shard of Flash's experts on a tensor axis of 4)",
     )
     parser.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each best config")
+    parser.add_argument(
+        "--variants",
+        choices=("all", "fused", "fma"),
+        default="all",
+        help="at a few assignments: every candidate, the fused kernel's, or its CUDA-core ones (default first)",
+    )
     parser.add_argument("--checks-only", action="store_true", help="the checks, no timings")
     parser.add_argument("--check-kinds", default="", help="only these weight kinds in the checks (default: all)")
     args = parser.parse_args()
@@ -583,7 +609,9 @@ def main() -> int:
         return 0 if ok else 1
     copy_bw, mm_rate = ceilings(args.small)
     kinds = tuple(args.weights.split(","))
-    ok &= run_timings(kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start, kinds, args.profile)
+    ok &= run_timings(
+        kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start, kinds, args.profile, args.variants
+    )
     print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

@@ -75,5 +75,14 @@ kernel-b)
   TAIL=30 step kernel_checks 120 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds bf16,fp8,bf16/out_in,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a|kernel-b" >&2; exit 2 ;;
+kernel-c)
+  # one GPU: the fused kernel on the CUDA cores (fp32 multiply-and-sum, no MMA padding) against the module default
+  TAIL=40 step kernel_flash 300 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+    --tokens 1,2,4 --variants fma --sweep-budget 240 --profile 3
+  TAIL=30 step kernel_shard 110 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8/out_in,bf16/out_in --tokens 1,2 --variants fma --sweep-budget 70 --profile 3
+  TAIL=30 step kernel_checks 100 python bench/bench_moe_kernel.py --checks-only --quick-checks \
+    --check-kinds bf16-fused-fma/out_in,fp8-fused-fma/out_in
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a|kernel-b|kernel-c" >&2; exit 2 ;;
 esac

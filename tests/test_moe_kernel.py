@@ -354,6 +354,7 @@ FUSED_VARIANTS = {
     "swap_f16": moe_gpu.FusedConfig(32, 64, 64, 4, 3),
     "rows_f16": moe_gpu.FusedConfig(64, 128, 128, 4, 3, swap_ab=False),
     "swap_bf16": moe_gpu.FusedConfig(128, 128, 64, 4, 3, fp8_dot="bf16"),
+    "cuda_cores": moe_gpu.FusedConfig(32, 128, 64, 4, 3, tensor_cores=False),
 }
 
 
@@ -412,8 +413,10 @@ def test_fused_tiles_are_checked():
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("swap_ab", [True, False], ids=["swap_ab", "rows"])
-def test_fused_kernel_lowers_to_triton_for_cuda(fp8, swap_ab):
+@pytest.mark.parametrize(
+    "variant", [dict(swap_ab=True), dict(swap_ab=False), dict(tensor_cores=False)], ids=["swap_ab", "rows", "fma"]
+)
+def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     from jax import export
 
     e, h, i = 8, 512, 256
@@ -421,7 +424,7 @@ def test_fused_kernel_lowers_to_triton_for_cuda(fp8, swap_ab):
     q = [out_in(moe_gpu.quantize_fp8_blocks(a) if fp8 else a) for a in w]
     ids, weights = make_tokens(49, 1, e, 2)
     x = activations(50, 1, h, jnp.bfloat16)
-    config = moe_gpu.FusedConfig(64, 128, 128, 4, 4, swap_ab=swap_ab)
+    config = moe_gpu.FusedConfig(64, 128, 128, 4, 4, **variant)
     fn = jax.jit(
         lambda x, weights, ids, q: moe_gpu.experts_grouped(x, weights, ids, *q, config=config, layout="out_in")
     )

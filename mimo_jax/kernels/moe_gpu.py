@@ -91,6 +91,8 @@ class FusedConfig:
     """The single-launch decode kernel's tiling: `block_inter` intermediate columns per program, the gate/up
     reduction over hidden in steps of `block_k`, the down product in steps of `block_out` hidden columns.
 
+    `tensor_cores`: products on the tensor cores (the token's row padded to 16 rows); False: multiplied and
+    summed in fp32 on the CUDA cores (one row, no padding, no f16 scaling; swap_ab and fp8_dot unused).
     `swap_ab`: the weight tile is the MMA's wide side and the token's row its narrow one (as TileConfig).
     `fp8_dot`: how fp8 weight tiles are widened, "f16" (the row and h scaled by a power of two inside the
     kernel: exact) or "bf16"; w8a8 ("fp8") is taken as "f16" here (exact, and no slower at this size).
@@ -103,6 +105,7 @@ class FusedConfig:
     num_stages: int
     swap_ab: bool = True
     fp8_dot: str = "f16"
+    tensor_cores: bool = True
 
 
 # Up to this many assignments (tokens x top-k) the fused kernel serves; chosen on an H200 (bench/RESULTS.md).
@@ -374,6 +377,10 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
     pad_shape, pad_axis = ((bk, FUSED_ROWS), 1) if cfg.swap_ab else ((FUSED_ROWS, bk), 0)
     first = jax.lax.broadcasted_iota(jnp.int32, pad_shape, pad_axis) == 0
 
+    if not cfg.tensor_cores:
+        _fused_fma(ids_ref, rw_ref, x_ref, w_refs, s_refs, out_ref, cfg=cfg, top_k=top_k, out_in=out_in)
+        return
+
     @pl.when((expert >= 0) & (expert < wg_ref.shape[0]))
     def _():
         token = p // top_k
@@ -430,6 +437,50 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
             return carry
 
         jax.lax.fori_loop(0, hidden // bo, down_step, 0)
+
+
+def _fused_fma(ids_ref, rw_ref, x_ref, w_refs, s_refs, out_ref, *, cfg: FusedConfig, top_k: int, out_in: bool):
+    """`_fused_kernel` on the CUDA cores: each weight tile widened to fp32, times the token's row (or h),
+    summed over the reduction axis; one row, so no MMA padding and no f16 range to respect."""
+    p, c = pl.program_id(0), pl.program_id(1)
+    expert = ids_ref[p]
+    bi, bk, bo = cfg.block_inter, cfg.block_k, cfg.block_out
+    col = c * bi
+    w_axis = 1 if out_in else 0  # the weight tile's reduction axis
+
+    def times(w, v):  # sum over the reduction axis of w * v, v the [reduction] vector
+        return jnp.sum(w.astype(jnp.float32) * jnp.expand_dims(v, 1 - w_axis), axis=w_axis)
+
+    @pl.when((expert >= 0) & (expert < w_refs[0].shape[0]))
+    def _():
+        token = p // top_k
+
+        def gate_up_step(k, accs):
+            ks, cs = pl.ds(k * bk, bk), pl.ds(col, bi)
+            x = x_ref[token, ks].astype(jnp.float32)
+            out = []
+            for acc, w_ref, s_ref in zip(accs, w_refs[:2], s_refs[:2], strict=True):
+                part = times(w_ref[expert, cs, ks] if out_in else w_ref[expert, ks, cs], x)
+                if s_ref is not None:
+                    kb, cb = (k * bk) // FP8_BLOCK, col // FP8_BLOCK
+                    part = part * (s_ref[expert, cb, kb] if out_in else s_ref[expert, kb, cb])
+                out.append(acc + part)
+            return tuple(out)
+
+        zeros = jnp.zeros((bi,), jnp.float32)
+        gate, up = jax.lax.fori_loop(0, x_ref.shape[1] // bk, gate_up_step, (zeros, zeros))
+        h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p]
+
+        def down_step(j, carry):
+            os, cs = pl.ds(j * bo, bo), pl.ds(col, bi)
+            y = times(w_refs[2][expert, os, cs] if out_in else w_refs[2][expert, cs, os], h)
+            if s_refs[2] is not None:
+                ob, cb = (j * bo) // FP8_BLOCK, col // FP8_BLOCK
+                y = y * (s_refs[2][expert, ob, cb] if out_in else s_refs[2][expert, cb, ob])
+            out_ref[p, c, os] = y
+            return carry
+
+        jax.lax.fori_loop(0, x_ref.shape[1] // bo, down_step, 0)
 
 
 def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: str) -> None:
