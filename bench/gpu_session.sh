@@ -84,5 +84,15 @@ kernel-c)
   TAIL=30 step kernel_checks 100 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds bf16-fused-fma/out_in,fp8-fused-fma/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a|kernel-b|kernel-c" >&2; exit 2 ;;
+kernel-d)
+  # one GPU: the fused kernel with its row scale from one wide load (no per-step amax loop): variants at 1 and 2
+  # tokens, then the module defaults at 4, 8, 32 (the sweep budget spent); one shard's experts; fused GPU checks
+  TAIL=40 step kernel_flash 290 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+    --tokens 1,2,4,8,32 --variants fused --sweep-budget 200 --profile 3
+  TAIL=30 step kernel_shard 130 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8/out_in,bf16/out_in --tokens 1,2 --variants fused --sweep-budget 100 --profile 3
+  TAIL=30 step kernel_checks 90 python bench/bench_moe_kernel.py --checks-only --quick-checks \
+    --check-kinds bf16,fp8,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a|kernel-b|kernel-c|kernel-d" >&2; exit 2 ;;
 esac

@@ -431,3 +431,17 @@ def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
     assert text.count("xla.gpu.triton") == 1 and 'name = "moe_fused"' in text
+
+
+def test_fused_kernel_with_hidden_not_a_power_of_two():
+    """MiMo-V2.5-Pro's hidden size is 6144 = 3 x 2048: the row scale is read in power-of-two chunks."""
+    e, h, i = 4, 384, 128
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(51, e, h, i)]
+    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    ids, weights = make_tokens(52, 2, e, 2)
+    x = (activations(53, 2, h) * jnp.asarray([[3e5], [2e-5]])).astype(jnp.bfloat16)
+    x = x.at[1, 300].set(40.0)  # the second row's largest value sits in the last chunk
+    out = run_kernel(x, weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 128, 4, 3, swap_ab=False))
+    ref = reference(x, weights, ids, *deq)
+    for row in range(2):
+        assert rel_err(out[row], ref[row]) < 1e-2, row

@@ -111,7 +111,7 @@ class FusedConfig:
 # Up to this many assignments (tokens x top-k) the fused kernel serves; chosen on an H200 (bench/RESULTS.md).
 FUSED_MAX_ASSIGNMENTS = 16
 FUSED_MIN_PROGRAMS = 128  # about one program per SM: block_inter shrinks (down to 16) until there are this many
-FUSED = FusedConfig(128, 64, 64, 4, 3)
+FUSED = FusedConfig(128, 128, 64, 4, 3)
 FUSED_FP8 = FusedConfig(128, 128, 128, 4, 4, swap_ab=False)
 
 
@@ -390,8 +390,12 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
 
         n_k = hidden // bk
         x_scale = None
-        if f16:
-            amax = jax.lax.fori_loop(0, n_k, lambda k, m: jnp.maximum(m, jnp.max(jnp.abs(x_row(k)))), 0.0)
+        if f16:  # the row's amax from a few wide loads issued together (a loop of small ones costs its latency)
+            chunk = min(hidden & -hidden, 4096)  # the largest power of two dividing hidden (Triton block sizes)
+            amax = 0.0
+            for i in range(hidden // chunk):
+                part = x_ref[token, pl.ds(i * chunk, chunk)].astype(jnp.float32)
+                amax = jnp.maximum(amax, jnp.max(jnp.abs(part)))
             x_scale = _pow2_scale(amax)
 
         def x_tile(k):
