@@ -174,6 +174,7 @@ def fused_candidates(base: str, assignments: int, inter: int) -> list:
     half = r(auto, block_inter=narrower[0]) if narrower else auto
     out += [r(half, num_warps=8), r(half, num_stages=3), r(half, num_stages=6), r(half, swap_ab=not auto.swap_ab)]
     out += [r(auto, swap_ab=not auto.swap_ab), r(auto, num_warps=8)]
+    out += [r(auto, unroll=2), r(auto, unroll=4), r(half, unroll=2)]  # loads of 2-4 steps issued together
     if fp8:
         out += [r(half, block_out=64), r(half, block_k=64), r(auto, fp8_dot="bf16")]
     else:

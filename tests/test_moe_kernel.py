@@ -355,6 +355,7 @@ FUSED_VARIANTS = {
     "rows_f16": moe_gpu.FusedConfig(64, 128, 128, 4, 3, swap_ab=False),
     "swap_bf16": moe_gpu.FusedConfig(128, 128, 64, 4, 3, fp8_dot="bf16"),
     "cuda_cores": moe_gpu.FusedConfig(32, 128, 64, 4, 3, tensor_cores=False),
+    "unrolled": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, unroll=2),
 }
 
 
@@ -410,11 +411,15 @@ def test_fused_tiles_are_checked():
     q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(45, 4, 512, 256)]
     with pytest.raises(ValueError, match="block_k=256 .* at most 128"):
         run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 256, 64, 4, 3))
+    with pytest.raises(ValueError, match="unroll=3 must divide hidden 512"):
+        run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 64, 4, 3, unroll=3))
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize(
-    "variant", [dict(swap_ab=True), dict(swap_ab=False), dict(tensor_cores=False)], ids=["swap_ab", "rows", "fma"]
+    "variant",
+    [dict(swap_ab=True), dict(swap_ab=False), dict(tensor_cores=False), dict(swap_ab=False, unroll=2)],
+    ids=["swap_ab", "rows", "fma", "unrolled"],
 )
 def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     from jax import export

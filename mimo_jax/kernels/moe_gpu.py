@@ -91,6 +91,7 @@ class FusedConfig:
     """The single-launch decode kernel's tiling: `block_inter` intermediate columns per program, the gate/up
     reduction over hidden in steps of `block_k`, the down product in steps of `block_out` hidden columns.
 
+    `unroll`: reduction blocks per loop iteration, their loads issued together (tensor-core form).
     `tensor_cores`: products on the tensor cores (the token's row padded to 16 rows); False: multiplied and
     summed in fp32 on the CUDA cores (one row, no padding, no f16 scaling; swap_ab and fp8_dot unused).
     `swap_ab`: the weight tile is the MMA's wide side and the token's row its narrow one (as TileConfig).
@@ -106,6 +107,7 @@ class FusedConfig:
     swap_ab: bool = True
     fp8_dot: str = "f16"
     tensor_cores: bool = True
+    unroll: int = 1
 
 
 # Up to this many assignments (tokens x top-k) the fused kernel serves; chosen on an H200 (bench/RESULTS.md).
@@ -403,22 +405,28 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
             row = row.astype(dtype)
             return jnp.where(first, row[:, None] if cfg.swap_ab else row[None, :], jnp.zeros((), dtype))
 
-        def gate_up_step(k, accs):
-            a = x_tile(k)
-            ks, cs = pl.ds(k * bk, bk), pl.ds(col, bi)
+        def gate_up_step(step, accs):
+            # `unroll` reduction blocks per iteration, every load issued before the first product
+            ks = [step * cfg.unroll + u for u in range(cfg.unroll)]
+            cs = pl.ds(col, bi)
+            tiles = [
+                [w_ref[expert, cs, pl.ds(k * bk, bk)] if out_in else w_ref[expert, pl.ds(k * bk, bk), cs] for k in ks]
+                for w_ref in w_refs[:2]
+            ]
             out = []
-            for acc, w_ref, s_ref in zip(accs, w_refs[:2], s_refs[:2], strict=True):
-                w = (w_ref[expert, cs, ks] if out_in else w_ref[expert, ks, cs]).astype(dtype)
-                prod = _fused_dot(w, a, w_contract, cfg.swap_ab)
-                if s_ref is not None:
-                    kb, cb = (k * bk) // FP8_BLOCK, col // FP8_BLOCK
-                    prod = prod * (s_ref[expert, cb, kb] if out_in else s_ref[expert, kb, cb])
-                out.append(acc + prod)
+            for acc, w_tiles, s_ref in zip(accs, tiles, s_refs[:2], strict=True):
+                for k, w in zip(ks, w_tiles, strict=True):
+                    prod = _fused_dot(w.astype(dtype), x_tile(k), w_contract, cfg.swap_ab)
+                    if s_ref is not None:
+                        kb, cb = (k * bk) // FP8_BLOCK, col // FP8_BLOCK
+                        prod = prod * (s_ref[expert, cb, kb] if out_in else s_ref[expert, kb, cb])
+                    acc = acc + prod
+                out.append(acc)
             return tuple(out)
 
         shape = (bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)
         zeros = jnp.zeros(shape, jnp.float32)
-        gate, up = jax.lax.fori_loop(0, n_k, gate_up_step, (zeros, zeros))
+        gate, up = jax.lax.fori_loop(0, n_k // cfg.unroll, gate_up_step, (zeros, zeros))
         if x_scale is not None:
             gate, up = gate * x_scale, up * x_scale
         h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p]  # silu(gate) * up, routing weight applied
@@ -428,19 +436,23 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
             h = h / h_scale
         h = h.astype(dtype)
 
-        def down_step(j, carry):
-            os, cs = pl.ds(j * bo, bo), pl.ds(col, bi)
-            w = (wd_ref[expert, os, cs] if out_in else wd_ref[expert, cs, os]).astype(dtype)
-            y = jnp.sum(_fused_dot(w, h, w_contract, cfg.swap_ab), axis=1 if cfg.swap_ab else 0)  # row 0 alone
-            if s_refs[2] is not None:
-                ob, cb = (j * bo) // FP8_BLOCK, col // FP8_BLOCK
-                y = y * (s_refs[2][expert, ob, cb] if out_in else s_refs[2][expert, cb, ob])
-            if h_scale is not None:
-                y = y * h_scale
-            out_ref[p, c, os] = y
+        def down_step(step, carry):
+            js = [step * cfg.unroll + u for u in range(cfg.unroll)]
+            cs = pl.ds(col, bi)
+            tiles = [
+                wd_ref[expert, pl.ds(j * bo, bo), cs] if out_in else wd_ref[expert, cs, pl.ds(j * bo, bo)] for j in js
+            ]
+            for j, w in zip(js, tiles, strict=True):  # loads first: the stores below would keep them in order
+                y = jnp.sum(_fused_dot(w.astype(dtype), h, w_contract, cfg.swap_ab), axis=1 if cfg.swap_ab else 0)
+                if s_refs[2] is not None:  # (row 0 alone is non-zero)
+                    ob, cb = (j * bo) // FP8_BLOCK, col // FP8_BLOCK
+                    y = y * (s_refs[2][expert, ob, cb] if out_in else s_refs[2][expert, cb, ob])
+                if h_scale is not None:
+                    y = y * h_scale
+                out_ref[p, c, pl.ds(j * bo, bo)] = y
             return carry
 
-        jax.lax.fori_loop(0, hidden // bo, down_step, 0)
+        jax.lax.fori_loop(0, hidden // bo // cfg.unroll, down_step, 0)
 
 
 def _fused_fma(ids_ref, rw_ref, x_ref, w_refs, s_refs, out_ref, *, cfg: FusedConfig, top_k: int, out_in: bool):
@@ -651,6 +663,8 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
         if size & (size - 1) or size < 16 or dim % size or (scaled and size > FP8_BLOCK):
             limit = f" and at most {FP8_BLOCK} (fp8 blocks)" if scaled else ""
             raise ValueError(f"fused: {name}={size} must be a power of two >= 16 dividing {what} {dim}{limit}")
+    if cfg.unroll < 1 or (hidden // cfg.block_k) % cfg.unroll or (hidden // cfg.block_out) % cfg.unroll:
+        raise ValueError(f"fused: unroll={cfg.unroll} must divide hidden {hidden} / block_k and / block_out")
     n_cols = inter // cfg.block_inter
     flat_ids = ids.reshape(-1).astype(jnp.int32)
     routing = weights.reshape(-1).astype(jnp.float32)
