@@ -383,14 +383,16 @@ def test_fused_decode_kernel_matches_dense(layout, variant):
 
 
 def test_fused_kernel_is_the_default_for_few_assignments():
-    """At most FUSED_MAX_ASSIGNMENTS (tokens x top-k) take the fused kernel, with block_inter sized so that the
-    programs fill the GPU; more take the grouped kernels."""
-    limit = moe_gpu.FUSED_MAX_ASSIGNMENTS
+    """At most FUSED_MAX_ASSIGNMENTS(_FP8) (tokens x top-k) take the fused kernel, with block_inter sized so
+    that the programs fill the GPU; more take the grouped kernels."""
+    limit, limit_fp8 = moe_gpu.FUSED_MAX_ASSIGNMENTS, moe_gpu.FUSED_MAX_ASSIGNMENTS_FP8
     fused = moe_gpu.default_config(8, 256, True, 2048)
     assert isinstance(fused, moe_gpu.FusedConfig) and fused.block_inter == 128  # 8 x 16 programs
     assert moe_gpu.default_config(8, 256, True, 512).block_inter == 32  # one tensor=4 shard: 8 x 16 again
     assert moe_gpu.default_config(1, 256, False, 2048).block_inter == 16  # top-1: as many as it can
-    assert isinstance(moe_gpu.default_config(limit + 1, 256, True, 2048), moe_gpu.KernelConfig)
+    assert isinstance(moe_gpu.default_config(limit + 1, 256, False, 2048), moe_gpu.KernelConfig)
+    assert isinstance(moe_gpu.default_config(limit_fp8, 256, True, 2048), moe_gpu.FusedConfig)
+    assert isinstance(moe_gpu.default_config(limit_fp8 + 1, 256, True, 2048), moe_gpu.KernelConfig)
     assert isinstance(moe_gpu.default_config(8, 256, True), moe_gpu.KernelConfig)  # no size given: grouped
     e, h, i, n, k = 8, 256, 128, 3, 2  # n x k <= limit: the default path is the fused kernel
     wg, wu, wd = make_weights(42, e, h, i)

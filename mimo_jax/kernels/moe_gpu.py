@@ -110,10 +110,12 @@ class FusedConfig:
     unroll: int = 1
 
 
-# Up to this many assignments (tokens x top-k) the fused kernel serves; chosen on an H200 (bench/RESULTS.md).
+# Up to this many assignments (tokens x top-k) the fused kernel serves, bf16 / fp8 weights: where it beat the
+# grouped kernels on an H200 (bench/RESULTS.md, kernel run 10: fp8 also at 4 tokens x top-8, bf16 not).
 FUSED_MAX_ASSIGNMENTS = 16
+FUSED_MAX_ASSIGNMENTS_FP8 = 32
 FUSED_MIN_PROGRAMS = 128  # about one program per SM: block_inter shrinks (down to 16) until there are this many
-FUSED = FusedConfig(128, 128, 64, 4, 3)
+FUSED = FusedConfig(128, 128, 128, 4, 3)
 FUSED_FP8 = FusedConfig(128, 128, 128, 4, 4, swap_ab=False)
 
 
@@ -130,8 +132,8 @@ def default_config(
     assignments: int, num_experts: int, fp8: bool = False, inter: int | None = None
 ) -> KernelConfig | FusedConfig:
     """Kernel and tiles by the assignments and the mean rows per expert (static: from shapes, not the routing);
-    the fused kernel when `inter` is given and there are at most FUSED_MAX_ASSIGNMENTS assignments."""
-    if inter is not None and assignments <= FUSED_MAX_ASSIGNMENTS:
+    the fused kernel when `inter` is given and there are at most FUSED_MAX_ASSIGNMENTS(_FP8) assignments."""
+    if inter is not None and assignments <= (FUSED_MAX_ASSIGNMENTS_FP8 if fp8 else FUSED_MAX_ASSIGNMENTS):
         return fused_config(assignments, inter, fp8)
     rows_per_expert = assignments / num_experts
     if rows_per_expert <= 16:
