@@ -8,7 +8,9 @@
    bf16 and fp8 weights, every tile config; at Flash size, sampled tokens vs a per-token float32 reference.
 2. Ceilings measured in this run: device copy bandwidth (read + write), bf16 8192^3 matmul.
 3. Flash MoE layer (hidden 4096, 256 experts, top-8, intermediate 2048) at T = 1 ... 8192 tokens: kernel bf16 and
-   fp8 (tile candidates, best kept), plain paths timed in the same run, the calibration table's best plain path.
+   fp8 (tile candidates, best kept; at a few tokens the fused decode kernel's variants beside the grouped tiles,
+   `--variants`), plain paths timed in the same run, the calibration table's best plain path; `--profile N`
+   prints where each best config's device time goes.
 Exit code 1 if any check fails. Results also go, line by line, to $OUT/bench_moe_kernel.jsonl when OUT is set.
 """
 

@@ -5,9 +5,10 @@
 #   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs (tensor=2), fp8: decode, prefill
 #   bash bench/gpu_session.sh four-g # four GPUs (nvidia-h200-x4): full Flash decode (batch 16/64/1, 1K/16K) and
 #                                    # prefill (8K, 32K) with the experts in the kernel's [E, out, in] layout
-#   bash bench/gpu_session.sh kernel-a # one GPU: the fused decode MoE kernel vs the grouped ones, then GPU checks
-# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f) are in this file's history at the
-# commits bench/RESULTS.md names beside their figures.
+#   bash bench/gpu_session.sh kernel-d # one GPU: the fused decode MoE kernel's variants vs the grouped kernels at
+#                                      # 1-32 tokens (Flash and one tensor=4 shard), then the GPU checks
+# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-c) are in this
+# file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -56,34 +57,6 @@ four-g)
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4.json"
   ;;
-kernel-a)
-  # one GPU: the fused decode kernel (one launch, no sort) against the grouped kernels at a few tokens, Flash
-  # experts and one tensor=4 shard's (intermediate 512); then the GPU checks (adversarial routings, every kind)
-  TAIL=40 step kernel_flash 330 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
-    --tokens 1,8,2,4 --sweep-budget 260
-  TAIL=30 step kernel_shard 150 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
-    --weights fp8/out_in,bf16/out_in --tokens 1,2,4 --sweep-budget 100
-  TAIL=30 step kernel_checks 100 python bench/bench_moe_kernel.py --quick-checks --weights fp8/out_in --tokens 1
-  ;;
-kernel-b)
-  # one GPU: fused decode kernel variants (narrower intermediate blocks, launch shapes) at 1, 2, 4 tokens with a
-  # profile of each best config, then the GPU checks of the fused kernel and the default paths
-  TAIL=60 step kernel_flash 330 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
-    --tokens 1,2,4 --sweep-budget 250 --profile 5
-  TAIL=40 step kernel_shard 120 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
-    --weights fp8/out_in,bf16/out_in --tokens 1,2 --sweep-budget 70 --profile 5
-  TAIL=30 step kernel_checks 120 python bench/bench_moe_kernel.py --checks-only --quick-checks \
-    --check-kinds bf16,fp8,bf16/out_in,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
-  ;;
-kernel-c)
-  # one GPU: the fused kernel on the CUDA cores (fp32 multiply-and-sum, no MMA padding) against the module default
-  TAIL=40 step kernel_flash 300 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
-    --tokens 1,2,4 --variants fma --sweep-budget 240 --profile 3
-  TAIL=30 step kernel_shard 110 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
-    --weights fp8/out_in,bf16/out_in --tokens 1,2 --variants fma --sweep-budget 70 --profile 3
-  TAIL=30 step kernel_checks 100 python bench/bench_moe_kernel.py --checks-only --quick-checks \
-    --check-kinds bf16-fused-fma/out_in,fp8-fused-fma/out_in
-  ;;
 kernel-d)
   # one GPU: the fused kernel with its row scale from one wide load (no per-step amax loop): variants at 1 and 2
   # tokens, then the module defaults at 4, 8, 32 (the sweep budget spent); one shard's experts; fused GPU checks
@@ -94,5 +67,5 @@ kernel-d)
   TAIL=30 step kernel_checks 90 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds bf16,fp8,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-a|kernel-b|kernel-c|kernel-d" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-d" >&2; exit 2 ;;
 esac
