@@ -46,10 +46,6 @@ CALIBRATION_BEST = {
 T = mg.TileConfig
 
 
-def F16(cfg: mg.KernelConfig) -> mg.KernelConfig:  # noqa: N802 (reads like the other config builders)
-    return dataclasses.replace(cfg, fp8_dot="f16")
-
-
 def W8A8(cfg: mg.KernelConfig) -> mg.KernelConfig:  # noqa: N802
     return dataclasses.replace(cfg, fp8_dot="fp8")
 
@@ -217,8 +213,7 @@ def as_layout(w, layout: str):
     """Weights made [E, in, out] -> the layout timed (fp8 pairs: values and scales both transposed)."""
     if layout == "in_out":
         return w
-    turn = jax.jit(lambda a: jnp.swapaxes(a, 1, 2))
-    return tuple(tuple(turn(a) for a in m) if isinstance(m, tuple) else turn(m) for m in w)
+    return tuple(tuple(map(moe.swap_expert_axes, m)) if isinstance(m, tuple) else moe.swap_expert_axes(m) for m in w)
 
 
 LOG_PATH = os.path.join(os.environ["OUT"], "bench_moe_kernel.jsonl") if os.environ.get("OUT") else None

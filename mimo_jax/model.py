@@ -20,8 +20,6 @@ from mimo_jax.config import LayerSpec, MiMoConfig
 from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
-
-
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
 
 

@@ -300,11 +300,8 @@ def experts_sharded(
     "replicated" and scattered back with `psum_scatter`; for "all_to_all" each shard dispatches its own tokens.
     """
     out_in = expert_layout(impl) == "out_in"
-    gate_spec = tuple(gate_spec) + (None,) * (3 - len(gate_spec))
-    if out_in:
-        expert_axis, mlp_axis, embed_axis = gate_spec
-    else:
-        expert_axis, embed_axis, mlp_axis = gate_spec
+    gate_spec = swapped_axes(gate_spec) if out_in else tuple(gate_spec) + (None,) * (3 - len(gate_spec))
+    expert_axis, embed_axis, mlp_axis = gate_spec  # in the "in_out" order from here on
     if embed_axis is not None:
         raise ValueError(f"expert weights split over the hidden dim ({gate_spec}) are not supported")
     token_axes = () if token_axes is None else (token_axes,) if isinstance(token_axes, str) else tuple(token_axes)
@@ -406,8 +403,10 @@ def experts_sharded(
         return out, jax.lax.psum(dropped, other_token_axes) if other_token_axes else dropped
 
     token_spec = PartitionSpec(token_axes or None, None)
-    gate_spec = PartitionSpec(*gate_spec)
-    down_spec = PartitionSpec(expert_axis, None, mlp_axis) if out_in else PartitionSpec(expert_axis, mlp_axis, None)
+    gate_spec, down_spec = (expert_axis, None, mlp_axis), (expert_axis, mlp_axis, None)
+    if out_in:
+        gate_spec, down_spec = swapped_axes(gate_spec), swapped_axes(down_spec)
+    gate_spec, down_spec = PartitionSpec(*gate_spec), PartitionSpec(*down_spec)
     replicated_spec = PartitionSpec()
     return jax.shard_map(
         counted,

@@ -56,6 +56,12 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+def ramped(w, e, d_in, d_out):
+    """Weights times a scale that differs per 128 x 128 block, so a wrong block-scale index shows."""
+    ramp = jnp.linspace(0.5, 2.0, e * (d_in // 128) * (d_out // 128)).reshape(e, d_in // 128, 1, d_out // 128, 1)
+    return (w.reshape(e, d_in // 128, 128, d_out // 128, 128) * ramp).reshape(e, d_in, d_out)
+
+
 def reference(x, weights, ids, wg, wu, wd):
     """experts_dense in float32 with ids outside [0, E) dropped (they belong to other shards)."""
     e = wg.shape[0]
@@ -108,9 +114,7 @@ def test_fp8_block_scaled_weights(config):
     """fp8 values with 128x128 block scales, dequantized in the kernel, against the dequantized reference."""
     e, h, i, n, k = 4, 256, 256, 9, 2
     wg, wu, wd = make_weights(9, e, h, i)
-    # Scales that differ per block, so a wrong block index shows.
-    ramp = jnp.linspace(0.5, 2.0, e * (h // 128) * (i // 128)).reshape(e, h // 128, 1, i // 128, 1)
-    wg = (wg.reshape(e, h // 128, 128, i // 128, 128) * ramp).reshape(e, h, i)
+    wg = ramped(wg, e, h, i)
     q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
     deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
     assert rel_err(deq[0], wg) < 0.05  # e4m3 keeps ~3 mantissa bits
@@ -282,7 +286,7 @@ def test_kernel_lowers_to_triton_for_cuda_on_any_host(fp8_dot):
 
 def out_in(w):
     """[E, in, out] weights (fp8: values and block scales) as checkpoints store them, [E, out, in]."""
-    return tuple(jnp.swapaxes(a, 1, 2) for a in w) if isinstance(w, tuple) else jnp.swapaxes(w, 1, 2)
+    return tuple(map(moe.swap_expert_axes, w)) if isinstance(w, tuple) else moe.swap_expert_axes(w)
 
 
 SWAP = moe_gpu.KernelConfig(
@@ -342,12 +346,6 @@ def test_out_in_swapped_kernel_lowers_to_triton_for_cuda(fp8_dot):
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
     assert text.count("xla.gpu.triton") >= 2
-
-
-def ramped(w, e, d_in, d_out):
-    """Weights times a scale that differs per 128 x 128 block, so a wrong block-scale index shows."""
-    ramp = jnp.linspace(0.5, 2.0, e * (d_in // 128) * (d_out // 128)).reshape(e, d_in // 128, 1, d_out // 128, 1)
-    return (w.reshape(e, d_in // 128, 128, d_out // 128, 128) * ramp).reshape(e, d_in, d_out)
 
 
 FUSED_VARIANTS = {

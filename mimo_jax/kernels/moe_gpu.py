@@ -204,6 +204,17 @@ def schedule(group_sizes: jax.Array, block_rows: int, n_col_tiles: int, n_tiles:
     return jnp.stack(table).astype(jnp.int32)
 
 
+def _weight_tile(w_ref, expert, out_ds, in_ds, out_in: bool):
+    """Expert `expert`'s weight tile over output slice `out_ds` and reduction slice `in_ds`, as stored:
+    [out, in] when `out_in`, else [in, out]."""
+    return w_ref[expert, out_ds, in_ds] if out_in else w_ref[expert, in_ds, out_ds]
+
+
+def _block_scale(s_ref, expert, out_block, in_block, out_in: bool):
+    """The fp8 block scale(s) at (output block, reduction block) of scales stored like their weight."""
+    return s_ref[expert, out_block, in_block] if out_in else s_ref[expert, in_block, out_block]
+
+
 def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
     """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column [block_cols] when the
     tile spans blocks."""
@@ -212,7 +223,7 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
         c_block = col // FP8_BLOCK
     else:
         c_block = (col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)) // FP8_BLOCK
-    return s_ref[expert, c_block, k_block] if out_in else s_ref[expert, k_block, c_block]
+    return _block_scale(s_ref, expert, c_block, k_block, out_in)
 
 
 def _pow2_scale(amax: jax.Array) -> jax.Array:
@@ -265,7 +276,7 @@ def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileCo
         ks, cs = pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)
         out = []
         for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
-            w = (w_ref[expert, cs, ks] if out_in else w_ref[expert, ks, cs]).astype(a.dtype)
+            w = _weight_tile(w_ref, expert, cs, ks, out_in).astype(a.dtype)
             if cfg.swap_ab:
                 dims = (((w_contract,), (1,)), ((), ()))
                 prod = jax.lax.dot_general(w, a, dims, preferred_element_type=jnp.float32)
@@ -366,33 +377,39 @@ def _fused_dot(w, a, w_contract: int, swap_ab: bool):
 
 def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, scaled: bool, out_in: bool):
     """Program (p, c): assignment p's expert on intermediate columns [c * bi, (c + 1) * bi): h = silu(x Wg) *
-    (x Wu) * routing weight for those columns, then out[p, c] = h @ Wd[those rows] ([hidden], fp32)."""
+    (x Wu) * routing weight for those columns, then out[p, c] = h @ Wd[those rows] ([hidden], fp32).
+
+    On the tensor cores the token's row is the MMA's narrow side, padded with zero rows (so h and every product
+    there stay 0); on the CUDA cores (`tensor_cores=False`) each tile, widened to fp32, is multiplied by the
+    row (or h) and summed over its reduction axis.
+    """
     w_refs, s_refs, out_ref = refs[:3], refs[3:6] if scaled else (None,) * 3, refs[-1]
-    wg_ref, wd_ref = w_refs[0], w_refs[2]
     p, c = pl.program_id(0), pl.program_id(1)
     expert = ids_ref[p]
     bi, bk, bo = cfg.block_inter, cfg.block_k, cfg.block_out
     hidden = x_ref.shape[1]
     col = c * bi
-    f16 = scaled and cfg.fp8_dot in ("f16", "fp8")
-    dtype = jnp.float16 if f16 else (x_ref.dtype if not scaled else jnp.bfloat16)
-    w_contract = 1 if out_in else 0
-    # row 0 of the narrow MMA side is the token, the other rows zeros (so h and every product there stay 0)
-    pad_shape, pad_axis = ((bk, FUSED_ROWS), 1) if cfg.swap_ab else ((FUSED_ROWS, bk), 0)
-    first = jax.lax.broadcasted_iota(jnp.int32, pad_shape, pad_axis) == 0
+    tensor_cores = cfg.tensor_cores
+    f16 = tensor_cores and scaled and cfg.fp8_dot in ("f16", "fp8")
+    dtype = jnp.float16 if f16 else jnp.bfloat16 if scaled else x_ref.dtype
+    dtype = dtype if tensor_cores else jnp.float32
+    w_contract = 1 if out_in else 0  # the weight tile's reduction axis
+    if tensor_cores:
+        pad_shape, pad_axis = ((bk, FUSED_ROWS), 1) if cfg.swap_ab else ((FUSED_ROWS, bk), 0)
+        first = jax.lax.broadcasted_iota(jnp.int32, pad_shape, pad_axis) == 0
 
-    if not cfg.tensor_cores:
-        _fused_fma(ids_ref, rw_ref, x_ref, w_refs, s_refs, out_ref, cfg=cfg, top_k=top_k, out_in=out_in)
-        return
+    def times(w, v):
+        """Weight tile w (as stored) times v (the row operand or h) over w's reduction axis, fp32."""
+        if tensor_cores:
+            return _fused_dot(w.astype(dtype), v, w_contract, cfg.swap_ab)
+        return jnp.sum(w.astype(dtype) * jnp.expand_dims(v, 1 - w_contract), axis=w_contract)
 
-    @pl.when((expert >= 0) & (expert < wg_ref.shape[0]))
+    def token_row(y):  # [out] of a product (the padded MMA rows are zeros)
+        return jnp.sum(y, axis=1 if cfg.swap_ab else 0) if tensor_cores else y
+
+    @pl.when((expert >= 0) & (expert < w_refs[0].shape[0]))
     def _():
         token = p // top_k
-
-        def x_row(k):
-            return x_ref[token, pl.ds(k * bk, bk)].astype(jnp.float32)
-
-        n_k = hidden // bk
         x_scale = None
         if f16:  # the row's amax from a few wide loads issued together (a loop of small ones costs its latency)
             chunk = min(hidden & -hidden, 4096)  # the largest power of two dividing hidden (Triton block sizes)
@@ -402,33 +419,31 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
                 amax = jnp.maximum(amax, jnp.max(jnp.abs(part)))
             x_scale = _pow2_scale(amax)
 
-        def x_tile(k):
-            row = x_row(k) if x_scale is None else x_row(k) / x_scale
-            row = row.astype(dtype)
+        def x_operand(k):
+            row = x_ref[token, pl.ds(k * bk, bk)].astype(jnp.float32)
+            row = (row if x_scale is None else row / x_scale).astype(dtype)
+            if not tensor_cores:
+                return row
             return jnp.where(first, row[:, None] if cfg.swap_ab else row[None, :], jnp.zeros((), dtype))
 
         def gate_up_step(step, accs):
             # `unroll` reduction blocks per iteration, every load issued before the first product
             ks = [step * cfg.unroll + u for u in range(cfg.unroll)]
             cs = pl.ds(col, bi)
-            tiles = [
-                [w_ref[expert, cs, pl.ds(k * bk, bk)] if out_in else w_ref[expert, pl.ds(k * bk, bk), cs] for k in ks]
-                for w_ref in w_refs[:2]
-            ]
+            tiles = [[_weight_tile(w_ref, expert, cs, pl.ds(k * bk, bk), out_in) for k in ks] for w_ref in w_refs[:2]]
             out = []
             for acc, w_tiles, s_ref in zip(accs, tiles, s_refs[:2], strict=True):
                 for k, w in zip(ks, w_tiles, strict=True):
-                    prod = _fused_dot(w.astype(dtype), x_tile(k), w_contract, cfg.swap_ab)
+                    prod = times(w, x_operand(k))
                     if s_ref is not None:
-                        kb, cb = (k * bk) // FP8_BLOCK, col // FP8_BLOCK
-                        prod = prod * (s_ref[expert, cb, kb] if out_in else s_ref[expert, kb, cb])
+                        prod = prod * _block_scale(s_ref, expert, col // FP8_BLOCK, (k * bk) // FP8_BLOCK, out_in)
                     acc = acc + prod
                 out.append(acc)
             return tuple(out)
 
-        shape = (bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)
-        zeros = jnp.zeros(shape, jnp.float32)
-        gate, up = jax.lax.fori_loop(0, n_k // cfg.unroll, gate_up_step, (zeros, zeros))
+        acc_shape = ((bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)) if tensor_cores else (bi,)
+        zeros = jnp.zeros(acc_shape, jnp.float32)
+        gate, up = jax.lax.fori_loop(0, hidden // bk // cfg.unroll, gate_up_step, (zeros, zeros))
         if x_scale is not None:
             gate, up = gate * x_scale, up * x_scale
         h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p]  # silu(gate) * up, routing weight applied
@@ -441,64 +456,17 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
         def down_step(step, carry):
             js = [step * cfg.unroll + u for u in range(cfg.unroll)]
             cs = pl.ds(col, bi)
-            tiles = [
-                wd_ref[expert, pl.ds(j * bo, bo), cs] if out_in else wd_ref[expert, cs, pl.ds(j * bo, bo)] for j in js
-            ]
+            tiles = [_weight_tile(w_refs[2], expert, pl.ds(j * bo, bo), cs, out_in) for j in js]
             for j, w in zip(js, tiles, strict=True):  # loads first: the stores below would keep them in order
-                y = jnp.sum(_fused_dot(w.astype(dtype), h, w_contract, cfg.swap_ab), axis=1 if cfg.swap_ab else 0)
-                if s_refs[2] is not None:  # (row 0 alone is non-zero)
-                    ob, cb = (j * bo) // FP8_BLOCK, col // FP8_BLOCK
-                    y = y * (s_refs[2][expert, ob, cb] if out_in else s_refs[2][expert, cb, ob])
+                y = token_row(times(w, h))
+                if s_refs[2] is not None:
+                    y = y * _block_scale(s_refs[2], expert, (j * bo) // FP8_BLOCK, col // FP8_BLOCK, out_in)
                 if h_scale is not None:
                     y = y * h_scale
                 out_ref[p, c, pl.ds(j * bo, bo)] = y
             return carry
 
         jax.lax.fori_loop(0, hidden // bo // cfg.unroll, down_step, 0)
-
-
-def _fused_fma(ids_ref, rw_ref, x_ref, w_refs, s_refs, out_ref, *, cfg: FusedConfig, top_k: int, out_in: bool):
-    """`_fused_kernel` on the CUDA cores: each weight tile widened to fp32, times the token's row (or h),
-    summed over the reduction axis; one row, so no MMA padding and no f16 range to respect."""
-    p, c = pl.program_id(0), pl.program_id(1)
-    expert = ids_ref[p]
-    bi, bk, bo = cfg.block_inter, cfg.block_k, cfg.block_out
-    col = c * bi
-    w_axis = 1 if out_in else 0  # the weight tile's reduction axis
-
-    def times(w, v):  # sum over the reduction axis of w * v, v the [reduction] vector
-        return jnp.sum(w.astype(jnp.float32) * jnp.expand_dims(v, 1 - w_axis), axis=w_axis)
-
-    @pl.when((expert >= 0) & (expert < w_refs[0].shape[0]))
-    def _():
-        token = p // top_k
-
-        def gate_up_step(k, accs):
-            ks, cs = pl.ds(k * bk, bk), pl.ds(col, bi)
-            x = x_ref[token, ks].astype(jnp.float32)
-            out = []
-            for acc, w_ref, s_ref in zip(accs, w_refs[:2], s_refs[:2], strict=True):
-                part = times(w_ref[expert, cs, ks] if out_in else w_ref[expert, ks, cs], x)
-                if s_ref is not None:
-                    kb, cb = (k * bk) // FP8_BLOCK, col // FP8_BLOCK
-                    part = part * (s_ref[expert, cb, kb] if out_in else s_ref[expert, kb, cb])
-                out.append(acc + part)
-            return tuple(out)
-
-        zeros = jnp.zeros((bi,), jnp.float32)
-        gate, up = jax.lax.fori_loop(0, x_ref.shape[1] // bk, gate_up_step, (zeros, zeros))
-        h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p]
-
-        def down_step(j, carry):
-            os, cs = pl.ds(j * bo, bo), pl.ds(col, bi)
-            y = times(w_refs[2][expert, os, cs] if out_in else w_refs[2][expert, cs, os], h)
-            if s_refs[2] is not None:
-                ob, cb = (j * bo) // FP8_BLOCK, col // FP8_BLOCK
-                y = y * (s_refs[2][expert, ob, cb] if out_in else s_refs[2][expert, cb, ob])
-            out_ref[p, c, os] = y
-            return carry
-
-        jax.lax.fori_loop(0, x_ref.shape[1] // bo, down_step, 0)
 
 
 def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: str) -> None:
@@ -654,9 +622,8 @@ def experts_grouped(
 def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled: bool, out_in: bool, interpret):
     """The fused decode kernel over every assignment, then the partial sums added per token in XLA."""
     n, top_k = ids.shape
-    wg = weights_and_scales[0]
-    num_experts = wg.shape[0]
-    hidden, inter = (wg.shape[2], wg.shape[1]) if out_in else wg.shape[1:]
+    wg = weights_and_scales[0]  # shapes checked by experts_grouped
+    num_experts, hidden, inter = wg.shape[0], x.shape[1], wg.shape[1 if out_in else 2]
     for name, size, dim, what in (
         ("block_inter", cfg.block_inter, inter, "intermediate"),
         ("block_k", cfg.block_k, hidden, "hidden"),
