@@ -180,6 +180,17 @@ def fused_candidates(base: str, assignments: int, inter: int) -> list:
     return list(dict.fromkeys(out))
 
 
+def prefetch_candidates(base: str, assignments: int, inter: int) -> list:
+    """The fused kernel with its weight tiles loaded 1-3 loop iterations ahead, beside the unprefetched default."""
+    auto = mg.fused_config(assignments, inter, base != "bf16")
+    r = dataclasses.replace
+    half = r(auto, block_inter=auto.block_inter // 2) if auto.block_inter >= 32 else auto
+    out = [auto, r(auto, prefetch=1), r(auto, prefetch=2), r(half, prefetch=1), r(half, prefetch=2)]
+    out += [r(auto, prefetch=1, num_warps=8), r(auto, prefetch=3), r(half, prefetch=1, unroll=2)]
+    out += [r(auto, prefetch=1, num_stages=2), r(auto, prefetch=1, swap_ab=not auto.swap_ab)]
+    return list(dict.fromkeys(out))
+
+
 def fma_candidates(assignments: int, inter: int) -> list:
     """The fused kernel on the CUDA cores (tensor_cores=False): widths and launch shapes."""
     shapes = [(64, 128, 128, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (64, 128, 64, 8, 4),
@@ -199,7 +210,12 @@ def candidates(kind: str, assignments: int, experts: int, inter: int, variants: 
     if base == "fp8-w8a8" and isinstance(default, mg.KernelConfig):
         default = W8A8(default)
     fused = fused_candidates(base, assignments, inter)
-    listed = [default] + {"all": fused + grouped, "fused": fused, "fma": fma_candidates(assignments, inter)}[variants]
+    listed = [default] + {
+        "all": fused + grouped,
+        "fused": fused,
+        "fma": fma_candidates(assignments, inter),
+        "prefetch": prefetch_candidates(base, assignments, inter),
+    }[variants]
     return list(dict.fromkeys(listed))  # unique, in order
 
 
@@ -318,6 +334,8 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
         "bf16-fused/out_in": mg.FusedConfig(64, 64, 64, 4, 4),
         "fp8-fused/out_in": mg.FusedConfig(64, 128, 128, 4, 4),
         "fp8-fused-rows/out_in": mg.FusedConfig(32, 128, 64, 4, 3, swap_ab=False),
+        "bf16-fused-prefetch/out_in": mg.FusedConfig(64, 64, 64, 4, 4, prefetch=1),
+        "fp8-fused-prefetch/out_in": mg.FusedConfig(64, 128, 128, 4, 4, swap_ab=False, prefetch=2),
         "bf16-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
         "fp8-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
     }
@@ -422,6 +440,22 @@ def kernel_fn(cfg, layout: str, interpret: bool):
     return jax.jit(lambda *a: mg.experts_grouped(*a, config=cfg, layout=layout, interpret=interpret))
 
 
+def chain_fn(cfg, layout: str, interpret: bool, layers: int):
+    """`layers` calls in one jitted loop, each output added to a running sum (the residual stream of a decode
+    step): per-call dispatch is gone, the kernels' launches and the combine remain. The barrier on the loop
+    index keeps XLA from hoisting the (otherwise loop-invariant) call out of the loop."""
+
+    def run(x, weights, ids, *w):
+        def layer(i, acc):
+            xi, wi, ii, _ = jax.lax.optimization_barrier((x, weights, ids, i))
+            y = mg.experts_grouped(xi, wi, ii, *w, config=cfg, layout=layout, interpret=interpret)
+            return acc + y.astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, layers, layer, jnp.zeros(x.shape, jnp.float32))
+
+    return jax.jit(run)
+
+
 def run_timings(
     key,
     dims,
@@ -434,6 +468,7 @@ def run_timings(
     kinds=("bf16", "fp8"),
     profile: int = 0,
     variants: str = "all",
+    chain: int = 0,
 ) -> bool:
     e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
     kw, key = jax.random.split(key)
@@ -454,6 +489,7 @@ def run_timings(
     ok_all = True
     rows = []
     inputs = {}
+    chained = []  # (T, kind, label, ms per layer)
 
     def measure(t, wname, w, cfg, label):
         """Check sampled tokens and time one kernel config; None if it does not compile."""
@@ -500,6 +536,14 @@ def run_timings(
                     best = (sec, n_cfg, cfg)
             if best and profile:  # where the best config's time goes, kernel by kernel
                 print(format_ops(top_ops(kernel_fn(best[2], layout, interpret), (x, weights, ids, *w)), profile))
+            if best and chain:
+                default = candidates(wname, t * k, e, i, variants)[0]
+                timed = [("default", default)] + ([(f"best cfg{best[1]}", best[2])] if best[2] != default else [])
+                for label, cfg in timed:
+                    sec = timeit(chain_fn(cfg, layout, interpret, chain), x, weights, ids, *w, batches=3) / chain
+                    chained.append((t, wname, label, sec * 1e3))
+                    emit("chain", tokens=t, weights=wname, label=label, config=repr(cfg), layers=chain, ms=sec * 1e3)
+                    print(f"  T={t:<5} {wname} {label}: {sec * 1e3:.3f} ms per layer, {chain} layers in one jit")
             result[wname] = best and best[:2]
         measured_plain = {}
         for name, fn in plain.items():
@@ -548,6 +592,14 @@ def run_timings(
             plain=r["plain"],
             useful_tflop=flops / 1e12,
         )
+    if chained:
+        print(f"\n== chained: ms per layer, {chain} layers in one jitted loop (fp8 x the faster bf16 layout's best)")
+        print("| T | kind | config | ms per layer | x bf16 |")
+        print("|---|---|---|---|---|")
+        for t, wname, label, ms in chained:
+            bf16_ms = [m for tt, kind, _, m in chained if tt == t and split_kind(kind)[0] == "bf16"]
+            ratio = f"{min(bf16_ms) / ms:.2f}" if bf16_ms and split_kind(wname)[0] != "bf16" else "-"
+            print(f"| {t} | {wname} | {label} | {ms:.3f} | {ratio} |")
     print("\n== experimental configs")
     for t, wname, cfg in EXPERIMENTAL:
         if t in inputs:
@@ -577,9 +629,15 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each best config")
     parser.add_argument(
         "--variants",
-        choices=("all", "fused", "fma"),
+        choices=("all", "fused", "fma", "prefetch"),
         default="all",
-        help="at a few assignments: every candidate, the fused kernel's, or its CUDA-core ones (default first)",
+        help="at a few assignments: every candidate, the fused kernel's, its CUDA-core or prefetching ones",
+    )
+    parser.add_argument(
+        "--chain",
+        type=int,
+        default=0,
+        help="also time the default and best configs as L layers in one jitted loop (per layer, as in a decode step)",
     )
     parser.add_argument("--checks-only", action="store_true", help="the checks, no timings")
     parser.add_argument("--check-kinds", default="", help="only these weight kinds in the checks (default: all)")
@@ -608,7 +666,18 @@ def main() -> int:
     copy_bw, mm_rate = ceilings(args.small)
     kinds = tuple(args.weights.split(","))
     ok &= run_timings(
-        kt, dims, tokens, copy_bw, mm_rate, args.small, args.sweep_budget, start, kinds, args.profile, args.variants
+        kt,
+        dims,
+        tokens,
+        copy_bw,
+        mm_rate,
+        args.small,
+        args.sweep_budget,
+        start,
+        kinds,
+        args.profile,
+        args.variants,
+        args.chain,
     )
     print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1

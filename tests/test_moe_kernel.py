@@ -354,6 +354,8 @@ FUSED_VARIANTS = {
     "swap_bf16": moe_gpu.FusedConfig(128, 128, 64, 4, 3, fp8_dot="bf16"),
     "cuda_cores": moe_gpu.FusedConfig(32, 128, 64, 4, 3, tensor_cores=False),
     "unrolled": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, unroll=2),
+    "prefetched": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, prefetch=2),  # 2 of 4 steps ahead
+    "prefetched_unrolled": moe_gpu.FusedConfig(64, 64, 128, 4, 3, unroll=2, prefetch=1),
 }
 
 
@@ -413,13 +415,24 @@ def test_fused_tiles_are_checked():
         run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 256, 64, 4, 3))
     with pytest.raises(ValueError, match="unroll=3 must divide hidden 512"):
         run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 64, 4, 3, unroll=3))
+    with pytest.raises(ValueError, match="prefetch=-1 must be >= 0"):
+        run_kernel(
+            activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 64, 4, 3, prefetch=-1)
+        )
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize(
     "variant",
-    [dict(swap_ab=True), dict(swap_ab=False), dict(tensor_cores=False), dict(swap_ab=False, unroll=2)],
-    ids=["swap_ab", "rows", "fma", "unrolled"],
+    [
+        dict(swap_ab=True),
+        dict(swap_ab=False),
+        dict(tensor_cores=False),
+        dict(swap_ab=False, unroll=2),
+        dict(swap_ab=False, prefetch=1),
+        dict(prefetch=2, tensor_cores=False),
+    ],
+    ids=["swap_ab", "rows", "fma", "unrolled", "prefetched", "fma_prefetched"],
 )
 def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     from jax import export

@@ -92,6 +92,7 @@ class FusedConfig:
     reduction over hidden in steps of `block_k`, the down product in steps of `block_out` hidden columns.
 
     `unroll`: reduction blocks per loop iteration, their loads issued together (tensor-core form).
+    `prefetch`: loop iterations whose weight tiles are loaded ahead of their use (carried in registers).
     `tensor_cores`: products on the tensor cores (the token's row padded to 16 rows); False: multiplied and
     summed in fp32 on the CUDA cores (one row, no padding, no f16 scaling; swap_ab and fp8_dot unused).
     `swap_ab`: the weight tile is the MMA's wide side and the token's row its narrow one (as TileConfig).
@@ -108,6 +109,7 @@ class FusedConfig:
     fp8_dot: str = "f16"
     tensor_cores: bool = True
     unroll: int = 1
+    prefetch: int = 0
 
 
 # Up to this many assignments (tokens x top-k) the fused kernel serves, bf16 / fp8 weights: where it beat the
@@ -407,7 +409,9 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
     def token_row(y):  # [out] of a product (the padded MMA rows are zeros)
         return jnp.sum(y, axis=1 if cfg.swap_ab else 0) if tensor_cores else y
 
-    @pl.when((expert >= 0) & (expert < w_refs[0].shape[0]))
+    valid = (expert >= 0) & (expert < w_refs[0].shape[0])
+
+    @pl.when(valid)
     def _():
         token = p // top_k
         x_scale = None
@@ -419,54 +423,88 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
                 amax = jnp.maximum(amax, jnp.max(jnp.abs(part)))
             x_scale = _pow2_scale(amax)
 
-        def x_operand(k):
-            row = x_ref[token, pl.ds(k * bk, bk)].astype(jnp.float32)
+        def x_operand(row):  # the row's block (as loaded) -> the product's operand
+            row = row.astype(jnp.float32)
             row = (row if x_scale is None else row / x_scale).astype(dtype)
             if not tensor_cores:
                 return row
             return jnp.where(first, row[:, None] if cfg.swap_ab else row[None, :], jnp.zeros((), dtype))
 
-        def gate_up_step(step, accs):
-            # `unroll` reduction blocks per iteration, every load issued before the first product
+        def scale_at(s_ref, out_block, in_block):
+            return None if s_ref is None else _block_scale(s_ref, expert, out_block, in_block, out_in)
+
+        cs = pl.ds(col, bi)
+        n_gate_up, n_down = hidden // bk // cfg.unroll, hidden // bo // cfg.unroll
+
+        def gate_up_loads(step):  # `unroll` reduction blocks: the row's blocks, gate and up tiles, their scales
             ks = [step * cfg.unroll + u for u in range(cfg.unroll)]
-            cs = pl.ds(col, bi)
+            rows = [x_ref[token, pl.ds(k * bk, bk)] for k in ks]
             tiles = [[_weight_tile(w_ref, expert, cs, pl.ds(k * bk, bk), out_in) for k in ks] for w_ref in w_refs[:2]]
+            scales = [[scale_at(s_ref, col // FP8_BLOCK, (k * bk) // FP8_BLOCK) for k in ks] for s_ref in s_refs[:2]]
+            return rows, tiles, scales
+
+        def down_loads(step):
+            js = [step * cfg.unroll + u for u in range(cfg.unroll)]
+            tiles = [_weight_tile(w_refs[2], expert, pl.ds(j * bo, bo), cs, out_in) for j in js]
+            return js, tiles, [scale_at(s_refs[2], (j * bo) // FP8_BLOCK, col // FP8_BLOCK) for j in js]
+
+        def pipelined(loads, n_steps, body, init):
+            """fori_loop over steps whose loads are issued `cfg.prefetch` steps ahead (carried in registers), so
+            a step's memory latency overlaps the steps before it; the last steps reload the final block."""
+
+            def step_fn(step, carry):
+                state, pending = carry
+                if cfg.prefetch:
+                    current = pending[0]
+                    pending = (*pending[1:], loads(jnp.minimum(step + cfg.prefetch, n_steps - 1)))
+                else:
+                    current = loads(step)
+                return body(step, current, state), pending
+
+            ahead = tuple(loads(min(i, n_steps - 1)) for i in range(cfg.prefetch))
+            return jax.lax.fori_loop(0, n_steps, step_fn, (init, ahead))[0]
+
+        def gate_up_step(step, loaded, accs):
+            rows, tiles, scales = loaded
             out = []
-            for acc, w_tiles, s_ref in zip(accs, tiles, s_refs[:2], strict=True):
-                for k, w in zip(ks, w_tiles, strict=True):
-                    prod = times(w, x_operand(k))
-                    if s_ref is not None:
-                        prod = prod * _block_scale(s_ref, expert, col // FP8_BLOCK, (k * bk) // FP8_BLOCK, out_in)
-                    acc = acc + prod
+            for acc, w_tiles, w_scales in zip(accs, tiles, scales, strict=True):
+                for row, w, scale in zip(rows, w_tiles, w_scales, strict=True):
+                    prod = times(w, x_operand(row))
+                    acc = acc + (prod if scale is None else prod * scale)
                 out.append(acc)
             return tuple(out)
 
         acc_shape = ((bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)) if tensor_cores else (bi,)
         zeros = jnp.zeros(acc_shape, jnp.float32)
-        gate, up = jax.lax.fori_loop(0, hidden // bk // cfg.unroll, gate_up_step, (zeros, zeros))
+        gate, up = pipelined(gate_up_loads, n_gate_up, gate_up_step, (zeros, zeros))
         if x_scale is not None:
             gate, up = gate * x_scale, up * x_scale
-        h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p]  # silu(gate) * up, routing weight applied
+        h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p].astype(jnp.float32)  # silu(gate) * up, routing weight
         h_scale = None
         if f16:
             h_scale = _pow2_scale(jnp.max(jnp.abs(h)))
             h = h / h_scale
         h = h.astype(dtype)
 
-        def down_step(step, carry):
-            js = [step * cfg.unroll + u for u in range(cfg.unroll)]
-            cs = pl.ds(col, bi)
-            tiles = [_weight_tile(w_refs[2], expert, pl.ds(j * bo, bo), cs, out_in) for j in js]
-            for j, w in zip(js, tiles, strict=True):  # loads first: the stores below would keep them in order
+        def down_step(step, loaded, carry):
+            for j, w, scale in zip(*loaded, strict=True):  # loads first: the stores below would keep them in order
                 y = token_row(times(w, h))
-                if s_refs[2] is not None:
-                    y = y * _block_scale(s_refs[2], expert, (j * bo) // FP8_BLOCK, col // FP8_BLOCK, out_in)
+                if scale is not None:
+                    y = y * scale
                 if h_scale is not None:
                     y = y * h_scale
                 out_ref[p, c, pl.ds(j * bo, bo)] = y
             return carry
 
-        jax.lax.fori_loop(0, hidden // bo // cfg.unroll, down_step, 0)
+        pipelined(down_loads, n_down, down_step, 0)
+
+    @pl.when(~valid)
+    def _():  # another shard's expert: zeros, so the partial sums add up without a mask
+        def zero_step(j, carry):
+            out_ref[p, c, pl.ds(j * bo, bo)] = jnp.zeros((bo,), jnp.float32)
+            return carry
+
+        jax.lax.fori_loop(0, hidden // bo, zero_step, 0)
 
 
 def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: str) -> None:
@@ -623,7 +661,7 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
     """The fused decode kernel over every assignment, then the partial sums added per token in XLA."""
     n, top_k = ids.shape
     wg = weights_and_scales[0]  # shapes checked by experts_grouped
-    num_experts, hidden, inter = wg.shape[0], x.shape[1], wg.shape[1 if out_in else 2]
+    hidden, inter = x.shape[1], wg.shape[1 if out_in else 2]
     for name, size, dim, what in (
         ("block_inter", cfg.block_inter, inter, "intermediate"),
         ("block_k", cfg.block_k, hidden, "hidden"),
@@ -634,18 +672,18 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
             raise ValueError(f"fused: {name}={size} must be a power of two >= 16 dividing {what} {dim}{limit}")
     if cfg.unroll < 1 or (hidden // cfg.block_k) % cfg.unroll or (hidden // cfg.block_out) % cfg.unroll:
         raise ValueError(f"fused: unroll={cfg.unroll} must divide hidden {hidden} / block_k and / block_out")
+    if cfg.prefetch < 0:
+        raise ValueError(f"fused: prefetch={cfg.prefetch} must be >= 0")
     n_cols = inter // cfg.block_inter
     flat_ids = ids.reshape(-1).astype(jnp.int32)
-    routing = weights.reshape(-1).astype(jnp.float32)
+    routing = weights.reshape(-1)  # widened in the kernel: no conversion op before it
     with jax.named_scope("moe_fused"):
         kernel = functools.partial(_fused_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
         args, _ = _match_varying((flat_ids, routing, x, *weights_and_scales))
         out = _out_struct((n * top_k, n_cols, hidden), jnp.float32, args[0])
         partial = _call(kernel, cfg, out, (n * top_k, n_cols), interpret, "moe_fused")(*args)
-    with jax.named_scope("moe_combine"):
-        valid = ((ids >= 0) & (ids < num_experts))[:, :, None, None]  # other shards' programs wrote nothing
-        partial = jnp.where(valid, partial.reshape(n, top_k, n_cols, hidden), 0.0)
-        return partial.sum(axis=(1, 2)).astype(x.dtype)
+    with jax.named_scope("moe_combine"):  # other shards' experts wrote zeros
+        return partial.reshape(n, top_k * n_cols, hidden).sum(axis=1).astype(x.dtype)
 
 
 def experts_pallas_gpu(
