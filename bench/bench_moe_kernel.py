@@ -180,14 +180,16 @@ def fused_candidates(base: str, assignments: int, inter: int) -> list:
     return list(dict.fromkeys(out))
 
 
-def prefetch_candidates(base: str, assignments: int, inter: int) -> list:
-    """The fused kernel with its weight tiles loaded 1-3 loop iterations ahead, beside the unprefetched default."""
+def split_candidates(base: str, assignments: int, inter: int) -> list:
+    """The fused kernel in two launches (`split`: the gate/up reduction and the down product's columns over 2-4
+    x the programs) beside the one-launch default: launch shapes, widths, unroll."""
     auto = mg.fused_config(assignments, inter, base != "bf16")
     r = dataclasses.replace
-    half = r(auto, block_inter=auto.block_inter // 2) if auto.block_inter >= 32 else auto
-    out = [auto, r(auto, prefetch=1), r(auto, prefetch=2), r(half, prefetch=1), r(half, prefetch=2)]
-    out += [r(auto, prefetch=1, num_warps=8), r(auto, prefetch=3), r(half, prefetch=1, unroll=2)]
-    out += [r(auto, prefetch=1, num_stages=2), r(auto, prefetch=1, swap_ab=not auto.swap_ab)]
+    two = r(auto, split=2)
+    out = [auto, two, r(auto, split=4), r(two, num_warps=8), r(two, num_stages=3), r(two, num_stages=5)]
+    out += [r(two, unroll=2), r(two, swap_ab=not auto.swap_ab)]
+    if auto.block_inter >= 32:
+        out += [r(two, block_inter=auto.block_inter // 2)]
     return list(dict.fromkeys(out))
 
 
@@ -214,7 +216,7 @@ def candidates(kind: str, assignments: int, experts: int, inter: int, variants: 
         "all": fused + grouped,
         "fused": fused,
         "fma": fma_candidates(assignments, inter),
-        "prefetch": prefetch_candidates(base, assignments, inter),
+        "split": split_candidates(base, assignments, inter),
     }[variants]
     return list(dict.fromkeys(listed))  # unique, in order
 
@@ -334,8 +336,8 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
         "bf16-fused/out_in": mg.FusedConfig(64, 64, 64, 4, 4),
         "fp8-fused/out_in": mg.FusedConfig(64, 128, 128, 4, 4),
         "fp8-fused-rows/out_in": mg.FusedConfig(32, 128, 64, 4, 3, swap_ab=False),
-        "bf16-fused-prefetch/out_in": mg.FusedConfig(64, 64, 64, 4, 4, prefetch=1),
-        "fp8-fused-prefetch/out_in": mg.FusedConfig(64, 128, 128, 4, 4, swap_ab=False, prefetch=2),
+        "bf16-fused-split/out_in": mg.FusedConfig(64, 64, 64, 4, 4, split=2),
+        "fp8-fused-split/out_in": mg.FusedConfig(64, 128, 128, 4, 4, swap_ab=False, split=2),
         "bf16-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
         "fp8-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
     }
@@ -629,9 +631,9 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, help="print the N slowest kernels of each best config")
     parser.add_argument(
         "--variants",
-        choices=("all", "fused", "fma", "prefetch"),
+        choices=("all", "fused", "fma", "split"),
         default="all",
-        help="at a few assignments: every candidate, the fused kernel's, its CUDA-core or prefetching ones",
+        help="at a few assignments: every candidate, the fused kernel's, its CUDA-core or two-launch ones",
     )
     parser.add_argument(
         "--chain",

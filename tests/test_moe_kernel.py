@@ -354,8 +354,9 @@ FUSED_VARIANTS = {
     "swap_bf16": moe_gpu.FusedConfig(128, 128, 64, 4, 3, fp8_dot="bf16"),
     "cuda_cores": moe_gpu.FusedConfig(32, 128, 64, 4, 3, tensor_cores=False),
     "unrolled": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, unroll=2),
-    "prefetched": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, prefetch=2),  # 2 of 4 steps ahead
-    "prefetched_unrolled": moe_gpu.FusedConfig(64, 64, 128, 4, 3, unroll=2, prefetch=1),
+    "split": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, split=2),  # two launches
+    "split_unrolled": moe_gpu.FusedConfig(64, 64, 64, 4, 3, unroll=2, split=2),
+    "split_cuda_cores": moe_gpu.FusedConfig(32, 128, 64, 4, 3, tensor_cores=False, split=2),
 }
 
 
@@ -415,10 +416,8 @@ def test_fused_tiles_are_checked():
         run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 256, 64, 4, 3))
     with pytest.raises(ValueError, match="unroll=3 must divide hidden 512"):
         run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 64, 4, 3, unroll=3))
-    with pytest.raises(ValueError, match="prefetch=-1 must be >= 0"):
-        run_kernel(
-            activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 64, 4, 3, prefetch=-1)
-        )
+    with pytest.raises(ValueError, match=r"split=3 must divide the loop steps over hidden 512 \(4, 8\)"):
+        run_kernel(activations(47, 2, 512), weights, ids, *q, config=moe_gpu.FusedConfig(64, 128, 64, 4, 3, split=3))
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -429,10 +428,10 @@ def test_fused_tiles_are_checked():
         dict(swap_ab=False),
         dict(tensor_cores=False),
         dict(swap_ab=False, unroll=2),
-        dict(swap_ab=False, prefetch=1),
-        dict(prefetch=2, tensor_cores=False),
+        dict(swap_ab=False, split=2),
+        dict(split=2, tensor_cores=False),
     ],
-    ids=["swap_ab", "rows", "fma", "unrolled", "prefetched", "fma_prefetched"],
+    ids=["swap_ab", "rows", "fma", "unrolled", "split", "fma_split"],
 )
 def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     from jax import export
@@ -448,7 +447,8 @@ def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     )
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     text = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(x, weights, ids, q).mlir_module()
-    assert text.count("xla.gpu.triton") == 1 and 'name = "moe_fused"' in text
+    names = ["moe_fused_gate_up", "moe_fused_down"] if variant.get("split", 1) > 1 else ["moe_fused"]
+    assert text.count("xla.gpu.triton") == len(names) and all(f'name = "{name}"' in text for name in names)
 
 
 def test_fused_kernel_with_hidden_not_a_power_of_two():

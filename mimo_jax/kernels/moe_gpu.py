@@ -92,7 +92,8 @@ class FusedConfig:
     reduction over hidden in steps of `block_k`, the down product in steps of `block_out` hidden columns.
 
     `unroll`: reduction blocks per loop iteration, their loads issued together (tensor-core form).
-    `prefetch`: loop iterations whose weight tiles are loaded ahead of their use (carried in registers).
+    `split`: > 1 runs it in two launches with `split` x the programs: the gate/up reduction over hidden split
+    into that many parts (partial sums added by the second launch), then the down product's hidden columns.
     `tensor_cores`: products on the tensor cores (the token's row padded to 16 rows); False: multiplied and
     summed in fp32 on the CUDA cores (one row, no padding, no f16 scaling; swap_ab and fp8_dot unused).
     `swap_ab`: the weight tile is the MMA's wide side and the token's row its narrow one (as TileConfig).
@@ -109,7 +110,7 @@ class FusedConfig:
     fp8_dot: str = "f16"
     tensor_cores: bool = True
     unroll: int = 1
-    prefetch: int = 0
+    split: int = 1
 
 
 # Up to this many assignments (tokens x top-k) the fused kernel serves, bf16 / fp8 weights: where it beat the
@@ -377,6 +378,118 @@ def _fused_dot(w, a, w_contract: int, swap_ab: bool):
     return jax.lax.dot_general(a, w, (((1,), (w_contract,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _fused_dtype(cfg: FusedConfig, scaled: bool, x_dtype) -> tuple:
+    """(the products' operand dtype, whether rows and h are scaled into f16 by a power of two)."""
+    if not cfg.tensor_cores:
+        return jnp.float32, False
+    f16 = scaled and cfg.fp8_dot in ("f16", "fp8")
+    return (jnp.float16 if f16 else jnp.bfloat16 if scaled else x_dtype), f16
+
+
+def _padded(v: jax.Array, cfg: FusedConfig) -> jax.Array:
+    """A token's row (or h) [n] as the product's operand: on the tensor cores the MMA's narrow side, padded with
+    zero rows ([n, ROWS] when swap_ab, else [ROWS, n]; so every product there is 0); on the CUDA cores v itself."""
+    if not cfg.tensor_cores:
+        return v
+    shape, axis = ((v.shape[0], FUSED_ROWS), 1) if cfg.swap_ab else ((FUSED_ROWS, v.shape[0]), 0)
+    first = jax.lax.broadcasted_iota(jnp.int32, shape, axis) == 0
+    return jnp.where(first, v[:, None] if cfg.swap_ab else v[None, :], jnp.zeros((), v.dtype))
+
+
+def _token_row(y: jax.Array, cfg: FusedConfig) -> jax.Array:
+    """[out] of a product or accumulator (the padded MMA rows are zeros)."""
+    return jnp.sum(y, axis=1 if cfg.swap_ab else 0) if cfg.tensor_cores else y
+
+
+def _times(w, v, cfg: FusedConfig, dtype, out_in: bool) -> jax.Array:
+    """Weight tile w (as stored) times v (`_padded`) over w's reduction axis, fp32."""
+    w_contract = 1 if out_in else 0
+    if cfg.tensor_cores:
+        return _fused_dot(w.astype(dtype), v, w_contract, cfg.swap_ab)
+    return jnp.sum(w.astype(dtype) * jnp.expand_dims(v, 1 - w_contract), axis=w_contract)
+
+
+def _row_scale(x_ref, token) -> jax.Array:
+    """`_pow2_scale` of the token's row, its amax from a few wide loads issued together (a loop of small ones
+    would cost its latency): chunks are the largest power of two dividing hidden (Triton block sizes)."""
+    hidden = x_ref.shape[1]
+    chunk = min(hidden & -hidden, 4096)
+    amax = 0.0
+    for i in range(hidden // chunk):
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(x_ref[token, pl.ds(i * chunk, chunk)].astype(jnp.float32))))
+    return _pow2_scale(amax)
+
+
+def _gate_up_sums(x_ref, token, w_refs, s_refs, expert, col, steps, cfg: FusedConfig, scaled: bool, out_in: bool):
+    """x Wg and x Wu of the token's row on intermediate columns [col, col + block_inter), the reduction over
+    hidden blocks [steps[0], steps[1]) x unroll, fp32 in accumulator form (`_token_row` makes them [block_inter])."""
+    bi, bk = cfg.block_inter, cfg.block_k
+    dtype, f16 = _fused_dtype(cfg, scaled, x_ref.dtype)
+    x_scale = _row_scale(x_ref, token) if f16 else None
+
+    def x_operand(k):
+        row = x_ref[token, pl.ds(k * bk, bk)].astype(jnp.float32)
+        return _padded((row if x_scale is None else row / x_scale).astype(dtype), cfg)
+
+    def step(i, accs):  # `unroll` reduction blocks per iteration, every load issued before the first product
+        ks = [i * cfg.unroll + u for u in range(cfg.unroll)]
+        cs = pl.ds(col, bi)
+        tiles = [[_weight_tile(w_ref, expert, cs, pl.ds(k * bk, bk), out_in) for k in ks] for w_ref in w_refs]
+        out = []
+        for acc, w_tiles, s_ref in zip(accs, tiles, s_refs, strict=True):
+            for k, w in zip(ks, w_tiles, strict=True):
+                prod = _times(w, x_operand(k), cfg, dtype, out_in)
+                if s_ref is not None:
+                    prod = prod * _block_scale(s_ref, expert, col // FP8_BLOCK, (k * bk) // FP8_BLOCK, out_in)
+                acc = acc + prod
+            out.append(acc)
+        return tuple(out)
+
+    acc_shape = ((bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)) if cfg.tensor_cores else (bi,)
+    zeros = jnp.zeros(acc_shape, jnp.float32)
+    gate, up = jax.lax.fori_loop(steps[0], steps[1], step, (zeros, zeros))
+    return (gate, up) if x_scale is None else (gate * x_scale, up * x_scale)
+
+
+def _down_products(h, w_ref, s_ref, expert, col, steps, store, cfg: FusedConfig, scaled: bool, out_in: bool, x_dtype):
+    """h (fp32 [block_inter] as `_padded`, or accumulator form) times the down weight's rows [col, col +
+    block_inter) on hidden blocks [steps[0], steps[1]) x unroll: store(j, [block_out] fp32) for each block j."""
+    bi, bo = cfg.block_inter, cfg.block_out
+    dtype, f16 = _fused_dtype(cfg, scaled, x_dtype)
+    h_scale = None
+    if f16:
+        h_scale = _pow2_scale(jnp.max(jnp.abs(h)))
+        h = h / h_scale
+    h = h.astype(dtype)
+
+    def step(i, carry):
+        js = [i * cfg.unroll + u for u in range(cfg.unroll)]
+        tiles = [_weight_tile(w_ref, expert, pl.ds(j * bo, bo), pl.ds(col, bi), out_in) for j in js]
+        for j, w in zip(js, tiles, strict=True):  # loads first: the stores below would keep them in order
+            y = _token_row(_times(w, h, cfg, dtype, out_in), cfg)
+            if s_ref is not None:
+                y = y * _block_scale(s_ref, expert, (j * bo) // FP8_BLOCK, col // FP8_BLOCK, out_in)
+            store(j, y if h_scale is None else y * h_scale)
+        return carry
+
+    jax.lax.fori_loop(steps[0], steps[1], step, 0)
+
+
+def _silu_gate(gate, up, routing):
+    return gate / (1.0 + jnp.exp(-gate)) * up * routing.astype(jnp.float32)
+
+
+def _store_zeros(out_ref, p, c, steps, cfg: FusedConfig):
+    """Zeros in out[p, c] on hidden blocks [steps[0], steps[1]) x unroll: another shard's expert, so that the
+    partial sums add up without a mask."""
+
+    def step(j, carry):
+        out_ref[p, c, pl.ds(j * cfg.block_out, cfg.block_out)] = jnp.zeros((cfg.block_out,), jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(steps[0] * cfg.unroll, steps[1] * cfg.unroll, step, 0)
+
+
 def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, scaled: bool, out_in: bool):
     """Program (p, c): assignment p's expert on intermediate columns [c * bi, (c + 1) * bi): h = silu(x Wg) *
     (x Wu) * routing weight for those columns, then out[p, c] = h @ Wd[those rows] ([hidden], fp32).
@@ -387,124 +500,63 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
     """
     w_refs, s_refs, out_ref = refs[:3], refs[3:6] if scaled else (None,) * 3, refs[-1]
     p, c = pl.program_id(0), pl.program_id(1)
-    expert = ids_ref[p]
-    bi, bk, bo = cfg.block_inter, cfg.block_k, cfg.block_out
-    hidden = x_ref.shape[1]
-    col = c * bi
-    tensor_cores = cfg.tensor_cores
-    f16 = tensor_cores and scaled and cfg.fp8_dot in ("f16", "fp8")
-    dtype = jnp.float16 if f16 else jnp.bfloat16 if scaled else x_ref.dtype
-    dtype = dtype if tensor_cores else jnp.float32
-    w_contract = 1 if out_in else 0  # the weight tile's reduction axis
-    if tensor_cores:
-        pad_shape, pad_axis = ((bk, FUSED_ROWS), 1) if cfg.swap_ab else ((FUSED_ROWS, bk), 0)
-        first = jax.lax.broadcasted_iota(jnp.int32, pad_shape, pad_axis) == 0
-
-    def times(w, v):
-        """Weight tile w (as stored) times v (the row operand or h) over w's reduction axis, fp32."""
-        if tensor_cores:
-            return _fused_dot(w.astype(dtype), v, w_contract, cfg.swap_ab)
-        return jnp.sum(w.astype(dtype) * jnp.expand_dims(v, 1 - w_contract), axis=w_contract)
-
-    def token_row(y):  # [out] of a product (the padded MMA rows are zeros)
-        return jnp.sum(y, axis=1 if cfg.swap_ab else 0) if tensor_cores else y
-
+    expert, col, hidden = ids_ref[p], c * cfg.block_inter, x_ref.shape[1]
     valid = (expert >= 0) & (expert < w_refs[0].shape[0])
+    down_steps = (0, hidden // cfg.block_out // cfg.unroll)
 
     @pl.when(valid)
     def _():
-        token = p // top_k
-        x_scale = None
-        if f16:  # the row's amax from a few wide loads issued together (a loop of small ones costs its latency)
-            chunk = min(hidden & -hidden, 4096)  # the largest power of two dividing hidden (Triton block sizes)
-            amax = 0.0
-            for i in range(hidden // chunk):
-                part = x_ref[token, pl.ds(i * chunk, chunk)].astype(jnp.float32)
-                amax = jnp.maximum(amax, jnp.max(jnp.abs(part)))
-            x_scale = _pow2_scale(amax)
+        steps = (0, hidden // cfg.block_k // cfg.unroll)
+        gate, up = _gate_up_sums(x_ref, p // top_k, w_refs[:2], s_refs[:2], expert, col, steps, cfg, scaled, out_in)
 
-        def x_operand(row):  # the row's block (as loaded) -> the product's operand
-            row = row.astype(jnp.float32)
-            row = (row if x_scale is None else row / x_scale).astype(dtype)
-            if not tensor_cores:
-                return row
-            return jnp.where(first, row[:, None] if cfg.swap_ab else row[None, :], jnp.zeros((), dtype))
+        def store(j, y):
+            out_ref[p, c, pl.ds(j * cfg.block_out, cfg.block_out)] = y
 
-        def scale_at(s_ref, out_block, in_block):
-            return None if s_ref is None else _block_scale(s_ref, expert, out_block, in_block, out_in)
+        h = _silu_gate(gate, up, rw_ref[p])  # accumulator form: the padded rows stay 0
+        _down_products(h, w_refs[2], s_refs[2], expert, col, down_steps, store, cfg, scaled, out_in, x_ref.dtype)
 
-        cs = pl.ds(col, bi)
-        n_gate_up, n_down = hidden // bk // cfg.unroll, hidden // bo // cfg.unroll
+    pl.when(~valid)(lambda: _store_zeros(out_ref, p, c, down_steps, cfg))
 
-        def gate_up_loads(step):  # `unroll` reduction blocks: the row's blocks, gate and up tiles, their scales
-            ks = [step * cfg.unroll + u for u in range(cfg.unroll)]
-            rows = [x_ref[token, pl.ds(k * bk, bk)] for k in ks]
-            tiles = [[_weight_tile(w_ref, expert, cs, pl.ds(k * bk, bk), out_in) for k in ks] for w_ref in w_refs[:2]]
-            scales = [[scale_at(s_ref, col // FP8_BLOCK, (k * bk) // FP8_BLOCK) for k in ks] for s_ref in s_refs[:2]]
-            return rows, tiles, scales
 
-        def down_loads(step):
-            js = [step * cfg.unroll + u for u in range(cfg.unroll)]
-            tiles = [_weight_tile(w_refs[2], expert, pl.ds(j * bo, bo), cs, out_in) for j in js]
-            return js, tiles, [scale_at(s_refs[2], (j * bo) // FP8_BLOCK, col // FP8_BLOCK) for j in js]
+def _fused_gate_up_kernel(ids_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, scaled: bool, out_in: bool):
+    """`split` > 1, first launch. Program (p, c, s): x Wg and x Wu of assignment p on intermediate block c over
+    the s-th of `split` parts of hidden -> gate[p, s, block c], up[p, s, block c] (fp32). Other shards' experts
+    write nothing (the second launch does not read them)."""
+    w_refs, s_refs, (gate_ref, up_ref) = refs[:2], refs[2:4] if scaled else (None,) * 2, refs[-2:]
+    p, c, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    expert, col = ids_ref[p], c * cfg.block_inter
+    per_part = x_ref.shape[1] // cfg.block_k // cfg.unroll // cfg.split
 
-        def pipelined(loads, n_steps, body, init):
-            """fori_loop over steps whose loads are issued `cfg.prefetch` steps ahead (carried in registers), so
-            a step's memory latency overlaps the steps before it; the last steps reload the final block."""
+    @pl.when((expert >= 0) & (expert < w_refs[0].shape[0]))
+    def _():
+        steps = (part * per_part, (part + 1) * per_part)
+        gate, up = _gate_up_sums(x_ref, p // top_k, w_refs, s_refs, expert, col, steps, cfg, scaled, out_in)
+        gate_ref[p, part, pl.ds(col, cfg.block_inter)] = _token_row(gate, cfg)
+        up_ref[p, part, pl.ds(col, cfg.block_inter)] = _token_row(up, cfg)
 
-            def step_fn(step, carry):
-                state, pending = carry
-                if cfg.prefetch:
-                    current = pending[0]
-                    pending = (*pending[1:], loads(jnp.minimum(step + cfg.prefetch, n_steps - 1)))
-                else:
-                    current = loads(step)
-                return body(step, current, state), pending
 
-            ahead = tuple(loads(min(i, n_steps - 1)) for i in range(cfg.prefetch))
-            return jax.lax.fori_loop(0, n_steps, step_fn, (init, ahead))[0]
+def _fused_down_kernel(ids_ref, rw_ref, gate_ref, up_ref, *refs, cfg: FusedConfig, scaled: bool, out_in: bool, x_dtype):
+    """`split` > 1, second launch. Program (p, c, r): h = silu(gate) * up * routing weight on intermediate
+    block c (the parts of the first launch added), then out[p, c] on the r-th of `split` parts of hidden."""
+    w_ref, s_ref, out_ref = refs[0], refs[1] if scaled else None, refs[-1]
+    p, c, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    expert, col, bi = ids_ref[p], c * cfg.block_inter, cfg.block_inter
+    per_part = out_ref.shape[2] // cfg.block_out // cfg.unroll // cfg.split
+    steps = (part * per_part, (part + 1) * per_part)
+    valid = (expert >= 0) & (expert < w_ref.shape[0])
 
-        def gate_up_step(step, loaded, accs):
-            rows, tiles, scales = loaded
-            out = []
-            for acc, w_tiles, w_scales in zip(accs, tiles, scales, strict=True):
-                for row, w, scale in zip(rows, w_tiles, w_scales, strict=True):
-                    prod = times(w, x_operand(row))
-                    acc = acc + (prod if scale is None else prod * scale)
-                out.append(acc)
-            return tuple(out)
+    @pl.when(valid)
+    def _():
+        gate = sum(gate_ref[p, s, pl.ds(col, bi)] for s in range(cfg.split))
+        up = sum(up_ref[p, s, pl.ds(col, bi)] for s in range(cfg.split))
 
-        acc_shape = ((bi, FUSED_ROWS) if cfg.swap_ab else (FUSED_ROWS, bi)) if tensor_cores else (bi,)
-        zeros = jnp.zeros(acc_shape, jnp.float32)
-        gate, up = pipelined(gate_up_loads, n_gate_up, gate_up_step, (zeros, zeros))
-        if x_scale is not None:
-            gate, up = gate * x_scale, up * x_scale
-        h = gate / (1.0 + jnp.exp(-gate)) * up * rw_ref[p].astype(jnp.float32)  # silu(gate) * up, routing weight
-        h_scale = None
-        if f16:
-            h_scale = _pow2_scale(jnp.max(jnp.abs(h)))
-            h = h / h_scale
-        h = h.astype(dtype)
+        def store(j, y):
+            out_ref[p, c, pl.ds(j * cfg.block_out, cfg.block_out)] = y
 
-        def down_step(step, loaded, carry):
-            for j, w, scale in zip(*loaded, strict=True):  # loads first: the stores below would keep them in order
-                y = token_row(times(w, h))
-                if scale is not None:
-                    y = y * scale
-                if h_scale is not None:
-                    y = y * h_scale
-                out_ref[p, c, pl.ds(j * bo, bo)] = y
-            return carry
+        h = _padded(_silu_gate(gate, up, rw_ref[p]), cfg)
+        _down_products(h, w_ref, s_ref, expert, col, steps, store, cfg, scaled, out_in, x_dtype)
 
-        pipelined(down_loads, n_down, down_step, 0)
-
-    @pl.when(~valid)
-    def _():  # another shard's expert: zeros, so the partial sums add up without a mask
-        def zero_step(j, carry):
-            out_ref[p, c, pl.ds(j * bo, bo)] = jnp.zeros((bo,), jnp.float32)
-            return carry
-
-        jax.lax.fori_loop(0, hidden // bo, zero_step, 0)
+    pl.when(~valid)(lambda: _store_zeros(out_ref, p, c, steps, cfg))
 
 
 def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: str) -> None:
@@ -672,16 +724,33 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
             raise ValueError(f"fused: {name}={size} must be a power of two >= 16 dividing {what} {dim}{limit}")
     if cfg.unroll < 1 or (hidden // cfg.block_k) % cfg.unroll or (hidden // cfg.block_out) % cfg.unroll:
         raise ValueError(f"fused: unroll={cfg.unroll} must divide hidden {hidden} / block_k and / block_out")
-    if cfg.prefetch < 0:
-        raise ValueError(f"fused: prefetch={cfg.prefetch} must be >= 0")
-    n_cols = inter // cfg.block_inter
+    steps = (hidden // cfg.block_k // cfg.unroll, hidden // cfg.block_out // cfg.unroll)
+    if cfg.split < 1 or steps[0] % cfg.split or steps[1] % cfg.split:
+        raise ValueError(f"fused: split={cfg.split} must divide the loop steps over hidden {hidden} {steps}")
+    n_cols, m = inter // cfg.block_inter, n * top_k
     flat_ids = ids.reshape(-1).astype(jnp.int32)
     routing = weights.reshape(-1)  # widened in the kernel: no conversion op before it
-    with jax.named_scope("moe_fused"):
-        kernel = functools.partial(_fused_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
-        args, _ = _match_varying((flat_ids, routing, x, *weights_and_scales))
-        out = _out_struct((n * top_k, n_cols, hidden), jnp.float32, args[0])
-        partial = _call(kernel, cfg, out, (n * top_k, n_cols), interpret, "moe_fused")(*args)
+    partial_shape = (m, n_cols, hidden)
+    if cfg.split == 1:
+        with jax.named_scope("moe_fused"):
+            kernel = functools.partial(_fused_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
+            args, _ = _match_varying((flat_ids, routing, x, *weights_and_scales))
+            out = _out_struct(partial_shape, jnp.float32, args[0])
+            partial = _call(kernel, cfg, out, (m, n_cols), interpret, "moe_fused")(*args)
+    else:
+        gate_up_w = weights_and_scales[:2] + (weights_and_scales[3:5] if scaled else ())
+        down_w = weights_and_scales[2:3] + (weights_and_scales[5:6] if scaled else ())
+        grid = (m, n_cols, cfg.split)
+        with jax.named_scope("moe_fused_gate_up"):
+            kernel = functools.partial(_fused_gate_up_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
+            args, _ = _match_varying((flat_ids, x, *gate_up_w))
+            out = _out_struct((m, cfg.split, inter), jnp.float32, args[0])
+            gate, up = _call(kernel, cfg, (out, out), grid, interpret, "moe_fused_gate_up")(*args)
+        with jax.named_scope("moe_fused_down"):
+            kernel = functools.partial(_fused_down_kernel, cfg=cfg, scaled=scaled, out_in=out_in, x_dtype=x.dtype)
+            args, _ = _match_varying((flat_ids, routing, gate, up, *down_w))
+            out = _out_struct(partial_shape, jnp.float32, args[0])
+            partial = _call(kernel, cfg, out, grid, interpret, "moe_fused_down")(*args)
     with jax.named_scope("moe_combine"):  # other shards' experts wrote zeros
         return partial.reshape(n, top_k * n_cols, hidden).sum(axis=1).astype(x.dtype)
 
