@@ -181,15 +181,14 @@ def fused_candidates(base: str, assignments: int, inter: int) -> list:
 
 
 def split_candidates(base: str, assignments: int, inter: int) -> list:
-    """The fused kernel in two launches (`split`: the gate/up reduction and the down product's columns over 2-4
-    x the programs) beside the one-launch default: launch shapes, widths, unroll."""
+    """The fused kernel in one launch and in two (`split`: 2-4 x the programs), with fewer pipeline stages (less
+    shared memory per program, so more of them resident per SM) and 256-wide down steps."""
     auto = mg.fused_config(assignments, inter, base != "bf16")
     r = dataclasses.replace
-    two = r(auto, split=2)
-    out = [auto, two, r(auto, split=4), r(two, num_warps=8), r(two, num_stages=3), r(two, num_stages=5)]
-    out += [r(two, unroll=2), r(two, swap_ab=not auto.swap_ab)]
-    if auto.block_inter >= 32:
-        out += [r(two, block_inter=auto.block_inter // 2)]
+    two, four = r(auto, split=2), r(auto, split=4)
+    out = [auto, r(two, num_stages=3), r(two, num_stages=2), r(two, num_stages=3, block_out=256)]
+    out += [r(two, num_stages=2, block_out=256), r(four, num_stages=2), r(four, num_stages=3)]
+    out += [r(auto, block_out=256), r(auto, num_stages=3), r(auto, num_stages=2)]
     return list(dict.fromkeys(out))
 
 
@@ -338,6 +337,7 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
         "fp8-fused-rows/out_in": mg.FusedConfig(32, 128, 64, 4, 3, swap_ab=False),
         "bf16-fused-split/out_in": mg.FusedConfig(64, 64, 64, 4, 4, split=2),
         "fp8-fused-split/out_in": mg.FusedConfig(64, 128, 128, 4, 4, swap_ab=False, split=2),
+        "fp8-fused-wide/out_in": mg.FusedConfig(64, 128, 256, 4, 3, swap_ab=False),  # 2 scales per down step
         "bf16-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
         "fp8-fused-fma/out_in": mg.FusedConfig(64, 128, 128, 4, 4, tensor_cores=False),
     }

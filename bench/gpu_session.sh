@@ -7,9 +7,9 @@
 #                                    # prefill (8K, 32K) with the experts in the kernel's [E, out, in] layout
 #   bash bench/gpu_session.sh kernel-d # one GPU: the fused decode MoE kernel's variants vs the grouped kernels at
 #                                      # 1-32 tokens (Flash and one tensor=4 shard), then the GPU checks
-#   bash bench/gpu_session.sh kernel-f # one GPU: the fused kernel in one launch and in two (split), per call and
-#                                      # per layer of 16 in one jit (--chain), then the GPU checks
-# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-c, kernel-e) are in
+#   bash bench/gpu_session.sh kernel-g # one GPU: the fused kernel in one launch and in two (split), fewer stages,
+#                                      # wide down steps; per call and per layer of 16 in one jit (--chain); checks
+# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-c, kernel-e, kernel-f) are in
 # this file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
@@ -69,13 +69,13 @@ kernel-d)
   TAIL=30 step kernel_checks 90 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds bf16,fp8,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
   ;;
-kernel-f)
+kernel-g)
   TAIL=60 step kernel_flash 300 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
     --tokens 1,2,4,8 --variants split --sweep-budget 160 --profile 4 --chain 16
   TAIL=30 step kernel_shard 120 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
     --weights fp8/out_in,bf16/out_in --tokens 1,2 --variants split --sweep-budget 70 --chain 16
   TAIL=30 step kernel_checks 90 python bench/bench_moe_kernel.py --checks-only --quick-checks \
-    --check-kinds fp8-fused/out_in,fp8-fused-split/out_in,bf16-fused-split/out_in,bf16-fused/out_in
+    --check-kinds fp8-fused/out_in,fp8-fused-split/out_in,bf16-fused-split/out_in,bf16-fused/out_in,fp8-fused-wide/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-d|kernel-f" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-d|kernel-g" >&2; exit 2 ;;
 esac

@@ -357,6 +357,7 @@ FUSED_VARIANTS = {
     "split": moe_gpu.FusedConfig(32, 64, 64, 4, 3, swap_ab=False, split=2),  # two launches
     "split_unrolled": moe_gpu.FusedConfig(64, 64, 64, 4, 3, unroll=2, split=2),
     "split_cuda_cores": moe_gpu.FusedConfig(32, 128, 64, 4, 3, tensor_cores=False, split=2),
+    "wide_down": moe_gpu.FusedConfig(64, 128, 256, 4, 3, swap_ab=False),  # fp8: two scale blocks per down step
 }
 
 
@@ -430,8 +431,9 @@ def test_fused_tiles_are_checked():
         dict(swap_ab=False, unroll=2),
         dict(swap_ab=False, split=2),
         dict(split=2, tensor_cores=False),
+        dict(swap_ab=False, block_out=256),
     ],
-    ids=["swap_ab", "rows", "fma", "unrolled", "split", "fma_split"],
+    ids=["swap_ab", "rows", "fma", "unrolled", "split", "fma_split", "wide_down"],
 )
 def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     from jax import export
@@ -441,7 +443,7 @@ def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
     q = [out_in(moe_gpu.quantize_fp8_blocks(a) if fp8 else a) for a in w]
     ids, weights = make_tokens(49, 1, e, 2)
     x = activations(50, 1, h, jnp.bfloat16)
-    config = moe_gpu.FusedConfig(64, 128, 128, 4, 4, **variant)
+    config = dataclasses.replace(moe_gpu.FusedConfig(64, 128, 128, 4, 4), **variant)
     fn = jax.jit(
         lambda x, weights, ids, q: moe_gpu.experts_grouped(x, weights, ids, *q, config=config, layout="out_in")
     )

@@ -467,8 +467,9 @@ def _down_products(h, w_ref, s_ref, expert, col, steps, store, cfg: FusedConfig,
         tiles = [_weight_tile(w_ref, expert, pl.ds(j * bo, bo), pl.ds(col, bi), out_in) for j in js]
         for j, w in zip(js, tiles, strict=True):  # loads first: the stores below would keep them in order
             y = _token_row(_times(w, h, cfg, dtype, out_in), cfg)
-            if s_ref is not None:
-                y = y * _block_scale(s_ref, expert, (j * bo) // FP8_BLOCK, col // FP8_BLOCK, out_in)
+            if s_ref is not None:  # one scale, or one per output column when the block spans scale blocks
+                out_block = j * bo + (jax.lax.broadcasted_iota(jnp.int32, (bo,), 0) if bo > FP8_BLOCK else 0)
+                y = y * _block_scale(s_ref, expert, out_block // FP8_BLOCK, col // FP8_BLOCK, out_in)
             store(j, y if h_scale is None else y * h_scale)
         return carry
 
@@ -714,13 +715,13 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
     n, top_k = ids.shape
     wg = weights_and_scales[0]  # shapes checked by experts_grouped
     hidden, inter = x.shape[1], wg.shape[1 if out_in else 2]
-    for name, size, dim, what in (
-        ("block_inter", cfg.block_inter, inter, "intermediate"),
-        ("block_k", cfg.block_k, hidden, "hidden"),
-        ("block_out", cfg.block_out, hidden, "hidden"),
+    for name, size, dim, what, within_block in (
+        ("block_inter", cfg.block_inter, inter, "intermediate", True),
+        ("block_k", cfg.block_k, hidden, "hidden", True),
+        ("block_out", cfg.block_out, hidden, "hidden", False),  # its scales may differ along it: a vector
     ):
-        if size & (size - 1) or size < 16 or dim % size or (scaled and size > FP8_BLOCK):
-            limit = f" and at most {FP8_BLOCK} (fp8 blocks)" if scaled else ""
+        if size & (size - 1) or size < 16 or dim % size or (scaled and within_block and size > FP8_BLOCK):
+            limit = f" and at most {FP8_BLOCK} (fp8 blocks)" if scaled and within_block else ""
             raise ValueError(f"fused: {name}={size} must be a power of two >= 16 dividing {what} {dim}{limit}")
     if cfg.unroll < 1 or (hidden // cfg.block_k) % cfg.unroll or (hidden // cfg.block_out) % cfg.unroll:
         raise ValueError(f"fused: unroll={cfg.unroll} must divide hidden {hidden} / block_k and / block_out")
