@@ -9,6 +9,8 @@
 #                                      # 1-32 tokens (Flash and one tensor=4 shard), then the GPU checks
 #   bash bench/gpu_session.sh kernel-g # one GPU: the fused kernel in one launch and in two (split), fewer stages,
 #                                      # wide down steps; per call and per layer of 16 in one jit (--chain); checks
+#   bash bench/gpu_session.sh kernel-h # one GPU: module defaults only at 1-32 tokens (T = 1 three times, fresh
+#                                      # inputs), per call and per layer; one tensor=4 shard; the GPU checks
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-c, kernel-e, kernel-f) are in
 # this file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -77,5 +79,17 @@ kernel-g)
   TAIL=30 step kernel_checks 90 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds fp8-fused/out_in,fp8-fused-split/out_in,bf16-fused-split/out_in,bf16-fused/out_in,fp8-fused-wide/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-d|kernel-g" >&2; exit 2 ;;
+kernel-h)
+  TAIL=40 step kernel_defaults 200 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+    --tokens 1,2,4,8,32 --sweep-budget 0 --profile 4 --chain 16
+  for r in 2 3; do
+    TAIL=12 step "kernel_t1_$r" 70 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+      --tokens 1 --sweep-budget 0 --chain 16
+  done
+  TAIL=12 step kernel_shard 80 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
+    --weights fp8/out_in,bf16/out_in --tokens 1,2 --sweep-budget 0 --chain 16
+  TAIL=30 step kernel_checks 120 python bench/bench_moe_kernel.py --checks-only --quick-checks \
+    --check-kinds bf16,fp8,fp8-f16,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-split/out_in,fp8-fused-wide/out_in
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-d|kernel-g|kernel-h" >&2; exit 2 ;;
 esac

@@ -390,6 +390,9 @@ def test_fused_kernel_is_the_default_for_few_assignments():
     limit, limit_fp8 = moe_gpu.FUSED_MAX_ASSIGNMENTS, moe_gpu.FUSED_MAX_ASSIGNMENTS_FP8
     fused = moe_gpu.default_config(8, 256, True, 2048)
     assert isinstance(fused, moe_gpu.FusedConfig) and fused.block_inter == 128  # 8 x 16 programs
+    assert fused.split == 2 and fused.num_stages == 3  # fp8 at one program per SM: two launches, 2 x the programs
+    assert moe_gpu.default_config(16, 256, True, 2048).split == 1  # two programs per SM already
+    assert moe_gpu.default_config(8, 256, False, 2048).split == 1  # bf16 keeps one launch
     assert moe_gpu.default_config(8, 256, True, 512).block_inter == 32  # one tensor=4 shard: 8 x 16 again
     assert moe_gpu.default_config(1, 256, False, 2048).block_inter == 16  # top-1: as many as it can
     assert isinstance(moe_gpu.default_config(limit + 1, 256, False, 2048), moe_gpu.KernelConfig)
@@ -404,6 +407,13 @@ def test_fused_kernel_is_the_default_for_few_assignments():
     assert rel_err(out, reference(x, weights, ids, wg, wu, wd)) < 1e-5
     jaxpr = str(jax.make_jaxpr(lambda *a: moe_gpu.experts_grouped(*a, interpret=True))(x, weights, ids, wg, wu, wd))
     assert "moe_fused" in jaxpr and "moe_gate_up" not in jaxpr
+    # fp8 at a hidden size with one 128-step: the default's 256-wide down steps and split fit themselves to it
+    wg, wu, wd = make_weights(42, e, 128, 128)
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
+    x = activations(44, n, 128)
+    out = moe_gpu.experts_grouped(x, weights, ids, *q, interpret=True)
+    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    assert rel_err(out, reference(x, weights, ids, *deq)) < 1e-2
 
 
 def test_fused_tiles_are_checked():
