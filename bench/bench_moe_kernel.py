@@ -10,7 +10,8 @@
 3. Flash MoE layer (hidden 4096, 256 experts, top-8, intermediate 2048) at T = 1 ... 8192 tokens: kernel bf16 and
    fp8 (tile candidates, best kept; at a few tokens the fused decode kernel's variants beside the grouped tiles,
    `--variants`), plain paths timed in the same run, the calibration table's best plain path; `--profile N`
-   prints where each best config's device time goes.
+   prints where each best config's device time goes; `--chain L` also times the default and best configs per
+   layer of L calls in one jitted loop (a decode step's setting: no per-call dispatch).
 Exit code 1 if any check fails. Results also go, line by line, to $OUT/bench_moe_kernel.jsonl when OUT is set.
 """
 

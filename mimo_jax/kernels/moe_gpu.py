@@ -17,7 +17,9 @@ At a few assignments (decode at small batch) a third kernel does it all in one l
 (`FusedConfig`): one program per (assignment, block of intermediate columns) computes that block of h from its
 token's row and multiplies it by the matching slice of the down weight; the [hidden] partial sums are added after
 the kernel. Each assignment reads its expert's weights once (an expert chosen twice is read twice, which is why
-this serves only a few assignments).
+this serves only a few assignments). With `split` > 1 it runs as two launches with that many times the programs
+(the gate/up reduction in parts, then the down product's columns in parts): more programs per SM where there
+would be about one.
 
 Weights are bf16 arrays, or block-scaled fp8 (the importer's layout, `mimo_jax.quant.BlockQuantized` with block
 (1, 128, 128), or a plain (values, scales) pair): values float8_e4m3fn [E, in, out], scales float32
