@@ -83,7 +83,7 @@ kernel-h)
   TAIL=40 step kernel_defaults 200 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
     --tokens 1,2,4,8,32 --sweep-budget 0 --profile 4 --chain 16
   for r in 2 3; do
-    TAIL=12 step "kernel_t1_$r" 70 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
+    TAIL=12 step "kernel_t1_$r" 150 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
       --tokens 1 --sweep-budget 0 --chain 16
   done
   TAIL=12 step kernel_shard 80 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
