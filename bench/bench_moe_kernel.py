@@ -531,7 +531,8 @@ def run_timings(
             base, layout = split_kind(wname)
             w = weight_sets[(base == "bf16", layout)]
             best = None
-            for n_cfg, cfg in enumerate(candidates(wname, t * k, e, i, variants)):
+            configs = candidates(wname, t * k, e, i, variants)
+            for n_cfg, cfg in enumerate(configs):
                 if n_cfg and time.perf_counter() - start > sweep_budget_s:
                     break  # out of device time for the sweep: defaults only
                 sec = measure(t, wname, w, cfg, f"cfg{n_cfg}")
@@ -540,8 +541,7 @@ def run_timings(
             if best and profile:  # where the best config's time goes, kernel by kernel
                 print(format_ops(top_ops(kernel_fn(best[2], layout, interpret), (x, weights, ids, *w)), profile))
             if best and chain:
-                default = candidates(wname, t * k, e, i, variants)[0]
-                timed = [("default", default)] + ([(f"best cfg{best[1]}", best[2])] if best[2] != default else [])
+                timed = [("default", configs[0])] + ([(f"best cfg{best[1]}", best[2])] if best[1] else [])
                 for label, cfg in timed:
                     sec = timeit(chain_fn(cfg, layout, interpret, chain), x, weights, ids, *w, batches=3) / chain
                     chained.append((t, wname, label, sec * 1e3))

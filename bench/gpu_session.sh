@@ -5,14 +5,12 @@
 #   bash bench/gpu_session.sh two-c  # the largest real-pattern Flash prefix that fits 2 GPUs (tensor=2), fp8: decode, prefill
 #   bash bench/gpu_session.sh four-g # four GPUs (nvidia-h200-x4): full Flash decode (batch 16/64/1, 1K/16K) and
 #                                    # prefill (8K, 32K) with the experts in the kernel's [E, out, in] layout
-#   bash bench/gpu_session.sh kernel-d # one GPU: the fused decode MoE kernel's variants vs the grouped kernels at
-#                                      # 1-32 tokens (Flash and one tensor=4 shard), then the GPU checks
 #   bash bench/gpu_session.sh kernel-g # one GPU: the fused kernel in one launch and in two (split), fewer stages,
 #                                      # wide down steps; per call and per layer of 16 in one jit (--chain); checks
 #   bash bench/gpu_session.sh kernel-h # one GPU: module defaults only at 1-32 tokens (T = 1 three times, fresh
 #                                      # inputs), per call and per layer; one tensor=4 shard; the GPU checks
-# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-c, kernel-e, kernel-f) are in
-# this file's history at the commits bench/RESULTS.md names beside their figures.
+# The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
+# file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -61,16 +59,6 @@ four-g)
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4.json"
   ;;
-kernel-d)
-  # one GPU: the fused kernel with its row scale from one wide load (no per-step amax loop): variants at 1 and 2
-  # tokens, then the module defaults at 4, 8, 32 (the sweep budget spent); one shard's experts; fused GPU checks
-  TAIL=40 step kernel_flash 290 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
-    --tokens 1,2,4,8,32 --variants fused --sweep-budget 200 --profile 3
-  TAIL=30 step kernel_shard 130 python bench/bench_moe_kernel.py --skip-checks --intermediate 512 \
-    --weights fp8/out_in,bf16/out_in --tokens 1,2 --variants fused --sweep-budget 100 --profile 3
-  TAIL=30 step kernel_checks 90 python bench/bench_moe_kernel.py --checks-only --quick-checks \
-    --check-kinds bf16,fp8,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-rows/out_in
-  ;;
 kernel-g)
   TAIL=60 step kernel_flash 300 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \
     --tokens 1,2,4,8 --variants split --sweep-budget 160 --profile 4 --chain 16
@@ -91,5 +79,5 @@ kernel-h)
   TAIL=30 step kernel_checks 120 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds bf16,fp8,fp8-f16,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-split/out_in,fp8-fused-wide/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-d|kernel-g|kernel-h" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h" >&2; exit 2 ;;
 esac

@@ -62,6 +62,12 @@ def ramped(w, e, d_in, d_out):
     return (w.reshape(e, d_in // 128, 128, d_out // 128, 128) * ramp).reshape(e, d_in, d_out)
 
 
+def fp8_blocks(weights) -> tuple[list, list]:
+    """Weights -> (their fp8 (values, scales) pairs, those dequantized to float32: the reference's weights)."""
+    q = [moe_gpu.quantize_fp8_blocks(w) for w in weights]
+    return q, [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+
+
 def reference(x, weights, ids, wg, wu, wd):
     """experts_dense in float32 with ids outside [0, E) dropped (they belong to other shards)."""
     e = wg.shape[0]
@@ -115,8 +121,7 @@ def test_fp8_block_scaled_weights(config):
     e, h, i, n, k = 4, 256, 256, 9, 2
     wg, wu, wd = make_weights(9, e, h, i)
     wg = ramped(wg, e, h, i)
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    q, deq = fp8_blocks((wg, wu, wd))
     assert rel_err(deq[0], wg) < 0.05  # e4m3 keeps ~3 mantissa bits
     ids, weights = make_tokens(10, n, e, k)
     x = activations(11, n, h, jnp.bfloat16)
@@ -127,8 +132,7 @@ def test_fp8_block_scaled_weights(config):
 def test_fp8_w8a8_dot_within_activation_quantization_error():
     """fp8_dot="fp8" quantizes activations per row group to e4m3: close to the reference, not exact."""
     e, h, i, n, k = 4, 256, 256, 9, 2
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(15, e, h, i)]
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    q, deq = fp8_blocks(make_weights(15, e, h, i))
     ids, weights = make_tokens(16, n, e, k)
     row_scale = jnp.asarray([1e4, 1e-4, 1.0, 30.0, 1e-2, 3.0, 1.0, 1.0, 0.5])[:, None]
     x = (activations(17, n, h) * row_scale).astype(jnp.bfloat16)
@@ -144,8 +148,7 @@ def test_fp8_w8a8_dot_within_activation_quantization_error():
 def test_fp8_f16_dot_keeps_activations_past_f16_range():
     """fp8_dot="f16" scales each activation row into f16's range: rows of 1e6 and 1e-6 stay exact."""
     e, h, i, n, k = 4, 256, 256, 6, 2
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(12, e, h, i)]
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    q, deq = fp8_blocks(make_weights(12, e, h, i))
     ids, weights = make_tokens(13, n, e, k)
     row_scale = jnp.asarray([1e6, 1e-6, 1.0, 3e4, 1e-3, 70.0])[:, None]
     x = (activations(14, n, h) * row_scale).astype(jnp.bfloat16)
@@ -308,8 +311,7 @@ def test_weight_layouts_and_swapped_operands(layout, config):
     ramp = jnp.linspace(0.5, 2.0, e * (h // 128) * (i // 128)).reshape(e, h // 128, 1, i // 128, 1)
     wg = (wg.reshape(e, h // 128, 128, i // 128, 128) * ramp).reshape(e, h, i)
     wd = (wd.reshape(e, i // 128, 128, h // 128, 128) * ramp[::-1]).reshape(e, i, h)
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    q, deq = fp8_blocks((wg, wu, wd))
     ids, weights = make_tokens(31, n, e, k)
     x = activations(32, n, h, jnp.bfloat16)
     given = [out_in(w) for w in q] if layout == "out_in" else q
@@ -369,8 +371,7 @@ def test_fused_decode_kernel_matches_dense(layout, variant):
     e, h, i = 4, 256, 256
     wg, wu, wd = make_weights(40, e, h, i)
     wg, wd = ramped(wg, e, h, i), ramped(wd, e, i, h)[:, ::-1]
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    q, deq = fp8_blocks((wg, wu, wd))
     ids = jnp.asarray([[1, 3], [3, -1], [e + 2, 0]], jnp.int32)
     weights = jnp.asarray([[0.7, 0.2], [0.4, 0.9], [0.5, 0.3]])
     x = (activations(41, 3, h) * jnp.asarray([[1e6], [1e-6], [1.0]])).astype(jnp.bfloat16)
@@ -408,11 +409,9 @@ def test_fused_kernel_is_the_default_for_few_assignments():
     jaxpr = str(jax.make_jaxpr(lambda *a: moe_gpu.experts_grouped(*a, interpret=True))(x, weights, ids, wg, wu, wd))
     assert "moe_fused" in jaxpr and "moe_gate_up" not in jaxpr
     # fp8 at a hidden size with one 128-step: the default's 256-wide down steps and split fit themselves to it
-    wg, wu, wd = make_weights(42, e, 128, 128)
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in (wg, wu, wd)]
+    q, deq = fp8_blocks(make_weights(42, e, 128, 128))
     x = activations(44, n, 128)
     out = moe_gpu.experts_grouped(x, weights, ids, *q, interpret=True)
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
     assert rel_err(out, reference(x, weights, ids, *deq)) < 1e-2
 
 
@@ -466,8 +465,7 @@ def test_fused_kernel_lowers_to_triton_for_cuda(fp8, variant):
 def test_fused_kernel_with_hidden_not_a_power_of_two():
     """MiMo-V2.5-Pro's hidden size is 6144 = 3 x 2048: the row scale is read in power-of-two chunks."""
     e, h, i = 4, 384, 128
-    q = [moe_gpu.quantize_fp8_blocks(w) for w in make_weights(51, e, h, i)]
-    deq = [moe_gpu.dequantize_fp8_blocks(v, s) for v, s in q]
+    q, deq = fp8_blocks(make_weights(51, e, h, i))
     ids, weights = make_tokens(52, 2, e, 2)
     x = (activations(53, 2, h) * jnp.asarray([[3e5], [2e-5]])).astype(jnp.bfloat16)
     x = x.at[1, 300].set(40.0)  # the second row's largest value sits in the last chunk

@@ -249,6 +249,11 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
     return _block_scale(s_ref, expert, c_block, k_block, out_in)
 
 
+def _silu(g: jax.Array) -> jax.Array:
+    """g * sigmoid(g), inside the kernels."""
+    return g / (1.0 + jnp.exp(-g))
+
+
 def _pow2_scale(amax: jax.Array) -> jax.Array:
     """2^e with |a / 2^e| <= 2^8 for |a| <= amax: f16 holds a / 2^e exactly to its precision, without overflow."""
     return jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30))) - 8.0)
@@ -363,7 +368,7 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled:
         gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in, by_group)
         if by_row is not None:  # the per-row scale factors out of the whole sum
             gate, up = gate * by_row[:, None], up * by_row[:, None]
-        h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up in fp32
+        h = _silu(gate) * up  # fp32
         _store_rows(h_ref, row_start, row_end, col, h, cfg)
 
 
@@ -390,14 +395,6 @@ def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool,
 FUSED_ROWS = 16  # the MMA's narrow side: one token's row and 15 rows of zeros (Triton dots need 16)
 
 
-def _fused_dot(w, a, w_contract: int, swap_ab: bool):
-    """Weight tile w (reduction on axis `w_contract`) times the padded activation tile a, fp32: [w_out, ROWS]
-    with a [k, ROWS] when swap_ab, else [ROWS, w_out] with a [ROWS, k]."""
-    if swap_ab:
-        return jax.lax.dot_general(w, a, (((w_contract,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return jax.lax.dot_general(a, w, (((1,), (w_contract,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _fused_dtype(cfg: FusedConfig, scaled: bool, x_dtype) -> tuple:
     """(the products' operand dtype, whether rows and h are scaled into f16 by a power of two)."""
     if not cfg.tensor_cores:
@@ -422,11 +419,14 @@ def _token_row(y: jax.Array, cfg: FusedConfig) -> jax.Array:
 
 
 def _times(w, v, cfg: FusedConfig, dtype, out_in: bool) -> jax.Array:
-    """Weight tile w (as stored) times v (`_padded`) over w's reduction axis, fp32."""
-    w_contract = 1 if out_in else 0
-    if cfg.tensor_cores:
-        return _fused_dot(w.astype(dtype), v, w_contract, cfg.swap_ab)
-    return jnp.sum(w.astype(dtype) * jnp.expand_dims(v, 1 - w_contract), axis=w_contract)
+    """Weight tile w (as stored) times v (`_padded`) over w's reduction axis, fp32: on the tensor cores [w_out,
+    ROWS] when swap_ab (v [k, ROWS]), else [ROWS, w_out] (v [ROWS, k]); on the CUDA cores [w_out]."""
+    w, contract = w.astype(dtype), 1 if out_in else 0
+    if not cfg.tensor_cores:
+        return jnp.sum(w * jnp.expand_dims(v, 1 - contract), axis=contract)
+    dims = (((contract,), (0,)), ((), ())) if cfg.swap_ab else (((1,), (contract,)), ((), ()))
+    operands = (w, v) if cfg.swap_ab else (v, w)
+    return jax.lax.dot_general(*operands, dims, preferred_element_type=jnp.float32)
 
 
 def _row_scale(x_ref, token) -> jax.Array:
@@ -471,9 +471,10 @@ def _gate_up_sums(x_ref, token, w_refs, s_refs, expert, col, steps, cfg: FusedCo
     return (gate, up) if x_scale is None else (gate * x_scale, up * x_scale)
 
 
-def _down_products(h, w_ref, s_ref, expert, col, steps, store, cfg: FusedConfig, scaled: bool, out_in: bool, x_dtype):
+def _down_products(h, w_ref, s_ref, expert, col, steps, out_at, cfg: FusedConfig, scaled: bool, out_in: bool, x_dtype):
     """h (fp32 [block_inter] as `_padded`, or accumulator form) times the down weight's rows [col, col +
-    block_inter) on hidden blocks [steps[0], steps[1]) x unroll: store(j, [block_out] fp32) for each block j."""
+    block_inter) on hidden blocks [steps[0], steps[1]) x unroll, stored into out[p, c] (out_at = (out_ref, p, c))."""
+    out_ref, p, c = out_at
     bi, bo = cfg.block_inter, cfg.block_out
     dtype, f16 = _fused_dtype(cfg, scaled, x_dtype)
     h_scale = None
@@ -490,14 +491,20 @@ def _down_products(h, w_ref, s_ref, expert, col, steps, store, cfg: FusedConfig,
             if s_ref is not None:  # one scale, or one per output column when the block spans scale blocks
                 out_block = j * bo + (jax.lax.broadcasted_iota(jnp.int32, (bo,), 0) if bo > FP8_BLOCK else 0)
                 y = y * _block_scale(s_ref, expert, out_block // FP8_BLOCK, col // FP8_BLOCK, out_in)
-            store(j, y if h_scale is None else y * h_scale)
+            out_ref[p, c, pl.ds(j * bo, bo)] = y if h_scale is None else y * h_scale
         return carry
 
     jax.lax.fori_loop(steps[0], steps[1], step, 0)
 
 
 def _silu_gate(gate, up, routing):
-    return gate / (1.0 + jnp.exp(-gate)) * up * routing.astype(jnp.float32)
+    """The fused kernels' h on fp32 sums: silu(gate) * up * routing weight."""
+    return _silu(gate) * up * routing.astype(jnp.float32)
+
+
+def _owned(expert, w_ref) -> jax.Array:
+    """Whether `expert` is one of this shard's (ids of other shards' experts fall outside [0, E))."""
+    return (expert >= 0) & (expert < w_ref.shape[0])
 
 
 def _store_zeros(out_ref, p, c, steps, cfg: FusedConfig):
@@ -522,19 +529,16 @@ def _fused_kernel(ids_ref, rw_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
     w_refs, s_refs, out_ref = refs[:3], refs[3:6] if scaled else (None,) * 3, refs[-1]
     p, c = pl.program_id(0), pl.program_id(1)
     expert, col, hidden = ids_ref[p], c * cfg.block_inter, x_ref.shape[1]
-    valid = (expert >= 0) & (expert < w_refs[0].shape[0])
+    valid = _owned(expert, w_refs[0])
     down_steps = (0, hidden // cfg.block_out // cfg.unroll)
 
     @pl.when(valid)
     def _():
         steps = (0, hidden // cfg.block_k // cfg.unroll)
         gate, up = _gate_up_sums(x_ref, p // top_k, w_refs[:2], s_refs[:2], expert, col, steps, cfg, scaled, out_in)
-
-        def store(j, y):
-            out_ref[p, c, pl.ds(j * cfg.block_out, cfg.block_out)] = y
-
         h = _silu_gate(gate, up, rw_ref[p])  # accumulator form: the padded rows stay 0
-        _down_products(h, w_refs[2], s_refs[2], expert, col, down_steps, store, cfg, scaled, out_in, x_ref.dtype)
+        out_at = (out_ref, p, c)
+        _down_products(h, w_refs[2], s_refs[2], expert, col, down_steps, out_at, cfg, scaled, out_in, x_ref.dtype)
 
     pl.when(~valid)(lambda: _store_zeros(out_ref, p, c, down_steps, cfg))
 
@@ -548,7 +552,7 @@ def _fused_gate_up_kernel(ids_ref, x_ref, *refs, cfg: FusedConfig, top_k: int, s
     expert, col = ids_ref[p], c * cfg.block_inter
     per_part = x_ref.shape[1] // cfg.block_k // cfg.unroll // cfg.split
 
-    @pl.when((expert >= 0) & (expert < w_refs[0].shape[0]))
+    @pl.when(_owned(expert, w_refs[0]))
     def _():
         steps = (part * per_part, (part + 1) * per_part)
         gate, up = _gate_up_sums(x_ref, p // top_k, w_refs, s_refs, expert, col, steps, cfg, scaled, out_in)
@@ -564,18 +568,14 @@ def _fused_down_kernel(ids_ref, rw_ref, gate_ref, up_ref, *refs, cfg: FusedConfi
     expert, col, bi = ids_ref[p], c * cfg.block_inter, cfg.block_inter
     per_part = out_ref.shape[2] // cfg.block_out // cfg.unroll // cfg.split
     steps = (part * per_part, (part + 1) * per_part)
-    valid = (expert >= 0) & (expert < w_ref.shape[0])
+    valid = _owned(expert, w_ref)
 
     @pl.when(valid)
     def _():
         gate = sum(gate_ref[p, s, pl.ds(col, bi)] for s in range(cfg.split))
         up = sum(up_ref[p, s, pl.ds(col, bi)] for s in range(cfg.split))
-
-        def store(j, y):
-            out_ref[p, c, pl.ds(j * cfg.block_out, cfg.block_out)] = y
-
         h = _padded(_silu_gate(gate, up, rw_ref[p]), cfg)
-        _down_products(h, w_ref, s_ref, expert, col, steps, store, cfg, scaled, out_in, x_dtype)
+        _down_products(h, w_ref, s_ref, expert, col, steps, (out_ref, p, c), cfg, scaled, out_in, x_dtype)
 
     pl.when(~valid)(lambda: _store_zeros(out_ref, p, c, steps, cfg))
 
@@ -597,12 +597,12 @@ def _varying_axes(a) -> frozenset:
     return getattr(aval, "vma", frozenset())
 
 
-def _match_varying(args: tuple) -> tuple[tuple, frozenset]:
+def _match_varying(args: tuple) -> tuple:
     """Inside `jax.shard_map`, mark every kernel input as varying over the union of their manual mesh axes
     (Pallas wants one type for all operands); outside it this is the identity."""
     union = frozenset().union(*map(_varying_axes, args))
     if not union:
-        return args, union
+        return args
     cast = jax.lax.pcast if hasattr(jax.lax, "pcast") else None
 
     def vary(a):
@@ -611,7 +611,7 @@ def _match_varying(args: tuple) -> tuple[tuple, frozenset]:
             return a
         return cast(a, missing, to="varying") if cast else jax.lax.pvary(a, missing)
 
-    return tuple(map(vary, args)), union
+    return tuple(map(vary, args))
 
 
 def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
@@ -624,15 +624,17 @@ def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _call(kernel, cfg: TileConfig | FusedConfig, out_shape, grid: int | tuple, interpret: bool, name: str):
+def _call(kernel, cfg: TileConfig | FusedConfig, inputs: tuple, outputs: list, grid, interpret: bool, name: str):
+    """Run `kernel` over `grid` on `inputs` (matched for shard_map) -> a list of `outputs` ((shape, dtype) each)."""
+    args = _match_varying(inputs)
     return pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=[_out_struct(shape, dtype, args[0]) for shape, dtype in outputs],
         grid=grid if isinstance(grid, tuple) else (grid,),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=name,
-    )
+    )(*args)
 
 
 def experts_grouped(
@@ -708,9 +710,8 @@ def experts_grouped(
         kernel = functools.partial(_gate_up_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot, out_in=out_in)
         x_op, x_scale = _dot_operand(x, cfg.fp8_dot, scaled)
         a_scale = () if x_scale is None else (x_scale,)
-        args, _ = _match_varying((table, tokens, x_op, *a_scale, wg, wu) + ((sg, su) if scaled else ()))
-        out = _out_struct((rows, inter), x.dtype, args[0])
-        h = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_gate_up")(*args)
+        inputs = (table, tokens, x_op, *a_scale, wg, wu) + ((sg, su) if scaled else ())
+        (h,) = _call(kernel, c, inputs, [((rows, inter), x.dtype)], n_tiles * n_cols, interpret, "moe_gate_up")
 
     with jax.named_scope("moe_down"):
         c = cfg.down
@@ -720,9 +721,8 @@ def experts_grouped(
         kernel = functools.partial(_down_kernel, cfg=c, scaled=scaled, fp8_dot=cfg.fp8_dot, out_in=out_in)
         h_op, h_scale = _dot_operand(h, cfg.fp8_dot, scaled)
         a_scale = () if h_scale is None else (h_scale,)
-        args, _ = _match_varying((table, routing, h_op, *a_scale, wd) + ((sd,) if scaled else ()))
-        out = _out_struct((rows, hidden), x.dtype, args[0])
-        y = _call(kernel, c, out, n_tiles * n_cols, interpret, "moe_down")(*args)
+        inputs = (table, routing, h_op, *a_scale, wd) + ((sd,) if scaled else ())
+        (y,) = _call(kernel, c, inputs, [((rows, hidden), x.dtype)], n_tiles * n_cols, interpret, "moe_down")
 
     with jax.named_scope("moe_combine"):
         position = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32)).reshape(n, top_k)
@@ -753,27 +753,26 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
     n_cols, m = inter // cfg.block_inter, n * top_k
     flat_ids = ids.reshape(-1).astype(jnp.int32)
     routing = weights.reshape(-1)  # widened in the kernel: no conversion op before it
-    partial_shape = (m, n_cols, hidden)
+    shares = ((m, n_cols, hidden), jnp.float32)  # per (assignment, intermediate block): its share of [hidden]
     if cfg.split == 1:
         with jax.named_scope("moe_fused"):
             kernel = functools.partial(_fused_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
-            args, _ = _match_varying((flat_ids, routing, x, *weights_and_scales))
-            out = _out_struct(partial_shape, jnp.float32, args[0])
-            partial = _call(kernel, cfg, out, (m, n_cols), interpret, "moe_fused")(*args)
+            inputs = (flat_ids, routing, x, *weights_and_scales)
+            (partial,) = _call(kernel, cfg, inputs, [shares], (m, n_cols), interpret, "moe_fused")
     else:
         gate_up_w = weights_and_scales[:2] + (weights_and_scales[3:5] if scaled else ())
         down_w = weights_and_scales[2:3] + (weights_and_scales[5:6] if scaled else ())
         grid = (m, n_cols, cfg.split)
         with jax.named_scope("moe_fused_gate_up"):
             kernel = functools.partial(_fused_gate_up_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
-            args, _ = _match_varying((flat_ids, x, *gate_up_w))
-            out = _out_struct((m, cfg.split, inter), jnp.float32, args[0])
-            gate, up = _call(kernel, cfg, (out, out), grid, interpret, "moe_fused_gate_up")(*args)
+            parts = ((m, cfg.split, inter), jnp.float32)
+            gate, up = _call(
+                kernel, cfg, (flat_ids, x, *gate_up_w), [parts, parts], grid, interpret, "moe_fused_gate_up"
+            )
         with jax.named_scope("moe_fused_down"):
             kernel = functools.partial(_fused_down_kernel, cfg=cfg, scaled=scaled, out_in=out_in, x_dtype=x.dtype)
-            args, _ = _match_varying((flat_ids, routing, gate, up, *down_w))
-            out = _out_struct(partial_shape, jnp.float32, args[0])
-            partial = _call(kernel, cfg, out, grid, interpret, "moe_fused_down")(*args)
+            inputs = (flat_ids, routing, gate, up, *down_w)
+            (partial,) = _call(kernel, cfg, inputs, [shares], grid, interpret, "moe_fused_down")
     with jax.named_scope("moe_combine"):  # other shards' experts wrote zeros
         return partial.reshape(n, top_k * n_cols, hidden).sum(axis=1).astype(x.dtype)
 
