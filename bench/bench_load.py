@@ -70,7 +70,7 @@ def write_checkpoint(directory: str, config: dict, file_bytes: int = 1 << 30) ->
     import ml_dtypes
 
     from mimo_jax.config import MiMoConfig
-    from mimo_jax.plan import release_tensors
+    from mimo_jax.tools.plan import release_tensors
     from mimo_jax.weights.safetensors_io import save_file
 
     os.makedirs(directory, exist_ok=True)

@@ -9,7 +9,7 @@ in the same run (a large device copy, a large bf16 matmul), scaled by the mesh's
     python bench/bench_moe.py --hidden 64 --experts 16 --intermediate 32 --tokens 1,64 \\
         --meshes "expert=1;expert=2" --ceiling-mib 16 --matmul 256   # tiny, on CPU
 
-The last lines suggest `mimo_jax.moe.ALL_TO_ALL_MIN_TOKENS` (the strategy switch point).
+The last lines suggest `mimo_jax.model.moe.ALL_TO_ALL_MIN_TOKENS` (the strategy switch point).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax import moe
-from mimo_jax.profiling import format_ops, top_ops
+from mimo_jax.model import moe
 from mimo_jax.quant import BlockQuantized
 from mimo_jax.sharding import make_mesh, parse_mesh_arg
+from mimo_jax.tools.profiling import format_ops, top_ops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # bf16 operands with f32 accumulation land near 1e-3..1e-2 of an f32 reference (METHOD.md).

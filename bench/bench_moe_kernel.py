@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import moe
 from mimo_jax.kernels import moe_gpu as mg
-from mimo_jax.profiling import format_ops, top_ops
+from mimo_jax.model import moe
+from mimo_jax.tools.profiling import format_ops, top_ops
 
 FLASH = dict(experts=256, hidden=4096, inter=2048, top_k=8)
 TOKENS = (1, 8, 32, 128, 1024, 8192)

@@ -35,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax.bench import bench_config, decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes, random_model
-from mimo_jax.cache import kv_bytes_per_token
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine import Engine
+from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel, load_model
-from mimo_jax.moe import EXPERT_IMPLS
-from mimo_jax.sampling import SamplingOptions
+from mimo_jax.model.cache import kv_bytes_per_token
+from mimo_jax.model.moe import EXPERT_IMPLS
+from mimo_jax.tools.bench import decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes
+from mimo_jax.weights.random import bench_config, random_model
 
 # Held out of the demo's training corpus by its split rule (sha256("heldout:" + path) % 50 == 0),
 # present in Python 3.11 and 3.12.
@@ -157,7 +158,7 @@ def run_random(lm: LanguageModel, batch: int, k: int, args, context: int) -> dic
 
 
 def expert_impl(choice: str | None, tokens_per_step: int) -> str:
-    """As `python -m mimo_jax.bench`: the Pallas kernel on GPU, else gather for <= 8 tokens per step, else ragged."""
+    """As `python -m mimo_jax.tools.bench`: the Pallas kernel on GPU, gather for <= 8 tokens per step, else ragged."""
     if choice:
         return choice
     if "pallas_gpu" in EXPERT_IMPLS and jax.default_backend() == "gpu":
@@ -191,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = [0] + [int(k) for k in args.steps.split(",") if int(k) > 0]
     device = jax.devices()[0]
     if args.model == "demo":
-        from mimo_jax.demo import demo_model_dir
+        from mimo_jax.weights.demo import demo_model_dir
 
         directory = demo_model_dir()
         lm = load_model(directory, dtype=dtype, mtp=max(steps))

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from mimo_jax.moe import EXPERT_IMPLS
+from mimo_jax.model.moe import EXPERT_IMPLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,7 @@ def _vocab(args) -> int:
     from mimo_jax.config import MiMoConfig
 
     if args.random_weights:
-        from mimo_jax.bench import bench_config
+        from mimo_jax.weights.random import bench_config
 
         return min(bench_config(args.model).vocab_size, _tokenizer_vocab(args.tokenizer))
     return _tokenizer_vocab(args.tokenizer or args.model) or MiMoConfig.from_json(args.model).vocab_size
@@ -74,8 +74,8 @@ def offline(args) -> None:
     if args.random_weights:
         import jax.numpy as jnp
 
-        from mimo_jax.bench import bench_config, random_model
         from mimo_jax.kernels import default_expert_impl
+        from mimo_jax.weights.random import bench_config, random_model
 
         impl = args.moe_impl or default_expert_impl()
         lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), impl))
@@ -288,7 +288,7 @@ def main() -> int:
     p.add_argument("--offline", type=int, help=argparse.SUPPRESS)  # child mode: offline generate at this batch
     args = p.parse_args()
     if args.model is None:
-        from mimo_jax.demo import demo_model_dir
+        from mimo_jax.weights.demo import demo_model_dir
 
         args.model = str(demo_model_dir())
     if args.offline:

@@ -32,8 +32,8 @@ one)
   [ -d .carry/wheels ] && pip install -q --no-index --find-links .carry/wheels fastapi uvicorn httpx openai 2>&1 | tail -1
   N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384)
   echo "### device bytes_limit $HBM -> flash-layers-$N"
-  step prefill_cudnn 110 python -m mimo_jax.bench prefill --prompt-len 8192 --chunk 2048,4096 --reps 2 --json "$O/prefill.json"
-  step full_decode 200 python -m mimo_jax.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
+  step prefill_cudnn 110 python -m mimo_jax.tools.bench prefill --prompt-len 8192 --chunk 2048,4096 --reps 2 --json "$O/prefill.json"
+  step full_decode 200 python -m mimo_jax.tools.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
     --batch 1,16,64 --context 1024,16384 --steps 16 --rounds 3 --json "$O/full_decode.json"
   step mtp 120 python bench/bench_mtp.py --json "$O/mtp.json"
   step server 150 python bench/bench_server.py --model flash-slice-4 --random-weights --tokenizer mimo_jax/demo_model \
@@ -42,20 +42,20 @@ one)
 two-c)
   N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384 --mesh tensor=2)
   echo "### device bytes_limit $HBM -> flash-layers-$N on tensor=2"
-  step full_decode 300 python -m mimo_jax.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
+  step full_decode 300 python -m mimo_jax.tools.bench decode --model "flash-layers-$N" --random-weights fp8 --moe-impl pallas_gpu \
     --mesh tensor=2 --batch 16,1,64 --context 1024,16384 --steps 16 --rounds 3 --copy-mb 1024 --no-experts-count \
     --json "$O/full_decode.json"
-  step full_prefill 200 python -m mimo_jax.bench prefill --model "flash-layers-$N" --random-weights fp8 \
+  step full_prefill 200 python -m mimo_jax.tools.bench prefill --model "flash-layers-$N" --random-weights fp8 \
     --moe-impl pallas_gpu --mesh tensor=2 --prompt-len 1024,8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill.json"
   ;;
 four-g)
   # expert weights re-laid out to [E, out, in] for the kernel (bench/RESULTS.md, kernel run 6): full Flash decode
   # at batch 16 / 64 / 1 and 1K / 16K, then prefill 8K and 32K
-  TAIL=30 step full_decode_t4 380 python -m mimo_jax.bench decode --model flash-layers-48 --random-weights fp8 \
+  TAIL=30 step full_decode_t4 380 python -m mimo_jax.tools.bench decode --model flash-layers-48 --random-weights fp8 \
     --moe-impl pallas_gpu --mesh tensor=4 --batch 16,64,1 --context 1024,16384 --steps 16 --rounds 2 --copy-mb 1024 \
     --no-experts-count --json "$O/full_decode_t4.json"
-  TAIL=20 step full_prefill_t4 170 python -m mimo_jax.bench prefill --model flash-layers-48 --random-weights fp8 \
+  TAIL=20 step full_prefill_t4 170 python -m mimo_jax.tools.bench prefill --model flash-layers-48 --random-weights fp8 \
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4.json"
   ;;

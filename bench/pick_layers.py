@@ -2,7 +2,7 @@
 
     python bench/pick_layers.py --hbm-bytes 1.4e11 --batch 64 --context 16384 [--mesh expert=4]
 
-Uses the memory planner (`mimo_jax.plan`): the same parameter table `load_model` places.
+Uses the memory planner (`mimo_jax.tools.plan`): the same parameter table `load_model` places.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import argparse
 import os
 
 from mimo_jax.config import MiMoConfig
-from mimo_jax.plan import kv_plan_per_device, param_bytes_per_device
 from mimo_jax.sharding import parse_mesh_arg
+from mimo_jax.tools.plan import kv_plan_per_device, param_bytes_per_device
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mimo-v2-flash.json")
 

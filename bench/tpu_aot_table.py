@@ -1,4 +1,4 @@
-"""The TPU memory table of README.md / bench/RESULTS.md: `python -m mimo_jax.aot` for each model x slice.
+"""The TPU memory table of README.md / bench/RESULTS.md: `python -m mimo_jax.tools.aot` for each model x slice.
 
     PYTHONPATH=. python bench/tpu_aot_table.py --out /tmp/aot          # all rows, one compile at a time
     PYTHONPATH=. python bench/tpu_aot_table.py --out /tmp/aot --table  # only print the table from saved JSON
@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from mimo_jax import aot
+from mimo_jax.tools import aot
 
 GiB = 1024**3
 BATCH, CONTEXT, CHUNK = 16, 32768, 512
@@ -59,7 +59,7 @@ def compile_row(out: str, row: tuple) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "mimo_jax.aot",
+        "mimo_jax.tools.aot",
         f"--config=configs/{model}.json",
         f"--topology={topology}",
         f"--mesh={mesh}",
@@ -80,8 +80,8 @@ KIND = {"v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
 
 def planner_only(model: str, mesh: str, weights: str, k: int = 0) -> dict[str, int]:
     from mimo_jax.config import MiMoConfig
-    from mimo_jax.plan import abstract_mesh
     from mimo_jax.sharding import parse_mesh_arg
+    from mimo_jax.tools.plan import abstract_mesh
 
     cfg = MiMoConfig.from_json(f"configs/{model}.json")
     return aot.planner_estimate(cfg, abstract_mesh(parse_mesh_arg(mesh)), weights, BATCH, CONTEXT, mtp_layers=k)

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mimo_jax.batch import main  # noqa: E402 (after the path is set)
+from mimo_jax.batch.run import main  # noqa: E402 (after the path is set)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,10 +49,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mimo_jax import moe
-from mimo_jax.cache import empty_layer_kv
 from mimo_jax.config import MiMoConfig
-from mimo_jax.model import MiMoModel, MoE
+from mimo_jax.model import moe
+from mimo_jax.model.cache import empty_layer_kv
+from mimo_jax.model.mimo import MiMoModel, MoE
 from mimo_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 # ----------------------------------------------------------------------------- presets

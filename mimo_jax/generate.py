@@ -1,6 +1,6 @@
 """`python -m mimo_jax.generate --model DIR --prompt "..."`: complete one prompt and print the text.
 
-(The function itself lives in `mimo_jax.generation` and is exported as `mimo_jax.generate`.)
+(The function itself lives in `mimo_jax.engine.generation` and is exported as `mimo_jax.generate`.)
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import sys
 import types
 from collections.abc import Sequence
 
-from mimo_jax.generation import GenerationResult, generate
+from mimo_jax.engine.generation import GenerationResult, generate
 
 __all__ = ["GenerationResult", "generate", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mimo_jax.demo import demo_model_dir
     from mimo_jax.lm import load_model
+    from mimo_jax.weights.demo import demo_model_dir
 
     p = argparse.ArgumentParser(prog="python -m mimo_jax.generate", description="Complete a prompt with a MiMo model.")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")

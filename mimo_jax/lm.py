@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig
-from mimo_jax.model import MiMoModel
+from mimo_jax.model.mimo import MiMoModel
 from mimo_jax.sharding import batch_sharding, place_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -88,7 +88,7 @@ def load_model(
     the devices (dequantized inside the jitted matmuls). `mtp`: True loads every MTP layer the
     config declares (an int: that many). `path` may be "demo" (the embedded demo checkpoint,
     `mimo_jax/demo_model`), or an Orbax checkpoint written by
-    `python -m mimo_jax.convert`, restored onto `mesh` whatever mesh it was written from.
+    `python -m mimo_jax.tools.convert`, restored onto `mesh` whatever mesh it was written from.
     `mesh`: where parameters live (None: the first device);
     each device receives only its own slices, read straight from the files.
     """
@@ -100,10 +100,10 @@ def load_model(
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
     if os.fspath(path) == "demo" and not os.path.exists(path):  # the checkpoint shipped in the package
-        from mimo_jax.demo import demo_model_dir
+        from mimo_jax.weights.demo import demo_model_dir
 
         path = demo_model_dir()
-    if is_converted(path):  # written by `python -m mimo_jax.convert`
+    if is_converted(path):  # written by `python -m mimo_jax.tools.convert`
         mtp_layers = int(read_meta(path).get("mtp_layers", 0)) if mtp is True else int(mtp)
         model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh)
     else:

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.cache import empty_layer_kv
 from mimo_jax.config import MiMoConfig
-from mimo_jax.model import MiMoModel
+from mimo_jax.model.cache import empty_layer_kv
+from mimo_jax.model.mimo import MiMoModel
 
 
 @nnx.jit

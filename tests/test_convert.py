@@ -9,9 +9,9 @@ import pytest
 from importer_fixtures import release_fixture
 
 import mimo_jax
-from mimo_jax import convert as convert_mod
 from mimo_jax.quant import BlockQuantized
 from mimo_jax.sharding import make_mesh
+from mimo_jax.tools import convert as convert_mod
 from mimo_jax.weights import CheckpointError
 from mimo_jax.weights.export import hub_tensors
 

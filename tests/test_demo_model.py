@@ -10,7 +10,7 @@ import pytest
 
 import mimo_jax
 from launch import train_demo as td
-from mimo_jax.demo import demo_model_dir
+from mimo_jax.weights.demo import demo_model_dir
 
 # From the held-out split (statistics.py is never trained on): the MTP acceptance snippet.
 HELDOUT_SNIPPET = '''def median_low(data):

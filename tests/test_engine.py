@@ -9,9 +9,9 @@ from test_cache import TINY
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine import Engine, EngineFull
-from mimo_jax.model import MiMoModel
-from mimo_jax.sampling import SamplingOptions
+from mimo_jax.engine.host import Engine, EngineFull
+from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.model.mimo import MiMoModel
 
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9, 3, 2, 38], [4, 6], [50, 1, 2, 3, 4, 5, 60, 61, 62]]
 

@@ -8,11 +8,11 @@ from flax import nnx
 from test_cache import TINY
 
 import mimo_jax
-from mimo_jax import attention as attn
-from mimo_jax.cache import heads_major
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine import Engine
-from mimo_jax.model import MiMoModel
+from mimo_jax.engine.host import Engine
+from mimo_jax.model import attention as attn
+from mimo_jax.model.cache import heads_major
+from mimo_jax.model.mimo import MiMoModel
 
 
 @pytest.mark.parametrize("window,sink", [(None, False), (None, True), (7, True)])

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mimo_jax.bench import bench_config, decode_step_bytes, main, prefill_flops
+from mimo_jax.tools.bench import decode_step_bytes, main, prefill_flops
+from mimo_jax.weights.random import bench_config
 
 
 def test_flash_slice_4_step_costs_match_the_issue():

@@ -6,8 +6,8 @@ from test_cache import TINY
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine import Engine
-from mimo_jax.model import MiMoModel
+from mimo_jax.engine.host import Engine
+from mimo_jax.model.mimo import MiMoModel
 from mimo_jax.sharding import make_mesh
 
 

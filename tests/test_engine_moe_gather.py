@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import moe
+from mimo_jax.model import moe
 
 
 def test_gather_experts_equal_dense():

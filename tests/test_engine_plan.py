@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from test_cache import TINY
 
-from mimo_jax.cache import empty_cache, kv_plan
 from mimo_jax.config import MiMoConfig
-from mimo_jax.plan import main
+from mimo_jax.model.cache import empty_cache, kv_plan
+from mimo_jax.tools.plan import main
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 

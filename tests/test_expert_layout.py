@@ -13,7 +13,8 @@ from hf_fixtures import SHARDABLE, make_hf_model, save_hf_checkpoint
 from importer_fixtures import release_fixture
 
 import mimo_jax
-from mimo_jax import moe, quant
+from mimo_jax import quant
+from mimo_jax.model import moe
 from mimo_jax.sharding import make_mesh
 
 IDS = np.random.RandomState(1).randint(0, 96, (4, 7))
@@ -110,7 +111,7 @@ def test_load_model_relayouts_for_the_default_implementation(checkpoint, monkeyp
 def test_saved_checkpoint_keeps_the_stored_layout(checkpoint, tmp_path, monkeypatch):
     """A model re-laid out at load (here: by the default implementation) converts to an Orbax checkpoint in
     the stored layout, and exports the same hub tensors."""
-    from mimo_jax.convert import convert
+    from mimo_jax.tools.convert import convert
     from mimo_jax.weights.export import hub_tensors
 
     lm = mimo_jax.load_model(checkpoint)

@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax import aot
 from mimo_jax.config import MiMoConfig
 from mimo_jax.sharding import make_mesh
+from mimo_jax.tools import aot
 from mimo_jax.weights.loader import abstract_params
 
 pytestmark = pytest.mark.skipif(

@@ -13,8 +13,9 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax import kernels, moe
+from mimo_jax import kernels
 from mimo_jax.kernels import moe_gpu
+from mimo_jax.model import moe
 
 SMALL = moe_gpu.KernelConfig(moe_gpu.TileConfig(16, 64, 64, 4, 3), moe_gpu.TileConfig(16, 64, 64, 4, 3))
 WIDE_FP8 = moe_gpu.KernelConfig(moe_gpu.TileConfig(32, 256, 128, 4, 3), moe_gpu.TileConfig(16, 128, 128, 4, 3))
@@ -265,7 +266,7 @@ def test_cpu_process_does_not_import_gpu_module_until_called():
     assert "mimo_jax.kernels.moe_gpu" in sys.modules  # imported by this test file itself
     import subprocess
 
-    code = "import mimo_jax.model, sys; print('mimo_jax.kernels.moe_gpu' in sys.modules)"
+    code = "import mimo_jax.model.mimo, sys; print('mimo_jax.kernels.moe_gpu' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -297,7 +298,7 @@ SWAP = moe_gpu.KernelConfig(
 )
 
 
-@pytest.mark.parametrize("layout", moe.EXPERT_LAYOUTS)
+@pytest.mark.parametrize("layout", kernels.EXPERT_LAYOUTS)
 @pytest.mark.parametrize(
     "config",
     [SMALL, WIDE_FP8, SWAP, dataclasses.replace(SWAP, fp8_dot="f16")],
@@ -363,7 +364,7 @@ FUSED_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("layout", moe.EXPERT_LAYOUTS)
+@pytest.mark.parametrize("layout", kernels.EXPERT_LAYOUTS)
 @pytest.mark.parametrize("variant", FUSED_VARIANTS)
 def test_fused_decode_kernel_matches_dense(layout, variant):
     """The single-launch kernel (no sort): fp8 block scales differing per block, bf16 weights, an expert chosen

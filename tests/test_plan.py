@@ -9,8 +9,8 @@ from importer_fixtures import release_fixture
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
-from mimo_jax.plan import kv_plan_per_device, main, param_bytes_per_device, release_tensors
 from mimo_jax.sharding import make_mesh
+from mimo_jax.tools.plan import kv_plan_per_device, main, param_bytes_per_device, release_tensors
 
 CONFIGS = "configs/{}.json"
 

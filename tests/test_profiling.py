@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mimo_jax.profiling import format_ops, summarize_trace, top_ops
+from mimo_jax.tools.profiling import format_ops, summarize_trace, top_ops
 
 
 def test_top_ops_attributes_the_time_of_a_known_workload():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.sampling import SamplingParams, processed_logprobs, request_key, sample, step_keys
+from mimo_jax.engine.sampling import SamplingParams, processed_logprobs, request_key, sample, step_keys
 
 V = 11
 ROWS = [  # temperature, top_k, top_p, min_p

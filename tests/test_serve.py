@@ -81,7 +81,7 @@ def served(tmp_path_factory):
         from transformers import AutoTokenizer
 
         import mimo_jax
-        from mimo_jax.serve.chat import Tokenizer
+        from mimo_jax.text import Tokenizer
 
         lm = mimo_jax.load_model(directory, dtype="float32")
         engine = mimo_jax.Engine(lm, **ENGINE, max_stop_ids=9, max_top_logprobs=20, max_round_tokens=ROUND_TOKENS)

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from mimo_jax.demo import DEMO_MODEL
+from mimo_jax.weights.demo import DEMO_MODEL
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef list_files(path):", "class Stack:\n    def push(self, item):"]
 
@@ -46,7 +46,7 @@ def test_speculative_server_is_lossless_and_reports_acceptance(tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         import mimo_jax
-        from mimo_jax.serve.chat import Tokenizer
+        from mimo_jax.text import Tokenizer
 
         tok = Tokenizer(DEMO_MODEL)
         prompts = [tok.encode(p, add_special_tokens=True) for p in PROMPTS]

@@ -56,7 +56,7 @@ def test_two_process_server_follows_process_zero(tmp_path):
 
     try:
         import mimo_jax
-        from mimo_jax.serve.chat import Tokenizer
+        from mimo_jax.text import Tokenizer
 
         tok = Tokenizer(directory)
         prompts = [tok.encode(p, add_special_tokens=True) for p in ("def fib", "Hello there")]

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import serve_fixtures as sf
 
-from mimo_jax.serve.chat import ChatTemplate, Tokenizer
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.parsers import ReasoningParser, TextStream, ToolCallParser
 from mimo_jax.serve.protocol import APIError
 from mimo_jax.serve.scheduler import Failure, PlanChannel, RoundPlan, Scheduler, Sequence, Tokens, follow
+from mimo_jax.text import ChatTemplate, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +353,7 @@ class RecordingEngine:
 
 
 def _options(max_new_tokens=3, seed=None):
-    from mimo_jax.sampling import SamplingOptions
+    from mimo_jax.engine.sampling import SamplingOptions
 
     return SamplingOptions(max_new_tokens=max_new_tokens, seed=seed)
 

@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mimo_jax
-from mimo_jax import moe
-from mimo_jax.cache import CACHE_AXES, empty_layer_kv
+from mimo_jax.model import moe
+from mimo_jax.model.cache import CACHE_AXES, empty_layer_kv
 from mimo_jax.sharding import logical_to_spec, make_mesh, model_shardings
 
 MESHES = {

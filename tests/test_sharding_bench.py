@@ -72,7 +72,8 @@ def test_layers_per_call_chains_the_residual_stream(bench_moe):
 def test_bench_moe_hands_each_implementation_its_weight_layout(bench_moe, tmp_path, monkeypatch):
     """An implementation that reads [E, out, in] weights (as the GPU kernels do) gets them re-laid out, with
     its gate spec permuted, beside one that reads [E, in, out], on one device and on meshes."""
-    from mimo_jax import moe, quant
+    from mimo_jax import quant
+    from mimo_jax.model import moe
 
     def dense_out_in(x, weights, ids, w_gate, w_up, w_down):
         ws = [moe.swap_expert_axes(w.dequantize(x.dtype) if isinstance(w, quant.BlockQuantized) else w)

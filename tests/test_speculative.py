@@ -14,9 +14,9 @@ from test_cache import TINY
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine import Engine
-from mimo_jax.model import MiMoModel
-from mimo_jax.sampling import SamplingOptions
+from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.model.mimo import MiMoModel
 
 CFG = MiMoConfig.from_dict(TINY)
 LONG = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9, 3, 2, 38]

@@ -3,7 +3,7 @@
 from test_speculative import predictable_model
 
 import mimo_jax
-from mimo_jax.engine import Engine
+from mimo_jax.engine.host import Engine
 from mimo_jax.sharding import make_mesh
 
 

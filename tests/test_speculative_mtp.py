@@ -91,7 +91,7 @@ HELDOUT = '''def median_low(data):
 def test_demo_checkpoint_speculates_with_real_acceptance():
     from tokenizers import Tokenizer
 
-    from mimo_jax.demo import demo_model_dir
+    from mimo_jax.weights.demo import demo_model_dir
 
     directory = demo_model_dir()
     ids = Tokenizer.from_file(str(directory / "tokenizer.json")).encode(HELDOUT).ids

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mimo_jax import aot, kernels
+from mimo_jax import kernels
 from mimo_jax.config import MiMoConfig
 from mimo_jax.sharding import make_mesh
+from mimo_jax.tools import aot
 from mimo_jax.weights.loader import abstract_params
 
 pytestmark = pytest.mark.skipif(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import jax
 
+# Stacked expert weights as stored: "in_out" ([E, H, I] gate/up, [E, I, H] down) or "out_in" (each transposed).
+EXPERT_LAYOUTS = ("in_out", "out_in")
+
 
 def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
     """MoE experts through the Pallas GPU kernel (`mimo_jax.kernels.moe_gpu`); contract of `experts_ragged`
@@ -25,7 +28,7 @@ def default_expert_impl(platform: str | None = None) -> str:
     """EXPERT_IMPLS name for `platform` ("gpu", "tpu", "cpu"; default: this process's backend): the
     Pallas kernel on GPU, `jax.lax.ragged_dot` elsewhere (on TPU the compiler's own grouped matmul).
 
-    Code that compiles for another platform than the host's (`mimo_jax.aot`) passes the target.
+    Code that compiles for another platform than the host's (`mimo_jax.tools.aot`) passes the target.
     """
     platform = platform or jax.default_backend()
     return "pallas_gpu" if platform in ("gpu", "cuda", "rocm") else "ragged"

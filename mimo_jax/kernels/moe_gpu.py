@@ -1,6 +1,6 @@
 """Expert FFN for GPU in Pallas (Triton backend): grouped matmuls, and a fused kernel for decode.
 
-Same contract as `mimo_jax.moe.experts_ragged`: (x [N, H], weights [N, K], ids [N, K], w_gate, w_up, w_down)
+Same contract as `mimo_jax.model.moe.experts_ragged`: (x [N, H], weights [N, K], ids [N, K], w_gate, w_up, w_down)
 -> [N, H]. Assignments are sorted by expert; a small schedule computed in XLA lists, for every program,
 (expert, first row, end row, output column tile), so each program reads only weight tiles of an expert that
 received tokens. Two Pallas kernels run over that schedule:
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mimo_jax.moe import EXPERT_LAYOUTS
+from mimo_jax.kernels import EXPERT_LAYOUTS
 from mimo_jax.quant import FP8_MAX
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mimo_jax.moe import EXPERT_IMPLS
+from mimo_jax.model.moe import EXPERT_IMPLS
 
 log = logging.getLogger("mimo_jax.serve")
 
@@ -98,7 +98,7 @@ def _tree_bytes(tree) -> int:
 def _log_memory_plan(lm, engine, max_context: int) -> None:
     import jax
 
-    from mimo_jax.cache import kv_plan
+    from mimo_jax.model.cache import kv_plan
 
     cfg = lm.config
     params = _tree_bytes(lm.params)
@@ -134,12 +134,12 @@ def _log_memory_plan(lm, engine, max_context: int) -> None:
 def _load(args: argparse.Namespace):
     """Model, tokenizer and chat template as the flags ask."""
     from mimo_jax.lm import load_model
-    from mimo_jax.serve.chat import ChatTemplate, Tokenizer
+    from mimo_jax.text import ChatTemplate, Tokenizer
 
     if args.model:
         directory, default_name = args.model, os.path.basename(os.path.normpath(args.model))
     else:
-        from mimo_jax.demo import demo_model_dir
+        from mimo_jax.weights.demo import demo_model_dir
 
         directory, default_name = str(demo_model_dir()), "mimo-demo"
     mesh = None
@@ -156,9 +156,9 @@ def _load(args: argparse.Namespace):
     if args.random_weights:
         import jax.numpy as jnp
 
-        from mimo_jax.bench import bench_config, random_model
         from mimo_jax.kernels import default_expert_impl
         from mimo_jax.lm import LanguageModel
+        from mimo_jax.weights.random import bench_config, random_model
 
         if not args.model or not args.tokenizer:
             raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
@@ -194,7 +194,7 @@ def _load(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
-    from mimo_jax.engine import Engine
+    from mimo_jax.engine.host import Engine
 
     kwargs = dict(
         max_batch=args.max_batch,

@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mimo_jax.serve import protocol as P
-from mimo_jax.serve.chat import ChatTemplate, ChatTemplateError, Tokenizer
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.parsers import (
     THINK_END,
@@ -32,6 +31,7 @@ from mimo_jax.serve.parsers import (
     ToolCallParser,
 )
 from mimo_jax.serve.scheduler import Failure, Scheduler, Sequence, Tokens
+from mimo_jax.text import ChatTemplate, ChatTemplateError, Tokenizer
 
 log = logging.getLogger("mimo_jax.serve")
 
@@ -147,7 +147,7 @@ class Server:
             )
 
     def sampling_options(self, req: P.SamplingFields, max_new: int, stop_ids: tuple[int, ...], logprobs, seed):
-        from mimo_jax.sampling import SamplingOptions
+        from mimo_jax.engine.sampling import SamplingOptions
 
         pick = lambda value, name: self.defaults[name] if value is None else value
         return SamplingOptions(

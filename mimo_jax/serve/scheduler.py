@@ -68,7 +68,7 @@ class Sequence:
 
     request_id: str
     prompt_ids: list[int]
-    options: Any  # mimo_jax.sampling.SamplingOptions
+    options: Any  # mimo_jax.engine.sampling.SamplingOptions
     deliver: Callable[[Event], None]  # runs on the event loop thread
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     deadline: float | None = None
@@ -101,7 +101,7 @@ class RoundPlan:
 
 def apply_plan(engine: Any, plan: RoundPlan) -> list:
     """Run one plan against the engine (same code on every process). Returns the step's outputs."""
-    from mimo_jax.sampling import SamplingOptions
+    from mimo_jax.engine.sampling import SamplingOptions
 
     for rid in plan.cancel:
         engine.cancel(rid)
@@ -230,7 +230,7 @@ class Scheduler:
 
         Deterministic, so on a multi-host run every process runs it itself.
         """
-        from mimo_jax.sampling import SamplingOptions
+        from mimo_jax.engine.sampling import SamplingOptions
 
         engine = self.engine
         options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)

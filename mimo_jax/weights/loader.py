@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from mimo_jax.config import MiMoConfig
-from mimo_jax.model import MiMoModel
+from mimo_jax.model.mimo import MiMoModel
 from mimo_jax.quant import FP8, BlockQuantized
 from mimo_jax.weights.checkpoint import Checkpoint
 from mimo_jax.weights.safetensors_io import CheckpointError

@@ -1,4 +1,4 @@
-"""Imported parameters as an Orbax checkpoint: written once by `python -m mimo_jax.convert`, restored onto any mesh.
+"""Imported parameters as an Orbax checkpoint: written once by `python -m mimo_jax.tools.convert`, restored anywhere.
 
 Layout of a converted directory:
 - `params/`: Orbax (StandardCheckpointer) tree {"layers.0.self_attn.q_proj": array | {"values", "scales"}, ...};

@@ -1,6 +1,6 @@
 """Memory plan without the weights: parameter bytes per device, KV bytes per token, and whether it fits.
 
-    python -m mimo_jax.plan --config configs/mimo-v2.5-pro.json --mesh tensor=8,expert=8 \\
+    python -m mimo_jax.tools.plan --config configs/mimo-v2.5-pro.json --mesh tensor=8,expert=8 \\
         --context 131072 --batch 8 --hbm-gb 80
 
 Uses the importer's tensor table (`parameter_sources`) for the checkpoint side and the model's
@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from mimo_jax.cache import kv_bytes_per_token, kv_plan
 from mimo_jax.config import MiMoConfig
+from mimo_jax.model.cache import kv_bytes_per_token, kv_plan
 from mimo_jax.quant import scale_shape
 from mimo_jax.sharding import MESH_AXES, logical_to_spec, parse_mesh_arg
 from mimo_jax.weights.table import (
@@ -149,7 +149,7 @@ def kv_plan_per_device(
 ) -> DeviceKVPlan:
     """KV bytes per token on one device (kv heads split over the tensor axis when it divides them).
 
-    The per-sequence plan of the cache the engine allocates is `mimo_jax.cache.kv_plan`.
+    The per-sequence plan of the cache the engine allocates is `mimo_jax.model.cache.kv_plan`.
     """
     tensor = mesh_sizes.get("tensor", 1)
     specs = list(cfg.layers) + [cfg.mtp_layer()] * mtp_layers
@@ -168,7 +168,7 @@ def _gb(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mimo_jax.plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mimo_jax.tools.plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="config.json of the model (or its directory)")
     ap.add_argument("--mesh", default="", help="axis=size,... over data, tensor, expert (e.g. tensor=8,expert=8)")
     ap.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the config's context)")

@@ -36,9 +36,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mimo_jax.cache import LayerKV
-from mimo_jax.model import MiMoModel
-from mimo_jax.sampling import SamplingParams, apply_penalties, draw, processed_logprobs, step_keys
+from mimo_jax.engine.sampling import SamplingParams, apply_penalties, draw, processed_logprobs, step_keys
+from mimo_jax.model.cache import LayerKV
+from mimo_jax.model.mimo import MiMoModel
 
 # Purposes folded into the per-position keys (sampling.step_keys); 0 is plain sampling.
 DRAFT_KEY, COIN_KEY, CORRECTION_KEY = 1, 2, 3

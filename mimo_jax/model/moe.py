@@ -184,7 +184,6 @@ EXPERT_IMPLS = {
 }
 # Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
 QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu", "pallas_gpu_w8a8"})
-EXPERT_LAYOUTS = ("in_out", "out_in")
 # Implementations that read the weights transposed ("out_in"); the rest read "in_out" (bench/RESULTS.md,
 # MoE kernel run 6: fp8 decode 1.4x faster from [E, out, in] on an H200).
 _OUT_IN_IMPLS = frozenset({"pallas_gpu", "pallas_gpu_w8a8"})

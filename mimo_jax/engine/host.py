@@ -17,7 +17,7 @@ slot state are donated):
   `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
   slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
   one token, or with `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per
-  slot, `mimo_jax.speculative`); `greedy_decode_fn` is the same loop for rounds where every
+  slot, `mimo_jax.engine.speculative`); `greedy_decode_fn` is the same loop for rounds where every
   running request is greedy (the host picks it: drafts and verify compare argmaxes).
 
 `SlotState` holds everything per slot in one pytree (last token, its position, the last hidden
@@ -38,12 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
 from mimo_jax.config import MiMoConfig
+from mimo_jax.engine.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
+from mimo_jax.engine.speculative import draft_chain, history_length, mtp_prefill, verify
 from mimo_jax.lm import LanguageModel
-from mimo_jax.model import MiMoModel
-from mimo_jax.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
-from mimo_jax.speculative import draft_chain, history_length, mtp_prefill, verify
+from mimo_jax.model.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
+from mimo_jax.model.mimo import MiMoModel
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
@@ -279,7 +279,7 @@ class IterationOutput:
 def decode_speculative(
     model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int, greedy: bool
 ) -> tuple[list[LayerKV], SlotState, IterationOutput]:
-    """One MTP draft-verify-accept round for every active slot (`mimo_jax.speculative`).
+    """One MTP draft-verify-accept round for every active slot (`mimo_jax.engine.speculative`).
 
     `greedy` (static): every running slot is greedy, so no distribution is formed or sampled from.
     """

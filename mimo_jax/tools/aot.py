@@ -7,7 +7,7 @@ model's shardings. The compiled executables' memory analysis gives the bytes per
 are the engine's prefill and decode loop, or with `--speculative-steps k` its prefill and MTP
 speculative loop; their kernels are chosen for the TPU (`kernel_choices`), not for this host.
 
-    python -m mimo_jax.aot --config configs/mimo-v2-flash.json --topology v5p:2x2x2 \\
+    python -m mimo_jax.tools.aot --config configs/mimo-v2-flash.json --topology v5p:2x2x2 \\
         --mesh tensor=2,expert=4 --batch 16 --context 32768 [--speculative-steps 3]
 
 Exit status: 0 when every step fits the chip's HBM, 1 when one does not (or the compiler
@@ -76,8 +76,8 @@ def abstract_cache(cfg, batch: int, context: int, dtype, mesh, speculative_steps
     with `speculative_steps` k), as sharded ShapeDtypeStructs."""
     import jax
 
-    from mimo_jax.cache import cache_shardings
-    from mimo_jax.engine import cache_length, engine_cache
+    from mimo_jax.engine.host import cache_length, engine_cache
+    from mimo_jax.model.cache import cache_shardings
 
     shapes = jax.eval_shape(lambda: engine_cache(cfg, batch, cache_length(context), dtype, speculative_steps))
     shardings = cache_shardings(shapes, mesh)
@@ -136,7 +136,7 @@ def serving_steps(
     mesh,
     speculative_steps: int = 0,
 ) -> list[Step]:
-    """The engine's jitted device functions (`mimo_jax.engine`) with abstract arguments, as `Engine` jits them,
+    """The engine's jitted device functions (`mimo_jax.engine.host`) with abstract arguments, as `Engine` jits them,
     with the kernels of the mesh's platform (`for_platform`).
 
     prefill: one chunk of one request's prompt into its cache row (`prefill_step`; with speculation
@@ -151,7 +151,7 @@ def serving_steps(
     from jax.sharding import NamedSharding, PartitionSpec
 
     from mimo_jax import engine
-    from mimo_jax.speculative import history_length
+    from mimo_jax.engine.speculative import history_length
 
     k = speculative_steps
     graphdef, params = for_platform(graphdef, params, mesh.devices.flat[0].platform)
@@ -265,15 +265,15 @@ def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | 
 
 
 def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_layers: int = 0) -> dict[str, int]:
-    """The memory planner's bytes per chip (`mimo_jax.plan`): parameters, KV cache (with `mtp_layers`
+    """The memory planner's bytes per chip (`mimo_jax.tools.plan`): parameters, KV cache (with `mtp_layers`
     MTP layers' weights and caches) and the FP8 weights dequantized at once.
 
     Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
     import math
 
-    from mimo_jax import plan
     from mimo_jax.sharding import logical_to_spec
+    from mimo_jax.tools import plan
 
     sizes = dict(mesh.shape)
     kv = plan.kv_plan_per_device(cfg, sizes, mtp_layers=mtp_layers)
@@ -402,7 +402,7 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mimo_jax.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mimo_jax.tools.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config.json or a directory holding one")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:2x2x2, v6e:4x4")
     p.add_argument("--mesh", default="", help="e.g. data=1,tensor=4,expert=16 (product = chips)")

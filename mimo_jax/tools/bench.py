@@ -1,7 +1,7 @@
 """Engine benchmark with random weights at real dimensions, beside the roofline measured in the same run.
 
-    python -m mimo_jax.bench decode  --model flash-slice-4 --batch 1,32 --context 2048
-    python -m mimo_jax.bench prefill --model flash-slice-4 --prompt-len 8192 --chunk 2048
+    python -m mimo_jax.tools.bench decode  --model flash-slice-4 --batch 1,32 --context 2048
+    python -m mimo_jax.tools.bench prefill --model flash-slice-4 --prompt-len 8192 --chunk 2048
 
 "flash-slice-N" is MiMo-V2-Flash (configs/mimo-v2-flash.json) cut to N layers in the real pattern:
 layer 0 full attention + dense MLP, the rest SWA + MoE. Any config.json path also works.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -27,117 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax import moe, sharding
-from mimo_jax.attention import ATTENTION_IMPLS
-from mimo_jax.cache import LayerKV, empty_layer_kv, kv_bytes_per_token
+from mimo_jax import sharding
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine import Engine
+from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingParams
 from mimo_jax.lm import LanguageModel
-from mimo_jax.model import MiMoModel, MoE
-from mimo_jax.moe import EXPERT_IMPLS
-from mimo_jax.profiling import format_ops, top_ops
-from mimo_jax.sampling import SamplingParams
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from mimo_jax.model import moe
+from mimo_jax.model.attention import ATTENTION_IMPLS
+from mimo_jax.model.cache import LayerKV, empty_layer_kv, kv_bytes_per_token
+from mimo_jax.model.mimo import MiMoModel, MoE
+from mimo_jax.model.moe import EXPERT_IMPLS
+from mimo_jax.tools.profiling import format_ops, top_ops
+from mimo_jax.weights.random import bench_config, random_model
 
 # transformers 5.17 (PyTorch, grouped_mm experts, eager attention), flash-slice-4 bf16, one H200 (issue 5).
 ATTENTION_CHECK_TOLERANCE = 0.05  # relative L2 of one bf16 attention layer's output, fast path vs XLA reference
 
 PEER = {"decode": {1: 70.6, 32: 866.0}, "prefill": 41.6e3}
-
-
-# ------------------------------------------------------------------ models
-def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
-    """'flash-slice-N' or a config.json path; `scale_down` divides the sizes for a CPU run."""
-    if model.startswith("flash-layers-"):  # the real Flash pattern (full attention at 0, 5, 11, ...)
-        cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
-        cfg = cfg.first_layers(int(model.rsplit("-", 1)[1]))
-    elif model.startswith("flash-slice-"):
-        n = int(model.rsplit("-", 1)[1])
-        cfg = MiMoConfig.from_json(os.path.join(CONFIG_DIR, "mimo-v2-flash.json"))
-        cfg = cfg.replace(num_layers=n, sliding=(False,) + (True,) * (n - 1), moe=(False,) + (True,) * (n - 1))
-    else:
-        cfg = MiMoConfig.from_json(model)
-    if scale_down:
-        cfg = cfg.replace(
-            vocab_size=cfg.vocab_size // 32,
-            hidden_size=cfg.hidden_size // 16,
-            intermediate_size=cfg.intermediate_size // 32,
-            moe_intermediate_size=cfg.moe_intermediate_size // 16,
-            num_heads=max(cfg.num_heads // 16, 1),
-            swa_num_heads=max(cfg.swa_num_heads // 16, 1),
-            num_kv_heads=1,
-            swa_num_kv_heads=max(cfg.swa_num_kv_heads // 4, 1),
-            head_dim=cfg.head_dim // 4,
-            swa_head_dim=cfg.swa_head_dim // 4,
-            v_head_dim=cfg.v_head_dim // 4,
-            swa_v_head_dim=cfg.swa_v_head_dim // 4,
-            num_experts=max(cfg.num_experts // 16, cfg.experts_per_token),
-            experts_per_token=max(cfg.experts_per_token // 4, 1),
-            partial_rotary_factor=0.5,
-        )
-    return cfg
-
-
-def random_model(
-    cfg: MiMoConfig,
-    dtype: jnp.dtype,
-    moe_impl: str,
-    mesh: jax.sharding.Mesh | None = None,
-    weights: str = "bf16",
-    mtp_layers: int = 0,
-):
-    """A MiMoModel (with `mtp_layers` MTP layers) with random weights made on the device, one jitted
-    initializer per parameter shape.
-
-    `weights="fp8"`: the parameters `load_model(..., weights="fp8")` would place for this config
-    (float8 blocks + float32 scales for the kinds the loader keeps in FP8), filled with random values.
-    """
-    from mimo_jax.quant import BlockQuantized
-    from mimo_jax.sharding import make_mesh
-    from mimo_jax.weights.loader import abstract_params
-
-    if weights == "fp8" and cfg.quantization is None:
-        cfg = cfg.replace(quantization={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
-    graphdef, state = abstract_params(cfg, dtype, mesh or make_mesh(devices=jax.devices()[:1]), weights, mtp_layers)
-
-    @functools.cache
-    def initializer(kind: str, shape: tuple, leaf_dtype: jnp.dtype, sharding):
-        if kind == "ones":
-            fn = lambda k: jnp.ones(shape, leaf_dtype)
-        elif kind == "zeros":
-            fn = lambda k: jnp.zeros(shape, leaf_dtype)
-        elif kind == "scale":
-            fn = lambda k: jnp.full(shape, 0.02 / 4, leaf_dtype)  # fp8 values ~ N(0, 4^2) -> weights ~ N(0, 0.02^2)
-        elif kind == "fp8":
-            fn = lambda k: (4.0 * jax.random.normal(k, shape, jnp.float32)).astype(leaf_dtype)
-        else:
-            fn = lambda k: jax.random.normal(k, shape, leaf_dtype) * jnp.asarray(0.02, leaf_dtype)
-        return jax.jit(fn, out_shardings=sharding)
-
-    def make(path: tuple, leaf, key: jax.Array):
-        if isinstance(leaf, BlockQuantized):
-            k1, k2 = jax.random.split(key)
-            return dataclasses.replace(
-                leaf,
-                values=initializer("fp8", tuple(leaf.values.shape), leaf.values.dtype, leaf.values.sharding)(k1),
-                scales=initializer("scale", tuple(leaf.scales.shape), leaf.scales.dtype, leaf.scales.sharding)(k2),
-            )
-        name = "/".join(map(str, path))
-        if name.endswith("norm/weight") or "layernorm" in name:
-            kind = "ones"
-        elif name.endswith("correction_bias"):
-            kind = "zeros"
-        else:
-            kind = "normal"
-        return initializer(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), leaf.sharding)(key)
-
-    flat = nnx.to_flat_state(state)
-    keys = jax.random.split(jax.random.key(0), len(flat))
-    values = [(path, var.replace(make(path, var.get_value(), k))) for (path, var), k in zip(flat, keys, strict=True)]
-    model = nnx.merge(graphdef, nnx.from_flat_state(values))
-    model.set_moe_impl(moe_impl)
-    return model
 
 
 # ------------------------------------------------------------------ ceilings measured in this run
@@ -434,7 +339,7 @@ def compare_attention(model: MiMoModel, mesh, impl: str, prompt_len: int = 2048,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mimo_jax.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mimo_jax.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["decode", "prefill"])
     p.add_argument("--model", "--config", default="flash-slice-4", help="flash-slice-N or a config.json path")
     p.add_argument("--scale-down", action="store_true", help="tiny dimensions (CPU smoke test)")

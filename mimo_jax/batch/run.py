@@ -4,7 +4,7 @@
         --mesh tensor=4,expert=2 --max-batch 64 --max-context 8192 --max-tokens 512
 
 Input: one JSON object per line, `{"id": ..., "prompt": "text"}` or `"messages": [...]` (rendered
-with the checkpoint's chat template, `mimo_jax.serve.chat`) or `"prompt_ids": [...]` (token ids), plus
+with the checkpoint's chat template, `mimo_jax.text`) or `"prompt_ids": [...]` (token ids), plus
 optional per-request settings overriding the command line: `max_tokens` (or `max_new_tokens`),
 `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`,
 `repetition_penalty`, `seed`, `stop_token_ids`, `ignore_eos`, `logprobs`, `tools` and
@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from mimo_jax.sampling import SamplingOptions
+from mimo_jax.engine.sampling import SamplingOptions
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 INT_FIELDS = ("top_k", "max_new_tokens", "seed", "logprobs")
@@ -413,7 +413,7 @@ class _Prompter:
         self.eos = tuple(eos)
 
     def __call__(self, req: Request) -> WorkItem:
-        from mimo_jax.serve.chat import ChatTemplateError
+        from mimo_jax.text import ChatTemplateError
 
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
@@ -706,7 +706,7 @@ def _log(message: str) -> None:
 def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -> int:
     import jax
 
-    from mimo_jax.engine import Engine
+    from mimo_jax.engine.host import Engine
     from mimo_jax.lm import load_model
     from mimo_jax.sharding import make_mesh, parse_mesh_arg
 
@@ -793,12 +793,9 @@ def _prepare_files(args: argparse.Namespace) -> tuple[set[str], InputScan]:
 
 def load_tokenizer(directory: str) -> tuple[Any, Any]:
     """(Tokenizer, ChatTemplate) of a checkpoint directory; (None, None) without tokenizer.json."""
-    from mimo_jax.serve.chat import ChatTemplate, Tokenizer
+    from mimo_jax.text import ChatTemplate, Tokenizer
 
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return None, None
     return Tokenizer(directory), ChatTemplate.from_dir(directory)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

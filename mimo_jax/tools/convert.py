@@ -1,6 +1,6 @@
 """Convert a released checkpoint into an Orbax checkpoint of the imported parameters.
 
-    python -m mimo_jax.convert SRC DST [--weights fp8|bf16] [--mtp] [--dtype bfloat16] [--mesh tensor=8]
+    python -m mimo_jax.tools.convert SRC DST [--weights fp8|bf16] [--mtp] [--dtype bfloat16] [--mesh tensor=8]
 
 Validates the whole source first (an error names the file and tensor, and nothing is written),
 imports it like `load_model` (FP8 kept or dequantized, fused qkv split per head), writes the
@@ -74,7 +74,7 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mimo_jax.convert", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mimo_jax.tools.convert", description=__doc__.splitlines()[0])
     ap.add_argument("src", help="released checkpoint directory (config.json + safetensors)")
     ap.add_argument("dst", help="output directory (must not exist)")
     ap.add_argument("--weights", choices=("fp8", "bf16"), default="fp8", help="keep FP8 blocks or dequantize")

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from mimo_jax import kernels, moe, quant, sharding
-from mimo_jax.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
-from mimo_jax.cache import LayerKV, heads_major, update_and_read
+from mimo_jax import kernels, quant, sharding
 from mimo_jax.config import LayerSpec, MiMoConfig
+from mimo_jax.model import moe
+from mimo_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
+from mimo_jax.model.cache import LayerKV, heads_major, update_and_read
 from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
@@ -58,7 +59,7 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (hidden, kv, dv), dtype, ("embed", "kv_heads", "head_dim"))
         self.o_proj = _param(rngs, (n, dv, hidden), dtype, ("q_heads", "head_dim", "embed"))
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
-        self.impl = "xla"  # see mimo_jax.attention.ATTENTION_IMPLS
+        self.impl = "xla"  # see mimo_jax.model.attention.ATTENTION_IMPLS
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
@@ -105,7 +106,7 @@ class MLP(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts; `impl` picks the expert computation (see `mimo_jax.moe.EXPERT_IMPLS`).
+    """Routed experts; `impl` picks the expert computation (see `mimo_jax.model.moe.EXPERT_IMPLS`).
 
     Traced under a mesh (`jax.set_mesh`) whose expert or tensor axis splits the experts, it runs
     expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `strategy` picks the dispatch
@@ -192,10 +193,10 @@ class MoE(nnx.Module):
         return cls.GATE_AXES, cls.DOWN_AXES
 
     def set_layout(self, layout: str) -> None:
-        """Store gate/up/down in `layout` (`moe.EXPERT_LAYOUTS`), transposed on their devices one at a time, each
+        """Store gate/up/down in `layout` (`kernels.EXPERT_LAYOUTS`), transposed on their devices one at a time, each
         old buffer freed at once (re-laying out a whole model needs room for one more weight only)."""
-        if layout not in moe.EXPERT_LAYOUTS:
-            raise ValueError(f"unknown expert layout {layout!r}; choose from {moe.EXPERT_LAYOUTS}")
+        if layout not in kernels.EXPERT_LAYOUTS:
+            raise ValueError(f"unknown expert layout {layout!r}; choose from {kernels.EXPERT_LAYOUTS}")
         if layout == self.layout:
             return
         gate_axes, down_axes = self._axes(layout)
@@ -270,7 +271,7 @@ class MiMoModel(nnx.Module):
         return [m for layer in (*self.layers, *(t.block for t in self.mtp)) if isinstance(m := layer.mlp, MoE)]
 
     def set_attention_impl(self, impl: str) -> None:
-        """Attention implementation of every layer (MTP included), see `mimo_jax.attention.ATTENTION_IMPLS`."""
+        """Attention implementation of every layer (MTP included), see `mimo_jax.model.attention.ATTENTION_IMPLS`."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
         for _, node in nnx.iter_graph(self):
@@ -292,7 +293,7 @@ class MiMoModel(nnx.Module):
             layer.set_layout(layout)
 
     def set_moe_strategy(self, strategy: str = "auto", capacity_factor: float | None = None) -> None:
-        """Dispatch of the expert-parallel MoE on a mesh (see `mimo_jax.moe.STRATEGIES`)."""
+        """Dispatch of the expert-parallel MoE on a mesh (see `mimo_jax.model.moe.STRATEGIES`)."""
         if strategy not in moe.STRATEGIES:
             raise ValueError(f"unknown MoE strategy {strategy!r}; choose from {moe.STRATEGIES}")
         if capacity_factor is not None and capacity_factor <= 0:

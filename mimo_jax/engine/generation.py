@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from mimo_jax.engine import Engine
+from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel
-from mimo_jax.model import MiMoModel
-from mimo_jax.sampling import SamplingOptions
+from mimo_jax.model.mimo import MiMoModel
 
 
 @dataclasses.dataclass
