@@ -222,7 +222,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
         def experts_for(impl: str, by_layout=by_layout, gate_spec=gate_spec):
             """(weights, gate spec) in the layout `impl` reads (`moe.expert_layout`), re-laid out once on the
-            devices as `MiMoModel.set_moe_impl` does, so no transpose is timed."""
+            devices as `relayout_experts` does, so no transpose is timed."""
             layout = moe.expert_layout(impl)
             if layout not in by_layout:
                 stored = by_layout["in_out"][0]

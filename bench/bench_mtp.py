@@ -29,6 +29,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -40,6 +41,7 @@ from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel, load_model
 from mimo_jax.model.cache import kv_bytes_per_token
+from mimo_jax.model.mimo import relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.tools.bench import decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes
 from mimo_jax.weights.random import bench_config, random_model
@@ -201,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm_cfg = lm.config
     else:
         cfg = bench_config(args.model, args.scale_down)
-        model = random_model(cfg, jnp.dtype(dtype), "ragged", mtp_layers=max(steps))
+        model = random_model(cfg, jnp.dtype(dtype), mtp_layers=max(steps))
         lm_cfg = cfg
         name = f"{args.model}{' (scaled down)' if args.scale_down else ''} random weights, context {args.context}"
     print(f"# {name}, {dtype}, {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
@@ -214,11 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain = None
         for k in steps:
             impl = expert_impl(args.moe_impl, batch * (k + 1))
+            # same weights, another expert path, re-laid out for it (the previous view is consumed)
             if args.model == "demo":
-                lm.model.set_moe_impl(impl)
-                r = run_demo(LanguageModel(lm.model), batch, k, args, prompts)
+                lm = LanguageModel(relayout_experts(lm.model.with_options(replace(lm.options, moe_impl=impl))))
+                r = run_demo(lm, batch, k, args, prompts)
             else:
-                model.set_moe_impl(impl)  # same weights, another expert path
+                model = relayout_experts(model.with_options(replace(model.options, moe_impl=impl)))
                 r = run_random(LanguageModel(model), batch, k, args, args.context)
             r["moe"] = impl
             plain = plain or r

@@ -69,21 +69,19 @@ def _tokenizer_vocab(directory: str) -> int:
 # ------------------------------------------------------------------------------------ offline
 def offline(args) -> None:
     """Child process `--offline N`: build the engine, compile, then time one `generate` per stdin line."""
+    import jax
+
     import mimo_jax
 
+    options = mimo_jax.RunOptions.for_platform(jax.default_backend(), moe_impl=args.moe_impl)
     if args.random_weights:
         import jax.numpy as jnp
 
-        from mimo_jax.kernels import default_expert_impl
         from mimo_jax.weights.random import bench_config, random_model
 
-        impl = args.moe_impl or default_expert_impl()
-        lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), impl))
+        lm = mimo_jax.LanguageModel(random_model(bench_config(args.model), jnp.dtype(args.dtype), options))
     else:
-        lm = mimo_jax.load_model(args.model, dtype=args.dtype)
-        if args.moe_impl:
-            lm.model.set_moe_impl(args.moe_impl)
-            lm = mimo_jax.LanguageModel(lm.model, source=lm.source)
+        lm = mimo_jax.load_model(args.model, dtype=args.dtype, options=options)
     n = args.offline
     prompts = _prompts(_vocab(args), n * args.requests_per_client, args.prompt_len, seed=n)
     engine = mimo_jax.Engine(

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mimo_jax.config import MiMoConfig
+from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.model import moe
 from mimo_jax.model.cache import empty_layer_kv
 from mimo_jax.model.mimo import MiMoModel, MoE
@@ -537,9 +537,9 @@ def special_token_ids(tokenizer_path: Path) -> dict[str, int]:
 
 
 def build_model(cfg: MiMoConfig, seed: int, mtp_layers: int) -> MiMoModel:
-    model = MiMoModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(params=seed), mtp_layers=mtp_layers)
-    model.set_moe_impl("dense")  # every expert on every token: plain matmuls, no scatter in the gradient
-    return model
+    # every expert on every token: plain matmuls, no scatter in the gradient
+    options = RunOptions.for_platform(jax.default_backend(), moe_impl="dense")
+    return MiMoModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(params=seed), mtp_layers=mtp_layers, options=options)
 
 
 def split_model(model: MiMoModel) -> tuple[Any, nnx.State, nnx.State]:

@@ -34,6 +34,54 @@ class ConfigError(ValueError):
     """A config value the engine cannot honour; the message names the key."""
 
 
+# Backends a model can be built for: JAX's names, with "cuda"/"rocm" folded into "gpu".
+PLATFORMS = ("cpu", "gpu", "tpu")
+MOE_STRATEGIES = ("auto", "replicated", "all_to_all")
+
+
+def platform_of(backend: str) -> str:
+    """A JAX platform or backend name ("cuda", "rocm", "gpu", "tpu", "cpu") -> one of PLATFORMS."""
+    name = "gpu" if backend in ("cuda", "rocm") else backend
+    if name not in PLATFORMS:
+        raise ValueError(f"platform {backend!r}: expected one of {PLATFORMS} (or 'cuda'/'rocm')")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a built model computes, fixed when it is built (vary with `dataclasses.replace`, then build a new
+    view over the same weights: `LanguageModel.with_options`).
+
+    `platform` is the target the kernels are chosen for (the host's only by default, so a TPU program can be
+    compiled on a CPU or GPU host). `moe_impl` None picks by platform: the Pallas kernel on GPU,
+    `jax.lax.ragged_dot` elsewhere (names: `mimo_jax.model.moe.EXPERT_IMPLS`). `attention_impl`: see
+    `mimo_jax.model.attention.ATTENTION_IMPLS`. `moe_strategy` / `capacity_factor`: the expert-parallel dispatch
+    on a mesh (`mimo_jax.model.moe.STRATEGIES`; None never drops a token).
+    """
+
+    platform: str = "cpu"
+    moe_impl: str | None = None
+    attention_impl: str = "xla"
+    moe_strategy: str = "auto"
+    capacity_factor: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "platform", platform_of(self.platform))
+        if self.moe_strategy not in MOE_STRATEGIES:
+            raise ValueError(f"unknown MoE strategy {self.moe_strategy!r}; choose from {MOE_STRATEGIES}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor}: must be > 0 (or None for no dropping)")
+
+    @classmethod
+    def for_platform(cls, platform: str, **fields: Any) -> RunOptions:
+        return cls(platform=platform, **fields)
+
+    @property
+    def expert_impl(self) -> str:
+        """The MoE implementation a model built with these options runs."""
+        return self.moe_impl or ("pallas_gpu" if self.platform == "gpu" else "ragged")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """Shape and kind of one decoder layer's attention and MLP."""

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.config import MiMoConfig
-from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.config import MiMoConfig, RunOptions
+from mimo_jax.model.mimo import MiMoModel, relayout_experts
 from mimo_jax.sharding import batch_sharding, place_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,6 +50,14 @@ class LanguageModel:
                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
             )
 
+    @property
+    def options(self) -> RunOptions:
+        return self.model.options
+
+    def with_options(self, options: RunOptions) -> LanguageModel:
+        """The same placed weights computed as `options` say (a new graph; nothing is copied or moved)."""
+        return LanguageModel(self.model.with_options(options), mesh=self.mesh, source=self.source)
+
     def mesh_context(self):
         """Context to trace and run model calls in: `jax.set_mesh(self.mesh)`, or nothing without a mesh."""
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -80,6 +88,7 @@ def load_model(
     mtp: bool | int = False,
     mesh: jax.sharding.Mesh | None = None,
     *,
+    options: RunOptions | None = None,
     progress: bool = False,
 ) -> LanguageModel:
     """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`.
@@ -91,6 +100,8 @@ def load_model(
     `python -m mimo_jax.tools.convert`, restored onto `mesh` whatever mesh it was written from.
     `mesh`: where parameters live (None: the first device);
     each device receives only its own slices, read straight from the files.
+    `options`: how the model computes (None: `RunOptions` for the devices' platform); the experts are
+    stored in the layout its MoE implementation reads.
     """
     from mimo_jax.weights import WEIGHT_MODES, load_params
     from mimo_jax.weights.orbax_store import is_converted, read_meta, restore_params
@@ -103,12 +114,17 @@ def load_model(
         from mimo_jax.weights.demo import demo_model_dir
 
         path = demo_model_dir()
+    if options is None:
+        devices = mesh.devices.flat if mesh is not None else jax.devices()
+        options = RunOptions.for_platform(devices[0].platform)
     if is_converted(path):  # written by `python -m mimo_jax.tools.convert`
         mtp_layers = int(read_meta(path).get("mtp_layers", 0)) if mtp is True else int(mtp)
-        model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh)
+        model = restore_params(path, DTYPES[dtype], weights, mtp_layers, mesh, options)
     else:
         cfg = MiMoConfig.from_json(path) if os.path.isdir(path) else None
         mtp_layers = (cfg.num_mtp_layers if cfg else 0) if mtp is True else int(mtp)
-        model = load_params(path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress)
-    model.set_moe_impl()  # expert weights in the layout this backend's implementation reads
+        model = load_params(
+            path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress, options=options
+        )
+    model = relayout_experts(model)  # expert weights in the layout the chosen implementation reads
     return LanguageModel(model, mesh=mesh, source=os.fspath(path))

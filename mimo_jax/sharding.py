@@ -140,6 +140,28 @@ def current_mesh() -> jax.sharding.AbstractMesh | None:
     return mesh
 
 
+class MeshNotActive(RuntimeError):
+    """Parameters placed on a mesh were traced without that mesh active."""
+
+
+def require_active_mesh(value: Any, what: str) -> None:
+    """Raise `MeshNotActive` when `value` (an array, a traced one, or a pytree such as FP8 blocks) lives on a
+    multi-device mesh but no mesh is active: sharded code traced so would silently take its one-device path."""
+    if current_mesh() is not None:
+        return
+    for leaf in jax.tree.leaves(value)[:1]:
+        try:
+            mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+        except TypeError:  # not a JAX value (e.g. numpy): on no mesh
+            return
+        if mesh is not None and not mesh.empty and mesh.size > 1:
+            axes = ", ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+            raise MeshNotActive(
+                f"{what} are placed on a mesh ({axes}) but no mesh is active: trace and run the model inside "
+                "`with jax.set_mesh(mesh):` (`LanguageModel.mesh_context()` does this)"
+            )
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Pin activation x to the layout its logical axes imply on the current mesh (no-op off a mesh)."""
     mesh = current_mesh()

@@ -300,7 +300,7 @@ def test_launchers_dry_run(tmp_path):
          "--output", "out.jsonl", "--mesh", "tensor=8,expert=3"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    lines = [line for line in out.splitlines() if "mimo_jax.batch.run" in line]
+    lines = [line for line in out.splitlines() if "mimo_jax.batch" in line]
     assert len(lines) == 3
     for pid, line in enumerate(lines):
         assert f"MIMO_PROCESS_ID={pid}" in line and "MIMO_NUM_PROCESSES=3" in line

@@ -51,7 +51,7 @@ def start(directory: str, tmp, run: str) -> list[subprocess.Popen]:
     procs = []
     for pid in range(2):
         files = [tmp / "in.jsonl", tmp / "out.jsonl"] if pid == 0 else [tmp / "absent/in.jsonl", tmp / "absent/o"]
-        cmd = [sys.executable, "-m", "mimo_jax.batch.run", "--model", directory, "--input", str(files[0]),
+        cmd = [sys.executable, "-m", "mimo_jax.batch", "--model", directory, "--input", str(files[0]),
                "--output", str(files[1]), "--mesh", "data=2,tensor=2,expert=2", "--dtype", "float32",
                "--seed", str(SEED), "--max-tokens", str(MAX_TOKENS), "--block-size", "3", "--no-progress", *ENGINE]  # fmt: skip
         log = open(tmp / f"{run}-process{pid}.log", "w")

@@ -103,3 +103,50 @@ def test_missing_and_invalid_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ConfigError, match="missing required key 'num_hidden_layers'"):
         MiMoConfig.from_json(tmp_path)
+
+
+def test_run_options_are_checked_and_resolved_by_platform():
+    from mimo_jax.config import RunOptions
+
+    assert RunOptions().platform == "cpu" and RunOptions().expert_impl == "ragged"
+    assert RunOptions.for_platform("cuda").platform == "gpu"
+    assert RunOptions.for_platform("gpu").expert_impl == "pallas_gpu"
+    assert RunOptions.for_platform("tpu", moe_impl="dense").expert_impl == "dense"
+    with pytest.raises(ValueError, match="platform 'metal'"):
+        RunOptions(platform="metal")
+    with pytest.raises(ValueError, match="MoE strategy 'fast'"):
+        RunOptions(moe_strategy="fast")
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+        RunOptions(capacity_factor=0)
+    with pytest.raises(AttributeError):  # frozen: a model's options never change after it is built
+        RunOptions().moe_impl = "dense"
+
+
+def test_model_options_are_fixed_at_construction():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mimo_jax.config import RunOptions
+    from mimo_jax.model.mimo import MiMoModel
+
+    cfg = MiMoConfig.from_dict(
+        dict(
+            architectures=["MiMoV2ForCausalLM"], vocab_size=16, hidden_size=8, intermediate_size=8,
+            moe_intermediate_size=4, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=4, v_head_dim=4, moe_layer_freq=[0, 1], n_routed_experts=4, num_experts_per_tok=2,
+            hybrid_layer_pattern=[0, 1], sliding_window_size=2, rope_theta=10000.0, swa_rope_theta=1000.0,
+        )
+    )
+    model = MiMoModel(cfg, rngs=nnx.Rngs(0), options=RunOptions(moe_impl="dense", attention_impl="split"))
+    setters = ("set_moe_impl", "set_attention_impl", "set_moe_strategy", "set_expert_layout")
+    assert not any(hasattr(model, name) for name in setters)  # nothing changes a built model's graph
+    assert {m.impl for m in model.moe_layers()} == {"dense"}
+    assert {layer.self_attn.impl for layer in model.layers} == {"split"}
+    view = model.with_options(RunOptions(moe_impl="ragged"))
+    assert {m.impl for m in view.moe_layers()} == {"ragged"} and {m.impl for m in model.moe_layers()} == {"dense"}
+    ids = jnp.arange(6, dtype=jnp.int32)[None]
+    assert jnp.allclose(view(ids)[0], model(ids)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown MoE implementation 'nope'"):
+        MiMoModel(cfg, options=RunOptions(moe_impl="nope"))
+    with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
+        MiMoModel(cfg, options=RunOptions(attention_impl="nope"))

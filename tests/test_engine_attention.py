@@ -1,5 +1,7 @@
 """Blockwise attention over a full-layer cache equals the reference attention, alone and inside the engine."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,8 +124,7 @@ def test_engine_with_split_prefill_attention_equals_full_forward(monkeypatch, bl
     cfg = MiMoConfig.from_dict(TINY)
     model = MiMoModel(cfg, rngs=nnx.Rngs(6))
     reference = mimo_jax.LanguageModel(model)
-    model.set_attention_impl("split")
-    lm = mimo_jax.LanguageModel(model)
+    lm = reference.with_options(dataclasses.replace(model.options, attention_impl="split"))
     vocab = cfg.vocab_size
     engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=16, max_round_tokens=8, max_top_logprobs=vocab)
     prompts = [list(range(3, 40)), [7, 8, 9] * 6]  # 37 tokens: chunks of 16, 16 and 5 (bucket 16)

@@ -48,9 +48,8 @@ def test_fp8_weights_are_dequantized_inside_the_decode_loop():
     """XLA must not hoist the FP8 dequantization out of the decode while_loop (every weight in bf16 at once)."""
     import re
 
-    lm = mimo_jax.load_model("demo", dtype="bfloat16", weights="fp8")
-    lm.model.set_moe_impl("ragged")
-    engine = Engine(mimo_jax.LanguageModel(lm.model), max_batch=2, max_context=64, max_round_tokens=4)
+    lm = mimo_jax.load_model("demo", dtype="bfloat16", weights="fp8", options=mimo_jax.RunOptions(moe_impl="ragged"))
+    engine = Engine(lm, max_batch=2, max_context=64, max_round_tokens=4)
     hlo = engine.decode_fn.lower(*engine.abstract_decode_args()).compile().as_text()
     computations = re.split(r"\n(?=\S)", hlo)
     takes_fp8 = [c.split(" ", 1)[0].lstrip("%") for c in computations if "f8e4m3fn" in c.split("\n", 1)[0]]

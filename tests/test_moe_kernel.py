@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import mimo_jax
 from mimo_jax import kernels
 from mimo_jax.kernels import moe_gpu
 from mimo_jax.model import moe
@@ -230,7 +231,8 @@ def test_registry_and_backend_choice():
     assert moe.EXPERT_IMPLS["pallas_gpu"] is kernels.experts_pallas_gpu
     assert moe.EXPERT_IMPLS["pallas_gpu_w8a8"] is kernels.experts_pallas_gpu_w8a8
     assert {"pallas_gpu", "pallas_gpu_w8a8"} <= moe.QUANTIZED_IMPLS  # fp8 experts reach the kernel as stored
-    assert kernels.default_expert_impl() == "ragged"  # CI runs on CPU
+    assert mimo_jax.RunOptions.for_platform("cpu").expert_impl == "ragged"
+    assert mimo_jax.RunOptions.for_platform("cuda").expert_impl == "pallas_gpu"
     for impl in (kernels.experts_pallas_gpu, kernels.experts_pallas_gpu_w8a8):
         with pytest.raises(ValueError, match="GPU backend"):
             impl(*([jnp.zeros((1, 1))] * 6))

@@ -87,8 +87,7 @@ def test_moe_ragged_equals_dense_reference(case):
     _, _, directory, ids, ref = case
     lm = mimo_jax.load_model(directory)
     ragged = lm.logits(ids)
-    lm.model.set_moe_impl("dense")
-    dense = mimo_jax.LanguageModel(lm.model).logits(ids)
+    dense = lm.with_options(mimo_jax.RunOptions(moe_impl="dense")).logits(ids)
     assert rel_err(ragged, dense) < 1e-6
 
 

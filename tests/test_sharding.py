@@ -35,9 +35,8 @@ def rel_err(a, b):
 
 
 def on_mesh(directory, mesh_sizes, strategy="auto", capacity_factor=None):
-    lm = mimo_jax.load_model(directory, mesh=make_mesh(**mesh_sizes))
-    lm.model.set_moe_strategy(strategy, capacity_factor)
-    return mimo_jax.LanguageModel(lm.model, mesh=lm.mesh)
+    options = mimo_jax.RunOptions(moe_strategy=strategy, capacity_factor=capacity_factor)
+    return mimo_jax.load_model(directory, mesh=make_mesh(**mesh_sizes), options=options)
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +302,22 @@ def test_fp8_weights_on_mesh_equal_single_device(release_checkpoints):
     single = mimo_jax.load_model(fp8, weights="fp8").logits(IDS)
     lm = mimo_jax.load_model(fp8, weights="fp8", mesh=make_mesh(**MESHES["tensor4-expert2"]))
     assert rel_err(lm.logits(IDS), single) < 1e-5
+
+
+def test_sharded_model_traced_without_its_mesh_raises(checkpoint):
+    """Parameters on a mesh, traced with no mesh active: an error naming the fix, never the one-device branch."""
+    from flax import nnx
+
+    from mimo_jax.sharding import MeshNotActive
+
+    directory, want = checkpoint
+    lm = mimo_jax.load_model(directory, mesh=make_mesh(tensor=2, expert=4))
+    graphdef, params = nnx.split(lm.model)
+    forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids)[0])
+    ids = jnp.asarray(IDS, jnp.int32)
+    with pytest.raises(MeshNotActive, match=r"jax\.set_mesh"):
+        forward(params, ids)
+    with pytest.raises(MeshNotActive, match="expert=4"):
+        lm.model(ids)  # eager too
+    with jax.set_mesh(lm.mesh):  # the fix the message names
+        assert rel_err(np.asarray(forward(params, ids)), want) < 1e-5

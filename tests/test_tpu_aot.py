@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mimo_jax import kernels
-from mimo_jax.config import MiMoConfig
+from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.sharding import make_mesh
 from mimo_jax.tools import aot
 from mimo_jax.weights.loader import abstract_params
@@ -39,14 +38,8 @@ SPECULATIVE_STEPS = 2
 CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill"), ("fp8", "speculative")]
 
 
-def as_on_a_gpu_host(graphdef, params):
-    """The model as a GPU host builds it by default: Pallas GPU MoE kernel, cuDNN attention."""
-    from flax import nnx
-
-    model = nnx.merge(graphdef, params)
-    model.set_moe_impl("pallas_gpu")
-    model.set_attention_impl("cudnn")
-    return nnx.split(model)
+# The model as a GPU host builds it by default: Pallas GPU MoE kernel (experts in its layout), cuDNN attention.
+ON_A_GPU_HOST = RunOptions(platform="gpu", attention_impl="cudnn")
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +56,7 @@ def flash_slice():
         if (weights, step_name) not in done:
             k = SPECULATIVE_STEPS if step_name == "speculative" else 0
             cache = aot.abstract_cache(cfg, BATCH, CONTEXT, jnp.bfloat16, mesh, k)
-            with pytest.MonkeyPatch.context() as patch:  # the host's default says GPU
-                patch.setattr(kernels, "default_expert_impl", lambda platform=None: "pallas_gpu")
-                graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights, mtp_layers=k)
-            graphdef, params = as_on_a_gpu_host(graphdef, params)
+            graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights, mtp_layers=k, options=ON_A_GPU_HOST)
             steps = aot.serving_steps(
                 cfg,
                 graphdef,
@@ -121,9 +111,8 @@ def test_speculative_loop_drafts_with_the_mtp_layers(flash_slice):
     assert spec_hlo.count("while(") >= 1 and "ragged-dot" in spec_hlo
 
 
-def test_kernels_follow_the_target_platform(monkeypatch):
-    monkeypatch.setattr("jax.default_backend", lambda: "gpu")
-    assert kernels.default_expert_impl() == "pallas_gpu"  # the host's default...
+def test_kernels_follow_the_target_platform():
+    assert ON_A_GPU_HOST.expert_impl == "pallas_gpu"  # a GPU host's default...
     assert aot.kernel_choices("tpu") == {"moe": "ragged", "attention": "xla"}  # ...not the target's
     assert aot.kernel_choices("gpu")["moe"] == "pallas_gpu"
 

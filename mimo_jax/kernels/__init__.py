@@ -22,13 +22,3 @@ def experts_pallas_gpu_w8a8(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
     from mimo_jax.kernels import moe_gpu
 
     return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, fp8_dot="fp8", layout="out_in")
-
-
-def default_expert_impl(platform: str | None = None) -> str:
-    """EXPERT_IMPLS name for `platform` ("gpu", "tpu", "cpu"; default: this process's backend): the
-    Pallas kernel on GPU, `jax.lax.ragged_dot` elsewhere (on TPU the compiler's own grouped matmul).
-
-    Code that compiles for another platform than the host's (`mimo_jax.tools.aot`) passes the target.
-    """
-    platform = platform or jax.default_backend()
-    return "pallas_gpu" if platform in ("gpu", "cuda", "rocm") else "ragged"

@@ -1,7 +1,9 @@
 """MiMo-V2 decoder in Flax NNX: hybrid full/SWA attention with sinks, dense and MoE SwiGLU.
 
 Every parameter carries `logical_axes` metadata; `mimo_jax.sharding` maps those names to mesh
-axes. Weights are stored input-major (`x @ W`), attention projections per head.
+axes. Weights are stored input-major (`x @ W`), attention projections per head. How the model computes
+(kernels, MoE dispatch) is a `RunOptions` fixed when it is built: `MiMoModel.with_options` gives another
+view over the same weights, `relayout_experts` stores the experts in the layout a kernel reads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from mimo_jax import kernels, quant, sharding
-from mimo_jax.config import LayerSpec, MiMoConfig
+from mimo_jax.config import LayerSpec, MiMoConfig, RunOptions
 from mimo_jax.model import moe
 from mimo_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
 from mimo_jax.model.cache import LayerKV, heads_major, update_and_read
@@ -50,7 +52,11 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, spec: LayerSpec, hidden: int, value_scale: float, dtype, rngs: nnx.Rngs | None):
+    def __init__(
+        self, spec: LayerSpec, hidden: int, value_scale: float, dtype, rngs: nnx.Rngs | None, impl: str = "xla"
+    ):
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
         self.spec = spec
         self.value_scale = value_scale
         n, kv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
@@ -59,7 +65,7 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (hidden, kv, dv), dtype, ("embed", "kv_heads", "head_dim"))
         self.o_proj = _param(rngs, (n, dv, hidden), dtype, ("q_heads", "head_dim", "embed"))
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
-        self.impl = "xla"  # see mimo_jax.model.attention.ATTENTION_IMPLS
+        self.impl = impl  # see mimo_jax.model.attention.ATTENTION_IMPLS
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
@@ -106,38 +112,45 @@ class MLP(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts; `impl` picks the expert computation (see `mimo_jax.model.moe.EXPERT_IMPLS`).
+    """Routed experts computed by `options.expert_impl` (see `mimo_jax.model.moe.EXPERT_IMPLS`).
 
     Traced under a mesh (`jax.set_mesh`) whose expert or tensor axis splits the experts, it runs
-    expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `strategy` picks the dispatch
-    ("auto" decides by token count) and `capacity_factor` (None = never drop) bounds the
-    per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens" (read it
-    with `nnx.capture(model, nnx.Intermediate)`).
+    expert-parallel in `jax.shard_map` (`moe.experts_sharded`); `options.moe_strategy` picks the
+    dispatch ("auto" decides by token count) and `options.capacity_factor` (None = never drop) bounds
+    the per-shard buffers, sowing the dropped count as `nnx.Intermediate` "dropped_tokens" (read it
+    with `nnx.capture(model, nnx.Intermediate)`). Parameters placed on a mesh traced without it raise.
 
     The expert weights are made and imported as [E, H, I] / [E, I, H] (`layout` "in_out");
-    `set_layout` transposes them on their devices into the layout the implementation reads
-    (`moe.expert_layout`: the GPU kernel's "out_in"), else each call hands them over transposed.
+    `relayout_experts` stores them in the layout the implementation reads (`moe.expert_layout`: the
+    GPU kernel's "out_in"), else each call hands them over transposed.
     """
 
     GATE_AXES = ("experts", "embed", "moe_mlp")
     DOWN_AXES = ("experts", "moe_mlp", "embed")
 
-    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, impl: str | None = None):
+    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, options: RunOptions, layout: str = "in_out"):
+        impl = options.expert_impl
+        if impl not in moe.EXPERT_IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose from {sorted(moe.EXPERT_IMPLS)}")
+        if layout not in kernels.EXPERT_LAYOUTS:
+            raise ValueError(f"unknown expert layout {layout!r}; choose from {kernels.EXPERT_LAYOUTS}")
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.router = _param(rngs, (e, h), jnp.float32, ("experts_replicated", "embed_replicated"))
         self.correction_bias = _param(rngs, (e,), jnp.float32, ("experts_replicated",), init="zeros")
-        self.gate_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
-        self.up_proj = _param(rngs, (e, h, i), dtype, self.GATE_AXES)
-        self.down_proj = _param(rngs, (e, i, h), dtype, self.DOWN_AXES)
+        gate_axes, down_axes = self._axes(layout)
+        gate_shape, down_shape = ((e, i, h), (e, h, i)) if layout == "out_in" else ((e, h, i), (e, i, h))
+        self.gate_proj = _param(rngs, gate_shape, dtype, gate_axes)
+        self.up_proj = _param(rngs, gate_shape, dtype, gate_axes)
+        self.down_proj = _param(rngs, down_shape, dtype, down_axes)
         self.top_k = cfg.experts_per_token
         self.n_group = cfg.n_group
         self.topk_group = cfg.topk_group
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
-        self.impl = impl or kernels.default_expert_impl()  # the Pallas kernel on GPU, ragged_dot elsewhere
-        self.layout = "in_out"  # of gate/up/down as stored (see `set_layout`)
-        self.strategy = "auto"
-        self.capacity_factor: float | None = None
+        self.impl = impl
+        self.layout = layout  # of gate/up/down as stored (see `relayout_experts`)
+        self.strategy = options.moe_strategy
+        self.capacity_factor = options.capacity_factor
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
@@ -151,6 +164,8 @@ class MoE(nnx.Module):
             scaling=self.scaling,
         )
         mesh = sharding.current_mesh()
+        if mesh is None:
+            sharding.require_active_mesh(self.gate_proj.get_value(), "MoE experts")
         gate_axes, down_axes = self._axes(self.layout)
         gate_spec = sharding.logical_to_spec(gate_axes, self.gate_proj.get_value().shape, mesh) if mesh else None
         down_spec = sharding.logical_to_spec(down_axes, self.down_proj.get_value().shape, mesh) if mesh else None
@@ -158,7 +173,7 @@ class MoE(nnx.Module):
             moe.read_experts(p, self.impl, x, spec, mesh)
             for p, spec in ((self.gate_proj, gate_spec), (self.up_proj, gate_spec), (self.down_proj, down_spec))
         )
-        if self.layout != moe.expert_layout(self.impl):  # not re-laid out (`set_layout`): transposed per call
+        if self.layout != moe.expert_layout(self.impl):  # not re-laid out (`relayout_experts`): transposed per call
             experts = tuple(moe.swap_expert_axes(w) for w in experts)
             gate_spec = None if gate_spec is None else PartitionSpec(*moe.swapped_axes(gate_spec))
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
@@ -192,9 +207,10 @@ class MoE(nnx.Module):
             return moe.swapped_axes(cls.GATE_AXES), moe.swapped_axes(cls.DOWN_AXES)
         return cls.GATE_AXES, cls.DOWN_AXES
 
-    def set_layout(self, layout: str) -> None:
-        """Store gate/up/down in `layout` (`kernels.EXPERT_LAYOUTS`), transposed on their devices one at a time, each
-        old buffer freed at once (re-laying out a whole model needs room for one more weight only)."""
+    def _store_in(self, layout: str) -> None:
+        """Transpose gate/up/down into `layout` on their devices one at a time, each old buffer freed at once
+        (a whole model needs room for one more weight only). Private to `relayout_experts` and saving: it
+        changes this module's graph, so callers build a new view or restore the layout."""
         if layout not in kernels.EXPERT_LAYOUTS:
             raise ValueError(f"unknown expert layout {layout!r}; choose from {kernels.EXPERT_LAYOUTS}")
         if layout == self.layout:
@@ -211,12 +227,14 @@ class MoE(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: MiMoConfig, spec: LayerSpec, dtype, rngs: nnx.Rngs | None):
+    def __init__(
+        self, cfg: MiMoConfig, spec: LayerSpec, dtype, rngs: nnx.Rngs | None, options: RunOptions, expert_layout: str
+    ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(spec, cfg.hidden_size, cfg.value_scale, dtype, rngs)
+        self.self_attn = Attention(spec, cfg.hidden_size, cfg.value_scale, dtype, rngs, options.attention_impl)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if spec.moe:
-            self.mlp = MoE(cfg, dtype, rngs)
+            self.mlp = MoE(cfg, dtype, rngs, options, expert_layout)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
@@ -232,12 +250,12 @@ class DecoderLayer(nnx.Module):
 class MTPLayer(nnx.Module):
     """One multi-token-prediction layer: [norm(embed(token)); norm(hidden)] -> eh_proj -> SWA block."""
 
-    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: MiMoConfig, dtype, rngs: nnx.Rngs | None, options: RunOptions, expert_layout: str):
         h = cfg.hidden_size
         self.enorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.eh_proj = _param(rngs, (2 * h, h), dtype, ("embed_replicated", "embed"))
-        self.block = DecoderLayer(cfg, cfg.mtp_layer(), dtype, rngs)
+        self.block = DecoderLayer(cfg, cfg.mtp_layer(), dtype, rngs, options, expert_layout)
         self.final_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
 
     def __call__(
@@ -252,54 +270,41 @@ class MTPLayer(nnx.Module):
 class MiMoModel(nnx.Module):
     """The causal LM. `rngs=None` builds zero weights (to be filled by the importer).
 
-    `mtp_layers` > 0 adds that many MTP layers (sharing embed_tokens and lm_head).
+    `mtp_layers` > 0 adds that many MTP layers (sharing embed_tokens and lm_head). `options`: how it
+    computes (None: `RunOptions` for this process's backend); `expert_layout`: how the MoE weights are
+    stored ("in_out" as imported; `relayout_experts` makes the kernel's layout).
     """
 
-    def __init__(self, cfg: MiMoConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None, mtp_layers: int = 0):
+    def __init__(
+        self,
+        cfg: MiMoConfig,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        mtp_layers: int = 0,
+        options: RunOptions | None = None,
+        expert_layout: str = "in_out",
+    ):
+        options = options or RunOptions.for_platform(jax.default_backend())
         self.config = cfg
+        self.options = options
+        self.expert_layout = expert_layout
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, spec, dtype, rngs) for spec in cfg.layers])
+        self.layers = nnx.List([DecoderLayer(cfg, spec, dtype, rngs, options, expert_layout) for spec in cfg.layers])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab"))
-        self.mtp = nnx.List([MTPLayer(cfg, dtype, rngs) for _ in range(mtp_layers)])
+        self.mtp = nnx.List([MTPLayer(cfg, dtype, rngs, options, expert_layout) for _ in range(mtp_layers)])
 
     def moe_layers(self) -> list[MoE]:
         return [m for layer in (*self.layers, *(t.block for t in self.mtp)) if isinstance(m := layer.mlp, MoE)]
 
-    def set_attention_impl(self, impl: str) -> None:
-        """Attention implementation of every layer (MTP included), see `mimo_jax.model.attention.ATTENTION_IMPLS`."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
-        for _, node in nnx.iter_graph(self):
-            if isinstance(node, Attention):
-                node.impl = impl
-
-    def set_moe_impl(self, impl: str | None = None) -> None:
-        """Expert implementation of every MoE layer (None: keep each layer's), its expert weights re-laid out
-        on their devices to the layout it reads (`moe.expert_layout`; a no-op when they already are)."""
-        if impl is not None and impl not in moe.EXPERT_IMPLS:
-            raise ValueError(f"unknown MoE implementation {impl!r}; choose from {sorted(moe.EXPERT_IMPLS)}")
-        for layer in self.moe_layers():
-            layer.impl = impl or layer.impl
-            layer.set_layout(moe.expert_layout(layer.impl))
-
-    def set_expert_layout(self, layout: str) -> None:
-        """Every MoE layer's expert weights in `layout` (e.g. "in_out" before saving: checkpoints keep it)."""
-        for layer in self.moe_layers():
-            layer.set_layout(layout)
-
-    def set_moe_strategy(self, strategy: str = "auto", capacity_factor: float | None = None) -> None:
-        """Dispatch of the expert-parallel MoE on a mesh (see `mimo_jax.model.moe.STRATEGIES`)."""
-        if strategy not in moe.STRATEGIES:
-            raise ValueError(f"unknown MoE strategy {strategy!r}; choose from {moe.STRATEGIES}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={capacity_factor}: must be > 0 (or None for no dropping)")
-        for layer in self.moe_layers():
-            layer.strategy, layer.capacity_factor = strategy, capacity_factor
+    def with_options(self, options: RunOptions) -> MiMoModel:
+        """Another view of this model's weights (the same arrays) that computes as `options` say; the experts
+        stay in their stored layout (a kernel that reads the other one gets them transposed per call)."""
+        return _view(self, options, self.expert_layout)
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
         return jnp.take(weight(self.embed_tokens, after=token_ids), token_ids, axis=0)
@@ -308,6 +313,8 @@ class MiMoModel(nnx.Module):
         self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
     ) -> tuple[jax.Array, list[LayerKV] | None]:
         """Residual stream after the last layer (before the final norm) [B, T, H], and the new cache."""
+        if sharding.current_mesh() is None:
+            sharding.require_active_mesh(self.embed_tokens.get_value(), "the model's parameters")
         x = sharding.constrain(self.embed(token_ids), _HIDDEN_AXES)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
@@ -346,3 +353,26 @@ class MiMoModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1], dtype=jnp.int32), token_ids.shape)
         hidden, cache = self.hidden_states(token_ids, positions, cache)
         return self.logits(hidden), cache
+
+
+def _view(model: MiMoModel, options: RunOptions, expert_layout: str) -> MiMoModel:
+    """A model built with (options, expert_layout) over `model`'s parameter arrays (no copy)."""
+    cfg, dtype, mtp_layers = model.config, model.dtype, len(model.mtp)
+    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, None, mtp_layers, options, expert_layout))
+    graphdef, _ = nnx.split(abstract)
+    _, params = nnx.split(model)
+    return nnx.merge(graphdef, params)
+
+
+def relayout_experts(model: MiMoModel, layout: str | None = None) -> MiMoModel:
+    """`model` with its expert weights stored in `layout` (default: the one its MoE implementation reads,
+    `moe.expert_layout`), transposed on their devices one weight at a time. Consumes `model`: its old expert
+    buffers are freed (concrete arrays) and its graph no longer matches; use the returned model."""
+    layout = layout or moe.expert_layout(model.options.expert_impl)
+    if layout not in kernels.EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {layout!r}; choose from {kernels.EXPERT_LAYOUTS}")
+    if layout == model.expert_layout:
+        return model
+    for layer in model.moe_layers():
+        layer._store_in(layout)
+    return _view(model, model.options, layout)

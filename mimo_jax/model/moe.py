@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mimo_jax import kernels, quant
+from mimo_jax.config import MOE_STRATEGIES
 
 
 def route(
@@ -218,7 +219,7 @@ ALL_TO_ALL_MIN_TOKENS = 16384
 # routing was ~0.2 ms of a 2.4 ms layer, bench/RESULTS.md); below it one all-gather's latency costs more.
 SPLIT_ROUTING_MIN_TOKENS = 2048
 
-STRATEGIES = ("auto", "replicated", "all_to_all")
+STRATEGIES = MOE_STRATEGIES
 
 RouteFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 

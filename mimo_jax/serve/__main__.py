@@ -152,27 +152,25 @@ def _load(args: argparse.Namespace):
         kwargs["weights"] = args.weights
     if args.speculative_steps:
         kwargs["mtp"] = args.speculative_steps  # the MTP layers the drafts need
+    import jax
+
+    from mimo_jax.config import RunOptions
+
+    platform = (mesh.devices.flat if mesh is not None else jax.devices())[0].platform
+    options = RunOptions.for_platform(platform, moe_impl=args.moe_impl)
     t0 = time.perf_counter()
     if args.random_weights:
         import jax.numpy as jnp
 
-        from mimo_jax.kernels import default_expert_impl
         from mimo_jax.lm import LanguageModel
         from mimo_jax.weights.random import bench_config, random_model
 
         if not args.model or not args.tokenizer:
             raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
-        model = random_model(
-            bench_config(args.model), jnp.dtype(args.dtype), args.moe_impl or default_expert_impl(), mesh
-        )
+        model = random_model(bench_config(args.model), jnp.dtype(args.dtype), options, mesh)
         lm = LanguageModel(model, mesh=mesh, source=f"random:{args.model}")
     else:
-        lm = load_model(directory, dtype=args.dtype, mesh=mesh, **kwargs)
-        if args.moe_impl:
-            from mimo_jax.lm import LanguageModel
-
-            lm.model.set_moe_impl(args.moe_impl)
-            lm = LanguageModel(lm.model, mesh=lm.mesh, source=lm.source)  # re-split: the graph holds the impl
+        lm = load_model(directory, dtype=args.dtype, mesh=mesh, options=options, **kwargs)
     log.info("loaded %s (%s) in %.1f s", lm.source, args.dtype, time.perf_counter() - t0)
     tok_dir = args.tokenizer or directory
     tokenizer = Tokenizer(tok_dir)

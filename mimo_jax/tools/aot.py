@@ -93,20 +93,22 @@ def kernel_choices(platform: str) -> dict[str, str]:
     Decided by the target, never by this host's backend: a TPU program compiled on a GPU host
     must use `jax.lax.ragged_dot` and XLA's attention, not the Pallas GPU kernel or cuDNN.
     """
-    from mimo_jax import kernels
+    from mimo_jax.config import RunOptions
 
-    return {"moe": kernels.default_expert_impl(platform), "attention": "xla"}
+    options = RunOptions.for_platform(platform)
+    return {"moe": options.expert_impl, "attention": options.attention_impl}
 
 
 def for_platform(graphdef, params, platform: str):
-    """(graphdef, params) with every layer's kernels set for `platform` (`kernel_choices`)."""
+    """(graphdef, params) of the same model built with `RunOptions` for `platform` (`kernel_choices`), its
+    experts in the layout that implementation reads."""
     from flax import nnx
 
-    choice = kernel_choices(platform)
+    from mimo_jax.config import RunOptions
+    from mimo_jax.model.mimo import relayout_experts
+
     model = nnx.merge(graphdef, params)
-    model.set_moe_impl(choice["moe"])
-    model.set_attention_impl(choice["attention"])
-    return nnx.split(model)
+    return nnx.split(relayout_experts(model.with_options(RunOptions.for_platform(platform))))
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -150,7 +152,7 @@ def serving_steps(
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from mimo_jax import engine
+    from mimo_jax.engine import host as engine
     from mimo_jax.engine.speculative import history_length
 
     k = speculative_steps

@@ -27,14 +27,14 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax import sharding
-from mimo_jax.config import MiMoConfig
+from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingParams
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import moe
 from mimo_jax.model.attention import ATTENTION_IMPLS
 from mimo_jax.model.cache import LayerKV, empty_layer_kv, kv_bytes_per_token
-from mimo_jax.model.mimo import MiMoModel, MoE
+from mimo_jax.model.mimo import MiMoModel, MoE, relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.tools.profiling import format_ops, top_ops
 from mimo_jax.weights.random import bench_config, random_model
@@ -311,14 +311,15 @@ def compare_attention(model: MiMoModel, mesh, impl: str, prompt_len: int = 2048,
     """Largest relative L2 difference, over the first full-attention and first SWA layer, between `impl`
     and the XLA reference: one layer's attention on random activations, prefilled in two chunks through
     its KV cache (a semantic check of the fast path on this device, cheap to compile)."""
-    layers = [next(layer for layer in model.layers if layer.self_attn.spec.sliding == s) for s in (False, True)]
+    sliding = [layer.self_attn.spec.sliding for layer in model.layers]
+    index = [sliding.index(False), sliding.index(True)]  # the first full and the first SWA layer
+    views = {a: model.with_options(dataclasses.replace(model.options, attention_impl=a)) for a in ("xla", impl)}
     errors = []
-    for layer in layers:
-        attn = layer.self_attn
+    for i in index:
         x = jax.random.normal(jax.random.key(2), (1, prompt_len, model.config.hidden_size), model.dtype)
         outs = []
         for attention_impl in ("xla", impl):
-            attn.impl = attention_impl
+            attn = views[attention_impl].layers[i].self_attn
             graphdef, state = nnx.split(attn)
 
             @jax.jit
@@ -417,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     t = time.perf_counter()
-    model = random_model(cfg, dtype, "ragged", mesh, args.random_weights)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    model = random_model(cfg, dtype, RunOptions.for_platform(platform, moe_impl="ragged"), mesh, args.random_weights)
     jax.block_until_ready(nnx.state(model))
     fp8 = args.random_weights == "fp8"
     print(
@@ -436,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             print(f"# {attention_impl} attention failed its check ({type(e).__name__}: {str(e)[:300]}); using xla")
             attention_impl = "xla"
-    model.set_attention_impl(attention_impl)
+    model = model.with_options(dataclasses.replace(model.options, attention_impl=attention_impl))
     results["attention"] = attention_impl
 
     def save() -> None:  # after every case, so a run stopped at its time limit keeps what it measured
@@ -447,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.replace(tmp, args.json)
 
     def with_experts(impl: str) -> LanguageModel:
-        model.set_moe_impl(impl)  # same weights, another expert path
+        nonlocal model  # same weights, another expert path, re-laid out for it (the old view is consumed)
+        model = relayout_experts(model.with_options(dataclasses.replace(model.options, moe_impl=impl)))
         return LanguageModel(model, mesh=mesh)
 
     def impls(tokens_per_step: int) -> list[str]:

@@ -47,14 +47,17 @@ def convert(
     dtype: str = "bfloat16",
     mesh=None,
     progress: bool = True,
+    options=None,
 ) -> str:
-    """Write the Orbax checkpoint of `src` at `dst` (which must not exist). Returns `dst`."""
+    """Write the Orbax checkpoint of `src` at `dst` (which must not exist), loaded with `options` (a
+    `RunOptions`; the experts are written in the stored layout whatever it re-lays them out to). Returns `dst`."""
     from mimo_jax.lm import load_model
 
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
-    lm = load_model(src, dtype=dtype, weights=weights, mtp=mtp, mesh=mesh, progress=progress)  # validates first
+    # validates the whole checkpoint before anything is written
+    lm = load_model(src, dtype=dtype, weights=weights, mtp=mtp, mesh=mesh, options=options, progress=progress)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)

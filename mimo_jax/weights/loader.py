@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from mimo_jax.config import MiMoConfig
-from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.config import MiMoConfig, RunOptions
+from mimo_jax.model.mimo import MiMoModel, relayout_experts
 from mimo_jax.quant import FP8, BlockQuantized
 from mimo_jax.weights.checkpoint import Checkpoint
 from mimo_jax.weights.safetensors_io import CheckpointError
@@ -98,9 +98,9 @@ def quantization_block(cfg: MiMoConfig, where: str = "config.json") -> tuple[int
     return int(block[0]), int(block[1])
 
 
-def abstract_model(cfg: MiMoConfig, dtype: Any, mtp_layers: int = 0) -> MiMoModel:
-    """The model's structure with shape-only parameters (no memory)."""
-    return nnx.eval_shape(lambda: MiMoModel(cfg, dtype=dtype, rngs=None, mtp_layers=mtp_layers))
+def abstract_model(cfg: MiMoConfig, dtype: Any, mtp_layers: int = 0, options: RunOptions | None = None) -> MiMoModel:
+    """The model's structure with shape-only parameters (no memory), experts in the stored "in_out" layout."""
+    return nnx.eval_shape(lambda: MiMoModel(cfg, dtype=dtype, rngs=None, mtp_layers=mtp_layers, options=options))
 
 
 @dataclasses.dataclass
@@ -119,9 +119,17 @@ class ParamPlan:
         return src.tensors[1 if src.kind == HEADS_IN and src.part == "v" and len(src.tensors) == 2 else 0].name
 
 
-def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weights: str = "bf16", mtp_layers: int = 0):
+def abstract_params(
+    cfg: MiMoConfig,
+    dtype: Any,
+    mesh: jax.sharding.Mesh,
+    weights: str = "bf16",
+    mtp_layers: int = 0,
+    options: RunOptions | None = None,
+):
     """(graphdef, params) where params are ShapeDtypeStructs with the model's shardings (and `mtp_layers`
-    MTP layers); no memory is used.
+    MTP layers); no memory is used. The model is built with `options` (default: for the mesh's platform),
+    its experts in the layout that implementation reads, as `load_model` places them.
 
     `weights="fp8"`: what `load_model(..., weights="fp8")` places for a checkpoint with this config's
     `quantization_config`: float8 values and float32 block scales (`quant.BlockQuantized`), each
@@ -136,7 +144,8 @@ def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weight
     block = quantization_block(cfg) if weights == "fp8" else None
     if weights == "fp8" and block is None:
         raise ValueError("--weights fp8 needs a config with an fp8 quantization_config (weight_block_size)")
-    model = abstract_model(cfg, dtype, mtp_layers)
+    options = options or RunOptions.for_platform(mesh.devices.flat[0].platform)
+    model = abstract_model(cfg, dtype, mtp_layers, options)
     shardings = model_shardings(model, mesh)
     params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
     for path, var in params.items():
@@ -162,7 +171,7 @@ def abstract_params(cfg: MiMoConfig, dtype: Any, mesh: jax.sharding.Mesh, weight
                     np.dtype(value.dtype).name,
                 )
             )
-    return nnx.split(model)
+    return nnx.split(relayout_experts(model))
 
 
 def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtypes: set, what: str) -> np.dtype:
@@ -456,8 +465,10 @@ def load_params(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     workers: int = 4,
+    options: RunOptions | None = None,
 ) -> MiMoModel:
-    """Read a checkpoint into a `MiMoModel` placed on `mesh` (None: the first device).
+    """Read a checkpoint into a `MiMoModel` built with `options`, placed on `mesh` (None: the first device),
+    its experts in the stored "in_out" layout (`relayout_experts` makes the kernel's).
 
     `weights`: "bf16" dequantizes FP8 tensors into `dtype`; "fp8" keeps them block-quantized.
     `mtp_layers`: how many `model.mtp.layers.*` to load (0: ignore them).
@@ -470,7 +481,7 @@ def load_params(
         raise CheckpointError(
             f"{ckpt.directory}: asked for {mtp_layers} MTP layers, config.json declares {cfg.num_mtp_layers}"
         )
-    model = abstract_model(cfg, dtype, mtp_layers)
+    model = abstract_model(cfg, dtype, mtp_layers, options)
     params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
     try:
         sources = parameter_sources(cfg, mtp_layers)

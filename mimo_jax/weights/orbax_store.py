@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from mimo_jax.config import MiMoConfig
+from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.quant import FP8, BlockQuantized
 from mimo_jax.weights.safetensors_io import CheckpointError
 from mimo_jax.weights.table import fp8_param_block, parameter_sources
@@ -47,13 +47,14 @@ def _key(path: tuple) -> str:
 def save_params(model: Any, directory: str) -> None:
     """Write every parameter of `model` (sharded arrays stay sharded) under `directory`/params.
 
-    Expert weights are written in the stored layout ("in_out"); layers re-laid out for a kernel
-    (`MiMoModel.set_moe_impl`) are turned back for the write and again after it, on their devices.
+    Expert weights are written in the stored layout ("in_out"); a model re-laid out for a kernel
+    (`relayout_experts`) has its experts turned back for the write and again after it, on their devices.
     """
     import orbax.checkpoint as ocp
 
     layouts = [(layer, layer.layout) for layer in model.moe_layers()]
-    model.set_expert_layout("in_out")
+    for layer, _ in layouts:
+        layer._store_in("in_out")
     try:
         tree = {_key(path): var.get_value() for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
         checkpointer = ocp.StandardCheckpointer()
@@ -61,13 +62,18 @@ def save_params(model: Any, directory: str) -> None:
         checkpointer.wait_until_finished()
     finally:
         for layer, layout in layouts:
-            layer.set_layout(layout)
+            layer._store_in(layout)
 
 
 def restore_params(
-    path: str | os.PathLike, dtype: Any, weights: str, mtp_layers: int, mesh: jax.sharding.Mesh | None
+    path: str | os.PathLike,
+    dtype: Any,
+    weights: str,
+    mtp_layers: int,
+    mesh: jax.sharding.Mesh | None,
+    options: RunOptions | None = None,
 ) -> Any:
-    """A `MiMoModel` restored from a converted directory onto `mesh` (any shape)."""
+    """A `MiMoModel` built with `options`, restored from a converted directory onto `mesh` (any shape)."""
     import orbax.checkpoint as ocp
 
     from mimo_jax.weights.loader import _dequantizer, abstract_model, quantization_block
@@ -119,7 +125,7 @@ def restore_params(
                 raise CheckpointError(f"{path}: parameter {key!r} has shape {entry.shape}, the config implies {shape}")
             target[key] = jax.ShapeDtypeStruct(shape, var.get_value().dtype, sharding=sharding(var, shape))
     restored = checkpointer.restore(os.path.join(path, PARAMS_DIR), target)
-    model = abstract_model(cfg, dtype, mtp_layers)
+    model = abstract_model(cfg, dtype, mtp_layers, options)
     for p, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Param):
             continue

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.config import MiMoConfig
+from mimo_jax.config import MiMoConfig, RunOptions
 
 # the repository's configs/ (a source checkout; installed packages take a config.json path instead)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -56,13 +56,14 @@ def bench_config(model: str, scale_down: bool = False) -> MiMoConfig:
 def random_model(
     cfg: MiMoConfig,
     dtype: jnp.dtype,
-    moe_impl: str,
+    options: RunOptions | None = None,
     mesh: jax.sharding.Mesh | None = None,
     weights: str = "bf16",
     mtp_layers: int = 0,
 ):
     """A MiMoModel (with `mtp_layers` MTP layers) with random weights made on the device, one jitted
-    initializer per parameter shape.
+    initializer per parameter shape, built with `options` (default: for the mesh's platform), its experts
+    in the layout that implementation reads.
 
     `weights="fp8"`: the parameters `load_model(..., weights="fp8")` would place for this config
     (float8 blocks + float32 scales for the kinds the loader keeps in FP8), filled with random values.
@@ -73,7 +74,8 @@ def random_model(
 
     if weights == "fp8" and cfg.quantization is None:
         cfg = cfg.replace(quantization={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
-    graphdef, state = abstract_params(cfg, dtype, mesh or make_mesh(devices=jax.devices()[:1]), weights, mtp_layers)
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+    graphdef, state = abstract_params(cfg, dtype, mesh, weights, mtp_layers, options)
 
     @functools.cache
     def initializer(kind: str, shape: tuple, leaf_dtype: jnp.dtype, sharding):
@@ -109,6 +111,4 @@ def random_model(
     flat = nnx.to_flat_state(state)
     keys = jax.random.split(jax.random.key(0), len(flat))
     values = [(path, var.replace(make(path, var.get_value(), k))) for (path, var), k in zip(flat, keys, strict=True)]
-    model = nnx.merge(graphdef, nnx.from_flat_state(values))
-    model.set_moe_impl(moe_impl)
-    return model
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
