@@ -1,7 +1,5 @@
 import os
-import sys
 
 # Multi-device tests use 8 fake CPU devices; must be set before JAX is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(__file__))

@@ -9,12 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from hf_fixtures import make_hf_model, save_hf_checkpoint
 
 import mimo_jax
 from mimo_jax import sharding
+from tests.fixtures import ROOT, make_hf_model, save_hf_checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = dict(
     n_routed_experts=16,
     num_attention_heads=8,
@@ -40,7 +39,7 @@ def test_two_processes_one_mesh_equal_single_process(tmp_path):
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
         sharding.COORDINATOR_ENV: f"localhost:{_free_port()}",
         sharding.NUM_PROCESSES_ENV: "2",
     }

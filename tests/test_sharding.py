@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import SHARDABLE, make_hf_model, save_hf_checkpoint
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -16,6 +15,7 @@ import mimo_jax
 from mimo_jax.model import moe
 from mimo_jax.model.cache import CACHE_AXES, empty_layer_kv
 from mimo_jax.sharding import logical_to_spec, make_mesh, model_shardings
+from tests.fixtures import SHARDABLE, make_hf_model, save_hf_checkpoint
 
 MESHES = {
     "expert8": dict(expert=8),
@@ -183,7 +183,7 @@ def _reference(inputs):
     return np.asarray(moe.experts_dense(x, *ROUTE(x, router, bias), *experts))
 
 
-# The GPU kernel is checked in interpret mode by tests/test_moe_kernel.py (same contract).
+# The GPU kernel is checked in interpret mode by tests/kernels/test_moe_kernel.py (same contract).
 @pytest.mark.parametrize("impl", sorted(set(moe.EXPERT_IMPLS) - {"pallas_gpu", "pallas_gpu_w8a8"}))
 def test_every_expert_impl_ignores_experts_not_here(impl):
     """The local-compute contract: ids >= E contribute nothing (how a shard skips others' experts)."""
@@ -278,10 +278,8 @@ def test_model_reports_dropped_tokens_only_with_a_capacity(adversarial_checkpoin
 @pytest.fixture(scope="module")
 def release_checkpoints(checkpoint, tmp_path_factory):
     """The shardable model written as V2.5/Pro release files: fused qkv in float32, and FP8 (16x16 blocks)."""
-    from hf_fixtures import to_hub_config
-    from importer_fixtures import read_all
-
     from mimo_jax.weights.export import export_release
+    from tests.fixtures import read_all, to_hub_config
 
     directory, single = checkpoint
     tensors, hub = read_all(directory), to_hub_config(directory)

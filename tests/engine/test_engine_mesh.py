@@ -1,0 +1,77 @@
+"""The engine on a (data, tensor, expert) mesh of 8 CPU devices gives the single-device tokens."""
+
+import jax
+from flax import nnx
+
+import mimo_jax
+from mimo_jax.config import MiMoConfig
+from mimo_jax.engine.host import Engine
+from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.sharding import make_mesh
+from tests.fixtures import TINY
+
+
+def test_sharded_engine_equals_single_device():
+    cfg = MiMoConfig.from_dict(TINY)
+    plain = mimo_jax.LanguageModel(MiMoModel(cfg, rngs=nnx.Rngs(3)))
+    model = MiMoModel(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    sharded = mimo_jax.LanguageModel(model, mesh=mesh)
+    prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [4, 6], [50, 1, 2], [7] * 5]
+    kwargs = dict(max_new_tokens=10, temperature=0.8, seed=3)
+    engine = Engine(sharded, max_batch=4, max_context=24, prefill_chunk=4, max_round_tokens=10)
+    # batch 4 on data x expert (data-parallel attention), kv heads on tensor
+    assert tuple(engine.cache[1].k.sharding.spec) == (("data", "expert"), "tensor", None, None)
+    want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
+    got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_steps_compile_once_whatever_the_parameter_layout():
+    """Parameters placed on a one-device mesh (as the bench's initializers do) must not make the
+    decode loop recompile when its outputs come back with differently spelled shardings."""
+    cfg = MiMoConfig.from_dict(TINY)
+    model = MiMoModel(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(data=1, tensor=1, expert=1, devices=jax.devices()[:1])
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_value(
+                jax.device_put(var.get_value(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            )
+    engine = Engine(mimo_jax.LanguageModel(model), max_batch=2, max_context=40, prefill_chunk=8, max_round_tokens=2)
+    mimo_jax.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9, engine=engine)
+    for fn in (engine.prefill_fn, engine.admit_fn, engine.decode_fn):
+        assert fn._cache_size() == 1
+
+
+def test_fp8_weights_are_dequantized_inside_the_decode_loop():
+    """XLA must not hoist the FP8 dequantization out of the decode while_loop (every weight in bf16 at once)."""
+    import re
+
+    lm = mimo_jax.load_model("demo", dtype="bfloat16", weights="fp8", options=mimo_jax.RunOptions(moe_impl="ragged"))
+    engine = Engine(lm, max_batch=2, max_context=64, max_round_tokens=4)
+    hlo = engine.decode_fn.lower(*engine.abstract_decode_args()).compile().as_text()
+    computations = re.split(r"\n(?=\S)", hlo)
+    takes_fp8 = [c.split(" ", 1)[0].lstrip("%") for c in computations if "f8e4m3fn" in c.split("\n", 1)[0]]
+    entry = next(c for c in computations if c.startswith("ENTRY"))
+    assert takes_fp8  # the dequantizing computations exist...
+    assert not [name for name in takes_fp8 if f"calls=%{name}" in entry]  # ...and none runs before the loop
+
+
+def test_prefill_reads_only_the_owner_shard_of_a_batch_split_cache():
+    """Prefill reads one slot's cache row: on a mesh that splits the batch (data x expert) only that
+    row may cross devices, never a whole layer cache (a plain dynamic_slice all-gathers it)."""
+    import re
+
+    cfg = MiMoConfig.from_dict(TINY)
+    model = MiMoModel(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    lm = mimo_jax.LanguageModel(model, mesh=mesh)
+    engine = Engine(lm, max_batch=8, max_context=64, prefill_chunk=8, max_round_tokens=2)
+    assert engine.cache[0].k.sharding.spec[0] == ("data", "expert")
+    hlo = engine.prefill_fn.lower(*engine.abstract_prefill_args(8)).compile().as_text()  # under the mesh
+    gathered = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", hlo)
+    whole = {f"{x.dtype}[{','.join(map(str, x.shape))}]" for c in engine.cache for x in (c.k, c.v, c.pos)}
+    whole = {w.replace("float32", "f32").replace("int32", "s32") for w in whole}
+    assert not whole & set(gathered), f"prefill all-gathers whole cache arrays: {sorted(whole & set(gathered))}"
+    assert "all-reduce" in hlo  # the owner's row is summed across the batch shards

@@ -1,0 +1,149 @@
+"""MTP speculative decoding in the engine: the plain engine's greedy output, drafts equal to an uncached
+chain, acceptance at its extremes (sampling: tests/engine/test_speculative_sampling.py).
+
+Models: TINY (window of 5 keys; full, SWA, SWA, full layers) with 3 MTP layers, weights made so the
+target mostly predicts succ(last token) (a fixed map) with context-dependent exceptions, and MTP
+layers that mostly predict the same map: drafts are then accepted sometimes, not always.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mimo_jax
+from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.model.mimo import MiMoModel
+from tests.fixtures import TINY_CONFIG, predictable_model, successor
+
+CFG = TINY_CONFIG
+LONG = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9, 3, 2, 38]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
+
+
+def run(engine: Engine, requests: dict) -> dict:
+    """{id: (prompt, options)} through 2 slots (later ones wait for a free slot) -> {id: outputs}."""
+    out = {rid: dict(tokens=[], accepted=[], drafts=[], reason=None) for rid in requests}
+    pending = list(requests.items())
+    while pending or engine.has_work():
+        while pending and engine.free_slots:
+            rid, (prompt, options) = pending.pop(0)
+            engine.add(rid, prompt, options)
+        for o in engine.step(max_tokens_per_round=3):
+            r = out[o.request_id]
+            r["tokens"] += o.token_ids
+            r["accepted"] += o.accepted
+            r["drafts"] += o.drafts
+            if o.finished:
+                r["reason"] = o.finish_reason
+    return out
+
+
+@nnx.jit(static_argnums=1)
+def _mtp_greedy(model: MiMoModel, j: int, tokens, hidden, positions, last):
+    _, logits, _ = model.mtp_forward(j, tokens, hidden, positions)
+    return jnp.argmax(logits[0, last])
+
+
+def uncached_drafts(model: MiMoModel, seq: list[int], prompt_len: int, accepted: list[int], k: int) -> list:
+    """Each round's greedy chain recomputed without any cache: MTP layer j over positions 0..P reads
+    (h_i, t_{i+j+1}) with the final sequence's tokens up to t_{P+1} and the chain's own drafts after."""
+    length = 64  # one shape for every sequence: positions past P are -1 (masked)
+    positions = np.arange(length, dtype=np.int32)[None]
+    padded = np.zeros((1, length), np.int32)
+    padded[0, : len(seq)] = seq
+    hidden, _ = nnx.jit(MiMoModel.hidden_states)(model, jnp.asarray(padded), jnp.asarray(positions))
+    rounds, last = [], prompt_len - 1
+    for a in accepted:
+        drafts = []
+        for j in range(k):
+            ext = np.array(seq[: last + 2] + drafts, np.int32)
+            tokens = np.zeros((1, length), np.int32)
+            tokens[0, : last + 1] = ext[j + 1 : j + 2 + last]
+            pos = np.where(positions <= last, positions, -1)
+            drafts.append(int(_mtp_greedy(model, j, tokens, hidden, pos, last)))
+        rounds.append(drafts)
+        last += a + 1
+    return rounds
+
+
+@pytest.fixture(scope="module")
+def requests(lm):
+    """Mixed prompt lengths and options; the stop token and the context end cut an accepted run."""
+    plain = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3)
+    greedy = SamplingOptions(max_new_tokens=30)
+    reqs = {
+        "long": (LONG, greedy),
+        "short": (LONG[:2], SamplingOptions(max_new_tokens=30, presence_penalty=0.7, repetition_penalty=1.5)),
+        "mid": (LONG[5:14], greedy),
+        "edge": ((LONG * 4)[:58], greedy),  # 6 positions left in max_context=64
+    }
+    first = run(plain, {"mid": reqs["mid"]})["mid"]["tokens"]
+    reqs["stop"] = (LONG[5:14], SamplingOptions(max_new_tokens=30, stop_token_ids=(first[17],)))
+    # sampled: shares rounds with greedy requests (a mixed batch takes the sampling path)
+    reqs["hot"] = (LONG[3:9], SamplingOptions(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3))
+    want = run(plain, reqs)
+    del want["hot"]["tokens"]  # another random stream: only its length is compared
+    return reqs, want
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_plain_and_drafts_equal_uncached_chain(lm, requests, k):
+    reqs, want = requests
+    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=k)
+    got = run(engine, reqs)
+    for rid, w in want.items():
+        g = got[rid]
+        if rid == "hot":
+            assert len(g["tokens"]) == 30 and g["reason"] == "length"
+            continue
+        assert (g["tokens"], g["reason"]) == (w["tokens"], w["reason"]), rid
+        prompt = reqs[rid][0]
+        assert len(g["accepted"]) == len(g["drafts"]) and all(len(d) == k for d in g["drafts"])
+        assert sum(a + 1 for a in g["accepted"]) >= len(g["tokens"]) - 1  # stops may cut the last run
+        if rid != "short":  # penalties would change the reference's argmax
+            assert g["drafts"] == uncached_drafts(lm.model, prompt + g["tokens"], len(prompt), g["accepted"], k), rid
+    assert len(LONG) + len(want["long"]["tokens"]) > 3 * CFG.window_keys
+    assert want["edge"]["reason"] == "length" and len(want["edge"]["tokens"]) == 6
+    accepted = np.concatenate([np.asarray(g["accepted"]) for g in got.values()])
+    assert (accepted == 0).any() and (accepted == k).any()  # both rejections and full acceptance happened
+    stats_ = engine.speculation
+    assert stats_.target_forwards == accepted.size and stats_.accepted_tokens == accepted.sum()
+    assert stats_.accepted_at == [int((accepted > j).sum()) for j in range(k)]
+    assert stats_.mean_accept_length == pytest.approx(1 + accepted.mean())
+
+
+@pytest.mark.parametrize(("k", "mtp_right"), [(3, True), (2, False)])
+def test_acceptance_length_is_k_plus_1_or_1(k, mtp_right):
+    model = predictable_model(noise=0.0, mtp_noise=0.0)  # target: exactly successor(last token)
+    if not mtp_right:
+        for m in model.mtp:  # all-zero draft logits: always token 0, which the target never picks
+            m.final_layernorm.weight.set_value(jnp.zeros_like(m.final_layernorm.weight.get_value()))
+    lm = mimo_jax.LanguageModel(model)
+    prompts = [LONG, [7, 8]]
+    results = mimo_jax.generate(lm, prompts, max_new_tokens=21, ignore_eos=True, speculative_steps=k, prefill_chunk=8)
+    succ = successor(CFG.vocab_size)
+    for prompt, r in zip(prompts, results, strict=True):
+        chain = [int(succ[prompt[-1]])]
+        while len(chain) < 21:
+            chain.append(int(succ[chain[-1]]))
+        assert r.token_ids == chain
+        assert r.mean_accept_length == (k + 1 if mtp_right else 1)
+        assert r.acceptance_rates == [1.0 if mtp_right else 0.0] * k
+        assert len(r.accepted_per_forward) == (-(-20 // (k + 1)) if mtp_right else 20)
+
+
+def test_speculative_steps_must_fit_the_mtp_layers(lm):
+    with pytest.raises(ValueError, match="speculative_steps=4"):
+        Engine(lm, speculative_steps=4)
+    plain = mimo_jax.LanguageModel(MiMoModel(CFG, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="mtp=True"):
+        Engine(plain, speculative_steps=1)
+    engine = Engine(lm, max_batch=1, max_context=16, speculative_steps=1)
+    with pytest.raises(ValueError, match="the engine has 1"):
+        mimo_jax.generate(lm, [[1, 2]], max_new_tokens=2, engine=engine)

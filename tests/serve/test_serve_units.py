@@ -1,0 +1,447 @@
+"""Server pieces without a model: chat template rendering against transformers, the incremental
+detokenizer with stop strings against whole-text decoding, the reasoning and tool-call parsers
+streamed in every split against their whole-text result, the Prometheus exposition, and the
+scheduler's round plans (timeouts, multi-host followers) over a recording engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mimo_jax.serve.metrics import Metrics
+from mimo_jax.serve.parsers import ReasoningParser, TextStream, ToolCallParser
+from mimo_jax.serve.protocol import APIError
+from mimo_jax.serve.scheduler import Failure, PlanChannel, RoundPlan, Scheduler, Sequence, Tokens, follow
+from mimo_jax.text import ChatTemplate, Tokenizer
+from tests import fixtures as sf
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    sf.write_tokenizer(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+    return Tokenizer(tok_dir)
+
+
+# ---------------------------------------------------------------------------------- chat template
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Caf\u00e9 <b>&</b> \u65e5\u672c"}],
+    [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "reasoning_content": "Needs a tool.",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny.", "tool_calls": None},
+        {"role": "user", "content": "Thanks"},
+    ],
+]
+
+# Exercises what transformers' sandbox adds: special-token variables, namespace, loop controls,
+# tojson without HTML escaping, raise_exception, and `{% generation %}` blocks.
+FEATURE_TEMPLATE = (
+    "{{ bos_token or '' }}{% set ns = namespace(n=0) %}"
+    "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}"
+    "{% generation %}[{{ ns.n }}:{{ m.role }}] {{ m.content | tojson }}{% endgeneration %}\n"
+    "{% if m.role not in ['user', 'assistant', 'tool'] %}{{ raise_exception('bad role') }}{% endif %}"
+    "{% endfor %}{% if tools %}{{ tools | tojson(indent=2) }}{% endif %}"
+    "{% if add_generation_prompt %}{{ eos_token }}>>{% endif %}"
+)
+
+
+def _hf_tokenizer(directory, template):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("template_name", ["mimo", "features"])
+def test_chat_template_renders_as_transformers(tok_dir, tokenizer, template_name):
+    source = sf.CHAT_TEMPLATE if template_name == "mimo" else FEATURE_TEMPLATE
+    hf = _hf_tokenizer(tok_dir, source)
+    ours = ChatTemplate({"default": source}, ChatTemplate.from_dir(tok_dir).special_tokens)
+    for messages in CONVERSATIONS:
+        for tools in (None, [sf.WEATHER_TOOL]):
+            for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+                for gen in (True, False):
+                    want = hf.apply_chat_template(
+                        messages, tools=tools, add_generation_prompt=gen, tokenize=False, **kwargs
+                    )
+                    got = ours.render(messages, tools, add_generation_prompt=gen, **kwargs)
+                    assert got == want
+                    ids = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, **kwargs)
+                    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+                    assert tokenizer.encode(got, add_special_tokens=False) == list(ids)
+
+
+def test_chat_template_lookup_and_errors(tmp_path, tok_dir):
+    # Template files take priority over tokenizer_config.json; a named set picks `tool_use` when tools come.
+    config = json.load(open(f"{tok_dir}/tokenizer_config.json"))
+    config["chat_template"] = [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    t = ChatTemplate.from_dir(tmp_path)
+    msgs = [{"role": "user", "content": "x"}]
+    assert t.render(msgs) == "D" and t.render(msgs, tools=[sf.WEATHER_TOOL]) == "T"
+    (tmp_path / "chat_template.jinja").write_text("J{{ messages | length }}")
+    assert ChatTemplate.from_dir(tmp_path).render(msgs) == "J1"
+    bad = ChatTemplate({"default": "{{ raise_exception('no system role') }}"}, {})
+    with pytest.raises(ValueError, match="no system role"):
+        bad.render(msgs)
+    sandboxed = ChatTemplate({"default": "{{ messages.__class__.__mro__ }}"}, {})
+    with pytest.raises(ValueError):
+        sandboxed.render(msgs)
+    assert ChatTemplate.from_dir(tmp_path / "missing") is None
+
+
+# ---------------------------------------------------------------------------------- detokenizer
+def _random_ids(tokenizer, rng, n):
+    return [int(i) for i in rng.integers(3, tokenizer.vocab_size, size=n)]
+
+
+def test_text_stream_equals_full_decode(tokenizer):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = _random_ids(tokenizer, rng, int(rng.integers(1, 40)))
+        stream = TextStream(tokenizer)
+        text = "".join(stream.add(t) for t in ids) + stream.finish()
+        assert text == tokenizer.decode(ids) == stream.text
+    # Split characters: UTF-8 bytes spread over tokens come out whole.
+    ids = tokenizer.encode("\u65e5\u672c\u8a9e \U0001f600 caf\u00e9", add_special_tokens=False)
+    stream = TextStream(tokenizer)
+    pieces = [stream.add(t) for t in ids]
+    assert "".join(pieces) + stream.finish() == "\u65e5\u672c\u8a9e \U0001f600 caf\u00e9"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_text_stream_cuts_at_stop_strings(tokenizer):
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        ids = tokenizer.encode("def fibonacci(n): return the quick brown fox", add_special_tokens=False)
+        ids = ids + _random_ids(tokenizer, rng, 5)
+        full = tokenizer.decode(ids)
+        a = int(rng.integers(0, len(full) - 3))
+        stop = full[a : a + int(rng.integers(1, 6))]
+        if "\ufffd" in stop:
+            continue
+        stream = TextStream(tokenizer, ["zzz-never", stop])
+        text = ""
+        for t in ids:
+            text += stream.add(t)
+            if stream.stopped:
+                break
+        else:
+            text += stream.finish()
+        first = full.index(stop)
+        assert text == full[:first] and stream.stopped
+        # The kept tokens end with the one that completed the stop string.
+        kept = stream.token_ids
+        assert stop in tokenizer.decode(kept) and stop not in tokenizer.decode(kept[:-1])
+
+
+# ---------------------------------------------------------------------------------- parsers
+def _splits(text: str, rng, count: int = 30):
+    yield [text]
+    yield list(text)  # one character at a time
+    for _ in range(count):
+        cuts = sorted(set(rng.integers(0, len(text) + 1, size=int(rng.integers(1, 6)))))
+        yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+def _run_reasoning(pieces, in_reasoning):
+    parser = ReasoningParser(in_reasoning)
+    reasoning, content = "", ""
+    for p in pieces:
+        r, c = parser.feed(p)
+        reasoning, content = reasoning + r, content + c
+    r, c = parser.finish()
+    return reasoning + r, content + c, parser.saw_reasoning
+
+
+@pytest.mark.parametrize(
+    "text,in_reasoning,want",
+    [
+        ("I think so.</think>\n\nThe answer is 4.", True, ("I think so.", "The answer is 4.", True)),
+        ("\n<think>plan</think>Answer", False, ("plan", "Answer", True)),
+        ("No reasoning here <think>x</think>", False, ("", "No reasoning here <think>x</think>", False)),
+        ("still thinking </thi", True, ("still thinking </thi", "", True)),
+        ("<thi", False, ("", "<thi", False)),
+        ("", True, ("", "", True)),
+        ("a < b </think>   ", True, ("a < b", "", True)),
+        ("<think>\n  step 1\n\n step 2 \n</think>\n\nDone.", False, ("step 1\n\n step 2", "Done.", True)),
+        ("\n thinking cut short  \n", True, ("thinking cut short", "", True)),
+    ],
+)
+def test_reasoning_parser_streamed_equals_whole(text, in_reasoning, want):
+    rng = np.random.default_rng(2)
+    for pieces in _splits(text, rng):
+        assert _run_reasoning(pieces, in_reasoning) == want
+
+
+def _run_tools(pieces, tools):
+    parser = ToolCallParser(tools)
+    content, calls = "", []
+    for p in pieces:
+        c, k = parser.feed(p)
+        content, calls = content + c, calls + k
+    c, k = parser.finish()
+    return content + c, [(x.name, x.arguments) for x in calls + k]
+
+
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "limit": {"type": "integer"},
+                "score": {"type": "number"},
+                "exact": {"type": "boolean"},
+                "filters": {"type": "object"},
+                "tags": {"type": "array"},
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Plain answer, no calls.", ("Plain answer, no calls.", [])),
+        (
+            "Let me check.<tool_call>" + sf.CALL_BODY + "</tool_call>",
+            ("Let me check.", [("get_weather", {"city": "Paris", "days": 3})]),
+        ),
+        (
+            "<tool_call>\n<function=search>\n<parameter=query>a <b> & c\nline 2</parameter>\n<parameter=limit>5"
+            "</parameter>\n<parameter=score>0.5</parameter>\n<parameter=exact>True</parameter>\n<parameter=filters>"
+            '{"lang": "en"}</parameter>\n<parameter=tags>["x", 1]</parameter>\n</function>\n</tool_call>\n'
+            "<tool_call>\n<function=get_weather>\n<parameter=city>null</parameter>\n</function>\n</tool_call>",
+            (
+                "",
+                [
+                    (
+                        "search",
+                        {
+                            "query": "a <b> & c\nline 2",
+                            "limit": 5,
+                            "score": 0.5,
+                            "exact": True,
+                            "filters": {"lang": "en"},
+                            "tags": ["x", 1],
+                        },
+                    ),
+                    ("get_weather", {"city": None}),
+                ],
+            ),
+        ),
+        (  # an unknown function stays text; a call cut short is text too
+            "A<tool_call><function=rm_rf>\n</function></tool_call>B<tool_call><function=search>",
+            ("A<tool_call><function=rm_rf>\n</function></tool_call>B<tool_call><function=search>", []),
+        ),
+        ("x <tool_ca", ("x <tool_ca", [])),
+    ],
+)
+def test_tool_call_parser_streamed_equals_whole(text, want):
+    rng = np.random.default_rng(3)
+    tools = [sf.WEATHER_TOOL, SEARCH_TOOL]
+    for pieces in _splits(text, rng):
+        assert _run_tools(pieces, tools) == want
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_metrics_exposition_is_valid_prometheus_text():
+    m = Metrics("tiny", max_batch=4, max_context=100)
+    m.set_batch(running=2, waiting=3, kv_tokens_used=50)
+    m.on_first_token(0.03)
+    for _ in range(5):
+        m.on_inter_token(0.004, 4)
+    m.on_tokens(21, now=1e12)
+    m.on_finish("stop", 1.5)
+    m.on_finish("length", 0.2)
+    m.on_reject("queue_full")
+    m.on_speculation(drafted=30, accepted=20, target_forwards=10)
+    text = m.render()
+    sample = re.compile(r'^mimo_jax_[a-z0-9_]+(\{[a-z_]+="[^"]*"\})? -?[0-9.e+-]+$|^mimo_jax_\S+ (inf|nan)$')
+    types = {}
+    for line in text.strip().splitlines():
+        if line.startswith("# TYPE"):
+            _, _, name, kind = line.split()
+            types[name] = kind
+        elif not line.startswith("# HELP"):
+            assert sample.match(line), line
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["mimo_jax_num_requests_running"] == 2 and values["mimo_jax_num_requests_waiting"] == 3
+    assert values["mimo_jax_kv_cache_usage_ratio"] == 50 / 400
+    assert values['mimo_jax_inter_token_latency_seconds_bucket{le="0.005"}'] == 20
+    assert values['mimo_jax_inter_token_latency_seconds_bucket{le="+Inf"}'] == 20
+    assert values["mimo_jax_inter_token_latency_seconds_count"] == 20
+    assert values['mimo_jax_time_to_first_token_seconds_bucket{le="0.025"}'] == 0
+    assert values['mimo_jax_time_to_first_token_seconds_bucket{le="0.05"}'] == 1
+    assert values['mimo_jax_request_success_total{finish_reason="length"}'] == 1
+    assert values["mimo_jax_spec_decode_mean_accept_length"] == 3.0
+    assert types["mimo_jax_time_to_first_token_seconds"] == "histogram"
+
+
+# ---------------------------------------------------------------------------------- scheduler
+@dataclasses.dataclass
+class _Out:
+    request_id: str
+    token_ids: list
+    logprobs: None = None
+    top_logprobs: None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    accepted: list = dataclasses.field(default_factory=list)  # MTP: drafts accepted per target forward
+
+
+class RecordingEngine:
+    """Test double with the engine's host interface: each step emits one token per request (its slot number)
+    until the request's max_new_tokens. Records every call, so two engines fed the same plans can be compared."""
+
+    max_round_tokens, prefill_chunk, max_batch, max_context, buckets = 8, 16, 2, 64, (16,)
+    max_top_logprobs = 0
+
+    def __init__(self):
+        self.calls, self.running = [], {}
+
+    @property
+    def free_slots(self):
+        return self.max_batch - len(self.running)
+
+    def has_work(self):
+        return bool(self.running)
+
+    def add(self, rid, prompt, options):
+        self.calls.append(("add", rid, list(prompt), options.seed))
+        self.running[rid] = [options.max_new_tokens, 0]
+
+    def cancel(self, rid):
+        self.calls.append(("cancel", rid))
+        return self.running.pop(rid, None) is not None
+
+    def step(self, max_tokens_per_round=None, prefill_tokens=None):
+        self.calls.append(("step", max_tokens_per_round, prefill_tokens))
+        outs = []
+        for rid, budget in list(self.running.items()):
+            budget[1] += 1
+            done = budget[1] >= budget[0]
+            outs.append(_Out(rid, [budget[1]], finished=done, finish_reason="length" if done else None))
+            if done:
+                del self.running[rid]
+        return outs
+
+
+def _options(max_new_tokens=3, seed=None):
+    from mimo_jax.engine.sampling import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=max_new_tokens, seed=seed)
+
+
+class _ListChannel(PlanChannel):
+    """In-process stand-in for the broadcast: the bytes that would travel, in order."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, plan):
+        self.sent.append(plan.encode())
+
+    def receive(self):
+        return RoundPlan.decode(self.sent.pop(0))
+
+
+def test_scheduler_rounds_timeouts_and_multihost_followers():
+    leader, channel = RecordingEngine(), _ListChannel()
+    events = {}
+    scheduler = Scheduler(
+        leader,
+        Metrics("t", 2, 64),
+        dispatch=lambda batch: [deliver(ev) for deliver, ev in batch],
+        max_waiting=2,
+        round_tokens=4,
+        channel=channel,
+    )
+    seqs = [
+        Sequence(f"r{i}", [1, 2, i], _options(3), deliver=lambda ev, i=i: events.setdefault(i, []).append(ev))
+        for i in range(3)
+    ]
+    scheduler.submit(seqs[:2])
+    with pytest.raises(APIError) as full:
+        scheduler.submit(seqs[2:])
+    assert full.value.status == 429
+    expired = Sequence("late", [5], _options(3), deliver=lambda ev: events.setdefault("late", []).append(ev))
+    expired.deadline = expired.arrival - 1.0
+    while not all(i in events and events[i][-1].finish_reason for i in range(2)):
+        scheduler._round()
+    scheduler.submit([seqs[2], expired])
+    while not (2 in events and events[2][-1].finish_reason):
+        scheduler._round()
+    # Every sequence got its tokens in order and its finish; the expired one a 504 and never ran.
+    for i in range(3):
+        assert [t for ev in events[i] for t in ev.token_ids] == [1, 2, 3]
+        assert all(isinstance(ev, Tokens) for ev in events[i]) and events[i][-1].finish_reason == "length"
+    (failure,) = events["late"]
+    assert isinstance(failure, Failure) and failure.error.status == 504
+    assert not any(c[0] == "add" and c[1] == "late" for c in leader.calls)
+    # Seeds were chosen by the leader and travel in the plan.
+    assert all(c[3] is not None for c in leader.calls if c[0] == "add")
+    # A follower applying the broadcast plans makes exactly the leader's engine calls.
+    channel.sent.append(RoundPlan(shutdown=True).encode())
+    follower = RecordingEngine()
+    follow(follower, channel)
+    assert follower.calls == leader.calls
+
+
+def test_scheduler_reports_speculation_acceptance():
+    class Speculating(RecordingEngine):
+        speculative_steps = 3
+
+        def step(self, max_tokens_per_round=None, prefill_tokens=None):
+            outs = super().step(max_tokens_per_round, prefill_tokens)
+            for out in outs:
+                out.accepted = [3, 1]  # two verifies: 3 + 1 drafts accepted -> 6 tokens in 2 forwards
+            return outs
+
+    metrics = Metrics("t", 2, 64)
+    scheduler = Scheduler(Speculating(), metrics, dispatch=lambda b: None, round_tokens=2)
+    scheduler.submit([Sequence("a", [1], _options(2), deliver=lambda ev: None)])
+    scheduler._round()
+    scheduler._round()
+    assert (metrics.spec_draft_tokens, metrics.spec_accepted_tokens, metrics.spec_target_forwards) == (12, 8, 4)
+    assert "mimo_jax_spec_decode_mean_accept_length 3.0" in metrics.render()
+
+
+def test_scheduler_cancel_frees_the_slot_before_the_next_step():
+    engine = RecordingEngine()
+    events = []
+    scheduler = Scheduler(engine, Metrics("t", 2, 64), dispatch=lambda b: [d(e) for d, e in b], round_tokens=2)
+    scheduler.submit([Sequence("a", [1], _options(100), deliver=events.append)])
+    scheduler._round()
+    assert "a" in engine.running
+    scheduler.cancel(["a"])
+    scheduler.submit([Sequence("b", [1], _options(1), deliver=events.append)])
+    scheduler._round()
+    i = engine.calls.index(("cancel", "a"))
+    assert engine.calls[i + 1][:2] == ("add", "b") and engine.calls[i + 2][0] == "step"
+    assert "a" not in engine.running
