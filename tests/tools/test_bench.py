@@ -22,7 +22,7 @@ def test_flash_slice_4_step_costs_match_the_issue():
 
 
 def test_bench_runs_on_cpu(tmp_path, capsys):
-    small = ["--model", "flash-slice-2", "--scale-down", "--copy-mb", "8", "--matmul-n", "128"]
+    small = ["--model", "flash-slice-2", "--scale-down", "--read-mb", "8", "--copy-mb", "8", "--matmul-n", "128"]
     decode_json, prefill_json = tmp_path / "d.json", tmp_path / "p.json"
     main(["decode", *small, "--batch", "2", "--context", "40", "--steps", "2", "--rounds", "1", "--moe-impl",
           "gather", "--json", str(decode_json), "--profile", "3"])  # fmt: skip
