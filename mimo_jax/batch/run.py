@@ -31,24 +31,23 @@ Behaviour:
 
 Multi-host: start the same command on every host (`launch/tpu_vm.sh`, `launch/gpu_multinode.sh`;
 `mimo_jax.sharding.initialize_distributed` reads `MIMO_COORDINATOR_ADDRESS`, `MIMO_NUM_PROCESSES`,
-`MIMO_PROCESS_ID` or the matching flags). Only process 0 reads the input, tokenizes and writes
-the output, so the input and output paths need only exist on host 0 (no shared file system):
-it sends the work in blocks (token ids and sampling settings) with
-`multihost_utils.broadcast_one_to_all`, and every process runs the same engine steps on the
-global mesh. The engine's outputs are the same on every process (`engine.to_host` all-gathers
-arrays split across hosts), so every process takes the same scheduling decisions without further
-messages: one broadcast per block of `--block-size` requests. If process 0 stops (a --strict
-error) it tells the others in that broadcast; if it dies, the others abort at once (the JAX
-coordination service lives in process 0).
+`MIMO_PROCESS_ID` or the matching flags). Only process 0 reads the input, tokenizes, schedules and
+writes the output, so the input and output paths need only exist on host 0 (no shared file
+system): it drives the engine through a `mimo_jax.engine.driver.Driver`, which broadcasts each
+round's plan (adds with their token ids and sampling settings, step sizes) before applying it,
+and the other processes follow the plans on the global mesh. If process 0 stops (a --strict error,
+or any error while reading) it aborts the others through the same channel, and every process exits
+with status 1; if it dies, the others abort at once (the JAX coordination service lives in
+process 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -56,8 +55,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
+from mimo_jax.engine.driver import SEED_LIMIT, Aborted, BroadcastChannel, Driver, RoundPlan
 from mimo_jax.engine.sampling import SamplingOptions
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -65,7 +63,6 @@ INT_FIELDS = ("top_k", "max_new_tokens", "seed", "logprobs")
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
 OTHER_FIELDS = ("id", "stop_token_ids", "ignore_eos", "tools", "chat_template_kwargs", "metadata", "max_tokens")
 KNOWN_FIELDS = frozenset(PROMPT_FIELDS + OTHER_FIELDS + FLOAT_FIELDS + INT_FIELDS)
-SEED_LIMIT = 2**31  # jax.random.key keeps 32 bits of a seed; stay in the non-negative int32 range
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 
@@ -298,83 +295,14 @@ class ResultWriter:
         self._file.close()
 
 
-# ------------------------------------------------------------------ work shared by all processes
+# ------------------------------------------------------------------ work
 @dataclasses.dataclass
 class WorkItem:
-    """What every process needs to run one request; `request` (host-side details) on process 0 only."""
+    """One request as the engine runs it (token ids, sampling settings settled), with its parsed line."""
 
     prompt_ids: list[int]
     options: SamplingOptions
     request: Request | None = None
-
-
-def encode_block(items: Sequence[WorkItem]) -> bytes:
-    """What process 0 sends of a block: each request's token ids and sampling settings."""
-    rows = [[w.prompt_ids, {**dataclasses.asdict(w.options), "stop_token_ids": list(w.options.stop_token_ids)}]
-            for w in items]  # fmt: skip
-    return json.dumps(rows).encode()
-
-
-def decode_block(data: bytes) -> list[WorkItem]:
-    return [
-        WorkItem(list(ids), SamplingOptions(**{**o, "stop_token_ids": tuple(o["stop_token_ids"])}))
-        for ids, o in json.loads(data)
-    ]
-
-
-class Aborted(RuntimeError):
-    """Process 0 stopped the run (a --strict error, or an error while reading); every process exits."""
-
-
-class WorkFeed:
-    """Blocks of work from process 0's reader; in a multi-process run each block is one broadcast.
-
-    Every process calls `next_block` at the same point of the (identical) scheduling loop; process
-    0 reads up to `block_size` requests and sends them, the others receive. An empty block ends
-    the input; a negative length aborts everywhere.
-    """
-
-    def __init__(self, source: Iterator[WorkItem] | None, block_size: int, multiprocess: bool):
-        self.source = source
-        self.block_size = block_size
-        self.multiprocess = multiprocess
-
-    def next_block(self) -> list[WorkItem]:
-        block: list[WorkItem] = []
-        if self.source is not None:  # process 0
-            try:
-                for item in self.source:
-                    block.append(item)
-                    if len(block) >= self.block_size:
-                        break
-            except BaseException:
-                if self.multiprocess:
-                    with contextlib.suppress(Aborted):  # tell the others, then raise our own error
-                        broadcast_bytes(None, abort=True)
-                raise
-        if not self.multiprocess:
-            return block
-        received = broadcast_bytes(encode_block(block) if self.source is not None else None)
-        return block if self.source is not None else decode_block(received)
-
-
-def broadcast_bytes(data: bytes | None, abort: bool = False) -> bytes:
-    """Process 0's `data` on every process (others pass None); raises Aborted everywhere if 0 aborts."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    leader = jax.process_index() == 0
-    length = np.asarray([-1 if abort else len(data) if leader else 0], np.int32)
-    length = int(np.asarray(multihost_utils.broadcast_one_to_all(length))[0])
-    if length < 0:
-        raise Aborted("process 0 stopped the run")
-    if length == 0:
-        return b""
-    size = 1 << max(10, (length - 1).bit_length())  # few distinct shapes: each compiles once
-    buf = np.zeros((size,), np.uint8)
-    if leader:
-        buf[:length] = np.frombuffer(data, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:length].tobytes()
 
 
 # ------------------------------------------------------------------ the run
@@ -387,7 +315,7 @@ class RunSettings:
     ignore_eos: bool = False
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     strict: bool = False
-    block_size: int = 256
+    block_size: int = 256  # requests process 0 reads from the input at a time
     prefill_tokens: int | None = None  # per engine step; None: everything waiting
     progress: bool = True
 
@@ -455,21 +383,29 @@ def run_batch(
     scan: InputScan | None = None,
     done_keys: set[str] | None = None,
     log=None,
+    channel: BroadcastChannel | None = None,
 ) -> RunSummary:
     """Run the input's pending requests through `engine` and append their results to the output.
 
     Single process: give the paths (`scan` and `done_keys` when already made, with the scan's
     errors already reported). Multi-process: every process calls this with the same engine
-    settings; process 0 gives the paths, the others None. On an error the requests in flight
-    are cancelled, so the engine can be used again.
+    settings and the same `channel` (default: a new `BroadcastChannel`); process 0 gives the
+    paths and decides each round, the others give None and follow its plans. On an error the
+    requests in flight are cancelled, so the engine can be used again; in a multi-process run
+    an error on process 0 aborts the others (they raise `Aborted`).
     """
     import jax
 
-    log = log or _log
-    leader = input_path is not None
+    if channel is None and jax.process_count() > 1:
+        channel = BroadcastChannel()
+    driver = Driver(engine, channel)
     summary = RunSummary()
-    writer = bar = source = None
-    if leader:
+    if input_path is None:  # a follower: process 0 reads, schedules and writes
+        driver.follow()
+        return summary
+    log = log or _log
+    writer = bar = None
+    try:
         if done_keys is None:
             done_keys, cut = ResultWriter.recover(output_path)
             if cut:
@@ -503,37 +439,32 @@ def run_batch(
 
         source = items()
         writer = ResultWriter(output_path)
-    feed = WorkFeed(source, settings.block_size, jax.process_count() > 1)
-
-    start = time.perf_counter()
-    queue: collections.deque[WorkItem] = collections.deque()
-    in_flight: dict[int, dict | None] = {}  # engine request id -> result so far (None off process 0)
-    next_id = 0
-    exhausted = False
-    try:
+        start = time.perf_counter()
+        queue: collections.deque[WorkItem] = collections.deque()
+        in_flight: dict[int, dict] = {}  # engine request id -> result so far
+        next_id = 0
+        exhausted = False
         while True:
-            while engine.free_slots:
+            plan = RoundPlan(step=True, prefill_tokens=settings.prefill_tokens or 1 << 62)
+            for _ in range(engine.free_slots):
                 if not queue and not exhausted:
-                    block = feed.next_block()
-                    exhausted = not block
-                    queue.extend(block)
+                    queue.extend(itertools.islice(source, settings.block_size))
+                    exhausted = not queue
                 if not queue:
                     break
                 item = queue.popleft()
-                engine.add(next_id, item.prompt_ids, item.options)
-                in_flight[next_id] = _start_record(item, start) if leader else None
+                plan.add_request(next_id, item.prompt_ids, item.options)
+                in_flight[next_id] = _start_record(item, start)
                 next_id += 1
-            if not engine.has_work():
+            if not (plan.add or engine.has_work()):
                 break
-            outputs = engine.step(prefill_tokens=settings.prefill_tokens or 1 << 62)
+            outputs = driver.run(plan)
             now = time.perf_counter()
             finished = []
             for out in outputs:
                 rec = in_flight[out.request_id]
                 if out.finished:
                     del in_flight[out.request_id]
-                if rec is None:
-                    continue
                 rec["first"] = rec["first"] or now
                 rec["token_ids"].extend(out.token_ids)
                 if rec["logprobs"] is not None:
@@ -542,16 +473,17 @@ def run_batch(
                 summary.completion_tokens += len(out.token_ids)
                 if out.finished:
                     finished.append(_finish_record(rec, out.finish_reason, now, tokenizer))
-            if writer is not None:
-                writer.write(finished)
+            writer.write(finished)
             summary.completed += len(finished)
             summary.prompt_tokens += sum(r["usage"]["prompt_tokens"] for r in finished)
             if bar is not None:
                 bar.update(len(finished))
                 bar.set_postfix_str(f"{summary.completion_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
+        driver.stop()
+    except BaseException:
+        driver.abort()  # the followers exit too; every engine cancels the requests in flight
+        raise
     finally:
-        for request_id in in_flight:  # after an error: free the slots
-            engine.cancel(request_id)
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -625,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-per-step", type=int, default=0, help="prompt tokens prefilled per step (0: all waiting)")
     g.add_argument("--max-logprobs", type=int, default=0, help="largest `logprobs` a line may ask for")
     g.add_argument("--max-stop-ids", type=int, default=16, help="largest number of stop tokens of a request")
-    g.add_argument("--block-size", type=int, default=256, help="requests per broadcast from process 0 (multi-host)")
+    g.add_argument("--block-size", type=int, default=256, help="requests read from the input at a time")
     s = p.add_argument_group("sampling defaults (a line's own fields win)")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -727,10 +659,9 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
                 skipped = f", {len(scan.errors)} bad line(s) skipped" if scan.errors else ""
                 _log(f"{scan.pending} request(s) to run, {scan.done} already in {args.output}{skipped}")
                 pending = scan.pending
-    if multiprocess:  # everyone learns whether there is work before loading the model
-        from jax.experimental import multihost_utils
-
-        pending = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray([pending], np.int32)))[0])
+    channel = BroadcastChannel() if multiprocess else None
+    if channel is not None:  # everyone learns whether there is work before loading the model
+        pending = channel.share_int(pending)
     if pending < 0:
         return EXIT_FAILED
     if pending == 0:
@@ -765,6 +696,7 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
         scan=scan,
         done_keys=done_keys,
         log=_log,
+        channel=channel,
     )
     if not leader:
         return EXIT_OK
@@ -798,4 +730,3 @@ def load_tokenizer(directory: str) -> tuple[Any, Any]:
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return None, None
     return Tokenizer(directory), ChatTemplate.from_dir(directory)
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from mimo_jax.engine.driver import Driver, RoundPlan
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel
@@ -115,10 +116,13 @@ def generate(
     ]
     results: list[GenerationResult | None] = [None] * len(prompts)
     pending = list(range(len(prompts)))[::-1]
+    driver = Driver(engine)
     while pending or engine.has_work():
-        while pending and engine.free_slots:
+        # Prefill everything waiting before decoding: generate() has no latency target.
+        plan = RoundPlan(step=True, prefill_tokens=1 << 62)
+        for _ in range(min(len(pending), engine.free_slots)):
             i = pending.pop()
-            engine.add(i, prompts[i], options[i])
+            plan.add_request(i, prompts[i], options[i])
             results[i] = GenerationResult(
                 [],
                 "",
@@ -127,8 +131,7 @@ def generate(
                 [] if engine.speculative_steps else None,
                 engine.speculative_steps,
             )
-        # Prefill everything waiting before decoding: generate() has no latency target.
-        for out in engine.step(prefill_tokens=1 << 62):
+        for out in driver.run(plan):
             r = results[out.request_id]
             r.token_ids.extend(out.token_ids)
             if r.logprobs is not None:

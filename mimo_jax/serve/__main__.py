@@ -223,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     leader = jax.process_index() == 0
     multihost = jax.process_count() > 1
 
+    from mimo_jax.engine.driver import BroadcastChannel, Driver
     from mimo_jax.serve.metrics import Metrics
-    from mimo_jax.serve.scheduler import PlanChannel, Scheduler, follow
+    from mimo_jax.serve.scheduler import Scheduler
 
     lm, tokenizer, template, model_name, directory, generation = _load(args)
     eos = tuple(sorted(set(lm.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = _engine(args, lm, max_context, len(eos))
     _log_memory_plan(lm, engine, max_context)
     metrics = Metrics(model_name, args.max_batch, max_context)
-    channel = PlanChannel() if multihost else None
+    channel = BroadcastChannel() if multihost else None
     scheduler = Scheduler(
         engine,
         metrics,
@@ -259,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.overlap = not args.no_overlap  # every process alike: followers run the same steps
     if not leader:
         log.info("process %d of %d: following process 0's round plans", jax.process_index(), jax.process_count())
-        follow(engine, channel)
+        Driver(engine, channel).follow()
         log.info("process 0 shut down; leaving")
         jax.distributed.shutdown()  # a barrier: the coordinator (process 0) stays up until everyone is here
         return 0

@@ -14,17 +14,17 @@ Each round the scheduler thread
 Nothing here changes a compiled shape: sequences join and leave between rounds.
 
 Multi-host: every process holds the engine; only process 0 runs this scheduler and the HTTP
-server. Each round's decisions (cancel, add, step) form a `RoundPlan` that process 0 broadcasts
-(`multihost_utils.broadcast_one_to_all`) before applying it; the other processes run `follow()`,
-applying the same plans in the same order, so their engines stay in lockstep. Seeds are always
-chosen on process 0 and travel in the plan.
+server. Each round's decisions (cancel, add, step) form a `mimo_jax.engine.driver.RoundPlan` that
+the scheduler's `Driver` broadcasts on its `BroadcastChannel` before applying it; the other
+processes run `Driver.follow`, applying the same plans in the same order, so their engines stay in
+lockstep. Seeds are always chosen on process 0 and travel in the plan; an idle leader broadcasts
+an empty plan every IDLE_TICK_S.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import random
 import threading
@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
+from mimo_jax.engine.driver import BroadcastChannel, Driver, RoundPlan
+from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.protocol import APIError
 
@@ -78,82 +78,6 @@ class Sequence:
     last_token_at: float | None = None
 
 
-@dataclasses.dataclass
-class RoundPlan:
-    """Everything one round does to the engine; identical on every process of a multi-host run."""
-
-    cancel: list[str] = dataclasses.field(default_factory=list)
-    add: list[tuple[str, list[int], dict]] = dataclasses.field(default_factory=list)  # (id, prompt, options)
-    step: bool = False
-    round_tokens: int = 1
-    prefill_tokens: int = 1
-    shutdown: bool = False
-
-    def encode(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> RoundPlan:
-        raw = json.loads(data)
-        raw["add"] = [(rid, prompt, options) for rid, prompt, options in raw["add"]]
-        return cls(**raw)
-
-
-def apply_plan(engine: Any, plan: RoundPlan) -> list:
-    """Run one plan against the engine (same code on every process). Returns the step's outputs."""
-    from mimo_jax.engine.sampling import SamplingOptions
-
-    for rid in plan.cancel:
-        engine.cancel(rid)
-    for rid, prompt, options in plan.add:
-        engine.add(rid, prompt, SamplingOptions(**options))
-    if not plan.step:
-        return []
-    return engine.step(max_tokens_per_round=plan.round_tokens, prefill_tokens=plan.prefill_tokens)
-
-
-class PlanChannel:
-    """Ships plans from process 0 to the others with `broadcast_one_to_all` (length first, then the bytes)."""
-
-    def __init__(self):
-        from jax.experimental import multihost_utils
-
-        self._broadcast = multihost_utils.broadcast_one_to_all
-
-    def _bcast(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(self._broadcast(array))
-
-    def send(self, plan: RoundPlan) -> None:
-        data = plan.encode()
-        self._bcast(np.array([len(data)], np.int64))
-        self._bcast(_pad(np.frombuffer(data, np.uint8)))
-
-    def receive(self) -> RoundPlan:
-        size = int(self._bcast(np.zeros((1,), np.int64))[0])
-        data = self._bcast(np.zeros((_padded(size),), np.uint8))
-        return RoundPlan.decode(data[:size].tobytes())
-
-
-def _padded(size: int) -> int:
-    # Powers of two: the broadcast compiles once per shape, so keep the shapes few.
-    return max(256, 1 << (size - 1).bit_length())
-
-
-def _pad(data: np.ndarray) -> np.ndarray:
-    out = np.zeros((_padded(data.size),), np.uint8)
-    out[: data.size] = data
-    return out
-
-
-def follow(engine: Any, channel: PlanChannel) -> None:
-    """Processes other than 0: apply process 0's plans until it shuts down."""
-    while True:
-        plan = channel.receive()
-        if plan.shutdown:
-            return
-        apply_plan(engine, plan)
-
-
 class Scheduler:
     """Owns the engine: a bounded waiting queue, admission, rounds, cancellation, timeouts, metrics.
 
@@ -171,7 +95,7 @@ class Scheduler:
         max_waiting: int = 256,
         round_tokens: int = 8,
         prefill_tokens: int | None = None,
-        channel: PlanChannel | None = None,
+        channel: BroadcastChannel | None = None,
     ):
         self.engine = engine
         self.metrics = metrics
@@ -179,7 +103,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.round_tokens = min(round_tokens, engine.max_round_tokens)
         self.prefill_tokens = prefill_tokens or engine.prefill_chunk
-        self.channel = channel
+        self.driver = Driver(engine, channel)  # with a channel (multi-host process 0): every plan is broadcast
         self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cancels: set[str] = set()
@@ -230,22 +154,24 @@ class Scheduler:
 
         Deterministic, so on a multi-host run every process runs it itself.
         """
-        from mimo_jax.engine.sampling import SamplingOptions
-
         engine = self.engine
+        driver = Driver(engine)  # no channel: every process warms up itself
         options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
         # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
         longest = max(1, engine.max_context - 2)
         bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
         lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
         for start in range(0, len(lengths), engine.max_batch):
+            plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
             for i, n in enumerate(lengths[start : start + engine.max_batch]):
-                engine.add(f"warmup-{start + i}", [0] * n, options)
+                plan.add_request(f"warmup-{start + i}", [0] * n, options)
+            driver.run(plan)
             while engine.has_work():
-                engine.step(max_tokens_per_round=self.round_tokens, prefill_tokens=1 << 30)
-        engine.add("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
-        engine.step(max_tokens_per_round=1, prefill_tokens=1 << 30)
-        engine.cancel("warmup-cancel")
+                driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+        plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
+        plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
+        driver.run(plan)
+        driver.run(RoundPlan(cancel=["warmup-cancel"]))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mimo-scheduler", daemon=True)
@@ -273,8 +199,7 @@ class Scheduler:
                 self._waiting.clear()
             self.dispatch([(seq.deliver, failure) for seq in doomed])
         finally:
-            if self.channel is not None:
-                self.channel.send(RoundPlan(shutdown=True))
+            self.driver.stop()
 
     def _round(self) -> bool:
         plan = RoundPlan(round_tokens=self.round_tokens, prefill_tokens=self.prefill_tokens)
@@ -282,8 +207,8 @@ class Scheduler:
         with self._cv:
             while not (self._stopping or self._waiting or self._running or self._cancels):
                 self._cv.wait(IDLE_TICK_S)
-                if self.channel is not None and not (self._stopping or self._waiting or self._cancels):
-                    self.channel.send(RoundPlan())  # heartbeat
+                if self.driver.channel is not None and not (self._stopping or self._waiting or self._cancels):
+                    self.driver.run(RoundPlan())  # heartbeat: followers wait in a collective that may time out
             if self._stopping:
                 return False
             now = time.monotonic()
@@ -310,7 +235,7 @@ class Scheduler:
             while self._waiting and free > 0:
                 seq = self._waiting.popleft()
                 self._running[seq.request_id] = seq
-                plan.add.append((seq.request_id, seq.prompt_ids, _options_dict(seq.options)))
+                plan.add_request(seq.request_id, seq.prompt_ids, seq.options)
                 self.metrics.on_prompt(len(seq.prompt_ids))
                 free -= 1
             plan.step = bool(self._running)
@@ -326,9 +251,7 @@ class Scheduler:
                 plan.round_tokens = max(1, self.round_tokens // 4)
             running = dict(self._running)
 
-        if self.channel is not None:
-            self.channel.send(plan)
-        outputs = apply_plan(self.engine, plan)
+        outputs = self.driver.run(plan)
 
         # 3. hand the tokens to their handlers
         now = time.monotonic()
@@ -370,12 +293,6 @@ class Scheduler:
         if deliveries:
             self.dispatch(deliveries)
         return True
-
-
-def _options_dict(options: Any) -> dict:
-    out = dataclasses.asdict(options)
-    out["stop_token_ids"] = list(out["stop_token_ids"])
-    return out
 
 
 def _timeout_error(seq: Sequence, now: float) -> APIError:

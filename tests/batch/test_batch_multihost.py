@@ -12,10 +12,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import mimo_jax
 from mimo_jax import batch, sharding
+from mimo_jax.engine.driver import BroadcastChannel, RoundPlan
 from tests.fixtures import ROOT, read_results, write_batch_checkpoint, write_jsonl
 
 ENGINE = ["--max-batch", "3", "--max-context", "40", "--prefill-chunk", "16", "--round-tokens", "4"]
@@ -147,35 +149,33 @@ def oracle(directory: str) -> dict:
 
 
 def test_work_blocks_round_trip():
-    """What process 1 rebuilds from a broadcast block is what process 0 runs."""
+    """What process 1 rebuilds from a broadcast plan is what process 0 runs."""
     items = [
         batch.WorkItem([1, 2, 3], mimo_jax.SamplingOptions(temperature=0.5, top_k=3, seed=9, stop_token_ids=(1, 2))),
         batch.WorkItem([7], mimo_jax.SamplingOptions(logprobs=2, max_new_tokens=5, repetition_penalty=1.2)),
     ]
-    got = batch.decode_block(batch.encode_block(items))
-    assert [(w.prompt_ids, w.options) for w in got] == [(w.prompt_ids, w.options) for w in items]
+    plan = RoundPlan()
+    for i, w in enumerate(items):
+        plan.add_request(i, w.prompt_ids, w.options)
+    got = RoundPlan.decode(plan.encode()).requests()
+    assert [(ids, options) for _, ids, options in got] == [(w.prompt_ids, w.options) for w in items]
 
 
-def test_process_zero_error_aborts_every_process(monkeypatch):
-    """A --strict error on process 0 is sent as an abort in the block broadcast: process 0 raises its
+def test_process_zero_error_aborts_every_process(tmp_path):
+    """A --strict error on process 0 while reading is sent as an abort: process 0 raises its
     own error, the others raise Aborted (instead of waiting in the next collective)."""
     sent = []
 
-    def fake_broadcast(data, abort=False):
-        sent.append(abort)
-        if abort:
-            raise batch.Aborted("process 0 stopped the run")
-        return b""
+    def fake_broadcast(array):
+        sent.append(array.tolist())
+        return array
 
-    def failing_source():
-        yield batch.WorkItem([1], mimo_jax.SamplingOptions())
-        raise batch.InputError(4, "a prompt of 60 tokens leaves no room")
-
-    monkeypatch.setattr(batch, "broadcast_bytes", fake_broadcast)
-    leader = batch.WorkFeed(failing_source(), block_size=8, multiprocess=True)
+    lm = mimo_jax.load_model(write_batch_checkpoint(str(tmp_path / "tiny")))
+    engine = mimo_jax.Engine(lm, max_batch=3, max_context=40, prefill_chunk=16)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt_ids": [1]}, {"id": "b", "prompt_ids": [5] * 60}])
+    settings = batch.RunSettings(sampling={}, strict=True, block_size=8, progress=False)
     with pytest.raises(batch.InputError, match="no room"):
-        leader.next_block()
-    assert sent == [True]
-    monkeypatch.setattr(batch, "broadcast_bytes", lambda data, abort=False: fake_broadcast(data, abort=True))
+        batch.run_batch(engine, inp, str(tmp_path / "out.jsonl"), settings, channel=BroadcastChannel(fake_broadcast))
+    assert sent == [[-1]]
     with pytest.raises(batch.Aborted):
-        batch.WorkFeed(None, block_size=8, multiprocess=True).next_block()
+        batch.run_batch(engine, None, None, settings, channel=BroadcastChannel(lambda array: np.full_like(array, -1)))

@@ -13,10 +13,11 @@ import re
 import numpy as np
 import pytest
 
+from mimo_jax.engine.driver import BroadcastChannel, Driver, RoundPlan
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.parsers import ReasoningParser, TextStream, ToolCallParser
 from mimo_jax.serve.protocol import APIError
-from mimo_jax.serve.scheduler import Failure, PlanChannel, RoundPlan, Scheduler, Sequence, Tokens, follow
+from mimo_jax.serve.scheduler import Failure, Scheduler, Sequence, Tokens
 from mimo_jax.text import ChatTemplate, Tokenizer
 from tests import fixtures as sf
 
@@ -358,17 +359,17 @@ def _options(max_new_tokens=3, seed=None):
     return SamplingOptions(max_new_tokens=max_new_tokens, seed=seed)
 
 
-class _ListChannel(PlanChannel):
+class _ListChannel(BroadcastChannel):
     """In-process stand-in for the broadcast: the bytes that would travel, in order."""
 
     def __init__(self):
         self.sent = []
 
-    def send(self, plan):
-        self.sent.append(plan.encode())
+    def send(self, data):
+        self.sent.append(data)
 
     def receive(self):
-        return RoundPlan.decode(self.sent.pop(0))
+        return self.sent.pop(0)
 
 
 def test_scheduler_rounds_timeouts_and_multihost_followers():
@@ -407,9 +408,9 @@ def test_scheduler_rounds_timeouts_and_multihost_followers():
     # Seeds were chosen by the leader and travel in the plan.
     assert all(c[3] is not None for c in leader.calls if c[0] == "add")
     # A follower applying the broadcast plans makes exactly the leader's engine calls.
-    channel.sent.append(RoundPlan(shutdown=True).encode())
+    channel.sent.append(RoundPlan(stop=True).encode())
     follower = RecordingEngine()
-    follow(follower, channel)
+    Driver(follower, channel).follow()
     assert follower.calls == leader.calls
 
 
