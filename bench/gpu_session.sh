@@ -9,6 +9,8 @@
 #                                      # wide down steps; per call and per layer of 16 in one jit (--chain); checks
 #   bash bench/gpu_session.sh kernel-h # one GPU: module defaults only at 1-32 tokens (T = 1 three times, fresh
 #                                      # inputs), per call and per layer; one tensor=4 shard; the GPU checks
+#   bash bench/gpu_session.sh arch [DIR] # one GPU: engine decode (batch 1, 32 at 2K) and prefill 8K, alternating this
+#                                        # tree and an older one in DIR (e.g. `git archive REV mimo_jax configs`), twice
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -79,5 +81,19 @@ kernel-h)
   TAIL=30 step kernel_checks 120 python bench/bench_moe_kernel.py --checks-only --quick-checks \
     --check-kinds bf16,fp8,fp8-f16,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-split/out_in,fp8-fused-wide/out_in
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h" >&2; exit 2 ;;
+arch)
+  # the same commands on the old tree (its CLI was python -m mimo_jax.bench) and this one, alternating
+  for r in 1 2; do
+    if [ -n "${2:-}" ]; then
+      (cd "$2" && PYTHONPATH=. step "old_decode_$r" 150 python -m mimo_jax.bench decode --batch 1,32 --context 2048 \
+        --json "$O/old_decode_$r.json")
+      (cd "$2" && PYTHONPATH=. step "old_prefill_$r" 150 python -m mimo_jax.bench prefill --prompt-len 8192 --chunk 2048 \
+        --reps 2 --json "$O/old_prefill_$r.json")
+    fi
+    step "new_decode_$r" 150 python -m mimo_jax.tools.bench decode --batch 1,32 --context 2048 --json "$O/new_decode_$r.json"
+    step "new_prefill_$r" 150 python -m mimo_jax.tools.bench prefill --prompt-len 8192 --chunk 2048 --reps 2 \
+      --json "$O/new_prefill_$r.json"
+  done
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch [DIR]" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"  # mimo_jax/demo_model
 
 
 def demo_model_dir() -> Path:
