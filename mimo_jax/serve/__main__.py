@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from mimo_jax.serve.app import Limits, Server, create_app
+    from mimo_jax.serve.app import create_app
+    from mimo_jax.serve.requests import Limits, Server
 
     server = Server(
         scheduler,

@@ -1,0 +1,392 @@
+"""One request's output, on the event-loop thread: `Job` (its choices as scheduler sequences, their events,
+usage), `ChoiceOutput` (token ids -> text, reasoning, tool calls), and the OpenAI response bodies and SSE streams."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from mimo_jax.serve import protocol as P
+from mimo_jax.serve.parsers import ParsedToolCall, ReasoningParser, TextStream, ToolCallParser
+from mimo_jax.serve.scheduler import Failure, Sequence, Tokens
+from mimo_jax.text import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: requests imports this module at run time
+    from mimo_jax.serve.requests import Server
+
+
+# ---------------------------------------------------------------------------- one choice's output
+@dataclasses.dataclass
+class Piece:
+    """What one event added to one choice."""
+
+    content: str = ""
+    reasoning: str = ""
+    calls: list[ParsedToolCall] = dataclasses.field(default_factory=list)
+    tokens: list[tuple[int, float, list[tuple[int, float]]]] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class ChoiceOutput:
+    """Token ids of one choice -> text (stop strings), then for chat reasoning and tool calls."""
+
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Tokenizer,
+        stop_strings: list[str],
+        stop_ids: tuple[int, ...],
+        skip_special_tokens: bool,
+        reasoning: ReasoningParser | None = None,
+        tools: ToolCallParser | None = None,
+    ):
+        self.index = index
+        self.text = TextStream(tokenizer, stop_strings, skip_special_tokens)
+        self.stop_ids = set(stop_ids)
+        self.reasoning = reasoning
+        self.tools = tools
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.content: list[str] = []
+        self.reasoning_text: list[str] = []
+        self.calls: list[ParsedToolCall] = []
+        self.token_log: list[tuple[int, float, list[tuple[int, float]]]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.text.stopped
+
+    def on_tokens(self, event: Tokens) -> Piece:
+        piece = Piece()
+        if self.finished:
+            return piece
+        ids = list(event.token_ids)
+        stop_token = event.finish_reason == "stop" and ids and ids[-1] in self.stop_ids
+        visible = ids[:-1] if stop_token else ids
+        released = []
+        for k, token in enumerate(visible):
+            released.append(self.text.add(token))
+            if event.logprobs is not None:
+                piece.tokens.append((token, event.logprobs[k], event.top_logprobs[k] if event.top_logprobs else []))
+            if self.text.stopped:
+                break
+        if self.text.stopped:
+            self.completion_tokens = len(self.text.token_ids)
+            self.finish_reason = "stop"
+        else:
+            self.completion_tokens += len(ids)
+            if event.finish_reason is not None:
+                released.append(self.text.finish())
+                self.finish_reason = event.finish_reason
+        self._parse("".join(released), piece, final=self.finished)
+        if self.finished:
+            if self.calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+            piece.finish_reason = self.finish_reason
+        self.token_log.extend(piece.tokens)
+        return piece
+
+    def fail(self) -> None:
+        self.finish_reason = "error"
+
+    def _parse(self, text: str, piece: Piece, final: bool) -> None:
+        content = text
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(text)
+            if final:
+                r2, c2 = self.reasoning.finish()
+                reasoning, content = reasoning + r2, content + c2
+            piece.reasoning = reasoning
+        if self.tools is not None:
+            content, calls = self.tools.feed(content)
+            if final:
+                c2, calls2 = self.tools.finish()
+                content, calls = content + c2, calls + calls2
+            piece.calls = calls
+        piece.content = content
+        self.content.append(piece.content)
+        self.reasoning_text.append(piece.reasoning)
+        self.calls.extend(piece.calls)
+
+
+# ---------------------------------------------------------------------------- one request
+class Job:
+    """The choices of one HTTP request, as scheduler sequences, with an event queue on the loop."""
+
+    def __init__(self, server: Server, choices: list[ChoiceOutput], prompts: list[list[int]], options: list[Any]):
+        self.server = server
+        self.choices = choices
+        self.id_prefix = P.new_id("req")
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        timeout = server.limits.request_timeout
+        now = time.monotonic()
+        self.sequences = [
+            Sequence(
+                request_id=f"{self.id_prefix}-{i}",
+                prompt_ids=prompt,
+                options=opts,
+                deliver=lambda ev, i=i: self.queue.put_nowait((i, ev)),
+                arrival=now,
+                deadline=None if timeout is None else now + timeout,
+            )
+            for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True))
+        ]
+        self.prompt_tokens = 0
+
+    def submit(self) -> None:
+        self.server.scheduler.submit(self.sequences)
+
+    def cancel_unfinished(self) -> None:
+        ids = [s.request_id for s, c in zip(self.sequences, self.choices, strict=True) if not c.finished]
+        if ids:
+            self.server.scheduler.cancel(ids)
+
+    async def events(self) -> AsyncIterator[tuple[ChoiceOutput, Piece]]:
+        """Pieces as they come; raises the `APIError` of a failed sequence."""
+        while not all(c.finished for c in self.choices):
+            i, event = await self.queue.get()
+            choice = self.choices[i]
+            if isinstance(event, Failure):
+                for c in self.choices:
+                    if not c.finished:
+                        c.fail()
+                self.cancel_unfinished_after_failure(i)
+                raise event.error
+            piece = choice.on_tokens(event)
+            if choice.stopped_by_string and event.finish_reason is None:
+                self.server.scheduler.cancel([self.sequences[i].request_id])  # the engine does not know stop strings
+            yield choice, piece
+
+    def cancel_unfinished_after_failure(self, failed: int) -> None:
+        ids = [s.request_id for k, s in enumerate(self.sequences) if k != failed]
+        self.server.scheduler.cancel(ids)
+
+    def usage(self) -> P.Usage:
+        completion = sum(c.completion_tokens for c in self.choices)
+        return P.Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
+        )
+
+
+def _sse(payload: Any) -> bytes:
+    if isinstance(payload, P.BaseModel):
+        return b"data: " + payload.model_dump_json(exclude_none=True).encode() + b"\n\n"
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream(job: Job, chunks: Callable[[ChoiceOutput, Piece], list[Any]], opening: list[Any], closing) -> Any:
+    """SSE body: opening chunks, one chunk per piece, closing chunks, `data: [DONE]`. Cancels on disconnect."""
+    try:
+        for chunk in opening:
+            yield _sse(chunk)
+        try:
+            async for choice, piece in job.events():
+                for chunk in chunks(choice, piece):
+                    yield _sse(chunk)
+        except P.APIError as e:
+            yield _sse(e.body())
+        else:
+            for chunk in closing():
+                yield _sse(chunk)
+        yield b"data: [DONE]\n\n"
+    finally:  # normal end, or the client went away (the generator is closed/cancelled)
+        job.cancel_unfinished()
+
+
+def _usage_options(req: P.SamplingFields) -> tuple[bool, bool]:
+    """(usage chunk at the end, usage in every chunk): `stream_options.include_usage` / `continuous_usage_stats`."""
+    options = req.stream_options
+    if options is None:
+        return False, False
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
+
+
+# ---------------------------------------------------------------------------- logprobs formatting
+def _chat_logprobs(server: Server, tokens: list, want: bool) -> P.ChoiceLogprobs | None:
+    if not want:
+        return None
+    tok = server.tokenizer
+    return P.ChoiceLogprobs(
+        content=[
+            P.TokenLogprob(
+                token=tok.token_text(t),
+                logprob=lp,
+                bytes=server.token_bytes(t),
+                top_logprobs=[
+                    P.TopLogprob(token=tok.token_text(i), logprob=x, bytes=server.token_bytes(i)) for i, x in top
+                ],
+            )
+            for t, lp, top in tokens
+        ]
+    )
+
+
+def _completion_logprobs(server: Server, tokens: list, want: bool, offset: int) -> P.CompletionLogprobs | None:
+    if not want:
+        return None
+    tok = server.tokenizer
+    out = P.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for t, lp, top in tokens:
+        text = tok.token_text(t)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp)
+        out.top_logprobs.append({tok.token_text(i): x for i, x in top})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+# ---------------------------------------------------------------------------- chat
+def _tool_call_out(call: ParsedToolCall) -> P.ToolCallOut:
+    return P.ToolCallOut(id=call.id, function=P.FunctionCallOut(name=call.name, arguments=call.arguments_json()))
+
+
+def chat_response(server: Server, req: P.ChatCompletionRequest, job: Job) -> P.ChatCompletion:
+    choices = []
+    for c in job.choices:
+        content = "".join(c.content)
+        reasoning = "".join(c.reasoning_text)
+        message = P.AssistantMessage(
+            content=content if content or not c.calls else None,
+            reasoning_content=reasoning if c.reasoning is not None and c.reasoning.saw_reasoning else None,
+            tool_calls=[_tool_call_out(call) for call in c.calls] or None,
+        )
+        choices.append(
+            P.ChatChoice(
+                index=c.index,
+                message=message,
+                logprobs=_chat_logprobs(server, c.token_log, req.logprobs),
+                finish_reason=c.finish_reason,
+            )
+        )
+    return P.ChatCompletion(
+        id=job.id_prefix.replace("req", "chatcmpl", 1),
+        created=P.now(),
+        model=server.model_name,
+        choices=choices,
+        usage=job.usage(),
+    )
+
+
+def chat_stream(server: Server, req: P.ChatCompletionRequest, job: Job) -> AsyncIterator[bytes]:
+    cid, created = job.id_prefix.replace("req", "chatcmpl", 1), P.now()
+    include_usage, continuous = _usage_options(req)
+
+    def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> dict:
+        out = P.ChatCompletionChunk(id=cid, created=created, model=server.model_name, choices=choices)
+        body = out.model_dump(exclude_none=True)
+        for choice in body["choices"]:
+            choice.setdefault("finish_reason", None)
+            choice.setdefault("logprobs", None)
+        if include_usage:
+            usage = usage or (job.usage() if continuous else None)
+            body["usage"] = usage.model_dump() if usage is not None else None
+        return body
+
+    opening = [
+        chunk([P.ChatChunkChoice(index=c.index, delta=P.ChatDelta(role="assistant", content=""))]) for c in job.choices
+    ]
+
+    def chunks(choice: ChoiceOutput, piece: Piece) -> list[dict]:
+        calls = [
+            P.ToolCallDelta(
+                index=choice.calls.index(call),
+                id=call.id,
+                type="function",
+                function=P.FunctionCallOut(name=call.name, arguments=call.arguments_json()),
+            )
+            for call in piece.calls
+        ]
+        delta = P.ChatDelta(
+            content=piece.content or None, reasoning_content=piece.reasoning or None, tool_calls=calls or None
+        )
+        has_news = piece.content or piece.reasoning or calls or piece.tokens
+        out = []
+        if has_news:
+            out.append(
+                chunk(
+                    [
+                        P.ChatChunkChoice(
+                            index=choice.index,
+                            delta=delta,
+                            logprobs=_chat_logprobs(server, piece.tokens, req.logprobs),
+                        )
+                    ]
+                )
+            )
+        if piece.finish_reason is not None:
+            out.append(
+                chunk([P.ChatChunkChoice(index=choice.index, delta=P.ChatDelta(), finish_reason=piece.finish_reason)])
+            )
+        return out
+
+    def closing() -> list[dict]:
+        return [chunk([], job.usage())] if include_usage else []
+
+    return _stream(job, chunks, opening, closing)
+
+
+# ---------------------------------------------------------------------------- completions
+def completion_response(server: Server, req: P.CompletionRequest, job: Job, echo: list[str]) -> P.Completion:
+    return P.Completion(
+        id=job.id_prefix.replace("req", "cmpl", 1),
+        created=P.now(),
+        model=server.model_name,
+        choices=[
+            P.CompletionChoice(
+                index=c.index,
+                text=echo[c.index] + "".join(c.content),
+                logprobs=_completion_logprobs(server, c.token_log, req.logprobs is not None, len(echo[c.index])),
+                finish_reason=c.finish_reason,
+            )
+            for c in job.choices
+        ],
+        usage=job.usage(),
+    )
+
+
+def completion_stream(server: Server, req: P.CompletionRequest, job: Job, echo: list[str]) -> AsyncIterator[bytes]:
+    cid, created = job.id_prefix.replace("req", "cmpl", 1), P.now()
+    include_usage, continuous = _usage_options(req)
+    offsets = [len(e) for e in echo]
+
+    def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> dict:
+        body = P.Completion(id=cid, created=created, model=server.model_name, choices=choices).model_dump()
+        if include_usage:
+            usage = usage or (job.usage() if continuous else None)
+            body["usage"] = usage.model_dump() if usage is not None else None
+        else:
+            body.pop("usage")
+        return body
+
+    opening = [
+        chunk([P.CompletionChoice(index=i, text=text, finish_reason=None)]) for i, text in enumerate(echo) if text
+    ]
+
+    def chunks(choice: ChoiceOutput, piece: Piece) -> list[dict]:
+        if not (piece.content or piece.tokens or piece.finish_reason):
+            return []
+        logprobs = _completion_logprobs(server, piece.tokens, req.logprobs is not None, offsets[choice.index])
+        offsets[choice.index] += len(piece.content)
+        return [
+            chunk(
+                [
+                    P.CompletionChoice(
+                        index=choice.index, text=piece.content, logprobs=logprobs, finish_reason=piece.finish_reason
+                    )
+                ]
+            )
+        ]
+
+    def closing() -> list[dict]:
+        return [chunk([], job.usage())] if include_usage else []
+
+    return _stream(job, chunks, opening, closing)

@@ -1,0 +1,258 @@
+"""Request checks (`Server`: model name, prompt, max tokens, stops, logprobs, sampling options; `Limits`)
+and turning a validated chat or completions request into a `Job` (`chat_job`, `completion_job`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from mimo_jax.serve import protocol as P
+from mimo_jax.serve.jobs import ChoiceOutput, Job
+from mimo_jax.serve.metrics import Metrics
+from mimo_jax.serve.parsers import THINK_END, THINK_START, ReasoningParser, ToolCallParser
+from mimo_jax.serve.scheduler import Scheduler
+from mimo_jax.text import ChatTemplate, ChatTemplateError, Tokenizer
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclasses.dataclass
+class Limits:
+    max_context: int
+    max_top_logprobs: int
+    max_stop_ids: int
+    request_timeout: float | None
+
+
+class Server:
+    """What the routes need: tokenizer, chat template, scheduler, metrics, limits."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer,
+        template: ChatTemplate | None,
+        metrics: Metrics,
+        *,
+        model_name: str,
+        model_root: str | None,
+        eos_token_ids: tuple[int, ...],
+        limits: Limits,
+        sampling_defaults: dict[str, float] | None = None,
+    ):
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.template = template
+        self.metrics = metrics
+        self.model_name = model_name
+        self.model_root = model_root
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.limits = limits
+        # Defaults for omitted parameters (the checkpoint's generation_config.json; else OpenAI's).
+        self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(sampling_defaults or {})}
+        self.created = P.now()
+        # `<think>` splitting needs both markers as tokens of this vocabulary.
+        self.reasoning = tokenizer.token_id(THINK_START) is not None and tokenizer.token_id(THINK_END) is not None
+
+    # ------------------------------------------------------------------ request checks
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise P.APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    def check_prompt(self, prompt_ids: list[int], what: str) -> None:
+        n, ctx = len(prompt_ids), self.limits.max_context
+        if n == 0:
+            raise P.invalid(f"the {what} is empty after tokenization", "messages" if what == "messages" else "prompt")
+        if n >= ctx:
+            raise P.invalid(
+                f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in {n} tokens "
+                "(no room left to generate). Please reduce the length of the input.",
+                "messages" if what == "messages" else "prompt",
+                "context_length_exceeded",
+            )
+        vocab = self.scheduler.engine.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise P.invalid(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt", "invalid_value")
+
+    def max_new_tokens(self, requested: int | None, param: str, prompt_len: int, default: int | None) -> int:
+        ctx = self.limits.max_context
+        room = ctx - prompt_len
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested <= 0:
+            raise P.invalid(f"'{param}' must be at least 1, got {requested}", param, "invalid_value")
+        if requested > room:
+            raise P.invalid(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the input, {requested} in the completion). "
+                f"Please reduce the input or '{param}'.",
+                param,
+                "context_length_exceeded",
+            )
+        return requested
+
+    def stop_ids(self, req: P.SamplingFields) -> tuple[int, ...]:
+        vocab = self.scheduler.engine.config.vocab_size
+        user = req.stop_ids()
+        for t in user:
+            if t >= vocab:
+                raise P.invalid(f"stop token id {t} is outside the vocabulary [0, {vocab})", "stop", "invalid_value")
+        ids = tuple(sorted(set(user) | (set() if req.ignore_eos else set(self.eos_token_ids))))
+        if len(ids) > self.limits.max_stop_ids:
+            raise P.invalid(
+                f"{len(user)} stop token ids given; this server takes at most "
+                f"{self.limits.max_stop_ids - len(self.eos_token_ids)} besides the model's EOS",
+                "stop",
+                "invalid_value",
+            )
+        return ids
+
+    def check_logprobs(self, top: int | None, param: str) -> None:
+        if top is not None and top > self.limits.max_top_logprobs:
+            raise P.invalid(
+                f"'{param}'={top} exceeds this server's limit of {self.limits.max_top_logprobs} "
+                "(start it with a larger --max-logprobs)",
+                param,
+                "invalid_value",
+            )
+
+    def sampling_options(self, req: P.SamplingFields, max_new: int, stop_ids: tuple[int, ...], logprobs, seed):
+        from mimo_jax.engine.sampling import SamplingOptions
+
+        pick = lambda value, name: self.defaults[name] if value is None else value
+        return SamplingOptions(
+            temperature=pick(req.temperature, "temperature"),
+            top_p=pick(req.top_p, "top_p"),
+            top_k=max(pick(req.top_k, "top_k"), 0),
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=seed,
+            max_new_tokens=max_new,
+            stop_token_ids=stop_ids,
+            logprobs=logprobs,
+        )
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token_id))
+
+
+# ---------------------------------------------------------------------------- chat
+def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
+    messages = []
+    for k, m in enumerate(req.messages):
+        d = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            d["content"] = "\n".join(part.text for part in m.content)
+        for j, call in enumerate(d.get("tool_calls") or []):
+            args = call["function"].get("arguments")
+            if isinstance(args, str):  # templates read arguments as a mapping (as vLLM passes them)
+                try:
+                    call["function"]["arguments"] = json.loads(args) if args.strip() else {}
+                except ValueError:
+                    raise P.invalid(
+                        "tool call arguments must be a JSON object",
+                        f"messages[{k}].tool_calls[{j}].function.arguments",
+                        "invalid_value",
+                    ) from None
+        messages.append(d)
+    return messages
+
+
+def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
+    if server.template is None:
+        raise P.invalid("this model has no chat template; use /v1/completions", "messages")
+    tool_choice = req.tool_choice
+    if tool_choice == "required" or isinstance(tool_choice, P.NamedToolChoice):
+        raise P.invalid(
+            "tool_choice 'required' and named functions need constrained decoding, which this server does not "
+            "implement; use 'auto' (the default when tools are given) or 'none'",
+            "tool_choice",
+            "unsupported_value",
+        )
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise P.invalid("only response_format type 'text' is supported", "response_format", "unsupported_value")
+    use_tools = bool(req.tools) and tool_choice != "none"
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.thinking is not None and "enable_thinking" not in kwargs:
+        kwargs["enable_thinking"] = req.thinking.type == "enabled"
+    reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(kwargs)
+    if reserved:
+        raise P.invalid(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
+    try:
+        prompt = server.template.render(_template_messages(req), tools, add_generation_prompt=True, **kwargs)
+    except ChatTemplateError as e:
+        raise P.invalid(str(e), "messages", "invalid_value") from None
+    prompt_ids = server.tokenizer.encode(prompt, add_special_tokens=False)
+    server.check_prompt(prompt_ids, "messages")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_new = server.max_new_tokens(requested, param, len(prompt_ids), None)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    server.check_logprobs(top, "top_logprobs")
+    stop_ids = server.stop_ids(req)
+    # The prompt may already open the thinking block (the template wrote `<think>`).
+    in_reasoning = server.reasoning and prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+    choices, options = [], []
+    for i in range(req.n):
+        choices.append(
+            ChoiceOutput(
+                i,
+                server.tokenizer,
+                req.stop_strings(),
+                stop_ids,
+                req.skip_special_tokens,
+                ReasoningParser(in_reasoning) if server.reasoning else None,
+                ToolCallParser(tools) if use_tools else None,
+            )
+        )
+        options.append(server.sampling_options(req, max_new, stop_ids, top, _seed(req.seed, i)))
+    job = Job(server, choices, [prompt_ids] * req.n, options)
+    job.prompt_tokens = len(prompt_ids)
+    return job, prompt
+
+
+def _seed(seed: int | None, i: int) -> int | None:
+    # Choice i draws from stream seed * 1_000_003 + i: the same stream `mimo_jax.generate(seed=seed)` uses for prompt i.
+    return None if seed is None else (seed * 1_000_003 + i) % (1 << 62)
+
+
+# ---------------------------------------------------------------------------- completions
+def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[str]]:
+    if req.suffix:
+        raise P.invalid("'suffix' is not supported", "suffix", "unsupported_value")
+    if req.best_of is not None and req.best_of != req.n:
+        raise P.invalid("'best_of' other than n is not supported", "best_of", "unsupported_value")
+    if req.echo and req.logprobs is not None:
+        raise P.invalid("echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_value")
+    server.check_logprobs(req.logprobs, "logprobs")
+    stop_ids = server.stop_ids(req)
+    prompts, texts = [], []
+    for p in req.prompts():
+        ids = server.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+        server.check_prompt(ids, "prompt")
+        prompts.append(ids)
+        texts.append(p if isinstance(p, str) else server.tokenizer.decode(ids, req.skip_special_tokens))
+    max_news = [
+        server.max_new_tokens(req.max_tokens, "max_tokens", len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS) for ids in prompts
+    ]
+    choices, seq_prompts, options = [], [], []
+    for k, ids in enumerate(prompts):
+        for j in range(req.n):
+            i = k * req.n + j
+            choices.append(ChoiceOutput(i, server.tokenizer, req.stop_strings(), stop_ids, req.skip_special_tokens))
+            seq_prompts.append(ids)
+            options.append(server.sampling_options(req, max_news[k], stop_ids, req.logprobs, _seed(req.seed, i)))
+    job = Job(server, choices, seq_prompts, options)
+    job.prompt_tokens = sum(len(ids) for ids in prompts)
+    echo = [texts[i // req.n] if req.echo else "" for i in range(len(choices))]
+    return job, echo
