@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -215,6 +216,26 @@ class MiMoConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+def _number(
+    key: str, value: Any, *, low: float = 0.0, high: float = math.inf, closed: bool = False, integer: bool = False
+) -> Any:
+    """`value` if it is a finite number (an int with `integer`) in (low, high] ([low, high] when `closed`), else a
+    ConfigError naming the key and the value."""
+    kind = "integer" if integer else "number"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and not (math.isfinite(value) and (low <= value if closed else low < value) and value <= high):
+        ok = False
+    if not ok:
+        if high < math.inf:
+            want = f"a {kind} in {'[' if closed else '('}{low:g}, {high:g}]"
+        elif closed:
+            want = f"an {kind} >= {low:g}" if integer else f"a {kind} >= {low:g}"
+        else:
+            want = f"a positive {kind}" if low == 0 else f"a {kind} > {low:g}"
+        raise ConfigError(f"{key}={value!r}: expected {want}")
+    return value if integer else float(value)
+
+
 def _parse(raw: dict[str, Any]) -> MiMoConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config must be a JSON object")
@@ -241,10 +262,7 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
         return c[key]
 
     def positive_int(key: str, value: Any = None) -> int:
-        value = req(key) if value is None else value
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{key}={value!r}: expected a positive integer")
-        return value
+        return _number(key, req(key) if value is None else value, integer=True)
 
     num_layers = positive_int("num_hidden_layers")
     hidden = positive_int("hidden_size")
@@ -259,7 +277,9 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
             raise ConfigError(f"{key}={c[key]!r} is not supported (supported: {allowed})")
 
     reject_unless("scoring_func", lambda v: v == "sigmoid", "'sigmoid'")
-    reject_unless("topk_method", lambda v: v in ("noaux_tc", "greedy", "group_limited_greedy"), "'noaux_tc'")
+    # The router (`mimo_jax.model.moe.route`) is noaux_tc: sigmoid scores, the correction bias for the choice,
+    # grouped top-k. "greedy" (top-k of the raw scores) and "group_limited_greedy" would pick other experts.
+    reject_unless("topk_method", lambda v: v == "noaux_tc", "'noaux_tc'")
     reject_unless("n_shared_experts", lambda v: v == 0, "null or 0")
     reject_unless("hidden_act", lambda v: v == "silu", "'silu'")
     reject_unless("attention_bias", lambda v: v is False, "false")
@@ -306,10 +326,11 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
         # Hub: `sliding_window_size: W` = the query plus W earlier tokens.
         w_key = "sliding_window_size" if c.get("sliding_window_size") is not None else "sliding_window"
         window_keys = positive_int(w_key) + 1
-        eps = float(c.get("layernorm_epsilon", c.get("rms_norm_eps", 1e-5)))
-        rope_theta = float(req("rope_theta"))
-        swa_rope_theta = float(c.get("swa_rope_theta", rope_theta))
-        prf = float(c.get("partial_rotary_factor", 1.0))
+        eps_key = "layernorm_epsilon" if "layernorm_epsilon" in c else "rms_norm_eps"
+        eps = _number(eps_key, c.get(eps_key, 1e-5), closed=True)
+        rope_theta = _number("rope_theta", req("rope_theta"))
+        swa_rope_theta = _number("swa_rope_theta", c.get("swa_rope_theta", rope_theta))
+        prf = _number("partial_rotary_factor", c.get("partial_rotary_factor", 1.0), high=1.0)
         full_sink = bool(c.get("add_full_attention_sink_bias", False))
         swa_sink = bool(c.get("add_swa_attention_sink_bias", True))
     else:
@@ -317,7 +338,7 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
         swa_head_dim, swa_v_head_dim = head_dim, v_head_dim
         # transformers: `sliding_window: S` keys including the query itself.
         window_keys = positive_int("sliding_window", c.get("sliding_window") or 129)
-        eps = float(c.get("rms_norm_eps", 1e-5))
+        eps = _number("rms_norm_eps", c.get("rms_norm_eps", 1e-5), closed=True)
         rope = c.get("rope_parameters")
         if rope is None:
             rope = {
@@ -327,17 +348,19 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
         if not isinstance(rope, dict) or not {"full_attention", "sliding_attention"} <= set(rope):
             raise ConfigError(f"rope_parameters={rope!r}: expected entries 'full_attention' and 'sliding_attention'")
         for kind, params in rope.items():
+            if not isinstance(params, dict):
+                raise ConfigError(f"rope_parameters.{kind}={params!r}: expected an object")
             if params.get("rope_type", "default") != "default":
                 raise ConfigError(f"rope_parameters.{kind}.rope_type={params.get('rope_type')!r} is not supported")
-        rope_theta = float(rope["full_attention"]["rope_theta"])
-        swa_rope_theta = float(rope["sliding_attention"]["rope_theta"])
-        prf = float(rope["full_attention"].get("partial_rotary_factor", 0.334))
-        if float(rope["sliding_attention"].get("partial_rotary_factor", 0.334)) != prf:
+        full, swa = rope["full_attention"], rope["sliding_attention"]
+        rope_theta = _number("rope_parameters.full_attention.rope_theta", full.get("rope_theta"))
+        swa_rope_theta = _number("rope_parameters.sliding_attention.rope_theta", swa.get("rope_theta"))
+        prf_key = "rope_parameters.{}.partial_rotary_factor"
+        prf = _number(prf_key.format("full_attention"), full.get("partial_rotary_factor", 0.334), high=1.0)
+        if _number(prf_key.format("sliding_attention"), swa.get("partial_rotary_factor", 0.334), high=1.0) != prf:
             raise ConfigError("rope_parameters: different partial_rotary_factor per layer type is not supported")
         full_sink, swa_sink = False, True
 
-    if not 0.0 < prf <= 1.0:
-        raise ConfigError(f"partial_rotary_factor={prf!r}: expected 0 < factor <= 1")
     for key, h, k in (("num_attention_heads", heads, kv), ("swa_num_attention_heads", swa_heads, swa_kv)):
         if h % k:
             raise ConfigError(f"{key}={h} is not a multiple of its key/value head count {k}")
@@ -347,13 +370,15 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
 
     # --- MoE ----------------------------------------------------------------------
     any_moe = any(moe)
-    num_experts = int(c.get("n_routed_experts") or c.get("num_local_experts") or 0)
-    topk = int(c.get("num_experts_per_tok") or 0)
-    n_group = int(c.get("n_group") or 1)
-    topk_group = int(c.get("topk_group") or 1)
+    num_experts = topk = moe_inter = 0
+    n_group = positive_int("n_group", c.get("n_group") or 1)
+    topk_group = positive_int("topk_group", c.get("topk_group") or 1)
     if any_moe:
-        positive_int("n_routed_experts", num_experts or None)
-        positive_int("num_experts_per_tok", topk or None)
+        spelled = c.get("n_routed_experts") is None and c.get("num_local_experts") is not None
+        experts_key = "num_local_experts" if spelled else "n_routed_experts"
+        num_experts = positive_int(experts_key, c.get(experts_key) or None)
+        topk = positive_int("num_experts_per_tok", c.get("num_experts_per_tok") or None)
+        moe_inter = positive_int("moe_intermediate_size")
         if topk > num_experts:
             raise ConfigError(f"num_experts_per_tok={topk} exceeds n_routed_experts={num_experts}")
         if num_experts % n_group:
@@ -364,21 +389,28 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
             raise ConfigError(f"n_group={n_group}: each group needs at least 2 experts")
         if topk > topk_group * (num_experts // n_group):
             raise ConfigError(f"num_experts_per_tok={topk} exceeds the experts in topk_group={topk_group} groups")
-    scaling = c.get("routed_scaling_factor")
-    scaling = 1.0 if scaling is None else float(scaling)
 
-    value_scale = c.get("attention_value_scale")
-    value_scale = 1.0 if value_scale is None else float(value_scale)
-    context_len = c.get("context_len") or c.get("max_position_embeddings") or 131072
+    def optional(key: str, default: Any, **bounds: Any) -> Any:
+        return default if c.get(key) is None else _number(key, c[key], **bounds)
+
+    scaling = optional("routed_scaling_factor", 1.0)
+    value_scale = optional("attention_value_scale", 1.0)
+    context_key = "context_len" if c.get("context_len") is not None else "max_position_embeddings"
+    context_len = optional(context_key, 131072, integer=True)
+    mtp_key = "num_nextn_predict_layers" if "num_nextn_predict_layers" in c else "mtp_num_layers"
+    num_mtp_layers = optional(mtp_key, 0 if mtp_key in c else 3, closed=True, integer=True)
+    vocab = positive_int("vocab_size")
     eos = c.get("eos_token_id")
-    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in eos_ids):
+        raise ConfigError(f"eos_token_id={eos!r}: expected token ids in [0, vocab_size={vocab})")
     fused = c.get("attention_projection_layout") == "fused_qkv"
 
     return MiMoConfig(
-        vocab_size=positive_int("vocab_size"),
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=positive_int("intermediate_size"),
-        moe_intermediate_size=int(c.get("moe_intermediate_size") or 0) if any_moe else 0,
+        moe_intermediate_size=moe_inter,
         num_layers=num_layers,
         sliding=sliding,
         moe=moe,
@@ -398,15 +430,15 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
         swa_sink=swa_sink,
         value_scale=value_scale,
         rms_norm_eps=eps,
-        num_experts=num_experts if any_moe else 0,
-        experts_per_token=topk if any_moe else 0,
+        num_experts=num_experts,
+        experts_per_token=topk,
         n_group=n_group,
         topk_group=topk_group,
         norm_topk_prob=bool(c.get("norm_topk_prob", True)),
         routed_scaling_factor=scaling,
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        context_len=int(context_len),
-        num_mtp_layers=int(c.get("num_nextn_predict_layers", c.get("mtp_num_layers", 3)) or 0),
+        context_len=context_len,
+        num_mtp_layers=num_mtp_layers,
         eos_token_ids=eos_ids,
         bos_token_id=c.get("bos_token_id"),
         pad_token_id=c.get("pad_token_id"),

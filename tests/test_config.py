@@ -150,3 +150,90 @@ def test_model_options_are_fixed_at_construction():
         MiMoModel(cfg, options=RunOptions(moe_impl="nope"))
     with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
         MiMoModel(cfg, options=RunOptions(attention_impl="nope"))
+
+
+POSITIVE = "expected a positive number"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("rope_theta", "big", POSITIVE),
+        ("rope_theta", 0, POSITIVE),
+        ("rope_theta", -10000.0, POSITIVE),
+        ("swa_rope_theta", None, POSITIVE),
+        ("swa_rope_theta", [10000], POSITIVE),
+        ("attention_value_scale", "x", POSITIVE),
+        ("routed_scaling_factor", "x", POSITIVE),
+        ("routed_scaling_factor", True, POSITIVE),
+        ("partial_rotary_factor", "half", "expected a number in (0, 1]"),
+        ("layernorm_epsilon", None, "expected a number >= 0"),
+        ("layernorm_epsilon", -1e-05, "expected a number >= 0"),
+        ("max_position_embeddings", "x", "expected a positive integer"),
+        ("max_position_embeddings", 0, "expected a positive integer"),
+        ("max_position_embeddings", -4096, "expected a positive integer"),
+        ("context_len", 0, "expected a positive integer"),
+        ("eos_token_id", "x", "expected token ids in [0, vocab_size=152576)"),
+        ("eos_token_id", 152576, "expected token ids in [0, vocab_size=152576)"),
+        ("eos_token_id", [151645, -1], "expected token ids in [0, vocab_size=152576)"),
+        ("topk_method", "greedy", "is not supported (supported: 'noaux_tc')"),
+        ("topk_method", "group_limited_greedy", "is not supported (supported: 'noaux_tc')"),
+        ("n_group", "x", "expected a positive integer"),
+    ],
+)
+def test_bad_values_name_file_key_and_value(tmp_path, key, value, expected):
+    raw = load("mimo-v2-flash.json")
+    raw[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as e:
+        MiMoConfig.from_json(tmp_path)
+    sep = " " if expected.startswith("is not") else ": "
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {key}={value!r}{sep}{expected}"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["rope_parameters"]["full_attention"].update(rope_theta="big"),
+            f"rope_parameters.full_attention.rope_theta='big': {POSITIVE}",
+        ),
+        (
+            lambda c: c["rope_parameters"]["sliding_attention"].update(rope_theta=0),
+            f"rope_parameters.sliding_attention.rope_theta=0: {POSITIVE}",
+        ),
+        (lambda c: c.update(rms_norm_eps=-1.0), "rms_norm_eps=-1.0: expected a number >= 0"),
+    ],
+)
+def test_bad_values_in_transformers_spelling(edit, message):
+    native = {
+        "architectures": ["MiMoV2FlashForCausalLM"],
+        "model_type": "mimo_v2_flash",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 6,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.334},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.334},
+        },
+    }
+    MiMoConfig.from_dict(native)
+    edit(native)
+    with pytest.raises(ConfigError) as e:
+        MiMoConfig.from_dict(native)
+    assert str(e.value).endswith(message)
+
+
+def test_edge_values_accepted():
+    raw = load("mimo-v2-flash.json")
+    raw.update(layernorm_epsilon=0, eos_token_id=[0, 152575], rope_theta=5_000_000, max_position_embeddings=1)
+    cfg = MiMoConfig.from_dict(raw)
+    assert cfg.rms_norm_eps == 0.0 and cfg.eos_token_ids == (0, 152575) and cfg.context_len == 1
+    raw.update(eos_token_id=7, topk_method=None, routed_scaling_factor=2.5, attention_value_scale=None)
+    cfg = MiMoConfig.from_dict(raw)
+    assert cfg.eos_token_ids == (7,) and cfg.routed_scaling_factor == 2.5 and cfg.value_scale == 1.0

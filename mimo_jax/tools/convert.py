@@ -6,6 +6,8 @@ Validates the whole source first (an error names the file and tensor, and nothin
 imports it like `load_model` (FP8 kept or dequantized, fused qkv split per head), writes the
 Orbax tree, `mimo_jax.json`, `config.json` and the tokenizer files into a temporary sibling of
 DST and renames it to DST at the end: an interrupted or failed conversion leaves nothing at DST.
+The temporary sibling is named `.DST.partial-HOST-PID-*`; one left by a killed conversion (its process
+gone) is removed by the next conversion to DST on that host.
 `load_model(DST, mesh=...)` restores it onto a mesh of any shape.
 """
 
@@ -15,12 +17,16 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 
 from mimo_jax import sharding
+from mimo_jax.config import ConfigError
 from mimo_jax.weights.orbax_store import META_NAME, save_params
+from mimo_jax.weights.safetensors_io import CheckpointError
 
 # Files beside the weights that a converted directory keeps (tokenizer, chat template, generation defaults).
 _SIDE_FILES = (
@@ -36,6 +42,35 @@ _SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+def _partial_prefix(dst: str) -> str:
+    """The temporary sibling's name up to mkdtemp's random suffix (letters, digits and '_')."""
+    return f".{os.path.basename(dst)}.partial-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(dst: str) -> list[str]:
+    """Remove the temporary siblings of `dst` left by killed conversions: those named for this host whose
+    process is gone (a live process's, another host's or an unrecognised name are kept). Returns their paths."""
+    parent, host = os.path.dirname(dst), socket.gethostname()
+    pattern = re.compile(rf"\.{re.escape(os.path.basename(dst))}\.partial-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+")
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        m = pattern.fullmatch(name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+    return removed
 
 
 def convert(
@@ -56,11 +91,12 @@ def convert(
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    remove_stale_partials(dst)
     # validates the whole checkpoint before anything is written
     lm = load_model(src, dtype=dtype, weights=weights, mtp=mtp, mesh=mesh, options=options, progress=progress)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_partial_prefix(dst), dir=parent)
     try:
         save_params(lm.model, tmp)
         for name in _SIDE_FILES:
@@ -92,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         from mimo_jax.sharding import make_mesh, parse_mesh_arg
 
         mesh = make_mesh(**parse_mesh_arg(args.mesh))
-    out = convert(args.src, args.dst, weights=args.weights, mtp=args.mtp, dtype=args.dtype, mesh=mesh)
+    try:
+        out = convert(args.src, args.dst, weights=args.weights, mtp=args.mtp, dtype=args.dtype, mesh=mesh)
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"mimo_jax.tools.convert: {e}", file=sys.stderr)  # a bad source or destination: no traceback
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -92,8 +92,33 @@ class SafetensorsFile:
                     f"but only {data_len} bytes are present"
                 )
             self._entries[name] = (dtype, shape, start, end)
+        self._check_layout(data_len)
         self._mmap: np.memmap | None = None
         self._fd: int | None = None
+
+    def _check_layout(self, data_len: int) -> None:
+        """The tensors tile the data section exactly, as the safetensors library requires: no two share a
+        byte, none leaves a gap before it, and nothing follows the last one."""
+        spans = sorted((start, end, name) for name, (_, _, start, end) in self._entries.items())
+        covered, last, gap = 0, None, None  # bytes [0, covered) are claimed, by `last` at the end
+        for start, end, name in spans:
+            if start < covered:
+                a_start, a_end = self._entries[last][2:]
+                raise CheckpointError(
+                    f"{self.path}: tensors {last!r} (bytes {a_start}-{a_end}) and {name!r} (bytes {start}-{end}) "
+                    "overlap (corrupt safetensors header)"
+                )
+            if start > covered and gap is None:
+                where = f"between {last!r} and {name!r}" if last is not None else f"before {name!r}"
+                gap = f"bytes {covered}-{start} of the data section belong to no tensor ({where})"
+            covered, last = end, name
+        if gap is not None:
+            raise CheckpointError(f"{self.path}: {gap} (corrupt safetensors header)")
+        if covered < data_len:
+            after = f"the last tensor {last!r}" if last is not None else "the header"
+            raise CheckpointError(
+                f"{self.path}: {data_len - covered} bytes after {after} belong to no tensor (corrupt safetensors file)"
+            )
 
     def keys(self) -> list[str]:
         return list(self._entries)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -99,3 +100,68 @@ def test_bad_source_writes_nothing(source, tmp_path):
 def test_existing_destination_is_refused(source, converted):
     with pytest.raises(FileExistsError):
         convert_mod.convert(source, converted, progress=False)
+
+
+def test_stale_partial_directories_are_removed(source, tmp_path, monkeypatch):
+    """A killed conversion leaves `.DST.partial-HOST-PID-*`; the next one removes those of dead processes on
+    this host, and keeps those still in use, of other hosts, or of other destinations."""
+    import socket
+    import subprocess
+
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [f".dst.partial-{host}-{dead.pid}-abc_1", f".dst.partial-{host}-{dead.pid}-xyz"]
+        kept = [
+            f".dst.partial-{host}-{alive.pid}-def",  # a conversion still running
+            f".dst.partial-other-host-{dead.pid}-ghi",  # maybe running elsewhere (shared filesystem)
+            f".other.partial-{host}-{dead.pid}-jkl",  # another destination's
+        ]
+        for name in stale + kept:
+            (tmp_path / name).mkdir()
+        (tmp_path / stale[1] / "half-written").write_text("x")
+        used = []
+        real = convert_mod.save_params
+        monkeypatch.setattr(convert_mod, "save_params", lambda model, d: used.append(d) or real(model, d))
+        convert_mod.convert(source, tmp_path / "dst", progress=False)
+        assert sorted(os.listdir(tmp_path)) == sorted(kept + ["dst"])
+        assert os.path.basename(used[0]).startswith(f".dst.partial-{host}-{os.getpid()}-")
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def bad_config_source(source, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad-config"
+    shutil.copytree(source, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["rope_theta"] = "big"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    return str(bad)
+
+
+@pytest.mark.parametrize(
+    ("make_src", "message"),
+    [
+        (lambda source, tmp: str(tmp / "missing"), r"missing: not a checkpoint directory"),
+        (bad_config_source, r"bad-config/config\.json: rope_theta='big': expected a positive number"),
+    ],
+    ids=["missing-source", "bad-config"],
+)
+def test_main_bad_source_is_a_one_line_error(source, tmp_path, capsys, make_src, message):
+    src = make_src(source, tmp_path)
+    assert convert_mod.main([src, str(tmp_path / "out" / "dst")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mimo_jax.tools.convert: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_existing_destination_is_a_one_line_error(source, converted, capsys):
+    assert convert_mod.main([source, converted]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mimo_jax.tools.convert: {converted} already exists; remove it or choose another destination\n"

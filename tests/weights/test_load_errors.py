@@ -115,3 +115,75 @@ def test_config_disagrees_with_tensors(good, tmp_path):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         mimo_jax.load_model(tmp_path / "nope")
+
+
+def write_raw_safetensors(path, entries, data_len):
+    """A safetensors file with a hand-written header: entries = {name: (dtype, shape, start, end)}."""
+    import struct
+
+    header = {k: {"dtype": d, "shape": list(s), "data_offsets": [a, b]} for k, (d, s, a, b) in entries.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + bytes(data_len))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("entries", "data_len", "pattern"),
+    [
+        # b starts inside a
+        (
+            {"a": ("F32", [2], 0, 8), "b": ("F32", [2], 4, 12)},
+            12,
+            r"tensors 'a' \(bytes 0-8\) and 'b' \(bytes 4-12\) overlap",
+        ),
+        # b aliases a's bytes exactly (and c fills the rest)
+        (
+            {"a": ("F32", [2], 0, 8), "b": ("F32", [2], 0, 8), "c": ("F32", [2], 8, 16)},
+            16,
+            r"tensors 'a' \(bytes 0-8\) and 'b' \(bytes 0-8\) overlap",
+        ),
+        # bytes 8-12 belong to no tensor
+        ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 12, 20)}, 20, r"bytes 8-12 of the data section .*'a'.*'b'"),
+        # the data section does not start with a tensor
+        ({"a": ("F32", [2], 4, 12)}, 12, r"bytes 0-4 of the data section .*before 'a'"),
+        # bytes after the last tensor
+        ({"a": ("F32", [2], 0, 8)}, 12, r"4 bytes after the last tensor 'a'"),
+    ],
+    ids=["overlap", "alias", "gap", "leading-gap", "trailing-bytes"],
+)
+def test_data_offsets_must_tile_the_data_section(tmp_path, entries, data_len, pattern):
+    """Like the safetensors library: tensors are contiguous, in bounds and non-overlapping."""
+    path = write_raw_safetensors(tmp_path / "x.safetensors", entries, data_len)
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: " + pattern):
+        SafetensorsFile(path)
+
+
+def test_data_offsets_accept_empty_tensors_and_any_header_order(tmp_path):
+    entries = {"c": ("F32", [2], 8, 16), "empty": ("F32", [0], 8, 8), "a": ("F32", [2], 0, 8)}
+    st = SafetensorsFile(write_raw_safetensors(tmp_path / "x.safetensors", entries, 16))
+    assert st.shape("empty") == (0,) and st.get("c").shape == (2,)
+
+
+def test_overlapping_tensors_in_checkpoint(good, tmp_path):
+    """Two same-shaped tensors pointing at the same bytes: refused, naming the file and both tensors."""
+    import struct
+
+    d = rewrite(good, tmp_path, lambda t: None)
+    path = os.path.join(d, "model.safetensors")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    a, b = "model.layers.1.self_attn.k_proj.weight", "model.layers.2.self_attn.k_proj.weight"
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors: tensors '{a}' \(bytes \d+-\d+\) and '{b}' \(bytes \d+-\d+\) overlap",
+    ):
+        mimo_jax.load_model(d)
