@@ -14,6 +14,9 @@ from flax import nnx
 from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.model.mimo import MiMoModel, relayout_experts
 from mimo_jax.sharding import batch_sharding, place_model
+from mimo_jax.weights import WEIGHT_MODES, load_params
+from mimo_jax.weights.demo import demo_model_dir
+from mimo_jax.weights.orbax_store import is_converted, read_meta, restore_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -25,7 +28,6 @@ class LanguageModel:
     is how the model finds the mesh (activation constraints, expert-parallel MoE); code that
     jits its own model calls (the engine's device functions) runs them in `lm.mesh_context()` the same way.
     """
-
     def __init__(self, model: MiMoModel, mesh: jax.sharding.Mesh | None = None, source: str | None = None):
         self.model = model
         self.config: MiMoConfig = model.config
@@ -103,16 +105,11 @@ def load_model(
     `options`: how the model computes (None: `RunOptions` for the devices' platform); the experts are
     stored in the layout its MoE implementation reads.
     """
-    from mimo_jax.weights import WEIGHT_MODES, load_params
-    from mimo_jax.weights.orbax_store import is_converted, read_meta, restore_params
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
     if os.fspath(path) == "demo" and not os.path.exists(path):  # the checkpoint shipped in the package
-        from mimo_jax.weights.demo import demo_model_dir
-
         path = demo_model_dir()
     if options is None:
         devices = mesh.devices.flat if mesh is not None else jax.devices()

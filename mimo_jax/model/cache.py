@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax.config import LayerSpec, MiMoConfig
+from mimo_jax.sharding import current_mesh, logical_to_spec
 
 
 @jax.tree_util.register_dataclass
@@ -115,8 +116,6 @@ CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # logical axes of LayerKV.
 
 def cache_shardings(cache: list[LayerKV], mesh: jax.sharding.Mesh) -> list[LayerKV]:
     """NamedShardings for a cache pytree: batch on the data axis, kv heads on the tensor axis."""
-    from mimo_jax.sharding import logical_to_spec
-
     def named(x: jax.Array, axes: tuple) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(mesh, logical_to_spec(axes[: x.ndim], tuple(x.shape), mesh))
 
@@ -132,7 +131,6 @@ def read_slot(cache: list[LayerKV], slot: jax.Array, clear: jax.Array) -> list[L
     Traced under a mesh that splits the batch, each shard reads only its own rows (`_read_row`):
     a plain dynamic_slice would make XLA all-gather every layer's whole cache to pick one row.
     """
-
     def one(c: LayerKV) -> LayerKV:
         pos = jnp.where(clear, -1, _read_row(c.pos, slot, ("batch", None)))
         return LayerKV(k=_read_row(c.k, slot, CACHE_AXES), v=_read_row(c.v, slot, CACHE_AXES), pos=pos, ring=c.ring)
@@ -142,8 +140,6 @@ def read_slot(cache: list[LayerKV], slot: jax.Array, clear: jax.Array) -> list[L
 
 def _read_row(x: jax.Array, slot: jax.Array, axes: tuple) -> jax.Array:
     """x[slot : slot+1] for x laid out by its logical `axes` on the current mesh (if any)."""
-    from mimo_jax.sharding import current_mesh, logical_to_spec
-
     mesh = current_mesh()
     spec = logical_to_spec(axes[: x.ndim], x.shape, mesh) if mesh is not None else None
     if spec is None or spec[0] is None:  # batch not split: every device holds the row
@@ -164,7 +160,6 @@ def _read_row(x: jax.Array, slot: jax.Array, axes: tuple) -> jax.Array:
 
 def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> list[LayerKV]:
     """Put one row's cache (from `read_slot`) back at batch index `slot`."""
-
     def one(c: LayerKV, r: LayerKV) -> LayerKV:
         put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis=0)
         return LayerKV(k=put(c.k, r.k), v=put(c.v, r.v), pos=put(c.pos, r.pos), ring=c.ring)
@@ -176,7 +171,6 @@ def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> li
 @dataclasses.dataclass(frozen=True)
 class KVPlan:
     """KV cache bytes of one sequence at `context` tokens."""
-
     context: int
     full_layers: int
     swa_layers: int

@@ -37,6 +37,7 @@ from mimo_jax.model.attention import ATTENTION_IMPLS
 from mimo_jax.model.cache import LayerKV, empty_layer_kv, kv_bytes_per_token
 from mimo_jax.model.mimo import MiMoModel, MoE, relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
+from mimo_jax.sharding import make_mesh, parse_mesh_arg
 from mimo_jax.tools.profiling import format_ops, top_ops
 from mimo_jax.weights.random import bench_config, random_model
 
@@ -403,8 +404,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # multi-host
     mesh = None
     if args.mesh:
-        from mimo_jax.sharding import make_mesh, parse_mesh_arg
-
         mesh = make_mesh(**parse_mesh_arg(args.mesh))
     device = jax.devices()[0]
     ndev = 1 if mesh is None else mesh.size

@@ -25,6 +25,8 @@ import tempfile
 
 from mimo_jax import sharding
 from mimo_jax.config import ConfigError
+from mimo_jax.lm import load_model
+from mimo_jax.sharding import make_mesh, parse_mesh_arg
 from mimo_jax.weights.orbax_store import META_NAME, save_params
 from mimo_jax.weights.safetensors_io import CheckpointError
 
@@ -86,8 +88,6 @@ def convert(
 ) -> str:
     """Write the Orbax checkpoint of `src` at `dst` (which must not exist), loaded with `options` (a
     `RunOptions`; the experts are written in the stored layout whatever it re-lays them out to). Returns `dst`."""
-    from mimo_jax.lm import load_model
-
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
@@ -125,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # multi-host
     mesh = None
     if args.mesh:
-        from mimo_jax.sharding import make_mesh, parse_mesh_arg
-
         mesh = make_mesh(**parse_mesh_arg(args.mesh))
     try:
         out = convert(args.src, args.dst, weights=args.weights, mtp=args.mtp, dtype=args.dtype, mesh=mesh)

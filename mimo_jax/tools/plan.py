@@ -16,6 +16,8 @@ import math
 import sys
 from typing import Any
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
@@ -24,6 +26,7 @@ from mimo_jax.config import MiMoConfig
 from mimo_jax.model.cache import kv_bytes_per_token, kv_plan
 from mimo_jax.quant import scale_shape
 from mimo_jax.sharding import MESH_AXES, logical_to_spec, parse_mesh_arg
+from mimo_jax.weights.loader import abstract_model, quantization_block
 from mimo_jax.weights.table import (
     EXPERTS,
     F32,
@@ -41,7 +44,6 @@ _KEEP_FP8 = (TRANSPOSE, EXPERTS, HEADS_IN)  # as in the loader: the kinds whose 
 @dataclasses.dataclass(frozen=True)
 class StoredTensor:
     """A tensor as a release stores it (FP8 weights and their scales separately)."""
-
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -61,8 +63,6 @@ def release_tensors(cfg: MiMoConfig, mtp_layers: int = 0) -> list[StoredTensor]:
 
 
 def _block(cfg: MiMoConfig) -> tuple[int, int] | None:
-    from mimo_jax.weights.loader import quantization_block
-
     return quantization_block(cfg)
 
 
@@ -81,8 +81,6 @@ def _per_device(shape: tuple[int, ...], spec: PartitionSpec, mesh: AbstractMesh)
 def _placed_params(cfg: MiMoConfig, mesh: AbstractMesh, dtype: Any, mtp_layers: int):
     """(source, parameter variable, shape, logical axes, PartitionSpec on `mesh`) for every parameter
     the loader places, in the tensor table's order."""
-    from mimo_jax.weights.loader import abstract_model
-
     model = abstract_model(cfg, dtype, mtp_layers)
     params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
     for src in parameter_sources(cfg, mtp_layers):
@@ -100,8 +98,6 @@ def param_bytes_per_device(
     cfg: MiMoConfig, mesh_sizes: dict[str, int], weights: str = "bf16", dtype_bytes: int = 2, mtp_layers: int = 0
 ) -> int:
     """Bytes of parameters on each device (the fullest one) after `load_model(..., weights=weights)`."""
-    import jax.numpy as jnp
-
     mesh = abstract_mesh(mesh_sizes)
     block = _block(cfg) if weights == "fp8" else None
     total = 0
@@ -122,8 +118,6 @@ def dequantized_working_set_per_device(
     """Bytes of FP8 weights dequantized at once on a device: the two largest kept-FP8 parameters (per
     device) in bf16, e.g. a MoE projection's local experts and the lm_head. Each weight is dequantized
     only when its layer runs (`quant.weight(p, after=x)`), so this, not the sum, is what is live."""
-    import jax.numpy as jnp
-
     block = _block(cfg) if weights == "fp8" else None
     mesh = abstract_mesh(mesh_sizes)
     sizes = [
@@ -215,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _np_dtype(name: str) -> Any:
-    import ml_dtypes
-
     return {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}.get(name, name)
 
 

@@ -30,7 +30,9 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from mimo_jax.config import MiMoConfig
 from mimo_jax.quant import quantize_blocks, weight
@@ -120,8 +122,6 @@ def export_release(
     `extra_files` (tokenizer files, ...) are copied beside. Written atomically: nothing at
     `out_dir` unless everything succeeded. Returns `out_dir`.
     """
-    import ml_dtypes
-
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     if float_dtype not in _FLOAT_DTYPES:
@@ -251,8 +251,6 @@ def _write_files(tensors: dict[str, np.ndarray], directory: str, max_file_bytes:
 
 def hub_tensors(model: Any) -> dict[str, np.ndarray]:
     """A `MiMoModel`'s parameters as separate-layout hub tensors (torch [out, in], float32) for `export_release`."""
-    from flax import nnx
-
     cfg = model.config.replace(fused_qkv=False)
     nodes = dict(nnx.iter_graph(model))
     params = {path: var for path, var in nodes.items() if isinstance(var, nnx.Param)}

@@ -24,6 +24,7 @@ the model dequantizes inside its jitted matmuls.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import math
@@ -36,10 +37,12 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from tqdm.auto import tqdm
 
 from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.model.mimo import MiMoModel, relayout_experts
-from mimo_jax.quant import FP8, BlockQuantized
+from mimo_jax.quant import FP8, BlockQuantized, scale_shape
+from mimo_jax.sharding import logical_to_spec, model_shardings
 from mimo_jax.weights.checkpoint import Checkpoint
 from mimo_jax.weights.safetensors_io import CheckpointError
 from mimo_jax.weights.table import (
@@ -51,6 +54,7 @@ from mimo_jax.weights.table import (
     ParamSource,
     attention_rows,
     expected_scale_shapes,
+    fp8_param_block,
     parameter_sources,
 )
 
@@ -106,7 +110,6 @@ def abstract_model(cfg: MiMoConfig, dtype: Any, mtp_layers: int = 0, options: Ru
 @dataclasses.dataclass
 class ParamPlan:
     """One validated parameter: where its values and (if FP8) scales come from."""
-
     src: ParamSource
     quantized: bool
     block: tuple[int, int] | None
@@ -135,10 +138,6 @@ def abstract_params(
     `quantization_config`: float8 values and float32 block scales (`quant.BlockQuantized`), each
     sharded by the parameter's logical axes, for the kinds the loader keeps in FP8.
     """
-    from mimo_jax.quant import scale_shape
-    from mimo_jax.sharding import logical_to_spec, model_shardings
-    from mimo_jax.weights.table import fp8_param_block
-
     if weights not in ("bf16", "fp8"):
         raise ValueError(f"--weights {weights!r}: expected 'bf16' or 'fp8'")
     block = quantization_block(cfg) if weights == "fp8" else None
@@ -293,7 +292,6 @@ def staged_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _cut(plan: ParamPlan, r: tuple[range, ...], read: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The staged slice of parameter ranges `r` from rows already read (`read[name] = (rows, data)`)."""
-
     def rows_of(name: str, rows: np.ndarray | None) -> np.ndarray:
         have, data = read[name]
         if rows is None or (len(rows) == len(have) and (rows == have).all()):
@@ -362,7 +360,6 @@ def _dequantizer(sharding: Sharding, dtype: str):
 
 class _Streamer:
     """Reads and places one parameter at a time (called from worker threads)."""
-
     def __init__(self, ckpt: Checkpoint, weights: str, mesh: jax.sharding.Mesh | None, progress: Any):
         self.ckpt = ckpt
         self.weights = weights
@@ -373,7 +370,6 @@ class _Streamer:
     def sharding(self, axes: tuple | None, shape: tuple[int, ...]) -> Sharding:
         if self.mesh is None:
             return self.single
-        from mimo_jax.sharding import logical_to_spec
 
         return NamedSharding(self.mesh, logical_to_spec(tuple(axes or (None,) * len(shape)), shape, self.mesh))
 
@@ -449,8 +445,6 @@ def _return_freed_buffers_to_os() -> None:
     streaming GBs through worker threads would ratchet RSS up; a fixed 1 MiB threshold maps every
     slice buffer on its own and unmaps it when freed. Process-wide and harmless elsewhere; no-op off glibc."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
@@ -495,13 +489,9 @@ def load_params(
     if mesh is None:
         shardings = dict.fromkeys(params, SingleDeviceSharding(jax.devices()[0]))
     else:
-        from mimo_jax.sharding import model_shardings
-
         shardings = model_shardings(model, mesh)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         total = _planned_bytes(ckpt, plans, params, shardings)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights", smoothing=0.1)
     _return_freed_buffers_to_os()

@@ -21,6 +21,8 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.quant import FP8, BlockQuantized
+from mimo_jax.sharding import logical_to_spec
+from mimo_jax.weights.loader import _dequantizer, abstract_model, quantization_block
 from mimo_jax.weights.safetensors_io import CheckpointError
 from mimo_jax.weights.table import fp8_param_block, parameter_sources
 
@@ -76,7 +78,6 @@ def restore_params(
     """A `MiMoModel` built with `options`, restored from a converted directory onto `mesh` (any shape)."""
     import orbax.checkpoint as ocp
 
-    from mimo_jax.weights.loader import _dequantizer, abstract_model, quantization_block
 
     path = os.path.abspath(os.fspath(path))
     meta = read_meta(path)
@@ -100,7 +101,6 @@ def restore_params(
     def sharding(var, shape):
         if mesh is None:
             return single
-        from mimo_jax.sharding import logical_to_spec
 
         axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(shape))
         return NamedSharding(mesh, logical_to_spec(axes, tuple(shape), mesh))

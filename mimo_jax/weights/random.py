@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig, RunOptions
+from mimo_jax.quant import BlockQuantized
+from mimo_jax.sharding import make_mesh
+from mimo_jax.weights.loader import abstract_params
 
 # the repository's configs/ (a source checkout; installed packages take a config.json path instead)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -68,10 +71,6 @@ def random_model(
     `weights="fp8"`: the parameters `load_model(..., weights="fp8")` would place for this config
     (float8 blocks + float32 scales for the kinds the loader keeps in FP8), filled with random values.
     """
-    from mimo_jax.quant import BlockQuantized
-    from mimo_jax.sharding import make_mesh
-    from mimo_jax.weights.loader import abstract_params
-
     if weights == "fp8" and cfg.quantization is None:
         cfg = cfg.replace(quantization={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
