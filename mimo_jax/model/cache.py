@@ -9,7 +9,7 @@ Keys and values are stored heads-major, [batch, kv_heads, slots, head_dim], on e
 each head's slots are one contiguous [slots, head_dim] matrix, the layout the attention matmuls
 read. (Stored [batch, slots, kv_heads, head_dim], TPU tiles the last two dims, so one KV head per
 chip was padded to a tile, and every decode step copied each full-attention layer's whole cache
-into the attention's layout; `tests/test_tpu_aot.py` checks the compiled decode loop for that.)
+into the attention's layout; `tests/tools/test_aot.py` checks the compiled decode loop for that.)
 """
 
 from __future__ import annotations

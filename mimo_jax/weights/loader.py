@@ -13,7 +13,7 @@ Every parameter comes from `parameter_sources` (the tensor table). Loading has t
 Host memory bound: what the process holds beyond the placed parameters is at most `workers`
 read groups at a time, where a read group is the rows one parameter needs on this process (at
 most one checkpoint tensor; for experts, the experts of one device slice) plus small scales.
-`tests/test_importer_streaming.py` measures it.
+`tests/weights/test_importer_streaming.py` measures it.
 
 FP8 (`quant_method: fp8`, e4m3, `weight_block_size` blocks): values and scales are placed as a
 `mimo_jax.quant.BlockQuantized` (layouts in its docstring). `weights="bf16"` dequantizes them on
