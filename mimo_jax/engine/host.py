@@ -17,7 +17,7 @@ slot state are donated):
   `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
   slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
   one token, or with `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per
-  slot, `mimo_jax.engine.speculative`); `greedy_decode_fn` is the same loop for rounds where every
+  slot, `mimo_jax.engine.speculative.decode_speculative`); `greedy_decode_fn` is the same loop for rounds where every
   running request is greedy (the host picks it: drafts and verify compare argmaxes).
 
 The pytrees (slot state, requests, round outputs, the cache) are in `mimo_jax.engine.state`.
@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.engine.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
-from mimo_jax.engine.speculative import draft_chain, history_length, mtp_prefill, verify
+from mimo_jax.engine.speculative import decode_speculative, history_length, mtp_prefill
 from mimo_jax.engine.state import (
     FINISH_REASONS,
     RUNNING,
@@ -175,91 +175,6 @@ def decode_one(
         counts=state.counts.at[batch, out.tokens].add(active.astype(jnp.int32)),
     )
     return cache, state, out, active
-
-
-def decode_speculative(
-    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int, greedy: bool
-) -> tuple[list[LayerKV], SlotState, IterationOutput]:
-    """One MTP draft-verify-accept round for every active slot (`mimo_jax.engine.speculative`).
-
-    `greedy` (static): every running slot is greedy, so no distribution is formed or sampled from.
-    """
-    num_layers = len(model.layers)
-    target_cache, mtp_cache = cache[:num_layers], cache[num_layers:]
-    k = len(mtp_cache)
-    active = state.active
-    batch = jnp.arange(active.shape[0])
-    last = jnp.where(active, state.positions - 1, -1)  # P: the newest target hidden state
-    drafts, draft_lp, mtp_cache = draft_chain(
-        model,
-        mtp_cache,
-        state.recent_hidden,
-        state.recent_tokens,
-        last,
-        state.sampling,
-        state.counts,
-        state.prompt_mask,
-        state.rng,
-        greedy,
-    )
-
-    # verify: the target reads the last token and the drafts at positions P+1 .. P+k+1
-    steps = jnp.arange(k + 1, dtype=jnp.int32)
-    inputs = jnp.concatenate([state.tokens[:, None], drafts], axis=1)
-    positions = jnp.where(active[:, None], state.positions[:, None] + steps, -1)
-    hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
-    logits = model.logits(hidden)  # [B, k+1, V]
-    accepted, candidates = verify(
-        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last
-    )
-
-    # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit
-    reasons = _finish_reason(
-        candidates,
-        state.positions[:, None] + 1 + steps,
-        state.num_generated[:, None] + 1 + steps,
-        state.max_new_tokens[:, None],
-        state.stop_ids,
-        max_context,
-    )
-    first_stop = jnp.min(jnp.where(reasons != RUNNING, steps, k + 1), axis=1)
-    count = jnp.minimum(accepted, first_stop) + 1
-    newest = count - 1
-    pick = lambda x: jnp.take_along_axis(x, newest.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
-    reason = pick(reasons)
-    emitted = (steps[None, :] < count[:, None]) & active[:, None]
-    # the recent window moves by `count`: append this verify's hidden states and tokens, keep the last K
-    hist = state.recent_hidden.shape[1]
-    shift = lambda old, new: jax.vmap(lambda row, c: jax.lax.dynamic_slice_in_dim(row, c, hist, axis=0))(
-        jnp.concatenate([old, new.astype(old.dtype)], axis=1), count
-    )
-    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
-    state = dataclasses.replace(
-        state,
-        tokens=keep(pick(candidates), state.tokens),
-        positions=keep(state.positions + count, state.positions),
-        hidden=keep(pick(hidden).astype(state.hidden.dtype), state.hidden),
-        active=active & (reason == RUNNING),
-        finish_reason=keep(reason, state.finish_reason),
-        num_generated=keep(state.num_generated + count, state.num_generated),
-        counts=state.counts.at[batch[:, None], candidates].add(emitted.astype(jnp.int32)),
-        recent_hidden=keep(shift(state.recent_hidden, hidden), state.recent_hidden),
-        recent_tokens=keep(shift(state.recent_tokens, candidates), state.recent_tokens),
-    )
-
-    model_lp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(model_lp, candidates[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = jax.lax.top_k(model_lp, num_top)
-    out = IterationOutput(
-        tokens=candidates,
-        logprobs=chosen,
-        top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=top_lp,
-        count=jnp.where(active, count, 0),
-        accepted=jnp.where(active, accepted, -1),
-        drafts=drafts,
-    )
-    return target_cache + mtp_cache, state, out
 
 
 def decode_round(
