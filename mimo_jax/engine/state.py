@@ -21,6 +21,8 @@ from mimo_jax.model.cache import LayerKV, empty_cache, empty_layer_kv
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 
+MAX_STOP_IDS = 8  # stop tokens a slot holds unless the engine is built with another max_stop_ids
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -117,6 +119,19 @@ def empty_state(
         prompt_mask=jnp.zeros((batch, vocab), bool),
         recent_hidden=jnp.zeros((batch, history, hidden_size), dtype),
         recent_tokens=jnp.zeros((batch, history), jnp.int32),
+    )
+
+
+def empty_request(vocab: int, max_stop_ids: int, history: int = 0) -> SlotRequest:
+    """A request of the shapes the admit step takes (the host fills in a real one per request)."""
+    return SlotRequest(
+        prompt_len=jnp.int32(0),
+        max_new_tokens=jnp.int32(0),
+        stop_ids=jnp.full((max_stop_ids,), -1, jnp.int32),
+        sampling=SamplingParams.make(1),
+        rng=jnp.zeros((2,), jnp.uint32),
+        prompt_mask=jnp.zeros((vocab,), bool),
+        recent_tokens=jnp.zeros((history,), jnp.int32),
     )
 
 

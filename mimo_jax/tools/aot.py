@@ -76,7 +76,7 @@ def abstract_cache(cfg, batch: int, context: int, dtype, mesh, speculative_steps
     with `speculative_steps` k), as sharded ShapeDtypeStructs."""
     import jax
 
-    from mimo_jax.engine.host import cache_length, engine_cache
+    from mimo_jax.engine.state import cache_length, engine_cache
     from mimo_jax.model.cache import cache_shardings
 
     shapes = jax.eval_shape(lambda: engine_cache(cfg, batch, cache_length(context), dtype, speculative_steps))
