@@ -8,9 +8,10 @@ from scipy import stats
 from test_speculative import CFG, predictable_model
 
 import mimo_jax
-from mimo_jax.engine.host import Engine, SlotRequest
+from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, processed_logprobs, request_key
 from mimo_jax.engine.speculative import accept_drafts
+from mimo_jax.engine.state import SlotRequest
 
 
 def test_accept_drafts_output_is_distributed_as_the_target():
