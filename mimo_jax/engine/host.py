@@ -1,28 +1,8 @@
-"""The generation engine: a fixed set of batch slots over one KV cache, chunked prefill, a jitted decode loop.
+"""The engine's host side: a fixed set of batch slots over one KV cache, a prefill queue, and `Engine.step`,
+which launches the device steps (`mimo_jax.engine.steps`) and collects their tokens.
 
 Continuous batching by design: requests take free slots between decode rounds and leave when they
-finish or are cancelled, and no shape ever depends on which requests are running (inactive rows
-run at position -1: nothing is written to their cache and their outputs are ignored), so nothing
-recompiles. The device work is three pure jitted functions (state in, state out; the cache and
-slot state are donated):
-
-- `prefill_fn(params, cache, slot, tokens[C + k], start, length, history[K, H]) -> (cache, history)`:
-  one chunk of one request's prompt (the first `length` of tokens[:C]; the k tokens after the
-  chunk feed the MTP layers), attending against what the slot already holds. `history` rolls
-  the prompt's last K hidden states through the chunks (K = 1 without speculation). Chunk
-  lengths are bucketed (powers of two up to `prefill_chunk`).
-- `admit_fn(params, state, slot, history, request) -> (state, first)`: samples the first token
-  from the prompt's last hidden state and starts the slot.
-- `decode_fn(params, cache, state, num_steps) -> (cache, state, RoundOutput)`: a
-  `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
-  slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
-  one token, or with `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per
-  slot, `mimo_jax.engine.speculative`); `greedy_decode_fn` is the same loop for rounds where every
-  running request is greedy (the host picks it: drafts and verify compare argmaxes).
-
-`SlotState` holds everything per slot in one pytree (last token, its position, the last hidden
-state before the final norm, counts for penalties, the recent hidden states the MTP drafts read).
-The cache is one list: the target's layers, then (with speculation) the k MTP layers' rings.
+finish or are cancelled; no device shape depends on which requests are running, so nothing recompiles.
 """
 
 from __future__ import annotations
@@ -36,407 +16,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from mimo_jax.config import MiMoConfig
-from mimo_jax.engine.sampling import SampleOutput, SamplingOptions, SamplingParams, request_key, sample, step_keys
-from mimo_jax.engine.speculative import draft_chain, history_length, mtp_prefill, verify
+from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, request_key
+from mimo_jax.engine.state import FINISH_REASONS, MAX_STOP_IDS, RUNNING, SlotRequest
+from mimo_jax.engine.steps import build_steps, shardings
 from mimo_jax.lm import LanguageModel
-from mimo_jax.model.cache import LayerKV, cache_shardings, empty_cache, empty_layer_kv, read_slot, write_slot
 from mimo_jax.model.mimo import MiMoModel
-
-RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
-FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 
 
 class EngineFull(RuntimeError):
     """No free slot: wait for a request to finish (see `Engine.free_slots`)."""
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotState:
-    """Per-slot decoding state, every array with a leading [B] (max_batch) axis."""
-
-    tokens: jax.Array  # int32, the last emitted token: the next model input
-    positions: jax.Array  # int32, the position `tokens` occupies
-    hidden: jax.Array  # [B, H] model dtype, residual stream (before the final norm) that predicted `tokens`
-    active: jax.Array  # bool, still generating
-    finish_reason: jax.Array  # int32: RUNNING / STOPPED / LENGTH
-    num_generated: jax.Array  # int32, tokens emitted so far
-    max_new_tokens: jax.Array  # int32
-    stop_ids: jax.Array  # [B, S] int32, -1 = unused
-    sampling: SamplingParams
-    rng: jax.Array  # [B, 2] uint32, key data of each request's random stream
-    counts: jax.Array  # [B, V] int32, generated-token counts (presence / frequency penalties)
-    prompt_mask: jax.Array  # [B, V] bool, tokens of the prompt (repetition penalty)
-    # speculation (K = 2k, else 0): target hidden states at positions-K .. positions-1, the token after each
-    recent_hidden: jax.Array  # [B, K, H]
-    recent_tokens: jax.Array  # [B, K] int32, the last one is `tokens`
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotRequest:
-    """What `admit_fn` needs to start one slot (no batch axis)."""
-
-    prompt_len: jax.Array  # int32
-    max_new_tokens: jax.Array  # int32
-    stop_ids: jax.Array  # [S] int32
-    sampling: SamplingParams  # fields of shape [1]
-    rng: jax.Array  # [2] uint32
-    prompt_mask: jax.Array  # [V] bool
-    recent_tokens: jax.Array  # [K] int32, the prompt's last K tokens (speculation; 0 = before the prompt)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RoundOutput:
-    """Tokens of one decode round: column i holds step i for the slots active at that step."""
-
-    tokens: jax.Array  # [B, N] int32, -1 where nothing was emitted
-    logprobs: jax.Array  # [B, N] float32
-    top_ids: jax.Array  # [B, N, K] int32
-    top_logprobs: jax.Array  # [B, N, K] float32
-    count: jax.Array  # [B] int32, tokens emitted per slot this round
-    accepted: jax.Array  # [B, S] int32, drafts accepted by each iteration's verify (-1: slot not running)
-    drafts: jax.Array  # [B, S, k] int32, each iteration's draft tokens (k = 0 without speculation)
-
-
-def engine_cache(
-    cfg: MiMoConfig, batch: int, cache_len: int, dtype: Any, speculative_steps: int = 0, extra_ring_slots: int = 0
-) -> list[LayerKV]:
-    """The engine's KV cache: one LayerKV per decoder layer, then one per MTP layer speculation uses."""
-    k = speculative_steps
-    # A verify writes k positions past what it may accept: rings keep k extra slots so those
-    # writes never evict a position still inside the window.
-    target = empty_cache(cfg, batch, cache_len, dtype, max(extra_ring_slots, k))
-    return target + [empty_layer_kv(cfg.mtp_layer(), batch, cache_len, dtype) for _ in range(k)]
-
-
-def empty_state(
-    batch: int, hidden_size: int, vocab: int, max_stop_ids: int, dtype: jnp.dtype, history: int = 0
-) -> SlotState:
-    zeros = jnp.zeros((batch,), jnp.int32)
-    return SlotState(
-        tokens=zeros,
-        positions=zeros,
-        hidden=jnp.zeros((batch, hidden_size), dtype),
-        active=jnp.zeros((batch,), bool),
-        finish_reason=zeros,
-        num_generated=zeros,
-        max_new_tokens=zeros,
-        stop_ids=jnp.full((batch, max_stop_ids), -1, jnp.int32),
-        sampling=SamplingParams.make(batch),
-        rng=jnp.zeros((batch, 2), jnp.uint32),
-        counts=jnp.zeros((batch, vocab), jnp.int32),
-        prompt_mask=jnp.zeros((batch, vocab), bool),
-        recent_hidden=jnp.zeros((batch, history, hidden_size), dtype),
-        recent_tokens=jnp.zeros((batch, history), jnp.int32),
-    )
-
-
-def _finish_reason(tokens, positions, num_generated, max_new_tokens, stop_ids, max_context: int) -> jax.Array:
-    """RUNNING, or why a slot that just emitted `tokens` at `positions` stops (arrays [B] or [B, M])."""
-    stop_ids = stop_ids.reshape(stop_ids.shape[:1] + (1,) * (tokens.ndim - 1) + stop_ids.shape[1:])
-    stopped = jnp.any(tokens[..., None] == stop_ids, axis=-1)
-    # The next step would feed the token at `positions`; the sequence may not outgrow the cache.
-    out_of_room = (num_generated >= max_new_tokens) | (positions >= max_context - 1)
-    return jnp.where(stopped, STOPPED, jnp.where(out_of_room, LENGTH, RUNNING)).astype(jnp.int32)
-
-
-# ------------------------------------------------------------------ pure step functions
-def prefill_step(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    cache: list[LayerKV],
-    slot: jax.Array,
-    tokens: jax.Array,
-    start: jax.Array,
-    length: jax.Array,
-    history: jax.Array,
-) -> tuple[list[LayerKV], jax.Array]:
-    """Run a prompt chunk into slot `slot`: tokens [C + k], of which the first `length` are the chunk
-    (placed at start, start+1, ...) and tokens[length:] the prompt's next tokens (-1 past its end),
-    which only the k MTP layers read (k = len(cache) - num_layers).
-
-    A chunk starting at 0 begins a new request: the slot's old keys are marked empty first.
-    Returns the new cache and `history` [K, H] advanced by the chunk (the prompt's last K hidden states).
-    """
-    model = nnx.merge(graphdef, params)
-    num_layers = len(model.layers)
-    chunk = tokens.shape[0] - (len(cache) - num_layers)
-    idx = jnp.arange(chunk, dtype=jnp.int32)
-    positions = jnp.where(idx < length, start + idx, -1)[None]
-    rows = read_slot(cache, slot, clear=start == 0)
-    hidden, target_rows = model.hidden_states(jnp.maximum(tokens[None, :chunk], 0), positions, rows[:num_layers])
-    mtp_rows = mtp_prefill(model, rows[num_layers:], hidden, tokens[None], positions)
-    joined = jnp.concatenate([history, hidden[0].astype(history.dtype)], axis=0)
-    history = jax.lax.dynamic_slice_in_dim(joined, length, history.shape[0], axis=0)
-    return write_slot(cache, target_rows + mtp_rows, slot), history
-
-
-def admit_step(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    state: SlotState,
-    slot: jax.Array,
-    history: jax.Array,
-    request: SlotRequest,
-    *,
-    max_context: int,
-    num_top: int,
-) -> tuple[SlotState, SampleOutput, jax.Array]:
-    """Sample a request's first token from its prompt's last hidden state (`history[-1]`) and start its slot.
-
-    Returns the new state, the first token (batch of 1) and its finish reason [1].
-    """
-    model = nnx.merge(graphdef, params)
-    hidden = history[-1]
-    logits = model.logits(hidden[None])
-    position = request.prompt_len[None]
-    counts = jnp.zeros((1, logits.shape[-1]), jnp.int32)
-    keys = step_keys(request.rng[None], position)
-    first = sample(logits, request.sampling, keys, counts, request.prompt_mask[None], num_top)
-    one = jnp.ones((1,), jnp.int32)
-    reason = _finish_reason(
-        first.tokens, position, one, request.max_new_tokens[None], request.stop_ids[None], max_context
-    )
-    hist = state.recent_tokens.shape[1]  # K (0 without speculation)
-    recent_tokens = state.recent_tokens[:1]
-    if hist:
-        recent_tokens = jnp.concatenate([request.recent_tokens[1:], first.tokens])[None]
-    row = SlotState(
-        tokens=first.tokens,
-        positions=position,
-        hidden=hidden[None].astype(state.hidden.dtype),
-        active=reason == RUNNING,
-        finish_reason=reason,
-        num_generated=one,
-        max_new_tokens=request.max_new_tokens[None],
-        stop_ids=request.stop_ids[None],
-        sampling=request.sampling,
-        rng=request.rng[None],
-        counts=counts.at[0, first.tokens[0]].add(1),
-        prompt_mask=request.prompt_mask[None],
-        recent_hidden=history[history.shape[0] - hist :][None].astype(state.hidden.dtype),
-        recent_tokens=recent_tokens,
-    )
-    state = jax.tree.map(lambda all_rows, r: jax.lax.dynamic_update_slice_in_dim(all_rows, r, slot, 0), state, row)
-    return state, first, reason
-
-
-def release_step(state: SlotState, slot: jax.Array) -> SlotState:
-    """Stop a slot (cancelled request)."""
-    return dataclasses.replace(state, active=state.active.at[slot].set(False))
-
-
-def decode_one(
-    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int
-) -> tuple[list[LayerKV], SlotState, SampleOutput, jax.Array]:
-    """One token for every active slot. Returns (cache, state, sample, emitted mask [B])."""
-    active = state.active
-    positions = jnp.where(active, state.positions, -1)
-    hidden, cache = model.hidden_states(state.tokens[:, None], positions[:, None], cache)
-    hidden = hidden[:, 0]
-    logits = model.logits(hidden)
-    next_positions = state.positions + 1
-    keys = step_keys(state.rng, next_positions)
-    out = sample(logits, state.sampling, keys, state.counts, state.prompt_mask, num_top)
-    num_generated = state.num_generated + 1
-    reason = _finish_reason(
-        out.tokens, next_positions, num_generated, state.max_new_tokens, state.stop_ids, max_context
-    )
-    batch = jnp.arange(active.shape[0])
-    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
-    state = dataclasses.replace(
-        state,
-        tokens=keep(out.tokens, state.tokens),
-        positions=keep(next_positions, state.positions),
-        hidden=keep(hidden.astype(state.hidden.dtype), state.hidden),
-        active=active & (reason == RUNNING),
-        finish_reason=keep(reason, state.finish_reason),
-        num_generated=keep(num_generated, state.num_generated),
-        counts=state.counts.at[batch, out.tokens].add(active.astype(jnp.int32)),
-    )
-    return cache, state, out, active
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class IterationOutput:
-    """What one decode iteration emits: up to M tokens per slot (M = 1, or k+1 with speculation)."""
-
-    tokens: jax.Array  # [B, M] int32
-    logprobs: jax.Array  # [B, M] float32
-    top_ids: jax.Array  # [B, M, N] int32
-    top_logprobs: jax.Array  # [B, M, N] float32
-    count: jax.Array  # [B] int32, how many of the M were emitted (0 for slots not running)
-    accepted: jax.Array  # [B] int32, drafts the verify accepted (-1 for slots not running)
-    drafts: jax.Array  # [B, k] int32
-
-
-def decode_speculative(
-    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int, greedy: bool
-) -> tuple[list[LayerKV], SlotState, IterationOutput]:
-    """One MTP draft-verify-accept round for every active slot (`mimo_jax.engine.speculative`).
-
-    `greedy` (static): every running slot is greedy, so no distribution is formed or sampled from.
-    """
-    num_layers = len(model.layers)
-    target_cache, mtp_cache = cache[:num_layers], cache[num_layers:]
-    k = len(mtp_cache)
-    active = state.active
-    batch = jnp.arange(active.shape[0])
-    last = jnp.where(active, state.positions - 1, -1)  # P: the newest target hidden state
-    drafts, draft_lp, mtp_cache = draft_chain(
-        model,
-        mtp_cache,
-        state.recent_hidden,
-        state.recent_tokens,
-        last,
-        state.sampling,
-        state.counts,
-        state.prompt_mask,
-        state.rng,
-        greedy,
-    )
-
-    # verify: the target reads the last token and the drafts at positions P+1 .. P+k+1
-    steps = jnp.arange(k + 1, dtype=jnp.int32)
-    inputs = jnp.concatenate([state.tokens[:, None], drafts], axis=1)
-    positions = jnp.where(active[:, None], state.positions[:, None] + steps, -1)
-    hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
-    logits = model.logits(hidden)  # [B, k+1, V]
-    accepted, candidates = verify(
-        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last
-    )
-
-    # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit
-    reasons = _finish_reason(
-        candidates,
-        state.positions[:, None] + 1 + steps,
-        state.num_generated[:, None] + 1 + steps,
-        state.max_new_tokens[:, None],
-        state.stop_ids,
-        max_context,
-    )
-    first_stop = jnp.min(jnp.where(reasons != RUNNING, steps, k + 1), axis=1)
-    count = jnp.minimum(accepted, first_stop) + 1
-    newest = count - 1
-    pick = lambda x: jnp.take_along_axis(x, newest.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
-    reason = pick(reasons)
-    emitted = (steps[None, :] < count[:, None]) & active[:, None]
-    # the recent window moves by `count`: append this verify's hidden states and tokens, keep the last K
-    hist = state.recent_hidden.shape[1]
-    shift = lambda old, new: jax.vmap(lambda row, c: jax.lax.dynamic_slice_in_dim(row, c, hist, axis=0))(
-        jnp.concatenate([old, new.astype(old.dtype)], axis=1), count
-    )
-    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
-    state = dataclasses.replace(
-        state,
-        tokens=keep(pick(candidates), state.tokens),
-        positions=keep(state.positions + count, state.positions),
-        hidden=keep(pick(hidden).astype(state.hidden.dtype), state.hidden),
-        active=active & (reason == RUNNING),
-        finish_reason=keep(reason, state.finish_reason),
-        num_generated=keep(state.num_generated + count, state.num_generated),
-        counts=state.counts.at[batch[:, None], candidates].add(emitted.astype(jnp.int32)),
-        recent_hidden=keep(shift(state.recent_hidden, hidden), state.recent_hidden),
-        recent_tokens=keep(shift(state.recent_tokens, candidates), state.recent_tokens),
-    )
-
-    model_lp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(model_lp, candidates[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = jax.lax.top_k(model_lp, num_top)
-    out = IterationOutput(
-        tokens=candidates,
-        logprobs=chosen,
-        top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=top_lp,
-        count=jnp.where(active, count, 0),
-        accepted=jnp.where(active, accepted, -1),
-        drafts=drafts,
-    )
-    return target_cache + mtp_cache, state, out
-
-
-def decode_round(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    cache: list[LayerKV],
-    state: SlotState,
-    num_steps: jax.Array,
-    *,
-    max_steps: int,
-    max_context: int,
-    num_top: int,
-    speculative_steps: int = 0,
-    greedy: bool = False,
-) -> tuple[list[LayerKV], SlotState, RoundOutput]:
-    """Up to `num_steps` (<= max_steps) decode iterations in one `while_loop`; ends early when no slot is active.
-
-    An iteration is one token, or with `speculative_steps=k` one draft-verify-accept round that
-    emits 1..k+1 tokens per slot (so the round holds up to max_steps * (k+1) tokens per slot).
-    `greedy` (static, speculation only): the caller knows every running slot is greedy.
-    """
-    batch = state.tokens.shape[0]
-    k = speculative_steps
-    width = max_steps * (k + 1)
-    output = RoundOutput(
-        tokens=jnp.full((batch, width), -1, jnp.int32),
-        logprobs=jnp.zeros((batch, width), jnp.float32),
-        top_ids=jnp.zeros((batch, width, num_top), jnp.int32),
-        top_logprobs=jnp.zeros((batch, width, num_top), jnp.float32),
-        count=jnp.zeros((batch,), jnp.int32),
-        accepted=jnp.full((batch, max_steps), -1, jnp.int32),
-        drafts=jnp.zeros((batch, max_steps, k), jnp.int32),
-    )
-
-    def cond(carry):
-        i, _, state, _ = carry
-        return (i < jnp.minimum(num_steps, max_steps)) & jnp.any(state.active)
-
-    def body(carry):
-        i, cache, state, output = carry
-        model = nnx.merge(graphdef, params)
-        if k:
-            cache, state, out = decode_speculative(
-                model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy
-            )
-        else:
-            cache, state, sampled, emitted = decode_one(model, cache, state, max_context=max_context, num_top=num_top)
-            out = IterationOutput(
-                tokens=sampled.tokens[:, None],
-                logprobs=sampled.logprobs[:, None],
-                top_ids=sampled.top_ids[:, None],
-                top_logprobs=sampled.top_logprobs[:, None],
-                count=emitted.astype(jnp.int32),
-                accepted=jnp.where(emitted, 0, -1),
-                drafts=jnp.zeros((batch, 0), jnp.int32),
-            )
-        # this iteration's tokens go to columns count .. count+emitted-1 of each slot's row
-        m = out.tokens.shape[1]
-        cols = output.count[:, None] + jnp.arange(m)
-        cols = jnp.where(jnp.arange(m)[None, :] < out.count[:, None], cols, width)  # out of range: dropped
-        rows = jnp.arange(batch)[:, None]
-        put = lambda buf, new: buf.at[rows, cols].set(new, mode="drop")
-        output = RoundOutput(
-            tokens=put(output.tokens, out.tokens),
-            logprobs=put(output.logprobs, out.logprobs),
-            top_ids=put(output.top_ids, out.top_ids),
-            top_logprobs=put(output.top_logprobs, out.top_logprobs),
-            count=output.count + out.count,
-            accepted=output.accepted.at[:, i].set(out.accepted),
-            drafts=output.drafts.at[:, i].set(out.drafts),
-        )
-        return i + 1, cache, state, output
-
-    _, cache, state, output = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, state, output))
-    return cache, state, output
-
-
-# ------------------------------------------------------------------ host side
 @dataclasses.dataclass
 class StepOutput:
     """New tokens of one request from one `Engine.step`."""
@@ -461,25 +52,6 @@ class _Request:
     prefilled: int = 0  # prompt tokens already in the cache
     history: jax.Array | None = None  # the prompt's last hidden states so far (prefill_fn's `history`)
     decoding: bool = False
-
-
-class _UnderMesh:
-    """A jitted engine function that is traced, run and lowered under the model's mesh, whoever calls it
-    (as LanguageModel's forward is): the expert-parallel MoE and the per-shard cache reads find it there."""
-
-    def __init__(self, jitted: Any, lm: LanguageModel):
-        self._jitted, self._lm = jitted, lm
-
-    def __call__(self, *args: Any) -> Any:
-        with self._lm.mesh_context():
-            return self._jitted(*args)
-
-    def lower(self, *args: Any) -> Any:
-        with self._lm.mesh_context():
-            return self._jitted.lower(*args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._jitted, name)
 
 
 @dataclasses.dataclass
@@ -526,24 +98,6 @@ class SpeculationStats:
             self.accepted_at[j] += int((accepted > j).sum())
 
 
-def prefill_buckets(prefill_chunk: int, smallest: int = 16) -> tuple[int, ...]:
-    """Chunk lengths that get compiled: powers of two from `smallest`, and `prefill_chunk` itself."""
-    sizes = {prefill_chunk}
-    size = smallest
-    while size < prefill_chunk:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))
-
-
-def cache_length(max_context: int) -> int:
-    """Full-layer cache slots for `max_context`: rounded up (<= 12.5%) so blockwise attention blocks divide it."""
-    if max_context <= 2048:
-        return max_context
-    step = min(8192, 1 << ((max_context // 8).bit_length() - 1))
-    return -(-max_context // step) * step
-
-
 class Engine:
     """Fixed `max_batch` slots over a KV cache of `max_context` positions per slot.
 
@@ -562,7 +116,7 @@ class Engine:
         max_context: int = 4096,
         prefill_chunk: int = 512,
         max_round_tokens: int = 32,
-        max_stop_ids: int = 8,
+        max_stop_ids: int = MAX_STOP_IDS,
         max_top_logprobs: int = 0,
         extra_ring_slots: int = 0,
         cache_dtype: Any = None,
@@ -582,6 +136,23 @@ class Engine:
                 + ("" if num_mtp else " (load the checkpoint with load_model(..., mtp=True))")
             )
         cfg = lm.config
+        steps = build_steps(
+            lm.graphdef,
+            lm.params,
+            cfg,
+            mesh=lm.mesh,
+            max_batch=max_batch,
+            max_context=max_context,
+            prefill_chunk=prefill_chunk,
+            max_round_tokens=max_round_tokens,
+            state_dtype=lm.dtype,
+            cache_dtype=cache_dtype,
+            max_stop_ids=max_stop_ids,
+            max_top_logprobs=max_top_logprobs,
+            speculative_steps=k,
+            extra_ring_slots=extra_ring_slots,
+        )
+        self.steps = steps
         self.speculative_steps = k
         # the k MTP layers' stats (None without speculation); see SpeculationStats
         self.speculation = SpeculationStats(k, accepted_at=[0] * k) if k else None
@@ -590,105 +161,46 @@ class Engine:
         self.max_batch = max_batch
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        self.buckets = prefill_buckets(prefill_chunk)
+        self.buckets = steps.buckets
         self.max_round_tokens = max_round_tokens
         self.max_stop_ids = max_stop_ids
         self.max_top_logprobs = max_top_logprobs
         self.params = lm.params
-        graphdef = lm.graphdef
-        dtype = jnp.dtype(cache_dtype or lm.dtype)
-
-        self.cache_len = cache_length(max_context)
-        self.history = history_length(k)
-        make_cache = lambda: engine_cache(cfg, max_batch, self.cache_len, dtype, k, extra_ring_slots)
-
-        make_state = lambda: empty_state(
-            max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, lm.dtype, self.history
-        )
-        if lm.mesh is not None:
-            self._replicated = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec())
-            shardings = cache_shardings(jax.eval_shape(make_cache), lm.mesh)
-            self.cache = jax.jit(make_cache, out_shardings=shardings)()
-        else:  # committed to the parameters' device, like every later output (one compiled step)
-            device = next(iter(jax.tree.leaves(self.params)[0].devices()))
-            self._replicated = jax.sharding.SingleDeviceSharding(device)
-            self.cache = jax.jit(make_cache, out_shardings=self._replicated)()
-        self.state = jax.jit(make_state, out_shardings=self._replicated)()
-
-        def prefill(params, cache, slot, tokens, start, length, history):
-            return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
-
-        def admit(params, state, slot, history, request):
-            return admit_step(
-                graphdef, params, state, slot, history, request, max_context=max_context, num_top=max_top_logprobs
-            )
-
-        def decode(params, cache, state, num_steps, greedy=False):
-            return decode_round(
-                graphdef,
-                params,
-                cache,
-                state,
-                num_steps,
-                max_steps=max_round_tokens,
-                max_context=max_context,
-                num_top=max_top_logprobs,
-                speculative_steps=k,
-                greedy=greedy,
-            )
-
-        # Outputs keep the layouts the cache and state were made with, so every call after the first
-        # hits the same compiled step (equivalent but differently spelled shardings would recompile).
-        cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
-        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-        decode_out = (cache_sharding, state_sharding, None)
-        jit = lambda fn, **kw: _UnderMesh(jax.jit(fn, **kw), lm)
-        self.prefill_fn = jit(prefill, donate_argnums=(1,), out_shardings=(cache_sharding, self._replicated))
-        self.admit_fn = jit(admit, donate_argnums=(1,), out_shardings=(state_sharding, None, None))
-        self.decode_fn = jit(decode, donate_argnums=(1, 2), out_shardings=decode_out)
-        # Speculation when every running request is greedy (the host knows): drafts and verify
-        # compare argmaxes, no distributions. Without speculation the same function as decode_fn.
-        greedy_decode = lambda params, cache, state, num_steps: decode(params, cache, state, num_steps, True)
-        self.greedy_decode_fn = (
-            jit(greedy_decode, donate_argnums=(1, 2), out_shardings=decode_out) if k else self.decode_fn
-        )
-        self.release_fn = jit(release_step, donate_argnums=(0,), out_shardings=state_sharding)
+        self.cache_len = steps.cache_len
+        self.history = steps.history_len
+        self._replicated = steps.replicated
+        # made on the devices, laid out as the steps return them (so their first call compiles the only time)
+        self.cache = jax.jit(steps.make_cache, out_shardings=shardings(steps.cache))()
+        self.state = jax.jit(steps.make_state, out_shardings=shardings(steps.state))()
+        self.prefill_fn = steps.prefill
+        self.admit_fn = steps.admit
+        self.decode_fn = steps.decode
+        self.greedy_decode_fn = steps.greedy_decode
+        self.release_fn = steps.release
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
         self._by_id: dict[Any, int] = {}
         self._seeds = itertools.count(np.random.SeedSequence().entropy % (2**31))
 
-    # ---------------------------------------------------------------- abstract shapes (AOT compilation)
+    # ---------------------------------------------------------------- the steps' arguments
     def abstract_prefill_args(self, chunk: int) -> tuple:
         """Abstract arguments of `prefill_fn` for a chunk of `chunk` tokens: `prefill_fn.lower(*args)`."""
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        tokens = jax.ShapeDtypeStruct((chunk + self.speculative_steps,), jnp.int32)
-        history = jax.ShapeDtypeStruct(self.empty_history().shape, self.lm.dtype)
-        return (_abstract(self.params), _abstract(self.cache), i32, tokens, i32, i32, history)
+        return self.steps.prefill_args(chunk)
 
     def abstract_admit_args(self) -> tuple:
-        history = jax.ShapeDtypeStruct(self.empty_history().shape, self.lm.dtype)
-        request = _abstract(self._slot_request(np.zeros(1, np.int32), SamplingOptions(), 0))
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        return (_abstract(self.params), _abstract(self.state), i32, history, request)
+        return self.steps.admit_args()
+
+    def abstract_decode_args(self) -> tuple:
+        return self.steps.decode_args()
 
     def empty_history(self) -> np.ndarray:
         """prefill_fn's `history` before a prompt's first chunk: the last max(K, 1) hidden states."""
-        return np.zeros((max(self.history, 1), self.config.hidden_size), self.lm.dtype)
+        return self.steps.empty_history()
 
     def prefill_tokens(self, prompt: np.ndarray, start: int, length: int, bucket: int) -> np.ndarray:
-        """prefill_fn's `tokens` for prompt[start : start+length] padded to `bucket`: the chunk, then
-        the k prompt tokens after it (-1 past the prompt's end) for the MTP layers."""
-        tokens = np.full((bucket + self.speculative_steps,), -1, np.int32)
-        tokens[:length] = prompt[start : start + length]
-        after = prompt[start + length : start + length + self.speculative_steps]
-        tokens[length : length + after.size] = after
-        return tokens
-
-    def abstract_decode_args(self) -> tuple:
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        return (_abstract(self.params), _abstract(self.cache), _abstract(self.state), i32)
+        """prefill_fn's `tokens` for prompt[start : start+length] padded to `bucket` (and the k tokens after)."""
+        return self.steps.prefill_tokens(prompt, start, length, bucket)
 
     # ---------------------------------------------------------------- requests
     @property
@@ -921,7 +433,3 @@ def to_host(tree: Any) -> Any:
         return jax.device_get(x)
 
     return jax.tree.map(one, tree)
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

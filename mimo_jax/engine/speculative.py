@@ -1,5 +1,9 @@
 """MTP speculative decoding: draft with the model's own MTP layers, verify in one target forward, accept.
 
+The whole round lives here (`decode_speculative`, one iteration of the engine's decode loop with
+`speculative_steps=k`), with its parts (`draft_chain`, `verify`, `accept_drafts`) and the prompt's
+writes into the MTP layers' caches (`mtp_prefill`).
+
 Wiring (SGLang's multi-layer EAGLE for MiMoV2, and how the MTP layers are trained): MTP layer j
 at position i reads the target's residual stream h_i (before the final norm) and the embedding
 of token t_{i+j+1}, and predicts t_{i+j+2}. Every layer has its own KV cache of such entries,
@@ -33,10 +37,13 @@ rings are rewritten over the window above before they are read.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from mimo_jax.engine.sampling import SamplingParams, apply_penalties, draw, processed_logprobs, step_keys
+from mimo_jax.engine.state import RUNNING, IterationOutput, SlotState, _finish_reason
 from mimo_jax.model.cache import LayerKV
 from mimo_jax.model.mimo import MiMoModel
 
@@ -183,3 +190,90 @@ def accept_drafts(
     padded_drafts = jnp.concatenate([drafts, jnp.zeros((batch, 1), jnp.int32)], axis=1)
     tokens = jnp.where(idx < accepted[:, None], padded_drafts, correction[:, None])
     return accepted, tokens
+
+
+def decode_speculative(
+    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int, greedy: bool
+) -> tuple[list[LayerKV], SlotState, IterationOutput]:
+    """One MTP draft-verify-accept round for every active slot: `draft_chain`, the target's verify forward,
+    `verify`, then the emitted run cut at the first stop token or limit, and the slot state moved on.
+
+    `greedy` (static): every running slot is greedy, so no distribution is formed or sampled from.
+    Returns the cache (target layers, then MTP layers), the state and what the round emitted.
+    """
+    num_layers = len(model.layers)
+    target_cache, mtp_cache = cache[:num_layers], cache[num_layers:]
+    k = len(mtp_cache)
+    active = state.active
+    batch = jnp.arange(active.shape[0])
+    last = jnp.where(active, state.positions - 1, -1)  # P: the newest target hidden state
+    drafts, draft_lp, mtp_cache = draft_chain(
+        model,
+        mtp_cache,
+        state.recent_hidden,
+        state.recent_tokens,
+        last,
+        state.sampling,
+        state.counts,
+        state.prompt_mask,
+        state.rng,
+        greedy,
+    )
+
+    # verify: the target reads the last token and the drafts at positions P+1 .. P+k+1
+    steps = jnp.arange(k + 1, dtype=jnp.int32)
+    inputs = jnp.concatenate([state.tokens[:, None], drafts], axis=1)
+    positions = jnp.where(active[:, None], state.positions[:, None] + steps, -1)
+    hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
+    logits = model.logits(hidden)  # [B, k+1, V]
+    accepted, candidates = verify(
+        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last
+    )
+
+    # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit
+    reasons = _finish_reason(
+        candidates,
+        state.positions[:, None] + 1 + steps,
+        state.num_generated[:, None] + 1 + steps,
+        state.max_new_tokens[:, None],
+        state.stop_ids,
+        max_context,
+    )
+    first_stop = jnp.min(jnp.where(reasons != RUNNING, steps, k + 1), axis=1)
+    count = jnp.minimum(accepted, first_stop) + 1
+    newest = count - 1
+    pick = lambda x: jnp.take_along_axis(x, newest.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+    reason = pick(reasons)
+    emitted = (steps[None, :] < count[:, None]) & active[:, None]
+    # the recent window moves by `count`: append this verify's hidden states and tokens, keep the last K
+    hist = state.recent_hidden.shape[1]
+    shift = lambda old, new: jax.vmap(lambda row, c: jax.lax.dynamic_slice_in_dim(row, c, hist, axis=0))(
+        jnp.concatenate([old, new.astype(old.dtype)], axis=1), count
+    )
+    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
+    state = dataclasses.replace(
+        state,
+        tokens=keep(pick(candidates), state.tokens),
+        positions=keep(state.positions + count, state.positions),
+        hidden=keep(pick(hidden).astype(state.hidden.dtype), state.hidden),
+        active=active & (reason == RUNNING),
+        finish_reason=keep(reason, state.finish_reason),
+        num_generated=keep(state.num_generated + count, state.num_generated),
+        counts=state.counts.at[batch[:, None], candidates].add(emitted.astype(jnp.int32)),
+        recent_hidden=keep(shift(state.recent_hidden, hidden), state.recent_hidden),
+        recent_tokens=keep(shift(state.recent_tokens, candidates), state.recent_tokens),
+    )
+
+    model_lp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(model_lp, candidates[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(model_lp, num_top)
+    out = IterationOutput(
+        tokens=candidates,
+        logprobs=chosen,
+        top_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_lp,
+        count=jnp.where(active, count, 0),
+        accepted=jnp.where(active, accepted, -1),
+        drafts=drafts,
+    )
+    return target_cache + mtp_cache, state, out

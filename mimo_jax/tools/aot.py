@@ -23,8 +23,10 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from mimo_jax.engine.steps import JitUnderMesh, build_steps
 
 GiB = 1024**3
 
@@ -37,9 +39,6 @@ HBM_BYTES: dict[str, tuple[int, int]] = {
     "TPU v5": (95 * GiB, int(95.74 * GiB)),
     "TPU v6 lite": (32 * GiB, int(31.25 * GiB)),
 }
-
-# Engine settings the compiled steps are shaped by (Engine's defaults: 8 stop ids, no top logprobs).
-MAX_STOP_IDS = 8
 
 # Custom-call targets that exist only on GPUs: cuDNN, cuBLAS, CUB, cuSOLVER, jaxlib's cu_* kernels,
 # Triton (Pallas GPU), Mosaic GPU, ROCm's hip*.
@@ -66,22 +65,6 @@ def hbm_bytes(device: Any) -> int:
     if kind not in HBM_BYTES:
         raise ValueError(f"no HBM figure for {kind!r}; known: {sorted(HBM_BYTES)}")
     return HBM_BYTES[kind][1]
-
-
-# ----------------------------------------------------------------------------- abstract inputs
-
-
-def abstract_cache(cfg, batch: int, context: int, dtype, mesh, speculative_steps: int = 0) -> list:
-    """The engine's KV cache for `batch` slots of up to `context` tokens (and the MTP layers' caches
-    with `speculative_steps` k), as sharded ShapeDtypeStructs."""
-    import jax
-
-    from mimo_jax.engine.host import cache_length, engine_cache
-    from mimo_jax.model.cache import cache_shardings
-
-    shapes = jax.eval_shape(lambda: engine_cache(cfg, batch, cache_length(context), dtype, speculative_steps))
-    shardings = cache_shardings(shapes, mesh)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 # ----------------------------------------------------------------------------- kernels for the target
@@ -116,12 +99,12 @@ def for_platform(graphdef, params, platform: str):
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """A pure jitted serving function and the abstract arguments to compile it with."""
+    """A jitted serving function (donation and shardings as the engine's) and the abstract arguments to compile
+    it with."""
 
     name: str
-    fn: Callable
+    fn: JitUnderMesh
     args: tuple
-    donate_argnums: tuple[int, ...]
     describe: str
 
 
@@ -129,7 +112,6 @@ def serving_steps(
     cfg,
     graphdef,
     params,
-    cache,
     *,
     batch: int,
     context: int,
@@ -137,64 +119,41 @@ def serving_steps(
     round_tokens: int,
     mesh,
     speculative_steps: int = 0,
+    dtype: Any = "bfloat16",
 ) -> list[Step]:
-    """The engine's jitted device functions (`mimo_jax.engine.host`) with abstract arguments, as `Engine` jits them,
-    with the kernels of the mesh's platform (`for_platform`).
+    """The engine's jitted device functions (`mimo_jax.engine.steps.build_steps`, as `Engine` builds them) with
+    their abstract arguments, with the kernels of the mesh's platform (`for_platform`).
 
     prefill: one chunk of one request's prompt into its cache row (`prefill_step`; with speculation
     also into the MTP layers' caches);
     decode: a `while_loop` round of up to `round_tokens` tokens for every slot (`decode_round`);
     with `speculative_steps` k > 0 instead speculative: a `while_loop` of up to `round_tokens`
     MTP draft-verify-accept iterations (k drafts each, sampled), what the engine decodes with.
-    `params` must then hold k MTP layers and `cache` their caches (`abstract_cache`).
+    `params` must then hold k MTP layers. The KV cache (of `dtype`, as the slot state) and the slot
+    state are the engine's, as ShapeDtypeStructs sharded over `mesh`; other engine settings are its defaults.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from mimo_jax.engine import host as engine
-    from mimo_jax.engine.speculative import history_length
-
     k = speculative_steps
     graphdef, params = for_platform(graphdef, params, mesh.devices.flat[0].platform)
-    whole = NamedSharding(mesh, PartitionSpec())
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
-    hist = history_length(k)
-    shapes = jax.eval_shape(
-        lambda: engine.empty_state(batch, cfg.hidden_size, cfg.vocab_size, MAX_STOP_IDS, jnp.bfloat16, hist)
+    steps = build_steps(
+        graphdef,
+        params,
+        cfg,
+        mesh=mesh,
+        max_batch=batch,
+        max_context=context,
+        prefill_chunk=chunk,
+        max_round_tokens=round_tokens,
+        state_dtype=dtype,
+        speculative_steps=k,
     )
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
-
-    def prefill(params, cache, slot, tokens, start, length, history):
-        return engine.prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
-
-    def decode(params, cache, state, num_steps):
-        return engine.decode_round(
-            graphdef,
-            params,
-            cache,
-            state,
-            num_steps,
-            max_steps=round_tokens,
-            max_context=context,
-            num_top=0,
-            speculative_steps=k,
-        )
-
-    # the chunk and the k prompt tokens after it (the MTP layers read them), as Engine.prefill_tokens
-    tokens = jax.ShapeDtypeStruct((chunk + k,), jnp.int32, sharding=whole)
-    # the prompt's last hidden states that MTP drafting reads ([1, H] without MTP layers), as Engine passes them
-    history = jax.ShapeDtypeStruct((max(hist, 1), cfg.hidden_size), jnp.bfloat16, sharding=whole)
-    prefill_args = (params, cache, scalar, tokens, scalar, scalar, history)
     per_round = f"draft-verify-accept iterations ({k} MTP drafts)" if k else "tokens"
     decode_step = Step(
         "speculative" if k else "decode",
-        decode,
-        (params, cache, state, scalar),
-        (1, 2),
+        steps.decode,
+        steps.decode_args(),
         f"round of up to {round_tokens} {per_round} x {batch} slots",
     )
-    return [Step("prefill", prefill, prefill_args, (1,), f"{chunk} prompt tokens"), decode_step]
+    return [Step("prefill", steps.prefill, steps.prefill_args(chunk), f"{chunk} prompt tokens"), decode_step]
 
 
 # ----------------------------------------------------------------------------- compile and measure
@@ -226,16 +185,9 @@ def custom_call_targets(hlo_text: str) -> tuple[str, ...]:
 
 def compile_step(step: Step, keep_hlo: bool = False) -> tuple[StepReport, str | None]:
     """Lower and compile one step for the devices its arguments are sharded over."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    mesh = next(x.sharding.mesh for x in jax.tree.leaves(step.args) if isinstance(x.sharding, NamedSharding))
     start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):  # model code that needs the mesh (shard_map MoE) reads it from the trace context
-            compiled = (
-                jax.jit(step.fn, donate_argnums=step.donate_argnums, keep_unused=True).lower(*step.args).compile()
-            )
+        compiled = step.fn.lower(*step.args).compile()  # traced under the mesh (shard_map MoE reads it there)
     except Exception as e:  # the TPU compiler's refusal (RESOURCE_EXHAUSTED, unsupported op ...)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         needed = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM", message)
@@ -316,18 +268,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if k > cfg.num_mtp_layers:
         raise ValueError(f"--speculative-steps {k}: the model has {cfg.num_mtp_layers} MTP layers")
     graphdef, params = abstract_params(cfg, dtype, mesh, args.weights, mtp_layers=k)
-    cache = abstract_cache(cfg, args.batch, args.context, dtype, mesh, k)
     steps = serving_steps(
         cfg,
         graphdef,
         params,
-        cache,
         batch=args.batch,
         context=args.context,
         chunk=args.chunk,
         round_tokens=args.round_tokens,
         mesh=mesh,
         speculative_steps=k,
+        dtype=dtype,
     )
     estimate = planner_estimate(cfg, mesh, args.weights, args.batch, args.context, mtp_layers=k)
     reports = []

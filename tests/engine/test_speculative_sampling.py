@@ -7,9 +7,10 @@ import numpy as np
 from scipy import stats
 
 import mimo_jax
-from mimo_jax.engine.host import Engine, SlotRequest
+from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, processed_logprobs, request_key
 from mimo_jax.engine.speculative import accept_drafts
+from mimo_jax.engine.state import SlotRequest
 from tests.fixtures import TINY_CONFIG, predictable_model
 
 

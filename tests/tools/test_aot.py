@@ -56,13 +56,11 @@ def flash_slice():
     def compile(weights, step_name):
         if (weights, step_name) not in done:
             k = SPECULATIVE_STEPS if step_name == "speculative" else 0
-            cache = aot.abstract_cache(cfg, BATCH, CONTEXT, jnp.bfloat16, mesh, k)
             graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights, mtp_layers=k, options=ON_A_GPU_HOST)
             steps = aot.serving_steps(
                 cfg,
                 graphdef,
                 params,
-                cache,
                 batch=BATCH,
                 context=CONTEXT,
                 chunk=CHUNK,
@@ -167,12 +165,10 @@ def test_decode_step_reads_the_full_attention_cache_in_place():
     cfg = MiMoConfig.from_json(FLASH).first_layers(1)  # layer 0: full attention, dense MLP
     mesh = make_mesh(tensor=4, devices=devices)
     context = 16384  # two blocks of blockwise attention
-    cache = aot.abstract_cache(cfg, 1, context, jnp.bfloat16, mesh)
     graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, "bf16")
-    steps = aot.serving_steps(
-        cfg, graphdef, params, cache, batch=1, context=context, chunk=CHUNK, round_tokens=4, mesh=mesh
-    )
+    steps = aot.serving_steps(cfg, graphdef, params, batch=1, context=context, chunk=CHUNK, round_tokens=4, mesh=mesh)
     report, hlo = aot.compile_step(steps[1], keep_hlo=True)
+    cache = steps[1].args[1]  # decode's (params, cache, state, num_steps)
     assert report.error is None, report.error
     per_chip = {"bf16[" + ",".join(map(str, x.sharding.shard_shape(x.shape))) + "]" for x in (cache[0].k, cache[0].v)}
     assert all("32768" not in s and "16384" in s for s in per_chip)  # the full layer's cache, not a ring
