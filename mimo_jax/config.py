@@ -137,6 +137,9 @@ class MiMoConfig:
     tie_word_embeddings: bool = False
     context_len: int = 131072
     num_mtp_layers: int = 0
+    # MTP layers read the target's hidden state after the final norm (as SGLang's default worker, vLLM and
+    # sglang-jax feed the released checkpoints); True: before it, for checkpoints trained that way.
+    mtp_hidden_before_norm: bool = False
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -405,6 +408,9 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in eos_ids):
         raise ConfigError(f"eos_token_id={eos!r}: expected token ids in [0, vocab_size={vocab})")
     fused = c.get("attention_projection_layout") == "fused_qkv"
+    before_norm = c.get("mtp_hidden_before_norm", False)
+    if not isinstance(before_norm, bool):
+        raise ConfigError(f"mtp_hidden_before_norm={before_norm!r}: expected true or false")
 
     return MiMoConfig(
         vocab_size=vocab,
@@ -439,6 +445,7 @@ def _parse(raw: dict[str, Any]) -> MiMoConfig:
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         context_len=context_len,
         num_mtp_layers=num_mtp_layers,
+        mtp_hidden_before_norm=before_norm,
         eos_token_ids=eos_ids,
         bos_token_id=c.get("bos_token_id"),
         pad_token_id=c.get("pad_token_id"),

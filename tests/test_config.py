@@ -237,3 +237,17 @@ def test_edge_values_accepted():
     raw.update(eos_token_id=7, topk_method=None, routed_scaling_factor=2.5, attention_value_scale=None)
     cfg = MiMoConfig.from_dict(raw)
     assert cfg.eos_token_ids == (7,) and cfg.routed_scaling_factor == 2.5 and cfg.value_scale == 1.0
+
+
+def test_mtp_hidden_wiring_is_a_checkpoint_option(tmp_path):
+    """MTP layers read the post-norm hidden state unless a checkpoint's config says it was trained on the residual."""
+    from mimo_jax.weights.demo import demo_model_dir
+
+    demo = json.loads((demo_model_dir() / "config.json").read_text())
+    assert MiMoConfig.from_dict(demo).mtp_hidden_before_norm  # the demo was trained on the pre-norm wiring
+    del demo["mtp_hidden_before_norm"]
+    assert not MiMoConfig.from_dict(demo).mtp_hidden_before_norm  # the released checkpoints' wiring
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**demo, "mtp_hidden_before_norm": "yes"}))
+    with pytest.raises(ConfigError, match="mtp_hidden_before_norm='yes'"):
+        MiMoConfig.from_json(str(path))

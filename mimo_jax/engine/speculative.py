@@ -4,9 +4,10 @@ The whole round lives here (`decode_speculative`, one iteration of the engine's 
 `speculative_steps=k`), with its parts (`draft_chain`, `verify`, `accept_drafts`) and the prompt's
 writes into the MTP layers' caches (`mtp_prefill`).
 
-Wiring (SGLang's multi-layer EAGLE for MiMoV2, and how the MTP layers are trained): MTP layer j
-at position i reads the target's residual stream h_i (before the final norm) and the embedding
-of token t_{i+j+1}, and predicts t_{i+j+2}. Every layer has its own KV cache of such entries,
+Wiring (SGLang's default multi-layer EAGLE worker for MiMoV2, vLLM and sglang-jax): MTP layer j
+at position i reads the target's hidden state after the final norm, norm(h_i) (`model.mtp_input`;
+h_i itself for a checkpoint whose config says `mtp_hidden_before_norm`), and the embedding of token
+t_{i+j+1}, and predicts t_{i+j+2}. Every layer has its own KV cache of such entries,
 keyed by i (SWA rings, like the target's sliding layers).
 
 One round for a sequence whose target states are known up to position P (`h_P`, the hidden
@@ -66,12 +67,12 @@ def mtp_prefill(
     unknown (past the prompt). Layer j writes position i only where t_{i+j+1} is known.
     """
     c = hidden.shape[1]
+    mtp_hidden = model.mtp_input(hidden)  # once for all k layers
     out = []
     for j, kv in enumerate(mtp_cache):
         nxt = tokens[:, j + 1 : j + 1 + c]
         pos = jnp.where(nxt >= 0, positions, -1)
-        layer = model.mtp[j]
-        _, kv = layer(model.embed(jnp.maximum(nxt, 0)), hidden, pos, kv)
+        _, kv = model.mtp[j](model.embed(jnp.maximum(nxt, 0)), mtp_hidden, pos, kv)
         out.append(kv)
     return out
 
@@ -101,17 +102,17 @@ def draft_chain(
     hist = recent_hidden.shape[1]
     batch = jnp.arange(last.shape[0])
     drafts = jnp.zeros((last.shape[0], 0), jnp.int32)
+    mtp_hidden = model.mtp_input(recent_hidden)  # once for all k steps
     draft_lp, out_cache = [], []
     for j, kv in enumerate(mtp_cache):
         width = k + j + 1  # positions P-k-j .. P
         offsets = jnp.arange(width, dtype=jnp.int32) - (width - 1)
         pos = last[:, None] + offsets
         pos = jnp.where((last[:, None] >= 0) & (pos >= 0), pos, -1)
-        hidden = recent_hidden[:, hist - width :]
         # position i reads t_{i+j+1}: real tokens up to t_{P+1}, then this chain's drafts
         tokens = jnp.concatenate([recent_tokens, drafts], axis=1)[:, hist - k - 1 :]
         layer = model.mtp[j]
-        h, kv = layer(model.embed(tokens), hidden, pos, kv)
+        h, kv = layer(model.embed(tokens), mtp_hidden[:, hist - width :], pos, kv)
         logits = model.logits(h[:, -1], layer.final_layernorm)
         if greedy:
             token = jnp.argmax(apply_penalties(logits, sampling, counts, prompt_mask), axis=-1).astype(jnp.int32)

@@ -338,12 +338,17 @@ class MiMoModel(nnx.Module):
             return logits
         return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
+    def mtp_input(self, hidden: jax.Array) -> jax.Array:
+        """What the MTP layers read of the target's residual stream `hidden`: after the final norm (the released
+        checkpoints' wiring), or as it is for a checkpoint whose config says `mtp_hidden_before_norm`."""
+        return hidden if self.config.mtp_hidden_before_norm else self.norm(hidden)
+
     def mtp_forward(
         self, k: int, token_ids: jax.Array, hidden: jax.Array, positions: jax.Array, kv_cache: LayerKV | None = None
     ) -> tuple[jax.Array, jax.Array, LayerKV | None]:
-        """MTP layer k on (next tokens, previous hidden states) -> (its hidden states, float32 logits, cache)."""
+        """MTP layer k on (next tokens, the target's residual stream) -> (its hidden states, float32 logits, cache)."""
         layer = self.mtp[k]
-        h, kv_cache = layer(self.embed(token_ids), hidden, positions, kv_cache)
+        h, kv_cache = layer(self.embed(token_ids), self.mtp_input(hidden), positions, kv_cache)
         return h, self.logits(h, layer.final_layernorm), kv_cache
 
     def __call__(

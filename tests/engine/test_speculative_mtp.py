@@ -30,8 +30,12 @@ def rope(x: np.ndarray, positions: np.ndarray, rotary: int, theta: float) -> np.
 
 
 def mtp_reference(t: dict, c: dict, j: int, tokens: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-    """Logits [T, V] of MTP layer j at positions 0..T-1 (hub tensor names and hub config spelling)."""
+    """Logits [T, V] of MTP layer j at positions 0..T-1 (hub tensor names and hub config spelling), reading the
+    target's residual stream `hidden` after the model's final norm (SGLang's default worker), or before it
+    where the config says `mtp_hidden_before_norm`."""
     p, eps = f"model.mtp.layers.{j}.", c["layernorm_epsilon"]
+    if not c.get("mtp_hidden_before_norm", False):
+        hidden = rms(hidden, t["model.norm.weight"], eps)
     n, kv = c["swa_num_attention_heads"], c["swa_num_key_value_heads"]
     d, dv = c["swa_head_dim"], c["swa_v_head_dim"]
     e = t["model.embed_tokens.weight"][tokens]
@@ -77,6 +81,38 @@ def test_loaded_mtp_layers_equal_the_checkpoint_math(tmp_path, layout, kv_heads)
         _, logits, _ = lm.model.mtp_forward(j, tokens[None], hidden[None], positions)
         want = mtp_reference(tensors, config, j, tokens, hidden.astype(np.float64))
         np.testing.assert_allclose(np.asarray(logits[0]), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_draft_chain_equals_the_float64_reference_chain(tmp_path):
+    """SGLang's default chain written from its semantics in float64: draft j+1 comes from MTP layer j over
+    positions 0..P reading norm(h_i) of the target and t_{i+j+1} (the known tokens up to t_{P+1}, then the
+    chain's own drafts). All three draft positions, a prompt longer than the window: the draft logits equal it
+    to float32 precision and the engine's first round drafts exactly its tokens."""
+    directory = release_fixture(str(tmp_path), "fused", 4)[0]
+    tensors = {k: v.astype(np.float64) for k, v in dequantized_reference(directory).items()}
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    assert not config.get("mtp_hidden_before_norm", False)
+    lm = mimo_jax.load_model(directory, mtp=True)
+    length = config["sliding_window_size"] + 6  # P = length - 1, past the window
+    prompt = np.random.RandomState(1).randint(0, config["vocab_size"], length)
+    positions = np.arange(length)[None]
+    hidden, _ = lm.model.hidden_states(prompt[None], positions)
+    bonus = int(np.argmax(lm.logits(prompt[None])[0, -1]))  # t_{P+1}: the engine's first (greedy) token
+    seq, drafts = [*prompt.tolist(), bonus], []
+    for j in range(3):
+        layer_tokens = np.array(seq + drafts)[j + 1 : j + 1 + length]  # t_{i+j+1} for i = 0..P
+        want = mtp_reference(tensors, config, j, layer_tokens, np.asarray(hidden[0], np.float64))[-1]
+        _, got, _ = lm.model.mtp_forward(j, layer_tokens[None], hidden, positions)
+        np.testing.assert_allclose(np.asarray(got[0, -1]), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        drafts.append(int(np.argmax(want)))
+    engine = mimo_jax.Engine(lm, max_batch=1, max_context=64, prefill_chunk=8, speculative_steps=3)
+    engine.add("r", prompt.tolist(), mimo_jax.SamplingOptions(max_new_tokens=8))
+    rounds = []
+    while engine.has_work():
+        for out in engine.step(max_tokens_per_round=1):
+            rounds += out.drafts
+    assert rounds[0] == drafts
 
 
 # From statistics.py of the Python standard library, which the demo model never trained on.
