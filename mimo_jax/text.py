@@ -226,9 +226,19 @@ class Tokenizer:
         self.eos_token_ids = tuple(sorted(eos))
         self.added_ids = set(self.hf.get_added_tokens_decoder())
         self.byte_level = _uses_byte_level(self.hf)
+        # A bound on the characters one token stands for, so a text far too long for the context is refused
+        # without tokenizing it. Byte-level vocabularies spell every byte of the text, so a token covers at most
+        # its piece's bytes; Unicode normalization (NFC and the like) may fold up to 4 characters into one.
+        # None: no such bound for this tokenizer (word-level vocabularies may drop whitespace).
+        self.max_token_chars: int | None = None
+        if self.byte_level:
+            longest = max(len(piece) for piece in self.hf.get_vocab(with_added_tokens=True))
+            self.max_token_chars = 4 * max(longest, 1)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it): a long prompt tokenized on a worker
+        # thread leaves the server's event loop running.
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,15 +1,19 @@
 """FastAPI routes: /v1/chat/completions, /v1/completions (streaming and not), /v1/models, /health, /metrics.
 
-The HTTP layer: reading the body, checking it into a `Job` (`requests`), submitting it to the scheduler, and
-collecting or streaming its output (`jobs`). Every failure a client can cause is an `APIError` answered with
-an OpenAI error body.
+The HTTP layer: reading the body (at most MAX_BODY_BYTES), checking it into a `Job` (`requests`; on a small
+worker pool, so parsing, template rendering and tokenization never stall the event loop), submitting it to the
+scheduler, and collecting or streaming its output (`jobs`). Every failure a client can cause is an `APIError`
+answered with an OpenAI error body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -22,6 +26,9 @@ from mimo_jax.serve.requests import Server, chat_job, completion_job
 log = logging.getLogger("mimo_jax.serve")
 
 MAX_BODY_BYTES = 32 << 20
+# Threads that parse, render and tokenize requests (CPU work kept off the event loop, which must keep
+# answering /health and delivering tokens); more requests than this wait their turn.
+PREPARE_WORKERS = 4
 
 
 # ---------------------------------------------------------------------------- the HTTP layer
@@ -54,28 +61,51 @@ async def _collect(request: Request, job: Job) -> None:
 
 
 async def _body(request: Request) -> bytes:
+    """The body, counted as it arrives (a chunked upload has no Content-Length): 413 once past the limit."""
+    too_large = P.APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise P.APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
-    return await request.body()
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _submit(server: Server, job: Job) -> None:
     if server.scheduler.error is not None:
         raise P.APIError(503, "the engine failed; the server cannot take requests", "server_error")
-    if len(job.sequences) > server.scheduler.max_waiting:
-        raise P.invalid(
-            f"this request asks for {len(job.sequences)} sequences (prompts x n); the server queues at most "
-            f"{server.scheduler.max_waiting}",
-            "n",
-        )
+    server.check_sequences(len(job.sequences))
     job.submit()
+
+
+def _prepare_chat(server: Server, body: bytes) -> tuple[P.ChatCompletionRequest, Job]:
+    req = P.parse_request(P.ChatCompletionRequest, body)
+    server.check_model(req.model)
+    job, _ = chat_job(server, req)
+    return req, job
+
+
+def _prepare_completion(server: Server, body: bytes) -> tuple[P.CompletionRequest, Job, list[str]]:
+    req = P.parse_request(P.CompletionRequest, body)
+    server.check_model(req.model)
+    job, echo = completion_job(server, req)
+    return req, job, echo
 
 
 def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered);
     `on_shutdown` runs after the scheduler has stopped."""
     from contextlib import asynccontextmanager
+
+    pool = concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="mimo-prepare")
+
+    async def prepare(fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a request's parsing, checks, template rendering and tokenization on the worker pool."""
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,6 +120,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
         try:
             yield
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             server.scheduler.shutdown()
             if on_shutdown is not None:
                 on_shutdown()
@@ -98,7 +129,9 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, exc: P.APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # 413: the rest of the body is not read, so the connection cannot carry another request.
+        headers = {"connection": "close"} if exc.status == 413 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -113,9 +146,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = P.parse_request(P.ChatCompletionRequest, await _body(request))
-        server.check_model(req.model)
-        job, _ = chat_job(server, req)
+        req, job = await prepare(_prepare_chat, server, await _body(request))
         _submit(server, job)
         if req.stream:
             return StreamingResponse(chat_stream(server, req, job), media_type="text/event-stream")
@@ -124,9 +155,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = P.parse_request(P.CompletionRequest, await _body(request))
-        server.check_model(req.model)
-        job, echo = completion_job(server, req)
+        req, job, echo = await prepare(_prepare_completion, server, await _body(request))
         _submit(server, job)
         if req.stream:
             return StreamingResponse(completion_stream(server, req, job, echo), media_type="text/event-stream")

@@ -65,6 +65,25 @@ class Server:
                 "model_not_found",
             )
 
+    def check_sequences(self, count: int) -> None:
+        if count > self.scheduler.max_waiting:
+            raise P.invalid(
+                f"this request asks for {count} sequences (prompts x n); the server queues at most "
+                f"{self.scheduler.max_waiting}",
+                "n",
+            )
+
+    def check_prompt_text(self, text: str, what: str) -> None:
+        """Before tokenizing: refuse a text that no tokenization fits in the context (see `max_token_chars`)."""
+        per_token, ctx = self.tokenizer.max_token_chars, self.limits.max_context
+        if per_token is not None and len(text) >= ctx * per_token:
+            raise P.invalid(
+                f"This model's maximum context length is {ctx} tokens. However, your {what} has {len(text)} "
+                f"characters, more than {ctx} tokens can hold. Please reduce the length of the input.",
+                "messages" if what == "messages" else "prompt",
+                "context_length_exceeded",
+            )
+
     def check_prompt(self, prompt_ids: list[int], what: str) -> None:
         n, ctx = len(prompt_ids), self.limits.max_context
         if n == 0:
@@ -192,6 +211,7 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
         prompt = server.template.render(_template_messages(req), tools, add_generation_prompt=True, **kwargs)
     except ChatTemplateError as e:
         raise P.invalid(str(e), "messages", "invalid_value") from None
+    server.check_prompt_text(prompt, "messages")
     prompt_ids = server.tokenizer.encode(prompt, add_special_tokens=False)
     server.check_prompt(prompt_ids, "messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -236,8 +256,16 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
         raise P.invalid("echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_value")
     server.check_logprobs(req.logprobs, "logprobs")
     stop_ids = server.stop_ids(req)
+    given = req.prompts()
+    # Cheap checks of every prompt before any is tokenized.
+    server.check_sequences(len(given) * req.n)
+    for p in given:
+        if isinstance(p, str):
+            server.check_prompt_text(p, "prompt")
+        elif len(p) >= server.limits.max_context:
+            server.check_prompt(p, "prompt")
     prompts, texts = [], []
-    for p in req.prompts():
+    for p in given:
         ids = server.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
         server.check_prompt(ids, "prompt")
         prompts.append(ids)

@@ -1,0 +1,209 @@
+"""The HTTP layer of the server (`mimo_jax.serve.app`) in this process, under a real uvicorn on a free
+localhost port, with the test checkpoint's tokenizer and chat template and a stand-in engine (no model):
+body limits, the event loop's responsiveness while requests are prepared, connection reuse after errors.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import random
+import socket
+import string
+import threading
+import time
+
+import httpx
+import pytest
+
+from mimo_jax.serve import app as app_module
+from mimo_jax.serve.metrics import Metrics
+from mimo_jax.serve.requests import Limits, Server
+from mimo_jax.serve.scheduler import Scheduler
+from mimo_jax.text import ChatTemplate, Tokenizer
+from tests import fixtures as sf
+
+MAX_CONTEXT = 10**7  # room for prompts that take seconds to tokenize
+
+
+@dataclasses.dataclass
+class _Out:
+    request_id: str
+    token_ids: list
+    logprobs: None = None
+    top_logprobs: None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    accepted: list = dataclasses.field(default_factory=list)
+
+
+class StubEngine:
+    """The engine's host interface: every step gives each request one token (`token`) until its max_new_tokens."""
+
+    max_round_tokens, prefill_chunk, max_batch, max_context, buckets = 8, 16, 4, MAX_CONTEXT, (16,)
+    max_top_logprobs = 0
+
+    def __init__(self, vocab_size: int, token: int):
+        self.config = type("Config", (), {"vocab_size": vocab_size})()
+        self.token = token
+        self.running = {}
+
+    @property
+    def free_slots(self):
+        return self.max_batch - len(self.running)
+
+    def has_work(self):
+        return bool(self.running)
+
+    def add(self, rid, prompt, options):
+        self.running[rid] = [options.max_new_tokens, 0]
+
+    def cancel(self, rid):
+        return self.running.pop(rid, None) is not None
+
+    def step(self, max_tokens_per_round=None, prefill_tokens=None):
+        outs = []
+        for rid, budget in list(self.running.items()):
+            budget[1] += 1
+            done = budget[1] >= budget[0]
+            outs.append(_Out(rid, [self.token], finished=done, finish_reason="length" if done else None))
+            if done:
+                del self.running[rid]
+        return outs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, url: str, server: Server, port: int):
+        self.url, self.server, self.port = url, server, port
+        self.http = httpx.Client(base_url=url, timeout=60)
+
+    def assert_serving(self):
+        r = self.http.post("/v1/completions", json={"prompt": "def fib", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "aa"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import uvicorn
+
+    directory = str(tmp_path_factory.mktemp("tok"))
+    sf.write_tokenizer(directory)
+    tokenizer = Tokenizer(directory)
+    (token,) = tokenizer.encode("a", add_special_tokens=False)
+    metrics = Metrics("stub", StubEngine.max_batch, MAX_CONTEXT)
+    scheduler = Scheduler(
+        StubEngine(tokenizer.vocab_size, token), metrics, dispatch=lambda batch: None, max_waiting=16, round_tokens=4
+    )
+    server = Server(
+        scheduler,
+        tokenizer,
+        ChatTemplate.from_dir(directory),
+        metrics,
+        model_name="stub",
+        model_root=directory,
+        eos_token_ids=tokenizer.eos_token_ids,
+        limits=Limits(max_context=MAX_CONTEXT, max_top_logprobs=5, max_stop_ids=8, request_timeout=None),
+    )
+    port = _free_port()
+    config = uvicorn.Config(app_module.create_app(server), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    served = Served(f"http://127.0.0.1:{port}", server, port)
+    try:
+        served.assert_serving()
+        yield served
+    finally:
+        served.http.close()
+        uv.should_exit = True
+        thread.join(30)
+
+
+def _random_text(n_words: int, seed: int = 0) -> str:
+    rnd = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits
+    return " ".join("".join(rnd.choices(alphabet, k=rnd.randint(2, 12))) for _ in range(n_words))
+
+
+# ---------------------------------------------------------------------------------------------- body size
+def test_chunked_body_over_the_limit_gets_413(served, monkeypatch):
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 1 << 20)
+    sent = []
+
+    def chunks():  # no Content-Length: chunked transfer encoding, far past the limit
+        for _ in range(4096):
+            sent.append(1)
+            yield b'{"prompt": "' + b"x" * (64 << 10)
+
+    t0 = time.monotonic()
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and str(1 << 20) in error["message"]
+    assert time.monotonic() - t0 < 20
+    assert len(sent) < 4096  # the server stopped reading long before the end
+    # Content-Length over the limit: refused before reading.
+    r = served.http.post(
+        "/v1/completions", content=b" " * ((1 << 20) + 1), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413
+    served.assert_serving()
+
+
+# ---------------------------------------------------------------------------------------------- event loop
+def test_health_answers_while_a_long_prompt_is_tokenized(served, monkeypatch):
+    tokenizer = served.server.tokenizer
+    started = threading.Event()
+    encode = tokenizer.encode
+
+    def signalling_encode(text, add_special_tokens):
+        if len(text) > 100_000:
+            started.set()
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(tokenizer, "encode", signalling_encode)
+    prompt = _random_text(400_000)  # several seconds of tokenization
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        heavy = pool.submit(served.http.post, "/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+        assert started.wait(60)
+        t0 = time.monotonic()
+        health = httpx.get(served.url + "/health", timeout=5)
+        latency = time.monotonic() - t0
+        assert health.status_code == 200 and latency < 1.0, latency
+        assert not heavy.done()  # /health answered while the long prompt was still being tokenized
+        assert heavy.result().status_code == 200
+    served.assert_serving()
+
+
+def test_cheap_checks_come_before_tokenizing(served, monkeypatch):
+    calls = []
+    encode = served.server.tokenizer.encode
+
+    def counting_encode(text, add_special_tokens):
+        calls.append(len(text))
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(served.server.tokenizer, "encode", counting_encode)
+    # More sequences than the queue takes: refused without tokenizing any prompt.
+    r = served.http.post("/v1/completions", json={"prompt": ["x"] * 17, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert calls == []
+    # A text no tokenization fits in the context: refused without tokenizing it.
+    monkeypatch.setattr(served.server.limits, "max_context", 1000)
+    r = served.http.post("/v1/completions", json={"prompt": "x" * 2_000_000, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 2_000_000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
