@@ -32,6 +32,36 @@ PREPARE_WORKERS = 4
 
 
 # ---------------------------------------------------------------------------- the HTTP layer
+class _InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 OpenAI error body and the connection stays usable.
+
+    (Starlette's own handler re-raises after answering, and uvicorn then drops the keep-alive connection
+    without `Connection: close`, so a client's next request on it fails.) An exception after the response
+    started (a stream cut short) still goes up: the connection cannot carry a half response."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            body = P.APIError(500, f"internal error: {exc}", "server_error").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 async def _until_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -126,6 +156,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
                 on_shutdown()
 
     app = FastAPI(title="mimo_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_InternalErrors)
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, exc: P.APIError):
@@ -138,11 +169,6 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(P.APIError(exc.status_code, message, kind).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(P.APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import random
 import socket
 import string
@@ -207,3 +208,50 @@ def test_cheap_checks_come_before_tokenizing(served, monkeypatch):
     r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 2_000_000}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------- connections
+def _exchange(sock: socket.socket, conn, method: str, target: str, body: bytes = b""):
+    """One request on `sock` through the h11 client connection `conn` (keep-alive): (response, body)."""
+    import h11
+
+    headers = [("host", "127.0.0.1"), ("content-type", "application/json"), ("content-length", str(len(body)))]
+    sock.sendall(conn.send(h11.Request(method=method, target=target, headers=headers)))
+    sock.sendall(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+    response, content = None, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))  # b"": the server closed the connection
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            content += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return response, content
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ConnectionError("the server closed the connection")
+
+
+def test_500_leaves_the_connection_usable(served, monkeypatch):
+    import h11
+
+    def broken(model):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(served.server, "check_model", broken)
+    body = b'{"prompt": "x", "max_tokens": 1}'
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        conn = h11.Connection(h11.CLIENT)
+        response, content = _exchange(sock, conn, "POST", "/v1/completions", body)
+        assert response.status_code == 500
+        assert set(json.loads(content)["error"]) == {"message", "type", "param", "code"}
+        closing = (b"connection", b"close") in [(k.lower(), v.lower()) for k, v in response.headers]
+        if not closing:  # a connection kept open must carry the next request
+            conn.start_next_cycle()
+            response, content = _exchange(sock, conn, "GET", "/health")
+            assert response.status_code == 200 and json.loads(content)["status"] == "ok"
+    # The same through httpx, one pooled connection: the next request works.
+    with httpx.Client(base_url=served.url, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
+        assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 500
+        assert client.get("/health").status_code == 200
