@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -54,12 +54,41 @@ class _InternalErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception as exc:
+        except Exception:
             if started:
                 raise
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            body = P.APIError(500, f"internal error: {exc}", "server_error").body()
+            # The exception's text stays in the log: it may name paths or internals.
+            body = P.APIError(500, "internal server error (see the server log)", "server_error").body()
             await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header or an address, lower case; IPv6 literals in brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    if value.count(":") > 1:  # a bare IPv6 address
+        return f"[{value}]"
+    return value.rsplit(":", 1)[0] if ":" in value else value
+
+
+class _AllowedHosts:
+    """ASGI middleware: 400 for a Host header naming none of `hosts` (DNS rebinding: a web page whose name
+    resolves to this machine would otherwise reach a server bound to 127.0.0.1)."""
+
+    def __init__(self, app: Any, hosts: Collection[str]):
+        self.app = app
+        self.hosts = {host_name(h) for h in hosts}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host_name(host) not in self.hosts:
+                message = f"Host {host!r} is not served here (the server's --allowed-hosts names the hosts it answers)"
+                body = P.APIError(400, message, "invalid_request_error").body()
+                return await JSONResponse(body, status_code=400)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -91,7 +120,15 @@ async def _collect(request: Request, job: Job) -> None:
 
 
 async def _body(request: Request) -> bytes:
-    """The body, counted as it arrives (a chunked upload has no Content-Length): 413 once past the limit."""
+    """The body, counted as it arrives (a chunked upload has no Content-Length): 413 once past the limit.
+
+    Only `application/json` (415 otherwise): a web page can POST text/plain or form bodies to a local server
+    without the browser asking first, and those must not be read as requests."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise P.APIError(
+            415, f"Content-Type must be application/json, got {content_type or 'none'!r}", "invalid_request_error"
+        )
     too_large = P.APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
@@ -126,9 +163,12 @@ def _prepare_completion(server: Server, body: bytes) -> tuple[P.CompletionReques
     return req, job, echo
 
 
-def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    server: Server, on_shutdown: Callable[[], None] | None = None, allowed_hosts: Collection[str] | None = None
+) -> FastAPI:
     """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered);
-    `on_shutdown` runs after the scheduler has stopped."""
+    `on_shutdown` runs after the scheduler has stopped. `allowed_hosts`: the Host header names answered
+    (None: any)."""
     from contextlib import asynccontextmanager
 
     pool = concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="mimo-prepare")
@@ -157,11 +197,13 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
 
     app = FastAPI(title="mimo_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_InternalErrors)
+    if allowed_hosts is not None:
+        app.add_middleware(_AllowedHosts, hosts=allowed_hosts)  # outermost: before anything else runs
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, exc: P.APIError):
-        # 413: the rest of the body is not read, so the connection cannot carry another request.
-        headers = {"connection": "close"} if exc.status == 413 else None
+        # 413, 415: the rest of the body is not read, so the connection cannot carry another request.
+        headers = {"connection": "close"} if exc.status in (413, 415) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -192,7 +234,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
         return P.ModelCard(
             id=server.model_name,
             created=server.created,
-            root=server.model_root,
+            root=server.model_name,  # not the checkpoint's path
             max_model_len=server.limits.max_context,
         )
 

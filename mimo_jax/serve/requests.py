@@ -35,7 +35,6 @@ class Server:
         metrics: Metrics,
         *,
         model_name: str,
-        model_root: str | None,
         eos_token_ids: tuple[int, ...],
         limits: Limits,
         sampling_defaults: dict[str, float] | None = None,
@@ -45,7 +44,6 @@ class Server:
         self.template = template
         self.metrics = metrics
         self.model_name = model_name
-        self.model_root = model_root
         self.eos_token_ids = tuple(eos_token_ids)
         self.limits = limits
         # Defaults for omitted parameters (the checkpoint's generation_config.json; else OpenAI's).
@@ -208,11 +206,17 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
     if reserved:
         raise P.invalid(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
     try:
-        prompt = server.template.render(_template_messages(req), tools, add_generation_prompt=True, **kwargs)
+        # Special-token text in the messages and tools is plain text; control tokens come only from the template.
+        prompt, prompt_ids = server.template.render_ids(
+            server.tokenizer,
+            _template_messages(req),
+            tools,
+            add_generation_prompt=True,
+            template_kwargs=kwargs,
+            check_text=lambda text: server.check_prompt_text(text, "messages"),  # before tokenizing
+        )
     except ChatTemplateError as e:
         raise P.invalid(str(e), "messages", "invalid_value") from None
-    server.check_prompt_text(prompt, "messages")
-    prompt_ids = server.tokenizer.encode(prompt, add_special_tokens=False)
     server.check_prompt(prompt_ids, "messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
