@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -190,6 +194,45 @@ class ChatTemplate:
         except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
             raise ChatTemplateError(f"chat template could not render this conversation: {e}") from e
 
+    def render_ids(
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+        check_text: Callable[[str], None] | None = None,
+    ) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, with special tokens only where the template wrote them.
+
+        Special-token text inside the messages or tools (`<|im_end|>` in a user's message, a tool's output, a
+        tool description; or two strings that the template puts side by side, `<|im_` + `end|>`) is tokenized
+        as plain text, so it cannot open or close a turn. Without such text the ids are exactly those of
+        tokenizing the rendered text (as transformers does). With it, the template renders the conversation
+        with every such text broken by a marker (and a marker at the edge of a string that begins or ends like
+        part of one); the specials found in that rendering are the template's own, and the stretches between
+        them that hold a marker are re-encoded, markers removed, with special-token parsing off. The ids are
+        the same as for the rendered text wherever no marker was needed. (`template_kwargs` come from the
+        operator's client, not the conversation, and are left as they are.) `check_text` sees the rendered text
+        before it is tokenized.
+        """
+        kwargs = template_kwargs or {}
+        given = (messages, tools)
+        text = self.render(messages, tools, add_generation_prompt, **kwargs)
+        if check_text is not None:
+            check_text(text)
+        if not tokenizer.has_special_text(given):
+            return text, tokenizer.encode(text, add_special_tokens=False)
+        mark = tokenizer.fresh_mark(given)
+        marked_messages, marked_tools = tokenizer.mark_special_text(given, mark)
+        marked = self.render(marked_messages, marked_tools, add_generation_prompt, **kwargs)
+        if marked.replace(mark, "") != text:
+            raise ChatTemplateError(
+                "the conversation holds special-token text that this chat template rewrites, so it cannot be kept "
+                "as plain text; remove the special tokens from the messages"
+            )
+        return text, tokenizer.encode_marked(marked, mark)
+
 
 def special_tokens_of(tokenizer_config: dict) -> dict[str, str]:
     """Named special tokens (and model-specific `*_token` keys) as transformers puts them in `special_tokens_map`."""
@@ -224,11 +267,90 @@ class Tokenizer:
         generation = _read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")
         eos.update([generation] if isinstance(generation, int) else (generation or []))
         self.eos_token_ids = tuple(sorted(eos))
-        self.added_ids = set(self.hf.get_added_tokens_decoder())
+        added = self.hf.get_added_tokens_decoder()
+        self.added_ids = set(added)
         self.byte_level = _uses_byte_level(self.hf)
+        # Special tokens (role and turn markers) that chat rendering keeps out of the conversation's own text.
+        self.special_ids = {i for i, t in added.items() if t.special}
+        texts = sorted({t.content for t in added.values() if t.special and len(t.content) > 1}, key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self._special_heads = tuple({t[:i] for t in texts for i in range(1, len(t))})  # proper prefixes
+        self._special_tails = tuple({t[i:] for t in texts for i in range(1, len(t))})  # proper suffixes
+        self._path = path
+        self._literal: Any = None  # a copy that reads special-token text as text (made on first use)
+        self._literal_lock = threading.Lock()
+        # A bound on the characters one token stands for, so a text far too long for the context is refused
+        # without tokenizing it. Byte-level vocabularies spell every byte of the text, so a token covers at most
+        # its piece's bytes; Unicode normalization (NFC and the like) may fold up to 4 characters into one.
+        # None: no such bound for this tokenizer (word-level vocabularies may drop whitespace).
+        self.max_token_chars: int | None = None
+        if self.byte_level:
+            longest = max(len(piece) for piece in self.hf.get_vocab(with_added_tokens=True))
+            self.max_token_chars = 4 * max(longest, 1)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it): a long prompt tokenized on a worker
+        # thread leaves the server's event loop running.
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Ids of `text` with special-token text read as plain text (no control tokens come out)."""
+        with self._literal_lock:
+            if self._literal is None:
+                from tokenizers import Tokenizer as HFTokenizer
+
+                literal = HFTokenizer.from_file(self._path)
+                literal.encode_special_tokens = True
+                self._literal = literal
+        return self._literal.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def has_special_text(self, value: Any) -> bool:
+        """Whether any string in `value` (JSON-like: dicts, lists, strings) holds a special token's text, or
+        begins or ends with part of one (another string beside it may complete it)."""
+        if self._special_text is None:
+            return False
+        return any(
+            self._special_text.search(s) or s.endswith(self._special_heads) or s.startswith(self._special_tails)
+            for s in _strings(value)
+        )
+
+    def fresh_mark(self, value: Any) -> str:
+        """A marker found in no string of `value`; ASCII (DEL and digits) so escaping and case filters keep it."""
+        strings = list(_strings(value))
+        while True:
+            mark = f"\x7f{random.randrange(10**15):015d}\x7f"
+            if not any(mark in s for s in strings):
+                return mark
+
+    def mark_special_text(self, value: Any, mark: str) -> Any:
+        """`value` with `mark` inside every special token's text (after its first character) and at the edges of
+        strings that begin or end with part of one, keys included."""
+        if isinstance(value, str):
+            marked = self._special_text.sub(lambda m: m[0][0] + mark + m[0][1:], value)
+            head = mark if value.startswith(self._special_tails) else ""
+            tail = mark if value.endswith(self._special_heads) else ""
+            return head + marked + tail
+        if isinstance(value, dict):
+            return {self.mark_special_text(k, mark): self.mark_special_text(v, mark) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.mark_special_text(v, mark) for v in value)
+        return value
+
+    def encode_marked(self, text: str, mark: str) -> list[int]:
+        """Ids of a rendering whose conversation text was marked (`mark_special_text`): its special tokens are the
+        template's; each stretch between them that holds a marker is encoded without it, as plain text."""
+        encoding = self.hf.encode_batch([text], add_special_tokens=False)[0]
+        ids, offsets = encoding.ids, encoding.offsets
+        out: list[int] = []
+        start, run = 0, 0  # text and token index where the current stretch between specials begins
+        for k in [k for k, i in enumerate(ids) if i in self.special_ids] + [len(ids)]:
+            end = offsets[k][0] if k < len(ids) else len(text)
+            stretch = text[start:end]
+            out += self.encode_literal(stretch.replace(mark, "")) if mark in stretch else ids[run:k]
+            if k < len(ids):
+                out.append(ids[k])
+                start, run = offsets[k][1], k + 1
+        return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -247,6 +369,18 @@ class Tokenizer:
             if all(c in _BYTE_DECODER for c in piece):
                 return bytes(_BYTE_DECODER[c] for c in piece)
         return self.token_text(token_id).encode("utf-8")
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
 
 
 def _uses_byte_level(hf: Any) -> bool:

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allowed-hosts",
+        help="comma-separated host names the Host header may give, '*' for any (default: the bound host, plus "
+        "localhost, 127.0.0.1 and [::1] when bound to loopback; any when bound to 0.0.0.0 or ::)",
+    )
     p.add_argument("--mesh", help="device mesh, e.g. tensor=4,expert=2 (default: one device, no mesh)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation/weight dtype")
     p.add_argument("--weights", choices=["bf16", "fp8"], help="how FP8 checkpoints are kept (the importer's modes)")
@@ -87,6 +92,37 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--speculative-steps, --max-logprobs and --max-stop-token-ids must be >= 0")
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port}: expected 0..65535")
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+def allowed_hosts(args: argparse.Namespace) -> frozenset[str] | None:
+    """Host header names the server answers (None: any), and a warning when it is reachable from the network
+    (it has no authentication)."""
+    import ipaddress
+
+    from mimo_jax.serve.app import host_name
+
+    host = args.host.strip()
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None
+    unspecified = host == "" or (address is not None and address.is_unspecified)
+    loopback = host.lower() == "localhost" or (address is not None and address.is_loopback)
+    if not loopback:
+        log.warning(
+            "serving on %s: reachable from the network without authentication (this server checks no API key); "
+            "bind to 127.0.0.1 or put an authenticating proxy in front",
+            host or "all interfaces",
+        )
+    if args.allowed_hosts is not None:
+        names = [n.strip() for n in args.allowed_hosts.split(",") if n.strip()]
+        return None if "*" in names else frozenset(host_name(n) for n in names)
+    if unspecified:
+        return None
+    return frozenset({host_name(host)} | (LOOPBACK_NAMES if loopback else set()))
 
 
 def _tree_bytes(tree) -> int:
@@ -276,7 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         template,
         metrics,
         model_name=model_name,
-        model_root=directory,
         eos_token_ids=eos,
         limits=Limits(
             max_context=max_context,
@@ -304,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (uvicorn re-raises the stopping signal after the app's shutdown, so this cannot wait until after run()).
     on_shutdown = jax.distributed.shutdown if multihost else None
     config = uvicorn.Config(
-        create_app(server, on_shutdown=on_shutdown),
+        create_app(server, on_shutdown=on_shutdown, allowed_hosts=allowed_hosts(args)),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -1,15 +1,19 @@
 """FastAPI routes: /v1/chat/completions, /v1/completions (streaming and not), /v1/models, /health, /metrics.
 
-The HTTP layer: reading the body, checking it into a `Job` (`requests`), submitting it to the scheduler, and
-collecting or streaming its output (`jobs`). Every failure a client can cause is an `APIError` answered with
-an OpenAI error body.
+The HTTP layer: reading the body (at most MAX_BODY_BYTES), checking it into a `Job` (`requests`; on a small
+worker pool, so parsing, template rendering and tokenization never stall the event loop), submitting it to the
+scheduler, and collecting or streaming its output (`jobs`). Every failure a client can cause is an `APIError`
+answered with an OpenAI error body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -22,9 +26,71 @@ from mimo_jax.serve.requests import Server, chat_job, completion_job
 log = logging.getLogger("mimo_jax.serve")
 
 MAX_BODY_BYTES = 32 << 20
+# Threads that parse, render and tokenize requests (CPU work kept off the event loop, which must keep
+# answering /health and delivering tokens); more requests than this wait their turn.
+PREPARE_WORKERS = 4
 
 
 # ---------------------------------------------------------------------------- the HTTP layer
+class _InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 OpenAI error body and the connection stays usable.
+
+    (Starlette's own handler re-raises after answering, and uvicorn then drops the keep-alive connection
+    without `Connection: close`, so a client's next request on it fails.) An exception after the response
+    started (a stream cut short) still goes up: the connection cannot carry a half response."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            # The exception's text stays in the log: it may name paths or internals.
+            body = P.APIError(500, "internal server error (see the server log)", "server_error").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header or an address, lower case; IPv6 literals in brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    if value.count(":") > 1:  # a bare IPv6 address
+        return f"[{value}]"
+    return value.rsplit(":", 1)[0] if ":" in value else value
+
+
+class _AllowedHosts:
+    """ASGI middleware: 400 for a Host header naming none of `hosts` (DNS rebinding: a web page whose name
+    resolves to this machine would otherwise reach a server bound to 127.0.0.1)."""
+
+    def __init__(self, app: Any, hosts: Collection[str]):
+        self.app = app
+        self.hosts = {host_name(h) for h in hosts}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host_name(host) not in self.hosts:
+                message = f"Host {host!r} is not served here (the server's --allowed-hosts names the hosts it answers)"
+                body = P.APIError(400, message, "invalid_request_error").body()
+                return await JSONResponse(body, status_code=400)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _until_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -54,28 +120,62 @@ async def _collect(request: Request, job: Job) -> None:
 
 
 async def _body(request: Request) -> bytes:
+    """The body, counted as it arrives (a chunked upload has no Content-Length): 413 once past the limit.
+
+    Only `application/json` (415 otherwise): a web page can POST text/plain or form bodies to a local server
+    without the browser asking first, and those must not be read as requests."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise P.APIError(
+            415, f"Content-Type must be application/json, got {content_type or 'none'!r}", "invalid_request_error"
+        )
+    too_large = P.APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise P.APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
-    return await request.body()
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _submit(server: Server, job: Job) -> None:
     if server.scheduler.error is not None:
         raise P.APIError(503, "the engine failed; the server cannot take requests", "server_error")
-    if len(job.sequences) > server.scheduler.max_waiting:
-        raise P.invalid(
-            f"this request asks for {len(job.sequences)} sequences (prompts x n); the server queues at most "
-            f"{server.scheduler.max_waiting}",
-            "n",
-        )
+    server.check_sequences(len(job.sequences))
     job.submit()
 
 
-def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+def _prepare_chat(server: Server, body: bytes) -> tuple[P.ChatCompletionRequest, Job]:
+    req = P.parse_request(P.ChatCompletionRequest, body)
+    server.check_model(req.model)
+    job, _ = chat_job(server, req)
+    return req, job
+
+
+def _prepare_completion(server: Server, body: bytes) -> tuple[P.CompletionRequest, Job, list[str]]:
+    req = P.parse_request(P.CompletionRequest, body)
+    server.check_model(req.model)
+    job, echo = completion_job(server, req)
+    return req, job, echo
+
+
+def create_app(
+    server: Server, on_shutdown: Callable[[], None] | None = None, allowed_hosts: Collection[str] | None = None
+) -> FastAPI:
     """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered);
-    `on_shutdown` runs after the scheduler has stopped."""
+    `on_shutdown` runs after the scheduler has stopped. `allowed_hosts`: the Host header names answered
+    (None: any)."""
     from contextlib import asynccontextmanager
+
+    pool = concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="mimo-prepare")
+
+    async def prepare(fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a request's parsing, checks, template rendering and tokenization on the worker pool."""
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,15 +190,21 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
         try:
             yield
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             server.scheduler.shutdown()
             if on_shutdown is not None:
                 on_shutdown()
 
     app = FastAPI(title="mimo_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_InternalErrors)
+    if allowed_hosts is not None:
+        app.add_middleware(_AllowedHosts, hosts=allowed_hosts)  # outermost: before anything else runs
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, exc: P.APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # 413, 415: the rest of the body is not read, so the connection cannot carry another request.
+        headers = {"connection": "close"} if exc.status in (413, 415) else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -106,16 +212,9 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(P.APIError(exc.status_code, message, kind).body(), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(P.APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = P.parse_request(P.ChatCompletionRequest, await _body(request))
-        server.check_model(req.model)
-        job, _ = chat_job(server, req)
+        req, job = await prepare(_prepare_chat, server, await _body(request))
         _submit(server, job)
         if req.stream:
             return StreamingResponse(chat_stream(server, req, job), media_type="text/event-stream")
@@ -124,9 +223,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = P.parse_request(P.CompletionRequest, await _body(request))
-        server.check_model(req.model)
-        job, echo = completion_job(server, req)
+        req, job, echo = await prepare(_prepare_completion, server, await _body(request))
         _submit(server, job)
         if req.stream:
             return StreamingResponse(completion_stream(server, req, job, echo), media_type="text/event-stream")
@@ -137,7 +234,7 @@ def create_app(server: Server, on_shutdown: Callable[[], None] | None = None) ->
         return P.ModelCard(
             id=server.model_name,
             created=server.created,
-            root=server.model_root,
+            root=server.model_name,  # not the checkpoint's path
             max_model_len=server.limits.max_context,
         )
 

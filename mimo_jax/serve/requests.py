@@ -35,7 +35,6 @@ class Server:
         metrics: Metrics,
         *,
         model_name: str,
-        model_root: str | None,
         eos_token_ids: tuple[int, ...],
         limits: Limits,
         sampling_defaults: dict[str, float] | None = None,
@@ -45,7 +44,6 @@ class Server:
         self.template = template
         self.metrics = metrics
         self.model_name = model_name
-        self.model_root = model_root
         self.eos_token_ids = tuple(eos_token_ids)
         self.limits = limits
         # Defaults for omitted parameters (the checkpoint's generation_config.json; else OpenAI's).
@@ -63,6 +61,25 @@ class Server:
                 "invalid_request_error",
                 "model",
                 "model_not_found",
+            )
+
+    def check_sequences(self, count: int) -> None:
+        if count > self.scheduler.max_waiting:
+            raise P.invalid(
+                f"this request asks for {count} sequences (prompts x n); the server queues at most "
+                f"{self.scheduler.max_waiting}",
+                "n",
+            )
+
+    def check_prompt_text(self, text: str, what: str) -> None:
+        """Before tokenizing: refuse a text that no tokenization fits in the context (see `max_token_chars`)."""
+        per_token, ctx = self.tokenizer.max_token_chars, self.limits.max_context
+        if per_token is not None and len(text) >= ctx * per_token:
+            raise P.invalid(
+                f"This model's maximum context length is {ctx} tokens. However, your {what} has {len(text)} "
+                f"characters, more than {ctx} tokens can hold. Please reduce the length of the input.",
+                "messages" if what == "messages" else "prompt",
+                "context_length_exceeded",
             )
 
     def check_prompt(self, prompt_ids: list[int], what: str) -> None:
@@ -189,10 +206,17 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
     if reserved:
         raise P.invalid(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
     try:
-        prompt = server.template.render(_template_messages(req), tools, add_generation_prompt=True, **kwargs)
+        # Special-token text in the messages and tools is plain text; control tokens come only from the template.
+        prompt, prompt_ids = server.template.render_ids(
+            server.tokenizer,
+            _template_messages(req),
+            tools,
+            add_generation_prompt=True,
+            template_kwargs=kwargs,
+            check_text=lambda text: server.check_prompt_text(text, "messages"),  # before tokenizing
+        )
     except ChatTemplateError as e:
         raise P.invalid(str(e), "messages", "invalid_value") from None
-    prompt_ids = server.tokenizer.encode(prompt, add_special_tokens=False)
     server.check_prompt(prompt_ids, "messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -236,8 +260,16 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
         raise P.invalid("echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_value")
     server.check_logprobs(req.logprobs, "logprobs")
     stop_ids = server.stop_ids(req)
+    given = req.prompts()
+    # Cheap checks of every prompt before any is tokenized.
+    server.check_sequences(len(given) * req.n)
+    for p in given:
+        if isinstance(p, str):
+            server.check_prompt_text(p, "prompt")
+        elif len(p) >= server.limits.max_context:
+            server.check_prompt(p, "prompt")
     prompts, texts = [], []
-    for p in req.prompts():
+    for p in given:
         ids = server.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
         server.check_prompt(ids, "prompt")
         prompts.append(ids)

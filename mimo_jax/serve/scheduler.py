@@ -192,7 +192,7 @@ class Scheduler:
         except BaseException as e:  # a dead scheduler must not leave clients waiting forever
             self.error = e
             log.exception("scheduler thread failed")
-            failure = Failure(APIError(500, f"the engine failed: {e}", "server_error"))
+            failure = Failure(APIError(500, "the engine failed (see the server log)", "server_error"))
             with self._cv:
                 doomed = list(self._running.values()) + list(self._waiting)
                 self._running.clear()

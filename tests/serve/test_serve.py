@@ -483,6 +483,31 @@ def test_bad_routes_and_openai_client_errors(served):
     served.assert_serving()
 
 
+def test_browser_reachable_requests_refused(served):
+    """Defaults of a server bound to 127.0.0.1: DNS-rebound Host names and non-JSON bodies (what a web page can
+    send without a preflight) are refused; /v1/models does not give the checkpoint's path."""
+    port = served.url.rsplit(":", 1)[1]
+    for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.nip.io:{port}"):
+        r = served.http.get("/health", headers={"host": host})
+        assert r.status_code == 400 and "host" in r.json()["error"]["message"].lower(), host
+        r = served.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"host": host})
+        assert r.status_code == 400, host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "LOCALHOST"):
+        assert served.http.get("/health", headers={"host": host}).status_code == 200, host
+    body = json.dumps({"prompt": "x", "max_tokens": 1})
+    for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        r = served.http.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 415, (content_type, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = served.http.post("/v1/completions", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200
+    (card,) = served.http.get("/v1/models").json()["data"]
+    assert card["root"] == served.model and served.directory not in json.dumps(card)
+    assert served.directory not in served.http.get(f"/v1/models/{served.model}").text
+    served.assert_serving()
+
+
 FUZZ_VALUES = [None, True, False, 0, -1, 1, 2, 3.5, -2.5, 1e308, 2**70, -(2**70), "", "x", "<think>", "\u0000", [], [1],
                ["a"], [[1, 2]], [-5], {}, {"a": 1}, [{"type": "text"}], [{"role": "user"}], [{"type": "function"}]]  # fmt: skip
 FUZZ_FIELDS = [
