@@ -27,7 +27,9 @@ Behaviour:
   (`request_seed`), and the engine's draws do not depend on which slot or batch a request runs in.
 - A malformed line is reported as `FILE:LINE: why` and skipped (exit status 3 at the end), or
   with `--strict` stops the run (exit status 1) - before the model loads when the line is
-  malformed JSON or has bad fields, as soon as it is met when the prompt does not fit.
+  malformed JSON or has bad fields, as soon as it is met when the prompt does not fit. A line
+  nested more than `MAX_JSON_DEPTH` (64) levels of arrays/objects deep is malformed; one whose
+  chat template recurses too deeply to render is a bad line too, never a crash of the run.
 
 Multi-host: start the same command on every host (`launch/tpu_vm.sh`, `launch/gpu_multinode.sh`;
 `mimo_jax.sharding.initialize_distributed` reads `MIMO_COORDINATOR_ADDRESS`, `MIMO_NUM_PROCESSES`,
@@ -50,6 +52,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -65,6 +68,13 @@ OTHER_FIELDS = ("id", "stop_token_ids", "ignore_eos", "tools", "chat_template_kw
 KNOWN_FIELDS = frozenset(PROMPT_FIELDS + OTHER_FIELDS + FLOAT_FIELDS + INT_FIELDS)
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
+
+# Deepest nesting of arrays and objects a line may have. Parsing (json.loads) and rendering a chat
+# template (tojson of tool-call arguments) recurse per level and die with RecursionError near
+# Python's recursion limit (1000); real requests stay far below this.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class InputError(ValueError):
@@ -107,6 +117,24 @@ class Request:
         return id_key(self.id)
 
 
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON text nests arrays/objects deeper than `limit` (brackets inside strings do not count).
+
+    Iterative and linear in the text, so it is safe on any line before `json.loads` recurses into it.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False  # the common case: too few brackets to be that deep
+    depth = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def parse_line(text: str | bytes, line: int) -> Request | None:
     """A JSONL line -> Request (None for a blank line); InputError names what is wrong."""
     if isinstance(text, bytes):
@@ -116,10 +144,14 @@ def parse_line(text: str | bytes, line: int) -> Request | None:
             raise InputError(line, f"not valid UTF-8 (byte {e.start})") from None
     if not text.strip():
         return None
+    if json_depth_exceeds(text, MAX_JSON_DEPTH):
+        raise InputError(line, f"nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays/objects)")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(line, "nested too deeply to parse (RecursionError)") from None
     if not isinstance(obj, dict):
         raise InputError(line, f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
@@ -357,6 +389,8 @@ class _Prompter:
                 text = self.template.render(req.messages, tools=req.tools, add_generation_prompt=True, **kwargs)
             except ChatTemplateError as e:
                 raise InputError(req.line, str(e)) from None
+            except RecursionError:  # e.g. tool-call arguments nested deeper than the template can render
+                raise InputError(req.line, "messages nested too deeply to render the chat template") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         values = {**self.settings.sampling, **req.settings}
         ignore_eos = self.settings.ignore_eos if req.ignore_eos is None else req.ignore_eos

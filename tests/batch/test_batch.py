@@ -202,6 +202,61 @@ def test_malformed_lines_are_reported_and_skipped(engine, tokenizer, tmp_path):
         run(engine, tokenizer, write_jsonl(tmp_path / "in2.jsonl", BAD_LINES[8:9]), tmp_path / "o2.jsonl", strict=True)
 
 
+def nested(depth: int) -> str:
+    """JSON text of `depth` nested arrays around a number: [[[...1...]]]."""
+    return "[" * depth + "1" + "]" * depth
+
+
+def deep_tool_call(depth: int) -> str:
+    """A chat line whose assistant message carries tool-call arguments nested `depth` levels deep."""
+    call = '{"id": "c1", "type": "function", "function": {"name": "f", "arguments": ' + nested(depth) + "}}"
+    return (
+        '{"id": "deep_chat", "messages": [{"role": "user", "content": "w12"}, '
+        '{"role": "assistant", "content": "w13", "tool_calls": [' + call + "]}, "
+        '{"role": "user", "content": "w14"}]}'
+    )
+
+
+DEEP_LINES = [
+    {"id": "ok1", "prompt": "w5 w6"},
+    '{"id": "deep", "prompt": "w5", "metadata": ' + nested(100_000) + "}",  # 2: json.loads would recurse
+    deep_tool_call(900),  # 3: json.loads copes, rendering the chat template would recurse
+    {"id": "ok2", "messages": [{"role": "user", "content": "w12 w13"}]},
+]
+
+
+def test_deeply_nested_lines_are_reported_and_skipped(checkpoint, tmp_path, capsys):
+    """Lines nested too deeply are bad lines like any other: reported as FILE:LINE, skipped, the run goes on
+    (and a rerun skips them again instead of dying on them)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", DEEP_LINES)
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", checkpoint, "--input", inp, "--output", str(out), "--mesh", "data=2,tensor=2,expert=2",
+            "--max-batch", "3", "--max-context", "48", "--prefill-chunk", "16", "--round-tokens", "4",
+            "--max-tokens", "4", "--no-progress"]  # fmt: skip
+    assert batch.main(argv) == batch.EXIT_SKIPPED
+    err = capsys.readouterr().err
+    assert f"{inp}:2: " in err and f"{inp}:3: " in err and "nested" in err
+    assert set(read_results(out)) == {"ok1", "ok2"}
+    assert batch.main(argv) == batch.EXIT_SKIPPED  # the rerun: nothing left, the same lines reported
+    err = capsys.readouterr().err
+    assert f"{inp}:2: " in err and f"{inp}:3: " in err and "0 request(s) to run, 2 already in" in err
+
+
+def test_recursion_while_parsing_or_prompting_is_a_bad_line(engine, tokenizer, tmp_path, monkeypatch):
+    """Without the depth bound the fallbacks hold: json.loads' RecursionError (depth 100000) and the chat
+    template's (tool-call arguments 600 deep parse, then recurse while rendering) are reported and skipped."""
+    monkeypatch.setattr("mimo_jax.batch.run.MAX_JSON_DEPTH", 10**9, raising=False)
+    lines = DEEP_LINES[:2] + [deep_tool_call(600)] + DEEP_LINES[3:]
+    assert batch.parse_line(lines[2], 3) is not None  # reaches the prompting step
+    inp = write_jsonl(tmp_path / "in.jsonl", lines)
+    logs = []
+    summary = run(engine, tokenizer, inp, tmp_path / "out.jsonl", logs)
+    assert set(read_results(tmp_path / "out.jsonl")) == {"ok1", "ok2"}
+    reported = {int(m.split(":")[1]): m for m in logs if m.startswith(inp + ":")}
+    assert sorted(reported) == [2, 3] and summary.skipped == 2 and summary.completed == 2
+    assert "nested too deeply to parse" in reported[2] and "too deeply to render the chat template" in reported[3]
+
+
 def test_cli_strict_fails_before_loading_the_model(tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", BAD_LINES[:3])
     argv = ["--model", str(tmp_path / "no-such-model"), "--input", inp, "--output", str(tmp_path / "out.jsonl")]
