@@ -19,14 +19,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.engine.steps import JitUnderMesh, build_steps
+from mimo_jax.model.mimo import relayout_experts
+from mimo_jax.sharding import logical_to_spec, make_mesh, parse_mesh_arg
+from mimo_jax.tools import plan
+from mimo_jax.weights.loader import abstract_params
 
 GiB = 1024**3
 
@@ -76,8 +87,6 @@ def kernel_choices(platform: str) -> dict[str, str]:
     Decided by the target, never by this host's backend: a TPU program compiled on a GPU host
     must use `jax.lax.ragged_dot` and XLA's attention, not the Pallas GPU kernel or cuDNN.
     """
-    from mimo_jax.config import RunOptions
-
     options = RunOptions.for_platform(platform)
     return {"moe": options.expert_impl, "attention": options.attention_impl}
 
@@ -85,11 +94,6 @@ def kernel_choices(platform: str) -> dict[str, str]:
 def for_platform(graphdef, params, platform: str):
     """(graphdef, params) of the same model built with `RunOptions` for `platform` (`kernel_choices`), its
     experts in the layout that implementation reads."""
-    from flax import nnx
-
-    from mimo_jax.config import RunOptions
-    from mimo_jax.model.mimo import relayout_experts
-
     model = nnx.merge(graphdef, params)
     return nnx.split(relayout_experts(model.with_options(RunOptions.for_platform(platform))))
 
@@ -224,10 +228,7 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_laye
 
     Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
-    import math
 
-    from mimo_jax.sharding import logical_to_spec
-    from mimo_jax.tools import plan
 
     sizes = dict(mesh.shape)
     kv = plan.kv_plan_per_device(cfg, sizes, mtp_layers=mtp_layers)
@@ -249,13 +250,6 @@ def _gib(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
-    from mimo_jax.config import MiMoConfig
-    from mimo_jax.sharding import make_mesh, parse_mesh_arg
-    from mimo_jax.weights.loader import abstract_params
-
     devices = tpu_devices(args.topology)
     cfg = MiMoConfig.from_json(args.config)
     cfg = cfg.first_layers(args.layers) if args.layers else cfg
@@ -312,8 +306,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _libtpu_version() -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version("libtpu")
     except metadata.PackageNotFoundError:
@@ -384,7 +376,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import jax
 
     # The host only traces and compiles; keep JAX off any local accelerator.
     jax.config.update("jax_platforms", "cpu")
