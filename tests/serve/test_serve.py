@@ -38,8 +38,8 @@ def _free_port() -> int:
 
 
 class Served:
-    def __init__(self, directory: str, url: str, lm, engine, tokenizer, hf_tokenizer):
-        self.directory, self.url = directory, url
+    def __init__(self, directory: str, url: str, lm, engine, tokenizer, hf_tokenizer, log_path: str):
+        self.directory, self.url, self.log_path = directory, url, log_path
         self.lm, self.engine, self.tok, self.hf_tok = lm, engine, tokenizer, hf_tokenizer
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         self.http = httpx.Client(base_url=url, timeout=120)
@@ -59,6 +59,14 @@ class Served:
         out = self.client.completions.create(model=self.model, prompt="def fib", max_tokens=4, temperature=0)
         (ref,) = self.generate([self.tok.encode("def fib", add_special_tokens=True)], max_new_tokens=4)
         assert out.choices[0].text == self.tok.decode(ref.token_ids)
+
+    def log_size(self) -> int:
+        return os.path.getsize(self.log_path)
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,7 @@ def served(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "server did not become ready:\n" + open(log_path).read()
             time.sleep(0.5)
-        yield Served(directory, url, lm, engine, tokenizer, hf_tokenizer)
+        yield Served(directory, url, lm, engine, tokenizer, hf_tokenizer, log_path)
     finally:
         proc.terminate()
         try:
@@ -398,6 +406,27 @@ def test_cancellation_frees_capacity(served):
     _wait_for(served, lambda h: h["running"] == 0 and h["waiting"] == 0, seconds=30)
     assert _metric(served, "request_cancelled_total") == cancelled + 1
     served.assert_serving()
+
+
+def test_non_streaming_disconnect_is_a_quiet_cancellation(served):
+    """A non-streaming client that hangs up mid-generation: the sequence is cancelled and its slot freed,
+    nothing is logged as an error (no traceback, no 500 sent into the closed socket)."""
+    offset = served.log_size()
+    cancelled = _metric(served, "request_cancelled_total")
+    for i in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(served.url + "/v1/completions", json={"prompt": f"def f{i}(", **LONG}, timeout=0.1)
+    # A client that hangs up while sending the body.
+    with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b'Content-Length: 1000\r\n\r\n{"prompt": ')  # fmt: skip
+        time.sleep(0.2)
+    _wait_for(served, lambda h: h["running"] == 0 and h["waiting"] == 0, seconds=30)
+    assert _metric(served, "request_cancelled_total") == cancelled + 3
+    assert _metric(served, "num_requests_running") == 0 and _metric(served, "num_requests_waiting") == 0
+    served.assert_serving()
+    log = served.log_since(offset)
+    assert "Traceback" not in log and "ERROR" not in log and "InvalidStateError" not in log, log
 
 
 def test_full_queue_answers_429(served):
