@@ -19,6 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # transformers' `SPECIAL_TOKENS_ATTRIBUTES`: named special tokens every template may read.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Deepest nesting of objects/arrays in what a template is given (messages, tools, kwargs).
+MAX_NESTING = 200
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (transformers aliases them).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -88,6 +90,23 @@ def _compile(source: str) -> jinja2.Template:
     env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)
     env.globals["namespace"] = _Namespace
     return env.from_string(source)
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON-like data nests more than `limit` levels of mappings/sequences (iterative: safe at any depth)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _plain(value: Any) -> Any:
@@ -164,6 +183,10 @@ class ChatTemplate:
         """The prompt text, as `tokenizer.apply_chat_template(messages, tools, tokenize=False, ...)` returns it."""
         if not messages:
             raise ChatTemplateError("messages must not be empty")
+        # Copying and rendering recurse: refuse what would exhaust the stack before they start.
+        for what, value in (("messages", messages), ("tools", tools), ("chat_template_kwargs", template_kwargs)):
+            if nested_deeper_than(value, MAX_NESTING):
+                raise ChatTemplateError(f"{what} nest deeper than {MAX_NESTING} levels")
         chat = []
         for message in messages:
             if not isinstance(message, dict):

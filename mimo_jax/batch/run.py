@@ -120,6 +120,8 @@ def parse_line(text: str | bytes, line: int) -> Request | None:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # json.loads refuses deep nesting by itself (cleanly)
+        raise InputError(line, "not usable JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise InputError(line, f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - KNOWN_FIELDS)

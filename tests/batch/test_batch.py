@@ -228,6 +228,12 @@ def test_request_seeds_and_ids():
         batch.parse_line(b'{"id": 1, "prompt": "\xff"}', 4)
 
 
+def test_deeply_nested_lines_are_input_errors():
+    deep = "[" * 100000 + "]" * 100000
+    with pytest.raises(batch.InputError, match="nested too deeply"):
+        batch.parse_line('{"id": 1, "prompt": "x", "metadata": ' + deep + "}", 3)
+
+
 def test_launchers_dry_run(tmp_path):
     wrapper = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "batch_infer.py"), "--help"],

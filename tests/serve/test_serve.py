@@ -501,6 +501,26 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(served, route, body, status
     served.assert_serving()
 
 
+@pytest.mark.parametrize("depth,as_text", [(1000, True), (100000, True), (150, False)])
+def test_deeply_nested_tool_call_arguments_get_400(served, depth, as_text):
+    """Tool-call arguments nested past the limit (as a JSON string, or as an object pydantic already parsed)
+    are refused with a 400 naming the field, before anything recursive (json.loads, the template) meets them."""
+    nested = "[" * depth + "]" * depth
+    arguments = '{"a": ' + nested + "}"
+    call = '{"type": "function", "function": {"name": "get_weather", "arguments": ' + (
+        json.dumps(arguments) if as_text else arguments
+    )
+    assistant = '{"role": "assistant", "content": "", "tool_calls": [' + call + "}}]}"
+    body = '{"messages": [{"role": "user", "content": "hi"}, ' + assistant + '], "max_tokens": 2}'
+    with httpx.Client(base_url=served.url, timeout=120) as http:  # a fresh connection: a 500 may close it
+        r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert "nested deeper than" in error["message"]
+    served.assert_serving()
+
+
 def test_bad_routes_and_openai_client_errors(served):
     assert served.http.get("/v1/nothing").status_code == 404
     r = served.http.get("/v1/chat/completions")

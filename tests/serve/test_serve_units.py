@@ -112,6 +112,26 @@ def test_chat_template_lookup_and_errors(tmp_path, tok_dir):
     assert ChatTemplate.from_dir(tmp_path / "missing") is None
 
 
+def test_chat_template_refuses_deep_nesting_before_recursing():
+    t = ChatTemplate({"default": "{{ messages | tojson }}"}, {})
+    deep = {}
+    for _ in range(5000):  # far past Python's recursion limit
+        deep = {"a": deep}
+    call = {"type": "function", "function": {"name": "f", "arguments": deep}}
+    for messages, kwargs, what in [
+        ([{"role": "assistant", "content": "", "tool_calls": [call]}], {}, "messages"),
+        ([{"role": "user", "content": "x"}], {"extra": deep}, "chat_template_kwargs"),
+    ]:
+        with pytest.raises(ValueError, match=f"{what} nest deeper than"):
+            t.render(messages, **kwargs)
+    with pytest.raises(ValueError, match="tools nest deeper than"):
+        t.render(
+            [{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+        )
+    shallow = {"a": {"b": [1, {"c": 2}]}}
+    assert json.loads(t.render([{"role": "user", "content": "x", "meta": shallow}]))[0]["meta"] == shallow
+
+
 # ---------------------------------------------------------------------------------- detokenizer
 def _random_ids(tokenizer, rng, n):
     return [int(i) for i in rng.integers(3, tokenizer.vocab_size, size=n)]
