@@ -521,6 +521,30 @@ def test_deeply_nested_tool_call_arguments_get_400(served, depth, as_text):
     served.assert_serving()
 
 
+BAD_TOOL_PARAMETERS = [
+    {"type": "object", "properties": "x"},
+    {"type": "object", "properties": ["city", "days"]},
+    {"type": "object", "properties": {"city": "string"}},
+    {"type": "string"},
+]
+
+
+@pytest.mark.parametrize("parameters", BAD_TOOL_PARAMETERS)
+def test_bad_tool_schemas_get_400_at_entry(served, parameters):
+    """A tool the model will call (the planted script calls get_weather) whose parameters are not an object schema:
+    refused before it runs, streamed or not."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    for stream in (False, True):
+        body = {"messages": QUESTION, "tools": [tool], "temperature": 0, "max_tokens": 64, "stream": stream}
+        with httpx.Client(base_url=served.url, timeout=120) as http:  # a fresh connection: a 500 may close it
+            r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "tools[0].function.parameters", error
+    _wait_for(served, lambda h: h["running"] == 0 and h["waiting"] == 0, seconds=30)
+    served.assert_serving()
+
+
 def test_bad_routes_and_openai_client_errors(served):
     assert served.http.get("/v1/nothing").status_code == 404
     r = served.http.get("/v1/chat/completions")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
+import types
 
 import numpy as np
 import pytest
@@ -290,6 +292,14 @@ def test_tool_call_parser_streamed_equals_whole(text, want):
         assert _run_tools(pieces, tools) == want
 
 
+def test_tool_call_parser_takes_boolean_property_schemas():
+    """JSON Schema allows `true`/`false` as a property's schema (the server accepts them): no type, text stays text."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": True, "b": False}}}}
+    parser = ToolCallParser([tool])
+    content, calls = parser.feed("<tool_call>\n<function=f>\n<parameter=a>1</parameter>\n</function>\n</tool_call>")
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("f", {"a": "1"})]
+
+
 # ---------------------------------------------------------------------------------- metrics
 def test_metrics_exposition_is_valid_prometheus_text():
     m = Metrics("tiny", max_batch=4, max_context=100)
@@ -451,6 +461,64 @@ def test_scheduler_reports_speculation_acceptance():
     scheduler._round()
     assert (metrics.spec_draft_tokens, metrics.spec_accepted_tokens, metrics.spec_target_forwards) == (12, 8, 4)
     assert "mimo_jax_spec_decode_mean_accept_length 3.0" in metrics.render()
+
+
+class _SlowEngine(RecordingEngine):
+    """A RecordingEngine that takes its time per step, with a vocabulary: enough for the whole app to run on it."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.config = types.SimpleNamespace(vocab_size=vocab_size)
+
+    def step(self, max_tokens_per_round=None, prefill_tokens=None):
+        time.sleep(0.005)
+        return super().step(max_tokens_per_round, prefill_tokens)
+
+
+def _wait_idle(scheduler, seconds):
+    deadline = time.monotonic() + seconds
+    while scheduler.counts() != (0, 0):
+        assert time.monotonic() < deadline, f"still busy: {scheduler.counts()} (running, waiting)"
+        time.sleep(0.01)
+
+
+def test_a_failure_after_admission_cancels_the_sequence_and_ends_the_stream(tok_dir, tokenizer, monkeypatch):
+    """The output parser raising on a running sequence: the sequence leaves the engine at once; non-streamed the
+    client gets a 500 error body, streamed an error event then `data: [DONE]`."""
+    from starlette.testclient import TestClient
+
+    from mimo_jax.serve.app import create_app
+    from mimo_jax.serve.requests import Limits, Server
+
+    def broken(self, text):
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(ToolCallParser, "feed", broken)
+    engine = _SlowEngine(tokenizer.vocab_size)
+    metrics = Metrics("tiny", engine.max_batch, 4096)
+    scheduler = Scheduler(engine, metrics, dispatch=lambda batch: None, round_tokens=1)
+    server = Server(
+        scheduler, tokenizer, ChatTemplate.from_dir(tok_dir), metrics, model_name="tiny", model_root=None,
+        eos_token_ids=tokenizer.eos_token_ids, limits=Limits(4096, 5, 8, None),
+    )  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [sf.WEATHER_TOOL], "max_tokens": 2000}
+    with TestClient(create_app(server), raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "parser bug" in error["message"]
+        _wait_idle(scheduler, 5)  # 2000 steps of 5 ms if nobody cancelled it
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "parser bug" in error["message"]
+        _wait_idle(scheduler, 5)
+    added = [c[1] for c in engine.calls if c[0] == "add"]
+    assert len(added) == 2 and [c for c in engine.calls if c[0] == "cancel"] == [("cancel", rid) for rid in added]
+    assert sum(c[0] == "step" for c in engine.calls) < 500
+    assert metrics.requests_cancelled == 2
 
 
 def test_scheduler_cancel_frees_the_slot_before_the_next_step():
