@@ -114,6 +114,15 @@ class SamplingFields(_Request):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
 
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | None) -> int | None:
+        from mimo_jax.engine.sampling import check_seed  # the engine's rule, with its message
+
+        if value is not None:
+            check_seed(value)
+        return value
+
     @model_validator(mode="after")
     def _check_stop(self):
         if self.logit_bias:

@@ -231,8 +231,10 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
 
 
 def _seed(seed: int | None, i: int) -> int | None:
-    # Choice i draws from stream seed * 1_000_003 + i: the same stream `mimo_jax.generate(seed=seed)` uses for prompt i.
-    return None if seed is None else (seed * 1_000_003 + i) % (1 << 62)
+    # Choice i draws from the stream `mimo_jax.generate(seed=seed)` uses for prompt i.
+    from mimo_jax.engine.sampling import derived_seed
+
+    return None if seed is None else derived_seed(seed, i)
 
 
 # ---------------------------------------------------------------------------- completions

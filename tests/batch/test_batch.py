@@ -222,8 +222,17 @@ def test_request_seeds_and_ids():
     seeds = {batch.request_seed(s, i) for s in range(3) for i in ["a", "b", 1, "1"]}
     assert len(seeds) == 12 and all(0 <= s < 2**31 for s in seeds)
     assert batch.id_key(1) != batch.id_key("1")
-    with pytest.raises(batch.InputError, match='"seed" must lie'):
-        batch.parse_line(json.dumps({"id": 1, "prompt": "x", "seed": 2**31}), 1)
+    # Seeds: the engine's one rule (a signed 64-bit integer, used whole), with its message.
+    from mimo_jax.engine.sampling import check_seed
+
+    for seed in (2**31, 2**32, -(2**32), 2**63 - 1, -(2**63)):
+        assert batch.parse_line(json.dumps({"id": 1, "prompt": "x", "seed": seed}), 1).settings["seed"] == seed
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError) as rule:
+            check_seed(seed)
+        with pytest.raises(batch.InputError) as error:
+            batch.parse_line(json.dumps({"id": 1, "prompt": "x", "seed": seed}), 1)
+        assert str(error.value) == str(rule.value)
     with pytest.raises(batch.InputError, match="not valid UTF-8"):
         batch.parse_line(b'{"id": 1, "prompt": "\xff"}', 4)
 

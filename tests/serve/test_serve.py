@@ -329,6 +329,30 @@ def test_sampling_seed_n_and_logprobs(served):
     assert lp.text_offset[0] == 0
 
 
+def test_seeds_are_64_bit_and_used_whole(served):
+    """Every signed 64-bit seed is its own stream (the same as generate's); others are a 400 with the engine's rule."""
+    from mimo_jax.engine.sampling import check_seed
+
+    ids = served.tok.encode("The quick", add_special_tokens=True)
+    params = dict(temperature=1.0, top_p=1.0, top_k=0)
+    texts = {}
+    for seed in (0, 2**32, -(2**32), 2**63 - 1, -(2**63)):
+        r = served.http.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "seed": seed, **params})
+        assert r.status_code == 200, r.text
+        texts[seed] = r.json()["choices"][0]["text"]
+        (ref,) = served.generate([ids], max_new_tokens=12, seed=seed, **params)
+        assert texts[seed] == served.tok.decode(ref.token_ids)
+    assert len(set(texts.values())) == len(texts), texts
+    for seed in (2**63, -(2**63) - 1, 2**64):
+        with pytest.raises(ValueError) as rule:
+            check_seed(seed)
+        for route, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": QUESTION})):
+            r = served.http.post(route, json={**body, "max_tokens": 2, "seed": seed})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "seed" and str(rule.value) in error["message"], error
+
+
 def test_sixteen_concurrent_streams(served):
     prompts = [served.tok.encode(f"request {i}: {'abc' * (i % 5)}", add_special_tokens=True) for i in range(16)]
     max_tokens = [8 + (i % 4) * 4 for i in range(16)]
