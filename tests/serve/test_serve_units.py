@@ -134,6 +134,50 @@ def test_chat_template_refuses_deep_nesting_before_recursing():
     assert json.loads(t.render([{"role": "user", "content": "x", "meta": shallow}]))[0]["meta"] == shallow
 
 
+RUNAWAY_TEMPLATES = [
+    # (template, words of the error)
+    ("{{ range(10**9) | length }}", "range of 1000000000 numbers"),
+    ("{% for i in range(10**9) %}{% endfor %}", "range of 1000000000 numbers"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ ('x' * 10**8) | length }}", "100000000 items"),  # one allocation of 100 MB
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "characters"),  # 100 MB of output
+    ("{{ (7 ** (10**6)) > 0 }}", "bits"),  # a 2.8-million-bit integer (jinja's ** is left-associative)
+    # 9 million loop steps with no output, call or attribute access in the inner loop: only time bounds it
+    ("{% set s = messages[0].content %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "longer than"),
+]
+
+
+@pytest.mark.parametrize("source,words", RUNAWAY_TEMPLATES)
+def test_chat_template_failures_and_runaways_are_template_errors(source, words):
+    from mimo_jax.text import ChatTemplateError
+
+    template = ChatTemplate({"default": source}, {})
+    template.max_seconds = 0.2
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError) as error:
+        template.render([{"role": "user", "content": "ab" * 1500}])
+    assert time.monotonic() - start < 2.0
+    assert "chat template ('default')" in str(error.value) and words in str(error.value), str(error.value)
+    # Within the bounds, the same constructs render.
+    small = ChatTemplate({"default": "{{ range(3) | list }}{{ 'ab' * 2 }}{{ 2 ** 10 }}{{ 7 / 2 }}"}, {})
+    assert small.render([{"role": "user", "content": "x"}]) == "[0, 1, 2]abab10243.5"
+
+
+def test_chat_template_errors_are_400_naming_the_template(tokenizer):
+    from starlette.testclient import TestClient
+
+    from mimo_jax.serve.app import create_app
+
+    server, engine, _ = _in_process_server(tokenizer, ChatTemplate({"default": "{{ 1 / 0 }}"}, {}))
+    with TestClient(create_app(server), raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages" and "chat template ('default')" in error["message"]
+    assert "ZeroDivisionError" in error["message"] and not engine.calls
+
+
 # ---------------------------------------------------------------------------------- detokenizer
 def _random_ids(tokenizer, rng, n):
     return [int(i) for i in rng.integers(3, tokenizer.vocab_size, size=n)]
@@ -482,25 +526,33 @@ def _wait_idle(scheduler, seconds):
         time.sleep(0.01)
 
 
+def _in_process_server(tokenizer, template):
+    """A `Server` over a slow recording engine, for the whole app to run on (starlette's TestClient)."""
+    from mimo_jax.serve.requests import Limits, Server
+
+    engine = _SlowEngine(tokenizer.vocab_size)
+    metrics = Metrics("tiny", engine.max_batch, 4096)
+    scheduler = Scheduler(engine, metrics, dispatch=lambda batch: None, round_tokens=1)
+    server = Server(
+        scheduler, tokenizer, template, metrics, model_name="tiny", model_root=None,
+        eos_token_ids=tokenizer.eos_token_ids, limits=Limits(4096, 5, 8, None),
+    )  # fmt: skip
+    return server, engine, metrics
+
+
 def test_a_failure_after_admission_cancels_the_sequence_and_ends_the_stream(tok_dir, tokenizer, monkeypatch):
     """The output parser raising on a running sequence: the sequence leaves the engine at once; non-streamed the
     client gets a 500 error body, streamed an error event then `data: [DONE]`."""
     from starlette.testclient import TestClient
 
     from mimo_jax.serve.app import create_app
-    from mimo_jax.serve.requests import Limits, Server
 
     def broken(self, text):
         raise RuntimeError("parser bug")
 
     monkeypatch.setattr(ToolCallParser, "feed", broken)
-    engine = _SlowEngine(tokenizer.vocab_size)
-    metrics = Metrics("tiny", engine.max_batch, 4096)
-    scheduler = Scheduler(engine, metrics, dispatch=lambda batch: None, round_tokens=1)
-    server = Server(
-        scheduler, tokenizer, ChatTemplate.from_dir(tok_dir), metrics, model_name="tiny", model_root=None,
-        eos_token_ids=tokenizer.eos_token_ids, limits=Limits(4096, 5, 8, None),
-    )  # fmt: skip
+    server, engine, metrics = _in_process_server(tokenizer, ChatTemplate.from_dir(tok_dir))
+    scheduler = server.scheduler
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": [sf.WEATHER_TOOL], "max_tokens": 2000}
     with TestClient(create_app(server), raise_server_exceptions=False) as client:
         r = client.post("/v1/chat/completions", json=body)
