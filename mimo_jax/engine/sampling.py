@@ -77,6 +77,9 @@ class SampleOutput:
     top_logprobs: jax.Array  # [B, N] float32
 
 
+MAX_TEMPERATURE = 100.0  # above it sampling is uniform to float32 precision; 1e308 would overflow to inf
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """One request's sampling settings as a caller gives them (host side, validated)."""
@@ -95,7 +98,7 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         checks = (
-            ("temperature", self.temperature >= 0, ">= 0"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", isinstance(self.top_k, int | np.integer) and self.top_k >= 0, "an integer >= 0"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),

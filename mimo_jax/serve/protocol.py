@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mimo_jax.engine.sampling import MAX_TEMPERATURE, check_seed  # the engine's rules, with their messages
+
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20
 
@@ -96,7 +98,7 @@ class SamplingFields(_Request):
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # 0 or -1: no top-k
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -117,8 +119,6 @@ class SamplingFields(_Request):
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, value: int | None) -> int | None:
-        from mimo_jax.engine.sampling import check_seed  # the engine's rule, with its message
-
         if value is not None:
             check_seed(value)
         return value

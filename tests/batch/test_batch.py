@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -241,6 +242,15 @@ def test_deeply_nested_lines_are_input_errors():
     deep = "[" * 100000 + "]" * 100000
     with pytest.raises(batch.InputError, match="nested too deeply"):
         batch.parse_line('{"id": 1, "prompt": "x", "metadata": ' + deep + "}", 3)
+
+
+def test_temperature_is_bounded_as_in_the_server():
+    from mimo_jax.engine.sampling import MAX_TEMPERATURE
+
+    assert batch.parse_line(json.dumps({"id": 1, "prompt": "x", "temperature": MAX_TEMPERATURE}), 1)
+    for value in (1e308, MAX_TEMPERATURE + 0.5):
+        with pytest.raises(batch.InputError, match=re.escape(f"temperature={value!r}: expected in [0, 100]")):
+            batch.parse_line(json.dumps({"id": 1, "prompt": "x", "temperature": value}), 2)
 
 
 def test_launchers_dry_run(tmp_path):

@@ -486,6 +486,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": -0.5}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": QUESTION, "temperature": 1e308}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 100.5}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": "10"}, 400, "max_tokens"),

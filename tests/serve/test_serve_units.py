@@ -507,6 +507,19 @@ def test_scheduler_reports_speculation_acceptance():
     assert "mimo_jax_spec_decode_mean_accept_length 3.0" in metrics.render()
 
 
+def test_scheduler_counts_cancelled_waiting_requests():
+    engine, metrics = RecordingEngine(), Metrics("t", 2, 64)
+    scheduler = Scheduler(engine, metrics, dispatch=lambda b: None, round_tokens=2)
+    scheduler.submit([Sequence(f"r{i}", [1], _options(100), deliver=lambda ev: None) for i in range(3)])
+    scheduler._round()
+    assert scheduler.counts() == (2, 1)  # two slots: r2 waits
+    scheduler.cancel(["r2", "r0"])
+    scheduler._round()
+    assert scheduler.counts() == (1, 0) and metrics.requests_cancelled == 2
+    assert (metrics.running, metrics.waiting) == (1, 0)
+    assert not any(c[0] == "add" and c[1] == "r2" for c in engine.calls)
+
+
 class _SlowEngine(RecordingEngine):
     """A RecordingEngine that takes its time per step, with a vocabulary: enough for the whole app to run on it."""
 
