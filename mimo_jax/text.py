@@ -4,15 +4,21 @@ The template is the checkpoint's own (`chat_template.jinja`, `additional_chat_te
 `tokenizer_config.json`'s `chat_template`), run in the same sandboxed jinja2 environment with the
 same globals, filters and variables (`messages`, `tools`, `documents`, `add_generation_prompt`,
 the tokenizer's named special tokens, and the request's `chat_template_kwargs`).
+
+A template is code: whatever it raises is a `ChatTemplateError` naming it, and a render is bounded
+in time, output size, `range` length, loop steps (every `for` checks the clock) and the size of what
+`*` and `**` build (`ChatTemplate.max_seconds`, `max_chars`, `max_range`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -23,6 +29,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # transformers' `SPECIAL_TOKENS_ATTRIBUTES`: named special tokens every template may read.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Deepest nesting of objects/arrays in what a template is given (messages, tools, kwargs).
+MAX_NESTING = 200
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (transformers aliases them).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -82,16 +90,132 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: 
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# ---------------------------------------------------------------------------- render bounds
+class _LimitExceeded(Exception):
+    """A render went past one of its bounds (not a TypeError/LookupError: jinja must not swallow it)."""
+
+
+class _Bounds:
+    """The bounds of one render, reached through `_BOUNDS` by the sandbox hooks on the rendering thread."""
+
+    def __init__(self, max_seconds: float, max_chars: int, max_range: int):
+        self.max_seconds, self.max_chars, self.max_range = max_seconds, max_chars, max_range
+        self.deadline = time.monotonic() + max_seconds
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _LimitExceeded(f"took longer than {self.max_seconds:g} s to render")
+
+    def check_binop(self, operator: str, left: Any, right: Any) -> None:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > self.max_chars:
+                    raise _LimitExceeded(
+                        f"would build a {type(seq).__name__} of {len(seq) * n} items (limit {self.max_chars})"
+                    )
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            bits = right * (abs(left) - 1).bit_length()
+            if bits > _MAX_POWER_BITS:
+                raise _LimitExceeded(f"would compute a number of about {bits} bits (limit {_MAX_POWER_BITS})")
+
+
+_MAX_POWER_BITS = 1 << 16
+_BOUNDS: contextvars.ContextVar[_Bounds | None] = contextvars.ContextVar("mimo_jax_chat_template", default=None)
+
+
+def _tick() -> None:
+    bounds = _BOUNDS.get()
+    if bounds is not None:
+        bounds.tick()
+
+
+def _range(*args: int) -> range:
+    """`range` for templates: at most `max_range` numbers (jinja's sandbox allows 100000)."""
+    numbers = range(*args)
+    bounds = _BOUNDS.get()
+    limit = bounds.max_range if bounds is not None else ChatTemplate.max_range
+    try:
+        size = len(numbers)
+    except OverflowError:  # more than sys.maxsize
+        size = (numbers.stop - numbers.start) // numbers.step
+    if size > limit:
+        raise _LimitExceeded(f"asked for a range of {size} numbers (limit {limit})")
+    return numbers
+
+
+_LOOP_FILTER = "_mimo_jax_bounded_loop"
+
+
+def _bounded_loop(iterable: Any) -> Any:
+    """What every `{% for %}` of a template iterates: the items, checking the clock before each."""
+    bounds = _BOUNDS.get()
+    if bounds is None:
+        return iterable
+    return _ticking(iterable, bounds)
+
+
+def _ticking(iterable: Any, bounds: _Bounds) -> Any:
+    for item in iterable:
+        bounds.tick()
+        yield item
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, with the clock checked at every call, attribute and item access, and bounded
+    `*` / `**` results."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        bounds = _BOUNDS.get()
+        if bounds is not None:
+            bounds.tick()
+            bounds.check_binop(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        _tick()
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()
+        return super().getitem(obj, argument)
+
+
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
-    )
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters[_LOOP_FILTER] = _bounded_loop
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)
     env.globals["namespace"] = _Namespace
-    return env.from_string(source)
+    env.globals["range"] = _range
+    tree = env.parse(source)
+    for loop in tree.find_all(jinja2.nodes.For):  # every loop iterates through the clock check
+        loop.iter = jinja2.nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+    return env.from_string(tree)
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON-like data nests more than `limit` levels of mappings/sequences (iterative: safe at any depth)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _plain(value: Any) -> Any:
@@ -114,6 +238,10 @@ def _read_json(path: str) -> dict:
 
 class ChatTemplate:
     """A checkpoint's chat template(s) plus the special-token variables transformers passes them."""
+
+    max_seconds = 1.0  # one render's time
+    max_chars = 1 << 24  # its output, and any string or list a `*` builds
+    max_range = 100_000  # numbers of one `range(...)`, as jinja's sandbox
 
     def __init__(self, templates: dict[str, str], special_tokens: dict[str, str]):
         if not templates:
@@ -150,12 +278,16 @@ class ChatTemplate:
         return cls(templates, special_tokens_of(config))
 
     def source(self, tools: list | None) -> str:
+        return self.templates[self.name(tools)]
+
+    def name(self, tools: list | None) -> str:
+        """Which of the checkpoint's templates renders a conversation with (or without) tools."""
         if len(self.templates) == 1 and "default" in self.templates:
-            return self.templates["default"]
+            return "default"
         if tools is not None and "tool_use" in self.templates:
-            return self.templates["tool_use"]
+            return "tool_use"
         if "default" in self.templates:
-            return self.templates["default"]
+            return "default"
         raise ChatTemplateError(f"several chat templates and no default: {sorted(self.templates)}")
 
     def render(
@@ -168,6 +300,10 @@ class ChatTemplate:
         """The prompt text, as `tokenizer.apply_chat_template(messages, tools, tokenize=False, ...)` returns it."""
         if not messages:
             raise ChatTemplateError("messages must not be empty")
+        # Copying and rendering recurse: refuse what would exhaust the stack before they start.
+        for what, value in (("messages", messages), ("tools", tools), ("chat_template_kwargs", template_kwargs)):
+            if nested_deeper_than(value, MAX_NESTING):
+                raise ChatTemplateError(f"{what} nest deeper than {MAX_NESTING} levels")
         chat = []
         for message in messages:
             if not isinstance(message, dict):
@@ -177,22 +313,37 @@ class ChatTemplate:
             if reasoning is not None:
                 message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
             chat.append(message)
-        source = self.source(tools)
-        if source not in self._compiled:
-            self._compiled[source] = _compile(source)
+        name = self.name(tools)
+        source = self.templates[name]
         variables = {**self.special_tokens, **_plain(template_kwargs)}  # request kwargs override special tokens
+        what = f"the model's chat template ({name!r})"
+        bounds = _Bounds(self.max_seconds, self.max_chars, self.max_range)
+        token = _BOUNDS.set(bounds)
         try:
-            return self._compiled[source].render(
+            if source not in self._compiled:
+                self._compiled[source] = _compile(source)
+            pieces, size = [], 0
+            for piece in self._compiled[source].generate(
                 messages=chat,
                 tools=_plain(tools),
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **variables,
-            )
+            ):
+                size += len(piece)
+                if size > self.max_chars:
+                    raise _LimitExceeded(f"rendered more than {self.max_chars} characters")
+                bounds.tick()
+                pieces.append(piece)
+            return "".join(pieces)
+        except _LimitExceeded as e:
+            raise ChatTemplateError(f"{what} {e}") from None
         except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"chat template error: {e}") from e
-        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
-            raise ChatTemplateError(f"chat template could not render this conversation: {e}") from e
+            raise ChatTemplateError(f"{what} failed: {e}") from e
+        except Exception as e:  # a template is code: whatever it raises (1/0, recursion, memory) is its failure
+            raise ChatTemplateError(f"{what} could not render this conversation: {type(e).__name__}: {e}") from e
+        finally:
+            _BOUNDS.reset(token)
 
     def render_ids(
         self,

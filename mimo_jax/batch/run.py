@@ -59,7 +59,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mimo_jax.engine.driver import SEED_LIMIT, Aborted, BroadcastChannel, Driver, RoundPlan
-from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.engine.sampling import SamplingOptions, check_seed
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 INT_FIELDS = ("top_k", "max_new_tokens", "seed", "logprobs")
@@ -189,8 +189,11 @@ def parse_line(text: str | bytes, line: int) -> Request | None:
         if field in FLOAT_FIELDS and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise InputError(line, f'"{name}" must be a number, got {json.dumps(value)}')
         settings[field] = value
-    if "seed" in settings and not 0 <= settings["seed"] < SEED_LIMIT:
-        raise InputError(line, f'"seed" must lie in [0, 2**31), got {settings["seed"]}')
+    if "seed" in settings:
+        try:
+            check_seed(settings["seed"])  # the engine's rule, with its message (as the server answers it)
+        except ValueError as e:
+            raise InputError(line, str(e)) from None
     if "stop_token_ids" in obj:
         stops = obj["stop_token_ids"]
         if not isinstance(stops, list) or not all(_is_int(t) and t >= 0 for t in stops):
@@ -622,6 +625,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         repetition_penalty=args.repetition_penalty,
     )
     SamplingOptions(**sampling)  # range checks
+    check_seed(args.seed)
     if not isinstance(args.chat_template_kwargs, dict):
         raise ValueError("--chat-template-kwargs must be a JSON object")
     return RunSettings(

@@ -30,7 +30,7 @@ from mimo_jax.engine.sampling import SamplingOptions
 
 RequestId = str | int  # what JSON carries unchanged
 MIN_MESSAGE_BYTES = 256
-SEED_LIMIT = 2**31  # jax.random.key keeps 32 bits of a seed; stay in the non-negative int32 range
+SEED_LIMIT = 2**31  # seeds picked for requests without one lie in [0, SEED_LIMIT) (any signed 64-bit seed works)
 
 
 class Aborted(RuntimeError):

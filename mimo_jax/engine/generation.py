@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from mimo_jax.engine.driver import Driver, RoundPlan
 from mimo_jax.engine.host import Engine
-from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.engine.sampling import SamplingOptions, check_seed, derived_seed
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model.mimo import MiMoModel
 
@@ -64,7 +64,8 @@ def generate(
 
     Stops at `stop_token_ids` and, unless `ignore_eos`, the model's EOS tokens (the stop token is
     the last of `token_ids`, finish_reason "stop"), else after `max_new_tokens` ("length").
-    `seed` is one int (prompt i draws from stream (seed, i)) or one seed per prompt.
+    `seed` is one int (prompt i draws from stream (seed, i)) or one seed per prompt, each a signed
+    64-bit integer (`mimo_jax.engine.sampling.check_seed`).
     `logprobs=N` returns each token's model logprob and the top-N. Prompts beyond `max_batch`
     wait for a free slot (continuous batching). Pass `engine` to reuse a compiled engine.
     `speculative_steps=k` drafts k tokens per target forward with the model's MTP layers (load
@@ -75,8 +76,10 @@ def generate(
     if not prompts:
         return []
     if isinstance(seed, int):
-        seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+        seeds = [derived_seed(seed, i) for i in range(len(prompts))]
     else:
+        for s in seed:
+            check_seed(s)
         seeds = [int(s) for s in seed]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")

@@ -77,6 +77,9 @@ class SampleOutput:
     top_logprobs: jax.Array  # [B, N] float32
 
 
+MAX_TEMPERATURE = 100.0  # above it sampling is uniform to float32 precision; 1e308 would overflow to inf
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """One request's sampling settings as a caller gives them (host side, validated)."""
@@ -88,14 +91,14 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    seed: int | None = None  # None: the engine picks one
+    seed: int | None = None  # None: the engine picks one; else any signed 64-bit integer (`check_seed`)
     max_new_tokens: int = 16
     stop_token_ids: Sequence[int] = ()
     logprobs: int | None = None  # None: no logprobs; N >= 0: chosen-token logprob and the top-N
 
     def __post_init__(self) -> None:
         checks = (
-            ("temperature", self.temperature >= 0, ">= 0"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", isinstance(self.top_k, int | np.integer) and self.top_k >= 0, "an integer >= 0"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
@@ -108,15 +111,38 @@ class SamplingOptions:
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected {want}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
     def params(self) -> dict[str, float | int]:
         """The SamplingParams fields of this request."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as vLLM (and OpenAI's API) take a seed
+
+
+def check_seed(seed: Any) -> None:
+    """The one rule for a seed, wherever one comes in (server, batch, `generate`): a signed 64-bit integer,
+    all of whose bits choose the stream (`request_key`). ValueError with the same message everywhere."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63) (a signed 64-bit integer), got {seed}")
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """Seed of stream `index` of a request seeded `seed` (prompt i of `generate`, choice i of a server request):
+    seed * 1_000_003 + index, wrapped to 64 bits. The factor is odd, so for each index distinct seeds stay distinct."""
+    check_seed(seed)
+    bits = (int(seed) * 1_000_003 + index) % 2**64
+    return bits - 2**64 if bits > SEED_MAX else bits
+
+
 def request_key(seed: int) -> np.ndarray:
-    """Raw key data (uint32 [2]) of a request's random stream."""
-    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+    """Raw threefry key data (uint32 [2]) of a request's random stream: the seed's 64 bits (two's complement),
+    high word first. For seeds in [0, 2**32) this is the key `jax.random.key(seed)` makes."""
+    check_seed(seed)
+    bits = int(seed) % 2**64
+    return np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32)
 
 
 def step_keys(key_data: jax.Array, positions: jax.Array, purpose: int = 0) -> jax.Array:

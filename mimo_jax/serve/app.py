@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mimo_jax.serve import protocol as P
 from mimo_jax.serve.jobs import Job, chat_response, chat_stream, completion_response, completion_stream
@@ -98,8 +99,9 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _collect(request: Request, job: Job) -> None:
-    """Run a non-streaming job to the end; a client that hangs up cancels it at once."""
+async def _collect(request: Request, job: Job) -> bool:
+    """Run a non-streaming job to the end; False if the client hung up first (the job is then cancelled:
+    its sequences leave the engine at the next round)."""
 
     async def drain():
         async for _ in job.events():
@@ -110,13 +112,18 @@ async def _collect(request: Request, job: Job) -> None:
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
+        finished = work.done()
+        if not finished:
             job.cancel_unfinished()
-    if work.cancelled():
-        raise asyncio.CancelledError
+        # cancel() only asks; wait until both tasks have really ended, so neither is left pending
+        # and no result of theirs is read too early.
+        work.cancel()
+        gone.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+    if not finished:
+        return False
     work.result()  # re-raise a failure
+    return True
 
 
 async def _body(request: Request) -> bytes:
@@ -140,6 +147,12 @@ async def _body(request: Request) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _client_gone() -> Response:
+    """The answer to a request whose client hung up: nothing reaches it (uvicorn drops what is sent to a closed
+    connection); 499 is nginx's "client closed request", for access logs."""
+    return Response(status_code=499)
 
 
 def _submit(server: Server, job: Job) -> None:
@@ -212,13 +225,18 @@ def create_app(
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(P.APIError(exc.status_code, message, kind).body(), status_code=exc.status_code)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(request: Request, exc: ClientDisconnect):
+        return _client_gone()  # hung up while sending the body: nothing to answer, nothing went wrong here
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req, job = await prepare(_prepare_chat, server, await _body(request))
         _submit(server, job)
         if req.stream:
             return StreamingResponse(chat_stream(server, req, job), media_type="text/event-stream")
-        await _collect(request, job)
+        if not await _collect(request, job):
+            return _client_gone()
         return JSONResponse(chat_response(server, req, job).model_dump(exclude_none=False))
 
     @app.post("/v1/completions")
@@ -227,7 +245,8 @@ def create_app(
         _submit(server, job)
         if req.stream:
             return StreamingResponse(completion_stream(server, req, job, echo), media_type="text/event-stream")
-        await _collect(request, job)
+        if not await _collect(request, job):
+            return _client_gone()
         return JSONResponse(completion_response(server, req, job, echo).model_dump(exclude_none=False))
 
     def model_card() -> P.ModelCard:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from mimo_jax.text import Tokenizer
 
 if TYPE_CHECKING:  # annotations only: requests imports this module at run time
     from mimo_jax.serve.requests import Server
+
+log = logging.getLogger("mimo_jax.serve")
 
 
 # ---------------------------------------------------------------------------- one choice's output
@@ -150,7 +153,8 @@ class Job:
             self.server.scheduler.cancel(ids)
 
     async def events(self) -> AsyncIterator[tuple[ChoiceOutput, Piece]]:
-        """Pieces as they come; raises the `APIError` of a failed sequence."""
+        """Pieces as they come; raises the `APIError` of a failed sequence, or a 500 `APIError` when turning
+        tokens into output fails (every sequence of the job is cancelled first)."""
         while not all(c.finished for c in self.choices):
             i, event = await self.queue.get()
             choice = self.choices[i]
@@ -160,10 +164,25 @@ class Job:
                         c.fail()
                 self.cancel_unfinished_after_failure(i)
                 raise event.error
-            piece = choice.on_tokens(event)
+            try:
+                piece = choice.on_tokens(event)
+            except Exception as e:  # a bug in detokenizing/parsing: end the job, free its slots
+                raise self.fail_internal(e) from e
             if choice.stopped_by_string and event.finish_reason is None:
                 self.server.scheduler.cancel([self.sequences[i].request_id])  # the engine does not know stop strings
             yield choice, piece
+
+    def fail_internal(self, error: Exception) -> P.APIError:
+        """Cancel every sequence (one that stopped on a stop string may still run) and fail every choice;
+        the 500 to answer."""
+        log.exception("request %s failed after admission", self.id_prefix, exc_info=error)
+        self.server.scheduler.cancel([s.request_id for s in self.sequences])
+        for c in self.choices:
+            if not c.finished:
+                c.fail()
+        return P.APIError(
+            500, f"internal error while producing the output: {type(error).__name__}: {error}", "server_error"
+        )
 
     def cancel_unfinished_after_failure(self, failed: int) -> None:
         ids = [s.request_id for k, s in enumerate(self.sequences) if k != failed]
@@ -193,6 +212,8 @@ async def _stream(job: Job, chunks: Callable[[ChoiceOutput, Piece], list[Any]], 
                     yield _sse(chunk)
         except P.APIError as e:
             yield _sse(e.body())
+        except Exception as e:  # a bug while formatting chunks: the client still gets an error and the end
+            yield _sse(job.fail_internal(e).body())
         else:
             for chunk in closing():
                 yield _sse(chunk)

@@ -57,7 +57,7 @@ class Metrics:
         self.generation_tokens = 0
         self.requests_finished: collections.Counter[str] = collections.Counter()
         self.requests_rejected: collections.Counter[str] = collections.Counter()
-        self.requests_cancelled = 0  # stopped early: client gone, stop string, timeout
+        self.requests_cancelled = 0  # stopped early (running or still waiting): client gone, stop string, timeout
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -170,7 +170,8 @@ class Metrics:
             scalar(
                 "request_cancelled_total",
                 "counter",
-                "Sequences stopped before the engine finished them (client gone, stop string, timeout).",
+                "Sequences stopped before the engine finished them, running or still waiting "
+                "(client gone, stop string, timeout).",
                 self.requests_cancelled,
             )
             metric(

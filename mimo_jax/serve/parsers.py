@@ -213,7 +213,8 @@ class ToolCallParser:
         self.schemas: dict[str, dict] = {}
         for tool in tools:
             fn = tool.get("function", tool)
-            self.schemas[fn["name"]] = (fn.get("parameters") or {}).get("properties") or {}
+            properties = (fn.get("parameters") or {}).get("properties")
+            self.schemas[fn["name"]] = properties if isinstance(properties, dict) else {}
         self.calls: list[ParsedToolCall] = []
         self._buffer = ""
         self._in_call = False
@@ -269,5 +270,6 @@ class ToolCallParser:
         arguments = {}
         for param in _PARAMETER_RE.finditer(body):
             key = param.group(1).strip()
-            arguments[key] = _convert(param.group(2), (properties.get(key) or {}).get("type"))
+            schema = properties.get(key)
+            arguments[key] = _convert(param.group(2), schema.get("type") if isinstance(schema, dict) else None)
         return ParsedToolCall(name, arguments)

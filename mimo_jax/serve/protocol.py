@@ -7,13 +7,16 @@ the offending parameter. Unknown fields are ignored, as OpenAI's own server does
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mimo_jax.engine.sampling import MAX_TEMPERATURE, check_seed  # the engine's rules, with their messages
 
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20
@@ -95,7 +98,7 @@ class SamplingFields(_Request):
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # 0 or -1: no top-k
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -112,6 +115,13 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | None) -> int | None:
+        if value is not None:
+            check_seed(value)
+        return value
 
     @model_validator(mode="after")
     def _check_stop(self):
@@ -183,6 +193,34 @@ class FunctionDef(_Request):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A JSON schema of type object; its `properties` (read to convert the model's arguments) map names to
+        schemas."""
+        if value is None:
+            return value
+        if "type" in value and value["type"] != "object":
+            raise ValueError(
+                f"a function's parameters must be a JSON schema of type 'object', got {_json(value['type'])}"
+            )
+        properties = value.get("properties")
+        if properties is None:
+            return value
+        if not isinstance(properties, dict):
+            raise ValueError(
+                f"'properties' must be an object mapping parameter names to schemas, got {_json(properties)}"
+            )
+        for name, schema in properties.items():
+            if not isinstance(schema, dict | bool):
+                raise ValueError(f"the schema of parameter '{name}' must be an object, got {_json(schema)}")
+        return value
+
+
+def _json(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Tool(_Request):

@@ -11,7 +11,7 @@ from mimo_jax.serve.jobs import ChoiceOutput, Job
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.parsers import THINK_END, THINK_START, ReasoningParser, ToolCallParser
 from mimo_jax.serve.scheduler import Scheduler
-from mimo_jax.text import ChatTemplate, ChatTemplateError, Tokenizer
+from mimo_jax.text import ChatTemplate, ChatTemplateError, Tokenizer, nested_deeper_than
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -163,6 +163,9 @@ class Server:
 
 
 # ---------------------------------------------------------------------------- chat
+MAX_ARGUMENTS_DEPTH = 100  # nesting levels (objects, arrays) of a tool call's arguments in the conversation
+
+
 def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
     messages = []
     for k, m in enumerate(req.messages):
@@ -170,16 +173,22 @@ def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
         if isinstance(m.content, list):
             d["content"] = "\n".join(part.text for part in m.content)
         for j, call in enumerate(d.get("tool_calls") or []):
+            param = f"messages[{k}].tool_calls[{j}].function.arguments"
+            too_deep = P.invalid(
+                f"tool call arguments are nested deeper than {MAX_ARGUMENTS_DEPTH} levels", param, "invalid_value"
+            )
             args = call["function"].get("arguments")
             if isinstance(args, str):  # templates read arguments as a mapping (as vLLM passes them)
                 try:
-                    call["function"]["arguments"] = json.loads(args) if args.strip() else {}
+                    args = json.loads(args) if args.strip() else {}
                 except ValueError:
-                    raise P.invalid(
-                        "tool call arguments must be a JSON object",
-                        f"messages[{k}].tool_calls[{j}].function.arguments",
-                        "invalid_value",
-                    ) from None
+                    raise P.invalid("tool call arguments must be a JSON object", param, "invalid_value") from None
+                except RecursionError:  # json.loads gives up on deep nesting by itself (cleanly)
+                    raise too_deep from None
+                call["function"]["arguments"] = args
+            # Before anything recursive (the template's copy and rendering) walks them.
+            if nested_deeper_than(args, MAX_ARGUMENTS_DEPTH):
+                raise too_deep
         messages.append(d)
     return messages
 
@@ -246,8 +255,10 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
 
 
 def _seed(seed: int | None, i: int) -> int | None:
-    # Choice i draws from stream seed * 1_000_003 + i: the same stream `mimo_jax.generate(seed=seed)` uses for prompt i.
-    return None if seed is None else (seed * 1_000_003 + i) % (1 << 62)
+    # Choice i draws from the stream `mimo_jax.generate(seed=seed)` uses for prompt i.
+    from mimo_jax.engine.sampling import derived_seed
+
+    return None if seed is None else derived_seed(seed, i)
 
 
 # ---------------------------------------------------------------------------- completions

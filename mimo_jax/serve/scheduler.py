@@ -215,7 +215,10 @@ class Scheduler:
             # 1. cancellations and timeouts
             cancels, self._cancels = self._cancels, set()
             if cancels:
+                waiting = len(self._waiting)
                 self._waiting = collections.deque(s for s in self._waiting if s.request_id not in cancels)
+                if len(self._waiting) < waiting:
+                    self.metrics.on_cancel(waiting - len(self._waiting))  # never ran: counted here, not below
             for seq in list(self._running.values()):
                 if seq.deadline is not None and now > seq.deadline:
                     cancels.add(seq.request_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -277,10 +278,34 @@ def test_request_seeds_and_ids():
     seeds = {batch.request_seed(s, i) for s in range(3) for i in ["a", "b", 1, "1"]}
     assert len(seeds) == 12 and all(0 <= s < 2**31 for s in seeds)
     assert batch.id_key(1) != batch.id_key("1")
-    with pytest.raises(batch.InputError, match='"seed" must lie'):
-        batch.parse_line(json.dumps({"id": 1, "prompt": "x", "seed": 2**31}), 1)
+    # Seeds: the engine's one rule (a signed 64-bit integer, used whole), with its message.
+    from mimo_jax.engine.sampling import check_seed
+
+    for seed in (2**31, 2**32, -(2**32), 2**63 - 1, -(2**63)):
+        assert batch.parse_line(json.dumps({"id": 1, "prompt": "x", "seed": seed}), 1).settings["seed"] == seed
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError) as rule:
+            check_seed(seed)
+        with pytest.raises(batch.InputError) as error:
+            batch.parse_line(json.dumps({"id": 1, "prompt": "x", "seed": seed}), 1)
+        assert str(error.value) == str(rule.value)
     with pytest.raises(batch.InputError, match="not valid UTF-8"):
         batch.parse_line(b'{"id": 1, "prompt": "\xff"}', 4)
+
+
+def test_deeply_nested_lines_are_input_errors():
+    deep = "[" * 100000 + "]" * 100000
+    with pytest.raises(batch.InputError, match="nested too deeply"):
+        batch.parse_line('{"id": 1, "prompt": "x", "metadata": ' + deep + "}", 3)
+
+
+def test_temperature_is_bounded_as_in_the_server():
+    from mimo_jax.engine.sampling import MAX_TEMPERATURE
+
+    assert batch.parse_line(json.dumps({"id": 1, "prompt": "x", "temperature": MAX_TEMPERATURE}), 1)
+    for value in (1e308, MAX_TEMPERATURE + 0.5):
+        with pytest.raises(batch.InputError, match=re.escape(f"temperature={value!r}: expected in [0, 100]")):
+            batch.parse_line(json.dumps({"id": 1, "prompt": "x", "temperature": value}), 2)
 
 
 def test_launchers_dry_run(tmp_path):

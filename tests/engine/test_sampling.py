@@ -1,11 +1,21 @@
 """Sampling filters and penalties on a tiny vocabulary against their definitions (float64 numpy)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.engine.sampling import SamplingParams, processed_logprobs, request_key, sample, step_keys
+from mimo_jax.engine.sampling import (
+    SamplingOptions,
+    SamplingParams,
+    check_seed,
+    processed_logprobs,
+    request_key,
+    sample,
+    step_keys,
+)
 
 V = 11
 ROWS = [  # temperature, top_k, top_p, min_p
@@ -134,3 +144,25 @@ def test_keys_depend_on_seed_and_position_only():
     b = np.asarray(sample(logits, params, step_keys(data, jnp.array([6, 5, 5]))).tokens)
     assert a[0] == a[1] != a[2]
     assert b[1] == a[1] and b[0] != a[0]
+
+
+def test_seeds_are_64_bit_and_used_whole():
+    """One rule: any signed 64-bit seed, every bit of it in the key; seeds of [0, 2**32) keep jax.random.key's key."""
+    seeds = [0, 1, 2**31, 2**32, -(2**32), -1, 2**63 - 1, -(2**63), 2**32 + 1]
+    keys = {tuple(request_key(s)) for s in seeds}
+    assert len(keys) == len(seeds)
+    for s in (0, 5, 2**31 - 1, 2**31, 2**32 - 1):
+        np.testing.assert_array_equal(request_key(s), jax.random.key_data(jax.random.key(s)))
+    for bad in (2**63, -(2**63) - 1, 2**64, 10**30):
+        with pytest.raises(ValueError) as error:
+            check_seed(bad)
+        message = str(error.value)
+        assert message == f"seed must be an integer in [-2**63, 2**63) (a signed 64-bit integer), got {bad}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SamplingOptions(seed=bad)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            request_key(bad)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63"):
+        import mimo_jax
+
+        mimo_jax.generate(None, [[1]], max_new_tokens=1, seed=2**63)

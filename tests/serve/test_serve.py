@@ -38,8 +38,8 @@ def _free_port() -> int:
 
 
 class Served:
-    def __init__(self, directory: str, url: str, lm, engine, tokenizer, hf_tokenizer):
-        self.directory, self.url = directory, url
+    def __init__(self, directory: str, url: str, lm, engine, tokenizer, hf_tokenizer, log_path: str):
+        self.directory, self.url, self.log_path = directory, url, log_path
         self.lm, self.engine, self.tok, self.hf_tok = lm, engine, tokenizer, hf_tokenizer
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         self.http = httpx.Client(base_url=url, timeout=120)
@@ -59,6 +59,14 @@ class Served:
         out = self.client.completions.create(model=self.model, prompt="def fib", max_tokens=4, temperature=0)
         (ref,) = self.generate([self.tok.encode("def fib", add_special_tokens=True)], max_new_tokens=4)
         assert out.choices[0].text == self.tok.decode(ref.token_ids)
+
+    def log_size(self) -> int:
+        return os.path.getsize(self.log_path)
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,7 @@ def served(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "server did not become ready:\n" + open(log_path).read()
             time.sleep(0.5)
-        yield Served(directory, url, lm, engine, tokenizer, hf_tokenizer)
+        yield Served(directory, url, lm, engine, tokenizer, hf_tokenizer, log_path)
     finally:
         proc.terminate()
         try:
@@ -321,6 +329,30 @@ def test_sampling_seed_n_and_logprobs(served):
     assert lp.text_offset[0] == 0
 
 
+def test_seeds_are_64_bit_and_used_whole(served):
+    """Every signed 64-bit seed is its own stream (the same as generate's); others are a 400 with the engine's rule."""
+    from mimo_jax.engine.sampling import check_seed
+
+    ids = served.tok.encode("The quick", add_special_tokens=True)
+    params = dict(temperature=1.0, top_p=1.0, top_k=0)
+    texts = {}
+    for seed in (0, 2**32, -(2**32), 2**63 - 1, -(2**63)):
+        r = served.http.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "seed": seed, **params})
+        assert r.status_code == 200, r.text
+        texts[seed] = r.json()["choices"][0]["text"]
+        (ref,) = served.generate([ids], max_new_tokens=12, seed=seed, **params)
+        assert texts[seed] == served.tok.decode(ref.token_ids)
+    assert len(set(texts.values())) == len(texts), texts
+    for seed in (2**63, -(2**63) - 1, 2**64):
+        with pytest.raises(ValueError) as rule:
+            check_seed(seed)
+        for route, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": QUESTION})):
+            r = served.http.post(route, json={**body, "max_tokens": 2, "seed": seed})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "seed" and str(rule.value) in error["message"], error
+
+
 def test_sixteen_concurrent_streams(served):
     prompts = [served.tok.encode(f"request {i}: {'abc' * (i % 5)}", add_special_tokens=True) for i in range(16)]
     max_tokens = [8 + (i % 4) * 4 for i in range(16)]
@@ -400,6 +432,27 @@ def test_cancellation_frees_capacity(served):
     served.assert_serving()
 
 
+def test_non_streaming_disconnect_is_a_quiet_cancellation(served):
+    """A non-streaming client that hangs up mid-generation: the sequence is cancelled and its slot freed,
+    nothing is logged as an error (no traceback, no 500 sent into the closed socket)."""
+    offset = served.log_size()
+    cancelled = _metric(served, "request_cancelled_total")
+    for i in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(served.url + "/v1/completions", json={"prompt": f"def f{i}(", **LONG}, timeout=0.1)
+    # A client that hangs up while sending the body.
+    with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b'Content-Length: 1000\r\n\r\n{"prompt": ')  # fmt: skip
+        time.sleep(0.2)
+    _wait_for(served, lambda h: h["running"] == 0 and h["waiting"] == 0, seconds=30)
+    assert _metric(served, "request_cancelled_total") == cancelled + 3
+    assert _metric(served, "num_requests_running") == 0 and _metric(served, "num_requests_waiting") == 0
+    served.assert_serving()
+    log = served.log_since(offset)
+    assert "Traceback" not in log and "ERROR" not in log and "InvalidStateError" not in log, log
+
+
 def test_full_queue_answers_429(served):
     # 16 sequences in one request: MAX_BATCH run, the rest wait (each runs for hundreds of tokens).
     big = {"prompt": [f"queue {i}" for i in range(16)], **LONG}
@@ -433,6 +486,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": -0.5}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": QUESTION, "temperature": 1e308}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 100.5}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": "10"}, 400, "max_tokens"),
@@ -469,6 +524,50 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(served, route, body, status
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+    served.assert_serving()
+
+
+@pytest.mark.parametrize("depth,as_text", [(1000, True), (100000, True), (150, False)])
+def test_deeply_nested_tool_call_arguments_get_400(served, depth, as_text):
+    """Tool-call arguments nested past the limit (as a JSON string, or as an object pydantic already parsed)
+    are refused with a 400 naming the field, before anything recursive (json.loads, the template) meets them."""
+    nested = "[" * depth + "]" * depth
+    arguments = '{"a": ' + nested + "}"
+    call = '{"type": "function", "function": {"name": "get_weather", "arguments": ' + (
+        json.dumps(arguments) if as_text else arguments
+    )
+    assistant = '{"role": "assistant", "content": "", "tool_calls": [' + call + "}}]}"
+    body = '{"messages": [{"role": "user", "content": "hi"}, ' + assistant + '], "max_tokens": 2}'
+    with httpx.Client(base_url=served.url, timeout=120) as http:  # a fresh connection: a 500 may close it
+        r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert "nested deeper than" in error["message"]
+    served.assert_serving()
+
+
+BAD_TOOL_PARAMETERS = [
+    {"type": "object", "properties": "x"},
+    {"type": "object", "properties": ["city", "days"]},
+    {"type": "object", "properties": {"city": "string"}},
+    {"type": "string"},
+]
+
+
+@pytest.mark.parametrize("parameters", BAD_TOOL_PARAMETERS)
+def test_bad_tool_schemas_get_400_at_entry(served, parameters):
+    """A tool the model will call (the planted script calls get_weather) whose parameters are not an object schema:
+    refused before it runs, streamed or not."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    for stream in (False, True):
+        body = {"messages": QUESTION, "tools": [tool], "temperature": 0, "max_tokens": 64, "stream": stream}
+        with httpx.Client(base_url=served.url, timeout=120) as http:  # a fresh connection: a 500 may close it
+            r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "tools[0].function.parameters", error
+    _wait_for(served, lambda h: h["running"] == 0 and h["waiting"] == 0, seconds=30)
     served.assert_serving()
 
 

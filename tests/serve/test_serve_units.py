@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
+import types
 
 import numpy as np
 import pytest
@@ -110,6 +112,70 @@ def test_chat_template_lookup_and_errors(tmp_path, tok_dir):
     with pytest.raises(ValueError):
         sandboxed.render(msgs)
     assert ChatTemplate.from_dir(tmp_path / "missing") is None
+
+
+def test_chat_template_refuses_deep_nesting_before_recursing():
+    t = ChatTemplate({"default": "{{ messages | tojson }}"}, {})
+    deep = {}
+    for _ in range(5000):  # far past Python's recursion limit
+        deep = {"a": deep}
+    call = {"type": "function", "function": {"name": "f", "arguments": deep}}
+    for messages, kwargs, what in [
+        ([{"role": "assistant", "content": "", "tool_calls": [call]}], {}, "messages"),
+        ([{"role": "user", "content": "x"}], {"extra": deep}, "chat_template_kwargs"),
+    ]:
+        with pytest.raises(ValueError, match=f"{what} nest deeper than"):
+            t.render(messages, **kwargs)
+    with pytest.raises(ValueError, match="tools nest deeper than"):
+        t.render(
+            [{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+        )
+    shallow = {"a": {"b": [1, {"c": 2}]}}
+    assert json.loads(t.render([{"role": "user", "content": "x", "meta": shallow}]))[0]["meta"] == shallow
+
+
+RUNAWAY_TEMPLATES = [
+    # (template, words of the error)
+    ("{{ range(10**9) | length }}", "range of 1000000000 numbers"),
+    ("{% for i in range(10**9) %}{% endfor %}", "range of 1000000000 numbers"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ ('x' * 10**8) | length }}", "100000000 items"),  # one allocation of 100 MB
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "characters"),  # 100 MB of output
+    ("{{ (7 ** (10**6)) > 0 }}", "bits"),  # a 2.8-million-bit integer (jinja's ** is left-associative)
+    # 9 million loop steps with no output, call or attribute access in the inner loop: only time bounds it
+    ("{% set s = messages[0].content %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "longer than"),
+]
+
+
+@pytest.mark.parametrize("source,words", RUNAWAY_TEMPLATES)
+def test_chat_template_failures_and_runaways_are_template_errors(source, words):
+    from mimo_jax.text import ChatTemplateError
+
+    template = ChatTemplate({"default": source}, {})
+    template.max_seconds = 0.2
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError) as error:
+        template.render([{"role": "user", "content": "ab" * 1500}])
+    assert time.monotonic() - start < 2.0
+    assert "chat template ('default')" in str(error.value) and words in str(error.value), str(error.value)
+    # Within the bounds, the same constructs render.
+    small = ChatTemplate({"default": "{{ range(3) | list }}{{ 'ab' * 2 }}{{ 2 ** 10 }}{{ 7 / 2 }}"}, {})
+    assert small.render([{"role": "user", "content": "x"}]) == "[0, 1, 2]abab10243.5"
+
+
+def test_chat_template_errors_are_400_naming_the_template(tokenizer):
+    from starlette.testclient import TestClient
+
+    from mimo_jax.serve.app import create_app
+
+    server, engine, _ = _in_process_server(tokenizer, ChatTemplate({"default": "{{ 1 / 0 }}"}, {}))
+    with TestClient(create_app(server), raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages" and "chat template ('default')" in error["message"]
+    assert "ZeroDivisionError" in error["message"] and not engine.calls
 
 
 # ---------------------------------------------------------------------------------- detokenizer
@@ -268,6 +334,14 @@ def test_tool_call_parser_streamed_equals_whole(text, want):
     tools = [sf.WEATHER_TOOL, SEARCH_TOOL]
     for pieces in _splits(text, rng):
         assert _run_tools(pieces, tools) == want
+
+
+def test_tool_call_parser_takes_boolean_property_schemas():
+    """JSON Schema allows `true`/`false` as a property's schema (the server accepts them): no type, text stays text."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": True, "b": False}}}}
+    parser = ToolCallParser([tool])
+    content, calls = parser.feed("<tool_call>\n<function=f>\n<parameter=a>1</parameter>\n</function>\n</tool_call>")
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("f", {"a": "1"})]
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -431,6 +505,85 @@ def test_scheduler_reports_speculation_acceptance():
     scheduler._round()
     assert (metrics.spec_draft_tokens, metrics.spec_accepted_tokens, metrics.spec_target_forwards) == (12, 8, 4)
     assert "mimo_jax_spec_decode_mean_accept_length 3.0" in metrics.render()
+
+
+def test_scheduler_counts_cancelled_waiting_requests():
+    engine, metrics = RecordingEngine(), Metrics("t", 2, 64)
+    scheduler = Scheduler(engine, metrics, dispatch=lambda b: None, round_tokens=2)
+    scheduler.submit([Sequence(f"r{i}", [1], _options(100), deliver=lambda ev: None) for i in range(3)])
+    scheduler._round()
+    assert scheduler.counts() == (2, 1)  # two slots: r2 waits
+    scheduler.cancel(["r2", "r0"])
+    scheduler._round()
+    assert scheduler.counts() == (1, 0) and metrics.requests_cancelled == 2
+    assert (metrics.running, metrics.waiting) == (1, 0)
+    assert not any(c[0] == "add" and c[1] == "r2" for c in engine.calls)
+
+
+class _SlowEngine(RecordingEngine):
+    """A RecordingEngine that takes its time per step, with a vocabulary: enough for the whole app to run on it."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.config = types.SimpleNamespace(vocab_size=vocab_size)
+
+    def step(self, max_tokens_per_round=None, prefill_tokens=None):
+        time.sleep(0.005)
+        return super().step(max_tokens_per_round, prefill_tokens)
+
+
+def _wait_idle(scheduler, seconds):
+    deadline = time.monotonic() + seconds
+    while scheduler.counts() != (0, 0):
+        assert time.monotonic() < deadline, f"still busy: {scheduler.counts()} (running, waiting)"
+        time.sleep(0.01)
+
+
+def _in_process_server(tokenizer, template):
+    """A `Server` over a slow recording engine, for the whole app to run on (starlette's TestClient)."""
+    from mimo_jax.serve.requests import Limits, Server
+
+    engine = _SlowEngine(tokenizer.vocab_size)
+    metrics = Metrics("tiny", engine.max_batch, 4096)
+    scheduler = Scheduler(engine, metrics, dispatch=lambda batch: None, round_tokens=1)
+    server = Server(
+        scheduler, tokenizer, template, metrics, model_name="tiny", model_root=None,
+        eos_token_ids=tokenizer.eos_token_ids, limits=Limits(4096, 5, 8, None),
+    )  # fmt: skip
+    return server, engine, metrics
+
+
+def test_a_failure_after_admission_cancels_the_sequence_and_ends_the_stream(tok_dir, tokenizer, monkeypatch):
+    """The output parser raising on a running sequence: the sequence leaves the engine at once; non-streamed the
+    client gets a 500 error body, streamed an error event then `data: [DONE]`."""
+    from starlette.testclient import TestClient
+
+    from mimo_jax.serve.app import create_app
+
+    def broken(self, text):
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(ToolCallParser, "feed", broken)
+    server, engine, metrics = _in_process_server(tokenizer, ChatTemplate.from_dir(tok_dir))
+    scheduler = server.scheduler
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [sf.WEATHER_TOOL], "max_tokens": 2000}
+    with TestClient(create_app(server), raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "parser bug" in error["message"]
+        _wait_idle(scheduler, 5)  # 2000 steps of 5 ms if nobody cancelled it
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "parser bug" in error["message"]
+        _wait_idle(scheduler, 5)
+    added = [c[1] for c in engine.calls if c[0] == "add"]
+    assert len(added) == 2 and [c for c in engine.calls if c[0] == "cancel"] == [("cancel", rid) for rid in added]
+    assert sum(c[0] == "step" for c in engine.calls) < 500
+    assert metrics.requests_cancelled == 2
 
 
 def test_scheduler_cancel_frees_the_slot_before_the_next_step():
