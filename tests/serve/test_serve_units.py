@@ -547,7 +547,7 @@ def _in_process_server(tokenizer, template):
     metrics = Metrics("tiny", engine.max_batch, 4096)
     scheduler = Scheduler(engine, metrics, dispatch=lambda batch: None, round_tokens=1)
     server = Server(
-        scheduler, tokenizer, template, metrics, model_name="tiny", model_root=None,
+        scheduler, tokenizer, template, metrics, model_name="tiny",
         eos_token_ids=tokenizer.eos_token_ids, limits=Limits(4096, 5, 8, None),
     )  # fmt: skip
     return server, engine, metrics
