@@ -26,9 +26,9 @@ state that predicted the last emitted token b = t_{P+1}, which the target has no
   with probability min(1, p_m(d)/q_m(d)); at the first rejection the token comes from
   norm(max(0, p_m - q_m)), after k acceptances the bonus from p_k. The emitted tokens are then
   distributed exactly as the target's (p_m: `sampling.processed_logprobs`, penalties and min_tokens
-  counting the drafts before m, logit_bias alike). Constrained decoding's token masks are not applied
-  here: the engine refuses constrained requests with speculation. Greedy rows have one-hot p and q, so this is: accept while the draft equals
-  the target's argmax, then the target's argmax.
+  counting the drafts before m, logit_bias alike). Greedy rows have one-hot p and q, so this is:
+  accept while the draft equals the target's argmax, then the target's argmax. Constrained
+  decoding's token masks are not applied here: the engine refuses constrained requests with speculation.
 
 Rejected positions leave no trace: the target's full layers write slot = position, the next
 verify starts at the first rejected position and rewrites it before reading (masks come from
