@@ -110,12 +110,16 @@ def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
     n = jnp.int32(iters)
     # Two untimed rounds: compilation, then one more so the timed ones start from steady state.
     for _ in range(2):
-        engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
+        engine.cache, engine.state, out = engine.greedy_decode_fn(
+            engine.params, engine.cache, engine.state, n, engine.allow_all
+        )
         jax.block_until_ready(out)
     tokens, forwards, times = 0, 0, []
     for _ in range(rounds):
         t = time.perf_counter()
-        engine.cache, engine.state, out = engine.greedy_decode_fn(engine.params, engine.cache, engine.state, n)
+        engine.cache, engine.state, out = engine.greedy_decode_fn(
+            engine.params, engine.cache, engine.state, n, engine.allow_all
+        )
         count, accepted = np.asarray(out.count), np.asarray(out.accepted)  # the round trip a server makes
         times.append(time.perf_counter() - t)
         tokens += int(count.sum())

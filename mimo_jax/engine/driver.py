@@ -57,8 +57,10 @@ class RoundPlan:
     def requests(self) -> Iterator[tuple[RequestId, list[int], SamplingOptions]]:
         """The requests to add, with their sampling options rebuilt."""
         for request_id, prompt_ids, values in self.add:
-            options = SamplingOptions(**{**values, "stop_token_ids": tuple(values["stop_token_ids"])})
-            yield request_id, prompt_ids, options
+            values = {**values, "stop_token_ids": tuple(values["stop_token_ids"])}
+            if values.get("logit_bias") is not None:  # JSON made the token ids strings
+                values["logit_bias"] = {int(t): v for t, v in values["logit_bias"].items()}
+            yield request_id, prompt_ids, SamplingOptions(**values)
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()

@@ -3,6 +3,11 @@ which launches the device steps (`mimo_jax.engine.steps`) and collects their tok
 
 Continuous batching by design: requests take free slots between decode rounds and leave when they
 finish or are cancelled; no device shape depends on which requests are running, so nothing recompiles.
+
+Constrained requests (`SamplingOptions.constraint`, built by the engine's `constraint_factory`, see
+`mimo_jax.engine.constraints`): while one runs, every step decodes a round of one token, with each
+constrained slot's mask filled from its constraint before the round and its token accepted after
+(synchronously, also with `overlap` on); otherwise the decode step gets a cached all-ones mask.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimo_jax.engine.constraints import ConstraintFactory, TokenConstraint, allows_any, bitmask_words
 from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, request_key
-from mimo_jax.engine.state import FINISH_REASONS, MAX_STOP_IDS, RUNNING, SlotRequest
+from mimo_jax.engine.state import FINISH_REASONS, MAX_LOGIT_BIAS, MAX_STOP_IDS, RUNNING, SlotRequest
 from mimo_jax.engine.steps import build_steps, shardings
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model.mimo import MiMoModel
@@ -52,6 +58,7 @@ class _Request:
     prefilled: int = 0  # prompt tokens already in the cache
     history: jax.Array | None = None  # the prompt's last hidden states so far (prefill_fn's `history`)
     decoding: bool = False
+    constraint: TokenConstraint | None = None  # built from options.constraint by the engine's factory
 
 
 @dataclasses.dataclass
@@ -103,6 +110,10 @@ class Engine:
 
     `add` puts a request into a free slot (its prompt is prefilled during the following `step`s),
     `step` runs pending prefill chunks then one decode round, `cancel` frees a slot.
+
+    `max_stop_ids`, `max_logit_bias`: stop tokens and logit_bias entries a request may have (slots hold
+    that many). `constraint_factory` builds a request's `TokenConstraint` from its
+    `SamplingOptions.constraint` spec (constrained decoding; not with `speculative_steps`).
     """
 
     overlap = False  # see `step`: the server turns it on, offline generation leaves it off
@@ -121,6 +132,8 @@ class Engine:
         extra_ring_slots: int = 0,
         cache_dtype: Any = None,
         speculative_steps: int = 0,
+        max_logit_bias: int = MAX_LOGIT_BIAS,
+        constraint_factory: ConstraintFactory | None = None,
     ):
         lm = model if isinstance(model, LanguageModel) else LanguageModel(model)
         if max_batch < 1 or max_context < 2 or prefill_chunk < 1 or max_round_tokens < 1:
@@ -151,6 +164,7 @@ class Engine:
             max_top_logprobs=max_top_logprobs,
             speculative_steps=k,
             extra_ring_slots=extra_ring_slots,
+            max_logit_bias=max_logit_bias,
         )
         self.steps = steps
         self.speculative_steps = k
@@ -164,7 +178,9 @@ class Engine:
         self.buckets = steps.buckets
         self.max_round_tokens = max_round_tokens
         self.max_stop_ids = max_stop_ids
+        self.max_logit_bias = max_logit_bias
         self.max_top_logprobs = max_top_logprobs
+        self.constraint_factory = constraint_factory
         self.params = lm.params
         self.cache_len = steps.cache_len
         self.history = steps.history_len
@@ -177,6 +193,10 @@ class Engine:
         self.decode_fn = steps.decode
         self.greedy_decode_fn = steps.greedy_decode
         self.release_fn = steps.release
+        # the steps' token masks when nothing is constrained, on the devices once (no transfer per step)
+        self.allow_all = jax.device_put(steps.allow_all(), self._replicated)  # decode's [B, W]
+        self._allow_all_row = jax.device_put(steps.allow_all(batch=False), self._replicated)  # admit's [W]
+        self._ended: list[StepOutput] = []  # requests ended on the host (a mask allowing nothing), to report
 
         self._slots: list[_Request | None] = [None] * max_batch
         self._prefill_queue: deque[int] = deque()
@@ -240,6 +260,27 @@ class Engine:
                 f"request {request_id!r}: logprobs={sampling.logprobs} exceeds "
                 f"the engine's max_top_logprobs={self.max_top_logprobs}"
             )
+        bias = sampling.logit_bias or {}
+        if len(bias) > self.max_logit_bias:
+            raise ValueError(
+                f"request {request_id!r}: {len(bias)} logit_bias entries, "
+                f"more than the engine's max_logit_bias={self.max_logit_bias}"
+            )
+        if bias and max(bias) >= self.config.vocab_size:
+            raise ValueError(
+                f"request {request_id!r}: logit_bias token {max(bias)} is not in the vocabulary "
+                f"[0, {self.config.vocab_size})"
+            )
+        if sampling.constraint is not None:
+            if self.speculative_steps:
+                raise ValueError(
+                    f"request {request_id!r}: constrained decoding is not supported with speculative decoding "
+                    f"(--speculative-steps)"
+                )
+            if self.constraint_factory is None:
+                raise ValueError(
+                    f"request {request_id!r}: a constraint was given, but the engine has no constraint_factory"
+                )
         return prompt.astype(np.int32)
 
     def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
@@ -252,8 +293,14 @@ class Engine:
             slot = self._slots.index(None)
         except ValueError:
             raise EngineFull(f"all {self.max_batch} slots are busy") from None
+        constraint = None
+        if sampling.constraint is not None:
+            try:
+                constraint = self.constraint_factory(sampling.constraint)
+            except Exception as e:
+                raise ValueError(f"request {request_id!r}: its constraint could not be built: {e}") from e
         seed = next(self._seeds) if sampling.seed is None else sampling.seed
-        self._slots[slot] = _Request(request_id, prompt, sampling, seed)
+        self._slots[slot] = _Request(request_id, prompt, sampling, seed, constraint=constraint)
         self._by_id[request_id] = slot
         self._prefill_queue.append(slot)
         return slot
@@ -270,7 +317,8 @@ class Engine:
         self._slots[slot] = None
         return True
 
-    def _slot_request(self, prompt: np.ndarray, options: SamplingOptions, seed: int) -> SlotRequest:
+    def slot_request(self, prompt: np.ndarray, options: SamplingOptions, seed: int) -> SlotRequest:
+        """`admit_fn`'s request for a prompt whose prefill is done."""
         stop = np.full((self.max_stop_ids,), -1, np.int32)
         stop[: len(options.stop_token_ids)] = options.stop_token_ids
         mask = np.zeros((self.config.vocab_size,), bool)
@@ -282,7 +330,7 @@ class Engine:
             prompt_len=jnp.int32(prompt.size),
             max_new_tokens=jnp.int32(options.max_new_tokens),
             stop_ids=jnp.asarray(stop),
-            sampling=SamplingParams.make(1, **options.params()),
+            sampling=SamplingParams.make(1, max_logit_bias=self.max_logit_bias, **options.params()),
             rng=jnp.asarray(request_key(seed)),
             prompt_mask=jnp.asarray(mask),
             recent_tokens=jnp.asarray(recent),
@@ -290,7 +338,8 @@ class Engine:
 
     # ---------------------------------------------------------------- running
     def _prefill_some(self, token_budget: int) -> list[tuple[int, Any, Any]]:
-        """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts."""
+        """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts
+        (a constrained request whose constraint allows no first token ends instead: `_ended`)."""
         admitted = []
         spent = 0
         while self._prefill_queue and (spent == 0 or spent < token_budget):
@@ -315,18 +364,45 @@ class Engine:
             spent += length
             if req.prefilled == req.prompt.size:
                 self._prefill_queue.popleft()
-                request = self._slot_request(req.prompt, req.options, req.seed)
+                allowed = self._allow_all_row
+                if req.constraint is not None:
+                    row = self._constraint_mask(req)
+                    if row is None:
+                        self._ended.append(self._end(slot, "stop"))
+                        continue
+                    allowed = jax.device_put(row, self._replicated)
+                request = self.slot_request(req.prompt, req.options, req.seed)
                 self.state, first, reason = self.admit_fn(
-                    self.params, self.state, jnp.int32(slot), req.history, request
+                    self.params, self.state, jnp.int32(slot), req.history, request, allowed
                 )
                 req.history = None
                 req.decoding = True
                 admitted.append((slot, first, reason))
         return admitted
 
+    def _constraint_mask(self, req: _Request) -> np.ndarray | None:
+        """The bitmask [W] of the tokens a constrained request may emit next; None when it is finished or
+        its constraint allows nothing."""
+        if req.constraint.is_finished():
+            return None
+        row = np.zeros((bitmask_words(self.config.vocab_size),), np.int32)
+        req.constraint.fill_allowed(row)
+        return row if allows_any(row, self.config.vocab_size) else None
+
+    def _end(self, slot: int, reason: str) -> StepOutput:
+        """End a slot's request on the host (its device slot stopped): its last, empty, output."""
+        req = self._slots[slot]
+        if req.decoding:
+            self.state = self.release_fn(self.state, jnp.int32(slot))
+        want_lp = req.options.logprobs is not None
+        del self._by_id[req.request_id]
+        self._slots[slot] = None
+        return StepOutput(req.request_id, [], [] if want_lp else None, [] if want_lp else None, True, reason)
+
     def step(self, max_tokens_per_round: int | None = None, prefill_tokens: int | None = None) -> list[StepOutput]:
         """Prefill up to `prefill_tokens` queued prompt tokens (default one chunk), then decode up to
         `max_tokens_per_round` tokens (default and cap: `max_round_tokens`) for every running request.
+        Returns at most one `StepOutput` per request.
 
         With speculation, `max_tokens_per_round` counts target forwards (draft-verify-accept
         iterations), each of which emits 1 to k+1 tokens per request.
@@ -336,25 +412,29 @@ class Engine:
         first tokens of the requests this step admitted; a step with nothing to launch only collects.
         A request's end is then seen one step later, and a slot freed by it is reused from the step
         after that.
+
+        While a constrained request runs, the round is one token whatever `max_tokens_per_round` says,
+        and the step is synchronous even with `overlap` on (see `_step_constrained`).
         """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
             raise ValueError(f"max_tokens_per_round={n}: expected 1..{self.max_round_tokens}")
         admitted = self._prefill_some(self.prefill_chunk if prefill_tokens is None else prefill_tokens)
+        ended, self._ended = self._ended, []
+        running = [r for r in self._slots if r is not None and r.decoding]
+        if any(r.constraint is not None for r in running):
+            return _merge(ended + self._step_constrained(admitted))
         # with overlap the admissions are read before the round: their reasons as admitted (a copy, as the
         # round donates `state`)
         admit_reasons = jnp.copy(self.state.finish_reason) if admitted and self.overlap else None
-        running = [r for r in self._slots if r is not None and r.decoding]
         round_out = None
         if running:
-            greedy = all(r.options.temperature <= 0 for r in running)
-            decode = self.greedy_decode_fn if greedy else self.decode_fn
-            self.cache, self.state, round_out = decode(self.params, self.cache, self.state, jnp.int32(n))
+            self.cache, self.state, round_out = self._decode(running, n, self.allow_all)
         slots = list(self._slots)
         if not self.overlap:
             if not admitted and round_out is None:
-                return []
-            return self._collect(_Launched(admitted, round_out, self.state.finish_reason, slots))
+                return ended
+            return ended + self._collect(_Launched(admitted, round_out, self.state.finish_reason, slots))
         # The round is read one step later, but the first tokens of the requests admitted now are read now:
         # their prefill and sampling precede the round on the device, so time to first token does not wait
         # for a round. (A copy of the reasons: the next step donates `state` before this round is read.)
@@ -363,11 +443,50 @@ class Engine:
         outputs = self._collect(previous) if previous is not None else []
         if admitted:
             outputs += self._collect(_Launched(admitted, None, admit_reasons, slots))
+        return ended + outputs
+
+    def _decode(self, running: list[_Request], num_steps: int, allowed: jax.Array) -> tuple:
+        """Launch a decode round: the greedy loop when every running request is greedy."""
+        greedy = all(r.options.temperature <= 0 for r in running)
+        decode = self.greedy_decode_fn if greedy else self.decode_fn
+        return decode(self.params, self.cache, self.state, jnp.int32(num_steps), allowed)
+
+    def _step_constrained(self, admitted: list) -> list[StepOutput]:
+        """A step while a constrained request runs: everything read before the masks are made.
+
+        The round still in flight (overlap) and this step's first tokens are read first, so every
+        constraint has accepted its request's tokens; then each constrained slot's mask row comes
+        from its constraint (all ones for the others), one token is decoded and read at once, and
+        the constraints accept it. A request whose constraint is finished, or allows nothing, stops.
+        """
+        outputs = []
+        if self._pending is not None:
+            previous, self._pending = self._pending, None
+            outputs += self._collect(previous)
+        if admitted:
+            outputs += self._collect(_Launched(admitted, None, self.state.finish_reason, list(self._slots)))
+        mask = None
+        for slot, req in enumerate(self._slots):
+            if req is None or not req.decoding or req.constraint is None:
+                continue
+            row = self._constraint_mask(req)
+            if row is None:
+                outputs.append(self._end(slot, "stop"))
+                continue
+            if mask is None:
+                mask = self.steps.allow_all()
+            mask[slot] = row
+        running = [r for r in self._slots if r is not None and r.decoding]
+        if running:
+            allowed = self.allow_all if mask is None else jax.device_put(mask, self._replicated)
+            self.cache, self.state, round_out = self._decode(running, 1, allowed)
+            outputs += self._collect(_Launched([], round_out, self.state.finish_reason, list(self._slots)))
         return outputs
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
         """Read one step's tokens on the host; finished requests free their slots. Requests cancelled (or
-        replaced in their slot) since the step was launched get nothing."""
+        replaced in their slot) since the step was launched get nothing. Constrained requests' constraints
+        accept their tokens; one that is then finished ends its request ("stop")."""
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
@@ -410,12 +529,38 @@ class Engine:
             if self.speculation is not None:
                 self.speculation.add(host_round.accepted, int(host_round.count.sum()))
         for slot, out in results.items():
+            constraint = live[slot].constraint
+            if constraint is not None:
+                for token in out.token_ids:
+                    constraint.accept(token)
             if reasons[slot] != RUNNING:
-                out.finished = True
                 out.finish_reason = FINISH_REASONS[int(reasons[slot])]
-                del self._by_id[out.request_id]
-                self._slots[slot] = None
+            elif constraint is not None and constraint.is_finished():
+                self.state = self.release_fn(self.state, jnp.int32(slot))
+                out.finish_reason = "stop"
+            else:
+                continue
+            out.finished = True
+            del self._by_id[out.request_id]
+            self._slots[slot] = None
         return list(results.values())
+
+
+def _merge(outputs: list[StepOutput]) -> list[StepOutput]:
+    """One StepOutput per request, its parts in order (a constrained step reads first tokens and a round apart)."""
+    merged: dict[Any, StepOutput] = {}
+    for out in outputs:
+        into = merged.setdefault(out.request_id, out)
+        if into is out:
+            continue
+        into.token_ids += out.token_ids
+        if into.logprobs is not None:
+            into.logprobs += out.logprobs
+            into.top_logprobs += out.top_logprobs
+        into.accepted += out.accepted
+        into.drafts += out.drafts
+        into.finished, into.finish_reason = out.finished, out.finish_reason
+    return list(merged.values())
 
 
 def to_host(tree: Any) -> Any:

@@ -4,6 +4,11 @@ Every array has a leading batch axis [B]; each row has its own temperature, filt
 and random key, so one batch mixes greedy and sampled requests. Definitions (the tests check them
 against a numpy reference):
 
+- before everything else, in this order: a constrained request's `allowed` bitmask (-inf for every
+  token whose bit is 0: bit t % 32 of word t // 32), `logit_bias` (OpenAI: added to the logits of
+  its token ids) and `min_tokens` (the row's stop tokens at -inf while fewer than min_tokens tokens
+  were generated, unless nothing else is left). The speculative drafts and verify go through the
+  same `apply_penalties`, so all of it stays lossless there.
 - penalties (on the raw logits): `presence` subtracts once for each token generated so far,
   `frequency` subtracts per occurrence; `repetition` (HF / vLLM rule) divides positive and
   multiplies negative logits of every token seen in the prompt or the output.
@@ -25,7 +30,7 @@ against a numpy reference):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,10 +50,23 @@ class SamplingParams:
     presence_penalty: jax.Array  # float32
     frequency_penalty: jax.Array  # float32
     repetition_penalty: jax.Array  # float32; 1 = off
+    min_tokens: jax.Array  # int32: stop tokens banned while fewer were generated; 0 = off
+    bias_ids: jax.Array  # [B, L] int32, logit_bias token ids (-1 = unused pair)
+    bias_values: jax.Array  # [B, L] float32, added to the logits of bias_ids
 
     @classmethod
-    def make(cls, batch: int, **values: Any) -> SamplingParams:
-        """Broadcast scalars or length-B sequences to arrays [B] (defaults: greedy, no filters)."""
+    def make(
+        cls,
+        batch: int,
+        logit_bias: Mapping[int, float] | Sequence[Mapping[int, float] | None] | None = None,
+        max_logit_bias: int | None = None,
+        **values: Any,
+    ) -> SamplingParams:
+        """Broadcast scalars or length-B sequences to arrays [B] (defaults: greedy, no filters, no bias).
+
+        `logit_bias`: one {token id: value} for every row, or one per row (None = none), held in
+        `max_logit_bias` pairs per row (default: as many as the longest needs).
+        """
         defaults = dict(
             temperature=0.0,
             top_k=0,
@@ -57,15 +75,28 @@ class SamplingParams:
             presence_penalty=0.0,
             frequency_penalty=0.0,
             repetition_penalty=1.0,
+            min_tokens=0,
         )
         unknown = set(values) - set(defaults)
         if unknown:
             raise TypeError(f"unknown sampling parameters {sorted(unknown)}")
         out = {}
         for name, default in defaults.items():
-            dtype = np.int32 if name == "top_k" else np.float32
+            dtype = np.int32 if name in ("top_k", "min_tokens") else np.float32
             out[name] = jnp.asarray(np.broadcast_to(np.asarray(values.get(name, default), dtype), (batch,)))
-        return cls(**out)
+        rows = [logit_bias] * batch if logit_bias is None or isinstance(logit_bias, Mapping) else list(logit_bias)
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} logit_bias rows for a batch of {batch}")
+        rows = [dict(r or {}) for r in rows]
+        width = max((len(r) for r in rows), default=0) if max_logit_bias is None else max_logit_bias
+        ids = np.full((batch, width), -1, np.int32)
+        bias = np.zeros((batch, width), np.float32)
+        for i, r in enumerate(rows):
+            if len(r) > width:
+                raise ValueError(f"{len(r)} logit_bias entries, more than max_logit_bias={width}")
+            ids[i, : len(r)] = list(r)
+            bias[i, : len(r)] = list(r.values())
+        return cls(**out, bias_ids=jnp.asarray(ids), bias_values=jnp.asarray(bias))
 
 
 @jax.tree_util.register_dataclass
@@ -95,8 +126,22 @@ class SamplingOptions:
     max_new_tokens: int = 16
     stop_token_ids: Sequence[int] = ()
     logprobs: int | None = None  # None: no logprobs; N >= 0: chosen-token logprob and the top-N
+    min_tokens: int = 0  # stop_token_ids are banned until this many tokens were generated
+    logit_bias: dict[int, float] | None = None  # {token id: value in [-100, 100]} added to the logits
+    constraint: dict | None = None  # JSON-able spec for the engine's constraint_factory (constraints.py)
 
     def __post_init__(self) -> None:
+        if self.logit_bias is not None:  # JSON keys are strings: {"50256": -100} is token 50256
+            try:
+                bias = {_token_id(k): float(v) for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias={self.logit_bias!r}: expected {{token id: value}}") from None
+            bad = {k: v for k, v in bias.items() if not -100 <= v <= 100}
+            if bad:
+                raise ValueError(f"logit_bias={bad!r}: values must lie in [-100, 100]")
+            object.__setattr__(self, "logit_bias", bias)
+        if self.constraint is not None and not isinstance(self.constraint, dict):
+            raise ValueError(f"constraint={self.constraint!r}: expected a JSON-able dict or None")
         checks = (
             ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
@@ -107,6 +152,11 @@ class SamplingOptions:
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
             ("max_new_tokens", isinstance(self.max_new_tokens, int | np.integer) and self.max_new_tokens >= 1, ">= 1"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "None or >= 0"),
+            (
+                "min_tokens",
+                isinstance(self.min_tokens, int | np.integer) and 0 <= self.min_tokens <= self.max_new_tokens,
+                f"an integer in [0, max_new_tokens={self.max_new_tokens}]",
+            ),
         )
         for name, ok, want in checks:
             if not ok:
@@ -114,9 +164,19 @@ class SamplingOptions:
         if self.seed is not None:
             check_seed(self.seed)
 
-    def params(self) -> dict[str, float | int]:
-        """The SamplingParams fields of this request."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
+    def params(self) -> dict[str, Any]:
+        """This request's `SamplingParams.make` arguments (scalars and its logit_bias)."""
+        names = [f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("bias_ids", "bias_values")]
+        return {**{name: getattr(self, name) for name in names}, "logit_bias": self.logit_bias}
+
+
+def _token_id(key: Any) -> int:
+    """A logit_bias key as a token id: an int, or its decimal string (JSON object keys)."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int | np.integer) or key < 0:
+        raise ValueError(f"logit_bias key {key!r}: expected a token id >= 0")
+    return int(key)
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as vLLM (and OpenAI's API) take a seed
@@ -163,10 +223,54 @@ def draw(scores: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.argmax(scores + gumbel, axis=-1).astype(jnp.int32)
 
 
-def apply_penalties(
-    logits: jax.Array, params: SamplingParams, counts: jax.Array | None, prompt_mask: jax.Array | None
+def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
+    """bool [B, vocab] from int32 bitmasks [B, ceil(vocab / 32)]: bit t % 32 of word t // 32 = token t."""
+    t = jnp.arange(vocab, dtype=jnp.int32)
+    return (jnp.right_shift(bitmask[:, t // 32], t % 32) & 1).astype(bool)
+
+
+def restrict(
+    logits: jax.Array,
+    params: SamplingParams,
+    counts: jax.Array | None,
+    stop_ids: jax.Array | None,
+    allowed: jax.Array | None,
 ) -> jax.Array:
-    """Presence/frequency penalties from generated-token `counts` [B, V]; repetition over prompt and output."""
+    """What comes before the penalties: the `allowed` bitmask [B, W] (-inf where a bit is 0), logit_bias, and
+    the min_tokens ban of `stop_ids` [B, S] (-1 = unused) while `counts` [B, V] sum to fewer than min_tokens."""
+    rows, vocab = logits.shape
+    batch = jnp.arange(rows)[:, None]
+    if allowed is not None:
+        logits = jnp.where(unpack_bitmask(allowed, vocab), logits, -jnp.inf)
+    if params.bias_ids.shape[-1]:
+        ids = jnp.where(params.bias_ids >= 0, params.bias_ids, vocab)  # unused pairs land out of range: dropped
+        logits = logits.at[batch, ids].add(params.bias_values, mode="drop")
+    if stop_ids is not None and stop_ids.shape[-1]:
+        generated = jnp.zeros((rows,), jnp.int32) if counts is None else counts.sum(axis=-1)
+        ids = jnp.where(stop_ids >= 0, stop_ids, vocab)
+        is_stop = jnp.zeros(logits.shape, bool).at[batch, ids].set(True, mode="drop")
+        ban = is_stop & (generated < params.min_tokens)[:, None]
+        # a mask that leaves only stop tokens wins over min_tokens: never a row with nothing to sample
+        ban &= jnp.any((logits > -jnp.inf) & ~ban, axis=-1, keepdims=True)
+        logits = jnp.where(ban, -jnp.inf, logits)
+    return logits
+
+
+def apply_penalties(
+    logits: jax.Array,
+    params: SamplingParams,
+    counts: jax.Array | None,
+    prompt_mask: jax.Array | None,
+    stop_ids: jax.Array | None = None,
+    allowed: jax.Array | None = None,
+) -> jax.Array:
+    """The logits a row's temperature and filters start from (float32 [B, V]).
+
+    First `restrict`: the `allowed` bitmask [B, W] int32 (None = all), logit_bias, and min_tokens over
+    `stop_ids` [B, S] (None = no ban) counting the generated tokens in `counts`; then presence/frequency
+    penalties from generated-token `counts` [B, V] and repetition over prompt and output.
+    """
+    logits = restrict(logits.astype(jnp.float32), params, counts, stop_ids, allowed)
     if counts is None and prompt_mask is None:
         return logits
     seen = jnp.zeros(logits.shape, bool)
@@ -215,12 +319,14 @@ def processed_logprobs(
     params: SamplingParams,
     counts: jax.Array | None = None,
     prompt_mask: jax.Array | None = None,
+    stop_ids: jax.Array | None = None,
+    allowed: jax.Array | None = None,
 ) -> jax.Array:
     """Log-probabilities [B, V] of the distribution `sample` draws from (-inf = excluded).
 
     Greedy rows (temperature 0) are one-hot at the argmax of the penalized logits.
     """
-    penalized = apply_penalties(logits.astype(jnp.float32), params, counts, prompt_mask)
+    penalized = apply_penalties(logits, params, counts, prompt_mask, stop_ids, allowed)
     sampled = jax.nn.log_softmax(_filtered_logits(penalized, params), axis=-1)
     greedy = jnp.argmax(penalized, axis=-1)
     one_hot = jnp.where(jnp.arange(logits.shape[-1])[None, :] == greedy[:, None], 0.0, -jnp.inf)
@@ -234,13 +340,17 @@ def sample(
     counts: jax.Array | None = None,
     prompt_mask: jax.Array | None = None,
     num_top: int = 0,
+    stop_ids: jax.Array | None = None,
+    allowed: jax.Array | None = None,
 ) -> SampleOutput:
-    """logits [B, V], params [B], typed keys [B], generated-token counts [B, V], prompt tokens [B, V] bool.
+    """logits [B, V], params [B], typed keys [B], generated-token counts [B, V], prompt tokens [B, V] bool,
+    stop tokens [B, S] (min_tokens), allowed-token bitmasks [B, W] int32 (constrained decoding).
 
-    Returns the chosen tokens, their model logprobs and the model's top-`num_top` (a static int).
+    Returns the chosen tokens, their model logprobs and the model's top-`num_top` (a static int): the raw
+    model's, whatever the bias, bans and mask did to the sampled distribution.
     """
     logits = logits.astype(jnp.float32)
-    penalized = apply_penalties(logits, params, counts, prompt_mask)
+    penalized = apply_penalties(logits, params, counts, prompt_mask, stop_ids, allowed)
     greedy_tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
 
     is_greedy = params.temperature <= 0

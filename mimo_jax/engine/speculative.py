@@ -25,9 +25,10 @@ state that predicted the last emitted token b = t_{P+1}, which the target has no
 - accept (`accept_drafts`): standard speculative rejection sampling. Draft d_{m+1} is accepted
   with probability min(1, p_m(d)/q_m(d)); at the first rejection the token comes from
   norm(max(0, p_m - q_m)), after k acceptances the bonus from p_k. The emitted tokens are then
-  distributed exactly as the target's (p_m: `sampling.processed_logprobs`, penalties counting the
-  drafts before m). Greedy rows have one-hot p and q, so this is: accept while the draft equals
-  the target's argmax, then the target's argmax.
+  distributed exactly as the target's (p_m: `sampling.processed_logprobs`, penalties and min_tokens
+  counting the drafts before m, logit_bias alike). Greedy rows have one-hot p and q, so this is:
+  accept while the draft equals the target's argmax, then the target's argmax. Constrained
+  decoding's token masks are not applied here: the engine refuses constrained requests with speculation.
 
 Rejected positions leave no trace: the target's full layers write slot = position, the next
 verify starts at the first rejected position and rewrites it before reading (masks come from
@@ -86,6 +87,7 @@ def draft_chain(
     sampling: SamplingParams,
     counts: jax.Array,
     prompt_mask: jax.Array,
+    stop_ids: jax.Array,
     rng: jax.Array,
     greedy: bool,
 ) -> tuple[jax.Array, jax.Array | None, list[LayerKV]]:
@@ -115,9 +117,10 @@ def draft_chain(
         h, kv = layer(model.embed(tokens), mtp_hidden[:, hist - width :], pos, kv)
         logits = model.logits(h[:, -1], layer.final_layernorm)
         if greedy:
-            token = jnp.argmax(apply_penalties(logits, sampling, counts, prompt_mask), axis=-1).astype(jnp.int32)
+            penalized = apply_penalties(logits, sampling, counts, prompt_mask, stop_ids)
+            token = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
         else:
-            lp = processed_logprobs(logits, sampling, counts, prompt_mask)  # one-hot for greedy rows
+            lp = processed_logprobs(logits, sampling, counts, prompt_mask, stop_ids)  # one-hot for greedy rows
             token = draw(lp, step_keys(rng, last + j + 2, DRAFT_KEY))
             draft_lp.append(lp)
         drafts = jnp.concatenate([drafts, token[:, None]], axis=1)
@@ -140,24 +143,26 @@ def verify(
     sampling: SamplingParams,
     counts: jax.Array,
     prompt_mask: jax.Array,
+    stop_ids: jax.Array,
     rng: jax.Array,
     last: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Accept drafts against the target's logits [B, k+1, V] of the verify rows -> (accepted [B], tokens [B, k+1])
-    as `accept_drafts`; the target's distribution of row m counts d_1..d_m as generated (penalties).
+    as `accept_drafts`; the target's distribution of row m counts d_1..d_m as generated (penalties, min_tokens).
     Without draft distributions (`draft_lp` None: an all-greedy batch) the drafts are compared with the
     target's argmax."""
     batch, rows, vocab = logits.shape
     flat_counts = _row_counts(counts, drafts).reshape(batch * rows, vocab)
     flat_params = jax.tree.map(lambda a: jnp.repeat(a, rows, axis=0), sampling)
     flat_mask = jnp.repeat(prompt_mask, rows, axis=0)
+    flat_stops = jnp.repeat(stop_ids, rows, axis=0)
     flat_logits = logits.reshape(batch * rows, vocab)
     if draft_lp is None:
-        penalized = apply_penalties(flat_logits, flat_params, flat_counts, flat_mask)
+        penalized = apply_penalties(flat_logits, flat_params, flat_counts, flat_mask, flat_stops)
         target = jnp.argmax(penalized, axis=-1).astype(jnp.int32).reshape(batch, rows)
         agree = (drafts == target[:, :-1]).astype(jnp.int32)
         return jnp.sum(jnp.cumprod(agree, axis=1), axis=1), target
-    target_lp = processed_logprobs(flat_logits, flat_params, flat_counts, flat_mask)
+    target_lp = processed_logprobs(flat_logits, flat_params, flat_counts, flat_mask, flat_stops)
     return accept_drafts(target_lp.reshape(batch, rows, vocab), draft_lp, drafts, rng, last)
 
 
@@ -217,6 +222,7 @@ def decode_speculative(
         state.sampling,
         state.counts,
         state.prompt_mask,
+        state.stop_ids,
         state.rng,
         greedy,
     )
@@ -228,7 +234,7 @@ def decode_speculative(
     hidden, target_cache = model.hidden_states(inputs, positions, target_cache)
     logits = model.logits(hidden)  # [B, k+1, V]
     accepted, candidates = verify(
-        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.rng, last
+        logits, drafts, draft_lp, state.sampling, state.counts, state.prompt_mask, state.stop_ids, state.rng, last
     )
 
     # emit the accepted run and the corrected/bonus token, cut at the first stop token or limit

@@ -22,6 +22,7 @@ RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 
 MAX_STOP_IDS = 8  # stop tokens a slot holds unless the engine is built with another max_stop_ids
+MAX_LOGIT_BIAS = 64  # logit_bias entries a slot holds unless the engine is built with another max_logit_bias
 
 
 @jax.tree_util.register_dataclass
@@ -54,7 +55,7 @@ class SlotRequest:
     prompt_len: jax.Array  # int32
     max_new_tokens: jax.Array  # int32
     stop_ids: jax.Array  # [S] int32
-    sampling: SamplingParams  # fields of shape [1]
+    sampling: SamplingParams  # fields of shape [1] ([1, L] for the logit_bias pairs)
     rng: jax.Array  # [2] uint32
     prompt_mask: jax.Array  # [V] bool
     recent_tokens: jax.Array  # [K] int32, the prompt's last K tokens (speculation; 0 = before the prompt)
@@ -100,7 +101,13 @@ def engine_cache(
 
 
 def empty_state(
-    batch: int, hidden_size: int, vocab: int, max_stop_ids: int, dtype: jnp.dtype, history: int = 0
+    batch: int,
+    hidden_size: int,
+    vocab: int,
+    max_stop_ids: int,
+    dtype: jnp.dtype,
+    history: int = 0,
+    max_logit_bias: int = MAX_LOGIT_BIAS,
 ) -> SlotState:
     """Every slot free: no request, nothing generated; `history` (K) recent hidden states per slot."""
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -113,7 +120,7 @@ def empty_state(
         num_generated=zeros,
         max_new_tokens=zeros,
         stop_ids=jnp.full((batch, max_stop_ids), -1, jnp.int32),
-        sampling=SamplingParams.make(batch),
+        sampling=SamplingParams.make(batch, max_logit_bias=max_logit_bias),
         rng=jnp.zeros((batch, 2), jnp.uint32),
         counts=jnp.zeros((batch, vocab), jnp.int32),
         prompt_mask=jnp.zeros((batch, vocab), bool),
@@ -122,13 +129,13 @@ def empty_state(
     )
 
 
-def empty_request(vocab: int, max_stop_ids: int, history: int = 0) -> SlotRequest:
+def empty_request(vocab: int, max_stop_ids: int, history: int = 0, max_logit_bias: int = MAX_LOGIT_BIAS) -> SlotRequest:
     """A request of the shapes the admit step takes (the host fills in a real one per request)."""
     return SlotRequest(
         prompt_len=jnp.int32(0),
         max_new_tokens=jnp.int32(0),
         stop_ids=jnp.full((max_stop_ids,), -1, jnp.int32),
-        sampling=SamplingParams.make(1),
+        sampling=SamplingParams.make(1, max_logit_bias=max_logit_bias),
         rng=jnp.zeros((2,), jnp.uint32),
         prompt_mask=jnp.zeros((vocab,), bool),
         recent_tokens=jnp.zeros((history,), jnp.int32),

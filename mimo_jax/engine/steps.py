@@ -10,9 +10,9 @@ and go. Three functions do the work (the cache and slot state are donated):
   tokens after the chunk feed the MTP layers), attending against what the slot already holds.
   `history` rolls the prompt's last K hidden states through the chunks (K = 1 without
   speculation). Chunk lengths are bucketed (powers of two up to `prefill_chunk`).
-- `admit(params, state, slot, history, request) -> (state, first, reason)` (`admit_step`):
+- `admit(params, state, slot, history, request, allowed[W]) -> (state, first, reason)` (`admit_step`):
   samples the first token from the prompt's last hidden state and starts the slot.
-- `decode(params, cache, state, num_steps) -> (cache, state, RoundOutput)` (`decode_round`): a
+- `decode(params, cache, state, num_steps, allowed[B, W]) -> (cache, state, RoundOutput)` (`decode_round`): a
   `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
   slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
   one token (`decode_one`), or with `speculative_steps=k` one MTP draft-verify-accept round
@@ -21,6 +21,12 @@ and go. Three functions do the work (the cache and slot state are donated):
   verify compare argmaxes).
 
 `release(state, slot) -> state` (`release_step`) stops a cancelled request's slot.
+
+`allowed` is constrained decoding's token mask (`mimo_jax.engine.constraints`): int32 bitmasks,
+W = ceil(vocab / 32) words per row, all ones for a request without a constraint. It is an input
+of fixed shape, so masks never recompile anything; the host sends a real one only for rounds of one
+token (the mask holds for every iteration of a round), and never to a speculative engine, whose
+iterations ignore it.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig
+from mimo_jax.engine.constraints import bitmask_words, full_bitmask
 from mimo_jax.engine.sampling import SampleOutput, sample, step_keys
 from mimo_jax.engine.speculative import decode_speculative, history_length, mtp_prefill
 from mimo_jax.engine.state import (
+    MAX_LOGIT_BIAS,
     MAX_STOP_IDS,
     RUNNING,
     IterationOutput,
@@ -94,11 +102,13 @@ def admit_step(
     slot: jax.Array,
     history: jax.Array,
     request: SlotRequest,
+    allowed: jax.Array,
     *,
     max_context: int,
     num_top: int,
 ) -> tuple[SlotState, SampleOutput, jax.Array]:
-    """Sample a request's first token from its prompt's last hidden state (`history[-1]`) and start its slot.
+    """Sample a request's first token from its prompt's last hidden state (`history[-1]`) and start its slot;
+    `allowed` [W]: the tokens the request's constraint allows first (all ones without one).
 
     Returns the new state, the first token (batch of 1) and its finish reason [1].
     """
@@ -108,7 +118,16 @@ def admit_step(
     position = request.prompt_len[None]
     counts = jnp.zeros((1, logits.shape[-1]), jnp.int32)
     keys = step_keys(request.rng[None], position)
-    first = sample(logits, request.sampling, keys, counts, request.prompt_mask[None], num_top)
+    first = sample(
+        logits,
+        request.sampling,
+        keys,
+        counts,
+        request.prompt_mask[None],
+        num_top,
+        stop_ids=request.stop_ids[None],
+        allowed=allowed[None],
+    )
     one = jnp.ones((1,), jnp.int32)
     reason = _finish_reason(
         first.tokens, position, one, request.max_new_tokens[None], request.stop_ids[None], max_context
@@ -143,9 +162,10 @@ def release_step(state: SlotState, slot: jax.Array) -> SlotState:
 
 
 def decode_one(
-    model: MiMoModel, cache: list[LayerKV], state: SlotState, *, max_context: int, num_top: int
+    model: MiMoModel, cache: list[LayerKV], state: SlotState, allowed: jax.Array, *, max_context: int, num_top: int
 ) -> tuple[list[LayerKV], SlotState, SampleOutput, jax.Array]:
-    """One token for every active slot. Returns (cache, state, sample, emitted mask [B])."""
+    """One token for every active slot, each among the tokens its row of `allowed` [B, W] allows.
+    Returns (cache, state, sample, emitted mask [B])."""
     active = state.active
     positions = jnp.where(active, state.positions, -1)
     hidden, cache = model.hidden_states(state.tokens[:, None], positions[:, None], cache)
@@ -153,7 +173,16 @@ def decode_one(
     logits = model.logits(hidden)
     next_positions = state.positions + 1
     keys = step_keys(state.rng, next_positions)
-    out = sample(logits, state.sampling, keys, state.counts, state.prompt_mask, num_top)
+    out = sample(
+        logits,
+        state.sampling,
+        keys,
+        state.counts,
+        state.prompt_mask,
+        num_top,
+        stop_ids=state.stop_ids,
+        allowed=allowed,
+    )
     num_generated = state.num_generated + 1
     reason = _finish_reason(
         out.tokens, next_positions, num_generated, state.max_new_tokens, state.stop_ids, max_context
@@ -179,6 +208,7 @@ def decode_round(
     cache: list[LayerKV],
     state: SlotState,
     num_steps: jax.Array,
+    allowed: jax.Array,
     *,
     max_steps: int,
     max_context: int,
@@ -190,6 +220,9 @@ def decode_round(
 
     An iteration is one token, or with `speculative_steps=k` one draft-verify-accept round that
     emits 1..k+1 tokens per slot (so the round holds up to max_steps * (k+1) tokens per slot).
+    `allowed` [B, W]: each slot's allowed-token bitmask, the same for every iteration (constrained
+    requests run rounds of one token); speculative iterations ignore it (the engine runs no
+    constrained request with speculation).
     `greedy` (static, speculation only): the caller knows every running slot is greedy.
     """
     batch = state.tokens.shape[0]
@@ -217,7 +250,9 @@ def decode_round(
                 model, cache, state, max_context=max_context, num_top=num_top, greedy=greedy
             )
         else:
-            cache, state, sampled, emitted = decode_one(model, cache, state, max_context=max_context, num_top=num_top)
+            cache, state, sampled, emitted = decode_one(
+                model, cache, state, allowed, max_context=max_context, num_top=num_top
+            )
             out = IterationOutput(
                 tokens=sampled.tokens[:, None],
                 logprobs=sampled.logprobs[:, None],
@@ -277,8 +312,8 @@ class EngineSteps:
     the shardings the functions are called with): `steps.prefill.lower(*steps.prefill_args(chunk))`."""
 
     prefill: JitUnderMesh  # (params, cache, slot, tokens, start, length, history) -> (cache, history)
-    admit: JitUnderMesh  # (params, state, slot, history, request) -> (state, first, finish reason [1])
-    decode: JitUnderMesh  # (params, cache, state, num_steps) -> (cache, state, RoundOutput)
+    admit: JitUnderMesh  # (params, state, slot, history, request, allowed) -> (state, first, finish reason [1])
+    decode: JitUnderMesh  # (params, cache, state, num_steps, allowed) -> (cache, state, RoundOutput)
     greedy_decode: JitUnderMesh  # decode for rounds where every running request is greedy (decode itself if k = 0)
     release: JitUnderMesh  # (state, slot) -> state
     params: Any  # abstract parameters
@@ -293,6 +328,7 @@ class EngineSteps:
     history_len: int  # K: recent hidden states per slot for the MTP drafts (0 without speculation)
     speculative_steps: int  # k
     hidden_size: int
+    vocab_size: int
     dtype: Any  # of the slot state's hidden states and of `history`
 
     def _scalar(self) -> jax.ShapeDtypeStruct:
@@ -307,13 +343,22 @@ class EngineSteps:
         tokens = jax.ShapeDtypeStruct((chunk + self.speculative_steps,), jnp.int32, sharding=self.replicated)
         return (self.params, self.cache, i32, tokens, i32, i32, self._history())
 
+    def _allowed(self, *batch: int) -> jax.ShapeDtypeStruct:
+        shape = batch + (bitmask_words(self.vocab_size),)
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.replicated)
+
     def admit_args(self) -> tuple:
         """Abstract arguments of `admit`."""
-        return (self.params, self.state, self._scalar(), self._history(), self.request)
+        return (self.params, self.state, self._scalar(), self._history(), self.request, self._allowed())
 
     def decode_args(self) -> tuple:
         """Abstract arguments of `decode` and `greedy_decode`."""
-        return (self.params, self.cache, self.state, self._scalar())
+        batch = self.state.tokens.shape[0]
+        return (self.params, self.cache, self.state, self._scalar(), self._allowed(batch))
+
+    def allow_all(self, batch: bool = True) -> np.ndarray:
+        """`decode`'s `allowed` for rounds without constraints: int32 [B, W] of all ones ([W]: `admit`'s)."""
+        return full_bitmask(self.vocab_size, self.state.tokens.shape[0] if batch else None)
 
     def empty_history(self) -> np.ndarray:
         """prefill's `history` before a prompt's first chunk: the last max(K, 1) hidden states."""
@@ -346,6 +391,7 @@ def build_steps(
     max_top_logprobs: int = 0,
     speculative_steps: int = 0,
     extra_ring_slots: int = 0,
+    max_logit_bias: int = MAX_LOGIT_BIAS,
 ) -> EngineSteps:
     """Jit the engine's steps for `params` (arrays, or ShapeDtypeStructs with their shardings: AOT).
 
@@ -363,7 +409,9 @@ def build_steps(
         return engine_cache(cfg, max_batch, cache_len, cache_dtype, k, extra_ring_slots)
 
     def make_state() -> SlotState:
-        return empty_state(max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, state_dtype, history)
+        return empty_state(
+            max_batch, cfg.hidden_size, cfg.vocab_size, max_stop_ids, state_dtype, history, max_logit_bias
+        )
 
     cache_shapes = jax.eval_shape(make_cache)
     if mesh is not None:
@@ -376,23 +424,32 @@ def build_steps(
         cache_sharding = jax.tree.map(lambda _: replicated, cache_shapes)
     state_shapes = jax.eval_shape(make_state)
     state_sharding = jax.tree.map(lambda _: replicated, state_shapes)
-    request_shapes = jax.eval_shape(lambda: empty_request(cfg.vocab_size, max_stop_ids, history))
+    request_shapes = jax.eval_shape(lambda: empty_request(cfg.vocab_size, max_stop_ids, history, max_logit_bias))
 
     def prefill(params, cache, slot, tokens, start, length, history):
         return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
 
-    def admit(params, state, slot, history, request):
+    def admit(params, state, slot, history, request, allowed):
         return admit_step(
-            graphdef, params, state, slot, history, request, max_context=max_context, num_top=max_top_logprobs
+            graphdef,
+            params,
+            state,
+            slot,
+            history,
+            request,
+            allowed,
+            max_context=max_context,
+            num_top=max_top_logprobs,
         )
 
-    def decode(params, cache, state, num_steps, greedy=False):
+    def decode(params, cache, state, num_steps, allowed, greedy=False):
         return decode_round(
             graphdef,
             params,
             cache,
             state,
             num_steps,
+            allowed,
             max_steps=max_round_tokens,
             max_context=max_context,
             num_top=max_top_logprobs,
@@ -400,8 +457,8 @@ def build_steps(
             greedy=greedy,
         )
 
-    def greedy_decode(params, cache, state, num_steps):
-        return decode(params, cache, state, num_steps, True)
+    def greedy_decode(params, cache, state, num_steps, allowed):
+        return decode(params, cache, state, num_steps, allowed, True)
 
     # Outputs keep the layouts the cache and state are made with, so every call after the first hits the
     # same compiled step (equivalent but differently spelled shardings would recompile). Unused parameters
@@ -432,6 +489,7 @@ def build_steps(
         history_len=history,
         speculative_steps=k,
         hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
         dtype=state_dtype,
     )
 

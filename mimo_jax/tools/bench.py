@@ -173,7 +173,7 @@ def fill_as_if_prefilled(engine: Engine, context: int, seed: int = 0) -> None:
             active=jnp.ones((b,), bool),
             num_generated=ones,
             max_new_tokens=ones * (2**30),
-            sampling=SamplingParams.make(b),
+            sampling=SamplingParams.make(b, max_logit_bias=engine.max_logit_bias),
         )
         return out, state
 
@@ -208,7 +208,8 @@ def run_decode(
     n = jnp.int32(steps)
 
     def decode_round():
-        engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, n)
+        args = (engine.params, engine.cache, engine.state, n, engine.allow_all)
+        engine.cache, engine.state, out = engine.decode_fn(*args)
         return out
 
     t0 = time.perf_counter()

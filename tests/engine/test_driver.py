@@ -138,3 +138,20 @@ def test_without_a_channel_plans_apply_locally():
     driver.abort()
     assert engine.calls[1:] == [("step", None, 8)]
     assert apply_plan(engine, RoundPlan(cancel=[0])) == [] and engine.calls[-1] == ("cancel", 0)
+
+
+def test_plans_keep_logit_bias_min_tokens_and_constraints_through_json():
+    options = SamplingOptions(
+        max_new_tokens=9,
+        min_tokens=3,
+        logit_bias={5: -100.0, 17: 2.5},
+        constraint={"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+        stop_token_ids=(2,),
+        seed=1,
+    )
+    plan = RoundPlan(step=True)
+    plan.add_request("r", [1, 2], options)
+    plan.add_request("plain", [3], SamplingOptions(seed=2))
+    decoded = list(RoundPlan.decode(plan.encode()).requests())
+    assert decoded == [("r", [1, 2], options), ("plain", [3], SamplingOptions(seed=2))]
+    assert decoded[0][2].logit_bias == {5: -100.0, 17: 2.5} and all(type(t) is int for t in decoded[0][2].logit_bias)

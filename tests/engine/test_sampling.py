@@ -166,3 +166,98 @@ def test_seeds_are_64_bit_and_used_whole():
         import mimo_jax
 
         mimo_jax.generate(None, [[1]], max_new_tokens=1, seed=2**63)
+
+
+# ----------------------------------------------------------------------------- logit_bias, min_tokens, token masks
+def reference_restrict(logits, allowed_ids, bias, stop_ids, generated, min_tokens):
+    """Before the penalties: the mask (-inf), logit_bias (added), then min_tokens (stop ids -inf while fewer
+    than min_tokens were generated, unless that leaves nothing)."""
+    out = np.asarray(logits, np.float64).copy()
+    out[[t for t in range(V) if t not in allowed_ids]] = -np.inf
+    for t, b in bias.items():
+        out[t] += b
+    if generated < min_tokens and any(np.isfinite(out[t]) for t in range(V) if t not in stop_ids):
+        out[list(stop_ids)] = -np.inf
+    return out
+
+
+RESTRICTED = [  # allowed ids, logit_bias, stop ids, generated, min_tokens, temperature
+    (range(V), {}, (), 0, 0, 1.0),
+    (range(V), {2: -100.0, 5: 3.5, 7: -1.25}, (), 0, 0, 1.0),
+    ((1, 4, 6, 9), {4: 2.0}, (), 0, 0, 0.8),
+    (range(V), {}, (3, 8), 2, 3, 1.0),  # stop tokens banned: 2 generated < 3
+    (range(V), {3: 100.0}, (3, 8), 3, 3, 1.0),  # 3 generated: allowed again (and +100 forces 3)
+    ((3, 8), {}, (3, 8), 0, 5, 1.0),  # the mask leaves only stop tokens: the mask wins over min_tokens
+    ((0, 2, 10), {10: -100.0}, (2,), 1, 4, 0.0),  # greedy
+    (range(V), {6: 100.0}, (), 0, 0, 0.0),  # greedy, +100 forces a token
+]
+
+
+def restricted_inputs(logits):
+    from mimo_jax.engine.constraints import bitmask_of
+
+    allowed = np.stack([bitmask_of(r[0], V) for r in RESTRICTED])
+    stops = np.full((len(RESTRICTED), 2), -1, np.int32)
+    counts = np.zeros((len(RESTRICTED), V), np.int32)
+    for i, (_, _, stop, generated, _, _) in enumerate(RESTRICTED):
+        stops[i, : len(stop)] = stop
+        counts[i, 1] = generated  # min_tokens counts every generated token (here all token 1)
+    params = SamplingParams.make(
+        len(RESTRICTED),
+        logit_bias=[r[1] for r in RESTRICTED],
+        max_logit_bias=4,
+        min_tokens=[r[4] for r in RESTRICTED],
+        temperature=[r[5] for r in RESTRICTED],
+    )
+    return params, jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(allowed)
+
+
+def test_bias_min_tokens_and_mask_match_definitions():
+    logits = np.random.RandomState(2).randn(len(RESTRICTED), V).astype(np.float32) * 2
+    params, counts, stops, allowed = restricted_inputs(logits)
+    assert params.bias_ids.shape == (len(RESTRICTED), 4)
+    got = np.exp(np.asarray(processed_logprobs(jnp.asarray(logits), params, counts, None, stops, allowed)))
+    for row, (ids, bias, stop, generated, min_tokens, t) in enumerate(RESTRICTED):
+        restricted = reference_restrict(logits[row], ids, bias, stop, generated, min_tokens)
+        np.testing.assert_allclose(got[row], reference_probs(restricted, t, 0, 1.0, 0.0), atol=2e-6, err_msg=str(row))
+    assert got[3, [3, 8]].sum() == 0 and got[4, 3] > 0.99 and got[5, [3, 8]].sum() == pytest.approx(1.0)
+    assert got[6].argmax() == 0 and got[7].argmax() == 6  # 2 banned (min_tokens), 10 biased away
+
+
+def test_sampled_tokens_respect_mask_and_logprobs_stay_the_models():
+    logits = np.random.RandomState(3).randn(len(RESTRICTED), V).astype(np.float32) * 2
+    params, counts, stops, allowed = restricted_inputs(logits)
+    n = 64
+    tile = lambda x: jnp.repeat(x, n, axis=0)
+    out = sample(
+        tile(jnp.asarray(logits)),
+        jax.tree.map(tile, params),
+        jax.random.split(jax.random.key(0), n * len(RESTRICTED)),
+        tile(counts),
+        num_top=3,
+        stop_ids=tile(stops),
+        allowed=tile(allowed),
+    )
+    tokens = np.asarray(out.tokens).reshape(len(RESTRICTED), n)
+    for row, (ids, bias, stop, generated, min_tokens, _) in enumerate(RESTRICTED):
+        restricted = reference_restrict(logits[row], ids, bias, stop, generated, min_tokens)
+        assert np.isfinite(restricted[tokens[row]]).all(), row
+    model_lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs).reshape(len(RESTRICTED), n), np.take_along_axis(model_lp, tokens, axis=1), rtol=1e-6
+    )
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[::n], np.argsort(-logits, axis=-1)[:, :3])
+
+
+def test_options_validate_and_normalize_logit_bias():
+    from mimo_jax.engine.sampling import SamplingOptions
+
+    assert SamplingOptions(logit_bias={"5": -100, 7: 2}).logit_bias == {5: -100.0, 7: 2.0}  # JSON keys are strings
+    for bad, match in (({3: 101.0}, r"\[-100, 100\]"), ({"x": 1.0}, "token id"), ({-1: 1.0}, "token id")):
+        with pytest.raises(ValueError, match=match):
+            SamplingOptions(logit_bias=bad)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingOptions(min_tokens=5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="constraint"):
+        SamplingOptions(constraint="json")
+    assert SamplingOptions(max_new_tokens=4, min_tokens=4).params()["min_tokens"] == 4

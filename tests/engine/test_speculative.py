@@ -147,3 +147,39 @@ def test_speculative_steps_must_fit_the_mtp_layers(lm):
     engine = Engine(lm, max_batch=1, max_context=16, speculative_steps=1)
     with pytest.raises(ValueError, match="the engine has 1"):
         mimo_jax.generate(lm, [[1, 2]], max_new_tokens=2, engine=engine)
+
+
+def test_logit_bias_and_min_tokens_with_speculation(lm):
+    """Greedy output with logit_bias and min_tokens equals the plain engine's (drafts and verify rows apply the
+    same bias and ban, counting the drafts before them); sampled requests keep the bias's ban and min_tokens.
+    Constrained requests are refused."""
+    plain = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3)
+    first = run(plain, {"p": (LONG, SamplingOptions(max_new_tokens=12))})["p"]["tokens"]
+    stop = first[8]
+    reqs = {
+        "ban": (LONG, SamplingOptions(max_new_tokens=20, logit_bias={first[2]: -100, first[5]: -3.0, 17: 2.0})),
+        "min": (
+            LONG[5:14],
+            SamplingOptions(max_new_tokens=20, logit_bias={stop: 100}, stop_token_ids=(stop,), min_tokens=6),
+        ),
+        "hot": (LONG[3:9], SamplingOptions(max_new_tokens=20, temperature=1.0, seed=4, logit_bias={first[2]: -100})),
+        "hot_min": (
+            LONG[:4],
+            SamplingOptions(
+                max_new_tokens=20, temperature=1.0, seed=5, logit_bias={stop: 100}, stop_token_ids=(stop,), min_tokens=7
+            ),
+        ),
+    }
+    want = run(plain, reqs)
+    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=2)
+    got = run(engine, reqs)
+    for rid in ("ban", "min"):
+        assert (got[rid]["tokens"], got[rid]["reason"]) == (want[rid]["tokens"], want[rid]["reason"]), rid
+    assert got["ban"]["tokens"] != run(plain, {"p": (LONG, SamplingOptions(max_new_tokens=20))})["p"]["tokens"]
+    assert got["min"]["tokens"][6:] == [stop] and stop not in got["min"]["tokens"][:6]
+    assert first[2] not in got["hot"]["tokens"] and len(got["hot"]["tokens"]) == 20
+    assert got["hot_min"]["tokens"][7:] == [stop] and got["hot_min"]["reason"] == "stop"
+    assert any(a > 0 for a in got["ban"]["accepted"] + got["min"]["accepted"])  # drafts were accepted
+    with pytest.raises(ValueError, match=r"not supported with speculative decoding \(--speculative-steps\)"):
+        engine.add("c", LONG, SamplingOptions(constraint={"type": "json_object"}))
+    assert not engine.has_work()

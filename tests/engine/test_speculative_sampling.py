@@ -8,9 +8,8 @@ from scipy import stats
 
 import mimo_jax
 from mimo_jax.engine.host import Engine
-from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, processed_logprobs, request_key
+from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, processed_logprobs
 from mimo_jax.engine.speculative import accept_drafts
-from mimo_jax.engine.state import SlotRequest
 from tests.fixtures import TINY_CONFIG, predictable_model
 
 
@@ -36,14 +35,24 @@ def test_accept_drafts_output_is_distributed_as_the_target():
 def test_sampled_tokens_follow_the_exact_target_distribution():
     """Many copies of one request after its first token, each with its own random stream, decode two
     speculative rounds (k=2); the joint distribution of the next two tokens is the target's, computed by
-    enumeration with the same sampling processing (temperature, top-k, penalties counting the tokens).
+    enumeration with the same sampling processing (temperature, top-k, penalties counting the tokens, logit_bias,
+    and min_tokens=2 banning the stop token 4 for g2 but not for g3: each verify row and draft counts the tokens
+    before it).
     Chi-square over the V^2 = 64 outcomes (the least likely pooled to an expected count >= 5), p-value > 1e-3,
     and total variation < 0.03."""
     vocab, n, k = 8, 16384, 2
     model = predictable_model(noise=100.0, mtp_noise=300.0, seed=1, cfg=TINY_CONFIG.replace(vocab_size=vocab))
     model.lm_head.set_value(model.lm_head.get_value() * 0.5)  # spread the distributions over most tokens
     lm = mimo_jax.LanguageModel(model)
-    options = SamplingOptions(temperature=0.8, top_k=6, presence_penalty=0.4, repetition_penalty=1.3)
+    options = SamplingOptions(
+        temperature=0.8,
+        top_k=6,
+        presence_penalty=0.4,
+        repetition_penalty=1.3,
+        logit_bias={3: 1.0, 6: -0.7},
+        stop_token_ids=(4,),
+        min_tokens=2,
+    )
     engine = Engine(lm, max_batch=n, max_context=12, prefill_chunk=8, max_round_tokens=2, speculative_steps=k)
     prompt = np.array([1, 5, 2, 7], np.int32)
 
@@ -54,18 +63,8 @@ def test_sampled_tokens_follow_the_exact_target_distribution():
     )
     mask = np.zeros(vocab, bool)
     mask[prompt] = True
-    recent = np.zeros(engine.history, np.int32)
-    recent[-prompt.size :] = prompt[-engine.history :]
-    request = SlotRequest(
-        prompt_len=jnp.int32(prompt.size),
-        max_new_tokens=jnp.int32(10),
-        stop_ids=jnp.full((engine.max_stop_ids,), -1, jnp.int32),
-        sampling=SamplingParams.make(1, **options.params()),
-        rng=jnp.asarray(request_key(0)),
-        prompt_mask=jnp.asarray(mask),
-        recent_tokens=jnp.asarray(recent),
-    )
-    engine.state, first, _ = engine.admit_fn(engine.params, engine.state, 0, history, request)
+    request = engine.slot_request(prompt, options, seed=0)
+    engine.state, first, _ = engine.admit_fn(engine.params, engine.state, 0, history, request, engine.allow_all[0])
     g1 = int(first.tokens[0])
 
     # copy slot 0 into every slot, each with its own key
@@ -73,7 +72,7 @@ def test_sampled_tokens_follow_the_exact_target_distribution():
     engine.cache = [jax.tree.map(row0, layer) for layer in engine.cache]
     engine.state = jax.tree.map(row0, engine.state)
     engine.state.rng = jax.random.key_data(jax.random.split(jax.random.key(1), n))
-    engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, 2)
+    engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, 2, engine.allow_all)
     out = jax.device_get(out)
     assert (out.count >= 2).all()
     accepted = out.accepted[:, 0]
@@ -84,15 +83,19 @@ def test_sampled_tokens_follow_the_exact_target_distribution():
     params = SamplingParams.make(vocab, **options.params())
     prefix = list(prompt) + [g1]
     masks = jnp.broadcast_to(jnp.asarray(mask), (vocab, vocab))
+    stops = jnp.full((vocab, 1), 4, jnp.int32)
     counts1 = np.zeros((vocab, vocab), np.int32)
     counts1[:, g1] += 1
-    lp2 = processed_logprobs(jnp.asarray(lm.logits([prefix] * vocab)[:, -1]), params, jnp.asarray(counts1), masks)[0]
+    lp2 = processed_logprobs(
+        jnp.asarray(lm.logits([prefix] * vocab)[:, -1]), params, jnp.asarray(counts1), masks, stops
+    )[0]
     counts2 = counts1.copy()
     counts2[np.arange(vocab), np.arange(vocab)] += 1
     logits3 = lm.logits([prefix + [g2] for g2 in range(vocab)])[:, -1]
-    lp3 = processed_logprobs(jnp.asarray(logits3), params, jnp.asarray(counts2), masks)
+    lp3 = processed_logprobs(jnp.asarray(logits3), params, jnp.asarray(counts2), masks, stops)
     exact = (np.exp(np.asarray(lp2, np.float64))[:, None] * np.exp(np.asarray(lp3, np.float64))).reshape(-1)
     assert abs(exact.sum() - 1) < 1e-5 and observed[exact == 0].sum() == 0
+    assert exact.reshape(vocab, vocab)[4].sum() == 0 and exact.reshape(vocab, vocab)[:, 4].sum() > 0.01  # min_tokens
     exact /= exact.sum()
     # bins with expected count < 5 pooled into one (merged into the smallest other bin while it is < 5 itself)
     order = np.argsort(exact)

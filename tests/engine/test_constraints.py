@@ -1,0 +1,258 @@
+"""Token masks (constrained decoding), logit_bias and min_tokens in the engine, against full-sequence forwards.
+
+Fake constraints stand in for a grammar backend: only even token ids, a fixed script of tokens then
+finished, or a dead end that allows nothing after a few tokens.
+"""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import mimo_jax
+from mimo_jax.config import MiMoConfig
+from mimo_jax.engine.constraints import TokenConstraint, allowed_tokens, bitmask_of, bitmask_words
+from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.model.mimo import MiMoModel
+from tests.fixtures import TINY
+
+VOCAB = TINY["vocab_size"]
+CONTEXT = 48
+PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7], [4, 6], [50, 1, 2, 3, 4, 5, 60, 61, 62], [20, 21, 22]]
+
+
+class Allowed:
+    """Only `ids`, never finished."""
+
+    def __init__(self, ids):
+        self.ids, self.accepted = set(ids), []
+
+    def fill_allowed(self, bitmask):
+        bitmask[:] = bitmask_of(self.ids, VOCAB)
+
+    def accept(self, token):
+        assert token in self.ids, token
+        self.accepted.append(token)
+
+    def is_finished(self):
+        return False
+
+
+class Script(Allowed):
+    """Exactly `tokens`, then finished."""
+
+    def __init__(self, tokens):
+        super().__init__(tokens)
+        self.tokens = list(tokens)
+
+    def fill_allowed(self, bitmask):
+        bitmask[:] = bitmask_of([self.tokens[len(self.accepted)]], VOCAB)
+
+    def is_finished(self):
+        return len(self.accepted) == len(self.tokens)
+
+
+class DeadEnd(Allowed):
+    """Anything for `after` tokens, then nothing (an empty mask)."""
+
+    def __init__(self, after):
+        super().__init__(range(VOCAB))
+        self.after = after
+
+    def fill_allowed(self, bitmask):
+        if len(self.accepted) < self.after:
+            bitmask[:] = -1
+
+
+BUILT: dict = {}  # spec "name" -> the constraint built for it
+
+
+def factory(spec: dict) -> TokenConstraint:
+    kind = spec["type"]
+    if kind == "even":
+        c = Allowed(range(0, VOCAB, 2))
+    elif kind == "script":
+        c = Script(spec["tokens"])
+    elif kind == "dead_end":
+        c = DeadEnd(spec["after"])
+    else:
+        raise KeyError(f"unknown constraint type {kind!r}")
+    BUILT[spec.get("name")] = c
+    return c
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return mimo_jax.LanguageModel(MiMoModel(MiMoConfig.from_dict(TINY), rngs=nnx.Rngs(3)))
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    return Engine(
+        lm,
+        max_batch=4,
+        max_context=CONTEXT,
+        prefill_chunk=4,
+        max_round_tokens=4,
+        max_top_logprobs=3,
+        max_logit_bias=3,
+        constraint_factory=factory,
+    )
+
+
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def overlap(request, engine):
+    engine.overlap = request.param
+    yield request.param
+    assert not engine.has_work()
+    engine.overlap = False
+
+
+def run(engine, requests, add_later=(), round_tokens=3):
+    """requests: {id: (prompt, options)}; add_later: (after_step, id, prompt, options). -> {id: outputs}"""
+    out = {}
+    pending = [(0, rid, p, o) for rid, (p, o) in requests.items()] + sorted(add_later, key=lambda x: x[0])
+    step = 0
+    while engine.has_work() or pending:
+        while pending and pending[0][0] <= step and engine.free_slots:
+            _, rid, prompt, options = pending.pop(0)
+            engine.add(rid, prompt, options)
+            out[rid] = dict(tokens=[], logprobs=[], top=[], reason=None, outputs=0, steps=set())
+        for o in engine.step(max_tokens_per_round=round_tokens):
+            r = out[o.request_id]
+            assert r["reason"] is None, "outputs after the end"
+            r["tokens"] += o.token_ids
+            r["logprobs"] += o.logprobs or []
+            r["top"] += o.top_logprobs or []
+            r["outputs"] += 1
+            r["steps"].add(step)
+            if o.finished:
+                r["reason"] = o.finish_reason
+        step += 1
+    return out
+
+
+def next_token_logits(lm, prompt, tokens):
+    """Full-forward logits predicting each of `tokens` after `prompt` (padded to one length: one compile)."""
+    seq = np.zeros((1, CONTEXT), np.int32)
+    seq[0, : len(prompt) + len(tokens)] = list(prompt) + list(tokens)
+    return np.array(lm.logits(seq)[0, len(prompt) - 1 : len(prompt) - 1 + len(tokens)])
+
+
+def test_bitmask_helpers():
+    assert bitmask_words(64) == 2 and bitmask_words(65) == 3
+    mask = bitmask_of([0, 31, 32, 40], VOCAB)
+    assert mask.dtype == np.int32 and mask[0] == np.int32(-(2**31) + 1) and mask[1] == 1 + (1 << 8)
+    assert np.flatnonzero(allowed_tokens(mask, VOCAB)).tolist() == [0, 31, 32, 40]
+
+
+def test_constrained_and_free_requests_share_a_batch(lm, engine, overlap):
+    """Greedy constrained output is the argmax of the masked full-forward logits, reported logprobs stay the
+    model's; a sampled constrained request only emits allowed tokens; the unconstrained requests in the same
+    batch give what they give alone; a script ends its request ("stop"); nothing recompiles."""
+    free = SamplingOptions(max_new_tokens=16)
+    hot = SamplingOptions(max_new_tokens=16, temperature=1.0, seed=7)
+    alone = {
+        rid: run(engine, {rid: r})[rid] for rid, r in {"free": (PROMPTS[2], free), "hot": (PROMPTS[3], hot)}.items()
+    }
+    even = SamplingOptions(max_new_tokens=10, logprobs=3, constraint={"type": "even", "name": "even"})
+    even_hot = SamplingOptions(max_new_tokens=10, temperature=1.0, seed=3, constraint={"type": "even", "name": "hot"})
+    script = SamplingOptions(max_new_tokens=10, constraint={"type": "script", "tokens": [5, 9, 9, 1], "name": "s"})
+    # the free ones decode (overlapped, when on) before the constrained ones join, and after they leave
+    got = run(
+        engine,
+        {"free": (PROMPTS[2], free), "hot": (PROMPTS[3], hot)},
+        add_later=[
+            (1, "even", PROMPTS[0], even),
+            (1, "script", PROMPTS[1], script),
+            (2, "even_hot", PROMPTS[1], even_hot),
+        ],
+    )
+    for rid in ("free", "hot"):
+        assert (got[rid]["tokens"], got[rid]["reason"]) == (alone[rid]["tokens"], "length"), rid
+        assert got[rid]["steps"] & got["even"]["steps"] and got[rid]["steps"] & got["even_hot"]["steps"]
+    assert (got["script"]["tokens"], got["script"]["reason"]) == ([5, 9, 9, 1], "stop")
+    for rid, name in (("even", "even"), ("even_hot", "hot")):
+        tokens = got[rid]["tokens"]
+        assert len(tokens) == 10 and got[rid]["reason"] == "length" and all(t % 2 == 0 for t in tokens), tokens
+        assert BUILT[name].accepted == tokens
+    tokens = got["even"]["tokens"]
+    logits = next_token_logits(lm, PROMPTS[0], tokens)
+    masked = np.where(np.arange(VOCAB) % 2 == 0, logits, -np.inf)
+    assert tokens == masked.argmax(axis=-1).tolist()
+    assert (logits.argmax(axis=-1) % 2).any()  # the mask changed something
+    model_lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(got["even"]["logprobs"], model_lp[np.arange(10), tokens], atol=1e-4)
+    assert [[i for i, _ in top] for top in got["even"]["top"]] == np.argsort(-logits, axis=-1)[:, :3].tolist()
+    assert all(r["outputs"] == len(r["steps"]) for r in got.values())  # one StepOutput per request per step
+    for fn in (engine.admit_fn, engine.decode_fn):
+        assert fn._cache_size() == 1
+
+
+def test_a_constraint_ends_its_request(engine, overlap):
+    """A script ended by its first token, a mask empty from the start (no token at all) and one empty after
+    three tokens: each request stops ("stop") and frees its slot."""
+    got = run(
+        engine,
+        {
+            "one": (PROMPTS[1], SamplingOptions(max_new_tokens=5, constraint={"type": "script", "tokens": [8]})),
+            "none": (
+                PROMPTS[0],
+                SamplingOptions(max_new_tokens=5, logprobs=1, constraint={"type": "dead_end", "after": 0}),
+            ),
+            "three": (PROMPTS[2], SamplingOptions(max_new_tokens=5, constraint={"type": "dead_end", "after": 3})),
+        },
+    )
+    assert (got["one"]["tokens"], got["one"]["reason"]) == ([8], "stop")
+    assert (got["none"]["tokens"], got["none"]["reason"]) == ([], "stop")
+    assert len(got["three"]["tokens"]) == 3 and got["three"]["reason"] == "stop"
+    assert engine.free_slots == engine.max_batch
+
+
+def test_constraint_errors(lm, engine):
+    with pytest.raises(ValueError, match="'bad'.*could not be built.*unknown constraint type"):
+        engine.add("bad", [1, 2], SamplingOptions(constraint={"type": "regex"}))
+    assert engine.free_slots == engine.max_batch and not engine.has_work()
+    plain = Engine(lm, max_batch=1, max_context=16)
+    with pytest.raises(ValueError, match="no constraint_factory"):
+        plain.add("c", [1, 2], SamplingOptions(constraint={"type": "even"}))
+    with pytest.raises(ValueError, match="max_logit_bias=3"):
+        engine.add("b", [1], SamplingOptions(logit_bias={1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}))
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        engine.add("b", [1], SamplingOptions(logit_bias={VOCAB: 1.0}))
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_and_min_tokens(lm, engine, temperature):
+    """-100 bans the token the model would pick, +100 forces one; with min_tokens a stop token that +100
+    makes certain comes right after min_tokens tokens, never before."""
+    opts = dict(max_new_tokens=8, temperature=temperature, seed=5)
+    base = run(engine, {"base": (PROMPTS[0], SamplingOptions(**opts))})["base"]["tokens"]
+    banned = base[0]
+    stop = next(t for t in range(VOCAB) if t not in base)
+    got = run(
+        engine,
+        {
+            "ban": (PROMPTS[0], SamplingOptions(**opts, logit_bias={banned: -100})),
+            "force": (PROMPTS[1], SamplingOptions(**opts, logit_bias={"11": 100})),
+            "min": (PROMPTS[2], SamplingOptions(**opts, logit_bias={stop: 100}, stop_token_ids=(stop,), min_tokens=4)),
+            "min0": (PROMPTS[2], SamplingOptions(**opts, logit_bias={stop: 100}, stop_token_ids=(stop,))),
+        },
+    )
+    assert got["force"]["tokens"] == [11] * 8
+    assert (
+        got["min"]["tokens"][4:] == [stop] and stop not in got["min"]["tokens"][:4] and got["min"]["reason"] == "stop"
+    )
+    assert got["min0"]["tokens"] == [stop] and got["min0"]["reason"] == "stop"
+    ban = got["ban"]["tokens"]
+    assert banned not in ban and len(ban) == 8
+    if temperature == 0:
+        logits = next_token_logits(lm, PROMPTS[0], ban)
+        logits[:, banned] -= 100
+        assert ban == logits.argmax(axis=-1).tolist()
+        before_stop = got["min"]["tokens"][:4]
+        logits = next_token_logits(lm, PROMPTS[2], before_stop)
+        logits[:, stop] = -np.inf
+        assert before_stop == logits.argmax(axis=-1).tolist()
