@@ -255,7 +255,8 @@ def test_recursion_while_parsing_or_prompting_is_a_bad_line(engine, tokenizer, t
     assert set(read_results(tmp_path / "out.jsonl")) == {"ok1", "ok2"}
     reported = {int(m.split(":")[1]): m for m in logs if m.startswith(inp + ":")}
     assert sorted(reported) == [2, 3] and summary.skipped == 2 and summary.completed == 2
-    assert "nested too deeply to parse" in reported[2] and "too deeply to render the chat template" in reported[3]
+    # line 3: the chat template's own depth bound (text.py) refuses it before rendering could recurse
+    assert "nested too deeply to parse" in reported[2] and "nest deeper than 200 levels" in reported[3]
 
 
 def test_cli_strict_fails_before_loading_the_model(tmp_path, capsys):
