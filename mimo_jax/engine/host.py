@@ -41,6 +41,11 @@ class StepOutput:
     # speculation, per target forward (verify) that produced these tokens: drafts accepted, drafts proposed
     accepted: list[int] = dataclasses.field(default_factory=list)
     drafts: list[list[int]] = dataclasses.field(default_factory=list)
+    # requests with `prompt_logprobs`, in their first output: per prompt token, its model logprob given the
+    # tokens before it, its rank in that distribution, and the top-N (id, logprob); None for the first token
+    prompt_logprobs: list[float | None] | None = None
+    prompt_ranks: list[int | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -52,12 +57,14 @@ class _Request:
     prefilled: int = 0  # prompt tokens already in the cache
     history: jax.Array | None = None  # the prompt's last hidden states so far (prefill_fn's `history`)
     decoding: bool = False
+    scores: list = dataclasses.field(default_factory=list)  # prompt_logprobs: (chunk length, PromptScores) per chunk
 
 
 @dataclasses.dataclass
 class _Launched:
-    """One step's work on the device, not yet read: admissions' first tokens, the decode round, and the
-    slots' requests when it was launched (to drop what was cancelled or replaced before it is read)."""
+    """One step's work on the device, not yet read: admissions' first tokens (slot, first, reason, prompt
+    scores; first and reason None for a prefill-only request), the decode round, and the slots' requests when
+    it was launched (to drop what was cancelled or replaced before it is read)."""
 
     admitted: list
     round_out: Any
@@ -173,6 +180,7 @@ class Engine:
         self.cache = jax.jit(steps.make_cache, out_shardings=shardings(steps.cache))()
         self.state = jax.jit(steps.make_state, out_shardings=shardings(steps.state))()
         self.prefill_fn = steps.prefill
+        self.prefill_logprobs_fn = steps.prefill_logprobs  # requests with prompt_logprobs
         self.admit_fn = steps.admit
         self.decode_fn = steps.decode
         self.greedy_decode_fn = steps.greedy_decode
@@ -235,11 +243,12 @@ class Engine:
                 f"request {request_id!r}: {len(sampling.stop_token_ids)} stop tokens, "
                 f"more than the engine's max_stop_ids={self.max_stop_ids}"
             )
-        if (sampling.logprobs or 0) > self.max_top_logprobs:
-            raise ValueError(
-                f"request {request_id!r}: logprobs={sampling.logprobs} exceeds "
-                f"the engine's max_top_logprobs={self.max_top_logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(sampling, name) or 0) > self.max_top_logprobs:
+                raise ValueError(
+                    f"request {request_id!r}: {name}={getattr(sampling, name)} exceeds "
+                    f"the engine's max_top_logprobs={self.max_top_logprobs}"
+                )
         return prompt.astype(np.int32)
 
     def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
@@ -289,8 +298,11 @@ class Engine:
         )
 
     # ---------------------------------------------------------------- running
-    def _prefill_some(self, token_budget: int) -> list[tuple[int, Any, Any]]:
-        """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts."""
+    def _prefill_some(self, token_budget: int) -> list[tuple[int, Any, Any, Any]]:
+        """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts.
+
+        Requests with `prompt_logprobs` run the scoring prefill; those with max_new_tokens=0 are not admitted
+        (prefill only: `_collect` finishes them with "length")."""
         admitted = []
         spent = 0
         while self._prefill_queue and (spent == 0 or spent < token_budget):
@@ -302,26 +314,29 @@ class Engine:
             tokens = self.prefill_tokens(req.prompt, start, length, bucket)
             if start == 0:
                 req.history = jax.device_put(self.empty_history(), self._replicated)
-            self.cache, req.history = self.prefill_fn(
-                self.params,
-                self.cache,
-                jnp.int32(slot),
-                jnp.asarray(tokens),
-                jnp.int32(start),
-                jnp.int32(length),
-                req.history,
-            )
+                req.scores = []
+            args = (self.params, self.cache, jnp.int32(slot), jnp.asarray(tokens))
+            args += (jnp.int32(start), jnp.int32(length), req.history)
+            if req.options.prompt_logprobs is None:
+                self.cache, req.history = self.prefill_fn(*args)
+            else:
+                targets = self.steps.prompt_targets(req.prompt, start, length, bucket)
+                self.cache, req.history, scores = self.prefill_logprobs_fn(*args, jnp.asarray(targets))
+                req.scores.append((length, scores))
             req.prefilled += length
             spent += length
             if req.prefilled == req.prompt.size:
                 self._prefill_queue.popleft()
-                request = self._slot_request(req.prompt, req.options, req.seed)
-                self.state, first, reason = self.admit_fn(
-                    self.params, self.state, jnp.int32(slot), req.history, request
-                )
+                scores, req.scores = (req.scores if req.options.prompt_logprobs is not None else None), []
+                first = reason = None
+                if req.options.max_new_tokens > 0:
+                    request = self._slot_request(req.prompt, req.options, req.seed)
+                    self.state, first, reason = self.admit_fn(
+                        self.params, self.state, jnp.int32(slot), req.history, request
+                    )
+                    req.decoding = True
                 req.history = None
-                req.decoding = True
-                admitted.append((slot, first, reason))
+                admitted.append((slot, first, reason, scores))
         return admitted
 
     def step(self, max_tokens_per_round: int | None = None, prefill_tokens: int | None = None) -> list[StepOutput]:
@@ -371,15 +386,18 @@ class Engine:
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
+        prefilled_only = set()  # slots of requests with max_new_tokens=0, done with their prompt
+
+        def new_output(slot):
+            req = live[slot]
+            want_lp = req.options.logprobs is not None
+            return StepOutput(req.request_id, [], [] if want_lp else None, [] if want_lp else None, False, None)
 
         def emit(slot, tokens, logprobs, top_ids, top_logprobs):
             req = live[slot]
             out = results.get(slot)
             if out is None:
-                want_lp = req.options.logprobs is not None
-                out = results[slot] = StepOutput(
-                    req.request_id, [], [] if want_lp else None, [] if want_lp else None, False, None
-                )
+                out = results[slot] = new_output(slot)
             out.token_ids.extend(int(t) for t in tokens)
             if out.logprobs is not None:
                 k = req.options.logprobs
@@ -389,9 +407,16 @@ class Engine:
                     for ids, lps in zip(top_ids, top_logprobs, strict=True)
                 )
 
-        for slot, first, _ in host_admitted:
-            if live[slot] is not None:
+        for slot, first, _, scores in host_admitted:
+            if live[slot] is None:
+                continue
+            if first is None:
+                results[slot] = new_output(slot)
+                prefilled_only.add(slot)
+            else:
                 emit(slot, first.tokens, first.logprobs, first.top_ids, first.top_logprobs)
+            if scores is not None:
+                _add_prompt_scores(results[slot], scores, live[slot].options.prompt_logprobs)
         if host_round is not None:
             for slot in range(self.max_batch):
                 c = int(host_round.count[slot])
@@ -410,12 +435,27 @@ class Engine:
             if self.speculation is not None:
                 self.speculation.add(host_round.accepted, int(host_round.count.sum()))
         for slot, out in results.items():
-            if reasons[slot] != RUNNING:
+            if slot in prefilled_only or reasons[slot] != RUNNING:
                 out.finished = True
-                out.finish_reason = FINISH_REASONS[int(reasons[slot])]
+                out.finish_reason = "length" if slot in prefilled_only else FINISH_REASONS[int(reasons[slot])]
                 del self._by_id[out.request_id]
                 self._slots[slot] = None
         return list(results.values())
+
+
+def _add_prompt_scores(out: StepOutput, chunks: list, num_top: int) -> None:
+    """A request's prompt scores (host copies of its chunks' PromptScores, in order) into its first output:
+    position i of the prompt scored the token at i + 1; the first token has no score (None)."""
+    logprobs, ranks, tops = [None], [None], [None]
+    for length, scores in chunks:
+        logprobs.extend(float(x) for x in scores.logprobs[:length])
+        ranks.extend(int(r) for r in scores.ranks[:length])
+        tops.extend(
+            [(int(i), float(x)) for i, x in zip(ids[:num_top], lps[:num_top], strict=True)]
+            for ids, lps in zip(scores.top_ids[:length], scores.top_logprobs[:length], strict=True)
+        )
+    # the prompt's last position scored the first generated token (targets -1): not a prompt token's score
+    out.prompt_logprobs, out.prompt_ranks, out.prompt_top_logprobs = logprobs[:-1], ranks[:-1], tops[:-1]
 
 
 def to_host(tree: Any) -> Any:
