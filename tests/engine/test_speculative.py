@@ -147,3 +147,22 @@ def test_speculative_steps_must_fit_the_mtp_layers(lm):
     engine = Engine(lm, max_batch=1, max_context=16, speculative_steps=1)
     with pytest.raises(ValueError, match="the engine has 1"):
         mimo_jax.generate(lm, [[1, 2]], max_new_tokens=2, engine=engine)
+
+
+def test_prompt_logprobs_with_speculation(lm):
+    """The scoring prefill feeds the MTP layers as the plain one does (same tokens and drafts) and scores the
+    prompt as the full forward does."""
+    import jax
+
+    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=2)
+    plain, scored = SamplingOptions(max_new_tokens=12), SamplingOptions(max_new_tokens=12, prompt_logprobs=0)
+    want = run(engine, {"a": (LONG, plain)})["a"]
+    engine.add("b", LONG, scored)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step(max_tokens_per_round=3)
+    assert [t for o in outputs for t in o.token_ids] == want["tokens"]
+    assert [d for o in outputs for d in o.drafts] == want["drafts"]
+    ref = np.asarray(jax.nn.log_softmax(lm.logits(np.array([LONG]))[0], axis=-1))
+    assert outputs[0].prompt_logprobs[0] is None
+    np.testing.assert_allclose(outputs[0].prompt_logprobs[1:], ref[np.arange(len(LONG) - 1), LONG[1:]], atol=1e-4)
