@@ -214,6 +214,8 @@ def parse_line(text: str | bytes, line: int) -> Request | None:
         SamplingOptions(**{**settings, "seed": 0})  # range checks, with the defaults for what is left out
     except ValueError as e:
         raise InputError(line, str(e)) from None
+    if settings.get("max_new_tokens", 1) < 1:  # the engine's 0 (prefill only) scores prompts: not a batch result
+        raise InputError(line, f"max_new_tokens={settings['max_new_tokens']}: expected >= 1")
     return Request(
         line=line,
         id=rid,
@@ -626,6 +628,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     )
     SamplingOptions(**sampling)  # range checks
     check_seed(args.seed)
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens={args.max_tokens}: expected >= 1")
     if not isinstance(args.chat_template_kwargs, dict):
         raise ValueError("--chat-template-kwargs must be a JSON object")
     return RunSettings(

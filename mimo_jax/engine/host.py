@@ -47,6 +47,11 @@ class StepOutput:
     # speculation, per target forward (verify) that produced these tokens: drafts accepted, drafts proposed
     accepted: list[int] = dataclasses.field(default_factory=list)
     drafts: list[list[int]] = dataclasses.field(default_factory=list)
+    # requests with `prompt_logprobs`, in their first output: per prompt token, its model logprob given the
+    # tokens before it, its rank in that distribution, and the top-N (id, logprob); None for the first token
+    prompt_logprobs: list[float | None] | None = None
+    prompt_ranks: list[int | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -59,12 +64,14 @@ class _Request:
     history: jax.Array | None = None  # the prompt's last hidden states so far (prefill_fn's `history`)
     decoding: bool = False
     constraint: TokenConstraint | None = None  # built from options.constraint by the engine's factory
+    scores: list = dataclasses.field(default_factory=list)  # prompt_logprobs: (chunk length, PromptScores) per chunk
 
 
 @dataclasses.dataclass
 class _Launched:
-    """One step's work on the device, not yet read: admissions' first tokens, the decode round, and the
-    slots' requests when it was launched (to drop what was cancelled or replaced before it is read)."""
+    """One step's work on the device, not yet read: admissions' first tokens (slot, first, reason, prompt
+    scores; first and reason None for a prefill-only request), the decode round, and the slots' requests when
+    it was launched (to drop what was cancelled or replaced before it is read)."""
 
     admitted: list
     round_out: Any
@@ -189,6 +196,7 @@ class Engine:
         self.cache = jax.jit(steps.make_cache, out_shardings=shardings(steps.cache))()
         self.state = jax.jit(steps.make_state, out_shardings=shardings(steps.state))()
         self.prefill_fn = steps.prefill
+        self.prefill_logprobs_fn = steps.prefill_logprobs  # requests with prompt_logprobs
         self.admit_fn = steps.admit
         self.decode_fn = steps.decode
         self.greedy_decode_fn = steps.greedy_decode
@@ -255,11 +263,12 @@ class Engine:
                 f"request {request_id!r}: {len(sampling.stop_token_ids)} stop tokens, "
                 f"more than the engine's max_stop_ids={self.max_stop_ids}"
             )
-        if (sampling.logprobs or 0) > self.max_top_logprobs:
-            raise ValueError(
-                f"request {request_id!r}: logprobs={sampling.logprobs} exceeds "
-                f"the engine's max_top_logprobs={self.max_top_logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(sampling, name) or 0) > self.max_top_logprobs:
+                raise ValueError(
+                    f"request {request_id!r}: {name}={getattr(sampling, name)} exceeds "
+                    f"the engine's max_top_logprobs={self.max_top_logprobs}"
+                )
         bias = sampling.logit_bias or {}
         if len(bias) > self.max_logit_bias:
             raise ValueError(
@@ -337,9 +346,12 @@ class Engine:
         )
 
     # ---------------------------------------------------------------- running
-    def _prefill_some(self, token_budget: int) -> list[tuple[int, Any, Any]]:
-        """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts
-        (a constrained request whose constraint allows no first token ends instead: `_ended`)."""
+    def _prefill_some(self, token_budget: int) -> list[tuple[int, Any, Any, Any]]:
+        """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts.
+
+        Requests with `prompt_logprobs` run the scoring prefill; those with max_new_tokens=0 are not admitted
+        (prefill only: `_collect` finishes them with "length"); a constrained request whose constraint allows
+        no first token ends instead (`_ended`)."""
         admitted = []
         spent = 0
         while self._prefill_queue and (spent == 0 or spent < token_budget):
@@ -351,33 +363,36 @@ class Engine:
             tokens = self.prefill_tokens(req.prompt, start, length, bucket)
             if start == 0:
                 req.history = jax.device_put(self.empty_history(), self._replicated)
-            self.cache, req.history = self.prefill_fn(
-                self.params,
-                self.cache,
-                jnp.int32(slot),
-                jnp.asarray(tokens),
-                jnp.int32(start),
-                jnp.int32(length),
-                req.history,
-            )
+                req.scores = []
+            args = (self.params, self.cache, jnp.int32(slot), jnp.asarray(tokens))
+            args += (jnp.int32(start), jnp.int32(length), req.history)
+            if req.options.prompt_logprobs is None:
+                self.cache, req.history = self.prefill_fn(*args)
+            else:
+                targets = self.steps.prompt_targets(req.prompt, start, length, bucket)
+                self.cache, req.history, scores = self.prefill_logprobs_fn(*args, jnp.asarray(targets))
+                req.scores.append((length, scores))
             req.prefilled += length
             spent += length
             if req.prefilled == req.prompt.size:
                 self._prefill_queue.popleft()
-                allowed = self._allow_all_row
-                if req.constraint is not None:
-                    row = self._constraint_mask(req)
-                    if row is None:
-                        self._ended.append(self._end(slot, "stop"))
-                        continue
-                    allowed = jax.device_put(row, self._replicated)
-                request = self.slot_request(req.prompt, req.options, req.seed)
-                self.state, first, reason = self.admit_fn(
-                    self.params, self.state, jnp.int32(slot), req.history, request, allowed
-                )
+                scores, req.scores = (req.scores if req.options.prompt_logprobs is not None else None), []
+                first = reason = None
+                if req.options.max_new_tokens > 0:
+                    allowed = self._allow_all_row
+                    if req.constraint is not None:
+                        row = self._constraint_mask(req)
+                        if row is None:
+                            self._ended.append(self._end(slot, "stop"))
+                            continue
+                        allowed = jax.device_put(row, self._replicated)
+                    request = self.slot_request(req.prompt, req.options, req.seed)
+                    self.state, first, reason = self.admit_fn(
+                        self.params, self.state, jnp.int32(slot), req.history, request, allowed
+                    )
+                    req.decoding = True
                 req.history = None
-                req.decoding = True
-                admitted.append((slot, first, reason))
+                admitted.append((slot, first, reason, scores))
         return admitted
 
     def _constraint_mask(self, req: _Request) -> np.ndarray | None:
@@ -490,15 +505,18 @@ class Engine:
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
+        prefilled_only = set()  # slots of requests with max_new_tokens=0, done with their prompt
+
+        def new_output(slot):
+            req = live[slot]
+            want_lp = req.options.logprobs is not None
+            return StepOutput(req.request_id, [], [] if want_lp else None, [] if want_lp else None, False, None)
 
         def emit(slot, tokens, logprobs, top_ids, top_logprobs):
             req = live[slot]
             out = results.get(slot)
             if out is None:
-                want_lp = req.options.logprobs is not None
-                out = results[slot] = StepOutput(
-                    req.request_id, [], [] if want_lp else None, [] if want_lp else None, False, None
-                )
+                out = results[slot] = new_output(slot)
             out.token_ids.extend(int(t) for t in tokens)
             if out.logprobs is not None:
                 k = req.options.logprobs
@@ -508,9 +526,16 @@ class Engine:
                     for ids, lps in zip(top_ids, top_logprobs, strict=True)
                 )
 
-        for slot, first, _ in host_admitted:
-            if live[slot] is not None:
+        for slot, first, _, scores in host_admitted:
+            if live[slot] is None:
+                continue
+            if first is None:
+                results[slot] = new_output(slot)
+                prefilled_only.add(slot)
+            else:
                 emit(slot, first.tokens, first.logprobs, first.top_ids, first.top_logprobs)
+            if scores is not None:
+                _add_prompt_scores(results[slot], scores, live[slot].options.prompt_logprobs)
         if host_round is not None:
             for slot in range(self.max_batch):
                 c = int(host_round.count[slot])
@@ -533,7 +558,9 @@ class Engine:
             if constraint is not None:
                 for token in out.token_ids:
                     constraint.accept(token)
-            if reasons[slot] != RUNNING:
+            if slot in prefilled_only:
+                out.finish_reason = "length"
+            elif reasons[slot] != RUNNING:
                 out.finish_reason = FINISH_REASONS[int(reasons[slot])]
             elif constraint is not None and constraint.is_finished():
                 self.state = self.release_fn(self.state, jnp.int32(slot))
@@ -547,7 +574,8 @@ class Engine:
 
 
 def _merge(outputs: list[StepOutput]) -> list[StepOutput]:
-    """One StepOutput per request, its parts in order (a constrained step reads first tokens and a round apart)."""
+    """One StepOutput per request, its parts in order (a constrained step reads first tokens and a round apart);
+    the first part keeps the prompt's scores."""
     merged: dict[Any, StepOutput] = {}
     for out in outputs:
         into = merged.setdefault(out.request_id, out)
@@ -561,6 +589,21 @@ def _merge(outputs: list[StepOutput]) -> list[StepOutput]:
         into.drafts += out.drafts
         into.finished, into.finish_reason = out.finished, out.finish_reason
     return list(merged.values())
+
+
+def _add_prompt_scores(out: StepOutput, chunks: list, num_top: int) -> None:
+    """A request's prompt scores (host copies of its chunks' PromptScores, in order) into its first output:
+    position i of the prompt scored the token at i + 1; the first token has no score (None)."""
+    logprobs, ranks, tops = [None], [None], [None]
+    for length, scores in chunks:
+        logprobs.extend(float(x) for x in scores.logprobs[:length])
+        ranks.extend(int(r) for r in scores.ranks[:length])
+        tops.extend(
+            [(int(i), float(x)) for i, x in zip(ids[:num_top], lps[:num_top], strict=True)]
+            for ids, lps in zip(scores.top_ids[:length], scores.top_logprobs[:length], strict=True)
+        )
+    # the prompt's last position scored the first generated token (targets -1): not a prompt token's score
+    out.prompt_logprobs, out.prompt_ranks, out.prompt_top_logprobs = logprobs[:-1], ranks[:-1], tops[:-1]
 
 
 def to_host(tree: Any) -> Any:

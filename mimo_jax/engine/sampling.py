@@ -123,9 +123,10 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None  # None: the engine picks one; else any signed 64-bit integer (`check_seed`)
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # 0: prefill only (e.g. to score the prompt), then finish with "length"
     stop_token_ids: Sequence[int] = ()
     logprobs: int | None = None  # None: no logprobs; N >= 0: chosen-token logprob and the top-N
+    prompt_logprobs: int | None = None  # None: off; N >= 0: each prompt token's logprob (and rank) and the top-N
     min_tokens: int = 0  # stop_token_ids are banned until this many tokens were generated
     logit_bias: dict[int, float] | None = None  # {token id: value in [-100, 100]} added to the logits
     constraint: dict | None = None  # JSON-able spec for the engine's constraint_factory (constraints.py)
@@ -150,13 +151,14 @@ class SamplingOptions:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("max_new_tokens", isinstance(self.max_new_tokens, int | np.integer) and self.max_new_tokens >= 1, ">= 1"),
+            ("max_new_tokens", isinstance(self.max_new_tokens, int | np.integer) and self.max_new_tokens >= 0, ">= 0"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "None or >= 0"),
             (
                 "min_tokens",
                 isinstance(self.min_tokens, int | np.integer) and 0 <= self.min_tokens <= self.max_new_tokens,
                 f"an integer in [0, max_new_tokens={self.max_new_tokens}]",
             ),
+            ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "None or >= 0"),
         )
         for name, ok, want in checks:
             if not ok:

@@ -89,6 +89,18 @@ class IterationOutput:
     drafts: jax.Array  # [B, k] int32
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptScores:
+    """What the prompt-scoring prefill returns for one chunk of C positions: at position i, the model's
+    distribution over the token after it (the prompt's next token, `targets[i]`)."""
+
+    logprobs: jax.Array  # [C] float32, log-probability of targets[i] (meaningless where targets[i] < 0)
+    ranks: jax.Array  # [C] int32, 1 + tokens strictly more likely than targets[i]
+    top_ids: jax.Array  # [C, N] int32, the model's N most likely tokens
+    top_logprobs: jax.Array  # [C, N] float32
+
+
 def engine_cache(
     cfg: MiMoConfig, batch: int, cache_len: int, dtype: Any, speculative_steps: int = 0, extra_ring_slots: int = 0
 ) -> list[LayerKV]:

@@ -10,6 +10,11 @@ and go. Three functions do the work (the cache and slot state are donated):
   tokens after the chunk feed the MTP layers), attending against what the slot already holds.
   `history` rolls the prompt's last K hidden states through the chunks (K = 1 without
   speculation). Chunk lengths are bucketed (powers of two up to `prefill_chunk`).
+- `prefill_logprobs(..., history, targets[C]) -> (cache, history, PromptScores)`
+  (`prefill_logprobs_step`): the same chunk, also scoring the prompt: at each chunk position the
+  log-softmax of the lm_head at the prompt's next token (`targets`, which the host knows, so the
+  chunk's last position scores the next chunk's first token), its rank and the top-N. A separate
+  compiled function, run only for requests that ask for prompt logprobs.
 - `admit(params, state, slot, history, request, allowed[W]) -> (state, first, reason)` (`admit_step`):
   samples the first token from the prompt's last hidden state and starts the slot.
 - `decode(params, cache, state, num_steps, allowed[B, W]) -> (cache, state, RoundOutput)` (`decode_round`): a
@@ -50,6 +55,7 @@ from mimo_jax.engine.state import (
     MAX_STOP_IDS,
     RUNNING,
     IterationOutput,
+    PromptScores,
     RoundOutput,
     SlotRequest,
     SlotState,
@@ -82,7 +88,20 @@ def prefill_step(
     A chunk starting at 0 begins a new request: the slot's old keys are marked empty first.
     Returns the new cache and `history` [K, H] advanced by the chunk (the prompt's last K hidden states).
     """
-    model = nnx.merge(graphdef, params)
+    cache, history, _ = _prefill_chunk(nnx.merge(graphdef, params), cache, slot, tokens, start, length, history)
+    return cache, history
+
+
+def _prefill_chunk(
+    model: MiMoModel,
+    cache: list[LayerKV],
+    slot: jax.Array,
+    tokens: jax.Array,
+    start: jax.Array,
+    length: jax.Array,
+    history: jax.Array,
+) -> tuple[list[LayerKV], jax.Array, jax.Array]:
+    """`prefill_step`'s work; also returns the chunk's hidden states [1, C, H] (before the final norm)."""
     num_layers = len(model.layers)
     chunk = tokens.shape[0] - (len(cache) - num_layers)
     idx = jnp.arange(chunk, dtype=jnp.int32)
@@ -92,7 +111,38 @@ def prefill_step(
     mtp_rows = mtp_prefill(model, rows[num_layers:], hidden, tokens[None], positions)
     joined = jnp.concatenate([history, hidden[0].astype(history.dtype)], axis=0)
     history = jax.lax.dynamic_slice_in_dim(joined, length, history.shape[0], axis=0)
-    return write_slot(cache, target_rows + mtp_rows, slot), history
+    return write_slot(cache, target_rows + mtp_rows, slot), history, hidden
+
+
+def prefill_logprobs_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: list[LayerKV],
+    slot: jax.Array,
+    tokens: jax.Array,
+    start: jax.Array,
+    length: jax.Array,
+    history: jax.Array,
+    targets: jax.Array,
+    *,
+    num_top: int,
+) -> tuple[list[LayerKV], jax.Array, PromptScores]:
+    """`prefill_step`, and the prompt's scores: `targets` [C] holds, for each chunk position, the prompt's
+    next token (-1 where there is none: past the chunk, or the prompt's last token). Position i's
+    scores are the model's log-softmax (of the raw logits, as sampled tokens' logprobs are) at
+    targets[i], its rank and the top-`num_top` (static). The lm_head runs over the whole chunk:
+    C x vocab float32 logits."""
+    model = nnx.merge(graphdef, params)
+    cache, history, hidden = _prefill_chunk(model, cache, slot, tokens, start, length, history)
+    logprobs = jax.nn.log_softmax(model.logits(hidden)[0], axis=-1)  # [C, V] float32
+    chosen = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1, dtype=jnp.int32)
+    if num_top:
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+    else:
+        top_logprobs = jnp.zeros((logprobs.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((logprobs.shape[0], 0), jnp.int32)
+    return cache, history, PromptScores(chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)
 
 
 def admit_step(
@@ -312,6 +362,8 @@ class EngineSteps:
     the shardings the functions are called with): `steps.prefill.lower(*steps.prefill_args(chunk))`."""
 
     prefill: JitUnderMesh  # (params, cache, slot, tokens, start, length, history) -> (cache, history)
+    # (params, cache, slot, tokens, start, length, history, targets) -> (cache, history, PromptScores)
+    prefill_logprobs: JitUnderMesh
     admit: JitUnderMesh  # (params, state, slot, history, request, allowed) -> (state, first, finish reason [1])
     decode: JitUnderMesh  # (params, cache, state, num_steps, allowed) -> (cache, state, RoundOutput)
     greedy_decode: JitUnderMesh  # decode for rounds where every running request is greedy (decode itself if k = 0)
@@ -347,6 +399,11 @@ class EngineSteps:
         shape = batch + (bitmask_words(self.vocab_size),)
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.replicated)
 
+    def prefill_logprobs_args(self, chunk: int) -> tuple:
+        """Abstract arguments of `prefill_logprobs` for a chunk of `chunk` tokens."""
+        targets = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=self.replicated)
+        return self.prefill_args(chunk) + (targets,)
+
     def admit_args(self) -> tuple:
         """Abstract arguments of `admit`."""
         return (self.params, self.state, self._scalar(), self._history(), self.request, self._allowed())
@@ -373,6 +430,15 @@ class EngineSteps:
         after = prompt[start + length : start + length + k]
         tokens[length : length + after.size] = after
         return tokens
+
+    @staticmethod
+    def prompt_targets(prompt: np.ndarray, start: int, length: int, bucket: int) -> np.ndarray:
+        """prefill_logprobs' `targets` for prompt[start : start+length] padded to `bucket`: the token after
+        each position (-1 after the prompt's last token and in the padding)."""
+        targets = np.full((bucket,), -1, np.int32)
+        after = prompt[start + 1 : start + length + 1]
+        targets[: after.size] = after
+        return targets
 
 
 def build_steps(
@@ -429,6 +495,11 @@ def build_steps(
     def prefill(params, cache, slot, tokens, start, length, history):
         return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
 
+    def prefill_logprobs(params, cache, slot, tokens, start, length, history, targets):
+        return prefill_logprobs_step(
+            graphdef, params, cache, slot, tokens, start, length, history, targets, num_top=max_top_logprobs
+        )
+
     def admit(params, state, slot, history, request, allowed):
         return admit_step(
             graphdef,
@@ -471,6 +542,8 @@ def build_steps(
     decode_fn = jit(decode, (1, 2), decode_out)
     return EngineSteps(
         prefill=jit(prefill, (1,), (cache_sharding, replicated)),
+        # compiled (per chunk length) on the first request that asks for prompt logprobs
+        prefill_logprobs=jit(prefill_logprobs, (1,), (cache_sharding, replicated, replicated)),
         admit=jit(admit, (1,), (state_sharding, None, None)),
         decode=decode_fn,
         # Speculation when every running request is greedy (the host knows): drafts and verify compare

@@ -24,6 +24,16 @@ log = logging.getLogger("mimo_jax.serve")
 
 # ---------------------------------------------------------------------------- one choice's output
 @dataclasses.dataclass
+class PromptLogprobs:
+    """A sequence's prompt scores, per prompt token (None for the first): its model logprob given the tokens
+    before it, its rank, and the top-N (id, logprob) of that distribution."""
+
+    logprobs: list[float | None]
+    ranks: list[int | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclasses.dataclass
 class Piece:
     """What one event added to one choice."""
 
@@ -32,6 +42,7 @@ class Piece:
     calls: list[ParsedToolCall] = dataclasses.field(default_factory=list)
     tokens: list[tuple[int, float, list[tuple[int, float]]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    prompt: PromptLogprobs | None = None  # with the choice's first piece, when the prompt was scored
 
 
 class ChoiceOutput:
@@ -58,6 +69,7 @@ class ChoiceOutput:
         self.reasoning_text: list[str] = []
         self.calls: list[ParsedToolCall] = []
         self.token_log: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.prompt: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,6 +83,10 @@ class ChoiceOutput:
         piece = Piece()
         if self.finished:
             return piece
+        if event.prompt_logprobs is not None:
+            piece.prompt = self.prompt = PromptLogprobs(
+                event.prompt_logprobs, event.prompt_ranks, event.prompt_top_logprobs
+            )
         ids = list(event.token_ids)
         stop_token = event.finish_reason == "stop" and ids and ids[-1] in self.stop_ids
         visible = ids[:-1] if stop_token else ids
@@ -265,6 +281,58 @@ def _completion_logprobs(server: Server, tokens: list, want: bool, offset: int) 
     return out
 
 
+def _prompt_completion_logprobs(
+    server: Server, prompt_ids: list[int], prompt: PromptLogprobs | None, top: int
+) -> P.CompletionLogprobs:
+    """The prompt's part of echo + logprobs (OpenAI's legacy format): its tokens, their logprobs and top-N
+    (null for the first token), offsets from 0 (each token's text follows the one before)."""
+    tok = server.tokenizer
+    out = P.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    offset = 0
+    for k, t in enumerate(prompt_ids):
+        text = tok.token_text(t)
+        tops = None if prompt is None else prompt.top[k]
+        out.tokens.append(text)
+        out.token_logprobs.append(None if prompt is None else prompt.logprobs[k])
+        out.top_logprobs.append(None if tops is None else {tok.token_text(i): x for i, x in tops[:top]})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _end_offset(logprobs: P.CompletionLogprobs) -> int:
+    return logprobs.text_offset[-1] + len(logprobs.tokens[-1]) if logprobs.tokens else 0
+
+
+def _joined(head: P.CompletionLogprobs, tail: P.CompletionLogprobs) -> P.CompletionLogprobs:
+    return P.CompletionLogprobs(
+        tokens=head.tokens + tail.tokens,
+        token_logprobs=head.token_logprobs + tail.token_logprobs,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+        text_offset=head.text_offset + tail.text_offset,
+    )
+
+
+def _vllm_prompt_logprobs(
+    server: Server, prompt_ids: list[int], prompt: PromptLogprobs | None, top: int
+) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: None for the first token, then per prompt token a map token id (a string in
+    JSON) -> {logprob, rank, decoded_token}: the token itself, then the top-N (ranks 1..N)."""
+    tok = server.tokenizer
+    entry = lambda lp, rank, t: {"logprob": lp, "rank": rank, "decoded_token": tok.token_text(t)}
+    out: list[dict[str, dict] | None] = [None]
+    for k in range(1, len(prompt_ids)):
+        if prompt is None:
+            out.append(None)
+            continue
+        t = prompt_ids[k]
+        scores = {str(t): entry(prompt.logprobs[k], prompt.ranks[k], t)}
+        for rank, (i, x) in enumerate(prompt.top[k][:top], 1):
+            scores.setdefault(str(i), entry(x, rank, i))
+        out.append(scores)
+    return out
+
+
 # ---------------------------------------------------------------------------- chat
 def _tool_call_out(call: ParsedToolCall) -> P.ToolCallOut:
     return P.ToolCallOut(id=call.id, function=P.FunctionCallOut(name=call.name, arguments=call.arguments_json()))
@@ -288,12 +356,17 @@ def chat_response(server: Server, req: P.ChatCompletionRequest, job: Job) -> P.C
                 finish_reason=c.finish_reason,
             )
         )
+    extra = {}
+    if req.prompt_logprobs is not None:  # vLLM's extension: one list for the request (its one prompt)
+        prompt_ids, prompt = job.sequences[0].prompt_ids, job.choices[0].prompt
+        extra["prompt_logprobs"] = _vllm_prompt_logprobs(server, prompt_ids, prompt, req.prompt_logprobs)
     return P.ChatCompletion(
         id=job.id_prefix.replace("req", "chatcmpl", 1),
         created=P.now(),
         model=server.model_name,
         choices=choices,
         usage=job.usage(),
+        **extra,
     )
 
 
@@ -357,19 +430,31 @@ def chat_stream(server: Server, req: P.ChatCompletionRequest, job: Job) -> Async
 
 # ---------------------------------------------------------------------------- completions
 def completion_response(server: Server, req: P.CompletionRequest, job: Job, echo: list[str]) -> P.Completion:
+    choices = []
+    for c in job.choices:
+        prompt_ids = job.sequences[c.index].prompt_ids
+        if req.echo and req.logprobs is not None:  # the prompt's tokens first (the first one's logprob null)
+            head = _prompt_completion_logprobs(server, prompt_ids, c.prompt, req.logprobs)
+            logprobs = _joined(head, _completion_logprobs(server, c.token_log, True, _end_offset(head)))
+        else:
+            logprobs = _completion_logprobs(server, c.token_log, req.logprobs is not None, len(echo[c.index]))
+        extra = {}
+        if req.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = _vllm_prompt_logprobs(server, prompt_ids, c.prompt, req.prompt_logprobs)
+        choices.append(
+            P.CompletionChoice(
+                index=c.index,
+                text=echo[c.index] + "".join(c.content),
+                logprobs=logprobs,
+                finish_reason=c.finish_reason,
+                **extra,
+            )
+        )
     return P.Completion(
         id=job.id_prefix.replace("req", "cmpl", 1),
         created=P.now(),
         model=server.model_name,
-        choices=[
-            P.CompletionChoice(
-                index=c.index,
-                text=echo[c.index] + "".join(c.content),
-                logprobs=_completion_logprobs(server, c.token_log, req.logprobs is not None, len(echo[c.index])),
-                finish_reason=c.finish_reason,
-            )
-            for c in job.choices
-        ],
+        choices=choices,
         usage=job.usage(),
     )
 
@@ -378,6 +463,9 @@ def completion_stream(server: Server, req: P.CompletionRequest, job: Job, echo: 
     cid, created = job.id_prefix.replace("req", "cmpl", 1), P.now()
     include_usage, continuous = _usage_options(req)
     offsets = [len(e) for e in echo]
+    # echo + logprobs: the echoed prompt comes with its tokens' logprobs, known once the prompt is prefilled, so in
+    # the choice's first chunk (with its first tokens) rather than in an opening chunk
+    echo_logprobs = req.echo and req.logprobs is not None
 
     def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> dict:
         body = P.Completion(id=cid, created=created, model=server.model_name, choices=choices).model_dump()
@@ -389,23 +477,26 @@ def completion_stream(server: Server, req: P.CompletionRequest, job: Job, echo: 
         return body
 
     opening = [
-        chunk([P.CompletionChoice(index=i, text=text, finish_reason=None)]) for i, text in enumerate(echo) if text
+        chunk([P.CompletionChoice(index=i, text=text, finish_reason=None)])
+        for i, text in enumerate(echo)
+        if text and not echo_logprobs
     ]
 
     def chunks(choice: ChoiceOutput, piece: Piece) -> list[dict]:
-        if not (piece.content or piece.tokens or piece.finish_reason):
+        head, text = None, piece.content
+        if echo_logprobs and piece.prompt is not None:
+            prompt_ids = job.sequences[choice.index].prompt_ids
+            head = _prompt_completion_logprobs(server, prompt_ids, piece.prompt, req.logprobs)
+            offsets[choice.index] = _end_offset(head)
+            text = echo[choice.index] + text
+        elif not (piece.content or piece.tokens or piece.finish_reason):
             return []
         logprobs = _completion_logprobs(server, piece.tokens, req.logprobs is not None, offsets[choice.index])
+        if head is not None:
+            logprobs = _joined(head, logprobs)
         offsets[choice.index] += len(piece.content)
-        return [
-            chunk(
-                [
-                    P.CompletionChoice(
-                        index=choice.index, text=piece.content, logprobs=logprobs, finish_reason=piece.finish_reason
-                    )
-                ]
-            )
-        ]
+        out = P.CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=piece.finish_reason)
+        return [chunk([out])]
 
     def closing() -> list[dict]:
         return [chunk([], job.usage())] if include_usage else []

@@ -115,6 +115,7 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # extension (vLLM's)
 
     @field_validator("seed")
     @classmethod

@@ -98,13 +98,16 @@ class Server:
         if bad:
             raise P.invalid(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt", "invalid_value")
 
-    def max_new_tokens(self, requested: int | None, param: str, prompt_len: int, default: int | None) -> int:
+    def max_new_tokens(
+        self, requested: int | None, param: str, prompt_len: int, default: int | None, minimum: int = 1
+    ) -> int:
+        """`minimum` 0: the request may only prefill (a completion that echoes or scores its prompt)."""
         ctx = self.limits.max_context
         room = ctx - prompt_len
         if requested is None:
             return room if default is None else min(default, room)
-        if requested <= 0:
-            raise P.invalid(f"'{param}' must be at least 1, got {requested}", param, "invalid_value")
+        if requested < minimum:
+            raise P.invalid(f"'{param}' must be at least {minimum}, got {requested}", param, "invalid_value")
         if requested > room:
             raise P.invalid(
                 f"This model's maximum context length is {ctx} tokens. However, you requested "
@@ -140,7 +143,23 @@ class Server:
                 "invalid_value",
             )
 
-    def sampling_options(self, req: P.SamplingFields, max_new: int, stop_ids: tuple[int, ...], logprobs, seed):
+    def check_prompt_logprobs(self, req: P.SamplingFields) -> None:
+        if req.prompt_logprobs is None:
+            return
+        if req.stream:  # as vLLM
+            message = "'prompt_logprobs' is not available with stream=true"
+            raise P.invalid(message, "prompt_logprobs", "unsupported_value")
+        self.check_logprobs(req.prompt_logprobs, "prompt_logprobs")
+
+    def sampling_options(
+        self,
+        req: P.SamplingFields,
+        max_new: int,
+        stop_ids: tuple[int, ...],
+        logprobs,
+        seed,
+        prompt_logprobs: int | None = None,
+    ):
         from mimo_jax.engine.sampling import SamplingOptions
 
         pick = lambda value, name: self.defaults[name] if value is None else value
@@ -156,6 +175,7 @@ class Server:
             max_new_tokens=max_new,
             stop_token_ids=stop_ids,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def token_bytes(self, token_id: int) -> list[int]:
@@ -232,6 +252,7 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
     max_new = server.max_new_tokens(requested, param, len(prompt_ids), None)
     top = (req.top_logprobs or 0) if req.logprobs else None
     server.check_logprobs(top, "top_logprobs")
+    server.check_prompt_logprobs(req)
     stop_ids = server.stop_ids(req)
     # The prompt may already open the thinking block (the template wrote `<think>`).
     in_reasoning = server.reasoning and prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
@@ -248,7 +269,7 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
                 ToolCallParser(tools) if use_tools else None,
             )
         )
-        options.append(server.sampling_options(req, max_new, stop_ids, top, _seed(req.seed, i)))
+        options.append(server.sampling_options(req, max_new, stop_ids, top, _seed(req.seed, i), req.prompt_logprobs))
     job = Job(server, choices, [prompt_ids] * req.n, options)
     job.prompt_tokens = len(prompt_ids)
     return job, prompt
@@ -267,9 +288,12 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
         raise P.invalid("'suffix' is not supported", "suffix", "unsupported_value")
     if req.best_of is not None and req.best_of != req.n:
         raise P.invalid("'best_of' other than n is not supported", "best_of", "unsupported_value")
-    if req.echo and req.logprobs is not None:
-        raise P.invalid("echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_value")
     server.check_logprobs(req.logprobs, "logprobs")
+    server.check_prompt_logprobs(req)
+    # The prompt is scored for echo + logprobs (OpenAI's legacy format: the prompt tokens' logprobs come first)
+    # and for prompt_logprobs (vLLM's): the engine computes the larger top-N of the two.
+    wanted = [n for n in (req.logprobs if req.echo else None, req.prompt_logprobs) if n is not None]
+    scores = max(wanted) if wanted else None
     stop_ids = server.stop_ids(req)
     given = req.prompts()
     # Cheap checks of every prompt before any is tokenized.
@@ -285,8 +309,11 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
         server.check_prompt(ids, "prompt")
         prompts.append(ids)
         texts.append(p if isinstance(p, str) else server.tokenizer.decode(ids, req.skip_special_tokens))
+    # max_tokens 0 (lm-eval's loglikelihood requests): only the prompt, when it comes back (echo) or is scored
+    minimum = 0 if req.echo or req.prompt_logprobs is not None else 1
     max_news = [
-        server.max_new_tokens(req.max_tokens, "max_tokens", len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS) for ids in prompts
+        server.max_new_tokens(req.max_tokens, "max_tokens", len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, minimum)
+        for ids in prompts
     ]
     choices, seq_prompts, options = [], [], []
     for k, ids in enumerate(prompts):
@@ -294,7 +321,8 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
             i = k * req.n + j
             choices.append(ChoiceOutput(i, server.tokenizer, req.stop_strings(), stop_ids, req.skip_special_tokens))
             seq_prompts.append(ids)
-            options.append(server.sampling_options(req, max_news[k], stop_ids, req.logprobs, _seed(req.seed, i)))
+            seed = _seed(req.seed, i)
+            options.append(server.sampling_options(req, max_news[k], stop_ids, req.logprobs, seed, scores))
     job = Job(server, choices, seq_prompts, options)
     job.prompt_tokens = sum(len(ids) for ids in prompts)
     echo = [texts[i // req.n] if req.echo else "" for i in range(len(choices))]

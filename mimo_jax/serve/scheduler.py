@@ -50,6 +50,11 @@ class Tokens:
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str | None  # None while running; "stop" | "length"
+    # requests with prompt_logprobs, in their first event: per prompt token (None for the first) its logprob,
+    # rank and the top-N (id, logprob), as the engine's StepOutput has them
+    prompt_logprobs: list[float | None] | None = None
+    prompt_ranks: list[int | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -150,7 +155,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ lifecycle
     def warmup(self) -> None:
-        """Compile every shape the server will run (each prefill bucket, admit, decode, cancel) before serving.
+        """Compile every shape the server will run (each prefill bucket, plain and scoring the prompt, admit,
+        decode, cancel) before serving.
 
         Deterministic, so on a multi-host run every process runs it itself.
         """
@@ -161,13 +167,16 @@ class Scheduler:
         longest = max(1, engine.max_context - 2)
         bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
         lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
-        for start in range(0, len(lengths), engine.max_batch):
-            plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
-            for i, n in enumerate(lengths[start : start + engine.max_batch]):
-                plan.add_request(f"warmup-{start + i}", [0] * n, options)
-            driver.run(plan)
-            while engine.has_work():
-                driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+        # The prompt-scoring prefill (echo + logprobs, prompt_logprobs) is a function of its own: each bucket too.
+        scoring = SamplingOptions(max_new_tokens=0, seed=0, prompt_logprobs=engine.max_top_logprobs)
+        for name, opts in (("warmup", options), ("warmup-scoring", scoring)):
+            for start in range(0, len(lengths), engine.max_batch):
+                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
+                for i, n in enumerate(lengths[start : start + engine.max_batch]):
+                    plan.add_request(f"{name}-{start + i}", [0] * n, opts)
+                driver.run(plan)
+                while engine.has_work():
+                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
         plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
         plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
         driver.run(plan)
@@ -282,7 +291,11 @@ class Scheduler:
                 seq.last_token_at = now
                 seq.generated += n
             reason = out.finish_reason if out.finished else None
-            deliveries.append((seq.deliver, Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason)))
+            event = Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason)
+            if getattr(out, "prompt_logprobs", None) is not None:
+                event.prompt_logprobs, event.prompt_ranks = out.prompt_logprobs, out.prompt_ranks
+                event.prompt_top_logprobs = out.prompt_top_logprobs
+            deliveries.append((seq.deliver, event))
             if out.finished:
                 finished.append(out.request_id)
                 self.metrics.on_finish(reason or "stop", now - seq.arrival)

@@ -292,6 +292,8 @@ def test_request_seeds_and_ids():
         assert str(error.value) == str(rule.value)
     with pytest.raises(batch.InputError, match="not valid UTF-8"):
         batch.parse_line(b'{"id": 1, "prompt": "\xff"}', 4)
+    with pytest.raises(batch.InputError, match="max_new_tokens=0: expected >= 1"):  # the engine's 0 only prefills
+        batch.parse_line(json.dumps({"id": 1, "prompt": "x", "max_tokens": 0}), 1)
 
 
 def test_deeply_nested_lines_are_input_errors():

@@ -242,3 +242,75 @@ def test_bad_requests_are_rejected(engine):
     for i in range(3):
         assert engine.cancel(i)
     assert engine.free_slots == 3 and not engine.has_work()
+
+
+def forward_scores(lm, prompt):
+    """The full forward's log-softmax [P, V] over a prompt: row i is the distribution of token i + 1."""
+    return np.asarray(jax.nn.log_softmax(lm.logits(np.array([prompt]))[0], axis=-1))
+
+
+def assert_prompt_scores(lm, out, prompt, num_top):
+    """A request's prompt scores against the full forward: token i's logprob (given tokens < i), rank, top-N."""
+    ref = forward_scores(lm, prompt)
+    n = len(prompt)
+    assert len(out.prompt_logprobs) == len(out.prompt_ranks) == len(out.prompt_top_logprobs) == n
+    assert out.prompt_logprobs[0] is None and out.prompt_ranks[0] is None and out.prompt_top_logprobs[0] is None
+    want = ref[np.arange(n - 1), prompt[1:]]
+    np.testing.assert_allclose(out.prompt_logprobs[1:], want, rtol=1e-5, atol=1e-5)
+    assert out.prompt_ranks[1:] == [int(1 + (ref[i] > want[i]).sum()) for i in range(n - 1)]
+    for i, top in enumerate(out.prompt_top_logprobs[1:]):
+        order = np.argsort(-ref[i], kind="stable")[:num_top]
+        assert [t for t, _ in top] == order.tolist()
+        np.testing.assert_allclose([x for _, x in top], ref[i, order], rtol=1e-5, atol=1e-5)
+        if out.prompt_ranks[i + 1] == 1:  # the token is the argmax: the same float (lm-eval's is_greedy)
+            assert top[0][1] == out.prompt_logprobs[i + 1]
+
+
+def test_prompt_logprobs_equal_full_forward(lm, engine, overlap):
+    """Prompt scores over chunks of 4 (the last one padded) equal the full forward's log-softmax at the next
+    prompt token; they come with the first output; the tokens are those of a request without them; max_new_tokens=0
+    prefills only and finishes with "length" and no tokens."""
+    long_prompt = (PROMPTS[0] + PROMPTS[2] + PROMPTS[0])[:37]  # 10 chunks, the last of 1 token
+    plain = SamplingOptions(max_new_tokens=5)
+    want = run_all(engine, {"a": (PROMPTS[0], plain), "b": (long_prompt, plain)})
+    requests = {
+        "a": (PROMPTS[0], SamplingOptions(max_new_tokens=5, prompt_logprobs=3)),
+        "b": (long_prompt, SamplingOptions(max_new_tokens=5, prompt_logprobs=0, logprobs=2)),
+        "c": (PROMPTS[2], SamplingOptions(max_new_tokens=0, prompt_logprobs=4)),
+        "d": ([7], SamplingOptions(max_new_tokens=0, prompt_logprobs=1)),
+    }
+    later = ["d"]  # three slots: d takes the first one freed
+    for rid in "abc":
+        engine.add(rid, *requests[rid])
+    outputs = {rid: [] for rid in requests}
+    while engine.has_work() or later:
+        if later and engine.free_slots:
+            engine.add(later[0], *requests[later.pop()])
+        for o in engine.step(max_tokens_per_round=2, prefill_tokens=8):
+            outputs[o.request_id].append(o)
+    for rid in "ab":
+        first, *rest = outputs[rid]
+        assert [t for o in outputs[rid] for t in o.token_ids] == want[rid][0]
+        assert outputs[rid][-1].finish_reason == "length"
+        assert all(o.prompt_logprobs is None for o in rest)
+        prompt, opts = requests[rid]
+        assert_prompt_scores(engine.lm, first, prompt, opts.prompt_logprobs)
+    for rid in "cd":
+        (only,) = outputs[rid]
+        assert only.token_ids == [] and only.finished and only.finish_reason == "length"
+        assert_prompt_scores(engine.lm, only, requests[rid][0], requests[rid][1].prompt_logprobs)
+    assert outputs["d"][0].prompt_logprobs == [None]
+    assert not run_all(engine, {"e": (PROMPTS[1], plain)})["e"][0] == []  # the slots are reusable
+
+
+def test_prompt_logprobs_over_bucket_sizes(lm):
+    """Chunks of 32 and a last one padded to the 16 bucket, and more than one window: the same scores."""
+    eng = Engine(lm, max_batch=1, max_context=64, prefill_chunk=32, max_round_tokens=2, max_top_logprobs=2)
+    prompt = (PROMPTS[0] * 4)[:45]
+    eng.add("p", prompt, SamplingOptions(max_new_tokens=0, prompt_logprobs=2))
+    (out,) = eng.step(prefill_tokens=64)
+    assert out.finished and out.token_ids == []
+    assert_prompt_scores(lm, out, prompt, 2)
+    assert eng.prefill_logprobs_fn._cache_size() == 2 and eng.prefill_fn._cache_size() == 0
+    with pytest.raises(ValueError, match="prompt_logprobs=3 exceeds"):
+        eng.add("q", prompt, SamplingOptions(prompt_logprobs=3))

@@ -1,11 +1,13 @@
 """The engine on a (data, tensor, expert) mesh of 8 CPU devices gives the single-device tokens."""
 
 import jax
+import numpy as np
 from flax import nnx
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine.host import Engine
+from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.model.mimo import MiMoModel
 from mimo_jax.sharding import make_mesh
 from tests.fixtures import TINY
@@ -25,6 +27,14 @@ def test_sharded_engine_equals_single_device():
     want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
     got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    # Prompt scores on the mesh (lm_head over a chunk, vocab split over tensor) equal the plain forward's.
+    prompt = prompts[0] + prompts[3]  # 15 tokens: chunks of 4, the last padded
+    engine.add("scored", prompt, SamplingOptions(max_new_tokens=0, prompt_logprobs=0))
+    (out,) = engine.step(prefill_tokens=64)
+    ref = np.asarray(jax.nn.log_softmax(plain.logits(np.array([prompt]))[0], axis=-1))
+    assert out.finished and out.prompt_logprobs[0] is None
+    np.testing.assert_allclose(out.prompt_logprobs[1:], ref[np.arange(14), prompt[1:]], rtol=1e-5, atol=1e-5)
+    assert out.prompt_top_logprobs[1:] == [[]] * 14
 
 
 def test_steps_compile_once_whatever_the_parameter_layout():

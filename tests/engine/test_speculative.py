@@ -183,3 +183,22 @@ def test_logit_bias_and_min_tokens_with_speculation(lm):
     with pytest.raises(ValueError, match=r"not supported with speculative decoding \(--speculative-steps\)"):
         engine.add("c", LONG, SamplingOptions(constraint={"type": "json_object"}))
     assert not engine.has_work()
+
+
+def test_prompt_logprobs_with_speculation(lm):
+    """The scoring prefill feeds the MTP layers as the plain one does (same tokens and drafts) and scores the
+    prompt as the full forward does."""
+    import jax
+
+    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=2)
+    plain, scored = SamplingOptions(max_new_tokens=12), SamplingOptions(max_new_tokens=12, prompt_logprobs=0)
+    want = run(engine, {"a": (LONG, plain)})["a"]
+    engine.add("b", LONG, scored)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step(max_tokens_per_round=3)
+    assert [t for o in outputs for t in o.token_ids] == want["tokens"]
+    assert [d for o in outputs for d in o.drafts] == want["drafts"]
+    ref = np.asarray(jax.nn.log_softmax(lm.logits(np.array([LONG]))[0], axis=-1))
+    assert outputs[0].prompt_logprobs[0] is None
+    np.testing.assert_allclose(outputs[0].prompt_logprobs[1:], ref[np.arange(len(LONG) - 1), LONG[1:]], atol=1e-4)

@@ -353,6 +353,125 @@ def test_seeds_are_64_bit_and_used_whole(served):
             assert error["param"] == "seed" and str(rule.value) in error["message"], error
 
 
+def _forward_scores(served, ids):
+    """The full forward's log-softmax over a prompt (the same checkpoint, loaded here): row i scores token i + 1."""
+    import jax
+
+    return np.asarray(jax.nn.log_softmax(served.lm.logits(np.array([ids]))[0], axis=-1))
+
+
+def _streamed_completions(served, body) -> dict[int, dict]:
+    """A streamed /v1/completions answer put back together per choice: text, finish_reason, logprobs lists."""
+    with served.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    out: dict[int, dict] = {}
+    for event in events[:-1]:
+        for c in json.loads(event)["choices"]:
+            choice = out.setdefault(c["index"], {"text": "", "finish_reason": None, "logprobs": None})
+            choice["text"] += c["text"]
+            choice["finish_reason"] = c["finish_reason"] or choice["finish_reason"]
+            if c.get("logprobs"):
+                lp = choice["logprobs"] = choice["logprobs"] or {k: [] for k in c["logprobs"]}
+                for k, v in c["logprobs"].items():
+                    lp[k] += v
+    return out
+
+
+def test_echo_logprobs_score_the_prompt_as_lm_eval_asks(served):
+    """lm-eval's local-completions loglikelihood request (token-id prompts, echo, logprobs 1, max_tokens 0 or 1) and
+    one that also generates: the prompt tokens' logprobs (the first null) equal the forward's log-softmax at the
+    next prompt token, top_logprobs its maximum, then the completion's own; streamed the same."""
+    text = " ".join(["The quick brown fox jumps over the lazy dog, and then"] * 8)
+    long_ids = served.tok.encode(text, add_special_tokens=True)
+    assert len(long_ids) > 2 * PREFILL_CHUNK  # three chunks, the last padded
+    prompts = [long_ids, served.tok.encode("def fib(n):", add_special_tokens=True)]
+    refs = {k: _forward_scores(served, ids) for k, ids in enumerate(prompts)}
+    tok = served.tok
+    for max_tokens in (0, 1, 5):
+        body = {"prompt": prompts, "temperature": 0, "max_tokens": max_tokens, "logprobs": 1, "echo": True}
+        r = served.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["usage"]["completion_tokens"] == 2 * max_tokens
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        gens = served.generate(prompts, max_new_tokens=max_tokens, logprobs=1) if max_tokens else [None, None]
+        for k, (choice, ids, gen) in enumerate(zip(choices, prompts, gens, strict=True)):
+            lp, ref, n = choice["logprobs"], refs[k], len(ids)
+            generated = gen.token_ids if gen else []
+            assert choice["finish_reason"] == "length"
+            assert choice["text"] == tok.decode(ids) + tok.decode(generated)
+            assert lp["tokens"] == [tok.token_text(t) for t in ids + generated]
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            want = ref[np.arange(n - 1), ids[1:]]
+            np.testing.assert_allclose(lp["token_logprobs"][1:n], want, rtol=1e-4, atol=1e-4)
+            for i, top in enumerate(lp["top_logprobs"][1:n]):
+                ((best, value),) = top.items()
+                assert best == tok.token_text(int(ref[i].argmax()))
+                np.testing.assert_allclose(value, ref[i].max(), rtol=1e-4, atol=1e-4)
+            # lm-eval's is_greedy: the token's logprob is exactly the top one where the token is the argmax
+            greedy = [lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values()) for i in range(1, n)]
+            assert greedy == [int(ref[i].argmax()) == ids[i + 1] for i in range(n - 1)]
+            if gen:
+                np.testing.assert_allclose(lp["token_logprobs"][n:], gen.logprobs, rtol=1e-5, atol=1e-6)
+            lengths = [len(t) for t in lp["tokens"]]
+            assert lp["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
+        streamed = _streamed_completions(served, body)
+        for choice in choices:
+            again = streamed[choice["index"]]
+            assert again["text"] == choice["text"] and again["finish_reason"] == "length"
+            for key in ("tokens", "token_logprobs", "top_logprobs"):
+                assert again["logprobs"][key] == choice["logprobs"][key], key
+    # A text prompt echoes as written; echo without logprobs still needs no scores and may generate nothing.
+    r = served.client.completions.create(model=served.model, prompt="Hello there", max_tokens=0, echo=True, logprobs=0)
+    n = len(tok.encode("Hello there", add_special_tokens=True))
+    assert r.choices[0].text == "Hello there" and r.choices[0].logprobs.top_logprobs == [None] + [{}] * (n - 1)
+    r = served.http.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 0, "echo": True}).json()
+    assert r["choices"][0]["text"] == "Hello there" and r["choices"][0]["logprobs"] is None
+    assert r["usage"]["completion_tokens"] == 0
+    served.assert_serving()
+
+
+def test_prompt_logprobs_as_vllm_returns_them(served):
+    """`prompt_logprobs: N` (vLLM's extension): None first, then per prompt token {id: {logprob, rank,
+    decoded_token}} for the token itself and the top-N; on completions per choice, on chat for the request."""
+    tok = served.tok
+
+    def check(entries, ids, top):
+        ref = _forward_scores(served, ids)
+        assert len(entries) == len(ids) and entries[0] is None
+        for i, entry in enumerate(entries[1:]):
+            t = ids[i + 1]
+            mine = entry[str(t)]
+            np.testing.assert_allclose(mine["logprob"], ref[i, t], rtol=1e-4, atol=1e-4)
+            assert mine["rank"] == 1 + int((ref[i] > ref[i, t]).sum())
+            assert mine["decoded_token"] == tok.token_text(t)
+            order = np.argsort(-ref[i], kind="stable")[:top]
+            assert set(entry) == {str(t)} | {str(j) for j in order}
+            for rank, j in enumerate(order, 1):
+                if j != t:
+                    assert entry[str(j)]["rank"] == rank and entry[str(j)]["decoded_token"] == tok.token_text(j)
+                    np.testing.assert_allclose(entry[str(j)]["logprob"], ref[i, j], rtol=1e-4, atol=1e-4)
+
+    ids = tok.encode("The quick brown fox", add_special_tokens=True)
+    (ref,) = served.generate([ids], max_new_tokens=4)
+    body = {"prompt": ids, "max_tokens": 4, "temperature": 0, "prompt_logprobs": 2, "n": 2}
+    out = served.http.post("/v1/completions", json=body).json()
+    for choice in out["choices"]:
+        assert choice["text"] == tok.decode(ref.token_ids)  # the completion is unchanged
+        check(choice["prompt_logprobs"], ids, 2)
+    out = served.http.post("/v1/completions", json={**body, "max_tokens": 0, "n": 1}).json()
+    assert out["choices"][0]["text"] == "" and out["choices"][0]["finish_reason"] == "length"
+    check(out["choices"][0]["prompt_logprobs"], ids, 2)
+    chat = served.http.post(
+        "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3, "temperature": 0, "prompt_logprobs": 0}
+    ).json()
+    check(chat["prompt_logprobs"], served.chat_prompt_ids(QUESTION), 0)
+    plain = served.http.post("/v1/completions", json={"prompt": ids, "max_tokens": 1}).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+
+
 def test_sixteen_concurrent_streams(served):
     prompts = [served.tok.encode(f"request {i}: {'abc' * (i % 5)}", add_special_tokens=True) for i in range(16)]
     max_tokens = [8 + (i % 4) * 4 for i in range(16)]
@@ -511,6 +630,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 3}, 400, "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, None),
     ("/v1/completions", {"prompt": ["a"] * 2, "n": 16}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0 only echoes or scores the prompt
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "prompt_logprobs": -1}, 400, "prompt_logprobs"),
 ]  # fmt: skip
 
 
@@ -613,7 +736,7 @@ FUZZ_FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "n", "stream",
     "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "thinking", "echo",
-    "suffix", "best_of", "ignore_eos", "response_format", "logit_bias",
+    "suffix", "best_of", "ignore_eos", "response_format", "logit_bias", "prompt_logprobs",
 ]  # fmt: skip
 
 

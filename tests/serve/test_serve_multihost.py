@@ -15,6 +15,8 @@ import sys
 import time
 
 import httpx
+import jax
+import numpy as np
 
 from mimo_jax import sharding
 from tests import fixtures as sf
@@ -77,6 +79,15 @@ def test_two_process_server_follows_process_zero(tmp_path):
         )
         texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
         assert texts == [tok.decode(ref.token_ids) for ref in refs]
+        # Prompt scores (echo + logprobs, lm-eval's loglikelihood shape) reach process 0 like tokens do.
+        body = {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}
+        scored = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+        for choice in scored["choices"]:
+            ids = prompts[choice["index"]]
+            ref = np.asarray(jax.nn.log_softmax(lm.logits(np.array([ids]))[0], axis=-1))
+            assert choice["logprobs"]["token_logprobs"][0] is None
+            got = choice["logprobs"]["token_logprobs"][1:]
+            np.testing.assert_allclose(got, ref[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4, atol=1e-4)
         chat = httpx.post(
             url + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "Weather?"}], "temperature": 0, "stream": False},
