@@ -82,8 +82,8 @@ kernel-h)
     --check-kinds bf16,fp8,fp8-f16,bf16-fused/out_in,fp8-fused/out_in,fp8-fused-split/out_in,fp8-fused-wide/out_in
   ;;
 arch)
-  # the same commands on the old tree (its CLI was python -m mimo_jax.bench) and this one, alternating
-  for r in 1 2; do
+  # the same commands on the old tree (its CLI was python -m mimo_jax.bench) and this one, alternating REPS times
+  for r in $(seq "${REPS:-2}"); do
     if [ -n "${2:-}" ]; then
       (cd "$2" && PYTHONPATH=. step "old_decode_$r" 150 python -m mimo_jax.bench decode --batch 1,32 --context 2048 \
         --json "$O/old_decode_$r.json")
