@@ -275,6 +275,9 @@ async def big_request(target: Target, args: argparse.Namespace, send) -> dict:
     }
 
 
+JSON = {"content-type": "application/json"}  # the server answers 415 to any other body type
+
+
 async def item1_big_bodies(target: Target, args: argparse.Namespace) -> dict:
     head, tail = b'{"prompt": "def f(", "max_tokens": 4', b"}"
 
@@ -285,7 +288,7 @@ async def item1_big_bodies(target: Target, args: argparse.Namespace) -> dict:
                 yield b" " * MB
             yield tail
 
-        r = await client.post(target.url + "/v1/completions", content=body())
+        r = await client.post(target.url + "/v1/completions", content=body(), headers=JSON)
         return r.status_code
 
     line = b"def f(x): return x + 1\n"
@@ -293,7 +296,7 @@ async def item1_big_bodies(target: Target, args: argparse.Namespace) -> dict:
     payload = b'{"prompt": "' + prompt.replace(b"\n", b"\\n") + b'", "max_tokens": 1}'
 
     async def with_length(client: httpx.AsyncClient):
-        r = await client.post(target.url + "/v1/completions", content=payload)  # bytes: Content-Length is set
+        r = await client.post(target.url + "/v1/completions", content=payload, headers=JSON)  # Content-Length set
         return r.status_code
 
     return {
