@@ -28,6 +28,7 @@ class LanguageModel:
     is how the model finds the mesh (activation constraints, expert-parallel MoE); code that
     jits its own model calls (the engine's device functions) runs them in `lm.mesh_context()` the same way.
     """
+
     def __init__(self, model: MiMoModel, mesh: jax.sharding.Mesh | None = None, source: str | None = None):
         self.model = model
         self.config: MiMoConfig = model.config

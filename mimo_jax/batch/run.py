@@ -58,8 +58,16 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
+from tqdm import tqdm
+
+from mimo_jax import sharding
 from mimo_jax.engine.driver import SEED_LIMIT, Aborted, BroadcastChannel, Driver, RoundPlan
+from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions, check_seed
+from mimo_jax.lm import load_model
+from mimo_jax.sharding import add_distributed_arguments, make_mesh, parse_mesh_arg
+from mimo_jax.text import ChatTemplate, ChatTemplateError, Tokenizer
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 INT_FIELDS = ("top_k", "max_new_tokens", "seed", "logprobs")
@@ -378,8 +386,6 @@ class _Prompter:
         self.eos = tuple(eos)
 
     def __call__(self, req: Request) -> WorkItem:
-        from mimo_jax.text import ChatTemplateError
-
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
         elif self.tokenizer is None:
@@ -433,7 +439,6 @@ def run_batch(
     requests in flight are cancelled, so the engine can be used again; in a multi-process run
     an error on process 0 aborts the others (they raise `Aborted`).
     """
-    import jax
 
     if channel is None and jax.process_count() > 1:
         channel = BroadcastChannel()
@@ -458,8 +463,6 @@ def run_batch(
         summary.done_before = scan.done
         summary.skipped = len(scan.errors)
         if settings.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=scan.pending, unit="prompt", dynamic_ncols=True, file=sys.stderr)
         eos = tuple(engine.config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer is not None else ())
         prompter = _Prompter(engine, tokenizer, template, settings, eos)
@@ -576,8 +579,6 @@ def _finish_record(rec: dict, finish_reason: str, now: float, tokenizer: Any) ->
 
 # ------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    from mimo_jax.sharding import add_distributed_arguments
-
     p = argparse.ArgumentParser(
         prog="python -m mimo_jax.batch",
         description="Generate completions for a JSONL file of prompts (resumable; one host or many).",
@@ -655,8 +656,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    from mimo_jax import sharding
-
     multiprocess = sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         return _main(args, settings, multiprocess)
@@ -668,8 +667,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         if multiprocess:
-            import jax
-
             jax.distributed.shutdown()
 
 
@@ -678,12 +675,6 @@ def _log(message: str) -> None:
 
 
 def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -> int:
-    import jax
-
-    from mimo_jax.engine.host import Engine
-    from mimo_jax.lm import load_model
-    from mimo_jax.sharding import make_mesh, parse_mesh_arg
-
     leader = jax.process_index() == 0
     scan = done_keys = None
     pending = -1  # what process 0 tells everyone: requests to run, or -1 to stop
@@ -767,7 +758,6 @@ def _prepare_files(args: argparse.Namespace) -> tuple[set[str], InputScan]:
 
 def load_tokenizer(directory: str) -> tuple[Any, Any]:
     """(Tokenizer, ChatTemplate) of a checkpoint directory; (None, None) without tokenizer.json."""
-    from mimo_jax.text import ChatTemplate, Tokenizer
 
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return None, None

@@ -116,6 +116,7 @@ CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # logical axes of LayerKV.
 
 def cache_shardings(cache: list[LayerKV], mesh: jax.sharding.Mesh) -> list[LayerKV]:
     """NamedShardings for a cache pytree: batch on the data axis, kv heads on the tensor axis."""
+
     def named(x: jax.Array, axes: tuple) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(mesh, logical_to_spec(axes[: x.ndim], tuple(x.shape), mesh))
 
@@ -131,6 +132,7 @@ def read_slot(cache: list[LayerKV], slot: jax.Array, clear: jax.Array) -> list[L
     Traced under a mesh that splits the batch, each shard reads only its own rows (`_read_row`):
     a plain dynamic_slice would make XLA all-gather every layer's whole cache to pick one row.
     """
+
     def one(c: LayerKV) -> LayerKV:
         pos = jnp.where(clear, -1, _read_row(c.pos, slot, ("batch", None)))
         return LayerKV(k=_read_row(c.k, slot, CACHE_AXES), v=_read_row(c.v, slot, CACHE_AXES), pos=pos, ring=c.ring)
@@ -160,6 +162,7 @@ def _read_row(x: jax.Array, slot: jax.Array, axes: tuple) -> jax.Array:
 
 def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> list[LayerKV]:
     """Put one row's cache (from `read_slot`) back at batch index `slot`."""
+
     def one(c: LayerKV, r: LayerKV) -> LayerKV:
         put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis=0)
         return LayerKV(k=put(c.k, r.k), v=put(c.v, r.v), pos=put(c.pos, r.pos), ring=c.ring)
@@ -171,6 +174,7 @@ def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> li
 @dataclasses.dataclass(frozen=True)
 class KVPlan:
     """KV cache bytes of one sequence at `context` tokens."""
+
     context: int
     full_layers: int
     swa_layers: int

@@ -229,7 +229,6 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_laye
     Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
 
-
     sizes = dict(mesh.shape)
     kv = plan.kv_plan_per_device(cfg, sizes, mtp_layers=mtp_layers)
     batch_axes = logical_to_spec(("batch",), (batch,), mesh)[0] or ()

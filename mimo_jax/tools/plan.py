@@ -44,6 +44,7 @@ _KEEP_FP8 = (TRANSPOSE, EXPERTS, HEADS_IN)  # as in the loader: the kinds whose 
 @dataclasses.dataclass(frozen=True)
 class StoredTensor:
     """A tensor as a release stores it (FP8 weights and their scales separately)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str

@@ -110,6 +110,7 @@ def abstract_model(cfg: MiMoConfig, dtype: Any, mtp_layers: int = 0, options: Ru
 @dataclasses.dataclass
 class ParamPlan:
     """One validated parameter: where its values and (if FP8) scales come from."""
+
     src: ParamSource
     quantized: bool
     block: tuple[int, int] | None
@@ -292,6 +293,7 @@ def staged_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _cut(plan: ParamPlan, r: tuple[range, ...], read: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The staged slice of parameter ranges `r` from rows already read (`read[name] = (rows, data)`)."""
+
     def rows_of(name: str, rows: np.ndarray | None) -> np.ndarray:
         have, data = read[name]
         if rows is None or (len(rows) == len(have) and (rows == have).all()):
@@ -360,6 +362,7 @@ def _dequantizer(sharding: Sharding, dtype: str):
 
 class _Streamer:
     """Reads and places one parameter at a time (called from worker threads)."""
+
     def __init__(self, ckpt: Checkpoint, weights: str, mesh: jax.sharding.Mesh | None, progress: Any):
         self.ckpt = ckpt
         self.weights = weights

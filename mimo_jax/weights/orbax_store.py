@@ -78,7 +78,6 @@ def restore_params(
     """A `MiMoModel` built with `options`, restored from a converted directory onto `mesh` (any shape)."""
     import orbax.checkpoint as ocp
 
-
     path = os.path.abspath(os.fspath(path))
     meta = read_meta(path)
     cfg = MiMoConfig.from_json(path)
