@@ -92,6 +92,7 @@ class SamplingOptions:
     max_new_tokens: int = 16
     stop_token_ids: Sequence[int] = ()
     logprobs: int | None = None  # None: no logprobs; N >= 0: chosen-token logprob and the top-N
+    constraint: dict | None = None  # JSON-able grammar spec (mimo_jax.grammar); None: unconstrained
 
     def __post_init__(self) -> None:
         checks = (
