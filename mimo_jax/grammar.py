@@ -55,8 +55,10 @@ log = logging.getLogger("mimo_jax.grammar")
 
 GRAMMAR_KEYS = ("json_object", "json_schema", "regex", "lark", "ebnf", "choice", "tool_call")
 SPEC_KEYS = GRAMMAR_KEYS + ("strict", "thinking")
-# JSON whitespace: any, but at most this much in one place (a model stuck on newlines still ends).
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,64}"
+# JSON whitespace between tokens: at most one line break and 32 spaces or tabs on each side of it, which
+# any pretty-printer's output fits (to 8 levels of 4-space indentation) and a model stuck on newlines does not.
+# A schema's own "x-guidance" options override it.
+JSON_WHITESPACE = r"[ \t]{0,32}(\r?\n[ \t]{0,32})?"
 MAX_LEADING_WHITESPACE_TOKENS = 4  # after `</think>`, before the grammar's first token
 # Free text of a tool-call parameter: ends at the first `</parameter>`, never holds the other closing tags.
 _PARAM_TEXT = r"PARAM_TEXT: /(?s:.*)<\/parameter>/ & ~/(?s:.*)(<\/function>|<\/tool_call>)(?s:.*)/"
@@ -114,9 +116,13 @@ def grammar_key(spec: dict) -> str:
     return next(k for k in GRAMMAR_KEYS if k in spec)
 
 
-def _json_options(strict: bool) -> dict:
+def _json_options(strict: bool, schema: Any = None) -> dict:
     # Not strict: keywords llguidance does not implement are ignored (strict: they are an error).
-    return {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
+    options = {"lenient": not strict}
+    own = schema.get("x-guidance") if isinstance(schema, dict) else None
+    if not (isinstance(own, dict) and {"whitespace_flexible", "whitespace_pattern"} & set(own)):
+        options["whitespace_pattern"] = JSON_WHITESPACE
+    return options
 
 
 def grammar_text(spec: dict, special: Any = None) -> str:
@@ -129,7 +135,7 @@ def grammar_text(spec: dict, special: Any = None) -> str:
         if key == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_json_options(False))
         if key == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=_json_options(strict))
+            return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=_json_options(strict, value))
         if key == "regex":
             return llguidance.LLMatcher.grammar_from_regex(value)
         if key == "lark":
@@ -200,7 +206,8 @@ def tool_call_lark(value: dict, special: Any = json.dumps, strict: bool = False)
                 else:
                     rules.append(f'{rule}: {head} param_text "\\n"')
             else:
-                sub = {**defs, **schema, "x-guidance": _json_options(strict)} if isinstance(schema, dict) else {}
+                sub = {**defs, **schema} if isinstance(schema, dict) else {}
+                sub["x-guidance"] = {**_json_options(strict, sub), **(sub.get("x-guidance") or {})}
                 rules.append(f'{rule}: {head} v_{i}_{j} "</parameter>\\n"')
                 rules.append(f"v_{i}_{j}: %json {json.dumps(sub)}")
             body.append(rule if pname in required else f"{rule}?")

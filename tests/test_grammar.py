@@ -399,3 +399,23 @@ def test_thinking_end_spelled_in_pieces(factory):
         assert c.state == "thinking"
         c.accept(t)
     assert c.state == "after"
+
+
+def test_json_whitespace_is_bounded(factory):
+    tok = factory.tokenizer
+    pretty = json.dumps({"a": [1, {"b": "c"}], "d": None}, indent=2)
+    c = factory({"json_object": True})
+    ids = factory.lltokenizer.tokenize_str(pretty)
+    assert c.matcher.try_consume_tokens(ids) == len(ids) and c.is_finished()  # pretty-printed JSON fits
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    c = factory({"json_object": True})
+    c.accept(tok.encode("{", add_special_tokens=False)[0])
+    c.accept(newline)
+    mask = np.zeros(factory.words, np.int32)
+    c.fill_allowed(mask)
+    assert newline not in allowed_ids(mask)  # no blank lines
+    # The schema's own whitespace options win.
+    c = factory({"json_schema": {"type": "object", "x-guidance": {"whitespace_flexible": False}}})
+    c.accept(tok.encode("{", add_special_tokens=False)[0])
+    c.fill_allowed(mask)
+    assert newline not in allowed_ids(mask) and tok.encode(" ", add_special_tokens=False)[0] not in allowed_ids(mask)
