@@ -191,7 +191,23 @@ def _load(args: argparse.Namespace):
     return lm, tokenizer, template, args.served_model_name or default_name, directory, generation
 
 
-def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
+def _grammar(tokenizer, vocab_size: int, eos: tuple[int, ...]):
+    """The engine's ConstraintFactory (llguidance over this tokenizer), or None where the engine takes no
+    constraints or llguidance cannot read the tokenizer (then structured-output requests answer 400)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mimo_jax.engine.constraints") is None:  # an engine without constrained decoding
+        return None
+    from mimo_jax.grammar import GrammarFactory
+
+    try:
+        return GrammarFactory(tokenizer, vocab_size, eos)
+    except Exception as e:  # any tokenizer llguidance cannot load
+        log.warning("constrained decoding is off: llguidance cannot use this tokenizer (%s)", e)
+        return None
+
+
+def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, grammar=None):
     from mimo_jax.engine.host import Engine
 
     kwargs = dict(
@@ -204,6 +220,8 @@ def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
     )
     if args.speculative_steps:
         kwargs["speculative_steps"] = args.speculative_steps
+    if grammar is not None:
+        kwargs["constraint_factory"] = grammar
     return Engine(lm, **kwargs)
 
 
@@ -237,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_context,
             max_context,
         )
-    engine = _engine(args, lm, max_context, len(eos))
+    grammar = _grammar(tokenizer, lm.config.vocab_size, eos)
+    engine = _engine(args, lm, max_context, len(eos), grammar)
     _log_memory_plan(lm, engine, max_context)
     metrics = Metrics(model_name, args.max_batch, max_context)
     channel = BroadcastChannel() if multihost else None
@@ -285,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             request_timeout=args.request_timeout or None,
         ),
         sampling_defaults=generation,
+        grammar=grammar,
     )
 
     class ReadyServer(uvicorn.Server):
