@@ -31,9 +31,10 @@ Tool calls follow the markup `mimo_jax.serve.parsers.ToolCallParser` reads (the 
     </tool_call>
 
 A parameter whose schema type the parser keeps as text (string, or no type) is free text without
-`</parameter>`, `</function>` or `</tool_call>` (an `enum` of strings is enforced); any other type is
-JSON for its schema (`%json`), which the parser converts back. Parameters come in the order of the
-schema's `properties`, required ones always; a function without declared properties takes any.
+`</parameter>`, `</function>` or `</tool_call>` (`enum`, `const`, `minLength` and `maxLength` are
+enforced, `pattern` and `format` are not); any other type is JSON for its schema (`%json`), which the
+parser converts back. Parameters come in the order of the schema's `properties`, required ones always;
+a function without declared properties takes any (unless `additionalProperties` is false).
 """
 
 from __future__ import annotations
@@ -55,13 +56,16 @@ log = logging.getLogger("mimo_jax.grammar")
 
 GRAMMAR_KEYS = ("json_object", "json_schema", "regex", "lark", "ebnf", "choice", "tool_call")
 SPEC_KEYS = GRAMMAR_KEYS + ("strict", "thinking")
-# JSON whitespace between tokens: at most one line break and 32 spaces or tabs on each side of it, which
-# any pretty-printer's output fits (to 8 levels of 4-space indentation) and a model stuck on newlines does not.
-# A schema's own "x-guidance" options override it.
-JSON_WHITESPACE = r"[ \t]{0,32}(\r?\n[ \t]{0,32})?"
+# JSON whitespace between tokens (llguidance's whitespace_pattern, matched at most once in each place):
+# by default compact JSON with optional single spaces, as Outlines and SGLang's outlines backend write it;
+# any-whitespace grammars let a model emit newlines and tabs without end. GrammarFactory(json_whitespace=)
+# (`--json-whitespace`) sets another pattern, e.g. PRETTY_JSON_WHITESPACE; a schema's "x-guidance" wins.
+COMPACT_JSON_WHITESPACE = r" ?"
+PRETTY_JSON_WHITESPACE = r"[ \t]{0,32}(\r?\n[ \t]{0,32})?"  # one line break, indentation to 8 levels of 4
 MAX_LEADING_WHITESPACE_TOKENS = 4  # after `</think>`, before the grammar's first token
-# Free text of a tool-call parameter: ends at the first `</parameter>`, never holds the other closing tags.
-_PARAM_TEXT = r"PARAM_TEXT: /(?s:.*)<\/parameter>/ & ~/(?s:.*)(<\/function>|<\/tool_call>)(?s:.*)/"
+# Free text of a tool-call parameter (lazy: it ends at the first `</parameter>`, which it includes), never
+# holding the other closing tags; LENGTH is `*` or the schema's {minLength,maxLength}.
+_PARAM_TEXT = r"/(?s:.LENGTH)<\/parameter>/ & ~/(?s:.*)(<\/function>|<\/tool_call>)(?s:.*)/"
 # The value kinds ToolCallParser keeps as text (mimo_jax.serve.parsers._convert).
 _TEXT_KINDS = ("string", "str", "text", "enum")
 
@@ -116,26 +120,28 @@ def grammar_key(spec: dict) -> str:
     return next(k for k in GRAMMAR_KEYS if k in spec)
 
 
-def _json_options(strict: bool, schema: Any = None) -> dict:
+def _json_options(strict: bool, whitespace: str, schema: Any = None) -> dict:
     # Not strict: keywords llguidance does not implement are ignored (strict: they are an error).
     options = {"lenient": not strict}
     own = schema.get("x-guidance") if isinstance(schema, dict) else None
     if not (isinstance(own, dict) and {"whitespace_flexible", "whitespace_pattern"} & set(own)):
-        options["whitespace_pattern"] = JSON_WHITESPACE
+        options["whitespace_pattern"] = whitespace
     return options
 
 
-def grammar_text(spec: dict, special: Any = None) -> str:
+def grammar_text(spec: dict, special: Any = None, whitespace: str = COMPACT_JSON_WHITESPACE) -> str:
     """The llguidance grammar (serialized) of a checked spec. `special(marker)` is the Lark atom of a
-    tool-call marker (`<[id]>` for a token llguidance keeps special, else the quoted string)."""
+    tool-call marker (`<[id]>` for a token llguidance keeps special, else the quoted string); `whitespace`
+    the JSON whitespace pattern."""
     key = grammar_key(spec)
     value = spec[key]
     strict = spec.get("strict", False)
+    from_schema = llguidance.LLMatcher.grammar_from_json_schema
     try:
         if key == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_json_options(False))
+            return from_schema({"type": "object"}, defaults=_json_options(False, whitespace))
         if key == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=_json_options(strict, value))
+            return from_schema(value, defaults=_json_options(strict, whitespace, value))
         if key == "regex":
             return llguidance.LLMatcher.grammar_from_regex(value)
         if key == "lark":
@@ -144,7 +150,7 @@ def grammar_text(spec: dict, special: Any = None) -> str:
             return llguidance.grammar_from("ebnf", value)
         if key == "choice":
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
-        return llguidance.LLMatcher.grammar_from_lark(tool_call_lark(value, special or json.dumps, strict))
+        return llguidance.LLMatcher.grammar_from_lark(tool_call_lark(value, special or json.dumps, strict, whitespace))
     except GrammarError:
         raise
     except (ValueError, TypeError) as e:
@@ -171,7 +177,9 @@ def _value_kind(schema: Any) -> str:
     return "text" if str(kind).lower() in _TEXT_KINDS else "json"
 
 
-def tool_call_lark(value: dict, special: Any = json.dumps, strict: bool = False) -> str:
+def tool_call_lark(
+    value: dict, special: Any = json.dumps, strict: bool = False, whitespace: str = COMPACT_JSON_WHITESPACE
+) -> str:
     """Lark grammar for MiMo tool calls: `value` = {"tools", "required" | "name", "parallel"}."""
     functions = _functions(value["tools"])
     name = value.get("name")
@@ -184,9 +192,22 @@ def tool_call_lark(value: dict, special: Any = json.dumps, strict: bool = False)
         "start: call" if single else 'start: call ("\\n" call)*',
         f'call: {special(TOOL_CALL_START)} "\\n" ({" | ".join(f"fn_{i}" for i in range(len(functions)))}) '
         f'"\\n" {special(TOOL_CALL_END)}',
-        "param_text[lazy]: PARAM_TEXT",
-        _PARAM_TEXT,
     ]
+    texts: dict[str, str] = {}
+
+    def text_rule(schema: Any) -> str:
+        """The rule for a text value with the schema's minLength / maxLength (code points)."""
+        low = schema.get("minLength", 0) if isinstance(schema, dict) else 0
+        high = schema.get("maxLength") if isinstance(schema, dict) else None
+        low = low if isinstance(low, int) and low > 0 else 0
+        high = high if isinstance(high, int) and high >= low else None
+        length = "*" if (low, high) == (0, None) else f"{{{low},{'' if high is None else high}}}"
+        if length not in texts:
+            texts[length] = rule = f"param_text_{len(texts)}"
+            rules.append(f"{rule}[lazy]: {rule.upper()}")
+            rules.append(f"{rule.upper()}: {_PARAM_TEXT.replace('LENGTH', length)}")
+        return texts[length]
+
     for i, (fname, params) in enumerate(functions):
         properties = params.get("properties") or {}
         required = [r for r in params.get("required") or [] if isinstance(r, str)]
@@ -199,20 +220,22 @@ def tool_call_lark(value: dict, special: Any = json.dumps, strict: bool = False)
             head = json.dumps(f"<parameter={pname}>")
             if _value_kind(schema) == "text":
                 options = schema.get("enum") if isinstance(schema, dict) else None
+                if isinstance(schema, dict) and "const" in schema:
+                    options = [schema["const"]]
                 if isinstance(options, list) and options:
-                    texts = [o if isinstance(o, str) else json.dumps(o) for o in options]
-                    alternatives = " | ".join(json.dumps(t) for t in texts)
+                    values = [o if isinstance(o, str) else json.dumps(o) for o in options]
+                    alternatives = " | ".join(json.dumps(v) for v in values)
                     rules.append(f'{rule}: {head} ({alternatives}) "</parameter>\\n"')
                 else:
-                    rules.append(f'{rule}: {head} param_text "\\n"')
+                    rules.append(f'{rule}: {head} {text_rule(schema)} "\\n"')
             else:
                 sub = {**defs, **schema} if isinstance(schema, dict) else {}
-                sub["x-guidance"] = {**_json_options(strict, sub), **(sub.get("x-guidance") or {})}
+                sub["x-guidance"] = {**_json_options(strict, whitespace, sub), **(sub.get("x-guidance") or {})}
                 rules.append(f'{rule}: {head} v_{i}_{j} "</parameter>\\n"')
                 rules.append(f"v_{i}_{j}: %json {json.dumps(sub)}")
             body.append(rule if pname in required else f"{rule}?")
         if not properties and params.get("additionalProperties", True) is not False:
-            rules.append(f'any_param_{i}: "<parameter=" PARAM_NAME ">" param_text "\\n"')
+            rules.append(f'any_param_{i}: "<parameter=" PARAM_NAME ">" {text_rule(None)} "\\n"')
             body.append(f"any_param_{i}*")
         rules.append(f'fn_{i}: {json.dumps(f"<function={fname}>")} "\\n" {" ".join(body)} "</function>"')
     rules.append(r"PARAM_NAME: /[A-Za-z_][A-Za-z0-9_.\-]*/")
@@ -317,12 +340,14 @@ class GrammarFactory:
         tokenizer: Tokenizer,
         vocab_size: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        json_whitespace: str = COMPACT_JSON_WHITESPACE,
         cache_size: int = 64,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = max(vocab_size or 0, tokenizer.vocab_size)
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)))
         self.words = (self.vocab_size + 31) // 32
+        self.json_whitespace = json_whitespace
         self.lltokenizer = llguidance.LLTokenizer(
             tokenizer.hf.to_str(), n_vocab=self.vocab_size, eos_token=list(self.eos_token_ids) or None
         )
@@ -365,7 +390,7 @@ class GrammarFactory:
             if matcher is not None:
                 self._cache.move_to_end(key)
                 return matcher
-        grammar = grammar_text(grammar_spec, self.special)
+        grammar = grammar_text(grammar_spec, self.special, self.json_whitespace)
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error(), grammar_key(spec))

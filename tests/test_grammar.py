@@ -18,7 +18,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from mimo_jax.grammar import GrammarError, GrammarFactory, tool_call_lark
+from mimo_jax.grammar import PRETTY_JSON_WHITESPACE, GrammarError, GrammarFactory, tool_call_lark
 from mimo_jax.serve.parsers import ReasoningParser, ToolCallParser
 from mimo_jax.text import Tokenizer
 from tests import fixtures as sf
@@ -262,7 +262,9 @@ SEARCH_TOOL = {
         "parameters": {
             "type": "object",
             "properties": {
-                "query": {"type": "string"},
+                "query": {"type": "string", "minLength": 2, "maxLength": 12},
+                "note": {"type": "string"},
+                "mode": {"const": "fast"},
                 "limit": {"type": "integer", "minimum": 1, "maximum": 10},
                 "score": {"type": "number"},
                 "exact": {"type": "boolean"},
@@ -401,21 +403,42 @@ def test_thinking_end_spelled_in_pieces(factory):
     assert c.state == "after"
 
 
-def test_json_whitespace_is_bounded(factory):
+def test_json_whitespace_compact_pretty_or_the_schemas(factory):
     tok = factory.tokenizer
-    pretty = json.dumps({"a": [1, {"b": "c"}], "d": None}, indent=2)
-    c = factory({"json_object": True})
-    ids = factory.lltokenizer.tokenize_str(pretty)
-    assert c.matcher.try_consume_tokens(ids) == len(ids) and c.is_finished()  # pretty-printed JSON fits
-    newline = tok.encode("\n", add_special_tokens=False)[0]
-    c = factory({"json_object": True})
-    c.accept(tok.encode("{", add_special_tokens=False)[0])
-    c.accept(newline)
+    value = {"a": [1, {"b": "c"}], "d": None}
     mask = np.zeros(factory.words, np.int32)
+    newline, space = (tok.encode(w, add_special_tokens=False)[0] for w in ("\n", " "))
+    brace = tok.encode("{", add_special_tokens=False)[0]
+
+    def fits(f, spec, text):
+        c = f(spec)
+        ids = f.lltokenizer.tokenize_str(text)
+        return c.matcher.try_consume_tokens(ids) == len(ids) and c.is_finished()
+
+    # Default: compact, a single optional space between tokens (json.dumps' own separators fit).
+    assert fits(factory, {"json_object": True}, json.dumps(value))
+    assert fits(factory, {"json_object": True}, json.dumps(value, separators=(",", ":")))
+    assert not fits(factory, {"json_object": True}, json.dumps(value, indent=2))
+    c = factory({"json_object": True})
+    c.accept(brace)
     c.fill_allowed(mask)
-    assert newline not in allowed_ids(mask)  # no blank lines
+    assert space in allowed_ids(mask) and newline not in allowed_ids(mask)
+    c.accept(space)
+    c.fill_allowed(mask)
+    assert space not in allowed_ids(mask)
+    # Pretty: one line break and indentation, never blank lines.
+    pretty = GrammarFactory(tok, MODEL_VOCAB, json_whitespace=PRETTY_JSON_WHITESPACE)
+    assert fits(pretty, {"json_object": True}, json.dumps(value, indent=2))
+    assert fits(pretty, {"json_object": True}, json.dumps(value, indent=4))
+    c = pretty({"json_object": True})
+    c.accept(brace)
+    c.accept(newline)
+    c.fill_allowed(mask)
+    assert newline not in allowed_ids(mask)
     # The schema's own whitespace options win.
-    c = factory({"json_schema": {"type": "object", "x-guidance": {"whitespace_flexible": False}}})
-    c.accept(tok.encode("{", add_special_tokens=False)[0])
-    c.fill_allowed(mask)
-    assert newline not in allowed_ids(mask) and tok.encode(" ", add_special_tokens=False)[0] not in allowed_ids(mask)
+    schema = {"type": "object", "x-guidance": {"whitespace_flexible": False}}
+    for f in (factory, pretty):
+        c = f({"json_schema": schema})
+        c.accept(brace)
+        c.fill_allowed(mask)
+        assert newline not in allowed_ids(mask) and space not in allowed_ids(mask)
