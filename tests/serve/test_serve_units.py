@@ -456,15 +456,16 @@ def test_scheduler_cancel_frees_the_slot_before_the_next_step():
 class _NoEngineScheduler:
     """What request checks read from the scheduler: the model's vocabulary size."""
 
-    def __init__(self, vocab_size):
-        self.engine = type("E", (), {"config": type("C", (), {"vocab_size": vocab_size})()})()
+    def __init__(self, vocab_size, speculative_steps=0):
+        config = type("C", (), {"vocab_size": vocab_size})()
+        self.engine = type("E", (), {"config": config, "speculative_steps": speculative_steps})()
 
 
-def _server(tok_dir, tokenizer, grammar=True):
+def _server(tok_dir, tokenizer, grammar=True, speculative_steps=0):
     from mimo_jax.serve.requests import Limits, Server
 
     return Server(
-        _NoEngineScheduler(tokenizer.vocab_size),
+        _NoEngineScheduler(tokenizer.vocab_size, speculative_steps),
         tokenizer,
         ChatTemplate.from_dir(tok_dir),
         Metrics("tiny", 4, 512),
@@ -596,8 +597,12 @@ def test_bad_structured_output_is_400_naming_the_field(api, body, param, message
     assert message is None or message in e.value.message
 
 
-def test_no_grammar_backend_answers_400(tok_dir, tokenizer):
-    server = _server(tok_dir, tokenizer, grammar=False)
+@pytest.mark.parametrize("setup", ["no grammar backend", "speculative decoding"])
+def test_unconstrainable_engine_answers_400(tok_dir, tokenizer, setup):
+    if setup == "no grammar backend":
+        server = _server(tok_dir, tokenizer, grammar=False)
+    else:
+        server = _server(tok_dir, tokenizer, speculative_steps=2)
     assert _constraints(server, {"tools": [sf.WEATHER_TOOL]}) == [None]
     for body, param in [
         ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -607,3 +612,4 @@ def test_no_grammar_backend_answers_400(tok_dir, tokenizer):
         with pytest.raises(APIError) as e:
             _constraints(server, body)
         assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_value")
+        assert ("speculative" in e.value.message) == (setup == "speculative decoding")
