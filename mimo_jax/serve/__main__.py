@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (0: none)")
     p.add_argument("--max-logprobs", type=int, default=20, help="largest top_logprobs a request may ask for")
     p.add_argument("--max-stop-token-ids", type=int, default=8, help="stop token ids per request besides EOS")
+    p.add_argument(
+        "--json-whitespace",
+        default="compact",
+        help="whitespace constrained JSON may have between tokens: compact (an optional space), pretty (one line "
+        "break and indentation) or a regex (default: compact; a schema's x-guidance options win)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     from mimo_jax.sharding import add_distributed_arguments
@@ -227,7 +233,26 @@ def _load(args: argparse.Namespace):
     return lm, tokenizer, template, args.served_model_name or default_name, directory, generation
 
 
-def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
+def _grammar(args: argparse.Namespace, tokenizer, vocab_size: int, eos: tuple[int, ...]):
+    """The engine's ConstraintFactory (llguidance over this tokenizer), or None where llguidance cannot read
+    the tokenizer (then structured-output requests answer 400)."""
+    from mimo_jax.grammar import COMPACT_JSON_WHITESPACE, PRETTY_JSON_WHITESPACE, GrammarFactory
+
+    named = {"compact": COMPACT_JSON_WHITESPACE, "pretty": PRETTY_JSON_WHITESPACE}
+    whitespace = named.get(args.json_whitespace, args.json_whitespace)
+    try:
+        factory = GrammarFactory(tokenizer, vocab_size, eos, json_whitespace=whitespace)
+    except Exception as e:  # any tokenizer llguidance cannot load
+        log.warning("constrained decoding is off: llguidance cannot use this tokenizer (%s)", e)
+        return None
+    try:
+        factory.validate({"json_object": True})
+    except ValueError as e:
+        raise SystemExit(f"--json-whitespace {args.json_whitespace!r}: {e}") from None
+    return factory
+
+
+def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, grammar=None):
     from mimo_jax.engine.host import Engine
 
     kwargs = dict(
@@ -240,6 +265,8 @@ def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int):
     )
     if args.speculative_steps:
         kwargs["speculative_steps"] = args.speculative_steps
+    if grammar is not None:
+        kwargs["constraint_factory"] = grammar
     return Engine(lm, **kwargs)
 
 
@@ -273,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_context,
             max_context,
         )
-    engine = _engine(args, lm, max_context, len(eos))
+    grammar = _grammar(args, tokenizer, lm.config.vocab_size, eos)
+    engine = _engine(args, lm, max_context, len(eos), grammar)
     _log_memory_plan(lm, engine, max_context)
     metrics = Metrics(model_name, args.max_batch, max_context)
     channel = BroadcastChannel() if multihost else None
@@ -320,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             request_timeout=args.request_timeout or None,
         ),
         sampling_defaults=generation,
+        grammar=grammar,
     )
 
     class ReadyServer(uvicorn.Server):

@@ -93,6 +93,34 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (one of these)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Request):
     """Parameters both endpoints share."""
 
@@ -123,6 +151,16 @@ class SamplingFields(_Request):
         if value is not None:
             check_seed(value)
         return value
+
+    # Structured output (grammar-constrained decoding): OpenAI's, SGLang's and vLLM's spellings.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None  # SGLang
+    ebnf: str | None = None  # SGLang
+    structured_outputs: StructuredOutputs | None = None  # vLLM
+    guided_json: dict[str, Any] | str | None = None  # vLLM (older)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _check_stop(self):
@@ -238,6 +276,10 @@ class NamedToolChoice(_Request):
     function: NamedToolChoiceFunction
 
 
+class FunctionChoice(_Request):
+    name: str
+
+
 class Thinking(_Request):
     type: Literal["enabled", "disabled"]
 
@@ -252,13 +294,28 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking: Thinking | None = None  # MiMo API's switch; same as chat_template_kwargs.enable_thinking
-    response_format: dict[str, Any] | None = None
+    functions: list[FunctionDef] | None = None  # legacy spelling of tools
+    function_call: Literal["none", "auto"] | FunctionChoice | None = None  # legacy spelling of tool_choice
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
         return self
+
+    def tool_list(self) -> list[Tool] | None:
+        """`tools`, or the legacy `functions` as tools."""
+        if self.functions is not None:
+            return [Tool(function=f) for f in self.functions]
+        return self.tools
+
+    def tool_choice_value(self) -> str | NamedToolChoice | None:
+        """`tool_choice`, or the legacy `function_call` as a tool choice."""
+        if isinstance(self.function_call, FunctionChoice):
+            return NamedToolChoice(function=NamedToolChoiceFunction(name=self.function_call.name))
+        if self.function_call is not None:
+            return self.function_call
+        return self.tool_choice
 
 
 # ----------------------------------------------------------------------------- completion requests

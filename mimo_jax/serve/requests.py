@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 from mimo_jax.serve import protocol as P
 from mimo_jax.serve.jobs import ChoiceOutput, Job
@@ -38,6 +39,7 @@ class Server:
         eos_token_ids: tuple[int, ...],
         limits: Limits,
         sampling_defaults: dict[str, float] | None = None,
+        grammar: Any = None,
     ):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -46,6 +48,8 @@ class Server:
         self.model_name = model_name
         self.eos_token_ids = tuple(eos_token_ids)
         self.limits = limits
+        # The engine's ConstraintFactory (mimo_jax.grammar.GrammarFactory); None: no constrained decoding.
+        self.grammar = grammar
         # Defaults for omitted parameters (the checkpoint's generation_config.json; else OpenAI's).
         self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(sampling_defaults or {})}
         self.created = P.now()
@@ -159,6 +163,7 @@ class Server:
         logprobs,
         seed,
         prompt_logprobs: int | None = None,
+        constraint: dict | None = None,
     ):
         from mimo_jax.engine.sampling import SamplingOptions
 
@@ -176,7 +181,39 @@ class Server:
             stop_token_ids=stop_ids,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
+
+    def constraint(self, spec: tuple[dict, str] | None, thinking: str | None) -> dict | None:
+        """The checked constraint spec for `SamplingOptions.constraint` (None: unconstrained).
+
+        `spec` is (spec, the request parameter it came from); a grammar that does not compile is a 400
+        naming that parameter.
+        """
+        if spec is None:
+            return None
+        spec, param = spec
+        if self.grammar is None:
+            raise P.invalid(
+                f"'{param}' needs constrained decoding, which this server does not have "
+                "(its engine takes no constraints, or llguidance cannot read this tokenizer)",
+                param,
+                "unsupported_value",
+            )
+        if getattr(self.scheduler.engine, "speculative_steps", 0):
+            raise P.invalid(
+                f"'{param}' needs constrained decoding, which the engine does not do with speculative decoding "
+                "(this server runs with --speculative-steps)",
+                param,
+                "unsupported_value",
+            )
+        if thinking is not None:
+            spec = {**spec, "thinking": thinking}
+        try:
+            self.grammar.validate(spec)
+        except ValueError as e:
+            raise P.invalid(f"invalid value for '{param}': {e}", param, "invalid_value") from None
+        return spec
 
     def token_bytes(self, token_id: int) -> list[int]:
         return list(self.tokenizer.token_bytes(token_id))
@@ -216,18 +253,22 @@ def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
 def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
     if server.template is None:
         raise P.invalid("this model has no chat template; use /v1/completions", "messages")
-    tool_choice = req.tool_choice
-    if tool_choice == "required" or isinstance(tool_choice, P.NamedToolChoice):
-        raise P.invalid(
-            "tool_choice 'required' and named functions need constrained decoding, which this server does not "
-            "implement; use 'auto' (the default when tools are given) or 'none'",
-            "tool_choice",
-            "unsupported_value",
-        )
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise P.invalid("only response_format type 'text' is supported", "response_format", "unsupported_value")
-    use_tools = bool(req.tools) and tool_choice != "none"
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+    if req.functions is not None and req.tools is not None:
+        raise P.invalid("give 'tools' or the legacy 'functions', not both", "functions")
+    if req.function_call is not None and req.tool_choice is not None:
+        raise P.invalid("give 'tool_choice' or the legacy 'function_call', not both", "function_call")
+    tool_list = req.tool_list()
+    tool_choice = req.tool_choice_value()
+    choice_param = "function_call" if req.function_call is not None else "tool_choice"
+    forced = tool_choice == "required" or isinstance(tool_choice, P.NamedToolChoice)
+    if forced and not tool_list:
+        raise P.invalid(f"{choice_param} 'required' or a named function needs tools", choice_param)
+    if isinstance(tool_choice, P.NamedToolChoice):
+        name = tool_choice.function.name
+        if name not in [t.function.name for t in tool_list]:
+            raise P.invalid(f"{choice_param} names '{name}', which is not among the tools", choice_param)
+    use_tools = bool(tool_list) and tool_choice != "none"
+    tools = [t.model_dump(exclude_none=True) for t in tool_list] if use_tools else None
     kwargs = dict(req.chat_template_kwargs or {})
     if req.thinking is not None and "enable_thinking" not in kwargs:
         kwargs["enable_thinking"] = req.thinking.type == "enabled"
@@ -256,6 +297,20 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
     stop_ids = server.stop_ids(req)
     # The prompt may already open the thinking block (the template wrote `<think>`).
     in_reasoning = server.reasoning and prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+    spec = _output_spec(req)
+    if forced:
+        if spec is not None:
+            raise P.invalid(
+                f"structured output cannot be combined with {choice_param} 'required' or a named function", spec[1]
+            )
+        call = {"tools": tools}
+        if isinstance(tool_choice, P.NamedToolChoice):
+            call["name"] = tool_choice.function.name
+        else:
+            call["required"], call["parallel"] = True, req.parallel_tool_calls is not False
+        strict = any(t.function.strict for t in tool_list)
+        spec = ({"tool_call": call, "strict": strict}, "functions" if req.functions is not None else "tools")
+    constraint = server.constraint(spec, _thinking_mode(server, prompt, in_reasoning))
     choices, options = [], []
     for i in range(req.n):
         choices.append(
@@ -269,10 +324,87 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
                 ToolCallParser(tools) if use_tools else None,
             )
         )
-        options.append(server.sampling_options(req, max_new, stop_ids, top, _seed(req.seed, i), req.prompt_logprobs))
+        seed = _seed(req.seed, i)
+        options.append(server.sampling_options(req, max_new, stop_ids, top, seed, req.prompt_logprobs, constraint))
     job = Job(server, choices, [prompt_ids] * req.n, options)
     job.prompt_tokens = len(prompt_ids)
     return job, prompt
+
+
+def _thinking_mode(server: Server, prompt: str, in_reasoning: bool) -> str | None:
+    """How a chat's output may open with reasoning: "inside" (the prompt opened `<think>`), None (the
+    prompt closed an empty block: thinking off) or "optional" (the model may open a block itself)."""
+    if not server.reasoning:
+        return None
+    if in_reasoning:
+        return "inside"
+    if prompt.rstrip().endswith(THINK_END):
+        return None
+    return "optional"
+
+
+def _json_text(value: dict | str, param: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        schema = json.loads(value)
+    except ValueError as e:
+        raise P.invalid(f"'{param}' is not valid JSON: {e}", param, "invalid_value") from None
+    if not isinstance(schema, dict):
+        raise P.invalid(f"'{param}' must be a JSON schema object", param, "invalid_value")
+    return schema
+
+
+def _output_spec(req: P.SamplingFields) -> tuple[dict, str] | None:
+    """The structured-output constraint a request asks for, and the parameter that asked (one at most)."""
+    found: list[tuple[dict, str]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(({"json_object": True}, "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        schema, strict = rf.json_schema.schema_, bool(rf.json_schema.strict)
+        spec = {"json_object": True} if schema is None else {"json_schema": schema, "strict": strict}
+        found.append((spec, "response_format"))
+    if req.regex is not None:
+        found.append(({"regex": req.regex}, "regex"))
+    if req.ebnf is not None:
+        found.append(({"ebnf": req.ebnf}, "ebnf"))
+    so = req.structured_outputs
+    if so is not None:
+        given = [
+            (k, v)
+            for k, v in (("json", so.json_), ("regex", so.regex), ("grammar", so.grammar), ("choice", so.choice))
+            if v is not None
+        ] + ([("json_object", True)] if so.json_object else [])
+        if len(given) != 1:
+            raise P.invalid(
+                "structured_outputs takes exactly one of json, regex, grammar, choice, json_object",
+                "structured_outputs",
+                "invalid_value",
+            )
+        kind, value = given[0]
+        param = f"structured_outputs.{kind}"
+        if kind == "json":
+            found.append(({"json_schema": _json_text(value, param)}, param))
+        elif kind == "grammar":
+            found.append(({"ebnf": value}, param))
+        elif kind == "json_object":
+            found.append(({"json_object": True}, param))
+        else:
+            found.append(({kind: value}, param))
+    if req.guided_json is not None:
+        found.append(({"json_schema": _json_text(req.guided_json, "guided_json")}, "guided_json"))
+    if req.guided_regex is not None:
+        found.append(({"regex": req.guided_regex}, "guided_regex"))
+    if req.guided_choice is not None:
+        found.append(({"choice": req.guided_choice}, "guided_choice"))
+    if req.guided_grammar is not None:
+        found.append(({"ebnf": req.guided_grammar}, "guided_grammar"))
+    if len(found) > 1:
+        raise P.invalid(
+            f"'{found[0][1]}' and '{found[1][1]}' both constrain the output; give one", found[1][1], "invalid_value"
+        )
+    return found[0] if found else None
 
 
 def _seed(seed: int | None, i: int) -> int | None:
@@ -303,6 +435,7 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
             server.check_prompt_text(p, "prompt")
         elif len(p) >= server.limits.max_context:
             server.check_prompt(p, "prompt")
+    constraint = server.constraint(_output_spec(req), None)
     prompts, texts = [], []
     for p in given:
         ids = server.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
@@ -322,7 +455,7 @@ def completion_job(server: Server, req: P.CompletionRequest) -> tuple[Job, list[
             choices.append(ChoiceOutput(i, server.tokenizer, req.stop_strings(), stop_ids, req.skip_special_tokens))
             seq_prompts.append(ids)
             seed = _seed(req.seed, i)
-            options.append(server.sampling_options(req, max_news[k], stop_ids, req.logprobs, seed, scores))
+            options.append(server.sampling_options(req, max_news[k], stop_ids, req.logprobs, seed, scores, constraint))
     job = Job(server, choices, seq_prompts, options)
     job.prompt_tokens = sum(len(ids) for ids in prompts)
     echo = [texts[i // req.n] if req.echo else "" for i in range(len(choices))]

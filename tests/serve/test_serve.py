@@ -615,8 +615,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": QUESTION, "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"messages": QUESTION, "top_p": 0}, 400, "top_p"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": QUESTION, "tools": [sf.WEATHER_TOOL], "tool_choice": "required"}, 400,
-     "tool_choice"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema":
+      {"name": "x", "schema": {"type": "strin"}}}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ("/v1/completions", {"prompt": "x", "regex": "a["}, 400, "regex"),
     ("/v1/chat/completions", {"messages": QUESTION, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content"),
@@ -736,7 +739,8 @@ FUZZ_FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "n", "stream",
     "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "thinking", "echo",
-    "suffix", "best_of", "ignore_eos", "response_format", "logit_bias", "prompt_logprobs",
+    "suffix", "best_of", "ignore_eos", "response_format", "logit_bias", "prompt_logprobs", "regex", "structured_outputs",
+    "guided_choice", "functions", "function_call",
 ]  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """Server pieces without a model: chat template rendering against transformers, the incremental
 detokenizer with stop strings against whole-text decoding, the reasoning and tool-call parsers
 streamed in every split against their whole-text result, the Prometheus exposition, and the
-scheduler's round plans (timeouts, multi-host followers) over a recording engine.
+scheduler's round plans (timeouts, multi-host followers) over a recording engine, and requests with
+structured output (response_format, SGLang / vLLM grammar fields, forced tool calls) turned into
+constraint specs or 400s naming the parameter.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 import pytest
 
 from mimo_jax.engine.driver import BroadcastChannel, Driver, RoundPlan
+from mimo_jax.grammar import GrammarFactory
+from mimo_jax.serve import protocol as P
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.parsers import ReasoningParser, TextStream, ToolCallParser
 from mimo_jax.serve.protocol import APIError
@@ -599,3 +603,166 @@ def test_scheduler_cancel_frees_the_slot_before_the_next_step():
     i = engine.calls.index(("cancel", "a"))
     assert engine.calls[i + 1][:2] == ("add", "b") and engine.calls[i + 2][0] == "step"
     assert "a" not in engine.running
+
+
+# ---------------------------------------------------------------------------------- structured output requests
+class _NoEngineScheduler:
+    """What request checks read from the scheduler: the model's vocabulary size."""
+
+    def __init__(self, vocab_size, speculative_steps=0):
+        config = type("C", (), {"vocab_size": vocab_size})()
+        self.engine = type("E", (), {"config": config, "speculative_steps": speculative_steps})()
+
+
+def _server(tok_dir, tokenizer, grammar=True, speculative_steps=0):
+    from mimo_jax.serve.requests import Limits, Server
+
+    return Server(
+        _NoEngineScheduler(tokenizer.vocab_size, speculative_steps),
+        tokenizer,
+        ChatTemplate.from_dir(tok_dir),
+        Metrics("tiny", 4, 512),
+        model_name="tiny",
+        model_root=None,
+        eos_token_ids=tokenizer.eos_token_ids,
+        limits=Limits(max_context=512, max_top_logprobs=20, max_stop_ids=9, request_timeout=None),
+        grammar=GrammarFactory(tokenizer, tokenizer.vocab_size) if grammar else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def api(tok_dir, tokenizer):
+    return _server(tok_dir, tokenizer)
+
+
+def _constraints(server, body, route="chat"):
+    """The constraint specs of a request's sequences (parsed and checked as the routes do)."""
+    from mimo_jax.serve.requests import chat_job, completion_job
+
+    if route == "chat":
+        req = P.parse_request(P.ChatCompletionRequest, json.dumps({"messages": QUESTION, **body}).encode())
+        job, _ = chat_job(server, req)
+    else:
+        req = P.parse_request(P.CompletionRequest, json.dumps({"prompt": "def fib", **body}).encode())
+        job, _ = completion_job(server, req)
+    return [seq.options.constraint for seq in job.sequences]
+
+
+QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+STRUCTURED = [
+    # (request fields, the spec the engine gets); the test template opens `<think>` unless thinking is off
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True, "thinking": "inside"}),
+    ({"response_format": {"type": "json_object"}, **NO_THINKING}, {"json_object": True}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}},
+      **NO_THINKING}, {"json_schema": SCHEMA, "strict": True}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}}, **NO_THINKING},
+     {"json_schema": SCHEMA, "strict": False}),
+    ({"regex": "[0-9]+", **NO_THINKING}, {"regex": "[0-9]+"}),
+    ({"ebnf": 'root ::= "a" | "b"', **NO_THINKING}, {"ebnf": 'root ::= "a" | "b"'}),
+    ({"structured_outputs": {"json": SCHEMA}, **NO_THINKING}, {"json_schema": SCHEMA}),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA)}, **NO_THINKING}, {"json_schema": SCHEMA}),
+    ({"structured_outputs": {"regex": "a+"}, **NO_THINKING}, {"regex": "a+"}),
+    ({"structured_outputs": {"choice": ["a", "b"]}, **NO_THINKING}, {"choice": ["a", "b"]}),
+    ({"structured_outputs": {"grammar": "start: /x+/"}, **NO_THINKING}, {"ebnf": "start: /x+/"}),
+    ({"structured_outputs": {"json_object": True}, **NO_THINKING}, {"json_object": True}),
+    ({"guided_json": json.dumps(SCHEMA), **NO_THINKING}, {"json_schema": SCHEMA}),
+    ({"guided_regex": "b+", **NO_THINKING}, {"regex": "b+"}),
+    ({"guided_choice": ["x", "y"], **NO_THINKING}, {"choice": ["x", "y"]}),
+    ({"guided_grammar": "start: /x+/", **NO_THINKING}, {"ebnf": "start: /x+/"}),
+    ({"tools": [sf.WEATHER_TOOL], "tool_choice": "auto"}, None),
+    ({"tools": [sf.WEATHER_TOOL], "tool_choice": "required", **NO_THINKING},
+     {"tool_call": {"tools": [sf.WEATHER_TOOL], "required": True, "parallel": True}, "strict": False}),
+    ({"tools": [sf.WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+     {"tool_call": {"tools": [sf.WEATHER_TOOL], "required": True, "parallel": False}, "strict": False,
+      "thinking": "inside"}),
+    ({"tools": [sf.WEATHER_TOOL], "tool_choice": NAMED, **NO_THINKING},
+     {"tool_call": {"tools": [sf.WEATHER_TOOL], "name": "get_weather"}, "strict": False}),
+    ({"functions": [sf.WEATHER_TOOL["function"]], "function_call": {"name": "get_weather"}, **NO_THINKING},
+     {"tool_call": {"tools": [sf.WEATHER_TOOL], "name": "get_weather"}, "strict": False}),
+    ({"functions": [sf.WEATHER_TOOL["function"]], "function_call": "auto"}, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body,spec", STRUCTURED)
+def test_structured_output_fields_become_constraint_specs(api, body, spec):
+    assert _constraints(api, {**body, "n": 2}) == [spec, spec]
+
+
+def test_legacy_functions_are_tools(api):
+    from mimo_jax.serve.requests import chat_job
+
+    body = {"messages": QUESTION, "functions": [sf.WEATHER_TOOL["function"]]}
+    job, prompt = chat_job(api, P.parse_request(P.ChatCompletionRequest, json.dumps(body).encode()))
+    assert '"name": "get_weather"' in prompt and job.choices[0].tools is not None
+
+
+def test_completions_take_the_grammar_fields(api):
+    assert _constraints(api, {"response_format": {"type": "json_object"}}, "completions") == [{"json_object": True}]
+    assert _constraints(api, {"regex": "[a-z]+", "n": 2}, "completions") == [{"regex": "[a-z]+"}] * 2
+    assert _constraints(api, {}, "completions") == [None]
+
+
+BAD_SCHEMA = {"type": "object", "properties": {"city": {"type": "strin"}}}
+BAD_STRUCTURED = [
+    # (request fields, the parameter the 400 names, part of its message)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": BAD_SCHEMA}}},
+     "response_format", "strin"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "string",
+      "format": "bogus"}, "strict": True}}}, "response_format", "bogus"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "json_object"),
+    ({"response_format": "json"}, "response_format", None),
+    ({"regex": "a["}, "regex", "unclosed"),
+    ({"guided_regex": "(x"}, "guided_regex", None),
+    ({"ebnf": 'root ::= "a" oops'}, "ebnf", "oops"),
+    ({"structured_outputs": {"regex": "a["}}, "structured_outputs.regex", "unclosed"),
+    ({"structured_outputs": {"json": BAD_SCHEMA}}, "structured_outputs.json", "strin"),
+    ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+    ({"guided_json": "[1]"}, "guided_json", "schema object"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"regex": "a", "response_format": {"type": "json_object"}}, "regex", "both"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [sf.WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "nope"),
+    ({"tools": [sf.WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format", "cannot be combined"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties":
+      {"x": {"type": "integr"}}}}}], "tool_choice": "required"}, "tools", "integr"),
+    ({"tools": [sf.WEATHER_TOOL], "functions": [sf.WEATHER_TOOL["function"]]}, "functions", "not both"),
+    ({"functions": [sf.WEATHER_TOOL["function"]], "function_call": {"name": "x"}}, "function_call", "'x'"),
+    ({"functions": [sf.WEATHER_TOOL["function"]], "function_call": "auto", "tool_choice": "auto"}, "function_call",
+     "not both"),
+    ({"function_call": {"name": "get_weather"}}, "function_call", "needs tools"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body,param,message", BAD_STRUCTURED)
+def test_bad_structured_output_is_400_naming_the_field(api, body, param, message):
+    with pytest.raises(APIError) as e:
+        _constraints(api, body)
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
+    assert message is None or message in e.value.message
+
+
+@pytest.mark.parametrize("setup", ["no grammar backend", "speculative decoding"])
+def test_unconstrainable_engine_answers_400(tok_dir, tokenizer, setup):
+    if setup == "no grammar backend":
+        server = _server(tok_dir, tokenizer, grammar=False)
+    else:
+        server = _server(tok_dir, tokenizer, speculative_steps=2)
+    assert _constraints(server, {"tools": [sf.WEATHER_TOOL]}) == [None]
+    for body, param in [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [sf.WEATHER_TOOL], "tool_choice": "required"}, "tools"),
+        ({"guided_regex": "a"}, "guided_regex"),
+    ]:
+        with pytest.raises(APIError) as e:
+            _constraints(server, body)
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_value")
+        assert ("speculative" in e.value.message) == (setup == "speculative decoding")
