@@ -49,8 +49,7 @@ from typing import Any
 import llguidance
 import numpy as np
 
-from mimo_jax.serve.parsers import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
-from mimo_jax.text import Tokenizer
+from mimo_jax.text import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START, Tokenizer
 
 log = logging.getLogger("mimo_jax.grammar")
 

@@ -34,6 +34,10 @@ MAX_NESTING = 200
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (transformers aliases them).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
+# MiMo's reasoning and tool-call markup (the chat template writes it; the server's parsers and the grammars read it)
+THINK_START, THINK_END = "<think>", "</think>"
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+
 
 class ChatTemplateError(ValueError):
     """The conversation cannot be rendered (the template raised, or the input is not a chat)."""

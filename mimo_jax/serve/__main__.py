@@ -12,6 +12,7 @@ listens and schedules; the others apply its broadcast round plans to their share
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -19,7 +20,25 @@ import sys
 import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
+import uvicorn
+
+from mimo_jax.config import RunOptions
+from mimo_jax.engine.driver import BroadcastChannel, Driver
+from mimo_jax.engine.host import Engine
+from mimo_jax.grammar import COMPACT_JSON_WHITESPACE, PRETTY_JSON_WHITESPACE, GrammarFactory
+from mimo_jax.lm import LanguageModel, load_model
+from mimo_jax.model.cache import kv_plan
 from mimo_jax.model.moe import EXPERT_IMPLS
+from mimo_jax.serve.app import create_app, host_name
+from mimo_jax.serve.metrics import Metrics
+from mimo_jax.serve.scheduler import Scheduler
+from mimo_jax.serve.server import Limits, Server
+from mimo_jax.sharding import add_distributed_arguments, initialize_distributed, make_mesh, parse_mesh_arg
+from mimo_jax.text import ChatTemplate, Tokenizer
+from mimo_jax.weights.demo import demo_model_dir
+from mimo_jax.weights.random import bench_config, random_model
 
 log = logging.getLogger("mimo_jax.serve")
 
@@ -82,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    from mimo_jax.sharding import add_distributed_arguments
 
     add_distributed_arguments(p)
     return p
@@ -106,9 +124,6 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 def allowed_hosts(args: argparse.Namespace) -> frozenset[str] | None:
     """Host header names the server answers (None: any), and a warning when it is reachable from the network
     (it has no authentication)."""
-    import ipaddress
-
-    from mimo_jax.serve.app import host_name
 
     host = args.host.strip()
     try:
@@ -132,16 +147,10 @@ def allowed_hosts(args: argparse.Namespace) -> frozenset[str] | None:
 
 
 def _tree_bytes(tree) -> int:
-    import jax
-
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def _log_memory_plan(lm, engine, max_context: int) -> None:
-    import jax
-
-    from mimo_jax.model.cache import kv_plan
-
     cfg = lm.config
     params = _tree_bytes(lm.params)
     cache = _tree_bytes(engine.cache)
@@ -175,38 +184,24 @@ def _log_memory_plan(lm, engine, max_context: int) -> None:
 
 def _load(args: argparse.Namespace):
     """Model, tokenizer and chat template as the flags ask."""
-    from mimo_jax.lm import load_model
-    from mimo_jax.text import ChatTemplate, Tokenizer
 
     if args.model:
         directory, default_name = args.model, os.path.basename(os.path.normpath(args.model))
     else:
-        from mimo_jax.weights.demo import demo_model_dir
-
         directory, default_name = str(demo_model_dir()), "mimo-demo"
     mesh = None
     if args.mesh:
-        from mimo_jax.sharding import make_mesh, parse_mesh_arg
-
         mesh = make_mesh(**parse_mesh_arg(args.mesh))
     kwargs = {}
     if args.weights:
         kwargs["weights"] = args.weights
     if args.speculative_steps:
         kwargs["mtp"] = args.speculative_steps  # the MTP layers the drafts need
-    import jax
-
-    from mimo_jax.config import RunOptions
 
     platform = (mesh.devices.flat if mesh is not None else jax.devices())[0].platform
     options = RunOptions.for_platform(platform, moe_impl=args.moe_impl)
     t0 = time.perf_counter()
     if args.random_weights:
-        import jax.numpy as jnp
-
-        from mimo_jax.lm import LanguageModel
-        from mimo_jax.weights.random import bench_config, random_model
-
         if not args.model or not args.tokenizer:
             raise SystemExit("--random-weights needs --model (flash-slice-N or a config.json) and --tokenizer DIR")
         model = random_model(bench_config(args.model), jnp.dtype(args.dtype), options, mesh)
@@ -236,7 +231,6 @@ def _load(args: argparse.Namespace):
 def _grammar(args: argparse.Namespace, tokenizer, vocab_size: int, eos: tuple[int, ...]):
     """The engine's ConstraintFactory (llguidance over this tokenizer), or None where llguidance cannot read
     the tokenizer (then structured-output requests answer 400)."""
-    from mimo_jax.grammar import COMPACT_JSON_WHITESPACE, PRETTY_JSON_WHITESPACE, GrammarFactory
 
     named = {"compact": COMPACT_JSON_WHITESPACE, "pretty": PRETTY_JSON_WHITESPACE}
     whitespace = named.get(args.json_whitespace, args.json_whitespace)
@@ -253,8 +247,6 @@ def _grammar(args: argparse.Namespace, tokenizer, vocab_size: int, eos: tuple[in
 
 
 def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, grammar=None):
-    from mimo_jax.engine.host import Engine
-
     kwargs = dict(
         max_batch=args.max_batch,
         max_context=max_context,
@@ -277,18 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    import jax
-
-    from mimo_jax.sharding import initialize_distributed
 
     # gloo: cross-process collectives for the CPU backend too (plans are broadcast through it on CPU hosts).
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, cpu_collectives="gloo")
     leader = jax.process_index() == 0
     multihost = jax.process_count() > 1
-
-    from mimo_jax.engine.driver import BroadcastChannel, Driver
-    from mimo_jax.serve.metrics import Metrics
-    from mimo_jax.serve.scheduler import Scheduler
 
     lm, tokenizer, template, model_name, directory, generation = _load(args)
     eos = tuple(sorted(set(lm.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
@@ -328,11 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("process 0 shut down; leaving")
         jax.distributed.shutdown()  # a barrier: the coordinator (process 0) stays up until everyone is here
         return 0
-
-    import uvicorn
-
-    from mimo_jax.serve.app import create_app
-    from mimo_jax.serve.requests import Limits, Server
 
     server = Server(
         scheduler,

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import logging
 from collections.abc import Callable, Collection
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,8 @@ from starlette.requests import ClientDisconnect
 
 from mimo_jax.serve import protocol as P
 from mimo_jax.serve.jobs import Job, chat_response, chat_stream, completion_response, completion_stream
-from mimo_jax.serve.requests import Server, chat_job, completion_job
+from mimo_jax.serve.requests import chat_job, completion_job
+from mimo_jax.serve.server import Server
 
 log = logging.getLogger("mimo_jax.serve")
 
@@ -182,7 +184,6 @@ def create_app(
     """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered);
     `on_shutdown` runs after the scheduler has stopped. `allowed_hosts`: the Host header names answered
     (None: any)."""
-    from contextlib import asynccontextmanager
 
     pool = concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="mimo-prepare")
 

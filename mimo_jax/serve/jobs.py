@@ -9,15 +9,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mimo_jax.serve import protocol as P
 from mimo_jax.serve.parsers import ParsedToolCall, ReasoningParser, TextStream, ToolCallParser
 from mimo_jax.serve.scheduler import Failure, Sequence, Tokens
+from mimo_jax.serve.server import Server
 from mimo_jax.text import Tokenizer
-
-if TYPE_CHECKING:  # annotations only: requests imports this module at run time
-    from mimo_jax.serve.requests import Server
 
 log = logging.getLogger("mimo_jax.serve")
 

@@ -17,8 +17,7 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
-THINK_START, THINK_END = "<think>", "</think>"
-TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+from mimo_jax.text import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
 
 
 def partial_suffix(text: str, markers: list[str] | tuple[str, ...]) -> int:

@@ -20,8 +20,8 @@ import pytest
 
 from mimo_jax.serve import app as app_module
 from mimo_jax.serve.metrics import Metrics
-from mimo_jax.serve.requests import Limits, Server
 from mimo_jax.serve.scheduler import Scheduler
+from mimo_jax.serve.server import Limits, Server
 from mimo_jax.text import ChatTemplate, Tokenizer
 from tests import fixtures as sf
 

@@ -545,7 +545,7 @@ def _wait_idle(scheduler, seconds):
 
 def _in_process_server(tokenizer, template):
     """A `Server` over a slow recording engine, for the whole app to run on (starlette's TestClient)."""
-    from mimo_jax.serve.requests import Limits, Server
+    from mimo_jax.serve.server import Limits, Server
 
     engine = _SlowEngine(tokenizer.vocab_size)
     metrics = Metrics("tiny", engine.max_batch, 4096)
@@ -615,7 +615,7 @@ class _NoEngineScheduler:
 
 
 def _server(tok_dir, tokenizer, grammar=True, speculative_steps=0):
-    from mimo_jax.serve.requests import Limits, Server
+    from mimo_jax.serve.server import Limits, Server
 
     return Server(
         _NoEngineScheduler(tokenizer.vocab_size, speculative_steps),
