@@ -121,6 +121,9 @@ class StructuredOutputs(_Request):
     json_object: bool | None = None
 
 
+MAX_LOGIT_BIAS = 64  # the engine's default max_logit_bias: entries one request may bias
+
+
 class SamplingFields(_Request):
     """Parameters both endpoints share."""
 
@@ -142,7 +145,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = False  # extension (vLLM's): generate exactly max_tokens
     skip_special_tokens: bool = True
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # {token id: bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries
+    min_tokens: int = Field(default=0, ge=0)  # extension (vLLM's): no stop token before this many tokens
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # extension (vLLM's)
 
     @field_validator("seed")
@@ -162,10 +166,22 @@ class SamplingFields(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"values must lie in [-100, 100], got {bias} for token {key}")
+        return value
+
     @model_validator(mode="after")
     def _check_stop(self):
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         for s in stops:
             if isinstance(s, str) and not s:

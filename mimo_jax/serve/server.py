@@ -162,6 +162,11 @@ class Server:
         constraint: dict | None = None,
     ):
         pick = lambda value, name: self.defaults[name] if value is None else value
+        if req.min_tokens > max_new:
+            message = f"'min_tokens' ({req.min_tokens}) must not exceed the tokens to generate ({max_new})"
+            raise P.invalid(message, "min_tokens")
+        if req.logit_bias and max(int(k) for k in req.logit_bias) >= (vocab := self.scheduler.engine.config.vocab_size):
+            raise P.invalid(f"'logit_bias' names a token outside the vocabulary [0, {vocab})", "logit_bias")
         return SamplingOptions(
             temperature=pick(req.temperature, "temperature"),
             top_p=pick(req.top_p, "top_p"),
@@ -175,6 +180,8 @@ class Server:
             stop_token_ids=stop_ids,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            min_tokens=req.min_tokens,
+            logit_bias=req.logit_bias,
             constraint=constraint,
         )
 

@@ -329,6 +329,26 @@ def test_sampling_seed_n_and_logprobs(served):
     assert lp.text_offset[0] == 0
 
 
+def test_logit_bias_and_min_tokens(served):
+    """logit_bias +100 forces a token, -100 bans the greedy one; min_tokens holds a (forced) stop token back."""
+    ids = served.tok.encode("The quick", add_special_tokens=True)
+    (plain,) = served.generate([ids], max_new_tokens=4)  # greedy token ids, the oracle
+    forced = next(t for t in reversed(ids) if t != plain.token_ids[0] and served.tok.decode([t]))
+
+    def complete(**extra):
+        r = served.http.post("/v1/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        return out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["usage"]["completion_tokens"]
+
+    assert complete()[0] == served.tok.decode(plain.token_ids)
+    assert complete(logit_bias={str(forced): 100})[0] == served.tok.decode([forced] * 4)
+    assert complete(logit_bias={str(plain.token_ids[0]): -100})[0] != served.tok.decode(plain.token_ids)
+    stop = {"stop_token_ids": [forced], "logit_bias": {str(forced): 100}}
+    assert complete(**stop)[1:] == ("stop", 1)
+    assert complete(**stop, min_tokens=3)[1:] == ("stop", 4)
+
+
 def test_seeds_are_64_bit_and_used_whole(served):
     """Every signed 64-bit seed is its own stream (the same as generate's); others are a 400 with the engine's rule."""
     from mimo_jax.engine.sampling import check_seed
@@ -631,7 +651,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop": [123456]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x" * 3000}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 3}, 400, "frequency_penalty"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, None),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens"),
+    ("/v1/chat/completions", {"messages": QUESTION, "min_tokens": -1}, 400, "min_tokens"),
     ("/v1/completions", {"prompt": ["a"] * 2, "n": 16}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0 only echoes or scores the prompt
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
