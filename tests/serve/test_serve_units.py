@@ -607,7 +607,9 @@ def test_scheduler_cancel_frees_the_slot_before_the_next_step():
 
 # ---------------------------------------------------------------------------------- structured output requests
 class _NoEngineScheduler:
-    """What request checks read from the scheduler: the model's vocabulary size."""
+    """What request checks read from the scheduler: the model's vocabulary size and the waiting-queue bound."""
+
+    max_waiting = 256
 
     def __init__(self, vocab_size, speculative_steps=0):
         config = type("C", (), {"vocab_size": vocab_size})()
@@ -623,7 +625,6 @@ def _server(tok_dir, tokenizer, grammar=True, speculative_steps=0):
         ChatTemplate.from_dir(tok_dir),
         Metrics("tiny", 4, 512),
         model_name="tiny",
-        model_root=None,
         eos_token_ids=tokenizer.eos_token_ids,
         limits=Limits(max_context=512, max_top_logprobs=20, max_stop_ids=9, request_timeout=None),
         grammar=GrammarFactory(tokenizer, tokenizer.vocab_size) if grammar else None,
