@@ -29,6 +29,7 @@ from mimo_jax.serve.server import Server
 log = logging.getLogger("mimo_jax.serve")
 
 MAX_BODY_BYTES = 32 << 20
+RETRY_AFTER_S = 1  # seconds a client told 429 (queue full) waits before trying again
 # Threads that parse, render and tokenize requests (CPU work kept off the event loop, which must keep
 # answering /health and delivering tokens); more requests than this wait their turn.
 PREPARE_WORKERS = 4
@@ -218,6 +219,8 @@ def create_app(
     async def api_error(request: Request, exc: P.APIError):
         # 413, 415: the rest of the body is not read, so the connection cannot carry another request.
         headers = {"connection": "close"} if exc.status in (413, 415) else None
+        if exc.status == 429:  # the queue drains within rounds: clients (openai's retries) come back in a second
+            headers = {"retry-after": str(RETRY_AFTER_S)}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -86,6 +86,12 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_omitted(cls, data: Any) -> Any:
+        """An explicit null is the field left out (as OpenAI and vLLM read `"n": null`, `"stream": null`)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 # ----------------------------------------------------------------------------- shared parameters
 class StreamOptions(_Request):

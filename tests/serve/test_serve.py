@@ -601,6 +601,7 @@ def test_full_queue_answers_429(served):
         # 8 more do not fit in the queue of MAX_WAITING: 429 with an OpenAI error body, nobody else is hurt.
         r = served.http.post("/v1/completions", json={**big, "prompt": big["prompt"][:8]})
         assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1"
         error = r.json()["error"]
         assert error["type"] == "rate_limit_error" and "retry" in error["message"]
         with pytest.raises(openai.RateLimitError):

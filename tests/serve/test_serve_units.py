@@ -767,3 +767,13 @@ def test_unconstrainable_engine_answers_400(tok_dir, tokenizer, setup):
             _constraints(server, body)
         assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_value")
         assert ("speculative" in e.value.message) == (setup == "speculative decoding")
+
+
+def test_explicit_nulls_are_fields_left_out():
+    """`"n": null`, `"stream": null`, `"logprobs": null`, `"echo": null` ... as OpenAI clients send them."""
+    nulls = dict(n=None, stream=None, logprobs=None, echo=None, stop=None, seed=None, temperature=None, top_p=None)
+    req = P.parse_request(P.CompletionRequest, json.dumps({"prompt": "x", **nulls}).encode())
+    assert (req.n, req.stream, req.logprobs, req.echo, req.stop) == (1, False, None, False, None)
+    chat = {"messages": [{"role": "user", "content": "hi", "name": None}], "tools": None, "tool_choice": None, **nulls}
+    req = P.parse_request(P.ChatCompletionRequest, json.dumps(chat).encode())
+    assert (req.n, req.stream, req.tools) == (1, False, None)
