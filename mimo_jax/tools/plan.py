@@ -52,7 +52,7 @@ class StoredTensor:
 
 def release_tensors(cfg: MiMoConfig, mtp_layers: int = 0) -> list[StoredTensor]:
     """The checkpoint's tensors (names, shapes, dtypes) as the release of this config stores them."""
-    block = _block(cfg)
+    block = quantization_block(cfg)
     out = []
     for t in checkpoint_tensors(parameter_sources(cfg, mtp_layers)):
         if block and t.quantizable:
@@ -61,10 +61,6 @@ def release_tensors(cfg: MiMoConfig, mtp_layers: int = 0) -> list[StoredTensor]:
         else:
             out.append(StoredTensor(t.name, t.shape, "float32" if t.dtype == F32 else "bfloat16"))
     return out
-
-
-def _block(cfg: MiMoConfig) -> tuple[int, int] | None:
-    return quantization_block(cfg)
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
@@ -100,7 +96,7 @@ def param_bytes_per_device(
 ) -> int:
     """Bytes of parameters on each device (the fullest one) after `load_model(..., weights=weights)`."""
     mesh = abstract_mesh(mesh_sizes)
-    block = _block(cfg) if weights == "fp8" else None
+    block = quantization_block(cfg) if weights == "fp8" else None
     total = 0
     dtype = jnp.bfloat16 if dtype_bytes == 2 else jnp.float32
     for src, var, shape, axes, spec in _placed_params(cfg, mesh, dtype, mtp_layers):
@@ -119,7 +115,7 @@ def dequantized_working_set_per_device(
     """Bytes of FP8 weights dequantized at once on a device: the two largest kept-FP8 parameters (per
     device) in bf16, e.g. a MoE projection's local experts and the lm_head. Each weight is dequantized
     only when its layer runs (`quant.weight(p, after=x)`), so this, not the sum, is what is live."""
-    block = _block(cfg) if weights == "fp8" else None
+    block = quantization_block(cfg) if weights == "fp8" else None
     mesh = abstract_mesh(mesh_sizes)
     sizes = [
         2 * _per_device(shape, spec, mesh)
