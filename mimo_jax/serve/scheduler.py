@@ -11,7 +11,8 @@ Each round the scheduler thread
 4. hands each sequence's new tokens to its HTTP handler on the event loop (one loop callback per
    round), where detokenization and parsing happen, off this thread.
 
-Nothing here changes a compiled shape: sequences join and leave between rounds.
+Nothing here changes a compiled shape: sequences join and leave between rounds. A drain (`drain`,
+then maybe `abort`) stops admitting new sequences and lets the others finish, or ends them with an error.
 
 Multi-host: every process holds the engine; only process 0 runs this scheduler and the HTTP
 server. Each round's decisions (cancel, add, step) form a `mimo_jax.engine.driver.RoundPlan` that

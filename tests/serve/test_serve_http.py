@@ -370,6 +370,34 @@ def test_allowed_hosts_and_exposure_warning(caplog):
     assert hosts == {"mimo.internal", "10.1.2.3"}
     hosts, _ = policy("--allowed-hosts", "*")
     assert hosts is None
+    hosts, warning = policy("--host", "0.0.0.0", "--api-key", "k")  # reachable, but with a key: no warning
+    assert hosts is None and not warning
+
+
+def test_operations_flags(monkeypatch, capsys):
+    from mimo_jax.serve.__main__ import _check_args, allowed_origins, build_parser
+
+    def args(*argv):
+        parser = build_parser()
+        parsed = parser.parse_args(list(argv))
+        _check_args(parser, parsed)
+        return parsed
+
+    assert args().api_key is None and allowed_origins(args()) is None and args().drain_timeout == 30.0
+    assert allowed_origins(args("--allowed-origins", "http://a:1, https://b")) == ["http://a:1", "https://b"]
+    monkeypatch.setenv("MIMO_API_KEY", "from-env")
+    assert args().api_key == "from-env" and args("--api-key", "flag").api_key == "flag"
+    assert args("--protect-metrics").protect_metrics
+    monkeypatch.delenv("MIMO_API_KEY")
+    for argv, message in (
+        (["--protect-metrics"], "--protect-metrics needs --api-key"),
+        (["--api-key", " "], "--api-key is empty"),
+        (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
+        (["--per-request-spec-decode-metrics", "all"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit):
+            args(*argv)
+        assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- operations
@@ -392,6 +420,7 @@ def test_api_key_guards_every_route_but_health_and_metrics(tok_dir):
             good = {"authorization": "Bearer sekrit-key"}
             r = client.post("/v1/completions", json=body, headers=good)
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == "aa"
+            assert "metrics" not in r.json()  # no --per-request-spec-decode-metrics: the response as OpenAI's
             assert client.get("/health").status_code == 200
             assert client.get("/metrics").status_code == (401 if protect_metrics else 200)
             assert client.get("/metrics", headers=good).status_code == 200
