@@ -54,7 +54,7 @@ class Metrics:
     histograms are observed when a sequence finishes (as vLLM does for finished requests)."""
 
     def __init__(self, model_name: str, max_batch: int, max_context: int, speculative_steps: int = 0):
-        prometheus_client.disable_created_metrics()  # no `_created` series per counter (as vLLM)
+        prometheus_client.disable_created_metrics()  # process-wide: no `_created` series per counter (as vLLM)
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.max_batch = max_batch
