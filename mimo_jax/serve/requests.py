@@ -19,7 +19,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_ARGUMENTS_DEPTH = 100  # nesting levels (objects, arrays) of a tool call's arguments in the conversation
 
 
-def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
+def template_messages(req: P.ChatCompletionRequest) -> list[dict]:
+    """A request's messages as the chat template reads them (text parts joined, tool-call arguments as objects)."""
     messages = []
     for k, m in enumerate(req.messages):
         d = m.model_dump(exclude_none=True)
@@ -75,7 +76,7 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
         # Special-token text in the messages and tools is plain text; control tokens come only from the template.
         prompt, prompt_ids = server.template.render_ids(
             server.tokenizer,
-            _template_messages(req),
+            template_messages(req),
             tools,
             add_generation_prompt=True,
             template_kwargs=kwargs,
