@@ -42,7 +42,12 @@ WEATHER = {
 }
 CLOCK = {
     "type": "function",
-    "function": {"name": "now", "description": "The time.", "parameters": {"type": "object", "properties": {}}},
+    # no parameters at all: a function without declared properties takes any, as free text until max_tokens
+    "function": {
+        "name": "now",
+        "description": "The time.",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
 }
 RESPONSES_WEATHER = {"type": "function", **WEATHER["function"], "strict": None}
 
