@@ -1403,6 +1403,10 @@ def load_checkpoint(directory: Path, preset: Preset) -> MiMoModel:
 
 
 def print_eval(result: dict[str, Any]) -> None:
+    """Sample completions, then the figures (last, where a log's tail shows them)."""
+    for s in result["samples"]:
+        print("-" * 60 + f"\n{s['prompt']}\u2588{s['completion']}")
+    print("-" * 60)
     acc = result["acceptance"]
     print(
         f"held-out loss {result['heldout_loss']:.4f}  perplexity {result['heldout_perplexity']:.2f}  "
@@ -1425,8 +1429,6 @@ def print_eval(result: dict[str, Any]) -> None:
             f"with tools offered but not asked {chat['tool_call_rate_with_tools_not_asked']}, without tools "
             f"{chat['tool_call_rate_without_tools']}; thinking on opens <think>: {chat['thinking_on_opens_think']}"
         )
-    for s in result["samples"]:
-        print("-" * 60 + f"\n{s['prompt']}\u2588{s['completion']}")
 
 
 if __name__ == "__main__":
