@@ -210,7 +210,7 @@ def update_tests(checks: dict) -> None:
         ids = f"GOLDEN_IDS = [\n    {flat}\n]\n"
     else:
         ids = "GOLDEN_IDS = [\n" + "".join(f"    {t},\n" for t in checks["golden_ids"]) + "]\n"
-    block = f"GOLDEN_PROMPT = {GOLDEN_PROMPT!r}\n" + "".join(f"# {line.rstrip()}\n" for line in lines) + ids
+    block = f"GOLDEN_PROMPT = {GOLDEN_PROMPT!r}\n" + "".join(f"# {line}".rstrip() + "\n" for line in lines) + ids
     new, n = re.subn(r"GOLDEN_PROMPT = .*?\nGOLDEN_IDS = \[[^\]]*\]\n", lambda _: block, text, flags=re.DOTALL)
     if n != 1:
         raise SystemExit(f"{TEST_FILE}: could not find the GOLDEN_PROMPT ... GOLDEN_IDS block")
