@@ -3,24 +3,29 @@
 Steps (each a subcommand; `prepare` and `export` run on the CPU, `train` on CPU or one GPU):
 
   prepare   stdlib *.py files (sorted, split by file) + chat samples made from their functions
-            -> byte-level BPE tokenizer (HF `tokenizers`), tokenizer_config.json with a MiMo-style
-            chat template, token arrays train.npy / heldout.npy, manifest.json
+            -> byte-level BPE tokenizer (HF `tokenizers`) with Qwen2's pre-tokenizer split,
+            tokenizer_config.json with a MiMo-style chat template, token arrays train.npy / heldout.npy,
+            held-out chat probes heldout_chat.jsonl, manifest.json
   train     MiMoModel(cfg, mtp_layers=3) with optax AdamW; one pure jitted step (state in, state out);
             main next-token loss + next-next-token losses of the MTP layers; aux-loss-free balancing
             of the MoE correction bias; writes params.safetensors (+ shards) and a log
   export    trained params -> release layout (hub config.json, fused qkv_proj, FP8 128x128 blocks,
             model_mtp.safetensors, index json) with the importer's writer, plus the tokenizer files
-  evaluate  held-out loss/perplexity, MTP acceptance length (greedy, 3 steps) and sample completions
-            of a checkpoint directory
+  evaluate  held-out loss/perplexity, MTP acceptance length (greedy, k = 1..3 draft steps), tool-call
+            behaviour on held-out chat probes, and sample completions of a checkpoint directory
 
-MTP wiring (the same as inference, SGLang's multi-layer EAGLE for MiMoV2, which is not a chain
-model): every MTP layer k reads the target model's residual stream (before its final norm) at
-position t and the embedding of token t+k+1, at position t, and predicts token t+k+2.
+MTP wiring: the production one, the model's own (`MiMoModel.mtp_forward` -> `mtp_input`), as SGLang's
+default multi-layer EAGLE worker, vLLM and the released checkpoints use it: every MTP layer k reads the
+target's hidden state after its final norm, norm(h_t), and the embedding of token t+k+1, at position t,
+and predicts token t+k+2. The exported config.json therefore has no `mtp_hidden_before_norm` (the demo
+v1 checkpoint, trained on the pre-norm residual stream, needed `mtp_hidden_before_norm: true`).
 
-    python launch/train_demo.py prepare --out data/demo
-    python launch/train_demo.py train --data data/demo --out runs/demo --evaluate   # one GPU: ~5 minutes
-    python launch/train_demo.py export --params runs/demo --data data/demo --out runs/demo_release  # new dir
-    python launch/train_demo.py evaluate --checkpoint mimo_jax/demo_model --data data/demo
+    python launch/train_demo.py prepare --out .carry/demo_data
+    python launch/train_demo.py train --data .carry/demo_data --out runs/demo   # one GPU: ~5 minutes
+    python launch/train_demo.py export --params runs/demo --data .carry/demo_data --out runs/demo_release  # new dir
+    python launch/train_demo.py evaluate --checkpoint runs/demo_release --data .carry/demo_data
+
+`bench/train_demo_gpu.sh` runs train, export and evaluate in one device call.
 """
 
 from __future__ import annotations
@@ -220,6 +225,19 @@ READ_SOURCE_TOOL = {
     },
 }
 
+RUN_PYTHON_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "run_python",
+        "description": "Run a short Python snippet and return what it prints.",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "Python source to run"}},
+            "required": ["code"],
+        },
+    },
+}
+
 # ----------------------------------------------------------------------------- corpus
 
 
@@ -261,11 +279,19 @@ def _first_paragraph(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+# The chat mix, by a hash of (file, function): write a function (answered with its source), ask a plain
+# question about one (answered in a sentence), either with tools offered that the question does not need
+# (still answered directly), and ask for the tool by name (a call, the tool's response, then the answer).
+CHAT_KINDS = ("write",) * 4 + ("ask",) * 2 + ("write_with_tools", "ask_with_tools") + ("use_tool",) * 2
+TOOL_KINDS = ("write_with_tools", "ask_with_tools", "use_tool")
+
+
 def chat_samples(rel: str, text: str) -> Iterator[dict[str, Any]]:
     """Chat conversations made from the documented functions (3 to 40 lines) of one file.
 
-    Each yields {"messages": [...], "tools": [...] or None}; the assistant answers with the function's
-    source, with or without a (templated) thinking block, or first calls a `read_source` tool.
+    Each yields {"messages": [...], "tools": [...] or None, "kind": one of CHAT_KINDS, "thinking": bool}. Tool
+    calls appear only where tools are offered and the user asks for one; half the samples think (a reasoning
+    block), the other half carry the empty block that the template pre-fills with thinking disabled.
     """
     import ast
     import textwrap
@@ -294,23 +320,32 @@ def chat_samples(rel: str, text: str) -> Iterator[dict[str, Any]]:
         summary = _first_paragraph(doc)
         args = [a.arg for a in fn.args.args if a.arg not in ("self", "cls")]
         signature = f"{fn.name}({', '.join(args)})"
+        full_name = f"{module}.{qualname}"
+        arg_text = "no arguments" if not args else "the arguments " + ", ".join(f"`{a}`" for a in args)
         thinking = (key >> 8) % 2 == 0
-        reasoning = None
-        if thinking:
-            arg_text = "no arguments" if not args else "the arguments " + ", ".join(f"`{a}`" for a in args)
-            reasoning = (
-                f"The user wants `{signature}`. It takes {arg_text}. Its job: {summary} "
-                f"I will write it the way the standard library's `{module}` module does."
-            )
-        answer = f"Here is `{fn.name}`:\n\n```python\n{source}\n```"
-        if (key >> 16) % 6 == 0:
-            full_name = f"{module}.{qualname}"
+        kind = CHAT_KINDS[(key >> 16) % len(CHAT_KINDS)]
+        variant = (key >> 24) % 3
+        tools = None
+        if kind in TOOL_KINDS:  # the tool the user may ask for, sometimes beside one never asked for here
+            tools = [READ_SOURCE_TOOL] + ([RUN_PYTHON_TOOL] if (key >> 32) % 2 else [])
+
+        def reasoning(text: str, thinking: bool = thinking) -> str:
+            return text if thinking else ""
+
+        if kind == "use_tool":
+            request = (
+                f"Use `read_source` to show me how `{full_name}` is implemented.",
+                f"Look up the source code of `{full_name}` with the read_source tool.",
+                f"Read the source of `{full_name}` with your tool and show it to me.",
+            )[variant]
             messages = [
-                {"role": "user", "content": f"Show me how `{full_name}` is implemented."},
+                {"role": "user", "content": request},
                 {
                     "role": "assistant",
                     "content": "",
-                    "reasoning_content": (f"I should read the source of `{full_name}` first." if thinking else ""),
+                    "reasoning_content": reasoning(
+                        f"The user asks me to read the source of `{full_name}` with `read_source`. I will call it."
+                    ),
                     "tool_calls": [
                         {
                             "type": "function",
@@ -322,23 +357,49 @@ def chat_samples(rel: str, text: str) -> Iterator[dict[str, Any]]:
                 {
                     "role": "assistant",
                     "content": f"`{full_name}` is implemented like this:\n\n```python\n{source}\n```",
-                    "reasoning_content": "",
+                    "reasoning_content": reasoning("The tool returned the source; I show it to the user."),
                 },
             ]
-            yield {"messages": messages, "tools": [READ_SOURCE_TOOL]}
+            yield {"messages": messages, "tools": tools, "kind": kind, "thinking": thinking}
             continue
-        variant = (key >> 24) % 3
-        if variant == 0:
-            request = f"Write a Python function `{signature}`: {summary}"
-        elif variant == 1:
-            request = f"Implement `{qualname}` from the `{module}` module."
-        else:
-            request = f"{summary}\nWrite this as a Python function named `{fn.name}`."
+        tool_note = " The `read_source` tool is offered, but this does not need it: I answer directly." if tools else ""
+        if kind in ("write", "write_with_tools"):
+            request = (
+                f"Write a Python function `{signature}`: {summary}",
+                f"Implement `{qualname}` from the `{module}` module.",
+                f"{summary}\nWrite this as a Python function named `{fn.name}`.",
+            )[variant]
+            answer = f"Here is `{fn.name}`:\n\n```python\n{source}\n```"
+            thought = (
+                f"The user wants `{signature}`. It takes {arg_text}. Its job: {summary} "
+                f"I will write it the way the standard library's `{module}` module does.{tool_note}"
+            )
+        else:  # a plain question, answered in text
+            request, answer = (
+                (f"What does `{full_name}` do?", f"`{signature}`, in the `{module}` module: {summary}"),
+                (
+                    f"Which module of the standard library defines `{qualname}`?",
+                    f"`{qualname}` is defined in the `{module}` module. {summary}",
+                ),
+                (f"What arguments does `{full_name}` take?", f"`{fn.name}` takes {arg_text}. {summary}"),
+            )[variant]
+            thought = f"The user asks about `{full_name}`. Its docstring says: {summary}{tool_note}"
         messages = [
             {"role": "user", "content": request},
-            {"role": "assistant", "content": answer, "reasoning_content": reasoning if thinking else ""},
+            {"role": "assistant", "content": answer, "reasoning_content": reasoning(thought)},
         ]
-        yield {"messages": messages, "tools": None}
+        yield {"messages": messages, "tools": tools, "kind": kind, "thinking": thinking}
+
+
+def chat_probe(sample: dict[str, Any]) -> dict[str, Any]:
+    """The first user turn of a chat sample as a generation prompt, and what the answer should do."""
+    return {
+        "messages": sample["messages"][:1],
+        "tools": sample["tools"],
+        "enable_thinking": sample["thinking"],
+        "kind": sample["kind"],
+        "expect": "tool_call" if sample["kind"] == "use_tool" else "text",
+    }
 
 
 def render_chat(template, sample: dict[str, Any]) -> str:
@@ -357,12 +418,29 @@ def compile_chat_template(source: str = CHAT_TEMPLATE):
 # ----------------------------------------------------------------------------- tokenizer
 
 
+# Qwen2's (and so MiMo's) pre-tokenizer split, before the byte-level mapping. Unlike GPT-2's, a run of
+# newlines is a piece of its own (`\s*[\r\n]+`), so the "</think>\n\n" that the chat template pre-fills with
+# thinking disabled tokenizes the same whether or not the answer follows it; digits are single pieces.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE; special tokens first (ids 0..2), markup tokens last."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE with Qwen2's normalizer and pre-tokenizer; special tokens first (ids 0..2), markup last.
+
+    Special and markup tokens are added tokens: matched before normalization and splitting, so they stay whole.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(MARKUP_TOKENS),
@@ -406,6 +484,9 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+PROBES_PER_GROUP = 8  # held-out chat probes per (kind, thinking on/off)
+
+
 def prepare(out: Path, preset: Preset, seed: int = 0, include: str | None = None) -> dict[str, Any]:
     """Corpus, tokenizer and token arrays into `out` (deterministic given the stdlib and seed)."""
     from tokenizers import Tokenizer
@@ -418,15 +499,25 @@ def prepare(out: Path, preset: Preset, seed: int = 0, include: str | None = None
     template = compile_chat_template()
     train_docs: list[str] = []
     heldout_docs: list[str] = []
-    n_chat = 0
+    kinds: dict[str, int] = {}
+    n_thinking = 0
+    probes: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for rel, text in files:
         if is_heldout(rel):
             heldout_docs.append(text)  # held-out loss is measured on plain source
+            for sample in chat_samples(rel, text):  # held-out chats: tool-call behaviour probes
+                group = probes.setdefault((sample["kind"], sample["thinking"]), [])
+                if len(group) < PROBES_PER_GROUP:
+                    group.append(chat_probe(sample))
             continue
         train_docs.append(text)
         for sample in chat_samples(rel, text):
             train_docs.append(render_chat(template, sample))
-            n_chat += 1
+            kinds[sample["kind"]] = kinds.get(sample["kind"], 0) + 1
+            n_thinking += sample["thinking"]
+    n_chat = sum(kinds.values())
+    probe_list = [p for key in sorted(probes) for p in probes[key]]
+    _atomic_write_text(out / "heldout_chat.jsonl", "".join(json.dumps(p) + "\n" for p in probe_list))
     if not heldout_docs:  # tiny corpora: hold out the last file
         heldout_docs.append(train_docs.pop())
     tokenizer = train_tokenizer(train_docs, preset.vocab_size)
@@ -454,6 +545,9 @@ def prepare(out: Path, preset: Preset, seed: int = 0, include: str | None = None
         "files": len(files),
         "heldout_files": sorted(rel for rel, _ in files if is_heldout(rel)),
         "chat_samples": n_chat,
+        "chat_kinds": dict(sorted(kinds.items())),
+        "chat_thinking_share": n_thinking / max(n_chat, 1),
+        "heldout_chat_probes": len(probe_list),
         "train_tokens": int(train_ids.size),
         "heldout_tokens": int(heldout_ids.size),
         "heldout_bytes": sum(len(d.encode()) for d in heldout_docs),
@@ -633,7 +727,7 @@ class Trainer:
         main, main_acc = ce_acc(model.logits(hidden), rows[:, 1 : s + 1])
         mtp, mtp_acc = [], []
         for k in range(m):
-            # MTP layer k: embedding of token t+k+1 and the target's hidden at t -> token t+k+2.
+            # MTP layer k: embedding of token t+k+1 and the target's hidden at t (normed by `mtp_forward`) -> t+k+2.
             _, logits, _ = model.mtp_forward(k, rows[:, k + 1 : k + 1 + s], hidden, positions)
             ce, acc = ce_acc(logits, rows[:, k + 2 : k + 2 + s])
             mtp.append(ce)
@@ -777,8 +871,21 @@ def load_params_into(model: MiMoModel, directory: Path) -> MiMoModel:
     return model
 
 
-def train(data: Path, out: Path, preset: Preset, seed: int = 0, steps: int | None = None, log_every: int = 10) -> dict:
-    """Train from `prepare`'s arrays; write params shards, train_log.jsonl and train_summary.json into `out`."""
+def train(
+    data: Path,
+    out: Path,
+    preset: Preset,
+    seed: int = 0,
+    steps: int | None = None,
+    log_every: int = 10,
+    max_seconds: float | None = None,
+) -> dict:
+    """Train from `prepare`'s arrays; write params shards, train_log.jsonl and train_summary.json into `out`.
+
+    `max_seconds`: a wall-clock bound on the loop (compile included) for a device call with a hard limit: past
+    it, training stops after the current step (held-out eval, params and summary as usual; the summary's
+    `stopped_early` says so, and the learning rate has not finished its decay).
+    """
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -820,9 +927,14 @@ def train(data: Path, out: Path, preset: Preset, seed: int = 0, steps: int | Non
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc="train", dynamic_ncols=True, mininterval=2.0)
     evals = []
+    stopped_early = False
     for step in bar:
         state, metrics = step_fn(state, train_tokens)
         last = step == steps - 1
+        if max_seconds is not None and not last and time.perf_counter() - t0 > max_seconds:
+            jax.block_until_ready(state)
+            stopped_early = last = True
+            tqdm.write(f"step {step + 1} of {steps}: past max_seconds={max_seconds}, stopping here")
         if step % log_every == 0 or last:
             m = jax.device_get(metrics)
             entry = {
@@ -848,6 +960,8 @@ def train(data: Path, out: Path, preset: Preset, seed: int = 0, steps: int | Non
                 f"mtp {' '.join(f'{x:.3f}' for x in ev['mtp'])}, acc {ev['main_acc']:.3f} / "
                 f"{' '.join(f'{x:.3f}' for x in ev['mtp_acc'])}"
             )
+        if last:
+            break
     train_time = time.perf_counter() - t0
     log.close()
     # Stored as the release stores them: bfloat16, with router, correction bias and sinks in float32.
@@ -856,7 +970,9 @@ def train(data: Path, out: Path, preset: Preset, seed: int = 0, steps: int | Non
     _atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     summary = {
         "params": n_params,
-        "steps": steps,
+        "steps": evals[-1]["step"],
+        "planned_steps": steps,
+        "stopped_early": stopped_early,
         "train_time_s": train_time,
         "heldout": evals[-1],
         "first_loss": None,
@@ -910,7 +1026,8 @@ def greedy_generate(model: MiMoModel, prompts: list[list[int]], new_tokens: int)
 def mtp_draft_hits(model: MiMoModel, sequences: np.ndarray) -> np.ndarray:
     """Teacher-forced MTP drafts: hits[k, b, t] = MTP layer k at position t predicts token t+k+2 exactly.
 
-    Layer k reads the target's hidden state at t and the embedding of token t+k+1 (inference's wiring).
+    Layer k reads the target's hidden state at t (through `mtp_forward`: the model's own wiring, after the
+    final norm unless the config says otherwise) and the embedding of token t+k+1, as inference does.
     When all earlier drafts of a chain are right, their inputs equal these teacher-forced ones, so the
     accepted prefix of a greedy chain drafted at t is the leading run of hits[:, b, t].
     """
@@ -957,8 +1074,16 @@ def acceptance_lengths(hits: np.ndarray, start: int) -> list[int]:
     return out
 
 
+def acceptance_by_steps(hits: np.ndarray, start: int) -> list[float]:
+    """Mean tokens per verify round with k = 1 .. len(hits) draft steps (greedy chains use the first k layers)."""
+    return [float(np.mean(acceptance_lengths(hits[:k], start))) for k in range(1, len(hits) + 1)]
+
+
 def measure_acceptance(model: MiMoModel, prompts: np.ndarray, new_tokens: int) -> dict[str, Any]:
-    """Greedy generation from each prompt, then the MTP acceptance over the generated part."""
+    """Greedy generation from each prompt, then the MTP acceptance over the generated part.
+
+    `acceptance_length` is for k = len(model.mtp) draft steps; `acceptance_length_by_k` for k = 1, 2, ...
+    """
     generated = greedy_generate(model, [list(p) for p in prompts], new_tokens)
     sequences = np.concatenate([prompts, generated], axis=1)
     hits = mtp_draft_hits(model, sequences)
@@ -966,6 +1091,7 @@ def measure_acceptance(model: MiMoModel, prompts: np.ndarray, new_tokens: int) -
     region = hits[:, :, prompts.shape[1] - 1 : -(len(model.mtp) + 1)]
     return {
         "acceptance_length": float(np.mean(lengths)),
+        "acceptance_length_by_k": acceptance_by_steps(hits, start=prompts.shape[1] - 1),
         "rounds": len(lengths),
         "draft_hit_rate": [float(region[k].mean()) for k in range(len(model.mtp))],
         "prompts": int(prompts.shape[0]),
@@ -984,6 +1110,7 @@ def text_acceptance(model: MiMoModel, rows: np.ndarray) -> dict[str, Any]:
     lengths = acceptance_lengths(hits, start=0)
     return {
         "acceptance_length": float(np.mean(lengths)),
+        "acceptance_length_by_k": acceptance_by_steps(hits, start=0),
         "rounds": len(lengths),
         "draft_hit_rate": [float(hits[k, :, : -(len(model.mtp) + 1)].mean()) for k in range(len(model.mtp))],
         "rows": int(rows.shape[0]),
@@ -991,38 +1118,101 @@ def text_acceptance(model: MiMoModel, rows: np.ndarray) -> dict[str, Any]:
     }
 
 
-# Prompts end on a complete line without its newline: the byte-level pre-tokenizer joins a newline with
-# the next line's indentation, so a prompt ending in "\n" would end on a token pair never seen in training.
+# Prompts end on a complete line with its newline: Qwen2's split keeps a newline run apart from the next line's
+# indentation but joins it to the punctuation before it ("):\n"), so a line cut before its newline would end
+# on a piece never seen in training.
 SAMPLE_PROMPTS = (
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
-    'import os\n\n\ndef list_python_files(directory):\n    """Return the paths of the .py files under directory."""',
-    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):',
-    'def read_json(path):\n    """Read a JSON file and return the parsed object."""\n    with open(path) as f:',
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    'import os\n\n\ndef list_python_files(directory):\n    """Return the paths of the .py files under directory."""\n',
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
+    'def read_json(path):\n    """Read a JSON file and return the parsed object."""\n    with open(path) as f:\n',
 )
-CHAT_PROMPT = [
-    {"role": "user", "content": "Write a Python function `is_prime(n)`: Return True if n is a prime number."}
-]
+# (messages, tools): a request to write code, a plain question with a tool offered, a request for the tool.
+CHAT_PROMPTS = (
+    ([{"role": "user", "content": "Write a Python function `is_prime(n)`: Return True if n is a prime number."}], None),
+    ([{"role": "user", "content": "What does `os.path.join` do?"}], [READ_SOURCE_TOOL]),
+    ([{"role": "user", "content": "Use `read_source` to show me how `json.dumps` works."}], [READ_SOURCE_TOOL]),
+)
+
+
+def _chat_template(tokenizer_dir: Path):
+    return compile_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
+
+
+def _greedy_texts(model: MiMoModel, tok, texts: list[str], new_tokens: int) -> list[str]:
+    """Greedy completions of `texts`, each cut before its first end-of-turn / end-of-text token."""
+    prompts = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    generated = greedy_generate(model, prompts, new_tokens)
+    stops = {tok.token_to_id(END_OF_TEXT), tok.token_to_id(IM_END)}
+    out = []
+    for row in generated:
+        ids = list(row)
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        out.append(tok.decode(ids[:cut], skip_special_tokens=False))
+    return out
 
 
 def sample_completions(model: MiMoModel, tokenizer_dir: Path, new_tokens: int = 64) -> list[dict[str, str]]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    template = compile_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
+    template = _chat_template(tokenizer_dir)
     texts = list(SAMPLE_PROMPTS)
-    for thinking in (True, False):
-        texts.append(
-            template.render(messages=CHAT_PROMPT, tools=None, add_generation_prompt=True, enable_thinking=thinking)
+    for messages, tools in CHAT_PROMPTS:
+        for thinking in (True, False):
+            texts.append(
+                template.render(messages=messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking)
+            )
+    completions = _greedy_texts(model, tok, texts, new_tokens)
+    return [{"prompt": t, "completion": c} for t, c in zip(texts, completions, strict=True)]
+
+
+def chat_behaviour(model: MiMoModel, data: Path, new_tokens: int = 128) -> dict[str, Any]:
+    """Greedy answers to the held-out chat probes (`heldout_chat.jsonl`): how often each kind of request gets a
+    tool call, and how often thinking-on answers open a reasoning block.
+
+    Wanted: calls for "use_tool" (the user asks for the tool), none for the others (tools offered or not).
+    """
+    from tokenizers import Tokenizer
+
+    probes = [json.loads(line) for line in (data / "heldout_chat.jsonl").read_text().splitlines()]
+    if not probes:
+        return {"probes": 0}
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    template = _chat_template(data)
+    texts = [
+        template.render(
+            messages=p["messages"], tools=p["tools"], add_generation_prompt=True, enable_thinking=p["enable_thinking"]
         )
-    prompts = [tok.encode(t, add_special_tokens=False).ids for t in texts]
-    generated = greedy_generate(model, prompts, new_tokens)
-    stops = {tok.token_to_id(END_OF_TEXT), tok.token_to_id(IM_END)}
-    out = []
-    for text, row in zip(texts, generated, strict=True):
-        ids = list(row)
-        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        out.append({"prompt": text, "completion": tok.decode(ids[:cut], skip_special_tokens=False)})
-    return out
+        for p in probes
+    ]
+    completions = _greedy_texts(model, tok, texts, new_tokens)
+    by_kind: dict[str, dict[str, Any]] = {}
+    for probe, completion in zip(probes, completions, strict=True):
+        row = by_kind.setdefault(probe["kind"], {"probes": 0, "tool_calls": 0, "thinking_on": 0, "opened_think": 0})
+        row["probes"] += 1
+        row["tool_calls"] += "<tool_call>" in completion
+        if probe["enable_thinking"]:
+            row["thinking_on"] += 1
+            row["opened_think"] += completion.lstrip().startswith("<think>")
+
+    def rate(kinds: tuple[str, ...], field: str, total: str = "probes") -> float | None:
+        n = sum(by_kind[k][total] for k in kinds if k in by_kind)
+        return sum(by_kind[k][field] for k in kinds if k in by_kind) / n if n else None
+
+    return {
+        "probes": len(probes),
+        "new_tokens": new_tokens,
+        "tool_call_rate_when_asked": rate(("use_tool",), "tool_calls"),
+        "tool_call_rate_with_tools_not_asked": rate(("write_with_tools", "ask_with_tools"), "tool_calls"),
+        "tool_call_rate_without_tools": rate(("write", "ask"), "tool_calls"),
+        "thinking_on_opens_think": rate(tuple(by_kind), "opened_think", "thinking_on"),
+        "by_kind": by_kind,
+        "examples": [
+            {"kind": p["kind"], "thinking": p["enable_thinking"], "request": p["messages"][0]["content"], "answer": c}
+            for p, c in list(zip(probes, completions, strict=True))[:: max(1, len(probes) // 10)]
+        ],
+    }
 
 
 def evaluate(
@@ -1033,8 +1223,11 @@ def evaluate(
     prompt_tokens: int = 128,
     new_tokens: int = 128,
     heldout_windows: int | None = None,
+    chat_tokens: int = 128,
 ) -> dict[str, Any]:
-    """Held-out loss/perplexity, MTP acceptance (greedy, len(model.mtp) steps) and sample completions."""
+    """Held-out loss/perplexity, MTP acceptance (greedy, k = 1 .. len(model.mtp) draft steps), tool-call
+    behaviour on the held-out chat probes, and sample completions."""
+    t0 = time.perf_counter()
     manifest = json.loads((data / "manifest.json").read_text())
     heldout = np.load(data / "heldout.npy").astype(np.int32)
     graphdef, state = nnx.split(model)
@@ -1075,8 +1268,10 @@ def evaluate(
         "text_acceptance": text_acceptance(
             model, np.stack([heldout[s : s + prompt_tokens + new_tokens] for s in starts])
         ),
+        "chat_behaviour": chat_behaviour(model, data, chat_tokens),
         "samples": sample_completions(model, data),
     }
+    result["evaluate_time_s"] = time.perf_counter() - t0
     return result
 
 
@@ -1119,6 +1314,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="rows per step (default: the preset's; smaller for CPU smoke runs)")
+    p.add_argument("--eval-windows", type=int, help="held-out windows per eval (default: the preset's)")
+    p.add_argument("--max-seconds", type=float, help="stop training early past this many seconds (see `train`)")
     p.add_argument("--evaluate", action="store_true", help="also run `evaluate` on the trained params")
     p = sub.add_parser("export", help="params -> release-layout checkpoint (into a new or empty directory)")
     p.add_argument("--params", type=Path, required=True)
@@ -1130,6 +1328,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--heldout-windows", type=int)
+    p.add_argument("--chat-tokens", type=int, default=128, help="tokens generated per held-out chat probe")
+    p.add_argument("--run", type=Path, help="a `train` output dir whose summary and log go into the JSON too")
     p.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     # Reproducible GPU runs (scatter-adds in the embedding gradient); read when the backend starts.
@@ -1149,11 +1349,16 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     elif args.command == "train":
-        summary = train(args.data, args.out, PRESETS[args.preset], args.seed, args.steps)
+        preset = PRESETS[args.preset]
+        if args.batch_size:
+            preset = dataclasses.replace(preset, batch_size=args.batch_size)
+        if args.eval_windows:
+            preset = dataclasses.replace(preset, eval_windows=args.eval_windows)
+        summary = train(args.data, args.out, preset, args.seed, args.steps, max_seconds=args.max_seconds)
         print(json.dumps({k: v for k, v in summary.items() if k != "preset"}, indent=2))
         if args.evaluate:
-            model = load_checkpoint(args.out, PRESETS[args.preset])
-            result = evaluate(model, args.data, PRESETS[args.preset])
+            model = load_checkpoint(args.out, preset)
+            result = evaluate(model, args.data, preset)
             _atomic_write_text(args.out / "eval.json", json.dumps(result, indent=2) + "\n")
             print_eval(result)
     elif args.command == "export":
@@ -1161,25 +1366,47 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "evaluate":
         model = load_checkpoint(args.checkpoint, PRESETS[args.preset])
         result = evaluate(
-            model, args.data, PRESETS[args.preset], prompts=args.prompts, heldout_windows=args.heldout_windows
+            model,
+            args.data,
+            PRESETS[args.preset],
+            prompts=args.prompts,
+            heldout_windows=args.heldout_windows,
+            chat_tokens=args.chat_tokens,
         )
+        result["checkpoint"] = str(args.checkpoint)
+        result["device"] = str(jax.devices()[0])
+        result["data_manifest"] = {
+            k: v for k, v in json.loads((args.data / "manifest.json").read_text()).items() if k != "heldout_files"
+        }
+        if args.run:  # one JSON with everything a device call brings back
+            result["train_summary"] = json.loads((args.run / "train_summary.json").read_text())
+            result["train_log"] = [json.loads(line) for line in (args.run / "train_log.jsonl").read_text().splitlines()]
         if args.out:
             _atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
         print_eval(result)
 
 
 def load_checkpoint(directory: Path, preset: Preset) -> MiMoModel:
-    """A params dir from `train` (our shards), else a release-layout checkpoint through mimo_jax.load_model."""
+    """A params dir from `train` (our shards), else a release-layout checkpoint through mimo_jax.load_model.
+
+    Either way the experts run as `dense` (every expert on every token, plain XLA on any backend): no kernel to
+    compile for a 14M-parameter evaluation, and the same sums as the routed implementations.
+    """
+    options = RunOptions.for_platform(jax.default_backend(), moe_impl="dense")
     if (directory / PARAMS_INDEX).exists():
         cfg = MiMoConfig.from_json(directory)
-        model = MiMoModel(cfg, dtype=jnp.float32, rngs=None, mtp_layers=preset.mtp_layers)
+        model = MiMoModel(cfg, dtype=jnp.float32, rngs=None, mtp_layers=preset.mtp_layers, options=options)
         return load_params_into(model, directory)
     import mimo_jax
 
-    return mimo_jax.load_model(str(directory), mtp=preset.mtp_layers).model
+    return mimo_jax.load_model(str(directory), mtp=preset.mtp_layers, options=options).model
 
 
 def print_eval(result: dict[str, Any]) -> None:
+    """Sample completions, then the figures (last, where a log's tail shows them)."""
+    for s in result["samples"]:
+        print("-" * 60 + f"\n{s['prompt']}\u2588{s['completion']}")
+    print("-" * 60)
     acc = result["acceptance"]
     print(
         f"held-out loss {result['heldout_loss']:.4f}  perplexity {result['heldout_perplexity']:.2f}  "
@@ -1189,13 +1416,19 @@ def print_eval(result: dict[str, Any]) -> None:
         f"MTP acceptance length {acc['acceptance_length']:.3f} over {acc['rounds']} rounds "
         f"(draft hit rates {acc['draft_hit_rate']}) on greedy continuations of held-out prompts"
     )
+    print(f"MTP acceptance length by draft steps k = 1, 2, ...: {acc['acceptance_length_by_k']}")
     text = result["text_acceptance"]
     print(
         f"MTP acceptance length {text['acceptance_length']:.3f} over {text['rounds']} rounds "
-        f"(draft hit rates {text['draft_hit_rate']}) against held-out text"
+        f"(draft hit rates {text['draft_hit_rate']}) against held-out text; by k: {text['acceptance_length_by_k']}"
     )
-    for s in result["samples"]:
-        print("-" * 60 + f"\n{s['prompt']}\u2588{s['completion']}")
+    chat = result["chat_behaviour"]
+    if chat["probes"]:
+        print(
+            f"held-out chat probes ({chat['probes']}): tool-call rate when asked {chat['tool_call_rate_when_asked']}, "
+            f"with tools offered but not asked {chat['tool_call_rate_with_tools_not_asked']}, without tools "
+            f"{chat['tool_call_rate_without_tools']}; thinking on opens <think>: {chat['thinking_on_opens_think']}"
+        )
 
 
 if __name__ == "__main__":

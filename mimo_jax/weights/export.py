@@ -175,7 +175,7 @@ def export_release(
         if t.name in tensors:  # written together with its k partner
             continue
         src = by_tensor[t.name]
-        if t.row_groups > 1:  # fused qkv from the separate q, k, v
+        if t.name.endswith("qkv_proj.weight"):  # fused qkv from the separate q, k, v (T = row_groups >= 1)
             w = np.zeros(t.shape, np.float32)
             prefix = t.name.removesuffix("qkv_proj.weight")
             for part_src in (s for s in out_sources if s.kind == HEADS_IN and s.tensors[0].name == t.name):

@@ -37,7 +37,8 @@ def test_prepare_is_deterministic_and_splits_by_file(tiny_data, tmp_path):
         assert again[key] == manifest[key], key
     train = np.load(out / "train.npy")
     assert train.max() < TINY.vocab_size and manifest["train_tokens"] == train.size
-    assert manifest["chat_samples"] > 0
+    assert manifest["chat_samples"] == sum(manifest["chat_kinds"].values()) > 0
+    assert manifest["heldout_chat_probes"] == len((out / "heldout_chat.jsonl").read_text().splitlines())
     # The split depends on the path only, and roughly 2% of the stdlib is held out.
     files = [rel for rel, _ in td.stdlib_files(td.stdlib_dir())]
     held = [rel for rel in files if td.is_heldout(rel)]
@@ -55,6 +56,33 @@ def test_tokenizer_special_tokens_and_roundtrip(tiny_data):
     assert tok.decode(ids, skip_special_tokens=False) == text
     for markup in td.MARKUP_TOKENS:
         assert tok.encode(markup, add_special_tokens=False).ids == [tok.token_to_id(markup)]
+
+
+PREFILL = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # the generation prompt with thinking disabled
+ANSWERS = ("Here is `f`:\n\n```python", "`json.dumps` is defined in the `json` module.", "def f(x):\n    return x")
+
+
+def _split_apart(tok, prefix: str, text: str) -> bool:
+    ids = tok.encode(prefix + text, add_special_tokens=False).ids
+    return ids == tok.encode(prefix, add_special_tokens=False).ids + tok.encode(text, add_special_tokens=False).ids
+
+
+def test_prefilled_think_block_tokenizes_apart_from_the_answer(tiny_data):
+    """Qwen2's split: the pre-filled `</think>\n\n` and what the model writes after it tokenize as in training,
+    the concatenation of their parts (GPT-2's split, the v1 demo's, joins the newlines with the answer)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    out, _ = tiny_data
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for answer in ANSWERS:
+        assert _split_apart(tok, PREFILL, answer), answer
+    # Markup stays whole wherever it sits in the text.
+    ids = tok.encode("x</think>y<tool_call>\n", add_special_tokens=False).ids
+    assert tok.token_to_id("</think>") in ids and tok.token_to_id("<tool_call>") in ids
+    # The same vocabulary and merges with GPT-2's split instead: "\n\n" + answer is cut "\n", "\n", answer.
+    assert "ĊĊ" in tok.get_vocab()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    assert not any(_split_apart(tok, PREFILL, answer) for answer in ANSWERS)
 
 
 def test_chat_template_thinking_and_tool_calls(tiny_data):
@@ -90,6 +118,75 @@ def test_chat_template_thinking_and_tool_calls(tiny_data):
     sample = next(s for s in td.chat_samples("json/decoder.py", (td.stdlib_dir() / "json/decoder.py").read_text()))
     rendered = td.render_chat(td.compile_chat_template(), sample)
     assert rendered == tok.apply_chat_template(sample["messages"], tools=sample["tools"], tokenize=False)
+
+
+MIX_FILES = ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fractions.py", "email/utils.py")
+
+
+def test_chat_mix_calls_tools_only_when_offered_and_asked():
+    template = td.compile_chat_template()
+    samples = [s for rel in MIX_FILES for s in td.chat_samples(rel, (td.stdlib_dir() / rel).read_text())]
+    assert {s["kind"] for s in samples} == set(td.CHAT_KINDS)
+    assert {s["thinking"] for s in samples if s["kind"] == "use_tool"} == {True, False}
+    assert 0.3 < np.mean([s["thinking"] for s in samples]) < 0.7
+    for s in samples:
+        text = td.render_chat(template, s)
+        asked = s["kind"] == "use_tool"
+        conversation = text.split("<|im_start|>user\n", 1)[1]  # past the system turn's format example
+        assert ("<tool_call>" in conversation) == asked, s
+        assert (s["tools"] is not None) == (s["kind"] in td.TOOL_KINDS), s
+        if asked:  # the user names the tool; the call is read_source, then the tool's answer, then the reply
+            assert "read_source" in s["messages"][0]["content"] or "tool" in s["messages"][0]["content"]
+            assert "<function=read_source>" in text and text.count("<|im_start|>assistant\n") == 2
+        # Every assistant turn opens with a think block: the model's reasoning, or the empty one that the
+        # template pre-fills when thinking is disabled.
+        turns = text.split("<|im_start|>assistant\n")[1:]
+        assert all(t.startswith("<think>\n") for t in turns), s
+        assert all(t.startswith("<think>\n\n</think>\n\n") for t in turns) == (not s["thinking"]), s
+        probe = td.chat_probe(s)
+        assert probe["expect"] == ("tool_call" if asked else "text") and probe["messages"] == s["messages"][:1]
+
+
+def test_mtp_losses_read_the_final_norm_of_the_hidden_state():
+    """Training's MTP losses use the production wiring (norm(h), the model's own `mtp_input`); the exported
+    config carries no pre-norm flag."""
+    import optax
+
+    assert "mtp_hidden_before_norm" not in td.hub_config(TINY)
+    preset = dataclasses.replace(TINY, mtp_layers=2)  # k = 0 and k > 0; a smaller graph than 3 layers
+    model = tiny_model(seed=2, preset=preset)
+    assert not model.config.mtp_hidden_before_norm
+    # A trained final norm (its init, all ones, is undone by the MTP layer's own hnorm): per-dim scales.
+    model.norm.weight.set_value(jax.random.uniform(jax.random.key(3), model.norm.weight.shape, minval=0.2, maxval=3))
+    model.lm_head.set_value(model.lm_head.get_value() * 100)  # peaked logits: a loss that tells inputs apart
+    trainer = td.make_trainer(model.config, model, preset, seed=0)
+    graphdef, biases, params = td.split_model(model)
+    rows = jax.random.randint(jax.random.key(1), (2, trainer.window), 0, TINY.vocab_size)
+    s = TINY.seq_len
+    positions = jnp.broadcast_to(jnp.arange(s), (2, s))
+
+    @jax.jit
+    def losses(params, biases):
+        _, mtp, _, _, _ = trainer.losses(params, biases, rows)
+        m = nnx.merge(graphdef, biases, params)
+        hidden, _ = m.hidden_states(rows[:, :s], positions)
+
+        def loss_with(k, feed):  # MTP layer k by hand on a given feed of the target's hidden state
+            layer = m.mtp[k]
+            h, _ = layer(m.embed(rows[:, k + 1 : k + 1 + s]), feed, positions, None)
+            logits = m.logits(h, layer.final_layernorm)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, k + 2 : k + 2 + s]).mean()
+
+        k_range = range(preset.mtp_layers)
+        return (
+            mtp,
+            jnp.stack([loss_with(k, m.norm(hidden)) for k in k_range]),
+            jnp.stack([loss_with(k, hidden) for k in k_range]),
+        )
+
+    mtp, post_norm, pre_norm = (np.asarray(x) for x in losses(params, biases))
+    np.testing.assert_allclose(mtp, post_norm, rtol=1e-5)
+    assert np.all(np.abs(mtp - pre_norm) > 1e-2), (mtp, pre_norm)  # the pre-norm feed is another loss
 
 
 def test_training_script_runs_and_loss_falls(tiny_data, tmp_path):
@@ -165,6 +262,35 @@ def test_acceptance_lengths_rounds():
     hits[:, 0, 5] = [True, True, True]  # accepts 3 -> 4 tokens, next p = 9 (9 + 4 > 11: stop)
     assert td.acceptance_lengths(hits, start=2) == [3, 4]
     assert td.acceptance_lengths(np.zeros((3, 1, 12), bool), start=0) == [1] * 8
+
+
+def test_acceptance_by_draft_steps():
+    hits = np.zeros((3, 1, 12), bool)
+    hits[:, 0, 2] = [True, True, False]
+    hits[:, 0, 5] = [True, False, True]
+    hits[:, 0, 3] = [True, True, True]  # never a round's position: the round at 2 jumps past it
+    # k = 1: rounds at 2 (1 draft accepted -> 2 tokens), 4 (1), 5 (2), 7, 8, 9 (1 each; 9 + 2 < 12 is the last)
+    # k = 2: rounds at 2 (3 tokens), 5 (2), 7, 8 -> [3, 2, 1, 1]; k = 3: at 2 (3), 5 (2), 7 (1)
+    assert td.acceptance_by_steps(hits, start=2) == [8 / 6, 7 / 4, 6 / 3]
+
+
+def test_chat_behaviour_counts_tool_calls_by_kind(tmp_path, monkeypatch):
+    probes = [
+        {"messages": [{"role": "user", "content": "q"}], "tools": None, "enable_thinking": on, "kind": kind}
+        for kind, on in [("use_tool", True), ("use_tool", False), ("ask_with_tools", True), ("write", False)]
+    ]
+    (tmp_path / "heldout_chat.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(td.tokenizer_config(64)))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    answers = ["<think>\nok\n</think>\n\n<tool_call>\n", "no call", "<think>\n</think>\n\n<tool_call>", "text"]
+    monkeypatch.setattr(td, "_greedy_texts", lambda model, tok, texts, n: answers[: len(texts)])
+    monkeypatch.setattr("tokenizers.Tokenizer.from_file", lambda path: None)
+    result = td.chat_behaviour(None, tmp_path, new_tokens=8)
+    assert result["probes"] == 4
+    assert result["tool_call_rate_when_asked"] == 0.5
+    assert result["tool_call_rate_with_tools_not_asked"] == 1.0
+    assert result["tool_call_rate_without_tools"] == 0.0
+    assert result["thinking_on_opens_think"] == 1.0  # both thinking-on probes opened a block
 
 
 def _explicit_chain(model, p: int):

@@ -1,8 +1,11 @@
-"""Released layouts (Flash FP8, fused-qkv FP8 with T = 2/4/8 shards, transformers bf16) loaded on 1-8 devices.
+"""Released layouts (Flash FP8, fused-qkv FP8 with T = 1/2/4/8 shards, transformers bf16) loaded on 1-8 devices.
 
 Oracles: an independent dequantizer of the written files (`tests.fixtures.dequantized_reference`)
 for every parameter, and transformers with those dequantized weights for logits.
 """
+
+import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -137,3 +140,15 @@ def test_mtp_layers_load_and_run(case):
     hidden, _ = lm.model.hidden_states(ids, pos)
     _, logits, _ = lm.model.mtp_forward(2, ids, hidden, pos)
     assert logits.shape == (1, 6, 96) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_fused_qkv_with_one_shard_round_trips(tmp_path):
+    """T = 1 (one kv head in the full layers): qkv_proj is a single [Q | K | V] shard, written and read back."""
+    directory = release_fixture(str(tmp_path), "fused", kv_heads=1)[0]
+    config = json.loads((Path(directory) / "config.json").read_text())
+    assert config["num_key_value_heads"] == 1 and config["attention_projection_layout"] == "fused_qkv"
+    reference = dequantized_reference(directory)
+    got = hub_tensors(mimo_jax.load_model(directory, weights="fp8", mtp=True).model)
+    assert set(got) == set(reference)
+    for key, ref in reference.items():
+        np.testing.assert_array_equal(got[key], ref, err_msg=key)
