@@ -206,9 +206,10 @@ def run_decode(
     engine = Engine(lm, max_batch=batch, max_context=max_context, max_round_tokens=steps, prefill_chunk=16)
     fill_as_if_prefilled(engine, context)
     n = jnp.int32(steps)
+    rows = jnp.arange(batch, dtype=jnp.int32)
 
     def decode_round():
-        args = (engine.params, engine.cache, engine.state, n, engine.allow_all)
+        args = (engine.params, engine.cache, engine.state, rows, n, engine.allow_all(batch))
         engine.cache, engine.state, out = engine.decode_fn(*args)
         return out
 
