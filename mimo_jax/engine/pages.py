@@ -73,7 +73,7 @@ class PageStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Entry:
     """One indexed page: its tokens, the entry before it in the chain, and the entries indexed after it."""
 
@@ -85,7 +85,7 @@ class _Entry:
     snapshot: int | None = None  # store slot of the SWA rings at the end of this page
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Snapshot:
     entry: _Entry | None  # None: dropped while pinned; the slot is freed on the last unpin
     pins: int = 0
