@@ -28,9 +28,34 @@ from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, request_ke
 from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, FINISH_REASONS, MAX_LOGIT_BIAS, MAX_STOP_IDS, RUNNING, SlotRequest
 from mimo_jax.engine.steps import build_steps, shardings
 from mimo_jax.lm import LanguageModel
+from mimo_jax.model.cache import kv_plan, page_bytes
 from mimo_jax.model.mimo import MiMoModel
 
 KV_CACHE_DTYPES = (None, "auto", "fp8_e4m3")  # of the full layers' pages: the model's dtype (None, "auto") or FP8
+
+
+def kv_cache_budget(
+    lm: LanguageModel, memory_gb: float | None, memory_fraction: float, max_batch: int, context: int
+) -> int:
+    """Bytes for the full layers' KV pages (all devices together): `memory_gb` when given; else, on a device that
+    reports its memory, what `memory_fraction` of it leaves after what is in use (the weights) and the slots'
+    rings and their snapshots; else (CPU) room for `max_batch` sequences of `context` tokens."""
+    if memory_gb is not None:
+        return int(memory_gb * 1e9)
+    cfg = lm.config
+    dtype_bytes = jnp.dtype(lm.dtype).itemsize
+    per_token = page_bytes(cfg, 1, dtype_bytes)
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # not every backend reports memory
+        stats = {}
+    if "bytes_limit" not in stats:
+        return per_token * max_batch * context
+    free = memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    mesh = lm.mesh
+    shards = mesh.shape.get("tensor", 1) if mesh is not None else 1  # pools split their kv heads over it
+    rings = 2 * max_batch * kv_plan(cfg, context).swa_bytes  # the slots' rings and as many snapshots
+    return max(int(free * shards) - rings, per_token * cfg.window_keys)
 
 
 class EngineFull(RuntimeError):
@@ -210,7 +235,7 @@ class Engine:
             steps.num_pages, steps.page_size, num_snapshots, prefix_cache=prefix_cache, needs_snapshot=has_rings
         )
         self.page_size = steps.page_size
-        self._page_table = np.full((max_batch, steps.max_pages), -1, np.int32)
+        self.page_table = np.full((max_batch, steps.max_pages), -1, np.int32)
         self._lookahead: dict[int, tuple[int, ...]] = {}  # snapshot -> the prompt tokens its MTP rings read past it
         self.num_preemptions = 0
         self._admissions = itertools.count()
@@ -393,7 +418,7 @@ class Engine:
     def _release_pages(self, slot: int, req: _Request) -> None:
         self.pages.release(req.pages)
         req.pages = []
-        self._page_table[slot] = -1
+        self.page_table[slot] = -1
 
     def _last_position(self, prompt_len: int, options: SamplingOptions) -> int:
         """The last position a request may write: its prompt and every new token it may make (within the context),
@@ -459,7 +484,7 @@ class Engine:
             tokens = self.prefill_tokens(req.prompt, start, length, bucket)
             if req.history is None:
                 req.history = jax.device_put(self.empty_history(), self._replicated)
-            pages = jnp.asarray(self._page_table[slot])
+            pages = jnp.asarray(self.page_table[slot])
             args = (self.params, self.cache, jnp.int32(slot), pages, jnp.asarray(tokens))
             args += (jnp.int32(start), jnp.int32(length), req.history)
             if req.options.prompt_logprobs is None or req.resumed:
@@ -514,7 +539,7 @@ class Engine:
                     hit = PrefixHit()
             if hit.num_tokens:
                 req.pages = list(hit.pages)
-                self._page_table[slot, : len(req.pages)] = req.pages
+                self.page_table[slot, : len(req.pages)] = req.pages
                 req.prefilled = req.cached = hit.num_tokens
                 if hit.snapshot is not None:
                     self.cache, req.history = self.restore_snapshot_fn(
@@ -535,6 +560,12 @@ class Engine:
             )
             self._lookahead[snapshot] = tuple(int(t) for t in req.prompt[boundary : boundary + self.speculative_steps])
 
+    def reserve(self, request_id: Any, positions: int) -> bool:
+        """Give a running request the pages of its first `positions` positions now (benchmarks that run the decode
+        step directly, outside `step`); False when the pool has too few."""
+        slot = self._by_id[request_id]
+        return self._grow(slot, self._slots[slot], min(positions, self.steps.max_pages * self.page_size))
+
     def _grow(self, slot: int, req: _Request, positions: int) -> bool:
         """Give a request the pages that hold its first `positions` positions; False when the pool has too few."""
         missing = self.pages.pages_for(positions) - len(req.pages)
@@ -543,7 +574,7 @@ class Engine:
         new = self.pages.allocate(missing)
         if new is None:
             return False
-        self._page_table[slot, len(req.pages) : len(req.pages) + missing] = new
+        self.page_table[slot, len(req.pages) : len(req.pages) + missing] = new
         req.pages += new
         return True
 
@@ -674,7 +705,7 @@ class Engine:
             allowed = self.allow_all(rows.size)
         greedy = all(r.options.temperature <= 0 for r in running)
         decode = self.greedy_decode_fn if greedy else self.decode_fn
-        tables = jnp.asarray(self._page_table[rows])
+        tables = jnp.asarray(self.page_table[rows])
         args = (self.params, self.cache, self.state, jnp.asarray(rows), tables, jnp.int32(num_steps), allowed)
         self.cache, self.state, round_out = decode(*args)
         return [int(r) for r in rows], round_out

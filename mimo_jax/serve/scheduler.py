@@ -55,6 +55,7 @@ class Tokens:
     prompt_logprobs: list[float | None] | None = None
     prompt_ranks: list[int | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    cached_tokens: int | None = None  # in the first event: prompt tokens the prefix cache served
 
 
 @dataclasses.dataclass
@@ -251,9 +252,9 @@ class Scheduler:
                 self.metrics.on_prompt(len(seq.prompt_ids))
                 free -= 1
             plan.step = bool(self._running)
-            # A decode round costs the same for every slot, busy or not: while fewer than half the slots
-            # are decoding, prefill everything admitted before decoding (as offline generate does); else
-            # at most prefill_tokens per round, which bounds the pause the running requests see.
+            # While fewer than half the slots are decoding, prefill everything admitted before decoding (as
+            # offline generate does: the decode rounds are small then, and a wave of arrivals starts sooner);
+            # else at most prefill_tokens per round, which bounds the pause the running requests see.
             decoding = sum(s.first_token_at is not None for s in self._running.values())
             if decoding < self.engine.max_batch / 2:
                 plan.prefill_tokens = 1 << 30
@@ -292,6 +293,7 @@ class Scheduler:
                 seq.generated += n
             reason = out.finish_reason if out.finished else None
             event = Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason)
+            event.cached_tokens = getattr(out, "cached_tokens", None)
             if getattr(out, "prompt_logprobs", None) is not None:
                 event.prompt_logprobs, event.prompt_ranks = out.prompt_logprobs, out.prompt_ranks
                 event.prompt_top_logprobs = out.prompt_top_logprobs

@@ -107,9 +107,7 @@ def test_many_requests_in_a_small_pool(lm):
     """64 concurrent requests in 64 slots whose pool holds far less than 64 x max_context (and less than all of
     them at once): everything finishes, equal to a roomy 8-slot engine."""
     prompts = [[(7 * i + j) % 60 + 1 for j in range(3 + i % 9)] for i in range(64)]
-    requests = {
-        i: (p, SamplingOptions(max_new_tokens=6, temperature=0.0)) for i, p in enumerate(prompts)
-    }
+    requests = {i: (p, SamplingOptions(max_new_tokens=6, temperature=0.0)) for i, p in enumerate(prompts)}
     small = engine(lm, max_batch=64, num_pages=80)  # 64 x 96 context would be 1536 pages
     got = run(small, requests)
     ref = run(engine(lm, max_batch=8), requests)
