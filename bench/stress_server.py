@@ -9,7 +9,7 @@ counts), then reproduces the reliability issue's server items and the general ba
      --prompt-mb prompt sent with Content-Length: status, worst /health latency, server RSS before/after;
   2. --disconnects non-streaming requests (`def f(`, 1000 tokens, ignore_eos) whose client gives up
      after 1-3 s: tracebacks / InvalidStateError / 500s in the server log, and whether the
-     `mimo_jax_num_requests_running` gauge returns to 0 (no leaked slots);
+     `mimo:num_requests_running` gauge returns to 0 (no leaked slots);
   3. tool-call arguments nested 900 and 100000 deep in an assistant message (a JSON string, as
      OpenAI sends them, and an object): status codes;
   4. a tool schema whose `properties` is a string or a list (the demo model's `read_source` tool, which
@@ -166,7 +166,7 @@ async def gauges(client: httpx.AsyncClient, target: Target) -> dict | None:
         return None
     out = {}
     for name in ("running", "waiting"):
-        m = re.search(rf"^mimo_jax_num_requests_{name} (\S+)$", text, re.M)
+        m = re.search(rf"^mimo:num_requests_{name}{{[^}}]*}} (\S+)$", text, re.M)
         out[name] = float(m.group(1)) if m else None
     return out
 

@@ -591,3 +591,15 @@ def read_results(path) -> dict:
             assert r["id"] not in out, f"id {r['id']} written twice"
             out[r["id"]] = r
     return out
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """A sample of a /metrics body, read with prometheus_client's parser: its full name (e.g.
+    "mimo:generation_tokens_total") and labels besides model_name. KeyError if it is not there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and {k: v for k, v in sample.labels.items() if k != "model_name"} == labels:
+                return sample.value
+    raise KeyError(f"{name} {labels} is not in the exposition")

@@ -2,7 +2,7 @@
 
 With no arguments it serves the embedded demo model on 127.0.0.1:8000. Startup loads the
 weights, logs the memory plan, compiles every shape it will run (warm-up), and only then logs
-the ready line and answers requests.
+the ready line and answers requests. SIGTERM or SIGINT drains (see `mimo_jax.serve.lifecycle`).
 
 Multi-host: start the same command on every process (with --coordinator-address/--num-processes/
 --process-id, or the MIMO_* environment of `mimo_jax.sharding.initialize_distributed`). Process 0
@@ -33,9 +33,10 @@ from mimo_jax.lm import LanguageModel, load_model
 from mimo_jax.model.cache import page_bytes
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.serve.app import create_app, host_name
+from mimo_jax.serve.lifecycle import DrainingServer
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.scheduler import Scheduler
-from mimo_jax.serve.server import Limits, Server
+from mimo_jax.serve.server import SPEC_DECODE_METRICS_LEVELS, Limits, Server
 from mimo_jax.sharding import add_distributed_arguments, initialize_distributed, make_mesh, parse_mesh_arg
 from mimo_jax.text import ChatTemplate, Tokenizer
 from mimo_jax.weights.demo import demo_model_dir
@@ -68,6 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-hosts",
         help="comma-separated host names the Host header may give, '*' for any (default: the bound host, plus "
         "localhost, 127.0.0.1 and [::1] when bound to loopback; any when bound to 0.0.0.0 or ::)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MIMO_API_KEY") or None,
+        help="every route but /health and /metrics needs 'Authorization: Bearer KEY' (default: $MIMO_API_KEY; "
+        "none: no authentication)",
+    )
+    p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the API key too")
+    p.add_argument(
+        "--allowed-origins",
+        help="comma-separated browser origins allowed by CORS (e.g. http://localhost:3000), '*' for any "
+        "(default: no CORS headers, so browsers keep other origins' pages from reading answers)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds queued and running requests get to finish before they are cancelled "
+        "(new requests get 503 meanwhile)",
+    )
+    p.add_argument(
+        "--per-request-spec-decode-metrics",
+        default="none",
+        choices=SPEC_DECODE_METRICS_LEVELS,
+        help="with --speculative-steps: MTP acceptance of each one-sequence request in the response's "
+        "metrics.speculative_decoding, as vLLM's flag of that name (detailed: also per step)",
     )
     p.add_argument("--mesh", help="device mesh, e.g. tensor=4,expert=2 (default: one device, no mesh)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation/weight dtype")
@@ -150,6 +177,19 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--memory-fraction must lie in (0, 1]")
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port}: expected 0..65535")
+    if args.drain_timeout < 0:
+        p.error("--drain-timeout must be >= 0")
+    if args.protect_metrics and not args.api_key:
+        p.error("--protect-metrics needs --api-key (or MIMO_API_KEY)")
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api-key is empty")
+
+
+def allowed_origins(args: argparse.Namespace) -> list[str] | None:
+    """CORS origins (None: CORS off)."""
+    if args.allowed_origins is None:
+        return None
+    return [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -157,7 +197,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 def allowed_hosts(args: argparse.Namespace) -> frozenset[str] | None:
     """Host header names the server answers (None: any), and a warning when it is reachable from the network
-    (it has no authentication)."""
+    without an API key."""
 
     host = args.host.strip()
     try:
@@ -166,10 +206,10 @@ def allowed_hosts(args: argparse.Namespace) -> frozenset[str] | None:
         address = None
     unspecified = host == "" or (address is not None and address.is_unspecified)
     loopback = host.lower() == "localhost" or (address is not None and address.is_loopback)
-    if not loopback:
+    if not loopback and not args.api_key:
         log.warning(
-            "serving on %s: reachable from the network without authentication (this server checks no API key); "
-            "bind to 127.0.0.1 or put an authenticating proxy in front",
+            "serving on %s: reachable from the network without authentication (no --api-key); "
+            "give one, bind to 127.0.0.1 or put an authenticating proxy in front",
             host or "all interfaces",
         )
     if args.allowed_hosts is not None:
@@ -332,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grammar = _grammar(args, tokenizer, lm.config.vocab_size, eos)
     engine = _engine(args, lm, max_context, len(eos), grammar)
     _log_memory_plan(lm, engine, max_context)
-    metrics = Metrics(model_name, args.max_batch, max_context)
+    metrics = Metrics(model_name, args.max_batch, max_context, speculative_steps=args.speculative_steps)
     channel = BroadcastChannel() if multihost else None
     scheduler = Scheduler(
         engine,
@@ -343,14 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefill_tokens=args.prefill_tokens,
         channel=channel if leader else None,
     )
+    engine.overlap = not args.no_overlap  # every process alike: followers run the same steps; warm-up as served
     t0 = time.perf_counter()
     scheduler.warmup()
     log.info(
-        "warm-up: compiled prefill chunks %s, admit, decode and cancel in %.1f s",
+        "warm-up: compiled prefill chunks %s, admit, decode%s and cancel in %.1f s",
         engine.buckets,
+        " (greedy and sampled speculative loops)" if args.speculative_steps else "",
         time.perf_counter() - t0,
     )
-    engine.overlap = not args.no_overlap  # every process alike: followers run the same steps
     if not leader:
         log.info("process %d of %d: following process 0's round plans", jax.process_index(), jax.process_count())
         Driver(engine, channel).follow()
@@ -373,33 +414,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         sampling_defaults=generation,
         grammar=grammar,
+        spec_decode_metrics=args.per_request_spec_decode_metrics,
     )
 
-    class ReadyServer(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                log.info(
-                    "ready: serving '%s' on http://%s:%d (max batch %d, context %d)",
-                    model_name,
-                    args.host,
-                    args.port,
-                    args.max_batch,
-                    max_context,
-                )
+    def ready() -> None:
+        log.info(
+            "ready: serving '%s' on http://%s:%d (max batch %d, context %d)",
+            model_name,
+            args.host,
+            args.port,
+            args.max_batch,
+            max_context,
+        )
 
     # Multi-host: leave through the distributed barrier once the followers got the shutdown plan
-    # (uvicorn re-raises the stopping signal after the app's shutdown, so this cannot wait until after run()).
+    # (a signal that comes before uvicorn listens is re-raised after the app's shutdown).
     on_shutdown = jax.distributed.shutdown if multihost else None
+    app = create_app(
+        server,
+        on_shutdown=on_shutdown,
+        allowed_hosts=allowed_hosts(args),
+        api_key=args.api_key,
+        protect_metrics=args.protect_metrics,
+        allowed_origins=allowed_origins(args),
+    )
     config = uvicorn.Config(
-        create_app(server, on_shutdown=on_shutdown, allowed_hosts=allowed_hosts(args)),
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=args.access_log,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=5,  # after the drain: connections still writing their last bytes
     )
-    ReadyServer(config).run()
+    metrics.count_compilations()  # from here on a compilation is one the warm-up missed
+    DrainingServer(config, scheduler, args.drain_timeout, on_ready=ready).run()
     return 0
 
 

@@ -3,7 +3,8 @@
 The HTTP layer: reading the body (at most MAX_BODY_BYTES), checking it into a `Job` (`requests`; on a small
 worker pool, so parsing, template rendering and tokenization never stall the event loop), submitting it to the
 scheduler, and collecting or streaming its output (`jobs`). Every failure a client can cause is an `APIError`
-answered with an OpenAI error body.
+answered with an OpenAI error body. Around the routes: the Host check, CORS (off unless origins are given) and
+the API key (every route but /health and, unless protected too, /metrics).
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hashlib
+import hmac
 import logging
 from collections.abc import Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from mimo_jax.serve import protocol as P
@@ -29,7 +33,7 @@ from mimo_jax.serve.server import Server
 log = logging.getLogger("mimo_jax.serve")
 
 MAX_BODY_BYTES = 32 << 20
-RETRY_AFTER_S = 1  # seconds a client told 429 (queue full) waits before trying again
+RETRY_AFTER_S = 1  # seconds a client told 429 (queue full) or 503 (draining) waits before trying again
 # Threads that parse, render and tokenize requests (CPU work kept off the event loop, which must keep
 # answering /health and delivering tokens); more requests than this wait their turn.
 PREPARE_WORKERS = 4
@@ -92,6 +96,36 @@ class _AllowedHosts:
                 message = f"Host {host!r} is not served here (the server's --allowed-hosts names the hosts it answers)"
                 body = P.APIError(400, message, "invalid_request_error").body()
                 return await JSONResponse(body, status_code=400)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _ApiKey:
+    """ASGI middleware: every path but `open_paths` needs `Authorization: Bearer <key>`; else 401 with OpenAI's
+    error body (code "invalid_api_key"). Keys are compared as SHA-256 digests in constant time (neither the
+    key's characters nor its length leak through timing)."""
+
+    def __init__(self, app: Any, key: str, open_paths: Collection[str]):
+        self.app = app
+        self.digest = hashlib.sha256(key.encode()).digest()
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+            scheme, _, token = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                message = (
+                    "You didn't provide an API key. This server needs one in an Authorization header using Bearer "
+                    "auth (Authorization: Bearer YOUR_KEY)."
+                )
+            elif not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self.digest):
+                message = "Incorrect API key provided."
+            else:
+                return await self.app(scope, receive, send)
+            body = P.APIError(401, message, "invalid_request_error", code="invalid_api_key").body()
+            # The body is not read: the connection cannot carry another request.
+            headers = {"www-authenticate": "Bearer", "connection": "close"}
+            return await JSONResponse(body, status_code=401, headers=headers)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -180,11 +214,20 @@ def _prepare_completion(server: Server, body: bytes) -> tuple[P.CompletionReques
 
 
 def create_app(
-    server: Server, on_shutdown: Callable[[], None] | None = None, allowed_hosts: Collection[str] | None = None
+    server: Server,
+    on_shutdown: Callable[[], None] | None = None,
+    allowed_hosts: Collection[str] | None = None,
+    *,
+    api_key: str | None = None,
+    protect_metrics: bool = False,
+    allowed_origins: Collection[str] | None = None,
 ) -> FastAPI:
     """The ASGI app. The scheduler thread starts with the app (its loop is where tokens are delivered);
     `on_shutdown` runs after the scheduler has stopped. `allowed_hosts`: the Host header names answered
-    (None: any)."""
+    (None: any). `api_key`: every route but /health (and /metrics unless `protect_metrics`) needs it as a
+    Bearer token. `allowed_origins`: CORS for these browser origins ("*": any; None: no CORS headers)."""
+    if protect_metrics and not api_key:
+        raise ValueError("protect_metrics needs an api_key")
 
     pool = concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="mimo-prepare")
 
@@ -211,7 +254,14 @@ def create_app(
                 on_shutdown()
 
     app = FastAPI(title="mimo_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # Starlette runs the middleware added last first: Host check, then CORS (a preflight carries no key), then key.
     app.add_middleware(_InternalErrors)
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key, open_paths={"/health"} | (set() if protect_metrics else {"/metrics"}))
+    if allowed_origins is not None:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     if allowed_hosts is not None:
         app.add_middleware(_AllowedHosts, hosts=allowed_hosts)  # outermost: before anything else runs
 
@@ -219,7 +269,7 @@ def create_app(
     async def api_error(request: Request, exc: P.APIError):
         # 413, 415: the rest of the body is not read, so the connection cannot carry another request.
         headers = {"connection": "close"} if exc.status in (413, 415) else None
-        if exc.status == 429:  # the queue drains within rounds: clients (openai's retries) come back in a second
+        if exc.status in (429, 503):  # queue full, draining: clients (openai's retries) come back in a second
             headers = {"retry-after": str(RETRY_AFTER_S)}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -275,10 +325,14 @@ def create_app(
         if not server.scheduler.alive:
             return JSONResponse(P.APIError(503, "the scheduler is not running", "server_error").body(), 503)
         running, waiting = server.scheduler.counts()
+        if server.scheduler.draining:  # load balancers stop sending; what runs finishes
+            body = {"status": "draining", "running": running, "waiting": waiting}
+            return JSONResponse(body, 503, headers={"retry-after": str(RETRY_AFTER_S)})
         return JSONResponse({"status": "ok", "running": running, "waiting": waiting})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> Response:
+        body, content_type = server.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     return app

@@ -68,6 +68,7 @@ class ChoiceOutput:
         self.calls: list[ParsedToolCall] = []
         self.token_log: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.prompt: PromptLogprobs | None = None
+        self.accepted: list[int] = []  # with MTP speculation: drafts accepted by each target forward
 
     @property
     def finished(self) -> bool:
@@ -81,6 +82,8 @@ class ChoiceOutput:
         piece = Piece()
         if self.finished:
             return piece
+        if event.accepted:
+            self.accepted.extend(event.accepted)
         if event.prompt_logprobs is not None:
             piece.prompt = self.prompt = PromptLogprobs(
                 event.prompt_logprobs, event.prompt_ranks, event.prompt_top_logprobs
@@ -254,6 +257,37 @@ def _usage_options(req: P.SamplingFields) -> tuple[bool, bool]:
     return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
+def spec_decode_metrics(server: Server, job: Job) -> dict:
+    """vLLM's per-request acceptance metrics (`--per-request-spec-decode-metrics summary|detailed`): the
+    response's `metrics.speculative_decoding`, for one-sequence requests of a speculating server (else null);
+    nothing when the level is "none". The engine drafts k tokens at every target forward (`num_spec_steps`)."""
+    level = server.spec_decode_metrics
+    if level == "none":
+        return {}
+    k = getattr(server.scheduler.engine, "speculative_steps", 0)
+    if not k or len(job.choices) != 1:
+        return {"metrics": {"speculative_decoding": None}}
+    accepted = job.choices[0].accepted
+    steps, total = len(accepted), sum(accepted)
+    histogram = [0] * (k + 1)
+    for a in accepted:
+        histogram[a] += 1
+    stats = {
+        "mean_acceptance_length": 1 + total / steps if steps else 0.0,
+        "draft_acceptance_rate": total / (steps * k) if steps else 0.0,
+        "acceptance_histogram": histogram,
+        "acceptance_histogram_by_draft_length": {str(k): histogram} if steps else {},
+        "num_spec_steps": steps,
+        "num_accepted_draft_tokens": total,
+        "num_draft_tokens": steps * k,
+        "num_spec_tokens": k,
+    }
+    if level == "detailed":
+        stats["per_step_accepted"] = list(accepted)
+        stats["per_step_drafted"] = [k] * steps
+    return {"metrics": {"speculative_decoding": stats}}
+
+
 # ---------------------------------------------------------------------------- logprobs formatting
 def _chat_logprobs(server: Server, tokens: list, want: bool) -> P.ChoiceLogprobs | None:
     if not want:
@@ -375,6 +409,7 @@ def chat_response(server: Server, req: P.ChatCompletionRequest, job: Job) -> P.C
         choices=choices,
         usage=job.usage(),
         **extra,
+        **spec_decode_metrics(server, job),
     )
 
 
@@ -430,8 +465,8 @@ def chat_stream(server: Server, req: P.ChatCompletionRequest, job: Job) -> Async
             )
         return out
 
-    def closing() -> list[dict]:
-        return [chunk([], job.usage())] if include_usage else []
+    def closing() -> list[dict]:  # per-request metrics ride the usage chunk (as vLLM's)
+        return [{**chunk([], job.usage()), **spec_decode_metrics(server, job)}] if include_usage else []
 
     return _stream(job, chunks, opening, closing)
 
@@ -464,6 +499,7 @@ def completion_response(server: Server, req: P.CompletionRequest, job: Job, echo
         model=server.model_name,
         choices=choices,
         usage=job.usage(),
+        **spec_decode_metrics(server, job),
     )
 
 
@@ -506,7 +542,7 @@ def completion_stream(server: Server, req: P.CompletionRequest, job: Job, echo: 
         out = P.CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=piece.finish_reason)
         return [chunk([out])]
 
-    def closing() -> list[dict]:
-        return [chunk([], job.usage())] if include_usage else []
+    def closing() -> list[dict]:  # per-request metrics ride the usage chunk (as vLLM's)
+        return [{**chunk([], job.usage()), **spec_decode_metrics(server, job)}] if include_usage else []
 
     return _stream(job, chunks, opening, closing)

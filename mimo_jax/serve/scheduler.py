@@ -11,7 +11,8 @@ Each round the scheduler thread
 4. hands each sequence's new tokens to its HTTP handler on the event loop (one loop callback per
    round), where detokenization and parsing happen, off this thread.
 
-Nothing here changes a compiled shape: sequences join and leave between rounds.
+Nothing here changes a compiled shape: sequences join and leave between rounds. A drain (`drain`,
+then maybe `abort`) stops admitting new sequences and lets the others finish, or ends them with an error.
 
 Multi-host: every process holds the engine; only process 0 runs this scheduler and the HTTP
 server. Each round's decisions (cancel, add, step) form a `mimo_jax.engine.driver.RoundPlan` that
@@ -55,6 +56,8 @@ class Tokens:
     prompt_logprobs: list[float | None] | None = None
     prompt_ranks: list[int | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # with MTP speculation: the drafts each target forward that made these tokens accepted (0..k)
+    accepted: list[int] | None = None
     cached_tokens: int | None = None  # in the first event: prompt tokens the prefix cache served
 
 
@@ -79,6 +82,7 @@ class Sequence:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     deadline: float | None = None
     # scheduler-thread bookkeeping
+    admitted_at: float | None = None
     generated: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -115,6 +119,8 @@ class Scheduler:
         self._cancels: set[str] = set()
         self._running: dict[str, Sequence] = {}
         self._stopping = False
+        self._draining = False  # no new sequences; the queued and running ones finish
+        self._abort: APIError | None = None  # fail every queued and running sequence with this, next round
         self._thread: threading.Thread | None = None
         self._seeds = random.Random()
         self.error: BaseException | None = None  # set if the scheduler thread died
@@ -125,6 +131,10 @@ class Scheduler:
         with self._cv:
             if self._stopping or self.error is not None:
                 raise APIError(503, "the server is shutting down or its scheduler failed", "server_error")
+            if self._draining:
+                raise APIError(
+                    503, "the server is shutting down and takes no new requests", "server_error", code="draining"
+                )
             if len(self._waiting) + len(sequences) > self.max_waiting:
                 self.metrics.on_reject("queue_full")
                 raise APIError(
@@ -154,26 +164,54 @@ class Scheduler:
         with self._cv:
             return len(self._running), len(self._waiting)
 
+    def drain(self) -> None:
+        """Take no new sequences (`submit` answers 503); those queued or running go on until they finish."""
+        with self._cv:
+            self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running."""
+        with self._cv:
+            return not (self._running or self._waiting)
+
+    def abort(self, error: APIError) -> None:
+        """End every queued and running sequence with `error` at the next round (their slots are freed)."""
+        with self._cv:
+            self._abort = error
+            self._cv.notify()
+
     # ------------------------------------------------------------------ lifecycle
     def warmup(self) -> None:
-        """Compile every shape the server will run (each prefill bucket, plain and scoring the prompt, admit,
-        decode, cancel) before serving.
+        """Compile every shape and loop the server will run before serving: each prefill bucket, plain and
+        scoring the prompt, admit, the decode loop (with speculation its greedy and its sampled loop), cancel;
+        with the engine's `overlap` as it will serve (its reads copy the finish reasons). Constrained rounds run
+        the same decode loop (one iteration, a mask in place of the all-allowing one).
 
         Deterministic, so on a multi-host run every process runs it itself.
         """
         engine = self.engine
         driver = Driver(engine)  # no channel: every process warms up itself
         options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
+        # With speculation, rounds where every sequence is greedy run a loop of their own: warm up both loops.
+        sampled = dataclasses.replace(options, temperature=1.0)
         # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
         longest = max(1, engine.max_context - 2)
         bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
         lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
         # The prompt-scoring prefill (echo + logprobs, prompt_logprobs) is a function of its own: each bucket too.
         scoring = SamplingOptions(max_new_tokens=0, seed=0, prompt_logprobs=engine.max_top_logprobs)
-        for name, opts in (("warmup", options), ("warmup-scoring", scoring)):
-            for start in range(0, len(lengths), engine.max_batch):
+        runs = [("warmup", options, lengths), ("warmup-scoring", scoring, lengths)]
+        if getattr(engine, "speculative_steps", 0):
+            runs.append(("warmup-sampled", sampled, lengths[:1]))
+        for name, opts, prompt_lengths in runs:
+            for start in range(0, len(prompt_lengths), engine.max_batch):
                 plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
-                for i, n in enumerate(lengths[start : start + engine.max_batch]):
+                for i, n in enumerate(prompt_lengths[start : start + engine.max_batch]):
                     plan.add_request(f"{name}-{start + i}", [0] * n, opts)
                 driver.run(plan)
                 while engine.has_work():
@@ -222,6 +260,15 @@ class Scheduler:
             if self._stopping:
                 return False
             now = time.monotonic()
+            # 0. a drain that ran out of time: every sequence ends with the error
+            if self._abort is not None:
+                error, self._abort = self._abort, None
+                deliveries.extend((seq.deliver, Failure(error)) for seq in [*self._running.values(), *self._waiting])
+                plan.cancel.extend(self._running)  # counted below with the other cancellations
+                if self._waiting:
+                    self.metrics.on_cancel(len(self._waiting))
+                self._running.clear()
+                self._waiting.clear()
             # 1. cancellations and timeouts
             cancels, self._cancels = self._cancels, set()
             if cancels:
@@ -247,6 +294,7 @@ class Scheduler:
             free = self.engine.free_slots + len(plan.cancel)
             while self._waiting and free > 0:
                 seq = self._waiting.popleft()
+                seq.admitted_at = now
                 self._running[seq.request_id] = seq
                 plan.add_request(seq.request_id, seq.prompt_ids, seq.options)
                 self.metrics.on_prompt(len(seq.prompt_ids))
@@ -276,9 +324,9 @@ class Scheduler:
             if seq is None:
                 continue
             # With MTP speculation: drafts accepted by each target forward that made these tokens.
-            accepted = [a for a in getattr(out, "accepted", None) or [] if a >= 0]
-            if draft_len and accepted:
-                self.metrics.on_speculation(len(accepted) * draft_len, sum(accepted), len(accepted))
+            accepted = [a for a in getattr(out, "accepted", None) or [] if a >= 0] if draft_len else []
+            if accepted:
+                self.metrics.on_speculation(accepted)
             n = len(out.token_ids)
             if n:
                 new_tokens += n
@@ -292,7 +340,7 @@ class Scheduler:
                 seq.last_token_at = now
                 seq.generated += n
             reason = out.finish_reason if out.finished else None
-            event = Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason)
+            event = Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason, accepted=accepted or None)
             event.cached_tokens = getattr(out, "cached_tokens", None)
             if getattr(out, "prompt_logprobs", None) is not None:
                 event.prompt_logprobs, event.prompt_ranks = out.prompt_logprobs, out.prompt_ranks
@@ -300,7 +348,15 @@ class Scheduler:
             deliveries.append((seq.deliver, event))
             if out.finished:
                 finished.append(out.request_id)
-                self.metrics.on_finish(reason or "stop", now - seq.arrival)
+                self.metrics.on_finish(
+                    reason or "stop",
+                    now=now,
+                    arrival=seq.arrival,
+                    admitted=seq.admitted_at,
+                    first_token=seq.first_token_at,
+                    prompt_tokens=len(seq.prompt_ids),
+                    generation_tokens=seq.generated,
+                )
         if new_tokens:
             self.metrics.on_tokens(new_tokens, now)
         with self._cv:
@@ -308,6 +364,9 @@ class Scheduler:
                 self._running.pop(rid, None)
             kv_used = sum(len(s.prompt_ids) + s.generated for s in self._running.values())
             self.metrics.set_batch(len(self._running), len(self._waiting), kv_used)
+        pages = getattr(self.engine, "pages", None)  # test stand-ins have no page pool
+        if pages is not None:
+            self.metrics.set_kv(pages.stats(), self.engine.num_preemptions)
         if deliveries:
             self.dispatch(deliveries)
         return True

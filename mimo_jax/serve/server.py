@@ -12,6 +12,8 @@ from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.scheduler import Scheduler
 from mimo_jax.text import THINK_END, THINK_START, ChatTemplate, Tokenizer
 
+SPEC_DECODE_METRICS_LEVELS = ("none", "summary", "detailed")
+
 
 @dataclasses.dataclass
 class Limits:
@@ -36,6 +38,7 @@ class Server:
         limits: Limits,
         sampling_defaults: dict[str, float] | None = None,
         grammar: Any = None,
+        spec_decode_metrics: str = "none",
     ):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -46,6 +49,11 @@ class Server:
         self.limits = limits
         # The engine's ConstraintFactory (mimo_jax.grammar.GrammarFactory); None: no constrained decoding.
         self.grammar = grammar
+        # vLLM's --per-request-spec-decode-metrics: "none", "summary" or "detailed" (`jobs.spec_decode_metrics`)
+        if spec_decode_metrics not in SPEC_DECODE_METRICS_LEVELS:
+            levels = ", ".join(SPEC_DECODE_METRICS_LEVELS)
+            raise ValueError(f"spec_decode_metrics={spec_decode_metrics!r}: expected one of {levels}")
+        self.spec_decode_metrics = spec_decode_metrics
         # Defaults for omitted parameters (the checkpoint's generation_config.json; else OpenAI's).
         self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(sampling_defaults or {})}
         self.created = P.now()

@@ -127,15 +127,17 @@ def test_models_health_metrics(served):
     for name in (
         "num_requests_running",
         "num_requests_waiting",
-        "kv_cache_usage_ratio",
+        "kv_cache_usage_perc",
         "time_to_first_token_seconds_bucket",
         "inter_token_latency_seconds_bucket",
+        "request_queue_time_seconds_bucket",
         "generation_tokens_per_second",
         "spec_decode_mean_accept_length",
+        "xla_compilations_total",
     ):
-        assert f"mimo_jax_{name}" in text
-    generated = [line for line in text.splitlines() if line.startswith("mimo_jax_generation_tokens_total ")]
-    assert int(generated[0].split()[1]) >= 4
+        assert f"mimo:{name}{{" in text, name
+    assert _metric(served, "generation_tokens_total") >= 4
+    assert _metric(served, "request_success_total", finished_reason="length") >= 1
 
 
 def test_completion_greedy_equals_generate(served):
@@ -521,11 +523,8 @@ def test_sixteen_concurrent_streams(served):
         assert usage.completion_tokens == len(ref.token_ids) <= m
 
 
-def _metric(served, name: str) -> float:
-    for line in served.http.get("/metrics").text.splitlines():
-        if line.startswith(f"mimo_jax_{name} "):
-            return float(line.split()[1])
-    raise KeyError(name)
+def _metric(served, name: str, **labels: str) -> float:
+    return sf.metric_value(served.http.get("/metrics").text, "mimo:" + name, **labels)
 
 
 def _wait_for(served, predicate, seconds: float = 60) -> dict:

@@ -1,6 +1,7 @@
 """The HTTP layer of the server (`mimo_jax.serve.app`) in this process, under a real uvicorn on a free
 localhost port, with the test checkpoint's tokenizer and chat template and a stand-in engine (no model):
-body limits, the event loop's responsiveness while requests are prepared, connection reuse after errors.
+body limits, the event loop's responsiveness while requests are prepared, connection reuse after errors, the
+API key, CORS, and the drain on a stopping signal (`mimo_jax.serve.lifecycle`) running out of time.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ class _Out:
 
 
 class StubEngine:
-    """The engine's host interface: every step gives each request one token (`token`) until its max_new_tokens."""
+    """The engine's host interface: every step gives each request one token (`token`) until its max_new_tokens,
+    taking `step_seconds`."""
 
     max_round_tokens, prefill_chunk, max_batch, max_context, buckets = 8, 16, 4, MAX_CONTEXT, (16,)
     max_top_logprobs = 0
 
-    def __init__(self, vocab_size: int, token: int):
+    def __init__(self, vocab_size: int, token: int, step_seconds: float = 0.0):
         self.config = type("Config", (), {"vocab_size": vocab_size})()
         self.token = token
+        self.step_seconds = step_seconds
         self.running = {}
 
     @property
@@ -64,6 +67,7 @@ class StubEngine:
         return self.running.pop(rid, None) is not None
 
     def step(self, max_tokens_per_round=None, prefill_tokens=None):
+        time.sleep(self.step_seconds)
         outs = []
         for rid, budget in list(self.running.items()):
             budget[1] += 1
@@ -92,18 +96,20 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    import uvicorn
-
+def tok_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tok"))
     sf.write_tokenizer(directory)
+    return directory
+
+
+def _stub_server(directory: str, step_seconds: float = 0.0) -> Server:
+    """A `Server` over the stand-in engine, whose every token is "a"."""
     tokenizer = Tokenizer(directory)
     (token,) = tokenizer.encode("a", add_special_tokens=False)
     metrics = Metrics("stub", StubEngine.max_batch, MAX_CONTEXT)
-    scheduler = Scheduler(
-        StubEngine(tokenizer.vocab_size, token), metrics, dispatch=lambda batch: None, max_waiting=16, round_tokens=4
-    )
-    server = Server(
+    engine = StubEngine(tokenizer.vocab_size, token, step_seconds)
+    scheduler = Scheduler(engine, metrics, dispatch=lambda batch: None, max_waiting=16, round_tokens=4)
+    return Server(
         scheduler,
         tokenizer,
         ChatTemplate.from_dir(directory),
@@ -112,15 +118,28 @@ def served(tmp_path_factory):
         eos_token_ids=tokenizer.eos_token_ids,
         limits=Limits(max_context=MAX_CONTEXT, max_top_logprobs=5, max_stop_ids=8, request_timeout=None),
     )
-    port = _free_port()
-    config = uvicorn.Config(app_module.create_app(server), host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
+
+
+def _start(uv) -> threading.Thread:
+    """Run a uvicorn server on a thread until it listens."""
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
+    return thread
+
+
+@pytest.fixture(scope="module")
+def served(tok_dir):
+    import uvicorn
+
+    server = _stub_server(tok_dir)
+    port = _free_port()
+    config = uvicorn.Config(app_module.create_app(server), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = _start(uv)
     served = Served(f"http://127.0.0.1:{port}", server, port)
     try:
         served.assert_serving()
@@ -351,3 +370,154 @@ def test_allowed_hosts_and_exposure_warning(caplog):
     assert hosts == {"mimo.internal", "10.1.2.3"}
     hosts, _ = policy("--allowed-hosts", "*")
     assert hosts is None
+    hosts, warning = policy("--host", "0.0.0.0", "--api-key", "k")  # reachable, but with a key: no warning
+    assert hosts is None and not warning
+
+
+def test_operations_flags(monkeypatch, capsys):
+    from mimo_jax.serve.__main__ import _check_args, allowed_origins, build_parser
+
+    def args(*argv):
+        parser = build_parser()
+        parsed = parser.parse_args(list(argv))
+        _check_args(parser, parsed)
+        return parsed
+
+    assert args().api_key is None and allowed_origins(args()) is None and args().drain_timeout == 30.0
+    assert allowed_origins(args("--allowed-origins", "http://a:1, https://b")) == ["http://a:1", "https://b"]
+    monkeypatch.setenv("MIMO_API_KEY", "from-env")
+    assert args().api_key == "from-env" and args("--api-key", "flag").api_key == "flag"
+    assert args("--protect-metrics").protect_metrics
+    monkeypatch.delenv("MIMO_API_KEY")
+    for argv, message in (
+        (["--protect-metrics"], "--protect-metrics needs --api-key"),
+        (["--api-key", " "], "--api-key is empty"),
+        (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
+        (["--per-request-spec-decode-metrics", "all"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit):
+            args(*argv)
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- operations
+def test_api_key_guards_every_route_but_health_and_metrics(tok_dir):
+    import openai
+    from starlette.testclient import TestClient
+
+    for protect_metrics in (False, True):
+        app = app_module.create_app(_stub_server(tok_dir), api_key="sekrit-key", protect_metrics=protect_metrics)
+        with TestClient(app) as client:
+            body = {"prompt": "x", "max_tokens": 2}
+            for headers in ({}, {"authorization": "Bearer wrong-key"}, {"authorization": "Basic sekrit-key"}):
+                for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/nowhere")):
+                    r = client.request(method, path, json=body if method == "POST" else None, headers=headers)
+                    assert r.status_code == 401, (path, headers, r.text)
+                    error = r.json()["error"]
+                    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+                    assert "sekrit" not in r.text and "wrong" not in r.text  # no key is echoed
+                    assert r.headers["www-authenticate"] == "Bearer"
+            good = {"authorization": "Bearer sekrit-key"}
+            r = client.post("/v1/completions", json=body, headers=good)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "aa"
+            assert "metrics" not in r.json()  # no --per-request-spec-decode-metrics: the response as OpenAI's
+            assert client.get("/health").status_code == 200
+            assert client.get("/metrics").status_code == (401 if protect_metrics else 200)
+            assert client.get("/metrics", headers=good).status_code == 200
+            # The official client: a wrong key is its AuthenticationError, the right one works.
+            for key, works in (("wrong-key", False), ("sekrit-key", True)):
+                api = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+                if works:
+                    assert api.completions.create(model="stub", prompt="x", max_tokens=2).choices[0].text == "aa"
+                else:
+                    with pytest.raises(openai.AuthenticationError):
+                        api.completions.create(model="stub", prompt="x", max_tokens=2)
+    with pytest.raises(ValueError, match="api_key"):
+        app_module.create_app(_stub_server(tok_dir), protect_metrics=True)
+
+
+def test_cors_only_for_allowed_origins(tok_dir):
+    from starlette.testclient import TestClient
+
+    origin, other = "http://localhost:3000", "http://evil.example"
+    preflight = {"origin": origin, "access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+    body = {"prompt": "x", "max_tokens": 1}
+    # Default: no CORS headers anywhere (browsers keep other origins' pages from reading answers).
+    with TestClient(app_module.create_app(_stub_server(tok_dir))) as client:
+        r = client.options("/v1/completions", headers=preflight)
+        assert r.status_code == 405 and not any(k.startswith("access-control-") for k in r.headers)
+        r = client.post("/v1/completions", json=body, headers={"origin": origin})
+        assert r.status_code == 200 and not any(k.startswith("access-control-") for k in r.headers)
+    # An allowed origin: the preflight is answered (without the key: browsers send none), answers carry ACAO.
+    app = app_module.create_app(_stub_server(tok_dir), api_key="k", allowed_origins=[origin])
+    with TestClient(app) as client:
+        r = client.options("/v1/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = client.post("/v1/completions", json=body, headers={"origin": origin, "authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = client.post("/v1/completions", json=body, headers={"origin": origin})  # 401 readable by the page
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == origin
+        r = client.options("/v1/completions", headers={**preflight, "origin": other})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = client.post("/v1/completions", json=body, headers={"origin": other, "authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers
+    with TestClient(app_module.create_app(_stub_server(tok_dir), allowed_origins=["*"])) as client:
+        r = client.post("/v1/completions", json=body, headers={"origin": other})
+        assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_drain_out_of_time_ends_what_runs_with_an_error_event(tok_dir):
+    """A drain whose timeout passes: /health and new requests answer 503 meanwhile; then the running stream gets
+    an error event and `data: [DONE]`, the queued request a 503, and the server stops."""
+    import uvicorn
+
+    from mimo_jax.serve.lifecycle import DrainingServer
+
+    server = _stub_server(tok_dir, step_seconds=0.01)  # 4 tokens per round: 25 ms a round
+    port = _free_port()
+    config = uvicorn.Config(app_module.create_app(server), host="127.0.0.1", port=port, log_level="warning")
+    uv = DrainingServer(config, server.scheduler, drain_timeout=0.5)
+    thread = _start(uv)
+    url = f"http://127.0.0.1:{port}"
+    long = {"prompt": "x", "max_tokens": 100_000}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool, httpx.Client(base_url=url, timeout=30) as http:
+        first_chunk = threading.Event()
+
+        def stream():
+            with httpx.stream("POST", url + "/v1/completions", json={**long, "stream": True}, timeout=30) as r:
+                events = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first_chunk.set()
+                return r.status_code, events
+
+        streamed = pool.submit(stream)
+        assert first_chunk.wait(10)
+        fillers = [pool.submit(http.post, "/v1/completions", json=long) for _ in range(StubEngine.max_batch)]
+        deadline = time.monotonic() + 10
+        while server.scheduler.counts() != (StubEngine.max_batch, 1):  # every slot busy, one request queued
+            assert time.monotonic() < deadline, server.scheduler.counts()
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        uv.begin_drain()
+        while not server.scheduler.draining:
+            time.sleep(0.01)
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json()["error"]["code"] == "draining"
+        status, events = streamed.result(timeout=20)
+        assert status == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "server_shutdown" and "--drain-timeout" in error["message"]
+        assert all(json.loads(e)["choices"][0]["text"] == "a" for e in events[:-2])
+        answers = [f.result(timeout=20) for f in fillers]
+        assert [r.status_code for r in answers] == [503] * len(fillers)
+        assert {r.json()["error"]["code"] for r in answers} == {"server_shutdown"}
+    thread.join(20)
+    assert not thread.is_alive() and 0.5 <= time.monotonic() - t0 < 10
+    assert server.scheduler.idle and server.metrics.value("request_cancelled_total") == StubEngine.max_batch + 1

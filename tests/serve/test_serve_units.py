@@ -1,6 +1,6 @@
 """Server pieces without a model: chat template rendering against transformers, the incremental
 detokenizer with stop strings against whole-text decoding, the reasoning and tool-call parsers
-streamed in every split against their whole-text result, the Prometheus exposition, and the
+streamed in every split against their whole-text result, the Prometheus exposition (vLLM's names), and the
 scheduler's round plans (timeouts, multi-host followers) over a recording engine, and requests with
 structured output (response_format, SGLang / vLLM grammar fields, forced tool calls) turned into
 constraint specs or 400s naming the parameter.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 import types
 
@@ -349,37 +348,107 @@ def test_tool_call_parser_takes_boolean_property_schemas():
 
 
 # ---------------------------------------------------------------------------------- metrics
-def test_metrics_exposition_is_valid_prometheus_text():
-    m = Metrics("tiny", max_batch=4, max_context=100)
+def _parsed(metrics: Metrics) -> dict:
+    """Every family of the exposition, as prometheus_client's own parser reads it: name -> (type, samples), each
+    sample's key its name and labels other than model_name, e.g. 'mimo:request_success_total{finished_reason=stop}'."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        samples = {}
+        for sample in family.samples:
+            assert sample.labels.pop("model_name") == metrics.model_name, sample
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        out[family.name] = (family.type, samples)
+    return out
+
+
+def test_metrics_exposition_has_vllm_names_and_values():
+    m = Metrics("tiny", max_batch=4, max_context=100, speculative_steps=3)
     m.set_batch(running=2, waiting=3, kv_tokens_used=50)
+    m.on_prompt(7)
     m.on_first_token(0.03)
     for _ in range(5):
         m.on_inter_token(0.004, 4)
     m.on_tokens(21, now=1e12)
-    m.on_finish("stop", 1.5)
-    m.on_finish("length", 0.2)
+    m.on_finish("stop", now=11.5, arrival=10.0, admitted=10.5, first_token=11.0, prompt_tokens=7, generation_tokens=6)
+    m.on_finish("length", now=20.2, arrival=20.0, admitted=20.0, first_token=20.1, prompt_tokens=3, generation_tokens=1)
     m.on_reject("queue_full")
-    m.on_speculation(drafted=30, accepted=20, target_forwards=10)
-    text = m.render()
-    sample = re.compile(r'^mimo_jax_[a-z0-9_]+(\{[a-z_]+="[^"]*"\})? -?[0-9.e+-]+$|^mimo_jax_\S+ (inf|nan)$')
-    types = {}
-    for line in text.strip().splitlines():
-        if line.startswith("# TYPE"):
-            _, _, name, kind = line.split()
-            types[name] = kind
-        elif not line.startswith("# HELP"):
-            assert sample.match(line), line
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
-    assert values["mimo_jax_num_requests_running"] == 2 and values["mimo_jax_num_requests_waiting"] == 3
-    assert values["mimo_jax_kv_cache_usage_ratio"] == 50 / 400
-    assert values['mimo_jax_inter_token_latency_seconds_bucket{le="0.005"}'] == 20
-    assert values['mimo_jax_inter_token_latency_seconds_bucket{le="+Inf"}'] == 20
-    assert values["mimo_jax_inter_token_latency_seconds_count"] == 20
-    assert values['mimo_jax_time_to_first_token_seconds_bucket{le="0.025"}'] == 0
-    assert values['mimo_jax_time_to_first_token_seconds_bucket{le="0.05"}'] == 1
-    assert values['mimo_jax_request_success_total{finish_reason="length"}'] == 1
-    assert values["mimo_jax_spec_decode_mean_accept_length"] == 3.0
-    assert types["mimo_jax_time_to_first_token_seconds"] == "histogram"
+    m.on_speculation([3, 1, 0, 2])  # 4 verifies of 3 drafts: 6 accepted
+    m.on_speculation([3])
+    families = _parsed(m)
+    value = lambda family, sample: families[family][1][sample]
+    assert (
+        families["mimo:num_requests_running"][0] == "gauge"
+        and value("mimo:num_requests_running", "mimo:num_requests_running") == 2
+    )
+    assert value("mimo:num_requests_waiting", "mimo:num_requests_waiting") == 3
+    assert value("mimo:kv_cache_tokens_used", "mimo:kv_cache_tokens_used") == 50
+    assert value("mimo:prompt_tokens", "mimo:prompt_tokens_total") == 7
+    assert value("mimo:generation_tokens", "mimo:generation_tokens_total") == 21
+    assert families["mimo:request_success"][1] == {
+        "mimo:request_success_total{finished_reason=stop}": 1,
+        "mimo:request_success_total{finished_reason=length}": 1,
+    }
+    itl = families["mimo:inter_token_latency_seconds"]
+    assert itl[0] == "histogram"
+    assert itl[1]["mimo:inter_token_latency_seconds_bucket{le=0.0025}"] == 0
+    assert itl[1]["mimo:inter_token_latency_seconds_bucket{le=0.005}"] == 20
+    assert itl[1]["mimo:inter_token_latency_seconds_count"] == 20
+    ttft = families["mimo:time_to_first_token_seconds"][1]
+    assert ttft["mimo:time_to_first_token_seconds_bucket{le=0.02}"] == 0
+    assert ttft["mimo:time_to_first_token_seconds_bucket{le=0.04}"] == 1
+    # the request histograms: (queue, prefill, decode, inference, e2e) = (0.5, 0.5, 0.5, 1.0, 1.5) and (0, .1, .1, .2, .2)
+    for name, total in (("queue_time", 0.5), ("prefill_time", 0.6), ("decode_time", 0.6), ("inference_time", 1.2)):
+        samples = families[f"mimo:request_{name}_seconds"][1]
+        assert samples[f"mimo:request_{name}_seconds_count"] == 2
+        assert samples[f"mimo:request_{name}_seconds_sum"] == pytest.approx(total)
+    assert value("mimo:e2e_request_latency_seconds", "mimo:e2e_request_latency_seconds_sum") == pytest.approx(1.7)
+    tpot = families["mimo:request_time_per_output_token_seconds"][1]  # one sequence has 2+ tokens: 0.5 s / 5
+    assert tpot["mimo:request_time_per_output_token_seconds_count"] == 1
+    assert tpot["mimo:request_time_per_output_token_seconds_sum"] == pytest.approx(0.1)
+    prompt = families["mimo:request_prompt_tokens"][1]
+    assert prompt["mimo:request_prompt_tokens_bucket{le=5.0}"] == 1 and prompt["mimo:request_prompt_tokens_sum"] == 10
+    assert (
+        "mimo:request_prompt_tokens_bucket{le=100.0}" in prompt
+        and "mimo:request_prompt_tokens_bucket{le=200.0}" not in prompt
+    )
+    assert value("mimo:request_generation_tokens", "mimo:request_generation_tokens_sum") == 7
+    assert value("mimo:request_rejected", "mimo:request_rejected_total{reason=queue_full}") == 1
+    assert value("mimo:request_rejected", "mimo:request_rejected_total{reason=timeout}") == 0
+    # speculation: vLLM's counters (5 drafts of 3 tokens, 9 accepted; by position: 4 at 0, 3 at 1, 2 at 2)
+    assert value("mimo:spec_decode_num_drafts", "mimo:spec_decode_num_drafts_total") == 5
+    assert value("mimo:spec_decode_num_draft_tokens", "mimo:spec_decode_num_draft_tokens_total") == 15
+    assert value("mimo:spec_decode_num_accepted_tokens", "mimo:spec_decode_num_accepted_tokens_total") == 9
+    assert families["mimo:spec_decode_num_accepted_tokens_per_pos"][1] == {
+        f"mimo:spec_decode_num_accepted_tokens_per_pos_total{{position={j}}}": n for j, n in enumerate((4, 3, 2))
+    }
+    assert value("mimo:spec_decode_mean_accept_length", "mimo:spec_decode_mean_accept_length") == (9 + 5) / 5
+    assert m.value("generation_tokens_total") == 21 and m.value("request_success_total", finished_reason="stop") == 1
+    # OpenMetrics when a scraper asks for it
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+
+
+def test_each_server_has_its_own_metrics_and_counts_compilations_after_warmup():
+    import jax
+    import jax.numpy as jnp
+
+    a, b = Metrics("a", 2, 64), Metrics("b", 2, 64)
+    a.on_tokens(5, now=time.monotonic())
+    assert a.value("generation_tokens_total") == 5 and b.value("generation_tokens_total") == 0
+    x = jnp.arange(7.0)
+    a.count_compilations()
+    try:
+        jax.jit(lambda x: x * 3 + 1)(x).block_until_ready()  # a program never compiled before
+        assert a.value("xla_compilations_total") == 1 and a.value("xla_compile_seconds_total") > 0
+    finally:
+        a.stop_counting_compilations()
+    jax.jit(lambda x: x * 5 - 2)(x).block_until_ready()  # not counted any more
+    assert a.value("xla_compilations_total") == 1 and b.value("xla_compilations_total") == 0
 
 
 # ---------------------------------------------------------------------------------- scheduler
@@ -502,13 +571,21 @@ def test_scheduler_reports_speculation_acceptance():
                 out.accepted = [3, 1]  # two verifies: 3 + 1 drafts accepted -> 6 tokens in 2 forwards
             return outs
 
-    metrics = Metrics("t", 2, 64)
-    scheduler = Scheduler(Speculating(), metrics, dispatch=lambda b: None, round_tokens=2)
-    scheduler.submit([Sequence("a", [1], _options(2), deliver=lambda ev: None)])
+    metrics = Metrics("t", 2, 64, speculative_steps=3)
+    scheduler = Scheduler(Speculating(), metrics, dispatch=lambda b: [d(e) for d, e in b], round_tokens=2)
+    events = []
+    scheduler.submit([Sequence("a", [1], _options(2), deliver=events.append)])
     scheduler._round()
     scheduler._round()
-    assert (metrics.spec_draft_tokens, metrics.spec_accepted_tokens, metrics.spec_target_forwards) == (12, 8, 4)
-    assert "mimo_jax_spec_decode_mean_accept_length 3.0" in metrics.render()
+    counts = [metrics.value(f"spec_decode_num_{name}_total") for name in ("draft_tokens", "accepted_tokens", "drafts")]
+    assert counts == [12, 8, 4]
+    assert metrics.value("spec_decode_mean_accept_length") == 3.0
+    assert [metrics.value("spec_decode_num_accepted_tokens_per_pos_total", position=str(j)) for j in range(3)] == [
+        4,
+        2,
+        2,
+    ]
+    assert [ev.accepted for ev in events] == [[3, 1], [3, 1]]  # each sequence's own acceptance, for its response
 
 
 def test_scheduler_counts_cancelled_waiting_requests():
@@ -519,8 +596,8 @@ def test_scheduler_counts_cancelled_waiting_requests():
     assert scheduler.counts() == (2, 1)  # two slots: r2 waits
     scheduler.cancel(["r2", "r0"])
     scheduler._round()
-    assert scheduler.counts() == (1, 0) and metrics.requests_cancelled == 2
-    assert (metrics.running, metrics.waiting) == (1, 0)
+    assert scheduler.counts() == (1, 0) and metrics.value("request_cancelled_total") == 2
+    assert (metrics.value("num_requests_running"), metrics.value("num_requests_waiting")) == (1, 0)
     assert not any(c[0] == "add" and c[1] == "r2" for c in engine.calls)
 
 
@@ -587,7 +664,7 @@ def test_a_failure_after_admission_cancels_the_sequence_and_ends_the_stream(tok_
     added = [c[1] for c in engine.calls if c[0] == "add"]
     assert len(added) == 2 and [c for c in engine.calls if c[0] == "cancel"] == [("cancel", rid) for rid in added]
     assert sum(c[0] == "step" for c in engine.calls) < 500
-    assert metrics.requests_cancelled == 2
+    assert metrics.value("request_cancelled_total") == 2
 
 
 def test_scheduler_cancel_frees_the_slot_before_the_next_step():
