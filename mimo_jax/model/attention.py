@@ -205,6 +205,7 @@ def _online_softmax(
 ) -> tuple:
     """Softmax pieces over blocks 0 .. num_blocks-1 of a cache (an online softmax). `max_blocks` == 1: one pass
     over block 0 (its invisible keys add nothing, so `num_blocks` need not be read)."""
+
     def block_pieces(j):
         keys, values, key_pos = read_block(j)
         return _partial_softmax(qg, keys, values, q_pos, key_pos, window_keys, scale)
@@ -213,7 +214,6 @@ def _online_softmax(
         return block_pieces(0)
     b, t, kv, g, _ = qg.shape
     body = lambda j, carry: _merge(carry, block_pieces(j))
-
     init = (
         jnp.full((b, kv, g, t), _MASKED, jnp.float32),
         jnp.zeros((b, kv, g, t), jnp.float32),

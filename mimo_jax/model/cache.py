@@ -239,13 +239,12 @@ def empty_page_pool(spec: LayerSpec, num_pages: int, page_size: int, dtype: jnp.
         raise ValueError("paged caches are for full-attention layers; sliding-window layers keep rings")
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"a page pool needs num_pages >= 1 and page_size >= 1, got {num_pages} and {page_size}")
-    kv, store = spec.num_kv_heads, FP8_STORAGE if fp8 else dtype
-    scale = (lambda: jnp.zeros((num_pages, kv, page_size), jnp.float32)) if fp8 else (lambda: None)
+    shape, store = (num_pages, spec.num_kv_heads, page_size), FP8_STORAGE if fp8 else dtype
     return PagePool(
-        k=jnp.zeros((num_pages, kv, page_size, spec.head_dim), store),
-        v=jnp.zeros((num_pages, kv, page_size, spec.v_head_dim), store),
-        k_scale=scale(),
-        v_scale=scale(),
+        k=jnp.zeros((*shape, spec.head_dim), store),
+        v=jnp.zeros((*shape, spec.v_head_dim), store),
+        k_scale=jnp.zeros(shape, jnp.float32) if fp8 else None,
+        v_scale=jnp.zeros(shape, jnp.float32) if fp8 else None,
     )
 
 

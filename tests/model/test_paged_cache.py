@@ -23,7 +23,6 @@ from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.model import attention as attn
 from mimo_jax.model.cache import (
     FP8_MAX,
-    LayerKV,
     PagedKV,
     cache_shardings,
     empty_layer_kv,
@@ -291,6 +290,13 @@ def test_fp8_write_read_round_trip():
         np.testing.assert_allclose(np.abs(have).max(-1)[written], np.abs(want).max(-1)[written], rtol=1e-6)
 
 
+def test_pages_per_block():
+    assert attn.pages_per_block(1, 64, 16, 16384) == 512  # decode: blocks of 8192 keys, as key_block_size
+    assert attn.pages_per_block(2048, 64, 16, 8192) == 32  # a prefill chunk: 512 keys
+    assert attn.pages_per_block(1, 64, 16, 100) == 100  # a short table: one pass
+    assert attn.pages_per_block(2048, 64, 1024, 64) == 1  # pages larger than a block: one page per block
+
+
 def test_writes_outside_the_table_are_dropped():
     spec = CFG.layers[0]
     pool = empty_page_pool(spec, 4, PAGE, jnp.float32)
@@ -319,9 +325,11 @@ def test_pool_layout_sizes_and_errors():
     with pytest.raises(ValueError, match="pools and"):
         paged_layer_caches(CFG, pools[:1], jnp.zeros((1, 2), jnp.int32), [])
     mesh = make_mesh(data=2, tensor=2, expert=2)
-    shardings = page_pool_shardings(pools, mesh)
+    two_heads = empty_page_pools(CFG.replace(num_kv_heads=2), 4, PAGE, jnp.float32, fp8=True)
+    shardings = page_pool_shardings(pools + two_heads, mesh)
     assert tuple(shardings[0].k.spec) == (None, None, None, None)  # 1 kv head: replicated; pages never split
-    assert isinstance(cache_shardings([empty_layer_kv(CFG.layers[1], 2, 8, jnp.float32)], mesh)[0], LayerKV)
+    assert tuple(shardings[2].k.spec) == (None, "tensor", None, None)
+    assert tuple(shardings[2].k_scale.spec) == (None, "tensor", None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed: TPU compile untested")
