@@ -197,8 +197,9 @@ def test_paged_on_a_mesh_equals_one_device(model, oracle):
 
 
 def test_fp8_pool_error_is_bounded(model, oracle):
-    """FP8 keys/values (one scale per token and head): logits stay within 2% of their range of the fp32 pool's
-    (measured: see below), and the same argmax almost everywhere."""
+    """FP8 keys/values (one scale per token and head): logits within 2% of the logits' range of the contiguous
+    fp32 cache's, the same argmax at >= 90% of the queries. Measured (jax 0.10.2, CPU): largest error 0.0068
+    on a range of 0.71 (0.96%), 54 of 55 argmaxes the same (the other a near tie)."""
     got = run_scenario(model, paged=True, fp8=True)
     spread = max(float(np.ptp(v)) for v in oracle.values())
     diff = assert_same_logits(got, oracle, 0.02 * spread)
