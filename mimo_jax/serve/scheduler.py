@@ -188,7 +188,8 @@ class Scheduler:
     # ------------------------------------------------------------------ lifecycle
     def warmup(self) -> None:
         """Compile every shape and loop the server will run before serving: each prefill bucket, plain and
-        scoring the prompt, admit, the decode loop (with speculation its greedy and its sampled loop), cancel;
+        scoring the prompt, admit, the decode loop for every round size (with speculation its greedy and its
+        sampled loop), the prefix cache's ring snapshot and restore, cancel;
         with the engine's `overlap` as it will serve (its reads copy the finish reasons). Constrained rounds run
         the same decode loop (one iteration, a mask in place of the all-allowing one).
 
@@ -216,6 +217,27 @@ class Scheduler:
                 driver.run(plan)
                 while engine.has_work():
                     driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+        # Every decode round size (a bucket of running slots), greedy and (with speculation) sampled.
+        steps = getattr(engine, "steps", None)
+        loops = [options, sampled] if getattr(engine, "speculative_steps", 0) else [options]
+        for size in steps.decode_buckets if steps is not None else ():
+            for opts in loops:
+                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
+                for i in range(size):
+                    plan.add_request(f"warmup-rows-{size}-{i}", [0], dataclasses.replace(opts, max_new_tokens=3))
+                driver.run(plan)
+                while engine.has_work():
+                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+        pages = getattr(engine, "pages", None)
+        if pages is not None and pages.prefix_cache:  # a ring snapshot taken, then restored; then forgotten
+            prompt = [0] * min(2 * engine.page_size + 2, engine.max_context - 3)
+            for i in range(2):
+                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
+                plan.add_request(f"warmup-prefix-{i}", prompt, options)
+                driver.run(plan)
+                while engine.has_work():
+                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+            pages.reset_prefix_cache()
         plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
         plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
         driver.run(plan)
