@@ -43,7 +43,7 @@ import collections
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import llguidance
@@ -117,6 +117,115 @@ def check_spec(spec: Any) -> dict:
 
 def grammar_key(spec: dict) -> str:
     return next(k for k in GRAMMAR_KEYS if k in spec)
+
+
+# ----------------------------------------------------------------------------- request fields -> specs
+# The fields of a chat/completions body (or a batch line) that constrain the output, in the order they are read.
+OUTPUT_FIELDS = ("response_format", "regex", "ebnf", "structured_outputs", "guided_json", "guided_regex",
+                 "guided_choice", "guided_grammar")  # fmt: skip
+_STRUCTURED_OUTPUT_KINDS = ("json", "regex", "grammar", "choice", "json_object")
+
+
+def _schema_value(value: Any, param: str) -> dict:
+    """A JSON schema given as an object or as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise GrammarError(f"'{param}' is not valid JSON: {e}", param) from None
+    if not isinstance(value, dict):
+        raise GrammarError(f"'{param}' must be a JSON schema object", param)
+    return value
+
+
+def _typed(value: Any, kind: type, what: str, param: str) -> Any:
+    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        raise GrammarError(f"'{param}' must be {what}", param)
+    return value
+
+
+def output_spec(fields: Mapping[str, Any]) -> tuple[dict, str] | None:
+    """The constraint spec a request's fields ask for (OpenAI's `response_format`, SGLang's `regex` / `ebnf`, vLLM's
+    `structured_outputs` and older `guided_*`; plain JSON values as a body or a batch line holds them), and the field
+    that asked; None when none does. GrammarError (its `key` the field) for a malformed one or for two of them."""
+    found: list[tuple[dict, str]] = []
+    rf = fields.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise GrammarError(
+                '\'response_format\' must be {"type": "text" | "json_object" | "json_schema"}', "response_format"
+            )
+        if rf["type"] == "json_object":
+            found.append(({"json_object": True}, "response_format"))
+        elif rf["type"] == "json_schema":
+            given = rf.get("json_schema")
+            if not isinstance(given, dict):
+                raise GrammarError("type 'json_schema' needs a 'json_schema' object", "response_format")
+            strict = given.get("strict") or False
+            if not isinstance(strict, bool):
+                raise GrammarError("'response_format.json_schema.strict' must be a boolean", "response_format")
+            schema = given.get("schema")
+            spec = {"json_object": True} if schema is None else {
+                "json_schema": _schema_value(schema, "response_format"), "strict": strict}  # fmt: skip
+            found.append((spec, "response_format"))
+    for name, key in (("regex", "regex"), ("ebnf", "ebnf")):
+        if fields.get(name) is not None:
+            found.append(({key: _typed(fields[name], str, "a string", name)}, name))
+    so = fields.get("structured_outputs")
+    if so is not None:
+        given = [
+            (k, so[k]) for k in _STRUCTURED_OUTPUT_KINDS if isinstance(so, dict) and so.get(k) not in (None, False)
+        ]
+        if len(given) != 1:
+            message = f"'structured_outputs' takes exactly one of {', '.join(_STRUCTURED_OUTPUT_KINDS)}"
+            raise GrammarError(message, "structured_outputs")
+        kind, value = given[0]
+        param = f"structured_outputs.{kind}"
+        if kind == "json":
+            found.append(({"json_schema": _schema_value(value, param)}, param))
+        elif kind == "json_object":
+            found.append(({"json_object": _typed(value, bool, "true", param)}, param))
+        elif kind == "choice":
+            found.append(({"choice": _typed(value, list, "a list of strings", param)}, param))
+        else:
+            found.append(({"ebnf" if kind == "grammar" else kind: _typed(value, str, "a string", param)}, param))
+    if fields.get("guided_json") is not None:
+        found.append(({"json_schema": _schema_value(fields["guided_json"], "guided_json")}, "guided_json"))
+    for name, key, kind, what in (
+        ("guided_regex", "regex", str, "a string"),
+        ("guided_choice", "choice", list, "a list of strings"),
+        ("guided_grammar", "ebnf", str, "a string"),
+    ):
+        if fields.get(name) is not None:
+            found.append(({key: _typed(fields[name], kind, what, name)}, name))
+    if len(found) > 1:
+        raise GrammarError(f"'{found[0][1]}' and '{found[1][1]}' both constrain the output; give one", found[1][1])
+    return found[0] if found else None
+
+
+def tool_call_spec(tools: Sequence[dict], name: str | None = None, parallel: bool = True) -> dict:
+    """The spec of a forced tool call over chat-shaped `tools` ({"type": "function", "function": {...}}): one call of
+    `name`, or with no name one or more calls of any (exactly one unless `parallel`); strict if any tool is."""
+    call: dict[str, Any] = {"tools": list(tools)}
+    if name is not None:
+        call["name"] = name
+    else:
+        call["required"], call["parallel"] = True, parallel
+    strict = any(isinstance(t, dict) and (t.get("function") or {}).get("strict") is True for t in tools)
+    return {"tool_call": call, "strict": strict}
+
+
+def thinking_mode(prompt: str, reasoning: bool) -> str | None:
+    """How a chat's output may open with reasoning, for a spec's "thinking": "inside" (the prompt opened `<think>`),
+    None (no reasoning markers, or the prompt closed an empty block: thinking off) or "optional" (the model may open
+    a block itself). `reasoning`: whether the tokenizer has both markers."""
+    if not reasoning:
+        return None
+    if prompt.rfind(THINK_START) > prompt.rfind(THINK_END):
+        return "inside"
+    if prompt.rstrip().endswith(THINK_END):
+        return None
+    return "optional"
 
 
 def _json_options(strict: bool, whitespace: str, schema: Any = None) -> dict:

@@ -5,10 +5,15 @@ Heavy imports (torch, transformers, tokenizers) stay inside the functions that n
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -603,3 +608,38 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
             if sample.name == name and {k: v for k, v in sample.labels.items() if k != "model_name"} == labels:
                 return sample.value
     raise KeyError(f"{name} {labels} is not in the exposition")
+
+
+# ---------------------------------------------------------------------------- a server in a subprocess
+@contextlib.contextmanager
+def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
+    """`python -m mimo_jax.serve` on a free localhost port (one CPU device, float32, 4 slots); yields its URL once
+    /health answers, terminates it on exit. Its log goes to `log_path` (shown when it fails to start)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mimo_jax.serve", "--port", str(port), "--dtype", "float32", "--max-batch", "4",
+           "--round-tokens", "4", "--log-level", "warning", *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)  # one CPU device in the server
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                assert proc.poll() is None, open(log_path).read()
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "server did not become ready:\n" + open(log_path).read()
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -7,8 +7,12 @@ Input: one JSON object per line, `{"id": ..., "prompt": "text"}` or `"messages":
 with the checkpoint's chat template, `mimo_jax.text`) or `"prompt_ids": [...]` (token ids), plus
 optional per-request settings overriding the command line: `max_tokens` (or `max_new_tokens`),
 `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `frequency_penalty`,
-`repetition_penalty`, `seed`, `stop_token_ids`, `ignore_eos`, `logprobs`, `tools` and
-`chat_template_kwargs` (chats), `metadata` (copied to the result). Blank lines are allowed;
+`repetition_penalty`, `seed`, `stop_token_ids`, `ignore_eos`, `logprobs`, `tools`, `tool_choice`,
+`parallel_tool_calls` and `chat_template_kwargs` (chats), `metadata` (copied to the result), and the
+structured-output fields of chat/completions bodies (`response_format`, `regex`, `ebnf`,
+`structured_outputs`, `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`; or
+`tool_choice` "required" / a named function with `tools`), decoded under the grammar
+(`mimo_jax.grammar`; `text` then holds the JSON, or the tool-call markup). Blank lines are allowed;
 any other key is an error (a misspelt setting is never silently ignored).
 
 Output: one line per request as it finishes: `id`, `text`, `token_ids`, `finish_reason`
@@ -67,16 +71,18 @@ from mimo_jax.engine.driver import SEED_LIMIT, Aborted, BroadcastChannel, Driver
 from mimo_jax.engine.host import Engine, kv_cache_budget
 from mimo_jax.engine.sampling import SamplingOptions, check_seed
 from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
+from mimo_jax.grammar import OUTPUT_FIELDS, GrammarError, GrammarFactory, output_spec, thinking_mode, tool_call_spec
 from mimo_jax.lm import load_model
 from mimo_jax.model.cache import page_bytes
 from mimo_jax.sharding import add_distributed_arguments, make_mesh, parse_mesh_arg
-from mimo_jax.text import ChatTemplate, ChatTemplateError, Tokenizer
+from mimo_jax.text import THINK_END, THINK_START, ChatTemplate, ChatTemplateError, Tokenizer
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 INT_FIELDS = ("top_k", "max_new_tokens", "seed", "logprobs")
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
 OTHER_FIELDS = ("id", "stop_token_ids", "ignore_eos", "tools", "chat_template_kwargs", "metadata", "max_tokens")
-KNOWN_FIELDS = frozenset(PROMPT_FIELDS + OTHER_FIELDS + FLOAT_FIELDS + INT_FIELDS)
+TOOL_FIELDS = ("tool_choice", "parallel_tool_calls")
+KNOWN_FIELDS = frozenset(PROMPT_FIELDS + OTHER_FIELDS + FLOAT_FIELDS + INT_FIELDS + TOOL_FIELDS + OUTPUT_FIELDS)
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 
@@ -122,6 +128,7 @@ class Request:
     chat_template_kwargs: dict
     metadata: Any
     has_metadata: bool
+    constraint: tuple[dict, str] | None = None  # (constraint spec, the field that asked), thinking not yet set
 
     @property
     def key(self) -> str:
@@ -219,8 +226,17 @@ def parse_line(text: str | bytes, line: int) -> Request | None:
     kwargs = obj.get("chat_template_kwargs", {})
     if not isinstance(kwargs, dict):
         raise InputError(line, '"chat_template_kwargs" must be an object')
-    if (tools is not None or "chat_template_kwargs" in obj) and messages is None:
-        raise InputError(line, '"tools" and "chat_template_kwargs" apply to "messages" only')
+    if (tools is not None or "chat_template_kwargs" in obj or "tool_choice" in obj) and messages is None:
+        raise InputError(line, '"tools", "tool_choice" and "chat_template_kwargs" apply to "messages" only')
+    try:
+        constraint = output_spec(obj)
+        forced, tools = _tool_choice(obj, tools)
+    except GrammarError as e:
+        raise InputError(line, f'"{e.key}": {e}') from None
+    if forced is not None:
+        if constraint is not None:
+            raise InputError(line, f'"{constraint[1]}" cannot be combined with a forced tool call ("tool_choice")')
+        constraint = (forced, "tool_choice")
     try:
         SamplingOptions(**{**settings, "seed": 0})  # range checks, with the defaults for what is left out
     except ValueError as e:
@@ -239,7 +255,34 @@ def parse_line(text: str | bytes, line: int) -> Request | None:
         chat_template_kwargs=kwargs,
         metadata=obj.get("metadata"),
         has_metadata="metadata" in obj,
+        constraint=constraint,
     )
+
+
+def _tool_choice(obj: dict, tools: list | None) -> tuple[dict | None, list | None]:
+    """A line's forced tool call as a constraint spec (None for "auto", none given), and the tools the template
+    renders (none for "none"), as chat completions read `tool_choice` and `parallel_tool_calls`."""
+    choice, parallel = obj.get("tool_choice", "auto"), obj.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise GrammarError("must be true or false", "parallel_tool_calls")
+    if choice in ("auto", "none"):
+        return None, (None if choice == "none" else tools)
+    name = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise GrammarError('a named tool choice is {"type": "function", "function": {"name": NAME}}', "tool_choice")
+    elif choice != "required":
+        raise GrammarError(
+            f'expected "auto", "none", "required" or a named function, got {json.dumps(choice)}', "tool_choice"
+        )
+    names = [t.get("function", {}).get("name") for t in tools or [] if isinstance(t, dict)]
+    if not names:
+        raise GrammarError('"required" or a named function needs "tools"', "tool_choice")
+    if name is not None and name not in names:
+        raise GrammarError(f"names {name!r}, which is not among the tools", "tool_choice")
+    return tool_call_spec(tools, name, parallel), tools
 
 
 def _is_int(value: Any) -> bool:
@@ -407,6 +450,8 @@ class _Prompter:
                 raise InputError(req.line, "messages nested too deeply to render the chat template") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         values = {**self.settings.sampling, **req.settings}
+        if req.constraint is not None:
+            values["constraint"] = self._constraint(req, text if req.messages is not None else None)
         ignore_eos = self.settings.ignore_eos if req.ignore_eos is None else req.ignore_eos
         stops = set(values.get("stop_token_ids", ())) | (set() if ignore_eos else set(self.eos))
         values["stop_token_ids"] = tuple(sorted(stops))
@@ -418,6 +463,22 @@ class _Prompter:
         except ValueError as e:
             raise InputError(req.line, str(e)) from None
         return WorkItem(prompt.tolist(), options, req)
+
+    def _constraint(self, req: Request, chat_prompt: str | None) -> dict:
+        """The line's checked constraint spec (a chat's grammar waits while the model thinks, as the server's)."""
+        factory = self.engine.constraint_factory
+        spec, field = req.constraint
+        if factory is None:
+            raise InputError(req.line, f'"{field}" needs constrained decoding: llguidance cannot use this tokenizer')
+        reasoning = self.tokenizer.token_id(THINK_START) is not None and self.tokenizer.token_id(THINK_END) is not None
+        thinking = thinking_mode(chat_prompt, reasoning) if chat_prompt is not None else None
+        if thinking is not None:
+            spec = {**spec, "thinking": thinking}
+        try:
+            factory.validate(spec)
+        except ValueError as e:
+            raise InputError(req.line, f'"{field}": {e}') from None
+        return spec
 
 
 def run_batch(
@@ -743,6 +804,7 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
         page_size=args.page_size,
         prefix_cache=not args.no_prefix_cache,
         kv_cache_dtype=args.kv_cache_dtype,
+        constraint_factory=grammar_factory(lm.source, lm.config.vocab_size, lm.config.eos_token_ids),
     )
     tokenizer, template = load_tokenizer(lm.source) if leader else (None, None)  # "demo" resolved
     summary = run_batch(
@@ -780,6 +842,21 @@ def _prepare_files(args: argparse.Namespace) -> tuple[set[str], InputScan]:
     if cut:
         _log(f"{args.output}: cut a torn last line ({cut} bytes) left by an interrupted run")
     return done_keys, scan_input(args.input, done_keys)
+
+
+def grammar_factory(directory: str, vocab_size: int, eos_token_ids: Sequence[int]) -> GrammarFactory | None:
+    """Constrained decoding over the checkpoint's tokenizer, on every process (each builds the constraints of the
+    broadcast plans itself); None without tokenizer.json or where llguidance cannot read it (then a constrained
+    line is a bad line)."""
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return None
+    tokenizer = Tokenizer(directory)
+    eos = tuple(sorted(set(eos_token_ids) | set(tokenizer.eos_token_ids)))
+    try:
+        return GrammarFactory(tokenizer, vocab_size, eos)
+    except Exception as e:  # any tokenizer llguidance cannot load
+        _log(f"constrained decoding is off: llguidance cannot use this tokenizer ({e})")
+        return None
 
 
 def load_tokenizer(directory: str) -> tuple[Any, Any]:

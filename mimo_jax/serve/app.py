@@ -1,4 +1,5 @@
-"""FastAPI routes: /v1/chat/completions, /v1/completions (streaming and not), /v1/models, /health, /metrics.
+"""FastAPI routes: /v1/chat/completions, /v1/completions, /v1/responses (streaming and not), /tokenize, /detokenize,
+/v1/models, /health, /metrics.
 
 The HTTP layer: reading the body (at most MAX_BODY_BYTES), checking it into a `Job` (`requests`; on a small
 worker pool, so parsing, template rendering and tokenization never stall the event loop), submitting it to the
@@ -26,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from mimo_jax.serve import protocol as P
+from mimo_jax.serve import responses, tokenization
 from mimo_jax.serve.jobs import Job, chat_response, chat_stream, completion_response, completion_stream
 from mimo_jax.serve.requests import chat_job, completion_job
 from mimo_jax.serve.server import Server
@@ -213,6 +215,12 @@ def _prepare_completion(server: Server, body: bytes) -> tuple[P.CompletionReques
     return req, job, echo
 
 
+def _prepare_response(server: Server, body: bytes) -> tuple[responses.ResponsesRequest, Job]:
+    req = responses.parse(body)
+    _, job = responses.job(server, req)
+    return req, job
+
+
 def create_app(
     server: Server,
     on_shutdown: Callable[[], None] | None = None,
@@ -302,6 +310,24 @@ def create_app(
         if not await _collect(request, job):
             return _client_gone()
         return JSONResponse(completion_response(server, req, job, echo).model_dump(exclude_none=False))
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        req, job = await prepare(_prepare_response, server, await _body(request))
+        _submit(server, job)
+        if req.stream:
+            return StreamingResponse(responses.response_stream(server, req, job), media_type="text/event-stream")
+        if not await _collect(request, job):
+            return _client_gone()
+        return JSONResponse(responses.response_body(server, req, job))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return JSONResponse(await prepare(tokenization.tokenize, server, await _body(request)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return JSONResponse(await prepare(tokenization.detokenize, server, await _body(request)))
 
     def model_card() -> P.ModelCard:
         return P.ModelCard(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from mimo_jax.engine.sampling import derived_seed
+from mimo_jax.grammar import OUTPUT_FIELDS, GrammarError, output_spec, thinking_mode, tool_call_spec
 from mimo_jax.serve import protocol as P
 from mimo_jax.serve.jobs import ChoiceOutput, Job
 from mimo_jax.serve.parsers import ReasoningParser, ToolCallParser
@@ -19,7 +20,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_ARGUMENTS_DEPTH = 100  # nesting levels (objects, arrays) of a tool call's arguments in the conversation
 
 
-def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
+def template_messages(req: P.ChatCompletionRequest) -> list[dict]:
+    """A request's messages as the chat template reads them (text parts joined, tool-call arguments as objects)."""
     messages = []
     for k, m in enumerate(req.messages):
         d = m.model_dump(exclude_none=True)
@@ -75,7 +77,7 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
         # Special-token text in the messages and tools is plain text; control tokens come only from the template.
         prompt, prompt_ids = server.template.render_ids(
             server.tokenizer,
-            _template_messages(req),
+            template_messages(req),
             tools,
             add_generation_prompt=True,
             template_kwargs=kwargs,
@@ -99,14 +101,10 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
             raise P.invalid(
                 f"structured output cannot be combined with {choice_param} 'required' or a named function", spec[1]
             )
-        call = {"tools": tools}
-        if isinstance(tool_choice, P.NamedToolChoice):
-            call["name"] = tool_choice.function.name
-        else:
-            call["required"], call["parallel"] = True, req.parallel_tool_calls is not False
-        strict = any(t.function.strict for t in tool_list)
-        spec = ({"tool_call": call, "strict": strict}, "functions" if req.functions is not None else "tools")
-    constraint = server.constraint(spec, _thinking_mode(server, prompt, in_reasoning))
+        name = tool_choice.function.name if isinstance(tool_choice, P.NamedToolChoice) else None
+        call = tool_call_spec(tools, name, req.parallel_tool_calls is not False)
+        spec = (call, "functions" if req.functions is not None else "tools")
+    constraint = server.constraint(spec, thinking_mode(prompt, server.reasoning))
     choices, options = [], []
     for i in range(req.n):
         choices.append(
@@ -127,80 +125,13 @@ def chat_job(server: Server, req: P.ChatCompletionRequest) -> tuple[Job, str]:
     return job, prompt
 
 
-def _thinking_mode(server: Server, prompt: str, in_reasoning: bool) -> str | None:
-    """How a chat's output may open with reasoning: "inside" (the prompt opened `<think>`), None (the
-    prompt closed an empty block: thinking off) or "optional" (the model may open a block itself)."""
-    if not server.reasoning:
-        return None
-    if in_reasoning:
-        return "inside"
-    if prompt.rstrip().endswith(THINK_END):
-        return None
-    return "optional"
-
-
-def _json_text(value: dict | str, param: str) -> dict:
-    if isinstance(value, dict):
-        return value
-    try:
-        schema = json.loads(value)
-    except ValueError as e:
-        raise P.invalid(f"'{param}' is not valid JSON: {e}", param, "invalid_value") from None
-    if not isinstance(schema, dict):
-        raise P.invalid(f"'{param}' must be a JSON schema object", param, "invalid_value")
-    return schema
-
-
 def _output_spec(req: P.SamplingFields) -> tuple[dict, str] | None:
     """The structured-output constraint a request asks for, and the parameter that asked (one at most)."""
-    found: list[tuple[dict, str]] = []
-    rf = req.response_format
-    if rf is not None and rf.type == "json_object":
-        found.append(({"json_object": True}, "response_format"))
-    elif rf is not None and rf.type == "json_schema":
-        schema, strict = rf.json_schema.schema_, bool(rf.json_schema.strict)
-        spec = {"json_object": True} if schema is None else {"json_schema": schema, "strict": strict}
-        found.append((spec, "response_format"))
-    if req.regex is not None:
-        found.append(({"regex": req.regex}, "regex"))
-    if req.ebnf is not None:
-        found.append(({"ebnf": req.ebnf}, "ebnf"))
-    so = req.structured_outputs
-    if so is not None:
-        given = [
-            (k, v)
-            for k, v in (("json", so.json_), ("regex", so.regex), ("grammar", so.grammar), ("choice", so.choice))
-            if v is not None
-        ] + ([("json_object", True)] if so.json_object else [])
-        if len(given) != 1:
-            raise P.invalid(
-                "structured_outputs takes exactly one of json, regex, grammar, choice, json_object",
-                "structured_outputs",
-                "invalid_value",
-            )
-        kind, value = given[0]
-        param = f"structured_outputs.{kind}"
-        if kind == "json":
-            found.append(({"json_schema": _json_text(value, param)}, param))
-        elif kind == "grammar":
-            found.append(({"ebnf": value}, param))
-        elif kind == "json_object":
-            found.append(({"json_object": True}, param))
-        else:
-            found.append(({kind: value}, param))
-    if req.guided_json is not None:
-        found.append(({"json_schema": _json_text(req.guided_json, "guided_json")}, "guided_json"))
-    if req.guided_regex is not None:
-        found.append(({"regex": req.guided_regex}, "guided_regex"))
-    if req.guided_choice is not None:
-        found.append(({"choice": req.guided_choice}, "guided_choice"))
-    if req.guided_grammar is not None:
-        found.append(({"ebnf": req.guided_grammar}, "guided_grammar"))
-    if len(found) > 1:
-        raise P.invalid(
-            f"'{found[0][1]}' and '{found[1][1]}' both constrain the output; give one", found[1][1], "invalid_value"
-        )
-    return found[0] if found else None
+    fields = req.model_dump(by_alias=True, exclude_none=True, include=set(OUTPUT_FIELDS))
+    try:
+        return output_spec(fields)
+    except GrammarError as e:
+        raise P.invalid(str(e), e.key, "invalid_value") from None
 
 
 def _seed(seed: int | None, i: int) -> int | None:

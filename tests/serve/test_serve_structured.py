@@ -11,14 +11,9 @@ Seeds and temperatures vary; outputs must parse and validate, calls must name th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from typing import Literal
 
 import httpx
@@ -45,7 +40,10 @@ FORECAST = {
             "maxItems": 2,
             "items": {
                 "type": "object",
-                "properties": {"sky": {"enum": ["sun", "rain"]}, "high": {"type": "integer", "minimum": -40, "maximum": 50}},
+                "properties": {
+                    "sky": {"enum": ["sun", "rain"]},
+                    "high": {"type": "integer", "minimum": -40, "maximum": 50},
+                },
                 "required": ["sky", "high"],
                 "additionalProperties": False,
             },
@@ -91,43 +89,13 @@ class Server:
         return self.client.chat.completions.create(model=self.model, messages=QUESTION, **kwargs)
 
 
-@contextlib.contextmanager
-def _serve(log_path: str, args: list[str]):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mimo_jax.serve", "--port", str(port), "--dtype", "float32", "--max-batch", "4",
-           "--round-tokens", "4", "--log-level", "warning", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": sf.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one CPU device in the server
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
-            while True:
-                assert proc.poll() is None, open(log_path).read()
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "server did not become ready:\n" + open(log_path).read()
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The served test checkpoint (random weights; `<think>` REASONING `</think>` planted)."""
     directory = str(tmp_path_factory.mktemp("structured") / "tiny-mimo")
     sf.write_checkpoint(directory)
     args = ["--model", directory, "--max-context", "512", "--prefill-chunk", "64"]
-    with _serve(os.path.join(os.path.dirname(directory), "server.log"), args) as url:
+    with sf.serve_process(os.path.join(os.path.dirname(directory), "server.log"), args) as url:
         yield Server(url, "tiny-mimo", Tokenizer(directory))
 
 
@@ -137,7 +105,7 @@ def demo(tmp_path_factory):
     from mimo_jax.weights.demo import demo_model_dir
 
     log_path = str(tmp_path_factory.mktemp("structured-demo") / "server.log")
-    with _serve(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
+    with sf.serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
         yield Server(url, "mimo-demo", Tokenizer(demo_model_dir()))
 
 
@@ -215,7 +183,12 @@ class Forecast(pydantic.BaseModel):
 
 
 def test_openai_client_parse(tiny):
-    for seed, temperature, thinking in [(0, 0.0, {}), (1, 0.0, NO_THINKING), (2, 0.7, NO_THINKING), (3, 1.2, NO_THINKING)]:
+    for seed, temperature, thinking in [
+        (0, 0.0, {}),
+        (1, 0.0, NO_THINKING),
+        (2, 0.7, NO_THINKING),
+        (3, 1.2, NO_THINKING),
+    ]:
         completion = tiny.client.chat.completions.parse(
             model=tiny.model,
             messages=QUESTION,
@@ -262,7 +235,9 @@ def _check_calls(message, name=None, single=False):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_tool_choice_required_and_named(demo, temperature):
     for seed in range(2):
-        kwargs = dict(tools=[WEATHER, CLOCK], max_tokens=300, temperature=temperature, seed=seed, extra_body=NO_THINKING)
+        kwargs = dict(
+            tools=[WEATHER, CLOCK], max_tokens=300, temperature=temperature, seed=seed, extra_body=NO_THINKING
+        )
         r = demo.chat(tool_choice="required", parallel_tool_calls=False, **kwargs)
         assert r.choices[0].finish_reason == "tool_calls"
         _check_calls(r.choices[0].message, single=True)
