@@ -11,6 +11,8 @@ through `Engine.step` (the server's path, host included) and the ratio to the 1-
 `agent`: `--conversations` conversations run at once; each starts from its own `--history` tokens, and every turn
 sends the whole conversation so far plus `--new-tokens` new ones and generates `--output-tokens`. Time to first
 token (from `add` to the first output) and generated tokens per second, prefix cache off and on.
+`constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one JSON-constrained
+request (the demo's tokenizer and llguidance): their tok/s and the ratio.
 `capacity`: sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072) that fit `--budget-gb` of full-layer KV:
 the old cache (every slot reserves max_context) against pages for the tokens each sequence holds.
 """
@@ -163,6 +165,47 @@ def run_agent(lm: LanguageModel, args: argparse.Namespace, prefix_cache: bool) -
     return row
 
 
+def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
+    """Unconstrained requests' decode rate alone and beside one JSON-constrained request (demo tokenizer)."""
+    from mimo_jax.grammar import GrammarFactory
+    from mimo_jax.text import Tokenizer
+
+    factory = GrammarFactory(Tokenizer(str(demo_model_dir())), lm.config.vocab_size)
+    n = args.conversations
+    engine = Engine(
+        lm,
+        max_batch=n + 1,
+        max_context=args.prompt + args.output + 8,
+        prefill_chunk=min(512, args.prompt),
+        max_round_tokens=args.round,
+        constraint_factory=factory,
+    )
+    engine.overlap = True  # as the server runs it
+    json_request = SamplingOptions(
+        max_new_tokens=args.output, temperature=1.0, seed=1, constraint={"json_object": True}
+    )
+    rates = {}
+    for label, constrained in (("warm-up", True), ("alone", False), ("beside one constrained", True)):
+        for i in range(n):
+            engine.add((label, i), prompt_ids(lm, args.prompt, i), greedy(args.output))
+        if constrained:
+            engine.add((label, "json"), prompt_ids(lm, args.prompt, 99), json_request)
+        tokens, t0 = 0, None
+        while engine.has_work():
+            for out in engine.step(max_tokens_per_round=args.round):
+                if out.request_id[1] == "json":
+                    continue
+                if out.token_ids and t0 is None:
+                    t0 = time.perf_counter()  # from the first tokens on: decode only
+                elif t0 is not None:
+                    tokens += len(out.token_ids)
+        rates[label] = tokens / (time.perf_counter() - t0)
+        print(f"{n} unconstrained requests, {label}: {rates[label]:.1f} tok/s")
+    ratio = rates["beside one constrained"] / rates["alone"]
+    print(f"beside one constrained / alone = {ratio:.3f}x")
+    return dict(requests=n, alone_tok_s=rates["alone"], beside_tok_s=rates["beside one constrained"], ratio=ratio)
+
+
 def run_capacity(lm_config, args: argparse.Namespace) -> dict:
     """Sequences of the mix that fit the budget: one max_context per slot (old) against pages (new)."""
     mix = [(int(n), int(t)) for n, t in (part.split("x") for part in args.mix.split(","))]
@@ -188,7 +231,7 @@ def run_capacity(lm_config, args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["lone", "agent", "capacity"])
+    p.add_argument("mode", choices=["lone", "agent", "capacity", "constrained"])
     p.add_argument("--model", default="demo", help="demo, or flash-slice-N (random weights)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--slots", default="1,32", type=lambda s: [int(x) for x in s.split(",")])
@@ -214,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load(args)
         if args.mode == "lone":
             result["lone"] = run_lone(lm, args)
+        elif args.mode == "constrained":
+            result["constrained"] = run_constrained(lm, args)
         else:
             rows = [run_agent(lm, args, False), run_agent(lm, args, True)]
             result["agent"] = rows

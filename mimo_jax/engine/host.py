@@ -2,12 +2,15 @@
 which launches the device steps (`mimo_jax.engine.steps`) and collects their tokens.
 
 Continuous batching by design: requests take free slots between decode rounds and leave when they
-finish or are cancelled; no device shape depends on which requests are running, so nothing recompiles.
+finish or are cancelled; a round runs over the running slots only (a bucket of rows: one compile each), and
+the full layers' KV lives in pages (`KVPages`: admission by free pages, preemption by recompute, the prefix
+cache with ring snapshots).
 
 Constrained requests (`SamplingOptions.constraint`, built by the engine's `constraint_factory`, see
-`mimo_jax.engine.constraints`): while one runs, every step decodes a round of one token, with each
-constrained slot's mask filled from its constraint before the round and its token accepted after
-(synchronously, also with `overlap` on); otherwise the decode step gets a cached all-ones mask.
+`mimo_jax.engine.constraints`): while any runs, each step decodes the constrained requests' rows one token,
+with each mask filled from its constraint before the round and the token accepted after (synchronously, also
+with `overlap` on), and the other requests' rows in a round of their own; otherwise the decode step gets a
+cached all-ones mask.
 """
 
 from __future__ import annotations
@@ -654,8 +657,8 @@ class Engine:
         A request's end is then seen one step later, and a slot freed by it is reused from the step
         after that.
 
-        While a constrained request runs, the round is one token whatever `max_tokens_per_round` says,
-        and the step is synchronous even with `overlap` on (see `_step_constrained`).
+        While a constrained request runs, its round is one token whatever `max_tokens_per_round` says, read
+        synchronously even with `overlap` on; the other requests run their own round (see `_step_constrained`).
         """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
@@ -664,7 +667,7 @@ class Engine:
         ended, self._ended = self._ended, []
         running = [r for r in self._slots if r is not None and r.decoding]
         if any(r.constraint is not None for r in running):
-            return _merge(ended + self._step_constrained(admitted))
+            return _merge(ended + self._step_constrained(admitted, n))
         # with overlap the admissions are read before the round: their reasons as admitted (a copy, as the
         # round donates `state`)
         admit_reasons = jnp.copy(self.state.finish_reason) if admitted and self.overlap else None
@@ -710,13 +713,15 @@ class Engine:
         self.cache, self.state, round_out = decode(*args)
         return [int(r) for r in rows], round_out
 
-    def _step_constrained(self, admitted: list) -> list[StepOutput]:
-        """A step while a constrained request runs: everything read before the masks are made.
+    def _step_constrained(self, admitted: list, num_steps: int) -> list[StepOutput]:
+        """A step while a constrained request runs: the constrained requests decode one token, the others a
+        round of `num_steps` as in any step, in two rounds over their own rows.
 
         The round still in flight (overlap) and this step's first tokens are read first, so every
-        constraint has accepted its request's tokens; then each constrained slot's mask row comes
-        from its constraint (all ones for the others), one token is decoded and read at once, and
-        the constraints accept it. A request whose constraint is finished, or allows nothing, stops.
+        constraint has accepted its request's tokens; then each constrained slot's mask row comes from its
+        constraint, the constrained rows' one-token round is launched, then the other rows' round (left in
+        flight with `overlap`), and the constrained round is read (the device ran it first) and its tokens
+        accepted by the constraints. A request whose constraint is finished, or allows nothing, stops.
         """
         outputs = []
         if self._pending is not None:
@@ -733,11 +738,24 @@ class Engine:
                 outputs.append(self._end(slot, "stop"))
                 continue
             masks[slot] = row
-        self._reserve_round(1)
+        self._reserve_round(num_steps)
         running = [r for r in self._slots if r is not None and r.decoding]
-        if running:
-            rows, round_out = self._decode(running, 1, masks)
-            outputs += self._collect(_Launched([], round_out, self.state.finish_reason, list(self._slots), rows))
+        constrained = [r for r in running if r.constraint is not None]
+        free = [r for r in running if r.constraint is None]
+        slots = list(self._slots)
+        launched = []
+        if constrained:
+            rows, round_out = self._decode(constrained, 1, masks)
+            launched.append(_Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows))
+        if free:
+            rows, round_out = self._decode(free, num_steps)
+            free_round = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows)
+            if self.overlap:
+                self._pending = free_round
+            else:
+                launched.append(free_round)
+        for work in launched:
+            outputs += self._collect(work)
         return outputs
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
