@@ -7,14 +7,16 @@ and without the prefix cache, and how many sequences a fixed KV budget holds (pa
     python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64   # one GPU
 
 `lone`: one greedy request (no stop token) in engines of each slot count; decode tok/s after the first token
-through `Engine.step` (the server's path, host included) and the ratio to the 1-slot engine.
+through `Engine.step` (the server's path, host included) and the ratio to the 1-slot engine. It runs on the
+engine before v2 too: `PYTHONPATH=OLD_TREE python bench/bench_engine.py lone ...`.
 `agent`: `--conversations` conversations run at once; each starts from its own `--history` tokens, and every turn
 sends the whole conversation so far plus `--new-tokens` new ones and generates `--output-tokens`. Time to first
 token (from `add` to the first output) and generated tokens per second, prefix cache off and on.
 `constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one JSON-constrained
 request (the demo's tokenizer and llguidance): their tok/s and the ratio.
-`capacity`: sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072) that fit `--budget-gb` of full-layer KV:
-the old cache (every slot reserves max_context) against pages for the tokens each sequence holds.
+`capacity`: concurrent sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072: its proportions, repeated)
+that fit `--budget-gb` of KV: the old cache (every slot reserves max_context of the longest) against pages for
+the tokens each sequence holds (plus its rings in both).
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ import numpy as np
 from mimo_jax.config import RunOptions
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
-from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, max_pages
 from mimo_jax.lm import LanguageModel, load_model
-from mimo_jax.model.cache import kv_plan, page_bytes
 from mimo_jax.weights.demo import demo_model_dir
 from mimo_jax.weights.random import bench_config, random_model
 
@@ -85,6 +85,8 @@ def run_lone(lm: LanguageModel, args: argparse.Namespace) -> list[dict]:
 
 def run_agent(lm: LanguageModel, args: argparse.Namespace, prefix_cache: bool) -> dict:
     """Conversations of `turns` turns, all running at once; TTFT per turn and generated tokens per second."""
+    from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, max_pages  # engine v2 (`lone` runs on older trees too)
+
     c = args.conversations
     max_context = args.history + args.turns * (args.new_tokens + args.output_tokens) + 8
     per_seq = max_pages(max_context, DEFAULT_PAGE_SIZE) * DEFAULT_PAGE_SIZE
@@ -208,6 +210,9 @@ def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
 
 def run_capacity(lm_config, args: argparse.Namespace) -> dict:
     """Sequences of the mix that fit the budget: one max_context per slot (old) against pages (new)."""
+    from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
+    from mimo_jax.model.cache import kv_plan, page_bytes
+
     mix = [(int(n), int(t)) for n, t in (part.split("x") for part in args.mix.split(","))]
     max_context = max(t for _, t in mix)
     dtype_bytes = jnp.dtype(args.dtype).itemsize
@@ -216,16 +221,23 @@ def run_capacity(lm_config, args: argparse.Namespace) -> dict:
     old = budget // old_per_seq
     ring = kv_plan(lm_config, max_context, dtype_bytes).swa_bytes  # rings stay per slot
     page = page_bytes(lm_config, DEFAULT_PAGE_SIZE, dtype_bytes)
+    # the mix repeated (its proportions kept, long and short interleaved) until the next sequence does not fit
+    per_cycle = sum(n for n, _ in mix)
+    cycle = sorted((t for n, t in mix for _ in range(n)), key=lambda t: t)
+    cycle = [cycle[(i * 7919) % per_cycle] for i in range(per_cycle)] if per_cycle > 1 else cycle
     held, used = 0, 0
-    order = [t for n, t in mix for _ in range(n)]
-    for tokens in order:  # admit in the mix's order while the budget lasts
+    while True:
+        tokens = cycle[held % per_cycle]
         cost = -(-tokens // DEFAULT_PAGE_SIZE) * page + ring
         if used + cost > budget:
             break
         used += cost
         held += 1
     row = dict(budget_gb=args.budget_gb, mix=args.mix, max_context=max_context, old=int(old), paged=held)
-    print(f"KV budget {args.budget_gb} GB, mix {args.mix}: one max_context per slot holds {old}; pages hold {held}")
+    print(
+        f"KV budget {args.budget_gb} GB, mix {args.mix} (max_context {max_context}): one max_context per slot "
+        f"holds {old} sequences; pages hold {held} ({held / max(old, 1):.1f}x)"
+    )
     return row
 
 
