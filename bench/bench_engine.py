@@ -43,7 +43,8 @@ def load(args: argparse.Namespace) -> LanguageModel:
     if args.model == "demo":
         return load_model(str(demo_model_dir()), dtype=args.dtype)
     platform = jax.devices()[0].platform
-    model = random_model(bench_config(args.model), jnp.dtype(args.dtype), RunOptions.for_platform(platform), None)
+    cfg = bench_config(args.model, scale_down=args.scale_down)
+    model = random_model(cfg, jnp.dtype(args.dtype), RunOptions.for_platform(platform), None)
     return LanguageModel(model, source=f"random:{args.model}")
 
 
@@ -104,6 +105,11 @@ def run_agent(lm: LanguageModel, args: argparse.Namespace, prefix_cache: bool) -
         engine.add(f"w{n}", prompt_ids(lm, min(n, max_context - args.output_tokens - 1), 999), greedy(2))
         while engine.has_work():
             engine.step()
+    if prefix_cache:  # the ring snapshot's save and restore, and the tail chunks they leave
+        for i in range(2):
+            engine.add(f"ws{i}", prompt_ids(lm, 3 * DEFAULT_PAGE_SIZE + 5, 998), greedy(2))
+            while engine.has_work():
+                engine.step()
     for b in engine.steps.decode_buckets:
         for i in range(b):
             engine.add(f"wb{b}-{i}", prompt_ids(lm, 8, 900 + i), greedy(3))
@@ -246,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("mode", choices=["lone", "agent", "capacity", "constrained"])
     p.add_argument("--model", default="demo", help="demo, or flash-slice-N (random weights)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--scale-down", action="store_true", help="flash-slice-N with tiny dimensions (CPU smoke test)")
     p.add_argument("--slots", default="1,32", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--output", type=int, default=256)

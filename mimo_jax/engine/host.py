@@ -57,7 +57,7 @@ def kv_cache_budget(
     free = memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     mesh = lm.mesh
     shards = mesh.shape.get("tensor", 1) if mesh is not None else 1  # pools split their kv heads over it
-    rings = 2 * max_batch * kv_plan(cfg, context).swa_bytes  # the slots' rings and as many snapshots
+    rings = 3 * max_batch * kv_plan(cfg, context).swa_bytes  # the slots' rings and twice as many snapshots
     return max(int(free * shards) - rings, per_token * cfg.window_keys)
 
 
@@ -210,7 +210,8 @@ class Engine:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
         has_rings = any(s.sliding for s in cfg.layers) or k > 0
         if num_snapshots is None:
-            num_snapshots = max_batch if prefix_cache and has_rings else 0
+            num_snapshots = 2 * max_batch if prefix_cache and has_rings else 0  # each running conversation: the
+            # snapshot it resumed from and the one it leaves
         steps = build_steps(
             lm.graphdef,
             lm.params,
