@@ -10,7 +10,8 @@ Constrained requests (`SamplingOptions.constraint`, built by the engine's `const
 `mimo_jax.engine.constraints`): while any runs, each step decodes the constrained requests' rows one token,
 with each mask filled from its constraint before the round and the token accepted after (synchronously, also
 with `overlap` on), and the other requests' rows in a round of their own; otherwise the decode step gets a
-cached all-ones mask.
+cached all-ones mask. With speculation the constrained rows' round is the plain one-token loop (no drafts, so
+the masks hold) while the others keep speculating.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class _Launched:
     finish_reason: jax.Array
     slots: list
     rows: Sequence[int] = ()  # the slot of each row of round_out
+    speculated: bool = True  # round_out came from the speculative loop (when the engine speculates)
 
 
 @dataclasses.dataclass
@@ -165,7 +167,7 @@ class Engine:
 
     `max_stop_ids`, `max_logit_bias`: stop tokens and logit_bias entries a request may have (slots hold
     that many). `constraint_factory` builds a request's `TokenConstraint` from its
-    `SamplingOptions.constraint` spec (constrained decoding; not with `speculative_steps`).
+    `SamplingOptions.constraint` spec (constrained decoding).
     """
 
     overlap = False  # see `step`: the server turns it on, offline generation leaves it off
@@ -269,6 +271,7 @@ class Engine:
         self.admit_fn = steps.admit
         self.decode_fn = steps.decode
         self.greedy_decode_fn = steps.greedy_decode
+        self.constrained_decode_fn = steps.constrained_decode  # constrained rows: one token, no speculation
         self.release_fn = steps.release
         self.save_snapshot_fn = steps.save_snapshot
         self.restore_snapshot_fn = steps.restore_snapshot
@@ -363,16 +366,10 @@ class Engine:
                 f"request {request_id!r}: logit_bias token {max(bias)} is not in the vocabulary "
                 f"[0, {self.config.vocab_size})"
             )
-        if sampling.constraint is not None:
-            if self.speculative_steps:
-                raise ValueError(
-                    f"request {request_id!r}: constrained decoding is not supported with speculative decoding "
-                    f"(--speculative-steps)"
-                )
-            if self.constraint_factory is None:
-                raise ValueError(
-                    f"request {request_id!r}: a constraint was given, but the engine has no constraint_factory"
-                )
+        if sampling.constraint is not None and self.constraint_factory is None:
+            raise ValueError(
+                f"request {request_id!r}: a constraint was given, but the engine has no constraint_factory"
+            )
         return prompt.astype(np.int32)
 
     def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
@@ -696,19 +693,26 @@ class Engine:
 
     def _decode(self, running: list[_Request], num_steps: int, masks: dict[int, np.ndarray] | None = None) -> tuple:
         """Launch a decode round over the running requests' slots (the smallest bucket of rows that holds them):
-        the greedy loop when every running request is greedy. `masks`: allowed-token rows of constrained slots.
+        the greedy loop when every running request is greedy, the plain one-token loop
+        (`constrained_decode_fn`, even in a speculative engine) when they are constrained. `masks` (the rounds
+        of `_step_constrained`): allowed-token rows of constrained slots; the bucket's filler rows get
+        all-zero rows, so they sit the round out (another round of the step decodes them, if running).
         Returns (the slot of each row, the round's output)."""
         rows = self.steps.round_rows([self._by_id[r.request_id] for r in running])
-        if masks:
+        if masks is not None:
             mask = self.steps.allow_all(rows.size)
-            for i, slot in enumerate(rows):
+            mask[len(running) :] = 0
+            for i, slot in enumerate(rows[: len(running)]):
                 if int(slot) in masks:
                     mask[i] = masks[int(slot)]
             allowed = jax.device_put(mask, self._replicated)
         else:
             allowed = self.allow_all(rows.size)
         greedy = all(r.options.temperature <= 0 for r in running)
-        decode = self.greedy_decode_fn if greedy else self.decode_fn
+        if any(r.constraint is not None for r in running):
+            decode = self.constrained_decode_fn
+        else:
+            decode = self.greedy_decode_fn if greedy else self.decode_fn
         tables = jnp.asarray(self.page_table[rows])
         args = (self.params, self.cache, self.state, jnp.asarray(rows), tables, jnp.int32(num_steps), allowed)
         self.cache, self.state, round_out = decode(*args)
@@ -723,6 +727,8 @@ class Engine:
         constraint, the constrained rows' one-token round is launched, then the other rows' round (left in
         flight with `overlap`), and the constrained round is read (the device ran it first) and its tokens
         accepted by the constraints. A request whose constraint is finished, or allows nothing, stops.
+        In a speculative engine the constrained round is the plain one-token loop (masks cannot constrain
+        drafts), not counted in the speculation stats; the others keep speculating.
         """
         outputs = []
         if self._pending is not None:
@@ -747,9 +753,10 @@ class Engine:
         launched = []
         if constrained:
             rows, round_out = self._decode(constrained, 1, masks)
-            launched.append(_Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows))
+            reasons = jnp.copy(self.state.finish_reason)
+            launched.append(_Launched([], round_out, reasons, slots, rows, speculated=False))
         if free:
-            rows, round_out = self._decode(free, num_steps)
+            rows, round_out = self._decode(free, num_steps, {})
             free_round = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows)
             if self.overlap:
                 self._pending = free_round
@@ -766,6 +773,7 @@ class Engine:
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
+        speculated = self.speculation is not None and launched.speculated  # not constrained rows' plain rounds
         prefilled_only = set()  # slots of requests with max_new_tokens=0, done with their prompt
 
         def new_output(slot):
@@ -810,11 +818,11 @@ class Engine:
                         host_round.top_ids[i, :c],
                         host_round.top_logprobs[i, :c],
                     )
-                    if self.speculation is not None:
+                    if speculated:
                         ran = host_round.accepted[i] >= 0
                         results[slot].accepted.extend(int(a) for a in host_round.accepted[i][ran])
                         results[slot].drafts.extend([int(t) for t in d] for d in host_round.drafts[i][ran])
-            if self.speculation is not None:
+            if speculated:
                 self.speculation.add(host_round.accepted, int(host_round.count.sum()))
         for slot, out in results.items():
             live[slot].generated += out.token_ids

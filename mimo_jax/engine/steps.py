@@ -28,6 +28,8 @@ requests come and go once each bucket has compiled. The work (the cache and slot
   `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per row,
   `mimo_jax.engine.speculative.decode_speculative`); `greedy_decode` is the same loop for rounds where
   every running request is greedy (the host picks it: drafts and verify compare argmaxes).
+  `constrained_decode` is the same with the one-token iterations over the target layers only, even
+  with k > 0: the rounds of a speculative engine's constrained requests (the masks apply).
 - `save_snapshot` / `restore_snapshot`: copy a slot's rings (and prompt history) to / from the prefix
   cache's snapshot store (`RingSnapshots`).
 
@@ -36,8 +38,8 @@ requests come and go once each bucket has compiled. The work (the cache and slot
 `allowed` is constrained decoding's token mask (`mimo_jax.engine.constraints`): int32 bitmasks,
 W = ceil(vocab / 32) words per row, all ones for a request without a constraint. It is an input
 of fixed shape, so masks never recompile anything; the host sends a real one only for rounds of one
-token (the mask holds for every iteration of a round), and never to a speculative engine, whose
-iterations ignore it.
+token (the mask holds for every iteration of a round), and with speculation only to `constrained_decode`
+(speculative iterations ignore it).
 """
 
 from __future__ import annotations
@@ -319,8 +321,8 @@ def decode_round(
     An iteration is one token, or with `speculative_steps=k` one draft-verify-accept round that
     emits 1..k+1 tokens per slot (so the round holds up to max_steps * (k+1) tokens per slot).
     `allowed` [B, W]: each slot's allowed-token bitmask, the same for every iteration (constrained
-    requests run rounds of one token); speculative iterations ignore it (the engine runs no
-    constrained request with speculation).
+    requests run rounds of one token); speculative iterations ignore it (a speculative engine runs its
+    constrained requests with `speculative_steps=0` over the target layers: `decode_rows(target_only=True)`).
     `greedy` (static, speculation only): the caller knows every running slot is greedy.
     """
     batch = state.tokens.shape[0]
@@ -404,13 +406,34 @@ def decode_rows(
     page_table: jax.Array,
     num_steps: jax.Array,
     allowed: jax.Array,
+    *,
+    target_only: bool = False,
     **round_options: Any,
 ) -> tuple[KVCache, SlotState, RoundOutput]:
     """`decode_round` over the slots `rows` [b] only (page tables `page_table` [b, max_pages]): their state and
-    rings are taken out, run, and put back; the pools are shared. Row i of the output is slot rows[i]."""
+    rings are taken out, run, and put back; the pools are shared. Row i of the output is slot rows[i].
+
+    `target_only` (static): the plain one-token loop over the target layers only, in an engine with MTP
+    layers (constrained rows of a speculative engine); their MTP rings pass through unchanged, and their
+    `recent_hidden` / `recent_tokens` go stale, which is harmless: a constrained request never drafts (its
+    constraint lasts for its lifetime).
+
+    A row whose `allowed` row is all zeros sits the round out (inactive for it, as it was after): a bucket's
+    filler slot that another round of the same step decodes (constrained and unconstrained rows apart)."""
+    model = nnx.merge(graphdef, params)
     sub_state = jax.tree.map(lambda x: x[rows], state)
-    layers = layer_caches(nnx.merge(graphdef, params), cache, take_rows(cache.rings, rows), page_table)
-    layers, sub_state, out = decode_round(graphdef, params, layers, sub_state, num_steps, allowed, **round_options)
+    sits_out = ~jnp.any(allowed != 0, axis=-1)
+    was_active = sub_state.active
+    sub_state = dataclasses.replace(sub_state, active=was_active & ~sits_out)
+    layers = layer_caches(model, cache, take_rows(cache.rings, rows), page_table)
+    if target_only:
+        num_layers = len(model.layers)
+        target, mtp_rings = layers[:num_layers], layers[num_layers:]
+        target, sub_state, out = decode_round(graphdef, params, target, sub_state, num_steps, allowed, **round_options)
+        layers = target + mtp_rings
+    else:
+        layers, sub_state, out = decode_round(graphdef, params, layers, sub_state, num_steps, allowed, **round_options)
+    sub_state = dataclasses.replace(sub_state, active=jnp.where(sits_out, was_active, sub_state.active))
     pools, sub_rings = split_layer_caches(layers)  # the SWA layers' rings, then the MTP layers'
     state = jax.tree.map(lambda x, y: x.at[rows].set(y), state, sub_state)
     return KVCache(pools, put_rows(cache.rings, sub_rings, rows)), state, out
@@ -461,6 +484,8 @@ class EngineSteps:
     # (params, cache, state, rows, page_table, num_steps, allowed) -> (cache, state, RoundOutput of the rows)
     decode: JitUnderMesh
     greedy_decode: JitUnderMesh  # decode for rounds where every running request is greedy (decode itself if k = 0)
+    # decode for constrained rows: the plain one-token loop, masks applied, even with k > 0 (decode itself if k = 0)
+    constrained_decode: JitUnderMesh
     release: JitUnderMesh  # (state, slot) -> state
     save_snapshot: JitUnderMesh  # (cache, snapshots, slot, snapshot, history) -> snapshots
     restore_snapshot: JitUnderMesh  # (cache, snapshots, snapshot, slot) -> (cache, history)
@@ -664,6 +689,22 @@ def build_steps(
     def greedy_decode(params, cache, state, rows, page_table, num_steps, allowed):
         return decode(params, cache, state, rows, page_table, num_steps, allowed, True)
 
+    def constrained_decode(params, cache, state, rows, page_table, num_steps, allowed):
+        return decode_rows(
+            graphdef,
+            params,
+            cache,
+            state,
+            rows,
+            page_table,
+            num_steps,
+            allowed,
+            target_only=True,
+            max_steps=max_round_tokens,
+            max_context=max_context,
+            num_top=max_top_logprobs,
+        )
+
     # Outputs keep the layouts the cache and state are made with, so every call after the first hits the
     # same compiled step (equivalent but differently spelled shardings would recompile). Unused parameters
     # stay arguments (prefill reads no lm_head): a compiled step's memory counts every resident weight.
@@ -682,6 +723,8 @@ def build_steps(
         # Speculation when every running request is greedy (the host knows): drafts and verify compare
         # argmaxes, no distributions. Without speculation the same function as decode.
         greedy_decode=jit(greedy_decode, (1, 2), decode_out) if k else decode_fn,
+        # Constrained rows with speculation: the plain one-token loop (masks apply) over the target layers.
+        constrained_decode=jit(constrained_decode, (1, 2), decode_out) if k else decode_fn,
         release=jit(release_step, (0,), state_sharding),
         save_snapshot=jit(save_snapshot_step, (1,), snapshot_sharding),
         restore_snapshot=jit(restore_snapshot_step, (0,), (cache_sharding, replicated)),

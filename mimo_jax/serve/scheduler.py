@@ -191,7 +191,8 @@ class Scheduler:
         scoring the prompt, admit, the decode loop for every round size (with speculation its greedy and its
         sampled loop), the prefix cache's ring snapshot and restore, cancel;
         with the engine's `overlap` as it will serve (its reads copy the finish reasons). Constrained rounds run
-        the same decode loop (one iteration, a mask in place of the all-allowing one).
+        the same decode loop (one iteration, a mask in place of the all-allowing one); with speculation they
+        run a plain loop of their own, warmed up for every round size too when the engine takes constraints.
 
         Deterministic, so on a multi-host run every process runs it itself.
         """
@@ -220,6 +221,11 @@ class Scheduler:
         # Every decode round size (a bucket of running slots), greedy and (with speculation) sampled.
         steps = getattr(engine, "steps", None)
         loops = [options, sampled] if getattr(engine, "speculative_steps", 0) else [options]
+        if getattr(engine, "speculative_steps", 0) and getattr(engine, "constraint_factory", None) is not None:
+            # the constrained rows' plain loop; a thinking block allows every token, so no request ends before
+            # its constrained rounds whatever the model says (a JSON object could close with one token)
+            constrained = {"json_object": True, "thinking": "inside"}
+            loops.append(dataclasses.replace(options, constraint=constrained))
         for size in steps.decode_buckets if steps is not None else ():
             for opts in loops:
                 plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
