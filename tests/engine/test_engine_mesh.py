@@ -88,3 +88,24 @@ def test_prefill_reads_only_the_owner_shard_of_a_batch_split_cache():
     whole = {w.replace("float32", "f32").replace("int32", "s32") for w in whole}
     assert not whole & set(gathered), f"prefill all-gathers whole cache arrays: {sorted(whole & set(gathered))}"
     assert "all-reduce" in hlo  # the owner's row is summed across the batch shards
+
+
+def test_sharded_engine_prefix_cache_equals_single_device():
+    """The prefix cache on a mesh (pages whole on every device, rings and snapshots split like the slots): a
+    second turn restored from the first's pages and ring snapshot decodes the single-device engine's tokens."""
+    cfg = MiMoConfig.from_dict(TINY)
+    plain = mimo_jax.LanguageModel(MiMoModel(cfg, rngs=nnx.Rngs(3)))
+    sharded = mimo_jax.LanguageModel(MiMoModel(cfg, rngs=nnx.Rngs(3)), mesh=make_mesh(data=2, tensor=2, expert=2))
+    kwargs = dict(max_new_tokens=6, temperature=0.8, seed=4, ignore_eos=True)
+    first = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4, 6, 50, 1, 2]
+    engines = [
+        Engine(lm, max_batch=2, max_context=48, prefill_chunk=8, page_size=4, prefix_cache=True)
+        for lm in (plain, sharded)
+    ]
+    outs = []
+    for engine in engines:
+        (turn1,) = mimo_jax.generate(engine.lm, [first], engine=engine, **kwargs)
+        (turn2,) = mimo_jax.generate(engine.lm, [first + turn1.token_ids + [7, 8]], engine=engine, **kwargs)
+        outs.append((turn1.token_ids, turn2.token_ids))
+        assert engine.pages.stats().hits == 16  # turn 2 started from turn 1's snapshot at 16 tokens
+    assert outs[0] == outs[1]
