@@ -29,6 +29,7 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$O/$name.log" 2>&1
   echo "### $name exit $?"
   grep -v "^W1\|^I1\|Warning\|warn(" "$O/$name.log" | grep "|\|#\|Error\|error" | tail -"${TAIL:-16}"
+  pack  # after every step: a call cut off at its limit still returns what finished
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 HBM=$(CUDA_VISIBLE_DEVICES=0 python -c "import jax; print(jax.devices()[0].memory_stats()['bytes_limit'])")
