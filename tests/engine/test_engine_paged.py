@@ -121,7 +121,7 @@ def test_many_requests_in_a_small_pool(lm):
     equal to a roomy 4-slot engine without the cache."""
     prompts = [[(7 * i + j) % 60 + 1 for j in range(3 + i % 9)] for i in range(64)]
     requests = {i: (p, SamplingOptions(max_new_tokens=6, temperature=0.0)) for i, p in enumerate(prompts)}
-    small = engine(lm, max_batch=64, num_pages=80, prefix_cache=True)  # 64 x 96 context would be 1536 pages
+    small = engine(lm, max_batch=64, num_pages=40, prefix_cache=True)  # 64 x 96 context would be 1536 pages
     got = run(small, requests)
     ref = run(engine(lm), requests)  # 4 slots, room for each request
     assert {i: v[:2] for i, v in got.items()} == {i: v[:2] for i, v in ref.items()}
