@@ -43,7 +43,7 @@ from mimo_jax.lm import LanguageModel, load_model
 from mimo_jax.model.cache import kv_bytes_per_token
 from mimo_jax.model.mimo import relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
-from mimo_jax.tools.bench import decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes
+from mimo_jax.tools.bench import bench_page_tables, decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes
 from mimo_jax.weights.random import bench_config, random_model
 
 # Held out of the demo's training corpus by its split rule (sha256("heldout:" + path) % 50 == 0),
@@ -105,21 +105,20 @@ def iteration_bytes(cfg: MiMoConfig, batch: int, k: int, context: int, dtype_byt
     return verify + k * draft
 
 
-def decode_rounds(engine: Engine, iters: int, rounds: int) -> dict:
-    """Time `rounds` decode rounds of `iters` iterations after two untimed ones; every slot must keep running."""
+def decode_rounds(engine: Engine, iters: int, rounds: int, tables: jax.Array) -> dict:
+    """Time `rounds` decode rounds of `iters` iterations after two untimed ones (every slot, page tables
+    `tables`); every slot must keep running."""
     n = jnp.int32(iters)
+    rows = jnp.arange(engine.max_batch, dtype=jnp.int32)
+    args = lambda: (engine.params, engine.cache, engine.state, rows, tables, n, engine.allow_all(engine.max_batch))
     # Two untimed rounds: compilation, then one more so the timed ones start from steady state.
     for _ in range(2):
-        engine.cache, engine.state, out = engine.greedy_decode_fn(
-            engine.params, engine.cache, engine.state, n, engine.allow_all
-        )
+        engine.cache, engine.state, out = engine.greedy_decode_fn(*args())
         jax.block_until_ready(out)
     tokens, forwards, times = 0, 0, []
     for _ in range(rounds):
         t = time.perf_counter()
-        engine.cache, engine.state, out = engine.greedy_decode_fn(
-            engine.params, engine.cache, engine.state, n, engine.allow_all
-        )
+        engine.cache, engine.state, out = engine.greedy_decode_fn(*args())
         count, accepted = np.asarray(out.count), np.asarray(out.accepted)  # the round trip a server makes
         times.append(time.perf_counter() - t)
         tokens += int(count.sum())
@@ -151,7 +150,9 @@ def run_demo(lm: LanguageModel, batch: int, k: int, args, prompts: list[list[int
     for i in range(batch):
         engine.add(i, prompts[i], options)
     engine.step(max_tokens_per_round=1, prefill_tokens=1 << 62)  # prefill + first tokens (not timed)
-    return decode_rounds(engine, args.iters, args.rounds)
+    for i in range(batch):  # the rounds below run outside `step`: every page they write now
+        engine.reserve(i, needed + k + 1)
+    return decode_rounds(engine, args.iters, args.rounds, jnp.asarray(engine.page_table))
 
 
 def run_random(lm: LanguageModel, batch: int, k: int, args, context: int) -> dict:
@@ -160,7 +161,7 @@ def run_random(lm: LanguageModel, batch: int, k: int, args, context: int) -> dic
         lm, max_batch=batch, max_context=max_context, prefill_chunk=16, max_round_tokens=args.iters, speculative_steps=k
     )
     fill_as_if_prefilled(engine, context)
-    return decode_rounds(engine, args.iters, args.rounds)
+    return decode_rounds(engine, args.iters, args.rounds, bench_page_tables(engine))
 
 
 def expert_impl(choice: str | None, tokens_per_step: int) -> str:

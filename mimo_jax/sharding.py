@@ -181,18 +181,25 @@ def spread_kv_heads(
     slices out exactly the kv heads of its own q heads from the replicated k/v (no
     communication), and attention keeps its grouped form. The cache still stores KV heads.
     """
-    mesh = current_mesh()
-    axis = RULES["q_heads"]  # one mesh axis
-    if mesh is None or axis not in mesh.shape:
+    repeat = kv_head_repeat(keys.shape[heads_axis], num_q_heads)
+    if repeat == 1:
         return keys, values
-    shards, kv = mesh.shape[axis], keys.shape[heads_axis]
-    if shards == 1 or kv % shards == 0 or num_q_heads % shards:
-        return keys, values
-    repeat = math.lcm(kv, shards) // kv
     heads_axes = tuple("q_heads" if i == heads_axis else ("batch" if i == 0 else None) for i in range(keys.ndim))
     keys = constrain(jnp.repeat(keys, repeat, axis=heads_axis), heads_axes)
     values = constrain(jnp.repeat(values, repeat, axis=heads_axis), heads_axes)
     return keys, values
+
+
+def kv_head_repeat(num_kv_heads: int, num_q_heads: int) -> int:
+    """How many times `spread_kv_heads` repeats each kv head on the current mesh (1: not at all)."""
+    mesh = current_mesh()
+    axis = RULES["q_heads"]  # one mesh axis
+    if mesh is None or axis not in mesh.shape:
+        return 1
+    shards = mesh.shape[axis]
+    if shards == 1 or num_kv_heads % shards == 0 or num_q_heads % shards:
+        return 1
+    return math.lcm(num_kv_heads, shards) // num_kv_heads
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:

@@ -63,14 +63,17 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from mimo_jax import sharding
 from mimo_jax.engine.driver import SEED_LIMIT, Aborted, BroadcastChannel, Driver, RoundPlan
-from mimo_jax.engine.host import Engine
+from mimo_jax.engine.host import Engine, kv_cache_budget
 from mimo_jax.engine.sampling import SamplingOptions, check_seed
+from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
 from mimo_jax.grammar import OUTPUT_FIELDS, GrammarError, GrammarFactory, output_spec, thinking_mode, tool_call_spec
 from mimo_jax.lm import load_model
+from mimo_jax.model.cache import page_bytes
 from mimo_jax.sharding import add_distributed_arguments, make_mesh, parse_mesh_arg
 from mimo_jax.text import THINK_END, THINK_START, ChatTemplate, ChatTemplateError, Tokenizer
 
@@ -659,6 +662,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-logprobs", type=int, default=0, help="largest `logprobs` a line may ask for")
     g.add_argument("--max-stop-ids", type=int, default=16, help="largest number of stop tokens of a request")
     g.add_argument("--block-size", type=int, default=256, help="requests read from the input at a time")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        help="GB for the full layers' KV pages (default: 0.9 of the accelerator's memory left after the weights; "
+        "on CPU room for --max-batch requests of --max-context tokens)",
+    )
+    g.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="tokens per KV page")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"], help="full layers' KV pages")
+    g.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of earlier prompts' prefixes")
     s = p.add_argument_group("sampling defaults (a line's own fields win)")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -713,7 +725,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("max_batch", "max_context", "prefill_chunk", "round_tokens", "block_size", "max_stop_ids"):
+    for name in (
+        "max_batch",
+        "max_context",
+        "prefill_chunk",
+        "round_tokens",
+        "block_size",
+        "max_stop_ids",
+        "page_size",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
@@ -770,6 +790,8 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
     lm = load_model(
         args.model, dtype=args.dtype, weights=args.weights, mesh=mesh, progress=leader and not args.no_progress
     )
+    budget = kv_cache_budget(lm, args.kv_cache_memory, 0.9, args.max_batch, args.max_context)
+    fp8 = args.kv_cache_dtype == "fp8_e4m3"
     engine = Engine(
         lm,
         max_batch=args.max_batch,
@@ -778,6 +800,10 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
         max_round_tokens=args.round_tokens,
         max_stop_ids=args.max_stop_ids,
         max_top_logprobs=args.max_logprobs,
+        num_pages=max(1, budget // page_bytes(lm.config, args.page_size, jnp.dtype(lm.dtype).itemsize, fp8)),
+        page_size=args.page_size,
+        prefix_cache=not args.no_prefix_cache,
+        kv_cache_dtype=args.kv_cache_dtype,
         constraint_factory=grammar_factory(lm.source, lm.config.vocab_size, lm.config.eos_token_ids),
     )
     tokenizer, template = load_tokenizer(lm.source) if leader else (None, None)  # "demo" resolved

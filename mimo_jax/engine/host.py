@@ -2,12 +2,16 @@
 which launches the device steps (`mimo_jax.engine.steps`) and collects their tokens.
 
 Continuous batching by design: requests take free slots between decode rounds and leave when they
-finish or are cancelled; no device shape depends on which requests are running, so nothing recompiles.
+finish or are cancelled; a round runs over the running slots only (a bucket of rows: one compile each), and
+the full layers' KV lives in pages (`KVPages`: admission by free pages, preemption by recompute, the prefix
+cache with ring snapshots).
 
 Constrained requests (`SamplingOptions.constraint`, built by the engine's `constraint_factory`, see
-`mimo_jax.engine.constraints`): while one runs, every step decodes a round of one token, with each
-constrained slot's mask filled from its constraint before the round and its token accepted after
-(synchronously, also with `overlap` on); otherwise the decode step gets a cached all-ones mask.
+`mimo_jax.engine.constraints`): while any runs, each step decodes the constrained requests' rows one token,
+with each mask filled from its constraint before the round and the token accepted after (synchronously, also
+with `overlap` on), and the other requests' rows in a round of their own; otherwise the decode step gets a
+cached all-ones mask. With speculation the constrained rows' round is the plain one-token loop (no drafts, so
+the masks hold) while the others keep speculating.
 """
 
 from __future__ import annotations
@@ -23,11 +27,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax.engine.constraints import ConstraintFactory, TokenConstraint, allows_any, bitmask_words
+from mimo_jax.engine.pages import KVPages, PrefixHit
 from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, request_key
-from mimo_jax.engine.state import FINISH_REASONS, MAX_LOGIT_BIAS, MAX_STOP_IDS, RUNNING, SlotRequest
+from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, FINISH_REASONS, MAX_LOGIT_BIAS, MAX_STOP_IDS, RUNNING, SlotRequest
 from mimo_jax.engine.steps import build_steps, shardings
 from mimo_jax.lm import LanguageModel
+from mimo_jax.model.cache import kv_plan, page_bytes
 from mimo_jax.model.mimo import MiMoModel
+
+KV_CACHE_DTYPES = (None, "auto", "fp8_e4m3")  # of the full layers' pages: the model's dtype (None, "auto") or FP8
+
+
+def kv_cache_budget(
+    lm: LanguageModel, memory_gb: float | None, memory_fraction: float, max_batch: int, context: int
+) -> int:
+    """Bytes for the full layers' KV pages (all devices together): `memory_gb` when given; else, on a device that
+    reports its memory, what `memory_fraction` of it leaves after what is in use (the weights) and the slots'
+    rings and their snapshots; else (CPU) room for `max_batch` sequences of `context` tokens."""
+    if memory_gb is not None:
+        return int(memory_gb * 1e9)
+    cfg = lm.config
+    dtype_bytes = jnp.dtype(lm.dtype).itemsize
+    per_token = page_bytes(cfg, 1, dtype_bytes)
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # not every backend reports memory
+        stats = {}
+    if "bytes_limit" not in stats:
+        return per_token * max_batch * context
+    free = memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    mesh = lm.mesh
+    shards = mesh.shape.get("tensor", 1) if mesh is not None else 1  # pools split their kv heads over it
+    rings = 3 * max_batch * kv_plan(cfg, context).swa_bytes  # the slots' rings and twice as many snapshots
+    return max(int(free * shards) - rings, per_token * cfg.window_keys)
 
 
 class EngineFull(RuntimeError):
@@ -52,19 +84,32 @@ class StepOutput:
     prompt_logprobs: list[float | None] | None = None
     prompt_ranks: list[int | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    cached_tokens: int | None = None  # in a request's first output: prompt tokens the prefix cache served
 
 
 @dataclasses.dataclass
 class _Request:
     request_id: Any
-    prompt: np.ndarray
+    prompt: np.ndarray  # what is prefilled: the prompt, and after a preemption the tokens generated before it
     options: SamplingOptions
     seed: int
+    order: int  # admission order: preemption takes the newest first
+    prompt_len: int  # the request's own prompt (`prompt` may be longer after a preemption)
+    generated: list[int] = dataclasses.field(default_factory=list)  # tokens emitted so far (collected)
     prefilled: int = 0  # prompt tokens already in the cache
+    started: bool = False  # the prompt's prefix was looked up and its first pages taken
+    pages: list[int] = dataclasses.field(default_factory=list)  # the page table: position p in pages[p // size]
+    cached: int = 0  # prompt tokens served by the prefix cache
+    snapshot_at: int | None = None  # the page boundary where the prefix cache takes a ring snapshot
     history: jax.Array | None = None  # the prompt's last hidden states so far (prefill_fn's `history`)
     decoding: bool = False
     constraint: TokenConstraint | None = None  # built from options.constraint by the engine's factory
     scores: list = dataclasses.field(default_factory=list)  # prompt_logprobs: (chunk length, PromptScores) per chunk
+
+    @property
+    def resumed(self) -> bool:
+        """Preempted before: its prompt ends with generated tokens (nothing about the prompt is reported again)."""
+        return self.prompt.size > self.prompt_len
 
 
 @dataclasses.dataclass
@@ -77,6 +122,8 @@ class _Launched:
     round_out: Any
     finish_reason: jax.Array
     slots: list
+    rows: Sequence[int] = ()  # the slot of each row of round_out
+    speculated: bool = True  # round_out came from the speculative loop (when the engine speculates)
 
 
 @dataclasses.dataclass
@@ -120,7 +167,7 @@ class Engine:
 
     `max_stop_ids`, `max_logit_bias`: stop tokens and logit_bias entries a request may have (slots hold
     that many). `constraint_factory` builds a request's `TokenConstraint` from its
-    `SamplingOptions.constraint` spec (constrained decoding; not with `speculative_steps`).
+    `SamplingOptions.constraint` spec (constrained decoding).
     """
 
     overlap = False  # see `step`: the server turns it on, offline generation leaves it off
@@ -141,6 +188,11 @@ class Engine:
         speculative_steps: int = 0,
         max_logit_bias: int = MAX_LOGIT_BIAS,
         constraint_factory: ConstraintFactory | None = None,
+        num_pages: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        prefix_cache: bool = False,
+        num_snapshots: int | None = None,
+        kv_cache_dtype: str | None = None,
     ):
         lm = model if isinstance(model, LanguageModel) else LanguageModel(model)
         if max_batch < 1 or max_context < 2 or prefill_chunk < 1 or max_round_tokens < 1:
@@ -156,6 +208,12 @@ class Engine:
                 + ("" if num_mtp else " (load the checkpoint with load_model(..., mtp=True))")
             )
         cfg = lm.config
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
+        has_rings = any(s.sliding for s in cfg.layers) or k > 0
+        if num_snapshots is None:
+            num_snapshots = 2 * max_batch if prefix_cache and has_rings else 0  # each running conversation: the
+            # snapshot it resumed from and the one it leaves
         steps = build_steps(
             lm.graphdef,
             lm.params,
@@ -172,8 +230,21 @@ class Engine:
             speculative_steps=k,
             extra_ring_slots=extra_ring_slots,
             max_logit_bias=max_logit_bias,
+            num_pages=num_pages,
+            page_size=page_size,
+            num_snapshots=num_snapshots,
+            kv_fp8=kv_cache_dtype == "fp8_e4m3",
         )
         self.steps = steps
+        # host bookkeeping of the pools' pages and the prefix cache; the page table row of each slot
+        self.pages = KVPages(
+            steps.num_pages, steps.page_size, num_snapshots, prefix_cache=prefix_cache, needs_snapshot=has_rings
+        )
+        self.page_size = steps.page_size
+        self.page_table = np.full((max_batch, steps.max_pages), -1, np.int32)
+        self._lookahead: dict[int, tuple[int, ...]] = {}  # snapshot -> the prompt tokens its MTP rings read past it
+        self.num_preemptions = 0
+        self._admissions = itertools.count()
         self.speculative_steps = k
         # the k MTP layers' stats (None without speculation); see SpeculationStats
         self.speculation = SpeculationStats(k, accepted_at=[0] * k) if k else None
@@ -189,21 +260,24 @@ class Engine:
         self.max_top_logprobs = max_top_logprobs
         self.constraint_factory = constraint_factory
         self.params = lm.params
-        self.cache_len = steps.cache_len
         self.history = steps.history_len
         self._replicated = steps.replicated
         # made on the devices, laid out as the steps return them (so their first call compiles the only time)
         self.cache = jax.jit(steps.make_cache, out_shardings=shardings(steps.cache))()
+        self.snapshots = jax.jit(steps.make_snapshots, out_shardings=shardings(steps.snapshots))()
         self.state = jax.jit(steps.make_state, out_shardings=shardings(steps.state))()
         self.prefill_fn = steps.prefill
         self.prefill_logprobs_fn = steps.prefill_logprobs  # requests with prompt_logprobs
         self.admit_fn = steps.admit
         self.decode_fn = steps.decode
         self.greedy_decode_fn = steps.greedy_decode
+        self.constrained_decode_fn = steps.constrained_decode  # constrained rows: one token, no speculation
         self.release_fn = steps.release
-        # the steps' token masks when nothing is constrained, on the devices once (no transfer per step)
-        self.allow_all = jax.device_put(steps.allow_all(), self._replicated)  # decode's [B, W]
-        self._allow_all_row = jax.device_put(steps.allow_all(batch=False), self._replicated)  # admit's [W]
+        self.save_snapshot_fn = steps.save_snapshot
+        self.restore_snapshot_fn = steps.restore_snapshot
+        # the steps' token masks when nothing is constrained, on the devices once per size (no transfer per step)
+        self._allow_all: dict[int, jax.Array] = {}  # decode's [b, W] per round size b
+        self._allow_all_row = jax.device_put(steps.allow_all(), self._replicated)  # admit's [W]
         self._ended: list[StepOutput] = []  # requests ended on the host (a mask allowing nothing), to report
 
         self._slots: list[_Request | None] = [None] * max_batch
@@ -219,8 +293,14 @@ class Engine:
     def abstract_admit_args(self) -> tuple:
         return self.steps.admit_args()
 
-    def abstract_decode_args(self) -> tuple:
-        return self.steps.decode_args()
+    def abstract_decode_args(self, bucket: int | None = None) -> tuple:
+        return self.steps.decode_args(bucket)
+
+    def allow_all(self, rows: int) -> jax.Array:
+        """`decode_fn`'s `allowed` for a round of `rows` rows without constraints (on the devices, made once)."""
+        if rows not in self._allow_all:
+            self._allow_all[rows] = jax.device_put(self.steps.allow_all(rows), self._replicated)
+        return self._allow_all[rows]
 
     def empty_history(self) -> np.ndarray:
         """prefill_fn's `history` before a prompt's first chunk: the last max(K, 1) hidden states."""
@@ -258,6 +338,12 @@ class Engine:
                 f"request {request_id!r}: a prompt of {prompt.size} tokens leaves no room "
                 f"in max_context={self.max_context}"
             )
+        need = self.pages.pages_for(self._last_position(prompt.size, sampling) + 1)
+        if need > self.pages.num_pages:
+            raise ValueError(
+                f"request {request_id!r}: {prompt.size} prompt tokens and up to {sampling.max_new_tokens} new ones "
+                f"need {need} KV pages of {self.page_size} tokens, more than the whole pool of {self.pages.num_pages}"
+            )
         if len(sampling.stop_token_ids) > self.max_stop_ids:
             raise ValueError(
                 f"request {request_id!r}: {len(sampling.stop_token_ids)} stop tokens, "
@@ -280,16 +366,10 @@ class Engine:
                 f"request {request_id!r}: logit_bias token {max(bias)} is not in the vocabulary "
                 f"[0, {self.config.vocab_size})"
             )
-        if sampling.constraint is not None:
-            if self.speculative_steps:
-                raise ValueError(
-                    f"request {request_id!r}: constrained decoding is not supported with speculative decoding "
-                    f"(--speculative-steps)"
-                )
-            if self.constraint_factory is None:
-                raise ValueError(
-                    f"request {request_id!r}: a constraint was given, but the engine has no constraint_factory"
-                )
+        if sampling.constraint is not None and self.constraint_factory is None:
+            raise ValueError(
+                f"request {request_id!r}: a constraint was given, but the engine has no constraint_factory"
+            )
         return prompt.astype(np.int32)
 
     def add(self, request_id: Any, prompt_ids: Sequence[int], sampling: SamplingOptions | None = None) -> int:
@@ -309,29 +389,54 @@ class Engine:
             except Exception as e:
                 raise ValueError(f"request {request_id!r}: its constraint could not be built: {e}") from e
         seed = next(self._seeds) if sampling.seed is None else sampling.seed
-        self._slots[slot] = _Request(request_id, prompt, sampling, seed, constraint=constraint)
+        order = next(self._admissions)
+        self._slots[slot] = _Request(request_id, prompt, sampling, seed, order, prompt.size, constraint=constraint)
         self._by_id[request_id] = slot
         self._prefill_queue.append(slot)
         return slot
 
     def cancel(self, request_id: Any) -> bool:
         """Stop a request and free its slot; False when it is unknown (or already finished)."""
-        slot = self._by_id.pop(request_id, None)
+        slot = self._by_id.get(request_id)
         if slot is None:
             return False
-        if self._slots[slot].decoding:
+        self._free_slot(slot)
+        return True
+
+    def _free_slot(self, slot: int, stop: bool = True) -> _Request:
+        """Take a request out of its slot (cancelled or finished): its device slot stops (unless it stopped by
+        itself: `stop` False), its pages go back."""
+        req = self._slots[slot]
+        if req.decoding and stop:
             self.state = self.release_fn(self.state, jnp.int32(slot))
         if slot in self._prefill_queue:
             self._prefill_queue.remove(slot)
+        self._release_pages(slot, req)
+        del self._by_id[req.request_id]
         self._slots[slot] = None
-        return True
+        return req
 
-    def slot_request(self, prompt: np.ndarray, options: SamplingOptions, seed: int) -> SlotRequest:
-        """`admit_fn`'s request for a prompt whose prefill is done."""
+    def _release_pages(self, slot: int, req: _Request) -> None:
+        self.pages.release(req.pages)
+        req.pages = []
+        self.page_table[slot] = -1
+
+    def _last_position(self, prompt_len: int, options: SamplingOptions) -> int:
+        """The last position a request may write: its prompt and every new token it may make (within the context),
+        and the k drafts a verify writes past the last accepted one."""
+        return min(prompt_len + options.max_new_tokens, self.max_context) + self.speculative_steps
+
+    def slot_request(
+        self, prompt: np.ndarray, options: SamplingOptions, seed: int, prompt_len: int | None = None
+    ) -> SlotRequest:
+        """`admit_fn`'s request for a prompt whose prefill is done; `prompt[prompt_len:]` (a request resumed after
+        a preemption) are the tokens it had generated."""
+        prompt_len = prompt.size if prompt_len is None else prompt_len
         stop = np.full((self.max_stop_ids,), -1, np.int32)
         stop[: len(options.stop_token_ids)] = options.stop_token_ids
         mask = np.zeros((self.config.vocab_size,), bool)
-        mask[prompt] = True
+        mask[prompt[:prompt_len]] = True
+        counts = np.bincount(prompt[prompt_len:], minlength=self.config.vocab_size).astype(np.int32)
         recent = np.zeros((self.history,), np.int32)
         tail = prompt[-self.history :] if self.history else prompt[:0]
         recent[self.history - tail.size :] = tail
@@ -343,12 +448,17 @@ class Engine:
             rng=jnp.asarray(request_key(seed)),
             prompt_mask=jnp.asarray(mask),
             recent_tokens=jnp.asarray(recent),
+            generated=jnp.int32(prompt.size - prompt_len),
+            counts=jnp.asarray(counts),
         )
 
     # ---------------------------------------------------------------- running
     def _prefill_some(self, token_budget: int) -> list[tuple[int, Any, Any, Any]]:
         """Run queued prefill chunks (at least one) up to `token_budget` tokens; admit finished prompts.
 
+        A prompt's first chunk looks up the prefix cache (`_start_prompt`). Each chunk takes the pages it
+        writes; when the pool cannot give them (even after evicting unreferenced cached pages), prefilling
+        waits for pages that running requests release (admission by free pages, first come first served).
         Requests with `prompt_logprobs` run the scoring prefill; those with max_new_tokens=0 are not admitted
         (prefill only: `_collect` finishes them with "length"); a constrained request whose constraint allows
         no first token ends instead (`_ended`)."""
@@ -357,16 +467,28 @@ class Engine:
         while self._prefill_queue and (spent == 0 or spent < token_budget):
             slot = self._prefill_queue[0]
             req = self._slots[slot]
+            if not req.started:
+                self._start_prompt(slot, req)
             start = req.prefilled
-            length = min(self.prefill_chunk, req.prompt.size - start)
+            end = min(start + self.prefill_chunk, req.prompt.size)
+            if req.snapshot_at is not None and start < req.snapshot_at:
+                end = min(end, req.snapshot_at)  # a chunk ends at the snapshot's boundary
+            if not self._grow(slot, req, end):
+                waiting = [r for r in self._slots if r is not None and r is not req and r.pages and not r.decoding]
+                if not waiting or any(r is not None and r.decoding for r in self._slots):
+                    break  # running requests will release pages
+                for other in waiting:  # queued behind this one: they start again later
+                    self._preempt(self._by_id[other.request_id])
+                continue
+            length = end - start
             bucket = next(b for b in self.buckets if b >= length)
             tokens = self.prefill_tokens(req.prompt, start, length, bucket)
-            if start == 0:
+            if req.history is None:
                 req.history = jax.device_put(self.empty_history(), self._replicated)
-                req.scores = []
-            args = (self.params, self.cache, jnp.int32(slot), jnp.asarray(tokens))
+            pages = jnp.asarray(self.page_table[slot])
+            args = (self.params, self.cache, jnp.int32(slot), pages, jnp.asarray(tokens))
             args += (jnp.int32(start), jnp.int32(length), req.history)
-            if req.options.prompt_logprobs is None:
+            if req.options.prompt_logprobs is None or req.resumed:
                 self.cache, req.history = self.prefill_fn(*args)
             else:
                 targets = self.steps.prompt_targets(req.prompt, start, length, bucket)
@@ -374,9 +496,13 @@ class Engine:
                 req.scores.append((length, scores))
             req.prefilled += length
             spent += length
+            if req.prefilled == req.snapshot_at:
+                self._save_snapshot(slot, req)
             if req.prefilled == req.prompt.size:
                 self._prefill_queue.popleft()
                 scores, req.scores = (req.scores if req.options.prompt_logprobs is not None else None), []
+                if req.resumed:
+                    scores = None  # reported with the request's first output, before its preemption
                 first = reason = None
                 if req.options.max_new_tokens > 0:
                     allowed = self._allow_all_row
@@ -386,7 +512,7 @@ class Engine:
                             self._ended.append(self._end(slot, "stop"))
                             continue
                         allowed = jax.device_put(row, self._replicated)
-                    request = self.slot_request(req.prompt, req.options, req.seed)
+                    request = self.slot_request(req.prompt, req.options, req.seed, req.prompt_len)
                     self.state, first, reason = self.admit_fn(
                         self.params, self.state, jnp.int32(slot), req.history, request, allowed
                     )
@@ -394,6 +520,111 @@ class Engine:
                 req.history = None
                 admitted.append((slot, first, reason, scores))
         return admitted
+
+    def _start_prompt(self, slot: int, req: _Request) -> None:
+        """Before a prompt's first chunk: reuse the longest cached prefix (its pages, and the ring snapshot at its
+        end), and plan the snapshot this prompt leaves for later ones.
+
+        A snapshot is taken at the last page boundary that leaves max(k, 1) prompt tokens after it: the first
+        token is sampled from the last prefilled position, and the MTP layers' ring entries before the
+        boundary read the k prompt tokens after it (a later prompt must agree on those to reuse them)."""
+        req.started = True
+        k = self.speculative_steps
+        scoring = req.options.prompt_logprobs is not None and not req.resumed  # every position must be scored
+        if self.pages.prefix_cache and not scoring:
+            hit = self.pages.match(req.prompt, min_tail=max(k, 1))
+            if hit.snapshot is not None:
+                after = tuple(int(t) for t in req.prompt[hit.num_tokens : hit.num_tokens + k])
+                if self._lookahead.get(hit.snapshot) != after:  # the snapshot's MTP entries read other tokens
+                    self.pages.undo_match(hit)
+                    hit = PrefixHit()
+            if hit.num_tokens:
+                req.pages = list(hit.pages)
+                self.page_table[slot, : len(req.pages)] = req.pages
+                req.prefilled = req.cached = hit.num_tokens
+                if hit.snapshot is not None:
+                    self.cache, req.history = self.restore_snapshot_fn(
+                        self.cache, self.snapshots, jnp.int32(hit.snapshot), jnp.int32(slot)
+                    )
+                    self.pages.unpin_snapshot(hit.snapshot)
+        boundary = (req.prompt.size - max(k, 1)) // self.page_size * self.page_size
+        req.snapshot_at = boundary if self.pages.prefix_cache and boundary > req.prefilled else None
+
+    def _save_snapshot(self, slot: int, req: _Request) -> None:
+        """At the snapshot boundary: index the prompt's pages so far, and copy the slot's rings for later prompts."""
+        boundary = req.snapshot_at
+        self.pages.publish(req.prompt[:boundary], req.pages[: boundary // self.page_size])
+        snapshot = self.pages.snapshot_slot(req.prompt, boundary)
+        if snapshot is not None:
+            self.snapshots = self.save_snapshot_fn(
+                self.cache, self.snapshots, jnp.int32(slot), jnp.int32(snapshot), req.history
+            )
+            self._lookahead[snapshot] = tuple(int(t) for t in req.prompt[boundary : boundary + self.speculative_steps])
+
+    def reserve(self, request_id: Any, positions: int) -> bool:
+        """Give a running request the pages of its first `positions` positions now (benchmarks that run the decode
+        step directly, outside `step`); False when the pool has too few."""
+        slot = self._by_id[request_id]
+        return self._grow(slot, self._slots[slot], min(positions, self.steps.max_pages * self.page_size))
+
+    def _grow(self, slot: int, req: _Request, positions: int) -> bool:
+        """Give a request the pages that hold its first `positions` positions; False when the pool has too few."""
+        missing = self.pages.pages_for(positions) - len(req.pages)
+        if missing <= 0:
+            return True
+        new = self.pages.allocate(missing)
+        if new is None:
+            return False
+        self.page_table[slot, len(req.pages) : len(req.pages) + missing] = new
+        req.pages += new
+        return True
+
+    def _reserve_round(self, num_steps: int) -> None:
+        """Before a decode round: every decoding request gets the pages the round (and, with overlap, the round
+        still in flight) may write, oldest request first. When the pool runs out, the newest request holding
+        pages is preempted (its pages freed, its prompt and generated tokens queued first for prefill again:
+        recomputed, it goes on exactly where it stopped)."""
+        k = self.speculative_steps
+        ahead = (num_steps + (self.max_round_tokens if self.overlap else 0)) * (k + 1) + k + 1
+        decoding = sorted((r for r in self._slots if r is not None and r.decoding), key=lambda r: r.order)
+        for req in decoding:
+            slot = self._by_id[req.request_id]
+            if self._slots[slot] is not req:  # preempted for an older request in this loop
+                continue
+            known = req.prompt_len + len(req.generated)
+            need = min(known + ahead, self._last_position(req.prompt_len, req.options) + 1)
+            while not self._grow(slot, req, need):
+                holders = [r for r in self._slots if r is not None and r.pages]
+                victim = max(holders, key=lambda r: r.order)
+                self._preempt(self._by_id[victim.request_id])
+                if victim is req:
+                    break
+
+    def _preempt(self, slot: int) -> None:
+        """Free a request's pages and put it first in the prefill queue, to be recomputed from its prompt and the
+        tokens it had generated (a new request object: outputs of a round in flight for the old one are dropped)."""
+        req = self._slots[slot]
+        if req.decoding:
+            self.state = self.release_fn(self.state, jnp.int32(slot))
+        self._release_pages(slot, req)
+        prompt = np.concatenate([req.prompt[: req.prompt_len], np.asarray(req.generated, np.int32)])
+        resumed = dataclasses.replace(
+            req,
+            prompt=prompt,
+            prefilled=0,
+            started=False,
+            cached=0,
+            snapshot_at=None,
+            history=None,
+            decoding=False,
+            scores=[],
+            pages=[],
+            generated=list(req.generated),
+        )
+        self._slots[slot] = resumed
+        if req.decoding:  # first in line; a request still prefilling keeps its place
+            self._prefill_queue.appendleft(slot)
+        self.num_preemptions += 1
 
     def _constraint_mask(self, req: _Request) -> np.ndarray | None:
         """The bitmask [W] of the tokens a constrained request may emit next; None when it is finished or
@@ -406,12 +637,8 @@ class Engine:
 
     def _end(self, slot: int, reason: str) -> StepOutput:
         """End a slot's request on the host (its device slot stopped): its last, empty, output."""
-        req = self._slots[slot]
-        if req.decoding:
-            self.state = self.release_fn(self.state, jnp.int32(slot))
+        req = self._free_slot(slot)
         want_lp = req.options.logprobs is not None
-        del self._by_id[req.request_id]
-        self._slots[slot] = None
         return StepOutput(req.request_id, [], [] if want_lp else None, [] if want_lp else None, True, reason)
 
     def step(self, max_tokens_per_round: int | None = None, prefill_tokens: int | None = None) -> list[StepOutput]:
@@ -428,8 +655,8 @@ class Engine:
         A request's end is then seen one step later, and a slot freed by it is reused from the step
         after that.
 
-        While a constrained request runs, the round is one token whatever `max_tokens_per_round` says,
-        and the step is synchronous even with `overlap` on (see `_step_constrained`).
+        While a constrained request runs, its round is one token whatever `max_tokens_per_round` says, read
+        synchronously even with `overlap` on; the other requests run their own round (see `_step_constrained`).
         """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
@@ -438,41 +665,70 @@ class Engine:
         ended, self._ended = self._ended, []
         running = [r for r in self._slots if r is not None and r.decoding]
         if any(r.constraint is not None for r in running):
-            return _merge(ended + self._step_constrained(admitted))
+            return _merge(ended + self._step_constrained(admitted, n))
         # with overlap the admissions are read before the round: their reasons as admitted (a copy, as the
         # round donates `state`)
         admit_reasons = jnp.copy(self.state.finish_reason) if admitted and self.overlap else None
-        round_out = None
+        round_out, rows = None, ()
         if running:
-            self.cache, self.state, round_out = self._decode(running, n, self.allow_all)
+            self._reserve_round(n)
+            running = [r for r in self._slots if r is not None and r.decoding]
+        if running:
+            rows, round_out = self._decode(running, n)
         slots = list(self._slots)
         if not self.overlap:
             if not admitted and round_out is None:
                 return ended
-            return ended + self._collect(_Launched(admitted, round_out, self.state.finish_reason, slots))
+            return ended + self._collect(_Launched(admitted, round_out, self.state.finish_reason, slots, rows))
         # The round is read one step later, but the first tokens of the requests admitted now are read now:
         # their prefill and sampling precede the round on the device, so time to first token does not wait
         # for a round. (A copy of the reasons: the next step donates `state` before this round is read.)
-        launched = None if round_out is None else _Launched([], round_out, jnp.copy(self.state.finish_reason), slots)
+        reasons = jnp.copy(self.state.finish_reason)
+        launched = None if round_out is None else _Launched([], round_out, reasons, slots, rows)
         previous, self._pending = self._pending, launched
         outputs = self._collect(previous) if previous is not None else []
         if admitted:
             outputs += self._collect(_Launched(admitted, None, admit_reasons, slots))
         return ended + outputs
 
-    def _decode(self, running: list[_Request], num_steps: int, allowed: jax.Array) -> tuple:
-        """Launch a decode round: the greedy loop when every running request is greedy."""
+    def _decode(self, running: list[_Request], num_steps: int, masks: dict[int, np.ndarray] | None = None) -> tuple:
+        """Launch a decode round over the running requests' slots (the smallest bucket of rows that holds them):
+        the greedy loop when every running request is greedy, the plain one-token loop
+        (`constrained_decode_fn`, even in a speculative engine) when they are constrained. `masks` (the rounds
+        of `_step_constrained`): allowed-token rows of constrained slots; the bucket's filler rows get
+        all-zero rows, so they sit the round out (another round of the step decodes them, if running).
+        Returns (the slot of each row, the round's output)."""
+        rows = self.steps.round_rows([self._by_id[r.request_id] for r in running])
+        if masks is not None:
+            mask = self.steps.allow_all(rows.size)
+            mask[len(running) :] = 0
+            for i, slot in enumerate(rows[: len(running)]):
+                if int(slot) in masks:
+                    mask[i] = masks[int(slot)]
+            allowed = jax.device_put(mask, self._replicated)
+        else:
+            allowed = self.allow_all(rows.size)
         greedy = all(r.options.temperature <= 0 for r in running)
-        decode = self.greedy_decode_fn if greedy else self.decode_fn
-        return decode(self.params, self.cache, self.state, jnp.int32(num_steps), allowed)
+        if any(r.constraint is not None for r in running):
+            decode = self.constrained_decode_fn
+        else:
+            decode = self.greedy_decode_fn if greedy else self.decode_fn
+        tables = jnp.asarray(self.page_table[rows])
+        args = (self.params, self.cache, self.state, jnp.asarray(rows), tables, jnp.int32(num_steps), allowed)
+        self.cache, self.state, round_out = decode(*args)
+        return [int(r) for r in rows], round_out
 
-    def _step_constrained(self, admitted: list) -> list[StepOutput]:
-        """A step while a constrained request runs: everything read before the masks are made.
+    def _step_constrained(self, admitted: list, num_steps: int) -> list[StepOutput]:
+        """A step while a constrained request runs: the constrained requests decode one token, the others a
+        round of `num_steps` as in any step, in two rounds over their own rows.
 
         The round still in flight (overlap) and this step's first tokens are read first, so every
-        constraint has accepted its request's tokens; then each constrained slot's mask row comes
-        from its constraint (all ones for the others), one token is decoded and read at once, and
-        the constraints accept it. A request whose constraint is finished, or allows nothing, stops.
+        constraint has accepted its request's tokens; then each constrained slot's mask row comes from its
+        constraint, the constrained rows' one-token round is launched, then the other rows' round (left in
+        flight with `overlap`), and the constrained round is read (the device ran it first) and its tokens
+        accepted by the constraints. A request whose constraint is finished, or allows nothing, stops.
+        In a speculative engine the constrained round is the plain one-token loop (masks cannot constrain
+        drafts), not counted in the speculation stats; the others keep speculating.
         """
         outputs = []
         if self._pending is not None:
@@ -480,7 +736,7 @@ class Engine:
             outputs += self._collect(previous)
         if admitted:
             outputs += self._collect(_Launched(admitted, None, self.state.finish_reason, list(self._slots)))
-        mask = None
+        masks = {}
         for slot, req in enumerate(self._slots):
             if req is None or not req.decoding or req.constraint is None:
                 continue
@@ -488,14 +744,26 @@ class Engine:
             if row is None:
                 outputs.append(self._end(slot, "stop"))
                 continue
-            if mask is None:
-                mask = self.steps.allow_all()
-            mask[slot] = row
+            masks[slot] = row
+        self._reserve_round(num_steps)
         running = [r for r in self._slots if r is not None and r.decoding]
-        if running:
-            allowed = self.allow_all if mask is None else jax.device_put(mask, self._replicated)
-            self.cache, self.state, round_out = self._decode(running, 1, allowed)
-            outputs += self._collect(_Launched([], round_out, self.state.finish_reason, list(self._slots)))
+        constrained = [r for r in running if r.constraint is not None]
+        free = [r for r in running if r.constraint is None]
+        slots = list(self._slots)
+        launched = []
+        if constrained:
+            rows, round_out = self._decode(constrained, 1, masks)
+            reasons = jnp.copy(self.state.finish_reason)
+            launched.append(_Launched([], round_out, reasons, slots, rows, speculated=False))
+        if free:
+            rows, round_out = self._decode(free, num_steps, {})
+            free_round = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows)
+            if self.overlap:
+                self._pending = free_round
+            else:
+                launched.append(free_round)
+        for work in launched:
+            outputs += self._collect(work)
         return outputs
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
@@ -505,6 +773,7 @@ class Engine:
         host_admitted, host_round, reasons = to_host((launched.admitted, launched.round_out, launched.finish_reason))
         live = [r if r is not None and self._slots[slot] is r else None for slot, r in enumerate(launched.slots)]
         results: dict[int, StepOutput] = {}
+        speculated = self.speculation is not None and launched.speculated  # not constrained rows' plain rounds
         prefilled_only = set()  # slots of requests with max_new_tokens=0, done with their prompt
 
         def new_output(slot):
@@ -536,40 +805,42 @@ class Engine:
                 emit(slot, first.tokens, first.logprobs, first.top_ids, first.top_logprobs)
             if scores is not None:
                 _add_prompt_scores(results[slot], scores, live[slot].options.prompt_logprobs)
+            if not live[slot].resumed:
+                results[slot].cached_tokens = live[slot].cached
         if host_round is not None:
-            for slot in range(self.max_batch):
-                c = int(host_round.count[slot])
+            for i, slot in enumerate(launched.rows):
+                c = int(host_round.count[i])
                 if c and live[slot] is not None:
                     emit(
                         slot,
-                        host_round.tokens[slot, :c],
-                        host_round.logprobs[slot, :c],
-                        host_round.top_ids[slot, :c],
-                        host_round.top_logprobs[slot, :c],
+                        host_round.tokens[i, :c],
+                        host_round.logprobs[i, :c],
+                        host_round.top_ids[i, :c],
+                        host_round.top_logprobs[i, :c],
                     )
-                    if self.speculation is not None:
-                        ran = host_round.accepted[slot] >= 0
-                        results[slot].accepted.extend(int(a) for a in host_round.accepted[slot][ran])
-                        results[slot].drafts.extend([int(t) for t in d] for d in host_round.drafts[slot][ran])
-            if self.speculation is not None:
+                    if speculated:
+                        ran = host_round.accepted[i] >= 0
+                        results[slot].accepted.extend(int(a) for a in host_round.accepted[i][ran])
+                        results[slot].drafts.extend([int(t) for t in d] for d in host_round.drafts[i][ran])
+            if speculated:
                 self.speculation.add(host_round.accepted, int(host_round.count.sum()))
         for slot, out in results.items():
+            live[slot].generated += out.token_ids
             constraint = live[slot].constraint
             if constraint is not None:
                 for token in out.token_ids:
                     constraint.accept(token)
+            stopped_itself = True
             if slot in prefilled_only:
                 out.finish_reason = "length"
             elif reasons[slot] != RUNNING:
                 out.finish_reason = FINISH_REASONS[int(reasons[slot])]
             elif constraint is not None and constraint.is_finished():
-                self.state = self.release_fn(self.state, jnp.int32(slot))
-                out.finish_reason = "stop"
+                out.finish_reason, stopped_itself = "stop", False
             else:
                 continue
             out.finished = True
-            del self._by_id[out.request_id]
-            self._slots[slot] = None
+            self._free_slot(slot, stop=not stopped_itself)
         return list(results.values())
 
 

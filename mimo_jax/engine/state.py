@@ -3,7 +3,8 @@ outputs, the KV cache, and their empty constructors (what `steps` compiles again
 
 `SlotState` holds everything per slot in one pytree (last token, its position, the last hidden
 state before the final norm, counts for penalties, the recent hidden states the MTP drafts read).
-The cache is one list: the target's layers, then (with speculation) the k MTP layers' rings.
+The KV cache (`KVCache`) holds one page pool per full-attention layer, shared by every slot through the host's
+page tables, and per-slot rings for the SWA layers and (with speculation) the k MTP layers.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import jax.numpy as jnp
 
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine.sampling import SamplingParams
-from mimo_jax.model.cache import LayerKV, empty_cache, empty_layer_kv
+from mimo_jax.model.cache import LayerKV, PagePool, empty_layer_kv, empty_page_pools
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # SlotState.finish_reason codes
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 
 MAX_STOP_IDS = 8  # stop tokens a slot holds unless the engine is built with another max_stop_ids
+DEFAULT_PAGE_SIZE = 64  # tokens per page of the full layers' KV pools (a prefix-cache hit reuses whole pages)
 MAX_LOGIT_BIAS = 64  # logit_bias entries a slot holds unless the engine is built with another max_logit_bias
 
 
@@ -59,6 +61,10 @@ class SlotRequest:
     rng: jax.Array  # [2] uint32
     prompt_mask: jax.Array  # [V] bool
     recent_tokens: jax.Array  # [K] int32, the prompt's last K tokens (speculation; 0 = before the prompt)
+    # a request resumed after preemption: its prompt ends with the `generated` tokens it had emitted, whose
+    # counts [V] the penalties and min_tokens see (0 and zeros for a new request)
+    generated: jax.Array  # int32
+    counts: jax.Array  # [V] int32
 
 
 @jax.tree_util.register_dataclass
@@ -101,15 +107,66 @@ class PromptScores:
     top_logprobs: jax.Array  # [C, N] float32
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """The engine's KV cache: the full-attention layers' page pools, shared by every slot (a slot's pages are
+    listed in the host's page table), and per-slot rings [max_batch, ...]: one per SWA layer, then one per MTP
+    layer speculation uses."""
+
+    pools: list[PagePool]
+    rings: list[LayerKV]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RingSnapshots:
+    """Copies of one slot's rings taken at a page boundary of a prompt (the prefix cache's SWA state: full-layer
+    pages alone cannot resume a prefix, since every SWA layer's keys depend on a window of the layer below),
+    and the prompt's last hidden states there (prefill's `history`)."""
+
+    rings: list[LayerKV]  # as KVCache.rings, with a leading [num_snapshots] axis
+    history: jax.Array  # [num_snapshots, max(K, 1), H]
+
+
 def engine_cache(
-    cfg: MiMoConfig, batch: int, cache_len: int, dtype: Any, speculative_steps: int = 0, extra_ring_slots: int = 0
-) -> list[LayerKV]:
-    """The engine's KV cache: one LayerKV per decoder layer, then one per MTP layer speculation uses."""
+    cfg: MiMoConfig,
+    batch: int,
+    max_context: int,
+    num_pages: int,
+    page_size: int,
+    dtype: Any,
+    speculative_steps: int = 0,
+    extra_ring_slots: int = 0,
+    fp8: bool = False,
+) -> KVCache:
+    """An empty engine cache: `num_pages` pages of `page_size` tokens per full layer (FP8 with `fp8`), and the
+    rings of `batch` slots (SWA layers, then the k MTP layers speculation uses)."""
     k = speculative_steps
-    # A verify writes k positions past what it may accept: rings keep k extra slots so those
-    # writes never evict a position still inside the window.
-    target = empty_cache(cfg, batch, cache_len, dtype, max(extra_ring_slots, k))
-    return target + [empty_layer_kv(cfg.mtp_layer(), batch, cache_len, dtype) for _ in range(k)]
+    extra = max(extra_ring_slots, k)
+    rings = [empty_layer_kv(s, batch, max_context, dtype, extra) for s in cfg.layers if s.sliding]
+    rings += [empty_layer_kv(cfg.mtp_layer(), batch, max_context, dtype) for _ in range(k)]
+    return KVCache(pools=empty_page_pools(cfg, num_pages, page_size, dtype, fp8), rings=rings)
+
+
+def empty_snapshots(cache: KVCache, count: int, history: int, hidden_size: int, dtype: Any) -> RingSnapshots:
+    """`count` empty snapshots of the rings of `cache` (shapes only are read from it)."""
+    rings = [
+        LayerKV(
+            k=jnp.zeros((count,) + r.k.shape[1:], r.k.dtype),
+            v=jnp.zeros((count,) + r.v.shape[1:], r.v.dtype),
+            pos=jnp.full((count,) + r.pos.shape[1:], -1, jnp.int32),
+            ring=r.ring,
+        )
+        for r in cache.rings
+    ]
+    return RingSnapshots(rings=rings, history=jnp.zeros((count, max(history, 1), hidden_size), dtype))
+
+
+def max_pages(max_context: int, page_size: int, speculative_steps: int = 0) -> int:
+    """Page table entries per slot: every position a sequence of `max_context` tokens may write (a verify writes
+    up to k + 1 positions past the last accepted one)."""
+    return -(-(max_context + speculative_steps + 1) // page_size)
 
 
 def empty_state(
@@ -151,6 +208,8 @@ def empty_request(vocab: int, max_stop_ids: int, history: int = 0, max_logit_bia
         rng=jnp.zeros((2,), jnp.uint32),
         prompt_mask=jnp.zeros((vocab,), bool),
         recent_tokens=jnp.zeros((history,), jnp.int32),
+        generated=jnp.int32(0),
+        counts=jnp.zeros((vocab,), jnp.int32),
     )
 
 
@@ -171,11 +230,3 @@ def prefill_buckets(prefill_chunk: int, smallest: int = 16) -> tuple[int, ...]:
         sizes.add(size)
         size *= 2
     return tuple(sorted(sizes))
-
-
-def cache_length(max_context: int) -> int:
-    """Full-layer cache slots for `max_context`: rounded up (<= 12.5%) so blockwise attention blocks divide it."""
-    if max_context <= 2048:
-        return max_context
-    step = min(8192, 1 << ((max_context // 8).bit_length() - 1))
-    return -(-max_context // step) * step

@@ -1,15 +1,16 @@
 """The engine's device work: pure step functions (state in, state out) and `build_steps`, which jits them once
 for `Engine`, `mimo_jax.tools.aot` and the benchmarks alike.
 
-No shape depends on which requests are running (inactive rows run at position -1: nothing is
-written to their cache and their outputs are ignored), so nothing recompiles as requests come
-and go. Three functions do the work (the cache and slot state are donated):
+No shape depends on which requests are running beyond a decode round's bucket (inactive rows run at
+position -1: nothing is written to their cache and their outputs are ignored), so nothing recompiles as
+requests come and go once each bucket has compiled. The work (the cache and slot state are donated):
 
-- `prefill(params, cache, slot, tokens[C + k], start, length, history[K, H]) -> (cache, history)`
+- `prefill(params, cache, slot, pages[M], tokens[C + k], start, length, history[K, H]) -> (cache, history)`
   (`prefill_step`): one chunk of one request's prompt (the first `length` of tokens[:C]; the k
-  tokens after the chunk feed the MTP layers), attending against what the slot already holds.
-  `history` rolls the prompt's last K hidden states through the chunks (K = 1 without
-  speculation). Chunk lengths are bucketed (powers of two up to `prefill_chunk`).
+  tokens after the chunk feed the MTP layers), attending against what the slot already holds: its
+  full layers' pages (its page table `pages`) and its rings. `history` rolls the prompt's last K hidden
+  states through the chunks (K = 1 without speculation). Chunk lengths are bucketed (powers of two up to
+  `prefill_chunk`).
 - `prefill_logprobs(..., history, targets[C]) -> (cache, history, PromptScores)`
   (`prefill_logprobs_step`): the same chunk, also scoring the prompt: at each chunk position the
   log-softmax of the lm_head at the prompt's next token (`targets`, which the host knows, so the
@@ -17,28 +18,35 @@ and go. Three functions do the work (the cache and slot state are donated):
   compiled function, run only for requests that ask for prompt logprobs.
 - `admit(params, state, slot, history, request, allowed[W]) -> (state, first, reason)` (`admit_step`):
   samples the first token from the prompt's last hidden state and starts the slot.
-- `decode(params, cache, state, num_steps, allowed[B, W]) -> (cache, state, RoundOutput)` (`decode_round`): a
-  `jax.lax.while_loop` of up to `num_steps` (<= `max_round_tokens`) iterations for every active
-  slot, stopping each at its stop tokens, its token budget or the context end. An iteration is
-  one token (`decode_one`), or with `speculative_steps=k` one MTP draft-verify-accept round
-  (1..k+1 tokens per slot, `mimo_jax.engine.speculative.decode_speculative`); `greedy_decode` is
-  the same loop for rounds where every running request is greedy (the host picks it: drafts and
-  verify compare argmaxes).
+- `decode(params, cache, state, rows[b], page_table[b, M], num_steps, allowed[b, W]) -> (cache, state, RoundOutput)`
+  (`decode_rows`): the rows `rows` of the slot state and of the rings are taken out, run through
+  `decode_round` (a `jax.lax.while_loop` of up to `num_steps` <= `max_round_tokens` iterations) with the
+  full layers reading and writing their pages through `page_table`, and put back. b is a bucket
+  (`decode_buckets`: powers of two up to max_batch), so a round costs what the running requests need,
+  not what the engine's slots would (one compile per bucket). Each row stops at its stop tokens, its
+  token budget or the context end. An iteration is one token (`decode_one`), or with
+  `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per row,
+  `mimo_jax.engine.speculative.decode_speculative`); `greedy_decode` is the same loop for rounds where
+  every running request is greedy (the host picks it: drafts and verify compare argmaxes).
+  `constrained_decode` is the same with the one-token iterations over the target layers only, even
+  with k > 0: the rounds of a speculative engine's constrained requests (the masks apply).
+- `save_snapshot` / `restore_snapshot`: copy a slot's rings (and prompt history) to / from the prefix
+  cache's snapshot store (`RingSnapshots`).
 
 `release(state, slot) -> state` (`release_step`) stops a cancelled request's slot.
 
 `allowed` is constrained decoding's token mask (`mimo_jax.engine.constraints`): int32 bitmasks,
 W = ceil(vocab / 32) words per row, all ones for a request without a constraint. It is an input
 of fixed shape, so masks never recompile anything; the host sends a real one only for rounds of one
-token (the mask holds for every iteration of a round), and never to a speculative engine, whose
-iterations ignore it.
+token (the mask holds for every iteration of a round), and with speculation only to `constrained_decode`
+(speculative iterations ignore it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -51,22 +59,34 @@ from mimo_jax.engine.constraints import bitmask_words, full_bitmask
 from mimo_jax.engine.sampling import SampleOutput, sample, step_keys
 from mimo_jax.engine.speculative import decode_speculative, history_length, mtp_prefill
 from mimo_jax.engine.state import (
+    DEFAULT_PAGE_SIZE,
     MAX_LOGIT_BIAS,
     MAX_STOP_IDS,
     RUNNING,
     IterationOutput,
+    KVCache,
     PromptScores,
+    RingSnapshots,
     RoundOutput,
     SlotRequest,
     SlotState,
     _finish_reason,
-    cache_length,
     empty_request,
+    empty_snapshots,
     empty_state,
     engine_cache,
+    max_pages,
     prefill_buckets,
 )
-from mimo_jax.model.cache import LayerKV, cache_shardings, read_slot, write_slot
+from mimo_jax.model.cache import (
+    LayerKV,
+    cache_shardings,
+    page_pool_shardings,
+    paged_layer_caches,
+    read_slot,
+    split_layer_caches,
+    write_slot,
+)
 from mimo_jax.model.mimo import MiMoModel
 
 
@@ -74,51 +94,81 @@ from mimo_jax.model.mimo import MiMoModel
 def prefill_step(
     graphdef: nnx.GraphDef,
     params: nnx.State,
-    cache: list[LayerKV],
+    cache: KVCache,
     slot: jax.Array,
+    pages: jax.Array,
     tokens: jax.Array,
     start: jax.Array,
     length: jax.Array,
     history: jax.Array,
-) -> tuple[list[LayerKV], jax.Array]:
-    """Run a prompt chunk into slot `slot`: tokens [C + k], of which the first `length` are the chunk
-    (placed at start, start+1, ...) and tokens[length:] the prompt's next tokens (-1 past its end),
-    which only the k MTP layers read (k = len(cache) - num_layers).
+) -> tuple[KVCache, jax.Array]:
+    """Run a prompt chunk into slot `slot` whose page table is `pages` [max_pages]: tokens [C + k], of which the
+    first `length` are the chunk (placed at start, start+1, ...) and tokens[length:] the prompt's next tokens
+    (-1 past its end), which only the k MTP layers read.
 
-    A chunk starting at 0 begins a new request: the slot's old keys are marked empty first.
+    A chunk starting at 0 begins a new request: the slot's old ring entries are marked empty first (its pages
+    are its own: what they held before is never read, as every position is written before it is read).
     Returns the new cache and `history` [K, H] advanced by the chunk (the prompt's last K hidden states).
     """
-    cache, history, _ = _prefill_chunk(nnx.merge(graphdef, params), cache, slot, tokens, start, length, history)
+    model = nnx.merge(graphdef, params)
+    cache, history, _ = _prefill_chunk(model, cache, slot, pages, tokens, start, length, history)
     return cache, history
+
+
+def layer_caches(model: MiMoModel, cache: KVCache, rings: list[LayerKV], page_table: jax.Array) -> list:
+    """What the model's layers take (each full layer its pool and `page_table` [B, max_pages], each SWA layer
+    its ring from `rings`), then the MTP layers' rings: the list the decode loop and the speculative round use."""
+    num_swa = sum(s.sliding for s in model.config.layers)
+    return paged_layer_caches(model.config, cache.pools, page_table, rings[:num_swa]) + rings[num_swa:]
 
 
 def _prefill_chunk(
     model: MiMoModel,
-    cache: list[LayerKV],
+    cache: KVCache,
     slot: jax.Array,
+    pages: jax.Array,
     tokens: jax.Array,
     start: jax.Array,
     length: jax.Array,
     history: jax.Array,
-) -> tuple[list[LayerKV], jax.Array, jax.Array]:
+) -> tuple[KVCache, jax.Array, jax.Array]:
     """`prefill_step`'s work; also returns the chunk's hidden states [1, C, H] (before the final norm)."""
     num_layers = len(model.layers)
-    chunk = tokens.shape[0] - (len(cache) - num_layers)
+    layers = layer_caches(model, cache, read_slot(cache.rings, slot, clear=start == 0), pages[None])
+    chunk = tokens.shape[0] - (len(layers) - num_layers)
     idx = jnp.arange(chunk, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]
-    rows = read_slot(cache, slot, clear=start == 0)
-    hidden, target_rows = model.hidden_states(jnp.maximum(tokens[None, :chunk], 0), positions, rows[:num_layers])
-    mtp_rows = mtp_prefill(model, rows[num_layers:], hidden, tokens[None], positions)
+    hidden, target = model.hidden_states(jnp.maximum(tokens[None, :chunk], 0), positions, layers[:num_layers])
+    mtp_rows = mtp_prefill(model, layers[num_layers:], hidden, tokens[None], positions)
     joined = jnp.concatenate([history, hidden[0].astype(history.dtype)], axis=0)
     history = jax.lax.dynamic_slice_in_dim(joined, length, history.shape[0], axis=0)
-    return write_slot(cache, target_rows + mtp_rows, slot), history, hidden
+    pools, rows = split_layer_caches(target + mtp_rows)
+    return KVCache(pools, write_slot(cache.rings, rows, slot)), history, hidden
+
+
+def save_snapshot_step(
+    cache: KVCache, snapshots: RingSnapshots, slot: jax.Array, snapshot: jax.Array, history: jax.Array
+) -> RingSnapshots:
+    """Copy slot `slot`'s rings and the prompt's `history` into snapshot `snapshot` (the prefix cache)."""
+    rows = read_slot(cache.rings, slot, clear=jnp.bool_(False))
+    rings = write_slot(snapshots.rings, rows, snapshot)
+    return RingSnapshots(rings, snapshots.history.at[snapshot].set(history.astype(snapshots.history.dtype)))
+
+
+def restore_snapshot_step(
+    cache: KVCache, snapshots: RingSnapshots, snapshot: jax.Array, slot: jax.Array
+) -> tuple[KVCache, jax.Array]:
+    """Put snapshot `snapshot`'s rings into slot `slot`; returns the cache and the history to prefill on from."""
+    rows = read_slot(snapshots.rings, snapshot, clear=jnp.bool_(False))
+    return KVCache(cache.pools, write_slot(cache.rings, rows, slot)), snapshots.history[snapshot]
 
 
 def prefill_logprobs_step(
     graphdef: nnx.GraphDef,
     params: nnx.State,
-    cache: list[LayerKV],
+    cache: KVCache,
     slot: jax.Array,
+    pages: jax.Array,
     tokens: jax.Array,
     start: jax.Array,
     length: jax.Array,
@@ -126,14 +176,14 @@ def prefill_logprobs_step(
     targets: jax.Array,
     *,
     num_top: int,
-) -> tuple[list[LayerKV], jax.Array, PromptScores]:
+) -> tuple[KVCache, jax.Array, PromptScores]:
     """`prefill_step`, and the prompt's scores: `targets` [C] holds, for each chunk position, the prompt's
     next token (-1 where there is none: past the chunk, or the prompt's last token). Position i's
     scores are the model's log-softmax (of the raw logits, as sampled tokens' logprobs are) at
     targets[i], its rank and the top-`num_top` (static). The lm_head runs over the whole chunk:
     C x vocab float32 logits."""
     model = nnx.merge(graphdef, params)
-    cache, history, hidden = _prefill_chunk(model, cache, slot, tokens, start, length, history)
+    cache, history, hidden = _prefill_chunk(model, cache, slot, pages, tokens, start, length, history)
     logprobs = jax.nn.log_softmax(model.logits(hidden)[0], axis=-1)  # [C, V] float32
     chosen = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
     ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1, dtype=jnp.int32)
@@ -166,7 +216,7 @@ def admit_step(
     hidden = history[-1]
     logits = model.logits(hidden[None])
     position = request.prompt_len[None]
-    counts = jnp.zeros((1, logits.shape[-1]), jnp.int32)
+    counts = request.counts[None]
     keys = step_keys(request.rng[None], position)
     first = sample(
         logits,
@@ -178,9 +228,9 @@ def admit_step(
         stop_ids=request.stop_ids[None],
         allowed=allowed[None],
     )
-    one = jnp.ones((1,), jnp.int32)
+    generated = request.generated[None] + 1
     reason = _finish_reason(
-        first.tokens, position, one, request.max_new_tokens[None], request.stop_ids[None], max_context
+        first.tokens, position, generated, request.max_new_tokens[None], request.stop_ids[None], max_context
     )
     hist = state.recent_tokens.shape[1]  # K (0 without speculation)
     recent_tokens = state.recent_tokens[:1]
@@ -192,7 +242,7 @@ def admit_step(
         hidden=hidden[None].astype(state.hidden.dtype),
         active=reason == RUNNING,
         finish_reason=reason,
-        num_generated=one,
+        num_generated=generated,
         max_new_tokens=request.max_new_tokens[None],
         stop_ids=request.stop_ids[None],
         sampling=request.sampling,
@@ -271,8 +321,8 @@ def decode_round(
     An iteration is one token, or with `speculative_steps=k` one draft-verify-accept round that
     emits 1..k+1 tokens per slot (so the round holds up to max_steps * (k+1) tokens per slot).
     `allowed` [B, W]: each slot's allowed-token bitmask, the same for every iteration (constrained
-    requests run rounds of one token); speculative iterations ignore it (the engine runs no
-    constrained request with speculation).
+    requests run rounds of one token); speculative iterations ignore it (a speculative engine runs its
+    constrained requests with `speculative_steps=0` over the target layers: `decode_rows(target_only=True)`).
     `greedy` (static, speculation only): the caller knows every running slot is greedy.
     """
     batch = state.tokens.shape[0]
@@ -333,6 +383,72 @@ def decode_round(
     return cache, state, output
 
 
+def take_rows(rings: list[LayerKV], rows: jax.Array) -> list[LayerKV]:
+    """The per-slot rings of the batch rows `rows` [b] (a decode round's rows)."""
+    return [LayerKV(k=c.k[rows], v=c.v[rows], pos=c.pos[rows], ring=c.ring) for c in rings]
+
+
+def put_rows(rings: list[LayerKV], sub: list[LayerKV], rows: jax.Array) -> list[LayerKV]:
+    """`rings` with the rows `rows` replaced by `sub` (from `take_rows`, after the round)."""
+    put = lambda x, y: x.at[rows].set(y)
+    return [
+        LayerKV(k=put(c.k, r.k), v=put(c.v, r.v), pos=put(c.pos, r.pos), ring=c.ring)
+        for c, r in zip(rings, sub, strict=True)
+    ]
+
+
+def decode_rows(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    state: SlotState,
+    rows: jax.Array,
+    page_table: jax.Array,
+    num_steps: jax.Array,
+    allowed: jax.Array,
+    *,
+    target_only: bool = False,
+    **round_options: Any,
+) -> tuple[KVCache, SlotState, RoundOutput]:
+    """`decode_round` over the slots `rows` [b] only (page tables `page_table` [b, max_pages]): their state and
+    rings are taken out, run, and put back; the pools are shared. Row i of the output is slot rows[i].
+
+    `target_only` (static): the plain one-token loop over the target layers only, in an engine with MTP
+    layers (constrained rows of a speculative engine); their MTP rings pass through unchanged, and their
+    `recent_hidden` / `recent_tokens` go stale, which is harmless: a constrained request never drafts (its
+    constraint lasts for its lifetime).
+
+    A row whose `allowed` row is all zeros sits the round out (inactive for it, as it was after): a bucket's
+    filler slot that another round of the same step decodes (constrained and unconstrained rows apart)."""
+    model = nnx.merge(graphdef, params)
+    sub_state = jax.tree.map(lambda x: x[rows], state)
+    sits_out = ~jnp.any(allowed != 0, axis=-1)
+    was_active = sub_state.active
+    sub_state = dataclasses.replace(sub_state, active=was_active & ~sits_out)
+    layers = layer_caches(model, cache, take_rows(cache.rings, rows), page_table)
+    if target_only:
+        num_layers = len(model.layers)
+        target, mtp_rings = layers[:num_layers], layers[num_layers:]
+        target, sub_state, out = decode_round(graphdef, params, target, sub_state, num_steps, allowed, **round_options)
+        layers = target + mtp_rings
+    else:
+        layers, sub_state, out = decode_round(graphdef, params, layers, sub_state, num_steps, allowed, **round_options)
+    sub_state = dataclasses.replace(sub_state, active=jnp.where(sits_out, was_active, sub_state.active))
+    pools, sub_rings = split_layer_caches(layers)  # the SWA layers' rings, then the MTP layers'
+    state = jax.tree.map(lambda x, y: x.at[rows].set(y), state, sub_state)
+    return KVCache(pools, put_rows(cache.rings, sub_rings, rows)), state, out
+
+
+def decode_buckets(max_batch: int) -> tuple[int, ...]:
+    """Decode round sizes that get compiled: powers of two below `max_batch`, and `max_batch` itself."""
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
 # ------------------------------------------------------------------ the jitted steps, built once
 class JitUnderMesh:
     """A jitted step that is traced, run and lowered under a mesh, whoever calls it (as LanguageModel's
@@ -361,22 +477,32 @@ class EngineSteps:
     """The engine's jitted device functions and the abstract values they take (ShapeDtypeStructs carrying
     the shardings the functions are called with): `steps.prefill.lower(*steps.prefill_args(chunk))`."""
 
-    prefill: JitUnderMesh  # (params, cache, slot, tokens, start, length, history) -> (cache, history)
-    # (params, cache, slot, tokens, start, length, history, targets) -> (cache, history, PromptScores)
+    prefill: JitUnderMesh  # (params, cache, slot, pages, tokens, start, length, history) -> (cache, history)
+    # (params, cache, slot, pages, tokens, start, length, history, targets) -> (cache, history, PromptScores)
     prefill_logprobs: JitUnderMesh
     admit: JitUnderMesh  # (params, state, slot, history, request, allowed) -> (state, first, finish reason [1])
-    decode: JitUnderMesh  # (params, cache, state, num_steps, allowed) -> (cache, state, RoundOutput)
+    # (params, cache, state, rows, page_table, num_steps, allowed) -> (cache, state, RoundOutput of the rows)
+    decode: JitUnderMesh
     greedy_decode: JitUnderMesh  # decode for rounds where every running request is greedy (decode itself if k = 0)
+    # decode for constrained rows: the plain one-token loop, masks applied, even with k > 0 (decode itself if k = 0)
+    constrained_decode: JitUnderMesh
     release: JitUnderMesh  # (state, slot) -> state
+    save_snapshot: JitUnderMesh  # (cache, snapshots, slot, snapshot, history) -> snapshots
+    restore_snapshot: JitUnderMesh  # (cache, snapshots, snapshot, slot) -> (cache, history)
     params: Any  # abstract parameters
-    cache: list[LayerKV]  # abstract KV cache
+    cache: KVCache  # abstract KV cache
+    snapshots: RingSnapshots  # abstract ring snapshots (the prefix cache's SWA state)
     state: SlotState  # abstract slot state
     request: SlotRequest  # abstract admit request
-    replicated: jax.sharding.Sharding  # the slot state's, and that of scalars, `history` and requests
-    make_cache: Callable[[], list[LayerKV]]  # an empty cache of these shapes: jit it with `shardings(cache)`
+    replicated: jax.sharding.Sharding  # the slot state's, and that of scalars, `history`, page tables and requests
+    make_cache: Callable[[], KVCache]  # an empty cache of these shapes: jit it with `shardings(cache)`
+    make_snapshots: Callable[[], RingSnapshots]  # empty snapshots: jit it with `shardings(snapshots)`
     make_state: Callable[[], SlotState]  # every slot free: jit it with `shardings(state)`
     buckets: tuple[int, ...]  # prefill chunk lengths that get compiled
-    cache_len: int  # full-layer cache slots (`cache_length(max_context)`)
+    decode_buckets: tuple[int, ...]  # decode round sizes (rows) that get compiled
+    num_pages: int  # pages per full layer's pool
+    page_size: int  # tokens per page
+    max_pages: int  # page table entries per slot
     history_len: int  # K: recent hidden states per slot for the MTP drafts (0 without speculation)
     speculative_steps: int  # k
     hidden_size: int
@@ -389,11 +515,14 @@ class EngineSteps:
     def _history(self) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(self.empty_history().shape, self.dtype, sharding=self.replicated)
 
+    def _pages(self, *batch: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(batch + (self.max_pages,), jnp.int32, sharding=self.replicated)
+
     def prefill_args(self, chunk: int) -> tuple:
         """Abstract arguments of `prefill` for a chunk of `chunk` tokens (and the k after it)."""
         i32 = self._scalar()
         tokens = jax.ShapeDtypeStruct((chunk + self.speculative_steps,), jnp.int32, sharding=self.replicated)
-        return (self.params, self.cache, i32, tokens, i32, i32, self._history())
+        return (self.params, self.cache, i32, self._pages(), tokens, i32, i32, self._history())
 
     def _allowed(self, *batch: int) -> jax.ShapeDtypeStruct:
         shape = batch + (bitmask_words(self.vocab_size),)
@@ -408,14 +537,25 @@ class EngineSteps:
         """Abstract arguments of `admit`."""
         return (self.params, self.state, self._scalar(), self._history(), self.request, self._allowed())
 
-    def decode_args(self) -> tuple:
-        """Abstract arguments of `decode` and `greedy_decode`."""
-        batch = self.state.tokens.shape[0]
-        return (self.params, self.cache, self.state, self._scalar(), self._allowed(batch))
+    def decode_args(self, bucket: int | None = None) -> tuple:
+        """Abstract arguments of `decode` and `greedy_decode` for a round of `bucket` rows (default: every slot)."""
+        bucket = bucket or self.state.tokens.shape[0]
+        rows = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=self.replicated)
+        return (self.params, self.cache, self.state, rows, self._pages(bucket), self._scalar(), self._allowed(bucket))
 
-    def allow_all(self, batch: bool = True) -> np.ndarray:
-        """`decode`'s `allowed` for rounds without constraints: int32 [B, W] of all ones ([W]: `admit`'s)."""
-        return full_bitmask(self.vocab_size, self.state.tokens.shape[0] if batch else None)
+    def allow_all(self, rows: int | None = None) -> np.ndarray:
+        """`decode`'s `allowed` for a round of `rows` rows without constraints: int32 [rows, W] of all ones
+        ([W]: `admit`'s, when rows is None)."""
+        return full_bitmask(self.vocab_size, rows)
+
+    def round_rows(self, running: Sequence[int]) -> np.ndarray:
+        """`decode`'s `rows` for the running slots: them first (in order), then other slots up to the
+        smallest bucket that holds them (distinct rows; the others are inactive, so the round leaves them as
+        they are)."""
+        bucket = next(b for b in self.decode_buckets if b >= len(running))
+        taken = set(running)
+        fill = [s for s in range(self.state.tokens.shape[0]) if s not in taken][: bucket - len(running)]
+        return np.asarray(list(running) + fill, np.int32)
 
     def empty_history(self) -> np.ndarray:
         """prefill's `history` before a prompt's first chunk: the last max(K, 1) hidden states."""
@@ -452,7 +592,11 @@ def build_steps(
     prefill_chunk: int,
     max_round_tokens: int,
     state_dtype: Any,
+    num_pages: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    num_snapshots: int = 0,
     cache_dtype: Any = None,
+    kv_fp8: bool = False,
     max_stop_ids: int = MAX_STOP_IDS,
     max_top_logprobs: int = 0,
     speculative_steps: int = 0,
@@ -461,18 +605,21 @@ def build_steps(
 ) -> EngineSteps:
     """Jit the engine's steps for `params` (arrays, or ShapeDtypeStructs with their shardings: AOT).
 
+    The full layers' pools hold `num_pages` pages of `page_size` tokens (default: enough for every slot at
+    `max_context`), FP8 with `kv_fp8`; `num_snapshots` ring snapshots back the prefix cache (0: none).
     With a mesh the cache is sharded by the rules of `mimo_jax.sharding` and the slot state replicated;
     without one everything lives on the parameters' device (the first device for abstract parameters
-    without a sharding). `cache_dtype` defaults to `state_dtype` (the model's dtype).
+    without a sharding). `cache_dtype` (of rings, and of pools unless FP8) defaults to `state_dtype`.
     """
     k = speculative_steps
     state_dtype = jnp.dtype(state_dtype)
     cache_dtype = jnp.dtype(cache_dtype or state_dtype)
-    cache_len = cache_length(max_context)
     history = history_length(k)
+    pages_per_slot = max_pages(max_context, page_size, k)
+    num_pages = num_pages or max_batch * pages_per_slot
 
-    def make_cache() -> list[LayerKV]:
-        return engine_cache(cfg, max_batch, cache_len, cache_dtype, k, extra_ring_slots)
+    def make_cache() -> KVCache:
+        return engine_cache(cfg, max_batch, max_context, num_pages, page_size, cache_dtype, k, extra_ring_slots, kv_fp8)
 
     def make_state() -> SlotState:
         return empty_state(
@@ -480,24 +627,33 @@ def build_steps(
         )
 
     cache_shapes = jax.eval_shape(make_cache)
+
+    def make_snapshots() -> RingSnapshots:
+        return empty_snapshots(cache_shapes, num_snapshots, history, cfg.hidden_size, state_dtype)
+
+    snapshot_shapes = jax.eval_shape(make_snapshots)
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        cache_sharding = cache_shardings(cache_shapes, mesh)
+        cache_sharding = KVCache(
+            pools=page_pool_shardings(cache_shapes.pools, mesh), rings=cache_shardings(cache_shapes.rings, mesh)
+        )
+        snapshot_sharding = RingSnapshots(rings=cache_shardings(snapshot_shapes.rings, mesh), history=replicated)
     else:  # committed to the parameters' device, like every output (one compiled step)
         sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
         device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
         replicated = jax.sharding.SingleDeviceSharding(device)
         cache_sharding = jax.tree.map(lambda _: replicated, cache_shapes)
+        snapshot_sharding = jax.tree.map(lambda _: replicated, snapshot_shapes)
     state_shapes = jax.eval_shape(make_state)
     state_sharding = jax.tree.map(lambda _: replicated, state_shapes)
     request_shapes = jax.eval_shape(lambda: empty_request(cfg.vocab_size, max_stop_ids, history, max_logit_bias))
 
-    def prefill(params, cache, slot, tokens, start, length, history):
-        return prefill_step(graphdef, params, cache, slot, tokens, start, length, history)
+    def prefill(params, cache, slot, pages, tokens, start, length, history):
+        return prefill_step(graphdef, params, cache, slot, pages, tokens, start, length, history)
 
-    def prefill_logprobs(params, cache, slot, tokens, start, length, history, targets):
+    def prefill_logprobs(params, cache, slot, pages, tokens, start, length, history, targets):
         return prefill_logprobs_step(
-            graphdef, params, cache, slot, tokens, start, length, history, targets, num_top=max_top_logprobs
+            graphdef, params, cache, slot, pages, tokens, start, length, history, targets, num_top=max_top_logprobs
         )
 
     def admit(params, state, slot, history, request, allowed):
@@ -513,12 +669,14 @@ def build_steps(
             num_top=max_top_logprobs,
         )
 
-    def decode(params, cache, state, num_steps, allowed, greedy=False):
-        return decode_round(
+    def decode(params, cache, state, rows, page_table, num_steps, allowed, greedy=False):
+        return decode_rows(
             graphdef,
             params,
             cache,
             state,
+            rows,
+            page_table,
             num_steps,
             allowed,
             max_steps=max_round_tokens,
@@ -528,8 +686,24 @@ def build_steps(
             greedy=greedy,
         )
 
-    def greedy_decode(params, cache, state, num_steps, allowed):
-        return decode(params, cache, state, num_steps, allowed, True)
+    def greedy_decode(params, cache, state, rows, page_table, num_steps, allowed):
+        return decode(params, cache, state, rows, page_table, num_steps, allowed, True)
+
+    def constrained_decode(params, cache, state, rows, page_table, num_steps, allowed):
+        return decode_rows(
+            graphdef,
+            params,
+            cache,
+            state,
+            rows,
+            page_table,
+            num_steps,
+            allowed,
+            target_only=True,
+            max_steps=max_round_tokens,
+            max_context=max_context,
+            num_top=max_top_logprobs,
+        )
 
     # Outputs keep the layouts the cache and state are made with, so every call after the first hits the
     # same compiled step (equivalent but differently spelled shardings would recompile). Unused parameters
@@ -549,16 +723,25 @@ def build_steps(
         # Speculation when every running request is greedy (the host knows): drafts and verify compare
         # argmaxes, no distributions. Without speculation the same function as decode.
         greedy_decode=jit(greedy_decode, (1, 2), decode_out) if k else decode_fn,
+        # Constrained rows with speculation: the plain one-token loop (masks apply) over the target layers.
+        constrained_decode=jit(constrained_decode, (1, 2), decode_out) if k else decode_fn,
         release=jit(release_step, (0,), state_sharding),
+        save_snapshot=jit(save_snapshot_step, (1,), snapshot_sharding),
+        restore_snapshot=jit(restore_snapshot_step, (0,), (cache_sharding, replicated)),
         params=abstract(params),
         cache=with_shardings(cache_shapes, cache_sharding),
+        snapshots=with_shardings(snapshot_shapes, snapshot_sharding),
         state=with_shardings(state_shapes, state_sharding),
         request=with_shardings(request_shapes, jax.tree.map(lambda _: replicated, request_shapes)),
         replicated=replicated,
         make_cache=make_cache,
+        make_snapshots=make_snapshots,
         make_state=make_state,
         buckets=prefill_buckets(prefill_chunk),
-        cache_len=cache_len,
+        decode_buckets=decode_buckets(max_batch),
+        num_pages=num_pages,
+        page_size=page_size,
+        max_pages=pages_per_slot,
         history_len=history,
         speculative_steps=k,
         hidden_size=cfg.hidden_size,

@@ -1,14 +1,21 @@
 """Attention math: partial NeoX RoPE and grouped-query attention with sinks and windows.
 
-Masks are computed from stored key positions (never guessed from slot order), so the same
-function serves a full forward, a ring-buffer SWA cache and a fixed-slot full cache.
+Masks are computed from key positions (never guessed from slot order), so the same functions
+serve a full forward, a ring-buffer SWA cache, a fixed-slot full cache and a paged full cache.
+Long caches are read in blocks by one online softmax (`_online_softmax`) whose only knowledge of
+the storage is a block reader: block j -> (keys, values, key positions).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mimo_jax import sharding
+from mimo_jax.model.cache import PagedKV, page_key_positions, read_pages
 
 # Finite, so a row with no visible key gives zeros instead of NaN.
 _MASKED = -1e30
@@ -130,16 +137,33 @@ def attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1]).astype(q.dtype)
 
 
-def key_block_size(queries: int, heads: int, keys: int) -> int | None:
-    """Keys per block for `attention_blockwise` over `keys` slots, or None when one pass is as good
-    (a short cache whose scores are small: a loop would only add per-block overhead)."""
-    if keys <= KEY_BLOCK_MAX and queries * heads * keys <= SCORE_BLOCK_ELEMENTS:
-        return None
+def _one_pass(queries: int, heads: int, keys: int) -> bool:
+    """A short cache whose scores are small: a loop over blocks would only add per-block overhead."""
+    return keys <= KEY_BLOCK_MAX and queries * heads * keys <= SCORE_BLOCK_ELEMENTS
+
+
+def _block_target(queries: int, heads: int) -> int:
+    """Keys per block (a power of two in [KEY_BLOCK_MIN, KEY_BLOCK_MAX]) keeping a block's scores small."""
     target = max(KEY_BLOCK_MIN, min(KEY_BLOCK_MAX, SCORE_BLOCK_ELEMENTS // max(queries * heads, 1)))
-    block = 1 << (target.bit_length() - 1)
+    return 1 << (target.bit_length() - 1)
+
+
+def key_block_size(queries: int, heads: int, keys: int) -> int | None:
+    """Keys per block for `attention_blockwise` over `keys` slots, or None when one pass is as good."""
+    if _one_pass(queries, heads, keys):
+        return None
+    block = _block_target(queries, heads)
     while block >= KEY_BLOCK_MIN and keys % block:
         block //= 2
     return block if KEY_BLOCK_MIN <= block < keys else None
+
+
+def pages_per_block(queries: int, heads: int, page_size: int, max_pages: int) -> int:
+    """Pages per block of `attention_paged`: the whole table when `key_block_size` would take one pass over
+    that many keys, else about as many keys as its blocks (at least one page; the table is padded to blocks)."""
+    if _one_pass(queries, heads, max_pages * page_size):
+        return max_pages
+    return max(1, min(max_pages, _block_target(queries, heads) // page_size))
 
 
 def _partial_softmax(
@@ -165,21 +189,74 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return new_max, a[1] * ca + b[1] * cb, a[2] * ca[..., None] + b[2] * cb[..., None]
 
 
-def _blockwise_partial(qg, k, v, q_pos, k_pos, window_keys, scale, block, num_blocks) -> tuple:
-    """Softmax pieces over the first `num_blocks` blocks of `block` keys (an online softmax)."""
+# block index -> (keys [B, KV, S, D], values [B, KV, S, Dv], key positions [B, S]) of one block of a cache
+BlockReader = Callable[[jax.Array | int], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def _online_softmax(
+    qg: jax.Array,
+    read_block: BlockReader,
+    num_blocks: jax.Array | int,
+    max_blocks: int,
+    q_pos: jax.Array,
+    window_keys: int | None,
+    scale: float,
+    dv: int,
+) -> tuple:
+    """Softmax pieces over blocks 0 .. num_blocks-1 of a cache (an online softmax). `max_blocks` == 1: one pass
+    over block 0 (its invisible keys add nothing, so `num_blocks` need not be read)."""
+
+    def block_pieces(j):
+        keys, values, key_pos = read_block(j)
+        return _partial_softmax(qg, keys, values, q_pos, key_pos, window_keys, scale)
+
+    if max_blocks == 1:
+        return block_pieces(0)
     b, t, kv, g, _ = qg.shape
-
-    def body(j, carry):
-        piece = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
-        keys, values, key_pos = piece(k, 2), piece(v, 2), piece(k_pos, 1)
-        return _merge(carry, _partial_softmax(qg, keys, values, q_pos, key_pos, window_keys, scale))
-
+    body = lambda j, carry: _merge(carry, block_pieces(j))
     init = (
         jnp.full((b, kv, g, t), _MASKED, jnp.float32),
         jnp.zeros((b, kv, g, t), jnp.float32),
-        jnp.zeros((b, kv, g, t, v.shape[-1]), jnp.float32),
+        jnp.zeros((b, kv, g, t, dv), jnp.float32),
     )
     return jax.lax.fori_loop(0, num_blocks, body, init)
+
+
+def _slice_blocks(k: jax.Array, v: jax.Array, k_pos: jax.Array, block: int) -> BlockReader:
+    """Blocks of `block` consecutive slots of a contiguous cache (k/v [B, KV, S, D], k_pos [B, S])."""
+
+    def read(j):
+        piece = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
+        return piece(k, 2), piece(v, 2), piece(k_pos, 1)
+
+    return read
+
+
+def _page_blocks(cache: PagedKV, pages: int, dtype: jnp.dtype, num_q_heads: int) -> tuple[BlockReader, int]:
+    """(reader, number of blocks) over a paged cache in blocks of `pages` table entries (the table padded with -1
+    to whole blocks); each block's pages are gathered by id and laid out for q heads split over the tensor axis."""
+    table = cache.page_table
+    max_blocks = -(-cache.max_pages // pages)
+    table = jnp.pad(table, ((0, 0), (0, max_blocks * pages - cache.max_pages)), constant_values=-1)
+
+    def read(j):
+        ids = jax.lax.dynamic_slice_in_dim(table, j * pages, pages, axis=1)
+        keys, values = read_pages(cache.pool, ids, dtype)
+        keys, values = sharding.spread_kv_heads(keys, values, num_q_heads)
+        return keys, values, page_key_positions(ids, j * pages, cache.page_size)
+
+    return read, max_blocks
+
+
+def _finish(pieces: tuple, sink: jax.Array | None, q_shape: tuple, dtype: jnp.dtype) -> jax.Array:
+    """Online-softmax pieces [b, kv, g, t](, dv) (+ the sink) -> attention output [B, T, N, Dv]."""
+    row_max, denom, acc = pieces
+    b, kv, g, t = row_max.shape
+    if sink is not None:
+        sink_logit = sink.astype(jnp.float32).reshape(1, kv, g, 1)
+        row_max, denom, acc = _merge((row_max, denom, acc), (sink_logit, jnp.ones_like(denom), jnp.zeros_like(acc)))
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [b, kv, g, t, dv]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, q_shape[2], acc.shape[-1]).astype(dtype)
 
 
 def attention_blockwise(
@@ -202,14 +279,56 @@ def attention_blockwise(
     """
     b, t, n, d = q.shape
     kv = k.shape[1]
-    g = n // kv
-    qg = q.reshape(b, t, kv, g, d)
-    row_max, denom, acc = _blockwise_partial(qg, k, v, q_pos, k_pos, window_keys, scale, block, num_blocks)
-    if sink is not None:
-        sink_logit = sink.astype(jnp.float32).reshape(1, kv, g, 1)
-        row_max, denom, acc = _merge((row_max, denom, acc), (sink_logit, jnp.ones_like(denom), jnp.zeros_like(acc)))
-    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [b, kv, g, t, dv]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+    qg = q.reshape(b, t, kv, n // kv, d)
+    read = _slice_blocks(k, v, k_pos, block)
+    pieces = _online_softmax(qg, read, num_blocks, k.shape[2] // block, q_pos, window_keys, scale, v.shape[-1])
+    return _finish(pieces, sink, q.shape, q.dtype)
+
+
+def attention_paged(
+    q: jax.Array,
+    cache: PagedKV,
+    q_pos: jax.Array,
+    *,
+    window_keys: int | None,
+    sink: jax.Array | None,
+    scale: float,
+    impl: str = "xla",
+    chunk_kv: tuple[jax.Array, jax.Array] | None = None,
+    block_pages: int | None = None,
+) -> jax.Array:
+    """`attention` over a paged cache already holding this step's keys (`write_pages` first): q [B, T, N, D],
+    q_pos [B, T] -> [B, T, N, Dv], fp32 softmax, a row that sees no key gives zeros.
+
+    An online softmax over blocks of `block_pages` table entries (default `pages_per_block`), each gathered
+    by page id (FP8 dequantized after the gather), looping only over the blocks up to the batch's largest
+    query position: the cost follows the longest running row, not the table's length. Decode rows
+    (T = 1 .. k+1) and prefill chunks alike; `impl` "split" / "cudnn" with `chunk_kv` sends chunks of at
+    least SPLIT_MIN_QUERIES queries through `attention_chunk` with the pages before the chunk as its prefix.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+    if impl != "xla" and chunk_kv is not None and q.shape[1] >= SPLIT_MIN_QUERIES:
+        return attention_chunk(
+            q,
+            *chunk_kv,
+            q_pos,
+            cache,
+            window_keys=window_keys,
+            sink=sink,
+            scale=scale,
+            implementation="cudnn" if impl == "cudnn" else "xla",
+            prefix_block_pages=block_pages,
+        )
+    b, t, n, d = q.shape
+    pages = block_pages or pages_per_block(t, n, cache.page_size, cache.max_pages)
+    read, max_blocks = _page_blocks(cache, pages, q.dtype, n)
+    keys_per_block = pages * cache.page_size
+    num_blocks = jnp.clip(jnp.max(q_pos) // keys_per_block + 1, 1, max_blocks)  # blocks holding 0 .. max(q_pos)
+    kv = cache.pool.k.shape[1] * sharding.kv_head_repeat(cache.pool.k.shape[1], n)  # as the blocks are read
+    qg = q.reshape(b, t, kv, n // kv, d)
+    pieces = _online_softmax(qg, read, num_blocks, max_blocks, q_pos, window_keys, scale, cache.pool.v.shape[-1])
+    return _finish(pieces, sink, q.shape, q.dtype)
 
 
 def attention_chunk(
@@ -217,24 +336,26 @@ def attention_chunk(
     k_chunk: jax.Array,
     v_chunk: jax.Array,
     q_pos: jax.Array,
-    prefix: tuple[jax.Array, jax.Array, jax.Array] | None,
+    prefix: tuple[jax.Array, jax.Array, jax.Array] | PagedKV | None,
     *,
     window_keys: int | None,
     sink: jax.Array | None,
     scale: float,
     prefix_slot_is_position: bool = False,
     implementation: str = "xla",
+    prefix_block_pages: int | None = None,
 ) -> jax.Array:
     """Prefill attention of a chunk as two parts merged by their log-sum-exp.
 
     The chunk against its own keys (causal and windowed by index, which is by position: the real
     tokens sit at consecutive positions, padding only at the end) runs in
     `jax.nn.dot_product_attention` (`implementation="cudnn"`: flash attention on GPU). The chunk
-    against the keys before it, `prefix` = (k, v, positions) of a ring or a full-layer cache
-    (k/v [B, KV, S, D] as the cache stores them; keys at or past the chunk's first position are
-    ignored), runs in plain XLA, blockwise over a long full-layer cache. The chunk's own k/v come
-    [B, T, KV, D] as projected (cuDNN's BTNH layout). Same result as `attention` over both key sets. (cuDNN returns the
-    log-sum-exp in the activation dtype, so in bf16 the merge weights carry bf16 rounding.)
+    against the keys before it runs in plain XLA: `prefix` = (k, v, positions) of a ring or a full-layer
+    cache (k/v [B, KV, S, D] as the cache stores them), blockwise over a long full-layer cache, or a
+    `PagedKV` read in blocks of `prefix_block_pages` pages; keys at or past the chunk's first position are
+    ignored. The chunk's own k/v come [B, T, KV, D] as projected (cuDNN's BTNH layout). Same result as
+    `attention` over both key sets. (cuDNN returns the log-sum-exp in the activation dtype, so in bf16 the
+    merge weights carry bf16 rounding.)
     """
     b, t, n, d = q.shape
     dv = v_chunk.shape[-1]
@@ -254,20 +375,22 @@ def attention_chunk(
     )
     total = own_lse.astype(jnp.float32)  # [b, t, n]
     parts = [(own_out[..., :dv].astype(jnp.float32), total)]
-    if prefix is not None and prefix[0].shape[2]:
-        pk, pv, ppos = prefix
-        first = jnp.min(jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
-        before = jnp.where(ppos < first, ppos, -1)
+    blocks = _prefix_blocks(prefix, t, n, q.dtype, prefix_slot_is_position, prefix_block_pages)
+    if blocks is not None:
+        read, block, max_blocks = blocks
+        none = jnp.iinfo(jnp.int32).max
+        first = jnp.min(jnp.where(q_pos >= 0, q_pos, none), axis=1, keepdims=True)
+        latest_first = jnp.max(jnp.where(first < none, first, 0))  # a row of padding only needs no keys
+
+        def read_before(j):  # the keys before each row's chunk
+            keys, values, key_pos = read(j)
+            return keys, values, jnp.where(key_pos < first, key_pos, -1)
+
+        num_blocks = jnp.clip((latest_first + block - 1) // block, 0, max_blocks)
         qg = q.reshape(b, t, kv, g, d)
-        slots = pk.shape[2]
-        block = key_block_size(t, n, slots) if prefix_slot_is_position else None
-        if block is None:
-            row_max, denom, acc = _partial_softmax(qg, pk, pv, q_pos, before, window_keys, scale)
-        else:
-            num_blocks = jnp.clip((jnp.max(first) + block - 1) // block, 0, slots // block)
-            row_max, denom, acc = _blockwise_partial(qg, pk, pv, q_pos, before, window_keys, scale, block, num_blocks)
+        pieces = _online_softmax(qg, read_before, num_blocks, max_blocks, q_pos, window_keys, scale, dv)
         to_btn = lambda x: jnp.moveaxis(x, 3, 1).reshape((b, t, n) + x.shape[4:])
-        row_max, denom, acc = to_btn(row_max), to_btn(denom), to_btn(acc)
+        row_max, denom, acc = (to_btn(x) for x in pieces)
         prefix_lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
         total = jnp.logaddexp(total, prefix_lse)
         parts.append((acc, row_max))  # acc = out * exp(lse - row_max): weighted by exp(row_max - total)
@@ -275,3 +398,26 @@ def attention_chunk(
         total = jnp.logaddexp(total, sink.astype(jnp.float32)[None, None, :])
     out = sum(x * jnp.exp(log_scale - total)[..., None] for x, log_scale in parts)
     return out.astype(q.dtype)
+
+
+def _prefix_blocks(
+    prefix: tuple[jax.Array, jax.Array, jax.Array] | PagedKV | None,
+    queries: int,
+    heads: int,
+    dtype: jnp.dtype,
+    slot_is_position: bool,
+    block_pages: int | None,
+) -> tuple[BlockReader, int, int] | None:
+    """(reader, keys per block, number of blocks) of `attention_chunk`'s prefix, or None when it has no keys.
+    Blocks of a paged or full-layer prefix hold positions j*block .. (j+1)*block-1; a ring is one block."""
+    if isinstance(prefix, PagedKV):
+        pages = block_pages or pages_per_block(queries, heads, prefix.page_size, prefix.max_pages)
+        read, max_blocks = _page_blocks(prefix, pages, dtype, heads)
+        return read, pages * prefix.page_size, max_blocks
+    if prefix is None or not prefix[0].shape[2]:
+        return None
+    slots = prefix[0].shape[2]
+    block = key_block_size(queries, heads, slots) if slot_is_position else None
+    if block is None:
+        return (lambda j: prefix), slots, 1
+    return _slice_blocks(*prefix, block), block, slots // block

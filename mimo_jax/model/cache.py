@@ -1,6 +1,6 @@
-"""Per-layer KV cache: fixed slots for full-attention layers, a ring buffer for SWA layers.
+"""Per-layer KV cache: fixed slots or pages for full-attention layers, a ring buffer for SWA layers.
 
-Each cache stores the absolute position of every slot (-1 = empty), so attention masks are
+Each contiguous cache (`LayerKV`) stores the absolute position of every slot (-1 = empty), so attention masks are
 computed from positions. Full layers keep slot = position (capacity = max context); SWA
 layers keep slot = position % ring_size, where ring_size >= window_keys, so their memory
 does not grow with the sequence.
@@ -10,6 +10,11 @@ each head's slots are one contiguous [slots, head_dim] matrix, the layout the at
 read. (Stored [batch, slots, kv_heads, head_dim], TPU tiles the last two dims, so one KV head per
 chip was padded to a tile, and every decode step copied each full-attention layer's whole cache
 into the attention's layout; `tests/tools/test_aot.py` checks the compiled decode loop for that.)
+
+Paged full layers (`PagedKV`): one `PagePool` per full layer, pages of `page_size` positions shared by all
+sequences, and one page table [batch, max_pages] for all full layers: position p of row b lives in page
+page_table[b, p // page_size] at offset p % page_size. Key positions follow from the table (no stored
+positions): a key is there iff its page id is >= 0. Pools may store FP8 with one scale per token and head.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax.config import LayerSpec, MiMoConfig
-from mimo_jax.sharding import current_mesh, logical_to_spec
+from mimo_jax.sharding import constrain, current_mesh, logical_to_spec
 
 
 @jax.tree_util.register_dataclass
@@ -168,6 +173,193 @@ def write_slot(cache: list[LayerKV], rows: list[LayerKV], slot: jax.Array) -> li
         return LayerKV(k=put(c.k, r.k), v=put(c.v, r.v), pos=put(c.pos, r.pos), ring=c.ring)
 
     return [one(c, r) for c, r in zip(cache, rows, strict=True)]
+
+
+# ------------------------------------------------------------------ paged full-attention layers
+FP8_STORAGE = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8_STORAGE).max)  # 448: a token's largest |k| or |v| element maps here
+
+POOL_AXES = (None, "kv_heads", None, "head_dim")  # logical axes of PagePool.k / .v: pages not split
+SCALE_AXES = (None, "kv_heads", None)  # of PagePool.k_scale / .v_scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagePool:
+    """One full-attention layer's pages, shared by every sequence.
+
+    k [P, KV, page_size, D], v [P, KV, page_size, Dv] (already times the value scale) in the storage dtype.
+    FP8 pools also hold k_scale / v_scale [P, KV, page_size] float32, one per token and head (amax / 448,
+    set when written); other pools hold None there, so a pool's pytree is fixed by how it was made.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def fp8(self) -> bool:
+        return self.k_scale is not None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKV:
+    """What a paged full layer's attention reads and returns: its pool and the rows' page table.
+
+    page_table [B, max_pages] int32: row b's position p is in page page_table[b, p // page_size] at offset
+    p % page_size; -1 = no page (nothing visible there, writes dropped). The host writes every position
+    before a query at or after it reads it, and never lets a row write into a page another row reads.
+    """
+
+    pool: PagePool
+    page_table: jax.Array
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    @property
+    def max_pages(self) -> int:
+        return self.page_table.shape[1]
+
+
+def empty_page_pool(spec: LayerSpec, num_pages: int, page_size: int, dtype: jnp.dtype, fp8: bool = False) -> PagePool:
+    """A zeroed pool for one full layer: `dtype` storage, or FP8 (e4m3) values with float32 scales."""
+    if spec.sliding:
+        raise ValueError("paged caches are for full-attention layers; sliding-window layers keep rings")
+    if num_pages < 1 or page_size < 1:
+        raise ValueError(f"a page pool needs num_pages >= 1 and page_size >= 1, got {num_pages} and {page_size}")
+    shape, store = (num_pages, spec.num_kv_heads, page_size), FP8_STORAGE if fp8 else dtype
+    return PagePool(
+        k=jnp.zeros((*shape, spec.head_dim), store),
+        v=jnp.zeros((*shape, spec.v_head_dim), store),
+        k_scale=jnp.zeros(shape, jnp.float32) if fp8 else None,
+        v_scale=jnp.zeros(shape, jnp.float32) if fp8 else None,
+    )
+
+
+def empty_page_pools(
+    cfg: MiMoConfig, num_pages: int, page_size: int, dtype: jnp.dtype, fp8: bool = False
+) -> list[PagePool]:
+    """One pool per full-attention layer, in layer order."""
+    return [empty_page_pool(s, num_pages, page_size, dtype, fp8) for s in cfg.layers if not s.sliding]
+
+
+def page_bytes(cfg: MiMoConfig, page_size: int, dtype_bytes: int = 2, fp8: bool = False) -> int:
+    """Bytes of one page in every full-attention layer's pool together (FP8: values + float32 scales)."""
+    per_token = 0
+    for s in cfg.layers:
+        if not s.sliding:
+            per_token += kv_bytes_per_token(s, 1 if fp8 else dtype_bytes) + (2 * s.num_kv_heads * 4 if fp8 else 0)
+    return per_token * page_size
+
+
+def page_pool_shardings(pools: list[PagePool], mesh: jax.sharding.Mesh) -> list[PagePool]:
+    """NamedShardings for pools: kv heads on the tensor axis, the page axis whole (every row may use any page)."""
+
+    def named(x: jax.Array | None, axes: tuple) -> jax.sharding.NamedSharding | None:
+        if x is None:
+            return None
+        return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, tuple(x.shape), mesh))
+
+    return [
+        PagePool(
+            k=named(p.k, POOL_AXES),
+            v=named(p.v, POOL_AXES),
+            k_scale=named(p.k_scale, SCALE_AXES),
+            v_scale=named(p.v_scale, SCALE_AXES),
+        )
+        for p in pools
+    ]
+
+
+def paged_layer_caches(
+    cfg: MiMoConfig, pools: list[PagePool], page_table: jax.Array, rings: list[LayerKV]
+) -> list[LayerKV | PagedKV]:
+    """The per-layer caches `hidden_states` takes: each full layer its pool with the shared page table,
+    each SWA layer its ring (pools and rings in layer order)."""
+    full = sum(not s.sliding for s in cfg.layers)
+    if len(pools) != full or len(rings) != cfg.num_layers - full:
+        raise ValueError(
+            f"{len(pools)} pools and {len(rings)} rings for {full} full and {cfg.num_layers - full} SWA layers"
+        )
+    pools_left, rings_left = iter(pools), iter(rings)
+    return [PagedKV(next(pools_left), page_table) if not s.sliding else next(rings_left) for s in cfg.layers]
+
+
+def split_layer_caches(caches: list[LayerKV | PagedKV]) -> tuple[list[PagePool], list[LayerKV]]:
+    """Inverse of `paged_layer_caches`: (the full layers' pools, the SWA layers' rings), in layer order."""
+    pools = [c.pool for c in caches if isinstance(c, PagedKV)]
+    return pools, [c for c in caches if not isinstance(c, PagedKV)]
+
+
+def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (FP8 values [..., D], float32 scales [...]): one scale per vector, its amax / 448."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / FP8_MAX
+    values = xf / jnp.where(scale > 0, scale, 1.0)[..., None]  # an all-zero vector stays zero
+    return jnp.clip(values, -FP8_MAX, FP8_MAX).astype(FP8_STORAGE), scale
+
+
+def write_pages(cache: PagedKV, k: jax.Array, v: jax.Array, positions: jax.Array) -> PagedKV:
+    """Scatter new k/v [B, T, KV, D] into their pages (quantized in an FP8 pool); positions < 0 (padding),
+    past the table or in a page-less entry (-1) are dropped."""
+    pool, size = cache.pool, cache.page_size
+    index = positions // size
+    page = jnp.take_along_axis(cache.page_table, jnp.clip(index, 0, cache.max_pages - 1), axis=1)
+    valid = (positions >= 0) & (index < cache.max_pages) & (page >= 0)
+    page = jnp.where(valid, page, pool.num_pages)  # out of range -> dropped by the scatter
+    offset = positions % size
+    # Every batch shard holds the whole pool: each applies all rows' writes (the new tokens move, not pages).
+    k = constrain(k, (None, None, "kv_heads", None))
+    v = constrain(v, (None, None, "kv_heads", None))
+    page, offset = constrain(page, (None, None)), constrain(offset, (None, None))
+
+    def put(store: jax.Array, new: jax.Array) -> jax.Array:
+        # [page, :, offset] selects [B, T, KV, ...] (the indexed axes first): the new values as they are
+        return store.at[page, :, offset].set(new.astype(store.dtype), mode="drop")
+
+    if not pool.fp8:
+        return PagedKV(PagePool(k=put(pool.k, k), v=put(pool.v, v)), cache.page_table)
+    (k8, k_scale), (v8, v_scale) = quantize_fp8(k), quantize_fp8(v)
+    new_pool = PagePool(
+        k=put(pool.k, k8), v=put(pool.v, v8), k_scale=put(pool.k_scale, k_scale), v_scale=put(pool.v_scale, v_scale)
+    )
+    return PagedKV(new_pool, cache.page_table)
+
+
+def read_pages(pool: PagePool, page_ids: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """The keys and values of pages [B, G] (ids < 0 read page 0: the caller masks them) as [B, KV, G*page_size, D]
+    in `dtype`, FP8 dequantized after the gather (only the pages read are widened)."""
+    safe = jnp.clip(page_ids, 0, pool.num_pages - 1)
+    b, g = page_ids.shape
+
+    def gather(store: jax.Array, scale: jax.Array | None) -> jax.Array:
+        x = jnp.take(store, safe, axis=0, mode="clip").astype(dtype)  # [B, G, KV, page_size, D]
+        if scale is not None:
+            x = x * jnp.take(scale, safe, axis=0, mode="clip").astype(dtype)[..., None]
+        x = jnp.moveaxis(x, 2, 1).reshape(b, x.shape[2], g * pool.page_size, x.shape[-1])
+        return constrain(x, CACHE_AXES)
+
+    return gather(pool.k, pool.k_scale), gather(pool.v, pool.v_scale)
+
+
+def page_key_positions(page_ids: jax.Array, first_page: jax.Array | int, page_size: int) -> jax.Array:
+    """Positions [B, G*page_size] of the keys of table entries first_page .. first_page+G-1 (ids [B, G]); -1 where
+    an entry has no page."""
+    b, g = page_ids.shape
+    pos = (first_page + jnp.arange(g, dtype=jnp.int32))[:, None] * page_size + jnp.arange(page_size, dtype=jnp.int32)
+    return jnp.where(page_ids[:, :, None] >= 0, pos[None], -1).reshape(b, g * page_size)
 
 
 # ------------------------------------------------------------------ memory planning

@@ -18,12 +18,13 @@ from jax.sharding import PartitionSpec
 from mimo_jax import kernels, quant, sharding
 from mimo_jax.config import LayerSpec, MiMoConfig, RunOptions
 from mimo_jax.model import moe
-from mimo_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, rope_cos_sin
-from mimo_jax.model.cache import LayerKV, heads_major, update_and_read
+from mimo_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, attention_paged, rope_cos_sin
+from mimo_jax.model.cache import LayerKV, PagedKV, heads_major, update_and_read, write_pages
 from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
+LayerCache = LayerKV | PagedKV  # a layer's cache: contiguous slots or a ring (LayerKV), or pages (full layers)
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], init: str = "normal"):
@@ -68,33 +69,35 @@ class Attention(nnx.Module):
         self.impl = impl  # see mimo_jax.model.attention.ATTENTION_IMPLS
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
-    ) -> tuple[jax.Array, LayerKV | None]:
+        self, x: jax.Array, positions: jax.Array, kv_cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
         spec = self.spec
         q = quant.project(x, self.q_proj)
         k = quant.project(x, self.k_proj)
         v = quant.project(x, self.v_proj) * jnp.asarray(self.value_scale, x.dtype)
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is None:
-            keys, values, key_pos = heads_major(k), heads_major(v), positions
-        else:
-            keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
-        keys, values = sharding.spread_kv_heads(keys, values, spec.num_heads)
         chunk_kv = sharding.spread_kv_heads(k, v, spec.num_heads, heads_axis=2) if self.impl != "xla" else None
-        out = attention(
-            q,
-            keys,
-            values,
-            positions,
-            key_pos,
+        common = dict(
             window_keys=spec.window_keys,
             sink=None if self.sink is None else self.sink[...],
             scale=spec.head_dim**-0.5,
-            slot_is_position=kv_cache is not None and not kv_cache.ring,
             impl=self.impl,
             chunk_kv=chunk_kv,
         )
+        if isinstance(kv_cache, PagedKV):
+            if spec.sliding:
+                raise ValueError("a sliding-window layer got a paged cache: SWA layers keep rings (LayerKV)")
+            kv_cache = write_pages(kv_cache, k, v, positions)
+            out = attention_paged(q, kv_cache, positions, **common)
+        else:
+            if kv_cache is None:
+                keys, values, key_pos = heads_major(k), heads_major(v), positions
+            else:
+                keys, values, key_pos, kv_cache = update_and_read(kv_cache, k, v, positions)
+            keys, values = sharding.spread_kv_heads(keys, values, spec.num_heads)
+            full_slots = kv_cache is not None and not kv_cache.ring
+            out = attention(q, keys, values, positions, key_pos, slot_is_position=full_slots, **common)
         return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj, after=out)), kv_cache
 
 
@@ -239,8 +242,8 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: LayerKV | None
-    ) -> tuple[jax.Array, LayerKV | None]:
+        self, x: jax.Array, positions: jax.Array, kv_cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -310,9 +313,12 @@ class MiMoModel(nnx.Module):
         return jnp.take(weight(self.embed_tokens, after=token_ids), token_ids, axis=0)
 
     def hidden_states(
-        self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerKV] | None = None
-    ) -> tuple[jax.Array, list[LayerKV] | None]:
-        """Residual stream after the last layer (before the final norm) [B, T, H], and the new cache."""
+        self, token_ids: jax.Array, positions: jax.Array, cache: list[LayerCache] | None = None
+    ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """Residual stream after the last layer (before the final norm) [B, T, H], and the new cache.
+
+        `cache`: one per layer, a LayerKV (contiguous slots or an SWA ring) or, for a full layer, a PagedKV
+        (`cache.paged_layer_caches` builds that list from pools, a page table and rings)."""
         if sharding.current_mesh() is None:
             sharding.require_active_mesh(self.embed_tokens.get_value(), "the model's parameters")
         x = sharding.constrain(self.embed(token_ids), _HIDDEN_AXES)
@@ -352,8 +358,8 @@ class MiMoModel(nnx.Module):
         return h, self.logits(h, layer.final_layernorm), kv_cache
 
     def __call__(
-        self, token_ids: jax.Array, positions: jax.Array | None = None, cache: list[LayerKV] | None = None
-    ) -> tuple[jax.Array, list[LayerKV] | None]:
+        self, token_ids: jax.Array, positions: jax.Array | None = None, cache: list[LayerCache] | None = None
+    ) -> tuple[jax.Array, list[LayerCache] | None]:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1], dtype=jnp.int32), token_ids.shape)
         hidden, cache = self.hidden_states(token_ids, positions, cache)

@@ -26,10 +26,11 @@ import uvicorn
 
 from mimo_jax.config import RunOptions
 from mimo_jax.engine.driver import BroadcastChannel, Driver
-from mimo_jax.engine.host import Engine
+from mimo_jax.engine.host import Engine, kv_cache_budget
+from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
 from mimo_jax.grammar import COMPACT_JSON_WHITESPACE, PRETTY_JSON_WHITESPACE, GrammarFactory
 from mimo_jax.lm import LanguageModel, load_model
-from mimo_jax.model.cache import kv_plan
+from mimo_jax.model.cache import page_bytes
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.serve.app import create_app, host_name
 from mimo_jax.serve.lifecycle import DrainingServer
@@ -104,7 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert implementation (default: the Pallas kernel on GPU, ragged_dot elsewhere)",
     )
     p.add_argument("--max-batch", type=int, default=32, help="engine slots: sequences decoded together")
-    p.add_argument("--max-context", type=int, help="tokens per sequence, prompt + output (default: min(model, 8192))")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="tokens per sequence, prompt + output (default: the model's context); reserves nothing per slot",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        help="GB for the full-attention layers' KV pages, all devices together (default: --memory-fraction of "
+        "the accelerator's memory left after the weights; on CPU, room for --max-batch sequences of "
+        "min(--max-context, 8192) tokens)",
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="share of each accelerator's memory the server may fill, weights included, when sizing the KV pages",
+    )
+    p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="tokens per KV page")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8_e4m3"],
+        help="full-attention KV pages in the model's dtype (auto) or FP8 e4m3 with a scale per token and head",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not reuse the KV pages (and ring snapshots) of earlier prompts' prefixes",
+    )
     p.add_argument(
         "--prefill-chunk", type=int, default=512, help="largest prefill chunk (compiled in power-of-2 sizes)"
     )
@@ -134,13 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("max_batch", "prefill_chunk", "round_tokens", "max_waiting"):
+    for name in ("max_batch", "prefill_chunk", "round_tokens", "max_waiting", "page_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_context is not None and args.max_context < 2:
         p.error("--max-context must be at least 2")
     if args.speculative_steps < 0 or args.max_logprobs < 0 or args.max_stop_token_ids < 0:
         p.error("--speculative-steps, --max-logprobs and --max-stop-token-ids must be >= 0")
+    if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
+        p.error("--kv-cache-memory must be > 0 (GB)")
+    if not 0 < args.memory_fraction <= 1:
+        p.error("--memory-fraction must lie in (0, 1]")
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port}: expected 0..65535")
     if args.drain_timeout < 0:
@@ -191,25 +225,29 @@ def _tree_bytes(tree) -> int:
 
 
 def _log_memory_plan(lm, engine, max_context: int) -> None:
-    cfg = lm.config
     params = _tree_bytes(lm.params)
-    cache = _tree_bytes(engine.cache)
+    pages = _tree_bytes(engine.cache.pools)
+    rings = _tree_bytes(engine.cache.rings)
+    snapshots = _tree_bytes(engine.snapshots)
     state = _tree_bytes(engine.state)
-    plan = kv_plan(cfg, max_context, dtype_bytes=jax.numpy.dtype(lm.dtype).itemsize)
+    tokens = engine.pages.num_pages * engine.page_size
     devices = jax.devices()
     log.info(
-        "memory plan: weights %s; KV cache %s (%d slots x %d tokens, %s per sequence: %d full + %d SWA layers,"
-        " %.1fx below all-full attention); slot state %s; total %s over %d %s device(s)",
+        "memory plan: weights %s; KV pages %s (%d pages of %d tokens = %d tokens, %.1f sequences of %d; prefix "
+        "cache %s); SWA/MTP rings %s (%d slots); ring snapshots %s; slot state %s; total %s over %d %s device(s)",
         _size(params),
-        _size(cache),
-        engine.max_batch,
+        _size(pages),
+        engine.pages.num_pages,
+        engine.page_size,
+        tokens,
+        tokens / max_context,
         max_context,
-        _size(plan.total_bytes),
-        plan.full_layers,
-        plan.swa_layers,
-        plan.saving,
+        "on" if engine.pages.prefix_cache else "off",
+        _size(rings),
+        engine.max_batch,
+        _size(snapshots),
         _size(state),
-        _size(params + cache + state),
+        _size(params + pages + rings + snapshots + state),
         len(devices),
         devices[0].platform,
     )
@@ -287,6 +325,8 @@ def _grammar(args: argparse.Namespace, tokenizer, vocab_size: int, eos: tuple[in
 
 
 def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, grammar=None):
+    fp8 = args.kv_cache_dtype == "fp8_e4m3"
+    budget = kv_cache_budget(lm, args.kv_cache_memory, args.memory_fraction, args.max_batch, min(max_context, 8192))
     kwargs = dict(
         max_batch=args.max_batch,
         max_context=max_context,
@@ -294,6 +334,10 @@ def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, gramma
         max_round_tokens=args.round_tokens,
         max_stop_ids=num_eos + args.max_stop_token_ids,
         max_top_logprobs=args.max_logprobs,
+        num_pages=max(1, budget // page_bytes(lm.config, args.page_size, jnp.dtype(lm.dtype).itemsize, fp8)),
+        page_size=args.page_size,
+        prefix_cache=not args.no_prefix_cache,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     if args.speculative_steps:
         kwargs["speculative_steps"] = args.speculative_steps
@@ -317,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     lm, tokenizer, template, model_name, directory, generation = _load(args)
     eos = tuple(sorted(set(lm.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
-    max_context = min(args.max_context or min(lm.config.context_len, 8192), lm.config.context_len)
+    max_context = min(args.max_context or lm.config.context_len, lm.config.context_len)
     if args.max_context and args.max_context > max_context:
         log.warning(
             "--max-context %d is past the model's context of %d tokens; using %d",

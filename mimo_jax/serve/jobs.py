@@ -160,6 +160,7 @@ class Job:
             for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True))
         ]
         self.prompt_tokens = 0
+        self.cached_tokens = [0] * len(self.sequences)  # per sequence: prompt tokens the prefix cache served
 
     def submit(self) -> None:
         self.server.scheduler.submit(self.sequences)
@@ -181,6 +182,8 @@ class Job:
                         c.fail()
                 self.cancel_unfinished_after_failure(i)
                 raise event.error
+            if event.cached_tokens is not None:
+                self.cached_tokens[i] = event.cached_tokens
             try:
                 piece = choice.on_tokens(event)
             except Exception as e:  # a bug in detokenizing/parsing: end the job, free its slots
@@ -206,9 +209,16 @@ class Job:
         self.server.scheduler.cancel(ids)
 
     def usage(self) -> P.Usage:
+        """Token counts; `prompt_tokens_details.cached_tokens` (OpenAI's field): the prompt tokens the prefix cache
+        served, in the proportion the job's sequences had them (exact with one sequence per prompt)."""
         completion = sum(c.completion_tokens for c in self.choices)
+        sequence_prompts = sum(len(s.prompt_ids) for s in self.sequences) or 1
+        cached = round(sum(self.cached_tokens) * self.prompt_tokens / sequence_prompts)
         return P.Usage(
-            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached),
         )
 
 

@@ -22,6 +22,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from mimo_jax.engine.pages import PageStats
+
 log = logging.getLogger("mimo_jax.serve")
 
 PREFIX = "mimo:"
@@ -123,15 +125,18 @@ class Metrics:
             ["position"],
         )
         self.spec_accepted_per_pos = [per_pos.labels(model_name, str(j)) for j in range(speculative_steps)]
+        self.kv_usage = one(Gauge, "kv_cache_usage_perc", "Fraction of the full layers' KV pages held by sequences.")
+        self.preemptions = one(Counter, "num_preemptions", "Sequences preempted for KV pages (recomputed later).")
+        self.prefix_queries = one(Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = one(Counter, "prefix_cache_hits", "Prompt tokens served by the prefix cache.")
+        self._engine_counts = (0, 0, 0)  # preemptions, prefix queries, prefix hits last seen (counters take deltas)
 
         # ---- ours (no vLLM equivalent)
         one(Gauge, "max_batch", "Batch slots.").set(max_batch)
-        self.kv_usage = one(
-            Gauge,
-            "kv_cache_usage_ratio",
-            "Fraction of the KV cache's token positions in use (running sequences' lengths / slots x context).",
-        )
         self.kv_tokens = one(Gauge, "kv_cache_tokens_used", "Token positions held by running sequences.")
+        self.kv_pages_cached = one(
+            Gauge, "kv_cache_pages_cached", "Unreferenced KV pages kept for the prefix cache (evictable)."
+        )
         one(
             Gauge, "generation_tokens_per_second", f"Generated tokens/s over the last {THROUGHPUT_WINDOW_S:g} s."
         ).set_function(self.tokens_per_second)
@@ -163,8 +168,17 @@ class Metrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_tokens.set(kv_tokens_used)
-        capacity = self.max_batch * self.max_context
-        self.kv_usage.set(kv_tokens_used / capacity if capacity else 0.0)
+
+    def set_kv(self, stats: PageStats, preemptions: int) -> None:
+        """The engine's page pool (`mimo_jax.engine.pages.PageStats`) and preemption count after a round."""
+        self.kv_usage.set(stats.usage)
+        self.kv_pages_cached.set(stats.cached)
+        last = self._engine_counts
+        self._engine_counts = (preemptions, stats.queries, stats.hits)
+        counters = (self.preemptions, self.prefix_queries, self.prefix_hits)
+        for counter, new, old in zip(counters, self._engine_counts, last, strict=True):
+            if new > old:
+                counter.inc(new - old)
 
     def on_tokens(self, count: int, now: float) -> None:
         self.generation_tokens.inc(count)

@@ -380,7 +380,10 @@ class _Response:
             output = choice.completion_tokens
             usage = {
                 "input_tokens": self.job.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {
+                    "cached_tokens": self.job.usage().prompt_tokens_details.cached_tokens,
+                    "cache_write_tokens": 0,
+                },
                 "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(self.server, choice)},
                 "total_tokens": self.job.prompt_tokens + output,

@@ -58,6 +58,7 @@ class Tokens:
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     # with MTP speculation: the drafts each target forward that made these tokens accepted (0..k)
     accepted: list[int] | None = None
+    cached_tokens: int | None = None  # in the first event: prompt tokens the prefix cache served
 
 
 @dataclasses.dataclass
@@ -187,9 +188,11 @@ class Scheduler:
     # ------------------------------------------------------------------ lifecycle
     def warmup(self) -> None:
         """Compile every shape and loop the server will run before serving: each prefill bucket, plain and
-        scoring the prompt, admit, the decode loop (with speculation its greedy and its sampled loop), cancel;
+        scoring the prompt, admit, the decode loop for every round size (with speculation its greedy and its
+        sampled loop), the prefix cache's ring snapshot and restore, cancel;
         with the engine's `overlap` as it will serve (its reads copy the finish reasons). Constrained rounds run
-        the same decode loop (one iteration, a mask in place of the all-allowing one).
+        the same decode loop (one iteration, a mask in place of the all-allowing one); with speculation they
+        run a plain loop of their own, warmed up for every round size too when the engine takes constraints.
 
         Deterministic, so on a multi-host run every process runs it itself.
         """
@@ -215,6 +218,32 @@ class Scheduler:
                 driver.run(plan)
                 while engine.has_work():
                     driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+        # Every decode round size (a bucket of running slots), greedy and (with speculation) sampled.
+        steps = getattr(engine, "steps", None)
+        loops = [options, sampled] if getattr(engine, "speculative_steps", 0) else [options]
+        if getattr(engine, "speculative_steps", 0) and getattr(engine, "constraint_factory", None) is not None:
+            # the constrained rows' plain loop; a thinking block allows every token, so no request ends before
+            # its constrained rounds whatever the model says (a JSON object could close with one token)
+            constrained = {"json_object": True, "thinking": "inside"}
+            loops.append(dataclasses.replace(options, constraint=constrained))
+        for size in steps.decode_buckets if steps is not None else ():
+            for opts in loops:
+                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
+                for i in range(size):
+                    plan.add_request(f"warmup-rows-{size}-{i}", [0], dataclasses.replace(opts, max_new_tokens=3))
+                driver.run(plan)
+                while engine.has_work():
+                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+        pages = getattr(engine, "pages", None)
+        if pages is not None and pages.prefix_cache:  # a ring snapshot taken, then restored; then forgotten
+            prompt = [0] * min(2 * engine.page_size + 2, engine.max_context - 3)
+            for i in range(2):
+                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
+                plan.add_request(f"warmup-prefix-{i}", prompt, options)
+                driver.run(plan)
+                while engine.has_work():
+                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+            pages.reset_prefix_cache()
         plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
         plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
         driver.run(plan)
@@ -299,9 +328,9 @@ class Scheduler:
                 self.metrics.on_prompt(len(seq.prompt_ids))
                 free -= 1
             plan.step = bool(self._running)
-            # A decode round costs the same for every slot, busy or not: while fewer than half the slots
-            # are decoding, prefill everything admitted before decoding (as offline generate does); else
-            # at most prefill_tokens per round, which bounds the pause the running requests see.
+            # While fewer than half the slots are decoding, prefill everything admitted before decoding (as
+            # offline generate does: the decode rounds are small then, and a wave of arrivals starts sooner);
+            # else at most prefill_tokens per round, which bounds the pause the running requests see.
             decoding = sum(s.first_token_at is not None for s in self._running.values())
             if decoding < self.engine.max_batch / 2:
                 plan.prefill_tokens = 1 << 30
@@ -340,6 +369,7 @@ class Scheduler:
                 seq.generated += n
             reason = out.finish_reason if out.finished else None
             event = Tokens(out.token_ids, out.logprobs, out.top_logprobs, reason, accepted=accepted or None)
+            event.cached_tokens = getattr(out, "cached_tokens", None)
             if getattr(out, "prompt_logprobs", None) is not None:
                 event.prompt_logprobs, event.prompt_ranks = out.prompt_logprobs, out.prompt_ranks
                 event.prompt_top_logprobs = out.prompt_top_logprobs
@@ -362,6 +392,9 @@ class Scheduler:
                 self._running.pop(rid, None)
             kv_used = sum(len(s.prompt_ids) + s.generated for s in self._running.values())
             self.metrics.set_batch(len(self._running), len(self._waiting), kv_used)
+        pages = getattr(self.engine, "pages", None)  # test stand-ins have no page pool
+        if pages is not None:
+            self.metrics.set_kv(pages.stats(), self.engine.num_preemptions)
         if deliveries:
             self.dispatch(deliveries)
         return True

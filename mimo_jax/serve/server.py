@@ -209,13 +209,6 @@ class Server:
                 param,
                 "unsupported_value",
             )
-        if getattr(self.scheduler.engine, "speculative_steps", 0):
-            raise P.invalid(
-                f"'{param}' needs constrained decoding, which the engine does not do with speculative decoding "
-                "(this server runs with --speculative-steps)",
-                param,
-                "unsupported_value",
-            )
         if thinking is not None:
             spec = {**spec, "thinking": thinking}
         try:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig, RunOptions
+from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, max_pages
 from mimo_jax.engine.steps import JitUnderMesh, build_steps
 from mimo_jax.model.mimo import relayout_experts
 from mimo_jax.sharding import logical_to_spec, make_mesh, parse_mesh_arg
@@ -226,7 +227,9 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_laye
     """The memory planner's bytes per chip (`mimo_jax.tools.plan`): parameters, KV cache (with `mtp_layers`
     MTP layers' weights and caches) and the FP8 weights dequantized at once.
 
-    Cache rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
+    The KV cache is the engine's default: a page pool per full layer with `batch` slots' worth of pages for
+    `context` tokens (kv heads split over the tensor axis, the pages whole on every chip), and per-slot rings,
+    whose rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
 
     sizes = dict(mesh.shape)
@@ -234,9 +237,11 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_laye
     batch_axes = logical_to_spec(("batch",), (batch,), mesh)[0] or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     rows_per_chip = batch // math.prod(sizes[a] for a in batch_axes)
+    pool_tokens = batch * max_pages(context, DEFAULT_PAGE_SIZE, mtp_layers) * DEFAULT_PAGE_SIZE
+    rings = kv.swa_bytes_per_token * min(context, kv.swa_slots)
     return {
         "params": plan.param_bytes_per_device(cfg, sizes, weights, mtp_layers=mtp_layers),
-        "kv_cache": rows_per_chip * kv.bytes_per_sequence(context),
+        "kv_cache": kv.full_bytes_per_token * pool_tokens + rows_per_chip * rings,
         "dequantized": plan.dequantized_working_set_per_device(cfg, sizes, weights, mtp_layers=mtp_layers),
     }
 

@@ -31,10 +31,12 @@ from mimo_jax import sharding
 from mimo_jax.config import MiMoConfig, RunOptions
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingParams
+from mimo_jax.engine.state import KVCache
+from mimo_jax.engine.steps import layer_caches
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import moe
 from mimo_jax.model.attention import ATTENTION_IMPLS
-from mimo_jax.model.cache import LayerKV, empty_layer_kv, kv_bytes_per_token
+from mimo_jax.model.cache import LayerKV, PagePool, empty_layer_kv, kv_bytes_per_token
 from mimo_jax.model.mimo import MiMoModel, MoE, relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.sharding import make_mesh, parse_mesh_arg
@@ -140,15 +142,31 @@ def prefill_flops(cfg: MiMoConfig, prompt_len: int) -> float:
 
 
 # ------------------------------------------------------------------ cache filling (decode at a given context)
+def bench_page_tables(engine: Engine) -> jax.Array:
+    """Page tables [max_batch, max_pages] giving slot b the pages b * max_pages .. (b+1) * max_pages - 1 (the
+    engine's default pool holds exactly that many): the decode benchmark's slots, as if each held a request."""
+    m = engine.steps.max_pages
+    if engine.steps.num_pages < engine.max_batch * m:
+        raise ValueError("the decode benchmark needs the default pool (max_batch x max_pages pages)")
+    return jnp.arange(engine.max_batch * m, dtype=jnp.int32).reshape(engine.max_batch, m)
+
+
 def fill_as_if_prefilled(engine: Engine, context: int, seed: int = 0) -> None:
-    """Make every slot look as if a `context`-token prompt had been prefilled (random keys/values) and start
-    decoding greedily with no stop token: what a decode step reads is then exactly that of a real request."""
+    """Make every slot look as if a `context`-token prompt had been prefilled (random keys/values in its pages
+    of `bench_page_tables` and its rings) and start decoding greedily with no stop token: what a decode step
+    reads is then exactly that of a real request."""
     b = engine.max_batch
 
-    def fill(cache: list[LayerKV], state):
+    def fill(cache: KVCache, state):
         key = jax.random.key(seed)
+        pools = []
+        for pool in cache.pools:
+            key, k1, k2 = jax.random.split(key, 3)
+            noise = lambda k, x: jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+            scale = lambda x: None if x is None else jnp.full(x.shape, 1 / 448, x.dtype)  # FP8: values near 1
+            pools.append(PagePool(noise(k1, pool.k), noise(k2, pool.v), scale(pool.k_scale), scale(pool.v_scale)))
         out = []
-        for layer in cache:
+        for layer in cache.rings:
             slots = layer.slots
             s = jnp.arange(slots, dtype=jnp.int32)
             if layer.ring:  # ring slot s holds the latest position p <= context-1 with p % slots == s
@@ -175,7 +193,7 @@ def fill_as_if_prefilled(engine: Engine, context: int, seed: int = 0) -> None:
             max_new_tokens=ones * (2**30),
             sampling=SamplingParams.make(b, max_logit_bias=engine.max_logit_bias),
         )
-        return out, state
+        return KVCache(pools, out), state
 
     shardings = jax.tree.map(lambda x: x.sharding, (engine.cache, engine.state))
     engine.cache, engine.state = jax.jit(fill, donate_argnums=(0, 1), out_shardings=shardings)(
@@ -206,9 +224,11 @@ def run_decode(
     engine = Engine(lm, max_batch=batch, max_context=max_context, max_round_tokens=steps, prefill_chunk=16)
     fill_as_if_prefilled(engine, context)
     n = jnp.int32(steps)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    tables = bench_page_tables(engine)
 
     def decode_round():
-        args = (engine.params, engine.cache, engine.state, n, engine.allow_all)
+        args = (engine.params, engine.cache, engine.state, rows, tables, n, engine.allow_all(batch))
         engine.cache, engine.state, out = engine.decode_fn(*args)
         return out
 
@@ -246,12 +266,13 @@ def measure_experts_touched(engine: Engine) -> float:
     """Mean distinct experts per MoE layer that the engine's next decode step routes its batch to."""
     graphdef = engine.lm.graphdef
 
-    def count(params, cache, state) -> jax.Array:
+    def count(params, cache, state, tables) -> jax.Array:
         model = nnx.merge(graphdef, params)
         x = model.embed(state.tokens[:, None])
         positions = jnp.where(state.active, state.positions, -1)[:, None]
         counts = []
-        for layer, kv in zip(model.layers, cache, strict=True):  # DecoderLayer's steps, routing made visible
+        layers = layer_caches(model, cache, cache.rings, tables)
+        for layer, kv in zip(model.layers, layers, strict=False):  # DecoderLayer's steps, routing made visible
             attn_out, _ = layer.self_attn(layer.input_layernorm(x), positions, kv)
             x = x + attn_out
             y = layer.post_attention_layernorm(x)
@@ -273,7 +294,8 @@ def measure_experts_touched(engine: Engine) -> float:
 
     try:
         with engine.lm.mesh_context():
-            return float(np.mean(jax.jit(count)(engine.params, engine.cache, engine.state)))
+            tables = bench_page_tables(engine)
+            return float(np.mean(jax.jit(count)(engine.params, engine.cache, engine.state, tables)))
     except Exception as e:  # a side measurement: the step's timing must survive it (e.g. out of memory)
         print(f"#   experts-touched count failed ({type(e).__name__}: {str(e)[:200]}); uniform-routing estimate used")
         return None
@@ -283,6 +305,8 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int, profi
     engine = Engine(lm, max_batch=1, max_context=prompt_len + 1, prefill_chunk=chunk)
     tokens = np.random.RandomState(0).randint(0, lm.config.vocab_size, prompt_len).astype(np.int32)
 
+    pages = bench_page_tables(engine)[0]
+
     def once() -> jax.Array:
         hidden = jnp.asarray(engine.empty_history())
         for start in range(0, prompt_len, chunk):
@@ -290,7 +314,7 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int, profi
             bucket = next(b for b in engine.buckets if b >= length)
             padded = engine.prefill_tokens(tokens, start, length, bucket)
             engine.cache, hidden = engine.prefill_fn(
-                engine.params, engine.cache, jnp.int32(0), padded, jnp.int32(start), jnp.int32(length), hidden
+                engine.params, engine.cache, jnp.int32(0), pages, padded, jnp.int32(start), jnp.int32(length), hidden
             )
         return jax.block_until_ready(hidden)
 

@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from mimo_jax.config import MiMoConfig
-from mimo_jax.model.cache import kv_bytes_per_token, kv_plan
+from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
+from mimo_jax.model.cache import kv_bytes_per_token, kv_plan, page_bytes
 from mimo_jax.quant import scale_shape
 from mimo_jax.sharding import MESH_AXES, logical_to_spec, parse_mesh_arg
 from mimo_jax.weights.loader import abstract_model, quantization_block
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mtp", action="store_true", help="include the MTP layers (weights and KV)")
     ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (2: bf16)")
     ap.add_argument("--extra-ring-slots", type=int, default=0, help="SWA ring slots beyond the window (drafts)")
+    ap.add_argument(
+        "--kv-cache-gb", type=float, default=None, help="the engine's KV page budget (--kv-cache-memory), all devices"
+    )
+    ap.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="tokens per KV page")
     args = ap.parse_args(argv)
 
     cfg = MiMoConfig.from_json(args.config)
@@ -196,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     seqs = -(-args.batch // data)  # sequences per device along the data axis
     kv_bytes = seqs * kv.bytes_per_sequence(context)
     print(f"KV per device for batch {args.batch} x {context:,} tokens: {_gb(kv_bytes)}")
+    page = page_bytes(cfg, args.page_size, args.kv_bytes)
+    if args.kv_cache_gb is not None:  # the engine's pool: pages of every full layer, sized by the budget
+        pages = int(args.kv_cache_gb * 1e9) // page
+        tokens = pages * args.page_size
+        print(
+            f"KV pages for {args.kv_cache_gb:g} GB: {pages:,} pages of {args.page_size} tokens ({page:,} B each, all "
+            f"full layers) = {tokens:,} tokens: {tokens / context:.1f} sequences of {context:,}, or any mix of that "
+            f"many tokens (SWA rings: {_gb(kv_plan(cfg, context, args.kv_bytes).swa_bytes)} per slot besides)"
+        )
     if args.hbm_gb is not None:
         hbm = args.hbm_gb * 1e9
         for weights in ("bf16", "fp8"):

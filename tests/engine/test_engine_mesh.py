@@ -22,8 +22,9 @@ def test_sharded_engine_equals_single_device():
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [4, 6], [50, 1, 2], [7] * 5]
     kwargs = dict(max_new_tokens=10, temperature=0.8, seed=3)
     engine = Engine(sharded, max_batch=4, max_context=24, prefill_chunk=4, max_round_tokens=10)
-    # batch 4 on data x expert (data-parallel attention), kv heads on tensor
-    assert tuple(engine.cache[1].k.sharding.spec) == (("data", "expert"), "tensor", None, None)
+    # rings: batch 4 on data x expert (data-parallel attention), kv heads on tensor; pools: pages whole everywhere
+    assert tuple(engine.cache.rings[0].k.sharding.spec) == (("data", "expert"), "tensor", None, None)
+    assert engine.cache.pools[0].k.sharding.spec[0] is None
     want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
     got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
@@ -50,8 +51,9 @@ def test_steps_compile_once_whatever_the_parameter_layout():
             )
     engine = Engine(mimo_jax.LanguageModel(model), max_batch=2, max_context=40, prefill_chunk=8, max_round_tokens=2)
     mimo_jax.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9, engine=engine)
-    for fn in (engine.prefill_fn, engine.admit_fn, engine.decode_fn):
+    for fn in (engine.prefill_fn, engine.admit_fn):
         assert fn._cache_size() == 1
+    assert engine.decode_fn._cache_size() <= len(engine.steps.decode_buckets)  # one program per round size
 
 
 def test_fp8_weights_are_dequantized_inside_the_decode_loop():
@@ -69,8 +71,8 @@ def test_fp8_weights_are_dequantized_inside_the_decode_loop():
 
 
 def test_prefill_reads_only_the_owner_shard_of_a_batch_split_cache():
-    """Prefill reads one slot's cache row: on a mesh that splits the batch (data x expert) only that
-    row may cross devices, never a whole layer cache (a plain dynamic_slice all-gathers it)."""
+    """Prefill reads one slot's ring row: on a mesh that splits the batch (data x expert) only that
+    row may cross devices, never a whole layer's rings or pool (a plain dynamic_slice all-gathers them)."""
     import re
 
     cfg = MiMoConfig.from_dict(TINY)
@@ -78,10 +80,32 @@ def test_prefill_reads_only_the_owner_shard_of_a_batch_split_cache():
     mesh = make_mesh(data=2, tensor=2, expert=2)
     lm = mimo_jax.LanguageModel(model, mesh=mesh)
     engine = Engine(lm, max_batch=8, max_context=64, prefill_chunk=8, max_round_tokens=2)
-    assert engine.cache[0].k.sharding.spec[0] == ("data", "expert")
+    assert engine.cache.rings[0].k.sharding.spec[0] == ("data", "expert")
     hlo = engine.prefill_fn.lower(*engine.abstract_prefill_args(8)).compile().as_text()  # under the mesh
     gathered = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", hlo)
-    whole = {f"{x.dtype}[{','.join(map(str, x.shape))}]" for c in engine.cache for x in (c.k, c.v, c.pos)}
+    whole = {f"{x.dtype}[{','.join(map(str, x.shape))}]" for c in engine.cache.rings for x in (c.k, c.v, c.pos)}
+    whole |= {f"{x.dtype}[{','.join(map(str, x.shape))}]" for c in engine.cache.pools for x in (c.k, c.v)}
     whole = {w.replace("float32", "f32").replace("int32", "s32") for w in whole}
     assert not whole & set(gathered), f"prefill all-gathers whole cache arrays: {sorted(whole & set(gathered))}"
     assert "all-reduce" in hlo  # the owner's row is summed across the batch shards
+
+
+def test_sharded_engine_prefix_cache_equals_single_device():
+    """The prefix cache on a mesh (pages whole on every device, rings and snapshots split like the slots): a
+    second turn restored from the first's pages and ring snapshot decodes the single-device engine's tokens."""
+    cfg = MiMoConfig.from_dict(TINY)
+    plain = mimo_jax.LanguageModel(MiMoModel(cfg, rngs=nnx.Rngs(3)))
+    sharded = mimo_jax.LanguageModel(MiMoModel(cfg, rngs=nnx.Rngs(3)), mesh=make_mesh(data=2, tensor=2, expert=2))
+    kwargs = dict(max_new_tokens=6, temperature=0.8, seed=4, ignore_eos=True)
+    first = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4, 6, 50, 1, 2]
+    engines = [
+        Engine(lm, max_batch=2, max_context=48, prefill_chunk=8, page_size=4, prefix_cache=True)
+        for lm in (plain, sharded)
+    ]
+    outs = []
+    for engine in engines:
+        (turn1,) = mimo_jax.generate(engine.lm, [first], engine=engine, **kwargs)
+        (turn2,) = mimo_jax.generate(engine.lm, [first + turn1.token_ids + [7, 8]], engine=engine, **kwargs)
+        outs.append((turn1.token_ids, turn2.token_ids))
+        assert engine.pages.stats().hits == 16  # turn 2 started from turn 1's snapshot at 16 tokens
+    assert outs[0] == outs[1]

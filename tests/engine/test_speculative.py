@@ -151,8 +151,8 @@ def test_speculative_steps_must_fit_the_mtp_layers(lm):
 
 def test_logit_bias_and_min_tokens_with_speculation(lm):
     """Greedy output with logit_bias and min_tokens equals the plain engine's (drafts and verify rows apply the
-    same bias and ban, counting the drafts before them); sampled requests keep the bias's ban and min_tokens.
-    Constrained requests are refused."""
+    same bias and ban, counting the drafts before them); sampled requests keep the bias's ban and min_tokens
+    (constrained requests with speculation: tests/engine/test_constraints_speculative.py)."""
     plain = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3)
     first = run(plain, {"p": (LONG, SamplingOptions(max_new_tokens=12))})["p"]["tokens"]
     stop = first[8]
@@ -180,8 +180,6 @@ def test_logit_bias_and_min_tokens_with_speculation(lm):
     assert first[2] not in got["hot"]["tokens"] and len(got["hot"]["tokens"]) == 20
     assert got["hot_min"]["tokens"][7:] == [stop] and got["hot_min"]["reason"] == "stop"
     assert any(a > 0 for a in got["ban"]["accepted"] + got["min"]["accepted"])  # drafts were accepted
-    with pytest.raises(ValueError, match=r"not supported with speculative decoding \(--speculative-steps\)"):
-        engine.add("c", LONG, SamplingOptions(constraint={"type": "json_object"}))
     assert not engine.has_work()
 
 

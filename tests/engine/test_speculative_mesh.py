@@ -14,7 +14,8 @@ def test_sharded_speculative_engine_equals_single_device():
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [4, 6], [50, 1, 2], [7] * 5]
     kwargs = dict(max_new_tokens=12, temperature=0.8, seed=3, speculative_steps=2, prefill_chunk=4)
     engine = Engine(sharded, max_batch=4, max_context=24, prefill_chunk=4, max_round_tokens=4, speculative_steps=2)
-    mtp_k, swa_k = engine.cache[len(sharded.model.layers)].k, engine.cache[1].k
+    num_swa = sum(s.sliding for s in sharded.config.layers)
+    mtp_k, swa_k = engine.cache.rings[num_swa].k, engine.cache.rings[0].k
     assert mtp_k.sharding.spec == swa_k.sharding.spec  # MTP rings sharded like the target's SWA rings
     assert "tensor" in mtp_k.sharding.spec
     want = mimo_jax.generate(plain, prompts, **kwargs)

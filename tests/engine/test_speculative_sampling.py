@@ -58,21 +58,28 @@ def test_sampled_tokens_follow_the_exact_target_distribution():
 
     # prefill and admit slot 0 through the engine's own jitted functions
     tokens = engine.prefill_tokens(prompt, 0, prompt.size, 8)
+    m = engine.steps.max_pages  # slot r's pages: r*m .. (r+1)*m - 1 (the default pool holds n*m)
+    tables = np.arange(n * m, dtype=np.int32).reshape(n, m)
     engine.cache, history = engine.prefill_fn(
-        engine.params, engine.cache, 0, tokens, 0, prompt.size, jnp.asarray(engine.empty_history())
+        engine.params, engine.cache, 0, tables[0], tokens, 0, prompt.size, jnp.asarray(engine.empty_history())
     )
     mask = np.zeros(vocab, bool)
     mask[prompt] = True
     request = engine.slot_request(prompt, options, seed=0)
-    engine.state, first, _ = engine.admit_fn(engine.params, engine.state, 0, history, request, engine.allow_all[0])
+    allow_all = engine.steps.allow_all()
+    engine.state, first, _ = engine.admit_fn(engine.params, engine.state, 0, history, request, allow_all)
     g1 = int(first.tokens[0])
 
     # copy slot 0 into every slot, each with its own key
     row0 = lambda x: jnp.broadcast_to(x[:1], x.shape)
-    engine.cache = [jax.tree.map(row0, layer) for layer in engine.cache]
+    engine.cache.rings = [jax.tree.map(row0, ring) for ring in engine.cache.rings]
+    pages0 = lambda x: jnp.tile(x[:m], (n,) + (1,) * (x.ndim - 1))  # slot 0's pages copied to every slot's
+    engine.cache.pools = [jax.tree.map(pages0, pool) for pool in engine.cache.pools]
     engine.state = jax.tree.map(row0, engine.state)
     engine.state.rng = jax.random.key_data(jax.random.split(jax.random.key(1), n))
-    engine.cache, engine.state, out = engine.decode_fn(engine.params, engine.cache, engine.state, 2, engine.allow_all)
+    rows = np.arange(n, dtype=np.int32)
+    args = (engine.params, engine.cache, engine.state, rows, tables, 2, engine.steps.allow_all(n))
+    engine.cache, engine.state, out = engine.decode_fn(*args)
     out = jax.device_get(out)
     assert (out.count >= 2).all()
     accepted = out.accepted[:, 0]

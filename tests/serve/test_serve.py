@@ -127,7 +127,7 @@ def test_models_health_metrics(served):
     for name in (
         "num_requests_running",
         "num_requests_waiting",
-        "kv_cache_usage_ratio",
+        "kv_cache_usage_perc",
         "time_to_first_token_seconds_bucket",
         "inter_token_latency_seconds_bucket",
         "request_queue_time_seconds_bucket",
@@ -786,3 +786,17 @@ def test_fuzzed_requests_never_hurt_the_server(served):
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert statuses.count(200) > 10 and statuses.count(400) > 50
     served.assert_serving()
+
+
+def test_repeated_prefix_is_served_from_the_prefix_cache(served):
+    """The server's prefix cache: a repeated long prompt reports cached_tokens (whole pages up to its ring
+    snapshot) and answers what the engine without a cache answers."""
+    text = "def prefix_cache_probe():\n" + "".join(f"    x{i} = {i} * {i}\n" for i in range(40))
+    ids = served.tok.encode(text, add_special_tokens=True)
+    (ref,) = served.generate([ids], max_new_tokens=6)
+    outs = [served.client.completions.create(model=served.model, prompt=text, max_tokens=6, temperature=0) for _ in "ab"]
+    assert [o.choices[0].text for o in outs] == [served.tok.decode(ref.token_ids)] * 2
+    cached = [o.usage.prompt_tokens_details.cached_tokens for o in outs]
+    assert cached[0] == 0 and 0 < cached[1] < len(ids)
+    metrics = served.http.get("/metrics").text
+    assert "prefix_cache_hits_total" in metrics and "prefix_cache_queries_total" in metrics

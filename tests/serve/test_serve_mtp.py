@@ -2,7 +2,8 @@
 greedy answers equal offline `generate` without speculation (it is lossless); /metrics reports the acceptance the
 engine measured (more than one token per target forward) under vLLM's spec_decode names, and each request's own
 acceptance (vLLM's `metrics.speculative_decoding`) adds up to those counters; a first sampled request after the
-ready line compiles nothing (the warm-up ran both speculative loops); SIGTERM drains: /health answers 503, new
+ready line compiles nothing (the warm-up ran both speculative loops), nor does a `json_object` request beside a
+speculating one (the constrained rows' plain loop), whose answer parses as JSON; SIGTERM drains: /health answers 503, new
 requests 503, the running stream completes, and the process exits 0.
 """
 
@@ -105,6 +106,26 @@ def test_speculative_server_lossless_acceptance_no_compile_after_ready_and_drain
         assert after["num_drafts"] - before["num_drafts"] == stats["num_spec_steps"]
         assert after["num_draft_tokens"] - before["num_draft_tokens"] == stats["num_draft_tokens"]
         assert after["num_accepted_tokens"] - before["num_accepted_tokens"] == stats["num_accepted_draft_tokens"]
+        metrics = http.get("/metrics").text
+        assert metric_value(metrics, "mimo:xla_compilations_total") == 0, log_path.read_text()[-3000:]
+        # A constrained request (the plain loop over its rows) beside a speculating one: valid JSON, the other
+        # still lossless, and nothing compiles (the warm-up ran the constrained loop for every round size).
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            body = {
+                "prompt": PROMPTS[2],
+                "max_tokens": 40,
+                "temperature": 0,
+                "response_format": {"type": "json_object"},
+            }
+            constrained = pool.submit(http.post, "/v1/completions", json=body)
+            free = pool.submit(
+                http.post, "/v1/completions", json={"prompt": prompts[0], "max_tokens": 40, "temperature": 0}
+            )
+            constrained, free = constrained.result(), free.result()
+        assert constrained.status_code == 200, constrained.text
+        choice = constrained.json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and isinstance(json.loads(choice["text"]), dict), choice
+        assert free.json()["choices"][0]["text"] == tok.decode(refs[0].token_ids)
         metrics = http.get("/metrics").text
         assert metric_value(metrics, "mimo:xla_compilations_total") == 0, log_path.read_text()[-3000:]
         # Streamed chat: the stats ride the usage chunk.

@@ -88,6 +88,16 @@ def test_two_process_server_follows_process_zero(tmp_path):
             assert choice["logprobs"]["token_logprobs"][0] is None
             got = choice["logprobs"]["token_logprobs"][1:]
             np.testing.assert_allclose(got, ref[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4, atol=1e-4)
+        # The prefix cache on two processes: a repeated long prompt is served from it on both (the followers make
+        # the same page and snapshot decisions from the same plans), with the same tokens as without it.
+        long_prompt = "def prefix_probe():\n" + "".join(f"    x{i} = {i}\n" for i in range(30))
+        ids = tok.encode(long_prompt, add_special_tokens=True)
+        (long_ref,) = mimo_jax.generate(lm, [ids], max_new_tokens=5, max_batch=2, prefill_chunk=32, max_context=256)
+        for attempt in range(2):
+            body = {"prompt": long_prompt, "max_tokens": 5, "temperature": 0}
+            out = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+            assert out["choices"][0]["text"] == tok.decode(long_ref.token_ids)
+            assert (out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0) == (attempt == 1), out["usage"]
         chat = httpx.post(
             url + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "Weather?"}], "temperature": 0, "stream": False},

@@ -159,7 +159,8 @@ THINK_END_ID = 7
 
 def _job(choice: _Choice):
     server = types.SimpleNamespace(model_name="m", tokenizer=types.SimpleNamespace(token_id=lambda text: THINK_END_ID))
-    job = types.SimpleNamespace(choices=[choice], prompt_tokens=5, id_prefix="req-abc")
+    cached = types.SimpleNamespace(prompt_tokens_details=types.SimpleNamespace(cached_tokens=3))  # from the prefix cache
+    job = types.SimpleNamespace(choices=[choice], prompt_tokens=5, id_prefix="req-abc", usage=lambda: cached)
     return server, job
 
 
@@ -214,6 +215,7 @@ def test_events_and_final_response_agree_with_the_whole_response(finish):
     assert final.status == ("completed" if finish == "stop" else "incomplete")
     assert final.usage.output_tokens == 7 and final.usage.output_tokens_details.reasoning_tokens == 4
     assert final.usage.total_tokens == 12 and final.id.startswith("resp_")
+    assert final.usage.input_tokens_details.cached_tokens == 3
 
 
 def test_an_empty_answer_still_has_a_message():

@@ -168,10 +168,11 @@ def test_decode_step_reads_the_full_attention_cache_in_place():
     graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, "bf16")
     steps = aot.serving_steps(cfg, graphdef, params, batch=1, context=context, chunk=CHUNK, round_tokens=4, mesh=mesh)
     report, hlo = aot.compile_step(steps[1], keep_hlo=True)
-    cache = steps[1].args[1]  # decode's (params, cache, state, num_steps)
+    pool = steps[1].args[1].pools[0]  # decode's (params, cache, ...): the full layer's page pool
     assert report.error is None, report.error
-    per_chip = {"bf16[" + ",".join(map(str, x.sharding.shard_shape(x.shape))) + "]" for x in (cache[0].k, cache[0].v)}
-    assert all("32768" not in s and "16384" in s for s in per_chip)  # the full layer's cache, not a ring
+    shards = [x.sharding.shard_shape(x.shape) for x in (pool.k, pool.v)]
+    assert all(shape[1] == 1 and shape[0] * shape[2] > context for shape in shards)  # one kv head, every page
+    per_chip = {"bf16[" + ",".join(map(str, shape)) + "]" for shape in shards}
     # Copies in the entry computation run once per decode round (a layout change of K at the round's
     # start and end); inside the loop's computations they would run every step.
     loop_code = hlo[: hlo.index("\nENTRY")]

@@ -129,3 +129,15 @@ def test_cli(capsys):
     assert "parameters per device, weights=fp8" in out and "KV per token per device" in out
     assert out.count("fits") == 2 or "does not fit" in out
     np.testing.assert_(("weights=bf16" in out) and ("of 141.00 GB" in out))
+
+
+def test_cli_kv_pages(capsys):
+    """The engine's page pool for a KV budget: pages of every full layer, as `page_bytes` counts them."""
+    from mimo_jax.config import MiMoConfig
+    from mimo_jax.model.cache import page_bytes
+
+    config = CONFIGS.format("mimo-v2-flash")
+    assert main(["--config", config, "--context", "262144", "--kv-cache-gb", "40"]) == 0
+    out = capsys.readouterr().out
+    pages = 40 * 10**9 // page_bytes(MiMoConfig.from_json(config), 64)
+    assert f"KV pages for 40 GB: {pages:,} pages of 64 tokens" in out and f"= {pages * 64:,} tokens" in out
