@@ -63,17 +63,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from mimo_jax import sharding
 from mimo_jax.engine.driver import SEED_LIMIT, Aborted, BroadcastChannel, Driver, RoundPlan
-from mimo_jax.engine.host import Engine, kv_cache_budget
+from mimo_jax.engine.host import Engine, kv_cache_pages
 from mimo_jax.engine.sampling import SamplingOptions, check_seed
 from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
 from mimo_jax.grammar import OUTPUT_FIELDS, GrammarError, GrammarFactory, output_spec, thinking_mode, tool_call_spec
 from mimo_jax.lm import load_model
-from mimo_jax.model.cache import page_bytes
 from mimo_jax.sharding import add_distributed_arguments, make_mesh, parse_mesh_arg
 from mimo_jax.text import THINK_END, THINK_START, ChatTemplate, ChatTemplateError, Tokenizer
 
@@ -790,8 +788,9 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
     lm = load_model(
         args.model, dtype=args.dtype, weights=args.weights, mesh=mesh, progress=leader and not args.no_progress
     )
-    budget = kv_cache_budget(lm, args.kv_cache_memory, 0.9, args.max_batch, args.max_context)
-    fp8 = args.kv_cache_dtype == "fp8_e4m3"
+    num_pages = kv_cache_pages(
+        lm, args.kv_cache_memory, 0.9, args.max_batch, args.max_context, args.page_size, args.kv_cache_dtype
+    )
     engine = Engine(
         lm,
         max_batch=args.max_batch,
@@ -800,7 +799,7 @@ def _main(args: argparse.Namespace, settings: RunSettings, multiprocess: bool) -
         max_round_tokens=args.round_tokens,
         max_stop_ids=args.max_stop_ids,
         max_top_logprobs=args.max_logprobs,
-        num_pages=max(1, budget // page_bytes(lm.config, args.page_size, jnp.dtype(lm.dtype).itemsize, fp8)),
+        num_pages=num_pages,
         page_size=args.page_size,
         prefix_cache=not args.no_prefix_cache,
         kv_cache_dtype=args.kv_cache_dtype,

@@ -38,28 +38,35 @@ from mimo_jax.model.mimo import MiMoModel
 KV_CACHE_DTYPES = (None, "auto", "fp8_e4m3")  # of the full layers' pages: the model's dtype (None, "auto") or FP8
 
 
-def kv_cache_budget(
-    lm: LanguageModel, memory_gb: float | None, memory_fraction: float, max_batch: int, context: int
+def kv_cache_pages(
+    lm: LanguageModel,
+    memory_gb: float | None,
+    memory_fraction: float,
+    max_batch: int,
+    context: int,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    kv_cache_dtype: str | None = None,
 ) -> int:
-    """Bytes for the full layers' KV pages (all devices together): `memory_gb` when given; else, on a device that
-    reports its memory, what `memory_fraction` of it leaves after what is in use (the weights) and the slots'
-    rings and their snapshots; else (CPU) room for `max_batch` sequences of `context` tokens."""
-    if memory_gb is not None:
-        return int(memory_gb * 1e9)
+    """Pages for the full layers' KV pools (`Engine(num_pages=...)`), from a byte budget for all devices together:
+    `memory_gb` when given; else, on a device that reports its memory, what `memory_fraction` of it leaves after
+    what is in use (the weights) and the slots' rings and their snapshots; else (CPU) room for `max_batch`
+    sequences of `context` tokens."""
     cfg = lm.config
     dtype_bytes = jnp.dtype(lm.dtype).itemsize
-    per_token = page_bytes(cfg, 1, dtype_bytes)
+    page = page_bytes(cfg, page_size, dtype_bytes, fp8=kv_cache_dtype == "fp8_e4m3")
+    if memory_gb is not None:
+        return max(1, int(memory_gb * 1e9) // page)
     try:
         stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # not every backend reports memory
         stats = {}
     if "bytes_limit" not in stats:
-        return per_token * max_batch * context
+        return max(1, -(-max_batch * context // page_size))
     free = memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     mesh = lm.mesh
     shards = mesh.shape.get("tensor", 1) if mesh is not None else 1  # pools split their kv heads over it
-    rings = 3 * max_batch * kv_plan(cfg, context).swa_bytes  # the slots' rings and twice as many snapshots
-    return max(int(free * shards) - rings, per_token * cfg.window_keys)
+    rings = 3 * max_batch * kv_plan(cfg, context, dtype_bytes).swa_bytes  # the slots' rings, twice as many snapshots
+    return max(1, (int(free * shards) - rings) // page, -(-cfg.window_keys // page_size))
 
 
 class EngineFull(RuntimeError):

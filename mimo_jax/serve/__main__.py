@@ -26,11 +26,10 @@ import uvicorn
 
 from mimo_jax.config import RunOptions
 from mimo_jax.engine.driver import BroadcastChannel, Driver
-from mimo_jax.engine.host import Engine, kv_cache_budget
+from mimo_jax.engine.host import Engine, kv_cache_pages
 from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
 from mimo_jax.grammar import COMPACT_JSON_WHITESPACE, PRETTY_JSON_WHITESPACE, GrammarFactory
 from mimo_jax.lm import LanguageModel, load_model
-from mimo_jax.model.cache import page_bytes
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.serve.app import create_app, host_name
 from mimo_jax.serve.lifecycle import DrainingServer
@@ -325,8 +324,15 @@ def _grammar(args: argparse.Namespace, tokenizer, vocab_size: int, eos: tuple[in
 
 
 def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, grammar=None):
-    fp8 = args.kv_cache_dtype == "fp8_e4m3"
-    budget = kv_cache_budget(lm, args.kv_cache_memory, args.memory_fraction, args.max_batch, min(max_context, 8192))
+    num_pages = kv_cache_pages(
+        lm,
+        args.kv_cache_memory,
+        args.memory_fraction,
+        args.max_batch,
+        min(max_context, 8192),
+        args.page_size,
+        args.kv_cache_dtype,
+    )
     kwargs = dict(
         max_batch=args.max_batch,
         max_context=max_context,
@@ -334,7 +340,7 @@ def _engine(args: argparse.Namespace, lm, max_context: int, num_eos: int, gramma
         max_round_tokens=args.round_tokens,
         max_stop_ids=num_eos + args.max_stop_token_ids,
         max_top_logprobs=args.max_logprobs,
-        num_pages=max(1, budget // page_bytes(lm.config, args.page_size, jnp.dtype(lm.dtype).itemsize, fp8)),
+        num_pages=num_pages,
         page_size=args.page_size,
         prefix_cache=not args.no_prefix_cache,
         kv_cache_dtype=args.kv_cache_dtype,

@@ -198,6 +198,16 @@ class Scheduler:
         """
         engine = self.engine
         driver = Driver(engine)  # no channel: every process warms up itself
+
+        def run_to_the_end(requests: list[tuple[str, list[int], SamplingOptions]]) -> None:
+            """Add the requests in one round and step until the engine has nothing left."""
+            plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
+            for request_id, prompt, opts in requests:
+                plan.add_request(request_id, prompt, opts)
+            driver.run(plan)
+            while engine.has_work():
+                driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+
         options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
         # With speculation, rounds where every sequence is greedy run a loop of their own: warm up both loops.
         sampled = dataclasses.replace(options, temperature=1.0)
@@ -212,12 +222,8 @@ class Scheduler:
             runs.append(("warmup-sampled", sampled, lengths[:1]))
         for name, opts, prompt_lengths in runs:
             for start in range(0, len(prompt_lengths), engine.max_batch):
-                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
-                for i, n in enumerate(prompt_lengths[start : start + engine.max_batch]):
-                    plan.add_request(f"{name}-{start + i}", [0] * n, opts)
-                driver.run(plan)
-                while engine.has_work():
-                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+                batch = prompt_lengths[start : start + engine.max_batch]
+                run_to_the_end([(f"{name}-{start + i}", [0] * n, opts) for i, n in enumerate(batch)])
         # Every decode round size (a bucket of running slots), greedy and (with speculation) sampled.
         steps = getattr(engine, "steps", None)
         loops = [options, sampled] if getattr(engine, "speculative_steps", 0) else [options]
@@ -228,21 +234,13 @@ class Scheduler:
             loops.append(dataclasses.replace(options, constraint=constrained))
         for size in steps.decode_buckets if steps is not None else ():
             for opts in loops:
-                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
-                for i in range(size):
-                    plan.add_request(f"warmup-rows-{size}-{i}", [0], dataclasses.replace(opts, max_new_tokens=3))
-                driver.run(plan)
-                while engine.has_work():
-                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+                short = dataclasses.replace(opts, max_new_tokens=3)
+                run_to_the_end([(f"warmup-rows-{size}-{i}", [0], short) for i in range(size)])
         pages = getattr(engine, "pages", None)
         if pages is not None and pages.prefix_cache:  # a ring snapshot taken, then restored; then forgotten
             prompt = [0] * min(2 * engine.page_size + 2, engine.max_context - 3)
             for i in range(2):
-                plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
-                plan.add_request(f"warmup-prefix-{i}", prompt, options)
-                driver.run(plan)
-                while engine.has_work():
-                    driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
+                run_to_the_end([(f"warmup-prefix-{i}", prompt, options)])
             pages.reset_prefix_cache()
         plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
         plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
