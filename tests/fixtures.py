@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig
+from mimo_jax.engine.constraints import TokenConstraint, bitmask_of
 from mimo_jax.model.mimo import MiMoModel
 from mimo_jax.weights import SafetensorsFile, checkpoint_tensors, parameter_sources
 from mimo_jax.weights.export import export_release, hub_tensors
@@ -643,3 +644,96 @@ def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+# ============================================================================= fake constraints (engine tests)
+class Allowed:
+    """Only `ids`, never finished."""
+
+    def __init__(self, ids):
+        self.ids, self.accepted = set(ids), []
+
+    def fill_allowed(self, bitmask):
+        bitmask[:] = bitmask_of(self.ids, TINY["vocab_size"])
+
+    def accept(self, token):
+        assert token in self.ids, token
+        self.accepted.append(token)
+
+    def is_finished(self):
+        return False
+
+
+class Script(Allowed):
+    """Exactly `tokens`, then finished."""
+
+    def __init__(self, tokens):
+        super().__init__(tokens)
+        self.tokens = list(tokens)
+
+    def fill_allowed(self, bitmask):
+        bitmask[:] = bitmask_of([self.tokens[len(self.accepted)]], TINY["vocab_size"])
+
+    def is_finished(self):
+        return len(self.accepted) == len(self.tokens)
+
+
+class DeadEnd(Allowed):
+    """Anything for `after` tokens, then nothing (an empty mask)."""
+
+    def __init__(self, after):
+        super().__init__(range(TINY["vocab_size"]))
+        self.after = after
+
+    def fill_allowed(self, bitmask):
+        if len(self.accepted) < self.after:
+            bitmask[:] = -1
+
+
+BUILT_CONSTRAINTS: dict = {}  # spec "name" -> the constraint built for it
+
+
+def fake_constraint(spec: dict) -> TokenConstraint:
+    """A constraint_factory standing in for a grammar backend: only even ids, a script of tokens, a dead end."""
+    kind = spec["type"]
+    if kind == "even":
+        c = Allowed(range(0, TINY["vocab_size"], 2))
+    elif kind == "script":
+        c = Script(spec["tokens"])
+    elif kind == "dead_end":
+        c = DeadEnd(spec["after"])
+    else:
+        raise KeyError(f"unknown constraint type {kind!r}")
+    BUILT_CONSTRAINTS[spec.get("name")] = c
+    return c
+
+
+def run_by_step(engine, requests, add_later=(), round_tokens=3):
+    """requests: {id: (prompt, options)}; add_later: (after_step, id, prompt, options). -> {id: outputs}"""
+    out = {}
+    pending = [(0, rid, p, o) for rid, (p, o) in requests.items()] + sorted(add_later, key=lambda x: x[0])
+    step = 0
+    while engine.has_work() or pending:
+        while pending and pending[0][0] <= step and engine.free_slots:
+            _, rid, prompt, options = pending.pop(0)
+            engine.add(rid, prompt, options)
+            out[rid] = dict(tokens=[], logprobs=[], top=[], reason=None, outputs=0, steps=set())
+        for o in engine.step(max_tokens_per_round=round_tokens):
+            r = out[o.request_id]
+            assert r["reason"] is None, "outputs after the end"
+            r["tokens"] += o.token_ids
+            r["logprobs"] += o.logprobs or []
+            r["top"] += o.top_logprobs or []
+            r["outputs"] += 1
+            r["steps"].add(step)
+            if o.finished:
+                r["reason"] = o.finish_reason
+        step += 1
+    return out
+
+
+def next_token_logits(lm, prompt, tokens, length: int = 48):
+    """Full-forward logits predicting each of `tokens` after `prompt` (padded to one length: one compile)."""
+    seq = np.zeros((1, length), np.int32)
+    seq[0, : len(prompt) + len(tokens)] = list(prompt) + list(tokens)
+    return np.array(lm.logits(seq)[0, len(prompt) - 1 : len(prompt) - 1 + len(tokens)])

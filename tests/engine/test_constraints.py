@@ -11,75 +11,18 @@ from flax import nnx
 
 import mimo_jax
 from mimo_jax.config import MiMoConfig
-from mimo_jax.engine.constraints import TokenConstraint, allowed_tokens, bitmask_of, bitmask_words
+from mimo_jax.engine.constraints import allowed_tokens, bitmask_of, bitmask_words
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.model.mimo import MiMoModel
-from tests.fixtures import TINY
+from tests.fixtures import BUILT_CONSTRAINTS as BUILT
+from tests.fixtures import TINY, next_token_logits
+from tests.fixtures import fake_constraint as factory
+from tests.fixtures import run_by_step as run
 
 VOCAB = TINY["vocab_size"]
 CONTEXT = 48
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7], [4, 6], [50, 1, 2, 3, 4, 5, 60, 61, 62], [20, 21, 22]]
-
-
-class Allowed:
-    """Only `ids`, never finished."""
-
-    def __init__(self, ids):
-        self.ids, self.accepted = set(ids), []
-
-    def fill_allowed(self, bitmask):
-        bitmask[:] = bitmask_of(self.ids, VOCAB)
-
-    def accept(self, token):
-        assert token in self.ids, token
-        self.accepted.append(token)
-
-    def is_finished(self):
-        return False
-
-
-class Script(Allowed):
-    """Exactly `tokens`, then finished."""
-
-    def __init__(self, tokens):
-        super().__init__(tokens)
-        self.tokens = list(tokens)
-
-    def fill_allowed(self, bitmask):
-        bitmask[:] = bitmask_of([self.tokens[len(self.accepted)]], VOCAB)
-
-    def is_finished(self):
-        return len(self.accepted) == len(self.tokens)
-
-
-class DeadEnd(Allowed):
-    """Anything for `after` tokens, then nothing (an empty mask)."""
-
-    def __init__(self, after):
-        super().__init__(range(VOCAB))
-        self.after = after
-
-    def fill_allowed(self, bitmask):
-        if len(self.accepted) < self.after:
-            bitmask[:] = -1
-
-
-BUILT: dict = {}  # spec "name" -> the constraint built for it
-
-
-def factory(spec: dict) -> TokenConstraint:
-    kind = spec["type"]
-    if kind == "even":
-        c = Allowed(range(0, VOCAB, 2))
-    elif kind == "script":
-        c = Script(spec["tokens"])
-    elif kind == "dead_end":
-        c = DeadEnd(spec["after"])
-    else:
-        raise KeyError(f"unknown constraint type {kind!r}")
-    BUILT[spec.get("name")] = c
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -107,37 +50,6 @@ def overlap(request, engine):
     yield request.param
     assert not engine.has_work()
     engine.overlap = False
-
-
-def run(engine, requests, add_later=(), round_tokens=3):
-    """requests: {id: (prompt, options)}; add_later: (after_step, id, prompt, options). -> {id: outputs}"""
-    out = {}
-    pending = [(0, rid, p, o) for rid, (p, o) in requests.items()] + sorted(add_later, key=lambda x: x[0])
-    step = 0
-    while engine.has_work() or pending:
-        while pending and pending[0][0] <= step and engine.free_slots:
-            _, rid, prompt, options = pending.pop(0)
-            engine.add(rid, prompt, options)
-            out[rid] = dict(tokens=[], logprobs=[], top=[], reason=None, outputs=0, steps=set())
-        for o in engine.step(max_tokens_per_round=round_tokens):
-            r = out[o.request_id]
-            assert r["reason"] is None, "outputs after the end"
-            r["tokens"] += o.token_ids
-            r["logprobs"] += o.logprobs or []
-            r["top"] += o.top_logprobs or []
-            r["outputs"] += 1
-            r["steps"].add(step)
-            if o.finished:
-                r["reason"] = o.finish_reason
-        step += 1
-    return out
-
-
-def next_token_logits(lm, prompt, tokens):
-    """Full-forward logits predicting each of `tokens` after `prompt` (padded to one length: one compile)."""
-    seq = np.zeros((1, CONTEXT), np.int32)
-    seq[0, : len(prompt) + len(tokens)] = list(prompt) + list(tokens)
-    return np.array(lm.logits(seq)[0, len(prompt) - 1 : len(prompt) - 1 + len(tokens)])
 
 
 def test_bitmask_helpers():

@@ -9,8 +9,10 @@ import pytest
 import mimo_jax
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
-from tests.engine.test_constraints import BUILT, factory, next_token_logits, run
-from tests.fixtures import TINY_CONFIG, predictable_model
+from tests.fixtures import BUILT_CONSTRAINTS as BUILT
+from tests.fixtures import TINY_CONFIG, next_token_logits, predictable_model
+from tests.fixtures import fake_constraint as factory
+from tests.fixtures import run_by_step as run
 
 VOCAB = TINY_CONFIG.vocab_size
 K = 2
