@@ -1374,7 +1374,7 @@ def main(argv: list[str] | None = None) -> None:
             chat_tokens=args.chat_tokens,
         )
         result["checkpoint"] = str(args.checkpoint)
-        result["device"] = str(jax.devices()[0])
+        result["device"] = f"{jax.devices()[0].device_kind} ({jax.devices()[0]})"  # the card, not just cuda:0
         result["data_manifest"] = {
             k: v for k, v in json.loads((args.data / "manifest.json").read_text()).items() if k != "heldout_files"
         }

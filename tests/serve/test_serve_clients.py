@@ -166,10 +166,13 @@ def test_responses_create_plain(demo):
     )  # fmt: skip
     assert sdk.output_text == response.output_text
     assert sdk.status == ("incomplete" if sdk.usage.output_tokens == 40 else "completed")
-    # thinking on (the template's default; this prompt makes the demo model think): a reasoning item first, its
-    # tokens counted
+    # thinking on (the template's default; this prompt, in the form of the demo's chat training, makes it think
+    # where others get an empty block): a reasoning item first, its tokens counted
     r = demo.client.responses.create(
-        model="mimo-demo", input="Write a function that adds two numbers.", max_output_tokens=30, temperature=0.0
+        model="mimo-demo",
+        input="Write a Python function `is_prime(n)`: Return True if n is a prime number.",
+        max_output_tokens=30,
+        temperature=0.0,
     )
     assert r.output[0].type == "reasoning" and r.output[0].content[0].text
     assert r.usage.output_tokens_details.reasoning_tokens > 0

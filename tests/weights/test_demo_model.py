@@ -38,11 +38,36 @@ HELDOUT_SNIPPET = '''def median_low(data):
 def median_high(data):
     """Return the high median of data.'''
 
-GOLDEN_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""'
-# Greedy continuation of GOLDEN_PROMPT by the shipped checkpoint (float32, FP8 weights dequantized):
-# '\n    if n < 0:\n        return n\n    return n\n```<|im_end|>'. The smallest top-1/top-2 logit
-# gap along it is 0.099, far above float32 noise across machines.
-GOLDEN_IDS = [274, 361, 322, 696, 340, 28, 264, 379, 322, 274, 379, 322, 201, 537, 2]
+GOLDEN_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+# Greedy continuation of GOLDEN_PROMPT by the shipped checkpoint (float32, FP8 weights dequantized): '    return
+# n\n\n\ndef summarize_list(summarize_list):\n    """Return list of list elements."""\n'. The smallest top-1/top-2
+# logit gap along it is 0.138, far above float32 noise across machines.
+GOLDEN_IDS = [
+    261,
+    383,
+    324,
+    1079,
+    312,
+    301,
+    2009,
+    281,
+    856,
+    1420,
+    620,
+    2009,
+    281,
+    856,
+    1420,
+    296,
+    261,
+    423,
+    868,
+    825,
+    410,
+    825,
+    4198,
+    966,
+]
 
 
 @pytest.fixture(scope="module")
