@@ -115,7 +115,7 @@ def draft_chain(
         tokens = jnp.concatenate([recent_tokens, drafts], axis=1)[:, hist - k - 1 :]
         layer = model.mtp[j]
         h, kv = layer(model.embed(tokens), mtp_hidden[:, hist - width :], pos, kv)
-        logits = model.logits(h[:, -1], layer.final_layernorm)
+        logits = model.draft_logits(h[:, -1], layer.final_layernorm)  # the draft vocabulary, if the model has one
         if greedy:
             penalized = apply_penalties(logits, sampling, counts, prompt_mask, stop_ids)
             token = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
