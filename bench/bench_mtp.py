@@ -41,9 +41,10 @@ from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel, load_model
 from mimo_jax.model.cache import kv_bytes_per_token
-from mimo_jax.model.mimo import relayout_experts
+from mimo_jax.model.mimo import relayout_experts, with_draft_vocab
 from mimo_jax.model.moe import EXPERT_IMPLS
 from mimo_jax.tools.bench import bench_page_tables, decode_step_bytes, fill_as_if_prefilled, layer_weight_bytes
+from mimo_jax.weights.draft_vocab import read_draft_vocab
 from mimo_jax.weights.random import bench_config, random_model
 
 # Held out of the demo's training corpus by its split rule (sha256("heldout:" + path) % 50 == 0),
@@ -88,21 +89,69 @@ def heldout_prompts(tokenizer_path: str, count: int, length: int) -> list[list[i
     return prompts
 
 
-def iteration_bytes(cfg: MiMoConfig, batch: int, k: int, context: int, dtype_bytes: int) -> float:
-    """HBM bytes one decode iteration must move: a plain step (k = 0), or k MTP draft steps (MTP layer,
-    eh_proj, lm_head, the window of its ring) and a verify whose batch x (k+1) tokens touch more experts
-    but read the KV cache once."""
-    plain = decode_step_bytes(cfg, batch, context, dtype_bytes)
+def iteration_bytes(
+    cfg: MiMoConfig, batch: int, k: int, context: int, dtype_bytes: int, fp8: bool = False, draft_vocab: int = 0
+) -> dict[str, float]:
+    """HBM bytes one decode iteration must move, by part: a plain step (k = 0: `decode_step_bytes`), or k MTP
+    draft steps and a verify of batch x (k+1) tokens. Uniform routing (the verify's tokens touch up to (k+1)x the
+    experts of one token: `expected_experts_touched`); `fp8`: weights as `load_model(weights="fp8")` keeps them
+    (q/k/v, dense MLP and experts, MTP layers alike); `draft_vocab` N > 0: the drafts' lm_head is N columns.
+
+    Parts: `verify_layers` (target layers' weights touched), `lm_head` (the verify's, or the plain step's),
+    `kv` (the target cache, read once), `draft_layers` (k MTP layers: attention, dense MLP, eh_proj),
+    `draft_head` (k reads of the drafts' lm_head), `draft_kv` (the MTP rings), `logits` (float32 logits written
+    and read back by sampling / accept: small), and `total`."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    plain = decode_step_bytes(cfg, batch, context, dtype_bytes, fp8)
+    lm_head = h * v * dtype_bytes
+    logits = 2 * batch * (k + 1) * v * 4
     if not k:
-        return plain["total"]
-    target, _ = layer_weight_bytes(cfg, batch * (k + 1), dtype_bytes)
-    verify = target + cfg.hidden_size * cfg.vocab_size * dtype_bytes + plain["kv"]
+        return dict(
+            verify_layers=plain["weights"] - lm_head,
+            lm_head=lm_head,
+            kv=plain["kv"],
+            logits=logits,
+            total=plain["total"] + logits,
+        )
+    target, _ = layer_weight_bytes(cfg, batch * (k + 1), dtype_bytes, fp8)
     mtp_cfg = cfg.replace(num_layers=1, sliding=(True,), moe=(False,))
-    mtp_layer, _ = layer_weight_bytes(mtp_cfg, batch, dtype_bytes)
-    h = cfg.hidden_size
-    draft = mtp_layer + 2 * h * h * dtype_bytes + h * cfg.vocab_size * dtype_bytes
-    draft += batch * min(cfg.window_keys, context) * kv_bytes_per_token(cfg.mtp_layer(), dtype_bytes)
-    return verify + k * draft
+    mtp_layer, _ = layer_weight_bytes(mtp_cfg, batch, dtype_bytes, fp8)
+    ring = batch * min(cfg.window_keys, context) * kv_bytes_per_token(cfg.mtp_layer(), dtype_bytes)
+    parts = dict(
+        verify_layers=target,
+        lm_head=lm_head,
+        kv=plain["kv"],
+        draft_layers=k * (mtp_layer + 2 * h * h * dtype_bytes),
+        draft_head=k * h * (draft_vocab or v) * dtype_bytes,
+        draft_kv=k * ring,
+        logits=logits + k * 2 * batch * v * 4,
+    )
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def byte_table(
+    cfg: MiMoConfig, name: str, batch: int, k: int, context: int, dtype_bytes: int, fp8: bool, draft_vocab: int
+) -> str:
+    """A markdown table of `iteration_bytes` (GB) for a plain step and a k-step iteration with and without the
+    draft vocabulary, each total also in plain steps (the HBM-bound cost)."""
+    cases = [("plain step", 0, 0), (f"k={k}, full vocab", k, 0)]
+    if draft_vocab:
+        cases.append((f"k={k}, draft vocab {draft_vocab}", k, draft_vocab))
+    rows = [iteration_bytes(cfg, batch, kk, context, dtype_bytes, fp8, dv) for _, kk, dv in cases]
+    parts = ["verify_layers", "lm_head", "kv", "draft_layers", "draft_head", "draft_kv", "logits", "total"]
+    lines = [
+        f"# HBM bytes per iteration (GB), {name}, batch {batch}, context {context}, "
+        f"{'fp8' if fp8 else f'{dtype_bytes}-byte'} weights, uniform routing",
+        "| part | " + " | ".join(c[0] for c in cases) + " |",
+        "|---" * (len(cases) + 1) + "|",
+    ]
+    for part in parts:
+        lines.append(f"| {part} | " + " | ".join(f"{r.get(part, 0) / 1e9:.3f}" for r in rows) + " |")
+    lines.append(
+        "| HBM cost (plain steps) | " + " | ".join(f"{r['total'] / rows[0]['total']:.2f}" for r in rows) + " |"
+    )
+    return "\n".join(lines)
 
 
 def decode_rounds(engine: Engine, iters: int, rounds: int, tables: jax.Array) -> dict:
@@ -173,13 +222,32 @@ def expert_impl(choice: str | None, tokens_per_step: int) -> str:
     return "gather" if tokens_per_step <= 8 else "ragged"
 
 
+def draft_ids(args, lm_dir: Path | None, size: int, vocab: int) -> np.ndarray:
+    """The `size` draft tokens: the demo's most frequent (its draft_vocab.json), or for random weights the first
+    `size` ids (nothing is accepted there: only the cost counts)."""
+    if lm_dir is not None:
+        return read_draft_vocab(lm_dir, size)
+    if size > vocab:
+        raise SystemExit(f"--draft-vocab {size} exceeds the vocabulary ({vocab})")
+    return np.arange(size, dtype=np.int32)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/bench_mtp.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="demo", help="demo, flash-slice-N or a config.json path")
+    p.add_argument("--model", default="demo", help="demo, flash-slice-N, flash-layers-N or a config.json path")
     p.add_argument("--scale-down", action="store_true", help="flash-slice: tiny dimensions (CPU smoke test)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 (float32 on CPU)")
+    p.add_argument(
+        "--weights", default="bf16", choices=["bf16", "fp8"], help="random weights: as load_model keeps them"
+    )
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--steps", default="3", help="comma-separated speculative_steps k (k=0 always runs)")
+    p.add_argument(
+        "--draft-vocab",
+        default="0",
+        help="comma-separated draft vocabulary sizes, each run for every k > 0 (0: the full vocabulary; demo: the "
+        "most frequent tokens of its draft_vocab.json; random weights: the first N ids)",
+    )
     p.add_argument("--iters", type=int, default=16, help="decode iterations per round (one while_loop)")
     p.add_argument("--rounds", type=int, default=4, help="timed rounds")
     p.add_argument("--prompt-len", type=int, default=128, help="demo: tokens per held-out prompt")
@@ -190,63 +258,94 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="expert implementation (default: the Pallas kernel on GPU, else gather for <= 8 tokens per step, "
         "else ragged)",
     )
+    p.add_argument("--bytes-only", action="store_true", help="print the HBM byte table and exit (no model built)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
     on_cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    fp8 = args.weights == "fp8"
+    dtype_bytes = jnp.dtype(dtype).itemsize
     batches = [int(b) for b in args.batch.split(",")]
     steps = [0] + [int(k) for k in args.steps.split(",") if int(k) > 0]
+    vocabs = [int(n) for n in args.draft_vocab.split(",")]
     device = jax.devices()[0]
+    lm_dir = None
     if args.model == "demo":
         from mimo_jax.weights.demo import demo_model_dir
 
-        directory = demo_model_dir()
-        lm = load_model(directory, dtype=dtype, mtp=max(steps))
-        prompts = heldout_prompts(str(directory / "tokenizer.json"), max(batches), args.prompt_len)
+        lm_dir = demo_model_dir()
+        lm_cfg = MiMoConfig.from_json(lm_dir)
         name = "demo checkpoint (held-out stdlib text, greedy)"
-        lm_cfg = lm.config
     else:
-        cfg = bench_config(args.model, args.scale_down)
-        model = random_model(cfg, jnp.dtype(dtype), mtp_layers=max(steps))
-        lm_cfg = cfg
-        name = f"{args.model}{' (scaled down)' if args.scale_down else ''} random weights, context {args.context}"
+        lm_cfg = bench_config(args.model, args.scale_down)
+        scaled = " (scaled down)" if args.scale_down else ""
+        name = f"{args.model}{scaled} random {args.weights} weights, context {args.context}"
+    context = args.prompt_len if args.model == "demo" else args.context
+    tables = [
+        byte_table(lm_cfg, args.model, b, k, context, dtype_bytes, fp8, max(vocabs))
+        for b in batches
+        for k in steps
+        if k
+    ]
+    print("\n\n".join(tables) + "\n")
+    results = dict(
+        model=name, dtype=dtype, weights=args.weights, device=device.device_kind, byte_tables=tables, runs=[]
+    )
+    if args.bytes_only:
+        return _write(args.json, results)
+
+    if args.model == "demo":
+        lm = load_model(lm_dir, dtype=dtype, mtp=max(steps), draft_vocab=0)
+        prompts = heldout_prompts(str(lm_dir / "tokenizer.json"), max(batches), args.prompt_len)
+        model = lm.model
+    else:
+        model = random_model(lm_cfg, jnp.dtype(dtype), mtp_layers=max(steps), weights=args.weights)
     print(f"# {name}, {dtype}, {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"# {args.iters} iterations per round, {args.rounds} timed rounds")
-    columns = "batch | k | MoE | ms/iteration | tok/s | accept length | speedup | ideal | cost | HBM cost | HBM-bound"
+    columns = (
+        "batch | k | draft vocab | MoE | ms/iteration | tok/s | accept length | speedup | ideal | cost | HBM cost | "
+        "HBM-bound"
+    )
     print(f"| {columns} |")
     print("|---" * (columns.count("|") + 1) + "|")
-    results = dict(model=name, dtype=dtype, device=device.device_kind, runs=[])
     for batch in batches:
         plain = None
-        for k in steps:
+        for k, vocab in [(0, 0)] + [(k, n) for k in steps if k for n in vocabs]:
             impl = expert_impl(args.moe_impl, batch * (k + 1))
             # same weights, another expert path, re-laid out for it (the previous view is consumed)
+            model = relayout_experts(model.with_options(replace(model.options, moe_impl=impl)))
+            view = with_draft_vocab(model, draft_ids(args, lm_dir, vocab, lm_cfg.vocab_size)) if vocab else model
             if args.model == "demo":
-                lm = LanguageModel(relayout_experts(lm.model.with_options(replace(lm.options, moe_impl=impl))))
-                r = run_demo(lm, batch, k, args, prompts)
+                r = run_demo(LanguageModel(view), batch, k, args, prompts)
             else:
-                model = relayout_experts(model.with_options(replace(model.options, moe_impl=impl)))
-                r = run_random(LanguageModel(model), batch, k, args, args.context)
+                r = run_random(LanguageModel(view), batch, k, args, args.context)
+            del view
             r["moe"] = impl
             plain = plain or r
-            r.update(batch=batch, k=k, speedup=r["tok_s"] / plain["tok_s"])
+            r.update(batch=batch, k=k, draft_vocab=vocab, speedup=r["tok_s"] / plain["tok_s"])
             r["cost"] = r["ms_per_iter"] / plain["ms_per_iter"]
-            context = args.prompt_len if args.model == "demo" else args.context
-            nbytes = [iteration_bytes(lm_cfg, batch, kk, context, jnp.dtype(dtype).itemsize) for kk in (0, k)]
-            r["hbm_cost"] = nbytes[1] / nbytes[0]
+            nbytes = [
+                iteration_bytes(lm_cfg, batch, kk, context, dtype_bytes, fp8, dv) for kk, dv in ((0, 0), (k, vocab))
+            ]
+            r["bytes"] = nbytes[1]
+            r["hbm_cost"] = nbytes[1]["total"] / nbytes[0]["total"]
             print(
-                f"| {batch} | {k} | {r['moe']} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | "
+                f"| {batch} | {k} | {vocab or 'full'} | {r['moe']} | {r['ms_per_iter']:.2f} | {r['tok_s']:.1f} | "
                 f"{r['accept_length']:.2f} | {r['speedup']:.2f}x | {r['accept_length']:.2f}x | {r['cost']:.2f} | "
                 f"{r['hbm_cost']:.2f} | {r['accept_length'] / r['hbm_cost']:.2f}x |",
                 flush=True,
             )
             results["runs"].append(r)
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
+            _write(args.json, results)  # after every case: a run cut at its time limit keeps what it measured
+    return _write(args.json, results)
+
+
+def _write(path: str | None, results: dict) -> int:
+    if path:
+        with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        os.replace(path + ".tmp", path)
     return 0
 
 

@@ -14,6 +14,8 @@
 #                                          # the agent trace (16 conversations, 8K history, 3 turns)
 #   bash bench/gpu_session.sh arch [DIR] # one GPU: engine decode (batch 1, 32 at 2K) and prefill 8K, alternating this
 #                                        # tree and an older one in DIR (e.g. `git archive REV mimo_jax configs`), twice
+#   bash bench/gpu_session.sh mtpcost # one GPU (~4.5 min): a k=3 MTP iteration at batch 1 in plain steps, full
+#                                     # vocabulary vs a 32K draft vocabulary, flash-slice-4 bf16 then flash-layers-N fp8
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -64,6 +66,14 @@ four-g)
   TAIL=20 step full_prefill_t4 170 python -m mimo_jax.tools.bench prefill --model flash-layers-48 --random-weights fp8 \
     --moe-impl pallas_gpu --mesh tensor=4 --prompt-len 8192,32768 --chunk 8192 --reps 1 --copy-mb 1024 \
     --json "$O/full_prefill_t4.json"
+  ;;
+mtpcost)
+  N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384)
+  echo "### device bytes_limit $HBM -> flash-layers-$N"
+  TAIL=40 step mtp_slice 130 python bench/bench_mtp.py --model flash-slice-4 --batch 1 --steps 3 --draft-vocab 0,32768 \
+    --iters 8 --rounds 3 --json "$O/mtp_slice.json"
+  TAIL=40 step mtp_layers 140 python bench/bench_mtp.py --model "flash-layers-$N" --weights fp8 --batch 1 --steps 3 \
+    --draft-vocab 0,32768 --iters 8 --rounds 3 --json "$O/mtp_layers.json"
   ;;
 kernel-g)
   TAIL=60 step kernel_flash 300 python bench/bench_moe_kernel.py --skip-checks --weights fp8/out_in,bf16/out_in,bf16 \

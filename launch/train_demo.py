@@ -1297,6 +1297,26 @@ def export(params_dir: Path, data: Path, out: Path) -> None:
     )
 
 
+def write_demo_draft_vocab(checkpoint: Path, size: int, include: str | None = None) -> str:
+    """`draft_vocab.json` for a demo checkpoint: its tokenizer's tokens ranked by frequency in the training split
+    (`prepare`'s documents: the stdlib files not held out and the chat samples made from them)."""
+    from tokenizers import Tokenizer
+
+    from mimo_jax.weights.draft_vocab import rank_tokens, write_draft_vocab
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    template = compile_chat_template()
+    docs: list[str] = []
+    for rel, text in stdlib_files(stdlib_dir(), include=include):
+        if not is_heldout(rel):
+            docs.append(text)
+            docs.extend(render_chat(template, sample) for sample in chat_samples(rel, text))
+    streams = (np.asarray(enc.ids) for enc in tokenizer.encode_batch(docs, add_special_tokens=False))
+    ranked = rank_tokens(streams, tokenizer.get_vocab_size(with_added_tokens=True))
+    source = f"token counts of the demo's training split (Python {sys.version.split()[0]} standard library)"
+    return write_draft_vocab(checkpoint, ranked, size, source)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -1331,6 +1351,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat-tokens", type=int, default=128, help="tokens generated per held-out chat probe")
     p.add_argument("--run", type=Path, help="a `train` output dir whose summary and log go into the JSON too")
     p.add_argument("--out", type=Path, help="write the figures here as JSON")
+    p = sub.add_parser("draft-vocab", help="draft_vocab.json (token frequency ranks) for a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--size", type=int, required=True, help="tokens the MTP drafts choose among")
+    p.add_argument("--include", help="only stdlib files whose relative path starts with this (tests)")
     args = parser.parse_args(argv)
     # Reproducible GPU runs (scatter-adds in the embedding gradient); read when the backend starts.
     flags = os.environ.get("XLA_FLAGS", "")
@@ -1363,6 +1387,8 @@ def main(argv: list[str] | None = None) -> None:
             print_eval(result)
     elif args.command == "export":
         export(args.params, args.data, args.out)
+    elif args.command == "draft-vocab":
+        print(write_demo_draft_vocab(args.checkpoint, args.size, args.include))
     elif args.command == "evaluate":
         model = load_checkpoint(args.checkpoint, PRESETS[args.preset])
         result = evaluate(

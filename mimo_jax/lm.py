@@ -12,10 +12,11 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig, RunOptions
-from mimo_jax.model.mimo import MiMoModel, relayout_experts
+from mimo_jax.model.mimo import MiMoModel, relayout_experts, with_draft_vocab
 from mimo_jax.sharding import batch_sharding, place_model
 from mimo_jax.weights import WEIGHT_MODES, load_params
 from mimo_jax.weights.demo import demo_model_dir
+from mimo_jax.weights.draft_vocab import read_draft_vocab
 from mimo_jax.weights.orbax_store import is_converted, read_meta, restore_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -93,6 +94,7 @@ def load_model(
     *,
     options: RunOptions | None = None,
     progress: bool = False,
+    draft_vocab: int | None = None,
 ) -> LanguageModel:
     """Load a MiMo-V2 checkpoint directory (config.json + safetensors) into a `LanguageModel`.
 
@@ -105,6 +107,9 @@ def load_model(
     each device receives only its own slices, read straight from the files.
     `options`: how the model computes (None: `RunOptions` for the devices' platform); the experts are
     stored in the layout its MoE implementation reads.
+    `draft_vocab`: with MTP layers, the drafts choose among the N most frequent tokens of the checkpoint's
+    `draft_vocab.json` (`mimo_jax.weights.draft_vocab`; None: the size that file names, or none without the
+    file; 0: the whole vocabulary). Lossless: the verify scores every token.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
@@ -125,4 +130,10 @@ def load_model(
             path, DTYPES[dtype], weights=weights, mtp_layers=mtp_layers, mesh=mesh, progress=progress, options=options
         )
     model = relayout_experts(model)  # expert weights in the layout the chosen implementation reads
+    if len(model.mtp) and os.path.isdir(path):
+        draft_ids = read_draft_vocab(path, draft_vocab)
+        if draft_ids is not None:
+            model = with_draft_vocab(model, draft_ids)
+    elif draft_vocab:
+        raise ValueError(f"draft_vocab={draft_vocab} needs MTP layers (mtp=True) and a checkpoint directory")
     return LanguageModel(model, mesh=mesh, source=os.fspath(path))

@@ -17,10 +17,11 @@ state that predicted the last emitted token b = t_{P+1}, which the target has no
   token d_j (d_0 = b), giving d_{j+1} (top-1 when greedy, else drawn from the processed draft
   distribution q_j). Layer j's entries at positions P-j+1..P read the tokens t_{P+2..P+j+1}, i.e.
   this chain's own drafts, and entries written by earlier rounds there may hold drafts that were
-  rejected since. So each step recomputes a window of positions [P-k-j, P] (real tokens where
-  they are known, this chain's drafts after) from the last 2k target hidden states: whatever an
-  earlier round wrote from a since-rejected draft lies inside that window (P grows by at most
-  k+1 per round), and everything before it was written from accepted tokens only.
+  rejected since. So each step recomputes the window of positions [P-k, P] (real tokens where
+  they are known, this chain's drafts after) from the last k+1 target hidden states. That window
+  is all that can be stale or missing: the previous round (at P' = P-a-1 after a accepted drafts)
+  wrote layer j up to P' and read drafts only at positions past P'-j, of which those past P-1-j read
+  a rejected one; so [P-max(a, j), P] needs writing, inside [P-k, P] as a <= k and j < k.
 - verify: the target reads [b, d_1..d_k] at positions P+1..P+k+1; row m predicts t_{P+m+2}.
 - accept (`accept_drafts`): standard speculative rejection sampling. Draft d_{m+1} is accepted
   with probability min(1, p_m(d)/q_m(d)); at the first rejection the token comes from
@@ -54,8 +55,8 @@ DRAFT_KEY, COIN_KEY, CORRECTION_KEY = 1, 2, 3
 
 
 def history_length(num_drafts: int) -> int:
-    """Target hidden states (and the tokens after them) a slot keeps for the draft windows: 2k."""
-    return 2 * num_drafts
+    """Target hidden states (and the tokens after them) a slot keeps for the draft windows: k+1 (0 for k = 0)."""
+    return num_drafts + 1 if num_drafts else 0
 
 
 def mtp_prefill(
@@ -93,8 +94,8 @@ def draft_chain(
 ) -> tuple[jax.Array, jax.Array | None, list[LayerKV]]:
     """k = len(mtp_cache) draft tokens per row from the MTP layers, one layer per step.
 
-    recent_hidden [B, 2k, H]: target hidden states at positions last-2k+1 .. last;
-    recent_tokens [B, 2k]: the token after each of them (t_{last-2k+2} .. t_{last+1});
+    recent_hidden [B, K, H]: target hidden states at positions last-K+1 .. last (K >= k+1: `history_length`);
+    recent_tokens [B, K]: the token after each of them (t_{last-K+2} .. t_{last+1});
     last [B]: P, the position of the newest target hidden state (-1 = inactive row);
     greedy (static): every row is greedy, so drafts are argmaxes and no distribution is formed.
     Returns drafts [B, k] (tokens for positions P+2 .. P+k+1), the processed draft
@@ -107,15 +108,15 @@ def draft_chain(
     mtp_hidden = model.mtp_input(recent_hidden)  # once for all k steps
     draft_lp, out_cache = [], []
     for j, kv in enumerate(mtp_cache):
-        width = k + j + 1  # positions P-k-j .. P
+        width = k + 1  # positions P-k .. P (see the module docstring)
         offsets = jnp.arange(width, dtype=jnp.int32) - (width - 1)
         pos = last[:, None] + offsets
         pos = jnp.where((last[:, None] >= 0) & (pos >= 0), pos, -1)
         # position i reads t_{i+j+1}: real tokens up to t_{P+1}, then this chain's drafts
-        tokens = jnp.concatenate([recent_tokens, drafts], axis=1)[:, hist - k - 1 :]
+        tokens = jnp.concatenate([recent_tokens, drafts], axis=1)[:, hist + j - width :]
         layer = model.mtp[j]
         h, kv = layer(model.embed(tokens), mtp_hidden[:, hist - width :], pos, kv)
-        logits = model.logits(h[:, -1], layer.final_layernorm)
+        logits = model.draft_logits(h[:, -1], layer.final_layernorm)  # the draft vocabulary, if the model has one
         if greedy:
             penalized = apply_penalties(logits, sampling, counts, prompt_mask, stop_ids)
             token = jnp.argmax(penalized, axis=-1).astype(jnp.int32)

@@ -44,7 +44,7 @@ class SlotState:
     rng: jax.Array  # [B, 2] uint32, key data of each request's random stream
     counts: jax.Array  # [B, V] int32, generated-token counts (presence / frequency penalties)
     prompt_mask: jax.Array  # [B, V] bool, tokens of the prompt (repetition penalty)
-    # speculation (K = 2k, else 0): target hidden states at positions-K .. positions-1, the token after each
+    # speculation (K = k+1, else 0): target hidden states at positions-K .. positions-1, the token after each
     recent_hidden: jax.Array  # [B, K, H]
     recent_tokens: jax.Array  # [B, K] int32, the last one is `tokens`
 

@@ -9,9 +9,11 @@ view over the same weights, `relayout_experts` stores the experts in the layout 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -25,6 +27,11 @@ from mimo_jax.quant import weight
 _INIT_STD = 0.02
 _HIDDEN_AXES = ("batch", None, "embed")  # residual stream [B, T, H]
 LayerCache = LayerKV | PagedKV  # a layer's cache: contiguous slots or a ring (LayerKV), or pages (full layers)
+
+
+class DraftVocab(nnx.Variable):
+    """The MTP drafts' reduced vocabulary (`with_draft_vocab`): derived from lm_head, never a checkpoint tensor,
+    so the loader, exporter and Orbax store (which handle `nnx.Param`s) leave it alone."""
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], init: str = "normal"):
@@ -275,7 +282,8 @@ class MiMoModel(nnx.Module):
 
     `mtp_layers` > 0 adds that many MTP layers (sharing embed_tokens and lm_head). `options`: how it
     computes (None: `RunOptions` for this process's backend); `expert_layout`: how the MoE weights are
-    stored ("in_out" as imported; `relayout_experts` makes the kernel's layout).
+    stored ("in_out" as imported; `relayout_experts` makes the kernel's layout). `draft_vocab` > 0: room for a
+    reduced draft vocabulary of that many tokens (zeros; `with_draft_vocab` fills it from lm_head).
     """
 
     def __init__(
@@ -286,6 +294,7 @@ class MiMoModel(nnx.Module):
         mtp_layers: int = 0,
         options: RunOptions | None = None,
         expert_layout: str = "in_out",
+        draft_vocab: int = 0,
     ):
         options = options or RunOptions.for_platform(jax.default_backend())
         self.config = cfg
@@ -300,6 +309,15 @@ class MiMoModel(nnx.Module):
         else:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab"))
         self.mtp = nnx.List([MTPLayer(cfg, dtype, rngs, options, expert_layout) for _ in range(mtp_layers)])
+        # The drafts' lm_head over the `draft_vocab` most frequent tokens (FR-Spec): a copy of those lm_head
+        # columns, so a draft step reads N/V of the full head; the verify keeps the full vocabulary (lossless).
+        self.draft_vocab = draft_vocab
+        self.draft_ids = nnx.data(DraftVocab(jnp.zeros((draft_vocab,), jnp.int32)) if draft_vocab else None)
+        self.draft_head = nnx.data(
+            DraftVocab(jnp.zeros((cfg.hidden_size, draft_vocab), dtype), logical_axes=("embed", "vocab"))
+            if draft_vocab
+            else None
+        )
 
     def moe_layers(self) -> list[MoE]:
         return [m for layer in (*self.layers, *(t.block for t in self.mtp)) if isinstance(m := layer.mlp, MoE)]
@@ -344,6 +362,19 @@ class MiMoModel(nnx.Module):
             return logits
         return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
+    def draft_logits(self, hidden: jax.Array, norm: RMSNorm) -> jax.Array:
+        """An MTP layer's float32 logits [..., vocab] for drafting: `logits` over the draft vocabulary only (-inf
+        for every other token) when the model has one (`with_draft_vocab`), else over the whole vocabulary."""
+        if self.draft_head is None:
+            return self.logits(hidden, norm)
+        h = norm(hidden)
+        reduced = jnp.einsum("...h,hn->...n", h, weight(self.draft_head, after=h), preferred_element_type=jnp.float32)
+        full = jnp.full(reduced.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
+        logits = full.at[..., self.draft_ids[...]].set(reduced)
+        if logits.ndim < 2:
+            return logits
+        return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
+
     def mtp_input(self, hidden: jax.Array) -> jax.Array:
         """What the MTP layers read of the target's residual stream `hidden`: after the final norm (the released
         checkpoints' wiring), or as it is for a checkpoint whose config says `mtp_hidden_before_norm`."""
@@ -368,11 +399,70 @@ class MiMoModel(nnx.Module):
 
 def _view(model: MiMoModel, options: RunOptions, expert_layout: str) -> MiMoModel:
     """A model built with (options, expert_layout) over `model`'s parameter arrays (no copy)."""
-    cfg, dtype, mtp_layers = model.config, model.dtype, len(model.mtp)
-    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, None, mtp_layers, options, expert_layout))
+    cfg, dtype, mtp_layers, draft = model.config, model.dtype, len(model.mtp), model.draft_vocab
+    abstract = nnx.eval_shape(lambda: MiMoModel(cfg, dtype, None, mtp_layers, options, expert_layout, draft))
     graphdef, _ = nnx.split(abstract)
     _, params = nnx.split(model)
     return nnx.merge(graphdef, params)
+
+
+def with_draft_vocab(model: MiMoModel, token_ids: Any) -> MiMoModel:
+    """`model` (same weight arrays) whose MTP drafts choose among `token_ids` only (FR-Spec): a copy of those
+    lm_head columns is made on lm_head's devices (sharded as lm_head over the vocabulary), so each draft step
+    reads len(token_ids) columns instead of the whole head. The verify still scores the full vocabulary, so
+    what is emitted is unchanged (greedy: identical; sampled: the same distribution). Empty: no draft vocabulary.
+    Works on abstract models too (ShapeDtypeStruct weights: the draft head is abstract)."""
+    ids = np.asarray(token_ids)
+    vocab = model.config.vocab_size
+    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"draft vocabulary: expected a 1-D list of token ids, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"draft vocabulary: token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("draft vocabulary: token ids repeat")
+    if ids.size and not len(model.mtp):
+        raise ValueError("a draft vocabulary needs MTP layers (the model has none)")
+    ids = ids.astype(np.int32)
+    if model.lm_head is None:  # tied: lm_head = embed_tokens.T
+        table, axis = model.embed_tokens.get_value(), 0
+    else:
+        table, axis = model.lm_head.get_value(), 1
+    graphdef, params = nnx.split(model)
+    out = nnx.merge(graphdef, params)  # a new module over the same arrays
+    out.draft_vocab = int(ids.size)
+    if not ids.size:
+        out.draft_ids = out.draft_head = nnx.data(None)
+        return out
+    head_shape = (model.config.hidden_size, ids.size)
+    if isinstance(table, jax.ShapeDtypeStruct):
+        placed = getattr(table, "sharding", None)
+        ids_value = jax.ShapeDtypeStruct(ids.shape, jnp.int32, sharding=_replicated_like(placed))
+        head = jax.ShapeDtypeStruct(head_shape, table.dtype, sharding=_vocab_sharding_like(placed, head_shape))
+    else:
+        placed = getattr(table, "sharding", None)
+        gather = lambda t, i: (quant.weight(t) if isinstance(t, quant.BlockQuantized) else t).take(i, axis=axis)
+        take = jax.jit(
+            lambda t, i: gather(t, i).T if axis == 0 else gather(t, i),
+            out_shardings=_vocab_sharding_like(placed, head_shape),
+        )
+        ids_value = jax.device_put(ids, _replicated_like(placed))
+        head = take(table, ids_value)
+    out.draft_ids = nnx.data(DraftVocab(ids_value))
+    out.draft_head = nnx.data(DraftVocab(head, logical_axes=("embed", "vocab")))
+    return out
+
+
+def _replicated_like(placed: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    if isinstance(placed, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(placed.mesh, PartitionSpec())
+    return placed
+
+
+def _vocab_sharding_like(placed: jax.sharding.Sharding | None, shape: tuple[int, ...]) -> jax.sharding.Sharding | None:
+    """A [hidden, vocab-like] array placed as the rules place lm_head on `placed`'s mesh."""
+    if isinstance(placed, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(placed.mesh, sharding.logical_to_spec(("embed", "vocab"), shape, placed.mesh))
+    return placed
 
 
 def relayout_experts(model: MiMoModel, layout: str | None = None) -> MiMoModel:

@@ -14,7 +14,7 @@ from flax import nnx
 import mimo_jax
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
-from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.model.mimo import MiMoModel, with_draft_vocab
 from tests.fixtures import TINY_CONFIG, predictable_model, successor
 
 CFG = TINY_CONFIG
@@ -45,14 +45,19 @@ def run(engine: Engine, requests: dict) -> dict:
 
 
 @nnx.jit(static_argnums=1)
-def _mtp_greedy(model: MiMoModel, j: int, tokens, hidden, positions, last):
-    _, logits, _ = model.mtp_forward(j, tokens, hidden, positions)
-    return jnp.argmax(logits[0, last])
+def _mtp_greedy(model: MiMoModel, j: int, tokens, hidden, positions, last, allowed):
+    _, logits, _ = model.mtp_forward(j, tokens, hidden, positions)  # the full head's logits
+    return jnp.argmax(jnp.where(allowed, logits[0, last], -jnp.inf))
 
 
-def uncached_drafts(model: MiMoModel, seq: list[int], prompt_len: int, accepted: list[int], k: int) -> list:
+def uncached_drafts(
+    model: MiMoModel, seq: list[int], prompt_len: int, accepted: list[int], k: int, draft_vocab=None
+) -> list:
     """Each round's greedy chain recomputed without any cache: MTP layer j over positions 0..P reads
-    (h_i, t_{i+j+1}) with the final sequence's tokens up to t_{P+1} and the chain's own drafts after."""
+    (h_i, t_{i+j+1}) with the final sequence's tokens up to t_{P+1} and the chain's own drafts after;
+    each draft is the argmax over `draft_vocab` (token ids; None: the whole vocabulary)."""
+    allowed = np.zeros(model.config.vocab_size, bool)
+    allowed[slice(None) if draft_vocab is None else np.asarray(draft_vocab)] = True
     length = 64  # one shape for every sequence: positions past P are -1 (masked)
     positions = np.arange(length, dtype=np.int32)[None]
     padded = np.zeros((1, length), np.int32)
@@ -66,7 +71,7 @@ def uncached_drafts(model: MiMoModel, seq: list[int], prompt_len: int, accepted:
             tokens = np.zeros((1, length), np.int32)
             tokens[0, : last + 1] = ext[j + 1 : j + 2 + last]
             pos = np.where(positions <= last, positions, -1)
-            drafts.append(int(_mtp_greedy(model, j, tokens, hidden, pos, last)))
+            drafts.append(int(_mtp_greedy(model, j, tokens, hidden, pos, last, allowed)))
         rounds.append(drafts)
         last += a + 1
     return rounds
@@ -116,6 +121,35 @@ def test_greedy_equals_plain_and_drafts_equal_uncached_chain(lm, requests, k):
     assert stats_.target_forwards == accepted.size and stats_.accepted_tokens == accepted.sum()
     assert stats_.accepted_at == [int((accepted > j).sum()) for j in range(k)]
     assert stats_.mean_accept_length == pytest.approx(1 + accepted.mean())
+
+
+def test_draft_vocabulary_keeps_greedy_output_and_drafts_its_argmax(lm, requests):
+    """Drafts over a reduced vocabulary (`with_draft_vocab`, FR-Spec) leaving out half of the successor map's
+    targets: those drafts become other tokens (rejected), the output stays plain decoding's token for token,
+    and each draft is the uncached chain's argmax over the draft vocabulary."""
+    reqs, want = requests
+    succ = successor(CFG.vocab_size)
+    left_out = {int(succ[t]) for t in range(0, CFG.vocab_size, 2)}
+    ids = np.random.RandomState(0).permutation([t for t in range(CFG.vocab_size) if t not in left_out])  # any order
+    model = with_draft_vocab(lm.model, ids)
+    engine = Engine(
+        mimo_jax.LanguageModel(model),
+        max_batch=2,
+        max_context=64,
+        prefill_chunk=4,
+        max_round_tokens=3,
+        speculative_steps=3,
+    )
+    got = run(engine, reqs)
+    for rid in ("long", "mid", "edge", "stop"):
+        g = got[rid]
+        assert (g["tokens"], g["reason"]) == (want[rid]["tokens"], want[rid]["reason"]), rid
+        prompt = reqs[rid][0]
+        assert g["drafts"] == uncached_drafts(model, prompt + g["tokens"], len(prompt), g["accepted"], 3, ids), rid
+        assert not left_out & {d for r in g["drafts"] for d in r}
+    assert len(got["hot"]["tokens"]) == 30
+    accepted = np.concatenate([np.asarray(g["accepted"]) for g in got.values()])
+    assert (accepted == 0).any() and (accepted > 0).any()
 
 
 @pytest.mark.parametrize(("k", "mtp_right"), [(3, True), (2, False)])
