@@ -3,6 +3,8 @@ and without the prefix cache, and how many sequences a fixed KV budget holds (pa
 
     python bench/bench_engine.py lone  --model demo --slots 1,32            # CPU: the demo in float32
     python bench/bench_engine.py agent --model demo --conversations 4 --history 1024 --turns 3
+    python bench/bench_engine.py agent --model flash-slice-4 --dtype bfloat16 --conversations 16 --history 8192 \
+        --turns 3 --chunk 2048                                              # one GPU
     python bench/bench_engine.py capacity --model flash-slice-4 --budget-gb 40
     python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64   # one GPU
 
@@ -10,8 +12,11 @@ and without the prefix cache, and how many sequences a fixed KV budget holds (pa
 through `Engine.step` (the server's path, host included) and the ratio to the 1-slot engine. It runs on the
 engine before v2 too: `PYTHONPATH=OLD_TREE python bench/bench_engine.py lone ...`.
 `agent`: `--conversations` conversations run at once; each starts from its own `--history` tokens, and every turn
-sends the whole conversation so far plus `--new-tokens` new ones and generates `--output-tokens`. Time to first
-token (from `add` to the first output) and generated tokens per second, prefix cache off and on.
+sends the whole conversation so far plus `--new-tokens` new ones and generates `--output-tokens`. A turn starts
+when every conversation has its previous answer: the first conversation alone (its time to first token is its
+own prefill, nothing queued), then the others at once. Per turn the mean time to first token (from `add` to the
+first output) and the lone one's; generated tokens per second; prefix cache off and on, each engine warmed up as
+the server does (`mimo_jax.engine.driver.warm_up`), programs compiled during the timed run counted (expected 0).
 `constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one JSON-constrained
 request (the demo's tokenizer and llguidance): their tok/s and the ratio.
 `capacity`: concurrent sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072: its proportions, repeated)
@@ -37,6 +42,8 @@ from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel, load_model
 from mimo_jax.weights.demo import demo_model_dir
 from mimo_jax.weights.random import bench_config, random_model
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's monitoring event for one XLA compilation
 
 
 def load(args: argparse.Namespace) -> LanguageModel:
@@ -85,8 +92,10 @@ def run_lone(lm: LanguageModel, args: argparse.Namespace) -> list[dict]:
 
 
 def run_agent(lm: LanguageModel, args: argparse.Namespace, prefix_cache: bool) -> dict:
-    """Conversations of `turns` turns, all running at once; TTFT per turn and generated tokens per second."""
-    from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, max_pages  # engine v2 (`lone` runs on older trees too)
+    """`turns` turns of `conversations` conversations, as the server runs them (overlap on, its warm-up first);
+    per turn the mean time to first token, and that of a conversation alone (its prefill, no queue)."""
+    from mimo_jax.engine.driver import Driver, warm_up  # engine v2 (`lone` runs on older trees too)
+    from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, max_pages
 
     c = args.conversations
     max_context = args.history + args.turns * (args.new_tokens + args.output_tokens) + 8
@@ -100,56 +109,53 @@ def run_agent(lm: LanguageModel, args: argparse.Namespace, prefix_cache: bool) -
         num_pages=2 * c * per_seq // DEFAULT_PAGE_SIZE,  # room for every conversation and the cached prefixes
         prefix_cache=prefix_cache,
     )
-    # warm-up: every prefill bucket and decode bucket this run uses (not timed)
-    for n in sorted({b for b in engine.buckets} | {args.new_tokens + args.output_tokens}):
-        engine.add(f"w{n}", prompt_ids(lm, min(n, max_context - args.output_tokens - 1), 999), greedy(2))
-        while engine.has_work():
-            engine.step()
-    if prefix_cache:  # the ring snapshot's save and restore, and the tail chunks they leave
-        for i in range(2):
-            engine.add(f"ws{i}", prompt_ids(lm, 3 * DEFAULT_PAGE_SIZE + 5, 998), greedy(2))
-            while engine.has_work():
-                engine.step()
-    for b in engine.steps.decode_buckets:
-        for i in range(b):
-            engine.add(f"wb{b}-{i}", prompt_ids(lm, 8, 900 + i), greedy(3))
-        while engine.has_work():
-            engine.step(max_tokens_per_round=args.round)
-    engine.pages.reset_prefix_cache()
+    engine.overlap = True  # as the server runs it: a step's first tokens are read before its decode round
+    warm_up(Driver(engine), args.round, prompt_scoring=False)
+    compiled = []
+
+    def listener(event: str, seconds: float, **kwargs) -> None:
+        if event == COMPILE_EVENT:
+            compiled.append(kwargs.get("fun_name"))
+
     history = {i: prompt_ids(lm, args.history, i) for i in range(c)}
-    turn = dict.fromkeys(range(c), 0)
-    started, first_at, ttft = {}, {}, []
-    ttft_later = []
-    generated = 0
-    cached = []
-    t0 = time.perf_counter()
+    ttft = [[] for _ in range(args.turns)]  # per turn, per conversation
+    alone = []  # per turn: the first conversation's TTFT, submitted alone (nothing else queued or running)
+    generated, cached = 0, []
+    started, first_at, outputs = {}, {}, {}
 
-    def submit(i: int) -> None:
-        new = prompt_ids(lm, args.new_tokens, 1000 * i + turn[i])
-        history[i] = history[i] + new
-        rid = (i, turn[i])
-        engine.add(rid, history[i], greedy(args.output_tokens))
-        started[rid] = time.perf_counter()
+    def submit(i: int, turn: int) -> None:
+        history[i] = history[i] + prompt_ids(lm, args.new_tokens, 1000 * i + turn)
+        engine.add((i, turn), history[i], greedy(args.output_tokens))
+        started[(i, turn)] = time.perf_counter()
 
-    for i in range(c):
-        submit(i)
-    outputs: dict = {}
-    while engine.has_work():
+    def step() -> None:
+        nonlocal generated
         for out in engine.step(max_tokens_per_round=args.round, prefill_tokens=args.chunk):
             rid = out.request_id
-            if out.cached_tokens is not None:
-                cached.append(out.cached_tokens)
             if out.token_ids and rid not in first_at:
                 first_at[rid] = time.perf_counter()
-                (ttft if rid[1] == 0 else ttft_later).append(first_at[rid] - started[rid])
+                ttft[rid[1]].append(first_at[rid] - started[rid])
+            if out.cached_tokens is not None:
+                cached.append(out.cached_tokens)
             outputs.setdefault(rid, []).extend(out.token_ids)
             generated += len(out.token_ids)
             if out.finished:
-                i = rid[0]
-                history[i] = history[i] + outputs.pop(rid)
-                turn[i] += 1
-                if turn[i] < args.turns:
-                    submit(i)
+                history[rid[0]] = history[rid[0]] + outputs.pop(rid)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    t0 = time.perf_counter()
+    try:
+        for turn in range(args.turns):  # a turn starts when every conversation has its previous answer
+            submit(0, turn)
+            while (0, turn) not in first_at:
+                step()
+            alone.append(first_at[(0, turn)] - started[(0, turn)])
+            for i in range(1, c):
+                submit(i, turn)
+            while engine.has_work():
+                step()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
     wall = time.perf_counter() - t0
     stats = engine.pages.stats()
     row = dict(
@@ -157,20 +163,55 @@ def run_agent(lm: LanguageModel, args: argparse.Namespace, prefix_cache: bool) -
         conversations=c,
         history=args.history,
         turns=args.turns,
-        ttft_first_turn_s=float(np.mean(ttft)),
-        ttft_later_turns_s=float(np.mean(ttft_later)) if ttft_later else None,
+        ttft_s=[float(np.mean(t)) for t in ttft],
+        ttft_alone_s=alone,
         tok_s=generated / wall,
         wall_s=wall,
         cached_tokens_mean=float(np.mean(cached)) if cached else 0.0,
         hit_rate=stats.hit_rate,
         preemptions=engine.num_preemptions,
+        compiled=compiled,
     )
+    turns = ", ".join(f"{t:.3f} s (alone {a:.3f} s)" for t, a in zip(row["ttft_s"], alone, strict=True))
     print(
-        f"agent trace, prefix cache {'on ' if prefix_cache else 'off'}: TTFT turn 1 {row['ttft_first_turn_s']:.3f} s, "
-        f"later turns {row['ttft_later_turns_s']:.3f} s; {row['tok_s']:.1f} tok/s; cached tokens per request "
-        f"{row['cached_tokens_mean']:.0f}; hit rate {row['hit_rate']:.2f}; preemptions {row['preemptions']}"
+        f"agent trace, prefix cache {'on ' if prefix_cache else 'off'}: mean TTFT per turn {turns}; "
+        f"{row['tok_s']:.1f} generated tok/s ({wall:.1f} s); "
+        f"cached tokens per request {row['cached_tokens_mean']:.0f}; "
+        f"hit rate {row['hit_rate']:.2f}; preemptions {row['preemptions']}; compiled after warm-up: {len(compiled)}"
+        + (f" {sorted(set(compiled))}" if compiled else "")
     )
     return row
+
+
+def agent_ratios(off: dict, on: dict) -> dict:
+    """TTFT and lone TTFT cache off / on per turn, their mean over the turns after the first, the throughput ratio;
+    printed as two markdown tables."""
+    turns = range(len(off["ttft_s"]))
+    ratios = dict(
+        ttft=[off["ttft_s"][t] / on["ttft_s"][t] for t in turns],
+        alone=[off["ttft_alone_s"][t] / on["ttft_alone_s"][t] for t in turns],
+        tok_s=on["tok_s"] / off["tok_s"],
+    )
+    print("| turn | mean TTFT, cache off | cache on | off / on | alone, cache off | cache on | off / on |")
+    print("|---|---|---|---|---|---|---|")
+    for t in turns:
+        print(
+            f"| {t + 1} | {off['ttft_s'][t]:.3f} s | {on['ttft_s'][t]:.3f} s | {ratios['ttft'][t]:.2f}x "
+            f"| {off['ttft_alone_s'][t]:.3f} s | {on['ttft_alone_s'][t]:.3f} s | {ratios['alone'][t]:.2f}x |"
+        )
+    if len(turns) > 1:
+        ratios["ttft_later_mean"] = float(np.mean(ratios["ttft"][1:]))
+        ratios["alone_later_mean"] = float(np.mean(ratios["alone"][1:]))
+        later, alone = ratios["ttft_later_mean"], ratios["alone_later_mean"]
+        print(f"| >= 2 (mean of ratios) | | | {later:.2f}x | | | {alone:.2f}x |")
+    print("\n| prefix cache | generated tok/s | wall | cached tokens per request | hit rate | compiled after warm-up |")
+    print("|---|---|---|---|---|---|")
+    for row in (off, on):
+        print(
+            f"| {'on' if row['prefix_cache'] else 'off'} | {row['tok_s']:.1f} | {row['wall_s']:.1f} s "
+            f"| {row['cached_tokens_mean']:.0f} | {row['hit_rate']:.2f} | {len(row['compiled'])} |"
+        )
+    return ratios
 
 
 def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
@@ -258,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=int, default=256)
     p.add_argument("--round", type=int, default=8, help="decode steps per round (the server's default)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--conversations", type=int, default=4)
-    p.add_argument("--history", type=int, default=1024)
+    p.add_argument("--conversations", type=int, help="default: 16 (agent, the issue's trace), 4 (constrained)")
+    p.add_argument("--history", type=int, default=8192)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -268,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budget-gb", type=float, default=40.0)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    args.conversations = args.conversations or (16 if args.mode == "agent" else 4)
     result: dict = dict(mode=args.mode, model=args.model, dtype=args.dtype, device=jax.devices()[0].device_kind)
     if args.mode == "capacity":
         cfg = bench_config(args.model) if args.model != "demo" else load(args).config
@@ -281,10 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rows = [run_agent(lm, args, False), run_agent(lm, args, True)]
             result["agent"] = rows
-            if rows[1]["ttft_later_turns_s"]:
-                speedup = rows[0]["ttft_later_turns_s"] / rows[1]["ttft_later_turns_s"]
-                print(f"TTFT of later turns, cache off / on: {speedup:.2f}x")
-                result["ttft_speedup"] = speedup
+            result["agent_ratios"] = agent_ratios(*rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

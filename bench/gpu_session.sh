@@ -9,9 +9,10 @@
 #                                      # wide down steps; per call and per layer of 16 in one jit (--chain); checks
 #   bash bench/gpu_session.sh kernel-h # one GPU: module defaults only at 1-32 tokens (T = 1 three times, fresh
 #                                      # inputs), per call and per layer; one tensor=4 shard; the GPU checks
-#   bash bench/gpu_session.sh engine [DIR] # one GPU: paged decode vs the contiguous cache of the tree in DIR (batch
-#                                          # 1/64 at CTX, default 2K and 128K), a lone request in 1 and 64 slots,
-#                                          # the agent trace (16 conversations, 8K history, 3 turns)
+#   bash bench/gpu_session.sh engine [DIR] # one GPU, the parts in PARTS (default agent, ~3 min): paged decode vs
+#                                          # the contiguous cache of the tree in DIR (batch 1/64 at CTX, default 2K
+#                                          # and 128K), a lone request in 1 and 64 slots, the agent trace (16
+#                                          # conversations, HISTORY=8192 tokens of history, 3 turns, cache off / on)
 #   bash bench/gpu_session.sh arch [DIR] # one GPU: engine decode (batch 1, 32 at 2K) and prefill 8K, alternating this
 #                                        # tree and an older one in DIR (e.g. `git archive REV mimo_jax configs`), twice
 #   bash bench/gpu_session.sh mtpcost # one GPU (~4.5 min): a k=3 MTP iteration at batch 1 in plain steps, full
@@ -110,19 +111,33 @@ arch)
   done
   ;;
 engine)
-  # engine v2 (issue 22): decode with paged full layers (this tree) against the contiguous cache of the tree in
-  # DIR (the engine before v2), flash-slice-4 bf16; then a lone request in 1 / 64 slots and the agent trace
+  # engine v2 (issue 22), flash-slice-4 bf16, the parts named in PARTS (default: agent; all: decode,lone,agent):
+  # decode with paged full layers (this tree) against the contiguous cache of the tree in DIR (the engine before
+  # v2), a lone request in 1 / 64 slots, and the agent trace (16 conversations, HISTORY tokens of history each,
+  # default 8192; 3 turns of 200 new tokens): mean TTFT per turn with and without the prefix cache and the ratio.
+  # The two agent engines compile the same programs: the second reads them from a persistent compilation cache.
   CTX=${CTX:-2048,131072}
-  if [ -n "${2:-}" ]; then
-    (cd "$2" && PYTHONPATH=. TAIL=12 step old_decode 150 python -m mimo_jax.tools.bench decode --batch 1,64 \
-      --context "$CTX" --steps 16 --rounds 3 --no-experts-count --json "$O/old_decode.json")
+  PARTS=${PARTS:-agent}
+  if [[ $PARTS == *decode* ]]; then
+    if [ -n "${2:-}" ]; then
+      (cd "$2" && PYTHONPATH=. TAIL=12 step old_decode 150 python -m mimo_jax.tools.bench decode --batch 1,64 \
+        --context "$CTX" --steps 16 --rounds 3 --no-experts-count --json "$O/old_decode.json")
+    fi
+    TAIL=12 step new_decode 150 python -m mimo_jax.tools.bench decode --batch 1,64 --context "$CTX" --steps 16 \
+      --rounds 3 --no-experts-count --json "$O/new_decode.json"
   fi
-  TAIL=12 step new_decode 150 python -m mimo_jax.tools.bench decode --batch 1,64 --context "$CTX" --steps 16 \
-    --rounds 3 --no-experts-count --json "$O/new_decode.json"
-  step lone 100 python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64 \
-    --prompt 2048 --output 256 --round 8 --reps 2 --json "$O/lone.json"
-  step agent 140 python bench/bench_engine.py agent --model flash-slice-4 --dtype bfloat16 --conversations 16 \
-    --history 8192 --turns 3 --new-tokens 200 --output-tokens 64 --chunk 2048 --round 8 --json "$O/agent.json"
+  if [[ $PARTS == *lone* ]]; then
+    step lone 100 python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64 \
+      --prompt 2048 --output 256 --round 8 --reps 2 --json "$O/lone.json"
+  fi
+  if [[ $PARTS == *agent* ]]; then
+    for h in ${HISTORY:-8192}; do
+      JAX_COMPILATION_CACHE_DIR=/tmp/gpu_session_jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 TAIL=8 \
+        step "agent_$h" 220 python bench/bench_engine.py agent --model flash-slice-4 --dtype bfloat16 \
+        --conversations 16 --history "$h" --turns 3 --new-tokens 200 --output-tokens 32 --chunk 2048 --round 8 \
+        --json "$O/agent_$h.json"
+    done
+  fi
   ;;
 *) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine [DIR]" >&2; exit 2 ;;
 esac

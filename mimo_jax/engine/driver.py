@@ -6,7 +6,8 @@ requests to cancel, which to add, whether to step and with what budgets) and han
 the same engine calls in the same order: process 0 decides, its driver broadcasts each plan on a
 `BroadcastChannel` before applying it, and the other processes run `Driver.follow`, applying the
 same plans until a stop plan (or an abort) arrives. Sampling seeds are settled on process 0 and
-travel in the plan, so no process picks its own.
+travel in the plan, so no process picks its own. `warm_up` compiles every program an engine can run, through
+plans (the server runs it before it reports ready; benchmarks before they time).
 
 The channel's rules, for every message: process 0 broadcasts the length (int32), then the bytes
 zero-padded to a power of two of at least 256 (each shape compiles once, so keep them few); an
@@ -190,3 +191,71 @@ class Driver:
         live, self._live = list(self._live), {}
         for request_id in live:
             self.engine.cancel(request_id)
+
+
+def warm_up(driver: Driver, round_tokens: int | None = None, *, prompt_scoring: bool = True) -> None:
+    """Compile every shape and loop the engine can run, so nothing compiles once it serves: each prefill chunk
+    bucket (and with `prompt_scoring` the prompt-scoring prefill of each, for echo / prompt_logprobs), admit, the
+    decode loop for every round size (with speculation its greedy and its sampled loop, and the constrained rows'
+    plain loop when the engine takes constraints), the prefix cache's ring snapshot and restore, cancel; with the
+    engine's `overlap` as it will run (its reads copy the finish reasons).
+
+    A prefix hit runs nothing else: restore, then the prompt's tail in chunks whose lengths fall in any bucket
+    (a chunk also ends at the snapshot boundary). So the buckets are warmed up with the prefix cache off: the
+    prompts neither hit each other (a hit would shorten a chunk below its bucket) nor split at a boundary.
+    Deterministic, so on a multi-host run every process runs it itself (a driver without a channel).
+    """
+    engine = driver.engine
+    round_tokens = engine.max_round_tokens if round_tokens is None else round_tokens
+
+    def run_to_the_end(requests: list[tuple[str, list[int], SamplingOptions]]) -> None:
+        """Add the requests in one round and step until the engine has nothing left."""
+        plan = RoundPlan(step=True, round_tokens=round_tokens, prefill_tokens=1 << 30)
+        for request_id, prompt, opts in requests:
+            plan.add_request(request_id, prompt, opts)
+        driver.run(plan)
+        while engine.has_work():
+            driver.run(RoundPlan(step=True, round_tokens=round_tokens, prefill_tokens=1 << 30))
+
+    options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
+    # With speculation, rounds where every sequence is greedy run a loop of their own: warm up both loops.
+    sampled = dataclasses.replace(options, temperature=1.0)
+    # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
+    longest = max(1, engine.max_context - 2)
+    bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
+    lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
+    runs = [("warmup", options, lengths)]
+    if prompt_scoring:  # the prompt-scoring prefill (echo + logprobs, prompt_logprobs) is a function of its own
+        scoring = SamplingOptions(max_new_tokens=0, seed=0, prompt_logprobs=engine.max_top_logprobs)
+        runs.append(("warmup-scoring", scoring, lengths))
+    if engine.speculative_steps:
+        runs.append(("warmup-sampled", sampled, lengths[:1]))
+    # Every decode round size (a bucket of running slots), greedy and (with speculation) sampled.
+    loops = [options, sampled] if engine.speculative_steps else [options]
+    if engine.speculative_steps and engine.constraint_factory is not None:
+        # the constrained rows' plain loop; a thinking block allows every token, so no request ends before
+        # its constrained rounds whatever the model says (a JSON object could close with one token)
+        constrained = {"json_object": True, "thinking": "inside"}
+        loops.append(dataclasses.replace(options, constraint=constrained))
+    pages = engine.pages
+    caching, pages.prefix_cache = pages.prefix_cache, False
+    try:
+        for name, opts, prompt_lengths in runs:
+            for start in range(0, len(prompt_lengths), engine.max_batch):
+                batch = prompt_lengths[start : start + engine.max_batch]
+                run_to_the_end([(f"{name}-{start + i}", [0] * n, opts) for i, n in enumerate(batch)])
+        for size in engine.steps.decode_buckets:
+            for opts in loops:
+                short = dataclasses.replace(opts, max_new_tokens=3)
+                run_to_the_end([(f"warmup-rows-{size}-{i}", [0], short) for i in range(size)])
+    finally:
+        pages.prefix_cache = caching
+    if caching:  # a ring snapshot taken, then restored; then forgotten
+        prompt = [0] * min(2 * engine.page_size + 2, engine.max_context - 3)
+        for i in range(2):
+            run_to_the_end([(f"warmup-prefix-{i}", prompt, options)])
+        pages.reset_prefix_cache()
+    plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
+    plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
+    driver.run(plan)
+    driver.run(RoundPlan(cancel=["warmup-cancel"]))

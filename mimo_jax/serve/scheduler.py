@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mimo_jax.engine.driver import BroadcastChannel, Driver, RoundPlan
-from mimo_jax.engine.sampling import SamplingOptions
+from mimo_jax.engine.driver import BroadcastChannel, Driver, RoundPlan, warm_up
 from mimo_jax.serve.metrics import Metrics
 from mimo_jax.serve.protocol import APIError
 
@@ -187,65 +186,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ lifecycle
     def warmup(self) -> None:
-        """Compile every shape and loop the server will run before serving: each prefill bucket, plain and
-        scoring the prompt, admit, the decode loop for every round size (with speculation its greedy and its
-        sampled loop), the prefix cache's ring snapshot and restore, cancel;
-        with the engine's `overlap` as it will serve (its reads copy the finish reasons). Constrained rounds run
-        the same decode loop (one iteration, a mask in place of the all-allowing one); with speculation they
-        run a plain loop of their own, warmed up for every round size too when the engine takes constraints.
-
-        Deterministic, so on a multi-host run every process runs it itself.
-        """
-        engine = self.engine
-        driver = Driver(engine)  # no channel: every process warms up itself
-
-        def run_to_the_end(requests: list[tuple[str, list[int], SamplingOptions]]) -> None:
-            """Add the requests in one round and step until the engine has nothing left."""
-            plan = RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30)
-            for request_id, prompt, opts in requests:
-                plan.add_request(request_id, prompt, opts)
-            driver.run(plan)
-            while engine.has_work():
-                driver.run(RoundPlan(step=True, round_tokens=self.round_tokens, prefill_tokens=1 << 30))
-
-        options = SamplingOptions(max_new_tokens=2, seed=0, logprobs=engine.max_top_logprobs or None)
-        # With speculation, rounds where every sequence is greedy run a loop of their own: warm up both loops.
-        sampled = dataclasses.replace(options, temperature=1.0)
-        # One prompt per prefill chunk size; a size past the context is reached by the longest prompt that fits.
-        longest = max(1, engine.max_context - 2)
-        bucket_of = lambda n: next(b for b in engine.buckets if b >= n)
-        lengths = [min(b, longest) for b in engine.buckets if bucket_of(min(b, longest)) == b]
-        # The prompt-scoring prefill (echo + logprobs, prompt_logprobs) is a function of its own: each bucket too.
-        scoring = SamplingOptions(max_new_tokens=0, seed=0, prompt_logprobs=engine.max_top_logprobs)
-        runs = [("warmup", options, lengths), ("warmup-scoring", scoring, lengths)]
-        if getattr(engine, "speculative_steps", 0):
-            runs.append(("warmup-sampled", sampled, lengths[:1]))
-        for name, opts, prompt_lengths in runs:
-            for start in range(0, len(prompt_lengths), engine.max_batch):
-                batch = prompt_lengths[start : start + engine.max_batch]
-                run_to_the_end([(f"{name}-{start + i}", [0] * n, opts) for i, n in enumerate(batch)])
-        # Every decode round size (a bucket of running slots), greedy and (with speculation) sampled.
-        steps = getattr(engine, "steps", None)
-        loops = [options, sampled] if getattr(engine, "speculative_steps", 0) else [options]
-        if getattr(engine, "speculative_steps", 0) and getattr(engine, "constraint_factory", None) is not None:
-            # the constrained rows' plain loop; a thinking block allows every token, so no request ends before
-            # its constrained rounds whatever the model says (a JSON object could close with one token)
-            constrained = {"json_object": True, "thinking": "inside"}
-            loops.append(dataclasses.replace(options, constraint=constrained))
-        for size in steps.decode_buckets if steps is not None else ():
-            for opts in loops:
-                short = dataclasses.replace(opts, max_new_tokens=3)
-                run_to_the_end([(f"warmup-rows-{size}-{i}", [0], short) for i in range(size)])
-        pages = getattr(engine, "pages", None)
-        if pages is not None and pages.prefix_cache:  # a ring snapshot taken, then restored; then forgotten
-            prompt = [0] * min(2 * engine.page_size + 2, engine.max_context - 3)
-            for i in range(2):
-                run_to_the_end([(f"warmup-prefix-{i}", prompt, options)])
-            pages.reset_prefix_cache()
-        plan = RoundPlan(step=True, round_tokens=1, prefill_tokens=1 << 30)
-        plan.add_request("warmup-cancel", [0], dataclasses.replace(options, max_new_tokens=8))
-        driver.run(plan)
-        driver.run(RoundPlan(cancel=["warmup-cancel"]))
+        """Compile every shape and loop the server will run before serving (`mimo_jax.engine.driver.warm_up`),
+        with rounds of the size it will run. Deterministic, so on a multi-host run every process runs it itself."""
+        warm_up(Driver(self.engine), self.round_tokens)  # no channel: every process warms up itself
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mimo-scheduler", daemon=True)

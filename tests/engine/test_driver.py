@@ -1,16 +1,23 @@
 """The driver in one process: the channel's padding and abort rules over a stand-in for the collective, and
-a follower that applies the leader's broadcast plans making exactly the leader's engine calls. (The real
-collectives run in tests/batch/test_batch_multihost.py and tests/serve/test_serve_multihost.py.)"""
+a follower that applies the leader's broadcast plans making exactly the leader's engine calls (the real
+collectives run in tests/batch/test_batch_multihost.py and tests/serve/test_serve_multihost.py); after
+`warm_up`, a multi-turn conversation's prefix hits compile nothing."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
-from mimo_jax.engine.driver import Aborted, BroadcastChannel, Driver, RoundPlan, apply_plan, padded_size
+import mimo_jax
+from mimo_jax.engine.driver import Aborted, BroadcastChannel, Driver, RoundPlan, apply_plan, padded_size, warm_up
+from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
+from tests.fixtures import predictable_model
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's monitoring event for one XLA compilation
 
 
 class Wire:
@@ -155,3 +162,53 @@ def test_plans_keep_logit_bias_min_tokens_and_constraints_through_json():
     decoded = list(RoundPlan.decode(plan.encode()).requests())
     assert decoded == [("r", [1, 2], options), ("plain", [3], SamplingOptions(seed=2))]
     assert decoded[0][2].logit_bias == {5: -100.0, 17: 2.5} and all(type(t) is int for t in decoded[0][2].logit_bias)
+
+
+@pytest.mark.parametrize("speculative_steps", [0, 2])
+def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
+    """An engine as the server runs it (overlap, prefix cache), warmed up, then agent turns: each turn is the
+    conversation so far + new tokens, so it hits the previous turn's pages and ring snapshot and prefills a tail
+    that ends at its own snapshot boundary (chunks of lengths no cold prompt makes). Nothing compiles, and the
+    hits happen. Buckets 16, 32, 64 and pages of 4 tokens: a warm-up whose prompts hit each other, or split at
+    their snapshot boundaries, never compiles the 64-token chunk (the first chunk of turn 1 here)."""
+    lm = mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
+    eng = Engine(
+        lm,
+        max_batch=2,
+        max_context=320,
+        prefill_chunk=64,
+        max_round_tokens=4,
+        page_size=4,
+        prefix_cache=True,
+        speculative_steps=speculative_steps,
+    )
+    eng.overlap = True
+    assert eng.buckets == (16, 32, 64)
+    warm_up(Driver(eng), 4, prompt_scoring=False)
+    assert eng.pages.stats().snapshots == 0  # the warm-up's prompts are forgotten
+    compiled = []
+
+    def listener(event: str, seconds: float, **kwargs) -> None:
+        if event == COMPILE_EVENT:
+            compiled.append(kwargs.get("fun_name"))
+
+    rng = np.random.RandomState(0)
+    history = {c: rng.randint(1, lm.config.vocab_size, 70 + 9 * c).tolist() for c in range(2)}
+    cached = {}
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for turn, new_tokens in enumerate((0, 5, 23, 41)):  # tails of 1..3 chunks, in every bucket
+            for c in history:
+                history[c] += rng.randint(1, lm.config.vocab_size, new_tokens).tolist()
+                options = SamplingOptions(max_new_tokens=6, temperature=float(c), seed=c)  # greedy and sampled
+                eng.add((c, turn), history[c], options)
+            while eng.has_work():
+                for out in eng.step(max_tokens_per_round=4, prefill_tokens=48):
+                    if out.cached_tokens is not None:
+                        cached[out.request_id] = out.cached_tokens
+                    history[out.request_id[0]] += out.token_ids
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []
+    assert all(cached[(c, 0)] == 0 for c in history)
+    assert all(cached[(c, t)] > 0 for c in history for t in (1, 2, 3))
