@@ -6,3 +6,5 @@ import os
 # same flag (tests.fixtures.child_env).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tests.fixtures import demo_server  # noqa: E402, F401  (a session fixture: one demo server for every module)

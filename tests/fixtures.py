@@ -17,6 +17,7 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig
@@ -662,6 +663,15 @@ def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """The URL of `python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of
+    128), started once for the modules that only send it requests (registered in tests/conftest.py)."""
+    log_path = str(tmp_path_factory.mktemp("demo-server") / "server.log")
+    with serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
+        yield url
 
 
 # ============================================================================= fake constraints (engine tests)
