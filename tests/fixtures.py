@@ -17,6 +17,7 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mimo_jax.config import MiMoConfig
@@ -611,6 +612,25 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
     raise KeyError(f"{name} {labels} is not in the exposition")
 
 
+# ---------------------------------------------------------------------------- child processes
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def child_env(device_count: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a python child process: the repository importable, CPU only, `device_count` fake CPU
+    devices (None: one, jax's default) and the session's other XLA flags (tests/conftest.py); then `extra`."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    if device_count is not None:
+        flags.append(f"{DEVICE_COUNT_FLAG}={device_count}")
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        "XLA_FLAGS": " ".join(flags),
+    }
+    return {**env, **extra}
+
+
 # ---------------------------------------------------------------------------- a server in a subprocess
 @contextlib.contextmanager
 def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
@@ -623,8 +643,7 @@ def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "mimo_jax.serve", "--port", str(port), "--dtype", "float32", "--max-batch", "4",
            "--round-tokens", "4", "--log-level", "warning", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one CPU device in the server
+    env = child_env()  # one CPU device in the server
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -644,6 +663,15 @@ def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """The URL of `python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of
+    128), started once for the modules that only send it requests (registered in tests/conftest.py)."""
+    log_path = str(tmp_path_factory.mktemp("demo-server") / "server.log")
+    with serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
+        yield url
 
 
 # ============================================================================= fake constraints (engine tests)

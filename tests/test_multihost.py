@@ -12,7 +12,7 @@ import pytest
 
 import mimo_jax
 from mimo_jax import sharding
-from tests.fixtures import ROOT, make_hf_model, save_hf_checkpoint
+from tests.fixtures import child_env, make_hf_model, save_hf_checkpoint
 
 MODEL = dict(
     n_routed_experts=16,
@@ -35,14 +35,7 @@ def _free_port() -> int:
 def test_two_processes_one_mesh_equal_single_process(tmp_path):
     directory = save_hf_checkpoint(make_hf_model(seed=5, **MODEL), str(tmp_path / "ckpt"))
     single = mimo_jax.load_model(directory).logits(IDS)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-        sharding.COORDINATOR_ENV: f"localhost:{_free_port()}",
-        sharding.NUM_PROCESSES_ENV: "2",
-    }
+    env = child_env(4, **{sharding.COORDINATOR_ENV: f"localhost:{_free_port()}", sharding.NUM_PROCESSES_ENV: "2"})
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, directory, str(tmp_path / f"out{pid}")],

@@ -4,7 +4,6 @@ single-process `generate`."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import mimo_jax
 from mimo_jax import batch, sharding
 from mimo_jax.engine.driver import BroadcastChannel, RoundPlan
-from tests.fixtures import ROOT, read_results, write_batch_checkpoint, write_jsonl
+from tests.fixtures import child_env, read_results, write_batch_checkpoint, write_jsonl
 
 ENGINE = ["--max-batch", "3", "--max-context", "40", "--prefill-chunk", "16", "--round-tokens", "4"]
 SEED = 5
@@ -37,18 +36,14 @@ def _free_port() -> int:
 
 def start(directory: str, tmp, run: str) -> list[subprocess.Popen]:
     """Both processes of one run; process 1 is given paths that do not exist (only process 0 reads or writes)."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    env = child_env(
+        4,
         # the second run reuses the first one's compiled programs
-        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        sharding.COORDINATOR_ENV: f"localhost:{_free_port()}",
-        sharding.NUM_PROCESSES_ENV: "2",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",  # cross-process collectives on the CPU backend
-    }
+        JAX_COMPILATION_CACHE_DIR=str(tmp / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",  # cross-process collectives on the CPU backend
+        **{sharding.COORDINATOR_ENV: f"localhost:{_free_port()}", sharding.NUM_PROCESSES_ENV: "2"},
+    )
     procs = []
     for pid in range(2):
         files = [tmp / "in.jsonl", tmp / "out.jsonl"] if pid == 0 else [tmp / "absent/in.jsonl", tmp / "absent/o"]

@@ -26,6 +26,20 @@ def lm():
     return mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
 
 
+@pytest.fixture(scope="module")
+def engines(lm):
+    """engines(k): the module's 2-slot engine with k drafts (0: plain), built and compiled once."""
+    built = {}
+
+    def engine(k: int) -> Engine:
+        if k not in built:
+            built[k] = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=k)
+        assert not built[k].has_work()
+        return built[k]
+
+    return engine
+
+
 def run(engine: Engine, requests: dict) -> dict:
     """{id: (prompt, options)} through 2 slots (later ones wait for a free slot) -> {id: outputs}."""
     out = {rid: dict(tokens=[], accepted=[], drafts=[], reason=None) for rid in requests}
@@ -42,6 +56,9 @@ def run(engine: Engine, requests: dict) -> dict:
             if o.finished:
                 r["reason"] = o.finish_reason
     return out
+
+
+_hidden_states = nnx.jit(MiMoModel.hidden_states)  # one jitted function: each call with the same shapes reuses it
 
 
 @nnx.jit(static_argnums=1)
@@ -62,7 +79,7 @@ def uncached_drafts(
     positions = np.arange(length, dtype=np.int32)[None]
     padded = np.zeros((1, length), np.int32)
     padded[0, : len(seq)] = seq
-    hidden, _ = nnx.jit(MiMoModel.hidden_states)(model, jnp.asarray(padded), jnp.asarray(positions))
+    hidden, _ = _hidden_states(model, jnp.asarray(padded), jnp.asarray(positions))
     rounds, last = [], prompt_len - 1
     for a in accepted:
         drafts = []
@@ -78,9 +95,9 @@ def uncached_drafts(
 
 
 @pytest.fixture(scope="module")
-def requests(lm):
+def requests(engines):
     """Mixed prompt lengths and options; the stop token and the context end cut an accepted run."""
-    plain = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3)
+    plain = engines(0)
     greedy = SamplingOptions(max_new_tokens=30)
     reqs = {
         "long": (LONG, greedy),
@@ -98,9 +115,11 @@ def requests(lm):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_greedy_equals_plain_and_drafts_equal_uncached_chain(lm, requests, k):
+def test_greedy_equals_plain_and_drafts_equal_uncached_chain(lm, engines, requests, k):
     reqs, want = requests
-    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=k)
+    engine = engines(k)
+    stats_ = engine.speculation
+    before = (stats_.target_forwards, stats_.accepted_tokens, list(stats_.accepted_at))
     got = run(engine, reqs)
     for rid, w in want.items():
         g = got[rid]
@@ -117,10 +136,13 @@ def test_greedy_equals_plain_and_drafts_equal_uncached_chain(lm, requests, k):
     assert want["edge"]["reason"] == "length" and len(want["edge"]["tokens"]) == 6
     accepted = np.concatenate([np.asarray(g["accepted"]) for g in got.values()])
     assert (accepted == 0).any() and (accepted == k).any()  # both rejections and full acceptance happened
-    stats_ = engine.speculation
-    assert stats_.target_forwards == accepted.size and stats_.accepted_tokens == accepted.sum()
-    assert stats_.accepted_at == [int((accepted > j).sum()) for j in range(k)]
-    assert stats_.mean_accept_length == pytest.approx(1 + accepted.mean())
+    forwards, accepted_tokens = stats_.target_forwards - before[0], stats_.accepted_tokens - before[1]
+    assert forwards == accepted.size and accepted_tokens == accepted.sum()
+    assert [a - b for a, b in zip(stats_.accepted_at, before[2], strict=True)] == [
+        int((accepted > j).sum()) for j in range(k)
+    ]
+    # (the engine is shared in the module: its counters are compared by their change, its mean over everything)
+    assert stats_.mean_accept_length == pytest.approx(1 + stats_.accepted_tokens / stats_.target_forwards)
 
 
 def test_draft_vocabulary_keeps_greedy_output_and_drafts_its_argmax(lm, requests):
@@ -183,11 +205,11 @@ def test_speculative_steps_must_fit_the_mtp_layers(lm):
         mimo_jax.generate(lm, [[1, 2]], max_new_tokens=2, engine=engine)
 
 
-def test_logit_bias_and_min_tokens_with_speculation(lm):
+def test_logit_bias_and_min_tokens_with_speculation(engines):
     """Greedy output with logit_bias and min_tokens equals the plain engine's (drafts and verify rows apply the
     same bias and ban, counting the drafts before them); sampled requests keep the bias's ban and min_tokens
     (constrained requests with speculation: tests/engine/test_constraints_speculative.py)."""
-    plain = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3)
+    plain = engines(0)
     first = run(plain, {"p": (LONG, SamplingOptions(max_new_tokens=12))})["p"]["tokens"]
     stop = first[8]
     reqs = {
@@ -205,7 +227,7 @@ def test_logit_bias_and_min_tokens_with_speculation(lm):
         ),
     }
     want = run(plain, reqs)
-    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=2)
+    engine = engines(2)
     got = run(engine, reqs)
     for rid in ("ban", "min"):
         assert (got[rid]["tokens"], got[rid]["reason"]) == (want[rid]["tokens"], want[rid]["reason"]), rid
@@ -217,12 +239,12 @@ def test_logit_bias_and_min_tokens_with_speculation(lm):
     assert not engine.has_work()
 
 
-def test_prompt_logprobs_with_speculation(lm):
+def test_prompt_logprobs_with_speculation(lm, engines):
     """The scoring prefill feeds the MTP layers as the plain one does (same tokens and drafts) and scores the
     prompt as the full forward does."""
     import jax
 
-    engine = Engine(lm, max_batch=2, max_context=64, prefill_chunk=4, max_round_tokens=3, speculative_steps=2)
+    engine = engines(2)
     plain, scored = SamplingOptions(max_new_tokens=12), SamplingOptions(max_new_tokens=12, prompt_logprobs=0)
     want = run(engine, {"a": (LONG, plain)})["a"]
     engine.add("b", LONG, scored)

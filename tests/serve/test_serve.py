@@ -79,8 +79,7 @@ def served(tmp_path_factory):
         "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK),
         "--round-tokens", str(ROUND_TOKENS), "--max-waiting", str(MAX_WAITING), "--log-level", "warning",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": sf.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one CPU device in the server
+    env = sf.child_env()  # one CPU device in the server
     log_path = os.path.join(os.path.dirname(directory), "server.log")
     log_file = open(log_path, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -794,7 +793,9 @@ def test_repeated_prefix_is_served_from_the_prefix_cache(served):
     text = "def prefix_cache_probe():\n" + "".join(f"    x{i} = {i} * {i}\n" for i in range(40))
     ids = served.tok.encode(text, add_special_tokens=True)
     (ref,) = served.generate([ids], max_new_tokens=6)
-    outs = [served.client.completions.create(model=served.model, prompt=text, max_tokens=6, temperature=0) for _ in "ab"]
+    outs = [
+        served.client.completions.create(model=served.model, prompt=text, max_tokens=6, temperature=0) for _ in "ab"
+    ]
     assert [o.choices[0].text for o in outs] == [served.tok.decode(ref.token_ids)] * 2
     cached = [o.usage.prompt_tokens_details.cached_tokens for o in outs]
     assert cached[0] == 0 and 0 < cached[1] < len(ids)

@@ -24,7 +24,6 @@ from openai.types.responses import Response as SDKResponse
 from openai.types.responses import ResponseStreamEvent
 
 from mimo_jax.text import Tokenizer
-from tests import fixtures as sf
 
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -69,12 +68,10 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    log_path = str(tmp_path_factory.mktemp("clients") / "server.log")
-    with sf.serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
-        served = Served(url)
-        yield served
-        served.http.close()
+def demo(demo_server):
+    served = Served(demo_server)
+    yield served
+    served.http.close()
 
 
 # ----------------------------------------------------------------------------- chat completions

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from mimo_jax.weights.demo import DEMO_MODEL
-from tests.fixtures import ROOT, metric_value
+from tests.fixtures import child_env, metric_value
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef list_files(path):", "class Stack:\n    def push(self, item):"]
 K = 2  # drafts per target forward
@@ -62,8 +61,7 @@ def test_speculative_server_lossless_acceptance_no_compile_after_ready_and_drain
         "--speculative-steps", str(K), "--per-request-spec-decode-metrics", "detailed", "--max-batch", "2",
         "--max-context", "512", "--prefill-chunk", "32", "--round-tokens", "8", "--log-level", "info",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
+    env = child_env()  # one CPU device in the server
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -7,7 +7,6 @@ stopping process 0 shuts both down cleanly.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -31,14 +30,7 @@ def _free_port() -> int:
 def test_two_process_server_follows_process_zero(tmp_path):
     directory = sf.write_checkpoint(str(tmp_path / "tiny-mimo"))
     port = _free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": sf.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        sharding.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}",
-        sharding.NUM_PROCESSES_ENV: "2",
-    }
+    env = sf.child_env(2, **{sharding.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}", sharding.NUM_PROCESSES_ENV: "2"})
     cmd = [
         sys.executable, "-m", "mimo_jax.serve", "--model", directory, "--port", str(port), "--dtype", "float32",
         "--max-batch", "2", "--max-context", "256", "--prefill-chunk", "32", "--round-tokens", "4",

@@ -100,13 +100,11 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_server):
     """The demo checkpoint (its chat template thinks unless told not to, and writes MiMo tool calls)."""
     from mimo_jax.weights.demo import demo_model_dir
 
-    log_path = str(tmp_path_factory.mktemp("structured-demo") / "server.log")
-    with sf.serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
-        yield Server(url, "mimo-demo", Tokenizer(demo_model_dir()))
+    return Server(demo_server, "mimo-demo", Tokenizer(demo_model_dir()))
 
 
 # ----------------------------------------------------------------------------- JSON answers (test checkpoint)
