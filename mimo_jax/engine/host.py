@@ -677,12 +677,14 @@ class Engine:
         # round donates `state`)
         admit_reasons = jnp.copy(self.state.finish_reason) if admitted and self.overlap else None
         round_out, rows = None, ()
+        # the requests as admitted: one that the reservation preempts gets nothing of this step (its first token is
+        # sampled again after its recompute)
+        slots = list(self._slots)
         if running:
             self._reserve_round(n)
             running = [r for r in self._slots if r is not None and r.decoding]
         if running:
             rows, round_out = self._decode(running, n)
-        slots = list(self._slots)
         if not self.overlap:
             if not admitted and round_out is None:
                 return ended
