@@ -17,8 +17,9 @@ when every conversation has its previous answer: the first conversation alone (i
 own prefill, nothing queued), then the others at once. Per turn the mean time to first token (from `add` to the
 first output) and the lone one's; generated tokens per second; prefix cache off and on, each engine warmed up as
 the server does (`mimo_jax.engine.driver.warm_up`), programs compiled during the timed run counted (expected 0).
-`constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one JSON-constrained
-request (the demo's tokenizer and llguidance): their tok/s and the ratio.
+`constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one request constrained
+to a JSON schema that outlasts them (the demo's tokenizer and llguidance), `--reps` times: their tok/s from their
+first tokens to their last, and the ratios (median and range).
 `capacity`: concurrent sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072: its proportions, repeated)
 that fit `--budget-gb` of KV: the old cache (every slot reserves max_context of the longest) against pages for
 the tokens each sequence holds (plus its rings in both).
@@ -215,7 +216,8 @@ def agent_ratios(off: dict, on: dict) -> dict:
 
 
 def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
-    """Unconstrained requests' decode rate alone and beside one JSON-constrained request (demo tokenizer)."""
+    """Unconstrained requests' decode rate alone and beside one JSON-constrained request (demo tokenizer), in
+    `--reps` pairs one after the other (the ratio of each pair: a shared machine drifts between pairs)."""
     from mimo_jax.grammar import GrammarFactory
     from mimo_jax.text import Tokenizer
 
@@ -230,29 +232,61 @@ def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
         constraint_factory=factory,
     )
     engine.overlap = True  # as the server runs it
+    # an array of at least 32 objects: the constrained request outlasts the others (a bare json_object closes within
+    # a few tokens), so every step of theirs runs beside it
+    rows = {"type": "object", "properties": {"name": {"type": "string"}, "count": {"type": "integer"}}}
+    table = {"type": "array", "items": rows, "minItems": 32}
+    schema = {"type": "object", "properties": {"rows": table}, "required": ["rows"]}
     json_request = SamplingOptions(
-        max_new_tokens=args.output, temperature=1.0, seed=1, constraint={"json_object": True}
+        max_new_tokens=args.output, temperature=1.0, seed=1, constraint={"json_schema": schema}
     )
-    rates = {}
-    for label, constrained in (("warm-up", True), ("alone", False), ("beside one constrained", True)):
-        for i in range(n):
-            engine.add((label, i), prompt_ids(lm, args.prompt, i), greedy(args.output))
+
+    def decode_rate(label: str, constrained: bool) -> tuple[float, int]:
+        """The unconstrained requests' tok/s from their first tokens to their last, and the constrained one's
+        tokens meanwhile (it is added first, so its prefill precedes their first tokens; cancelled after them)."""
         if constrained:
             engine.add((label, "json"), prompt_ids(lm, args.prompt, 99), json_request)
-        tokens, t0 = 0, None
-        while engine.has_work():
+        for i in range(n):
+            engine.add((label, i), prompt_ids(lm, args.prompt, i), greedy(args.output))
+        tokens, json_tokens, t0, running = 0, 0, None, n
+        while running:
             for out in engine.step(max_tokens_per_round=args.round):
                 if out.request_id[1] == "json":
+                    json_tokens += len(out.token_ids)
                     continue
                 if out.token_ids and t0 is None:
                     t0 = time.perf_counter()  # from the first tokens on: decode only
                 elif t0 is not None:
                     tokens += len(out.token_ids)
-        rates[label] = tokens / (time.perf_counter() - t0)
-        print(f"{n} unconstrained requests, {label}: {rates[label]:.1f} tok/s")
-    ratio = rates["beside one constrained"] / rates["alone"]
-    print(f"beside one constrained / alone = {ratio:.3f}x")
-    return dict(requests=n, alone_tok_s=rates["alone"], beside_tok_s=rates["beside one constrained"], ratio=ratio)
+                running -= out.finished
+        elapsed = time.perf_counter() - t0
+        engine.cancel((label, "json"))
+        while engine.has_work():
+            engine.step(max_tokens_per_round=args.round)
+        return tokens / elapsed, json_tokens
+
+    decode_rate("warm-up", True)
+    pairs = []
+    for rep in range(args.reps):
+        alone, _ = decode_rate(f"alone-{rep}", False)
+        beside, json_tokens = decode_rate(f"beside-{rep}", True)
+        pairs.append((alone, beside))
+        print(
+            f"{n} unconstrained requests, alone: {alone:.1f} tok/s, beside one constrained ({json_tokens} tokens): "
+            f"{beside:.1f} tok/s, ratio {beside / alone:.3f}"
+        )
+    ratios = sorted(b / a for a, b in pairs)
+    median = float(np.median(ratios))
+    spread = f"median of {len(ratios)}; {ratios[0]:.3f} .. {ratios[-1]:.3f}"
+    print(f"beside one constrained / alone = {median:.3f}x ({spread})")
+    return dict(
+        requests=n,
+        alone_tok_s=[a for a, _ in pairs],
+        beside_tok_s=[b for _, b in pairs],
+        json_tokens=json_tokens,
+        ratio=median,
+        ratio_range=(ratios[0], ratios[-1]),
+    )
 
 
 def run_capacity(lm_config, args: argparse.Namespace) -> dict:

@@ -677,12 +677,14 @@ class Engine:
         # round donates `state`)
         admit_reasons = jnp.copy(self.state.finish_reason) if admitted and self.overlap else None
         round_out, rows = None, ()
+        # the requests as admitted: one that the reservation preempts gets nothing of this step (its first token is
+        # sampled again after its recompute)
+        slots = list(self._slots)
         if running:
             self._reserve_round(n)
             running = [r for r in self._slots if r is not None and r.decoding]
         if running:
             rows, round_out = self._decode(running, n)
-        slots = list(self._slots)
         if not self.overlap:
             if not admitted and round_out is None:
                 return ended
@@ -729,20 +731,27 @@ class Engine:
         """A step while a constrained request runs: the constrained requests decode one token, the others a
         round of `num_steps` as in any step, in two rounds over their own rows.
 
-        The round still in flight (overlap) and this step's first tokens are read first, so every
-        constraint has accepted its request's tokens; then each constrained slot's mask row comes from its
-        constraint, the constrained rows' one-token round is launched, then the other rows' round (left in
-        flight with `overlap`), and the constrained round is read (the device ran it first) and its tokens
-        accepted by the constraints. A request whose constraint is finished, or allows nothing, stops.
+        Every constraint has already accepted its request's tokens (the constrained round is read in the step
+        that launches it), so the masks are made first, while the device still runs the previous step's round
+        of the others (overlap); then the constrained rows' one-token round is launched, then the others' round
+        (left in flight with `overlap`, as `step` leaves it); only then is the previous round read, then the
+        first tokens admitted now, then the constrained round (the device ran it before the new round).
+        A constrained request admitted now must accept its first token before its first mask: such a step
+        reads the previous round and the first tokens before it makes the masks (once per request).
+        A request whose constraint is finished, or allows nothing, stops.
         In a speculative engine the constrained round is the plain one-token loop (masks cannot constrain
         drafts), not counted in the speculation stats; the others keep speculating.
         """
         outputs = []
-        if self._pending is not None:
-            previous, self._pending = self._pending, None
-            outputs += self._collect(previous)
-        if admitted:
+        if any(first is not None and self._slots[slot].constraint is not None for slot, first, _, _ in admitted):
+            if self._pending is not None:
+                previous, self._pending = self._pending, None
+                outputs += self._collect(previous)
             outputs += self._collect(_Launched(admitted, None, self.state.finish_reason, list(self._slots)))
+            admitted = []
+        # with overlap the round still in flight is read after this step's rounds are launched, and the
+        # admissions' reasons as admitted (a copy, as the rounds donate `state`)
+        admit_reasons = jnp.copy(self.state.finish_reason) if admitted else None
         masks = {}
         for slot, req in enumerate(self._slots):
             if req is None or not req.decoding or req.constraint is None:
@@ -752,25 +761,29 @@ class Engine:
                 outputs.append(self._end(slot, "stop"))
                 continue
             masks[slot] = row
+        slots = list(self._slots)  # before the reservation: see `step`
         self._reserve_round(num_steps)
         running = [r for r in self._slots if r is not None and r.decoding]
         constrained = [r for r in running if r.constraint is not None]
         free = [r for r in running if r.constraint is None]
-        slots = list(self._slots)
-        launched = []
+        constrained_round = free_round = None
         if constrained:
             rows, round_out = self._decode(constrained, 1, masks)
             reasons = jnp.copy(self.state.finish_reason)
-            launched.append(_Launched([], round_out, reasons, slots, rows, speculated=False))
+            constrained_round = _Launched([], round_out, reasons, slots, rows, speculated=False)
         if free:
             rows, round_out = self._decode(free, num_steps, {})
             free_round = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows)
-            if self.overlap:
-                self._pending = free_round
-            else:
-                launched.append(free_round)
-        for work in launched:
-            outputs += self._collect(work)
+        if self.overlap:
+            previous, self._pending = self._pending, free_round
+            free_round = None
+            if previous is not None:
+                outputs += self._collect(previous)
+        if admitted:
+            outputs += self._collect(_Launched(admitted, None, admit_reasons, slots))
+        for work in (constrained_round, free_round):
+            if work is not None:
+                outputs += self._collect(work)
         return outputs
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:

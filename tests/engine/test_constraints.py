@@ -170,3 +170,65 @@ def test_logit_bias_and_min_tokens(lm, engine, temperature):
         logits = next_token_logits(lm, PROMPTS[2], before_stop)
         logits[:, stop] = -np.inf
         assert before_stop == logits.argmax(axis=-1).tolist()
+
+
+@pytest.mark.parametrize("num_pages", [None, 14], ids=["roomy", "tight"])
+def test_constrained_beside_free_equals_alone(lm, num_pages):
+    """Constrained and free requests (greedy and seeded) in one engine with overlap on, some added while the
+    others decode: each gives exactly what it gives alone. In a pool too small for all of them, requests are
+    preempted and recomputed during constrained steps, with the same result. In a step where both kinds decode,
+    both rounds are launched before the previous free round is read (it stays in flight, as in plain steps)."""
+    eng = Engine(
+        lm,
+        max_batch=4,
+        max_context=CONTEXT,
+        prefill_chunk=4,
+        max_round_tokens=4,
+        page_size=4,
+        num_pages=num_pages,
+        constraint_factory=factory,
+    )
+    eng.overlap = True
+    free = SamplingOptions(max_new_tokens=14)
+    free_hot = SamplingOptions(max_new_tokens=9, temperature=1.0, seed=21)
+    even = SamplingOptions(max_new_tokens=12, constraint={"type": "even"})
+    even_hot = SamplingOptions(max_new_tokens=12, temperature=1.0, seed=5, constraint={"type": "even"})
+    start = {"free": (PROMPTS[2], free), "even_hot": (PROMPTS[1], even_hot), "free_hot": (PROMPTS[3], free_hot)}
+    later = [(2, "even", PROMPTS[0], even), (3, "free2", PROMPTS[0], free)]
+    requests = {**start, **{rid: (p, o) for _, rid, p, o in later}}
+    alone = {rid: run(eng, {rid: r}, round_tokens=4)[rid] for rid, r in requests.items()}
+
+    events = []  # (what, kind of the round) in call order, per step
+    decode, collect = eng._decode, eng._collect
+    eng._decode = lambda running, *a: events.append(("launch", _kind(running))) or decode(running, *a)
+    eng._collect = lambda work: events.append(("read", _kind(work))) or collect(work)
+    step = eng.step
+    steps = []
+    eng.step = lambda *a, **kw: (events.clear(), step(*a, **kw), steps.append(list(events)))[1]
+    try:
+        got = run(eng, start, add_later=later, round_tokens=4)
+    finally:
+        del eng._decode, eng._collect, eng.step
+    assert not eng.has_work() and eng.pages.stats().used == 0
+    for rid in requests:
+        assert (got[rid]["tokens"], got[rid]["reason"]) == (alone[rid]["tokens"], alone[rid]["reason"]), rid
+    assert all(t % 2 == 0 for rid in ("even", "even_hot") for t in got[rid]["tokens"])
+    shared = lambda a, b: got[a]["steps"] & got[b]["steps"]
+    assert shared("free_hot", "even_hot") and shared("free2", "even")
+    if num_pages is None:
+        assert shared("free", "even_hot") and shared("free", "even")
+    else:
+        assert eng.num_preemptions > 0
+    overlapped = [("launch", "constrained"), ("launch", "free"), ("read", "free"), ("read", "constrained")]
+    assert sum(s == overlapped for s in steps) >= 3, steps
+
+
+def _kind(work) -> str:
+    """'constrained' or 'free': the requests of a round about to launch or being read ('admitted': first tokens)."""
+    if isinstance(work, list):
+        reqs = work
+    elif work.round_out is None:
+        return "admitted"
+    else:
+        reqs = [work.slots[slot] for slot in work.rows if work.slots[slot] is not None]
+    return "constrained" if any(r.constraint is not None for r in reqs) else "free"

@@ -99,17 +99,23 @@ def test_prefix_hits_end_at_snapshots(lm):
         assert got[0] == run(cold, {shared: (other, GREEDY)})[shared][0]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("speculative_steps", [0, 2])
-def test_preemption_resumes_exactly(lm, speculative_steps):
-    """Four requests whose pages cannot all fit: the engine preempts the newest, recomputes it later, and every
-    output equals an engine with room for all (greedy and seeded)."""
+def test_preemption_resumes_exactly(lm, speculative_steps, overlap):
+    """Four requests whose pages cannot all fit: the engine preempts the newest (also one admitted in the same
+    step, its first token not yet read), recomputes it later, and every output equals an engine with room for all
+    (greedy and seeded)."""
     prompts = [PROMPT[i : i + 10] for i in range(4)]
     options = [GREEDY, SAMPLED, GREEDY, SAMPLED]
     long = [dataclasses.replace(o, max_new_tokens=30) for o in options]
     requests = {f"r{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, long, strict=True))}
     roomy = run(engine(lm, speculative_steps=speculative_steps), requests)
     tight = engine(lm, speculative_steps=speculative_steps, num_pages=24)  # one request needs up to 11 pages
-    got = run(tight, requests)
+    tight.overlap = overlap
+    try:
+        got = run(tight, requests)
+    finally:
+        tight.overlap = False
     assert tight.num_preemptions > 0
     assert {rid: v[:2] for rid, v in got.items()} == {rid: v[:2] for rid, v in roomy.items()}
     assert tight.pages.stats().used == 0  # every page went back
