@@ -358,9 +358,7 @@ class MiMoModel(nnx.Module):
             )
         else:
             logits = jnp.einsum("...h,hv->...v", h, weight(self.lm_head, after=h), preferred_element_type=jnp.float32)
-        if logits.ndim < 2:
-            return logits
-        return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
+        return _vocab_sharded(logits)
 
     def draft_logits(self, hidden: jax.Array, norm: RMSNorm) -> jax.Array:
         """An MTP layer's float32 logits [..., vocab] for drafting: `logits` over the draft vocabulary only (-inf
@@ -370,10 +368,7 @@ class MiMoModel(nnx.Module):
         h = norm(hidden)
         reduced = jnp.einsum("...h,hn->...n", h, weight(self.draft_head, after=h), preferred_element_type=jnp.float32)
         full = jnp.full(reduced.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
-        logits = full.at[..., self.draft_ids[...]].set(reduced)
-        if logits.ndim < 2:
-            return logits
-        return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
+        return _vocab_sharded(full.at[..., self.draft_ids[...]].set(reduced))
 
     def mtp_input(self, hidden: jax.Array) -> jax.Array:
         """What the MTP layers read of the target's residual stream `hidden`: after the final norm (the released
@@ -395,6 +390,13 @@ class MiMoModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1], dtype=jnp.int32), token_ids.shape)
         hidden, cache = self.hidden_states(token_ids, positions, cache)
         return self.logits(hidden), cache
+
+
+def _vocab_sharded(logits: jax.Array) -> jax.Array:
+    """Logits [batch, ..., vocab] constrained to the vocabulary's sharding (a vector passes as it is)."""
+    if logits.ndim < 2:
+        return logits
+    return sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
 
 def _view(model: MiMoModel, options: RunOptions, expert_layout: str) -> MiMoModel:
@@ -434,12 +436,11 @@ def with_draft_vocab(model: MiMoModel, token_ids: Any) -> MiMoModel:
         out.draft_ids = out.draft_head = nnx.data(None)
         return out
     head_shape = (model.config.hidden_size, ids.size)
+    placed = getattr(table, "sharding", None)
     if isinstance(table, jax.ShapeDtypeStruct):
-        placed = getattr(table, "sharding", None)
         ids_value = jax.ShapeDtypeStruct(ids.shape, jnp.int32, sharding=_replicated_like(placed))
         head = jax.ShapeDtypeStruct(head_shape, table.dtype, sharding=_vocab_sharding_like(placed, head_shape))
     else:
-        placed = getattr(table, "sharding", None)
         gather = lambda t, i: (quant.weight(t) if isinstance(t, quant.BlockQuantized) else t).take(i, axis=axis)
         take = jax.jit(
             lambda t, i: gather(t, i).T if axis == 0 else gather(t, i),
