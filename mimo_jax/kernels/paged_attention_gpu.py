@@ -38,7 +38,9 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100 / H200 (132 SMs): splits fill up to this many
 MIN_BLOCKS_PER_SPLIT = 4  # a split shorter than this many blocks costs more in its combine than it saves
-MIN_ROWS, MAX_ROWS = 16, 128  # MMA rows per program (q heads of a group x queries), padded to a power of two
+# MMA rows per program (q heads of a group x queries), padded to a power of two; past MAX_ROWS a kv head's q heads
+# are shared among programs (each reads the kv head's pages)
+MIN_ROWS, MAX_ROWS = 16, 128
 
 _MASKED = -1e30  # finite: a row with no visible key keeps a zero sum instead of NaN
 
@@ -263,8 +265,10 @@ def paged_attention(
     if kv_heads is None:
         kv_heads = jnp.arange(k_pages.shape[1], dtype=jnp.int32)
     _check(q, k_pages, v_pages, page_table, q_pos, sink, k_scale, v_scale, kv_heads)
+    g = n // kv_heads.shape[0]
+    while t * g > MAX_ROWS and g % 2 == 0:  # too many MMA rows: each program takes half of a kv head's q heads
+        kv_heads, g = jnp.repeat(kv_heads, 2), g // 2
     groups = kv_heads.shape[0]
-    g = n // groups
     rows = max(MIN_ROWS, _next_pow2(t * g))
     per_block = pages_per_block(page_size, page_table.shape[1], config.block_keys)
     if not interpret:

@@ -84,6 +84,15 @@ def test_kernel_equals_xla_attention_paged(t, fp8, sink, dtype, splits):
     assert np.abs(got[real]).max() > 0.1
 
 
+def test_many_rows_share_a_kv_head_among_programs(monkeypatch):
+    """Past MAX_ROWS MMA rows (16 q heads x 4 queries = 64 > 16 here) a kv head's q heads are split over programs."""
+    monkeypatch.setattr(pk, "MAX_ROWS", 16)
+    q, cache, q_pos, sink = make_case(9, 4, False)
+    real = np.asarray(q_pos) >= 0
+    got, want = np.asarray(run_kernel(q, cache, q_pos, sink)), np.asarray(oracle(q, cache, q_pos, sink))
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
 def test_holes_and_pages_past_the_last_query_are_invisible():
     """Garbage (huge values) in page 0 (what a -1 entry such as row 1's hole would read) and in row 3's page past
     its last query changes nothing: invisible keys are masked by position and page id, not by their contents."""
