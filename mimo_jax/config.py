@@ -56,13 +56,16 @@ class RunOptions:
     `platform` is the target the kernels are chosen for (the host's only by default, so a TPU program can be
     compiled on a CPU or GPU host). `moe_impl` None picks by platform: the Pallas kernel on GPU,
     `jax.lax.ragged_dot` elsewhere (names: `mimo_jax.model.moe.EXPERT_IMPLS`). `attention_impl`: see
-    `mimo_jax.model.attention.ATTENTION_IMPLS`. `moe_strategy` / `capacity_factor`: the expert-parallel dispatch
-    on a mesh (`mimo_jax.model.moe.STRATEGIES`; None never drops a token).
+    `mimo_jax.model.attention.ATTENTION_IMPLS`. `paged_impl` None picks by platform how paged full layers attend
+    for decode rows: the Pallas kernel on GPU, XLA elsewhere (names: `mimo_jax.model.attention.PAGED_IMPLS`).
+    `moe_strategy` / `capacity_factor`: the expert-parallel dispatch on a mesh (`mimo_jax.model.moe.STRATEGIES`;
+    None never drops a token).
     """
 
     platform: str = "cpu"
     moe_impl: str | None = None
     attention_impl: str = "xla"
+    paged_impl: str | None = None
     moe_strategy: str = "auto"
     capacity_factor: float | None = None
 
@@ -81,6 +84,11 @@ class RunOptions:
     def expert_impl(self) -> str:
         """The MoE implementation a model built with these options runs."""
         return self.moe_impl or ("pallas_gpu" if self.platform == "gpu" else "ragged")
+
+    @property
+    def paged_attention_impl(self) -> str:
+        """How a model built with these options attends over paged full layers for decode rows."""
+        return self.paged_impl or ("pallas_gpu" if self.platform == "gpu" else "xla")
 
 
 @dataclasses.dataclass(frozen=True)

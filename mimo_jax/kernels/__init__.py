@@ -22,3 +22,11 @@ def experts_pallas_gpu_w8a8(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
     from mimo_jax.kernels import moe_gpu
 
     return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, fp8_dot="fp8", layout="out_in")
+
+
+def paged_attention_pallas_gpu(q, k_pages, v_pages, page_table, q_pos, **kwargs) -> jax.Array:
+    """Decode attention over a paged KV pool through the Pallas GPU kernel (`mimo_jax.kernels.paged_attention_gpu`,
+    whose `paged_attention` documents the arguments); contract of `mimo_jax.model.attention.attention_paged`."""
+    from mimo_jax.kernels import paged_attention_gpu as kernel  # lazy: CPU/TPU processes never load it
+
+    return kernel.paged_attention(q, k_pages, v_pages, page_table, q_pos, **kwargs)

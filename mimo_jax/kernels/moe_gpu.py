@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mimo_jax.kernels import EXPERT_LAYOUTS
+from mimo_jax.kernels import EXPERT_LAYOUTS, manual_axes
 from mimo_jax.quant import FP8_MAX
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
@@ -590,46 +590,12 @@ def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: st
         raise ValueError(f"{what}: fp8 needs block_k dividing {FP8_BLOCK} and block_cols dividing or multiple of it")
 
 
-def _varying_axes(a) -> frozenset:
-    aval = jax.typeof(a)
-    if hasattr(aval, "manual_axis_type"):  # JAX >= 0.10
-        return aval.manual_axis_type.varying
-    return getattr(aval, "vma", frozenset())
-
-
-def _match_varying(args: tuple) -> tuple:
-    """Inside `jax.shard_map`, mark every kernel input as varying over the union of their manual mesh axes
-    (Pallas wants one type for all operands); outside it this is the identity."""
-    union = frozenset().union(*map(_varying_axes, args))
-    if not union:
-        return args
-    cast = jax.lax.pcast if hasattr(jax.lax, "pcast") else None
-
-    def vary(a):
-        missing = tuple(sorted(union - _varying_axes(a)))
-        if not missing:
-            return a
-        return cast(a, missing, to="varying") if cast else jax.lax.pvary(a, missing)
-
-    return tuple(map(vary, args))
-
-
-def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
-    """Output type varying over the same manual mesh axes as the (matched) input `like`."""
-    aval = jax.typeof(like)
-    if hasattr(aval, "manual_axis_type"):  # JAX >= 0.10
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
-    if hasattr(aval, "vma"):
-        return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _call(kernel, cfg: TileConfig | FusedConfig, inputs: tuple, outputs: list, grid, interpret: bool, name: str):
     """Run `kernel` over `grid` on `inputs` (matched for shard_map) -> a list of `outputs` ((shape, dtype) each)."""
-    args = _match_varying(inputs)
+    args = manual_axes.match_varying(inputs)
     return pl.pallas_call(
         kernel,
-        out_shape=[_out_struct(shape, dtype, args[0]) for shape, dtype in outputs],
+        out_shape=[manual_axes.out_struct(shape, dtype, args[0]) for shape, dtype in outputs],
         grid=grid if isinstance(grid, tuple) else (grid,),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,

@@ -8,14 +8,15 @@ the storage is a block reader: block j -> (keys, values, key positions).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import sharding
-from mimo_jax.model.cache import PagedKV, page_key_positions, read_pages
+from mimo_jax import kernels, sharding
+from mimo_jax.model.cache import POOL_AXES, SCALE_AXES, PagedKV, page_key_positions, read_pages
 
 # Finite, so a row with no visible key gives zeros instead of NaN.
 _MASKED = -1e30
@@ -29,6 +30,12 @@ SCORE_BLOCK_ELEMENTS = 1 << 26
 # `attention_chunk` with cuDNN flash attention (GPU, bf16/fp16); "split": the same math in XLA.
 ATTENTION_IMPLS = ("xla", "split", "cudnn")
 SPLIT_MIN_QUERIES = 128  # decode steps, verifies and short chunks (cheap anyway) stay on the reference path
+
+# Decode rows over a paged cache (`attention_paged`): "xla" gathers each block of pages into a copy before the
+# dot; "pallas_gpu" reads them in place (`mimo_jax.kernels.paged_attention_gpu`, Triton); "pallas_interpret" is
+# that kernel in the Pallas interpreter (any backend, slow: tests and CPU dry runs).
+PAGED_IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
+PAGED_KERNEL_MAX_QUERIES = 8  # queries per row (decode, MTP verify) the kernel takes; longer chunks stay on XLA
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -296,9 +303,14 @@ def attention_paged(
     impl: str = "xla",
     chunk_kv: tuple[jax.Array, jax.Array] | None = None,
     block_pages: int | None = None,
+    paged_impl: str = "xla",
 ) -> jax.Array:
     """`attention` over a paged cache already holding this step's keys (`write_pages` first): q [B, T, N, D],
     q_pos [B, T] -> [B, T, N, Dv], fp32 softmax, a row that sees no key gives zeros.
+
+    `paged_impl` (PAGED_IMPLS) "pallas_gpu" / "pallas_interpret": rows of at most PAGED_KERNEL_MAX_QUERIES queries
+    with no window (full layers) go through the Pallas kernel, which reads each row's pages where they lie
+    (`_paged_kernel`); everything else takes the XLA path below.
 
     An online softmax over blocks of `block_pages` table entries (default `pages_per_block`), each gathered
     by page id (FP8 dequantized after the gather), looping only over the blocks up to the batch's largest
@@ -308,6 +320,10 @@ def attention_paged(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+    if paged_impl not in PAGED_IMPLS:
+        raise ValueError(f"unknown paged attention implementation {paged_impl!r}; choose from {PAGED_IMPLS}")
+    if paged_impl != "xla" and window_keys is None and q.shape[1] <= PAGED_KERNEL_MAX_QUERIES:
+        return _paged_kernel(q, cache, q_pos, sink=sink, scale=scale, interpret=paged_impl == "pallas_interpret")
     if impl != "xla" and chunk_kv is not None and q.shape[1] >= SPLIT_MIN_QUERIES:
         return attention_chunk(
             q,
@@ -329,6 +345,50 @@ def attention_paged(
     qg = q.reshape(b, t, kv, n // kv, d)
     pieces = _online_softmax(qg, read, num_blocks, max_blocks, q_pos, window_keys, scale, cache.pool.v.shape[-1])
     return _finish(pieces, sink, q.shape, q.dtype)
+
+
+def _paged_kernel(
+    q: jax.Array, cache: PagedKV, q_pos: jax.Array, *, sink: jax.Array | None, scale: float, interpret: bool
+) -> jax.Array:
+    """`attention_paged` through the Pallas kernel. On a mesh it runs inside `jax.shard_map`: each device on its
+    rows (batch shard) and q heads (tensor shard) with the pool as placed (kv heads split over the tensor axis, or
+    replicated where they do not divide it: then each shard's groups of q heads name the kv heads they read)."""
+    pool = cache.pool
+    call = functools.partial(kernels.paged_attention_pallas_gpu, scale=scale, interpret=interpret)
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return call(q, pool.k, pool.v, cache.page_table, q_pos, sink=sink, k_scale=pool.k_scale, v_scale=pool.v_scale)
+    num_kv, num_q = pool.k.shape[1], q.shape[2]
+    spec = lambda axes, x: sharding.logical_to_spec(axes, x.shape, mesh)
+    q_spec = spec(("batch", None, "q_heads", None), q)
+    heads_axis, kv_split = q_spec[2], spec(POOL_AXES, pool.k)[1] is not None
+    repeat = sharding.kv_head_repeat(num_kv, num_q)  # > 1: q heads split, kv heads replicated
+    scales = (pool.k_scale, pool.v_scale) if pool.fp8 else ()
+    extra = scales + (() if sink is None else (sink,))
+    extra_specs = tuple(spec(SCALE_AXES, x) for x in scales) + (() if sink is None else (spec(("q_heads",), sink),))
+
+    def local(q, k, v, table, pos, *extra):
+        k_scale, v_scale = extra[:2] if pool.fp8 else (None, None)
+        kv_heads = None  # every kv head of the local pool, in order
+        if heads_axis is not None and not kv_split:
+            groups = num_kv * repeat // mesh.shape[heads_axis]  # groups of q heads on this shard
+            first = jax.lax.axis_index(heads_axis) * groups
+            kv_heads = (first + jnp.arange(groups, dtype=jnp.int32)) // repeat
+        local_sink = extra[-1] if sink is not None else None
+        return call(q, k, v, table, pos, sink=local_sink, k_scale=k_scale, v_scale=v_scale, kv_heads=kv_heads)
+
+    in_specs = (
+        q_spec,
+        spec(POOL_AXES, pool.k),
+        spec(POOL_AXES, pool.v),
+        spec(("batch", None), cache.page_table),
+        spec(("batch", None), q_pos),
+        *extra_specs,
+    )
+    out_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), (*q.shape[:3], pool.v.shape[-1]), mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=not interpret)(
+        q, pool.k, pool.v, cache.page_table, q_pos, *extra
+    )
 
 
 def attention_chunk(

@@ -20,7 +20,14 @@ from jax.sharding import PartitionSpec
 from mimo_jax import kernels, quant, sharding
 from mimo_jax.config import LayerSpec, MiMoConfig, RunOptions
 from mimo_jax.model import moe
-from mimo_jax.model.attention import ATTENTION_IMPLS, apply_rope, attention, attention_paged, rope_cos_sin
+from mimo_jax.model.attention import (
+    ATTENTION_IMPLS,
+    PAGED_IMPLS,
+    apply_rope,
+    attention,
+    attention_paged,
+    rope_cos_sin,
+)
 from mimo_jax.model.cache import LayerKV, PagedKV, heads_major, update_and_read, write_pages
 from mimo_jax.quant import weight
 
@@ -61,10 +68,19 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(
-        self, spec: LayerSpec, hidden: int, value_scale: float, dtype, rngs: nnx.Rngs | None, impl: str = "xla"
+        self,
+        spec: LayerSpec,
+        hidden: int,
+        value_scale: float,
+        dtype,
+        rngs: nnx.Rngs | None,
+        impl: str = "xla",
+        paged_impl: str = "xla",
     ):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+        if paged_impl not in PAGED_IMPLS:
+            raise ValueError(f"unknown paged attention implementation {paged_impl!r}; choose from {PAGED_IMPLS}")
         self.spec = spec
         self.value_scale = value_scale
         n, kv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
@@ -74,6 +90,7 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (n, dv, hidden), dtype, ("q_heads", "head_dim", "embed"))
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
         self.impl = impl  # see mimo_jax.model.attention.ATTENTION_IMPLS
+        self.paged_impl = paged_impl  # decode rows over a paged cache: PAGED_IMPLS
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerCache | None
@@ -96,7 +113,7 @@ class Attention(nnx.Module):
             if spec.sliding:
                 raise ValueError("a sliding-window layer got a paged cache: SWA layers keep rings (LayerKV)")
             kv_cache = write_pages(kv_cache, k, v, positions)
-            out = attention_paged(q, kv_cache, positions, **common)
+            out = attention_paged(q, kv_cache, positions, paged_impl=self.paged_impl, **common)
         else:
             if kv_cache is None:
                 keys, values, key_pos = heads_major(k), heads_major(v), positions
@@ -241,7 +258,9 @@ class DecoderLayer(nnx.Module):
         self, cfg: MiMoConfig, spec: LayerSpec, dtype, rngs: nnx.Rngs | None, options: RunOptions, expert_layout: str
     ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(spec, cfg.hidden_size, cfg.value_scale, dtype, rngs, options.attention_impl)
+        self.self_attn = Attention(
+            spec, cfg.hidden_size, cfg.value_scale, dtype, rngs, options.attention_impl, options.paged_attention_impl
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if spec.moe:
             self.mlp = MoE(cfg, dtype, rngs, options, expert_layout)

@@ -1,6 +1,7 @@
 """Engine benchmark with random weights at real dimensions, beside the roofline measured in the same run.
 
     python -m mimo_jax.tools.bench decode  --model flash-slice-4 --batch 1,32 --context 2048
+    python -m mimo_jax.tools.bench decode  --batch 1,32,64 --context 2048,32768,131072 --paged xla,pallas_gpu
     python -m mimo_jax.tools.bench prefill --model flash-slice-4 --prompt-len 8192 --chunk 2048
 
 "flash-slice-N" is MiMo-V2-Flash (configs/mimo-v2-flash.json) cut to N layers in the real pattern:
@@ -35,7 +36,7 @@ from mimo_jax.engine.state import KVCache
 from mimo_jax.engine.steps import layer_caches
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import moe
-from mimo_jax.model.attention import ATTENTION_IMPLS
+from mimo_jax.model.attention import ATTENTION_IMPLS, PAGED_IMPLS
 from mimo_jax.model.cache import LayerKV, PagePool, empty_layer_kv, kv_bytes_per_token
 from mimo_jax.model.mimo import MiMoModel, MoE, relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
@@ -398,6 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=list(ATTENTION_IMPLS),
         help="attention path (default: cudnn on GPU in bf16, else xla); decode steps always use xla",
     )
+    p.add_argument(
+        "--paged",
+        default=None,
+        help=f"decode: comma-separated paged attention implementations to time, each against the same cache "
+        f"({', '.join(PAGED_IMPLS)}; default: xla,pallas_gpu on GPU, else xla)",
+    )
     p.add_argument("--reps", type=int, default=3, help="prefill: timed repetitions")
     p.add_argument("--read-mb", type=int, default=8192, help="array size for the read-only HBM ceiling (>= 8 GiB)")
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the copy (read+write) rate")
@@ -422,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(args.moe_impl.split(",") if args.moe_impl else ()) - set(EXPERT_IMPLS)
     if unknown:
         p.error(f"--moe-impl {sorted(unknown)}: choose from {sorted(EXPERT_IMPLS)}")
+    unknown = set(args.paged.split(",") if args.paged else ()) - set(PAGED_IMPLS)
+    if unknown:
+        p.error(f"--paged {sorted(unknown)}: choose from {list(PAGED_IMPLS)}")
     prompt_lens = [int(n) for n in args.prompt_len.split(",")]
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
@@ -500,6 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return kernel
         return kernel + ["ragged"]
 
+    def paged_impls() -> list[str]:
+        if args.paged:
+            return args.paged.split(",")
+        if jax.default_backend() == "gpu":
+            return ["xla", "pallas_gpu"]
+        print("# paged attention: xla only off a GPU (--paged xla,pallas_interpret runs the kernel in the interpreter)")
+        return ["xla"]
+
     def failed(impl: str, what: str, error: Exception) -> None:
         print(f"#   {impl} {what} failed: {type(error).__name__}: {str(error)[:300]}")
         results["runs"].append(dict(moe=impl, case=what, error=f"{type(error).__name__}: {error}"[:2000]))
@@ -511,47 +529,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     is_peer_model = args.model == "flash-slice-4" and not args.scale_down
     if args.mode == "decode":
         print(
-            "| batch | context | MoE | experts/layer | ms/step | tok/s | GB/step (weights + KV) | HBM-read roofline "
-            "tok/s | achieved (of read) | of copy | peer tok/s | x peer | GB in use |"
+            "| batch | context | MoE | paged | experts/layer | ms/step | tok/s | GB/step (weights + KV) | HBM-read "
+            "roofline tok/s | achieved (of read) | of copy | peer tok/s | x peer | GB in use |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        paged = paged_impls()
         for batch in (int(b) for b in args.batch.split(",")):
             for impl in impls(batch):
                 lm = with_experts(impl)
-                for context in (int(c) for c in args.context.split(",")):
-                    try:
-                        r = run_decode(
-                            lm, batch, context, args.steps, args.rounds, dtype_bytes, fp8, args.profile,
-                            count_experts=not args.no_experts_count,
-                        )  # fmt: skip
-                    except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
-                        failed(impl, f"decode batch {batch} context {context}", e)
-                        continue
-                    roof_s = r["bytes"]["total"] / (read_bandwidth * ndev)
-                    copy_roof_s = r["bytes"]["total"] / (bandwidth * ndev)
-                    peer = PEER["decode"].get(batch) if is_peer_model else None
-                    r.update(
-                        moe=impl,
-                        roofline_tok_s=batch / roof_s,
-                        achieved=roof_s / (r["ms_per_step"] / 1e3),
-                        achieved_of_copy=copy_roof_s / (r["ms_per_step"] / 1e3),
-                        peer_tok_s=peer,
-                    )
-                    touched = r["experts_touched"] or (
-                        cfg.experts_per_token if batch == 1 else r["experts_touched_uniform"]
-                    )
-                    print(
-                        f"| {batch} | {context} | {impl} | {touched or 0:.1f} | {r['ms_per_step']:.3f} | "
-                        f"{r['tok_s']:.1f} | "
-                        f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
-                        f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {r['achieved_of_copy']:.0%} | "
-                        f"{peer or '-'} | "
-                        f"{vs_peer(r['tok_s'], peer)} | {r['device_gb_in_use']:.1f} |"
-                    )
-                    if not r["finite"]:
-                        print("#   warning: non-finite hidden states (random weights overflowed)")
-                    results["runs"].append(r)
-                    save()
+                for paged_impl in paged:  # the same weights and cache contents, another paged attention path
+                    view = lm.with_options(dataclasses.replace(lm.options, paged_impl=paged_impl))
+                    for context in (int(c) for c in args.context.split(",")):
+                        case = f"decode batch {batch} context {context} paged {paged_impl}"
+                        try:
+                            r = run_decode(
+                                view, batch, context, args.steps, args.rounds, dtype_bytes, fp8, args.profile,
+                                count_experts=not args.no_experts_count,
+                            )  # fmt: skip
+                        except Exception as e:  # one failing path (e.g. out of memory) must not lose the others
+                            failed(impl, case, e)
+                            continue
+                        roof_s = r["bytes"]["total"] / (read_bandwidth * ndev)
+                        copy_roof_s = r["bytes"]["total"] / (bandwidth * ndev)
+                        peer = PEER["decode"].get(batch) if is_peer_model else None
+                        r.update(
+                            moe=impl,
+                            paged=paged_impl,
+                            roofline_tok_s=batch / roof_s,
+                            achieved=roof_s / (r["ms_per_step"] / 1e3),
+                            achieved_of_copy=copy_roof_s / (r["ms_per_step"] / 1e3),
+                            peer_tok_s=peer,
+                        )
+                        touched = r["experts_touched"] or (
+                            cfg.experts_per_token if batch == 1 else r["experts_touched_uniform"]
+                        )
+                        print(
+                            f"| {batch} | {context} | {impl} | {paged_impl} | {touched or 0:.1f} | "
+                            f"{r['ms_per_step']:.3f} | {r['tok_s']:.1f} | "
+                            f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
+                            f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {r['achieved_of_copy']:.0%} | "
+                            f"{peer or '-'} | "
+                            f"{vs_peer(r['tok_s'], peer)} | {r['device_gb_in_use']:.1f} |"
+                        )
+                        if not r["finite"]:
+                            print("#   warning: non-finite hidden states (random weights overflowed)")
+                        results["runs"].append(r)
+                        save()
     else:
         print(
             "| prompt | chunk | MoE | attention | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer "

@@ -186,6 +186,16 @@ def test_paged_split_prefill_equals_contiguous(model, oracle, monkeypatch):
     assert_same_logits(run_scenario(split, paged=True), oracle, 1e-5)
 
 
+def test_paged_kernel_equals_contiguous(model, oracle):
+    """paged_impl "pallas_interpret": the decode rows, the verify and the 5-token prefill chunks (all at most
+    PAGED_KERNEL_MAX_QUERIES) attend through the Pallas kernel (tests/kernels/test_paged_attention_gpu.py), here in
+    the interpreter, and the model's logits stay those of the contiguous cache."""
+    assert CHUNK <= attn.PAGED_KERNEL_MAX_QUERIES
+    kernel = model.with_options(dataclasses.replace(model.options, paged_impl="pallas_interpret"))
+    assert kernel.layers[0].self_attn.paged_impl == "pallas_interpret"
+    assert_same_logits(run_scenario(kernel, paged=True), oracle, 1e-5)
+
+
 def test_paged_on_a_mesh_equals_one_device(model, oracle):
     """data x tensor x expert = 2 x 2 x 2: decode rows split over data x expert, pools whole on every batch
     shard, the full layers' one kv head repeated for the two tensor shards of q heads."""

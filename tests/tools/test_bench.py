@@ -25,11 +25,13 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     small = ["--model", "flash-slice-2", "--scale-down", "--read-mb", "8", "--copy-mb", "8", "--matmul-n", "128"]
     decode_json, prefill_json = tmp_path / "d.json", tmp_path / "p.json"
     main(["decode", *small, "--batch", "2", "--context", "40", "--steps", "2", "--rounds", "1", "--moe-impl",
-          "gather", "--json", str(decode_json), "--profile", "3"])  # fmt: skip
+          "gather", "--paged", "xla,pallas_interpret", "--json", str(decode_json), "--profile", "3"])  # fmt: skip
     main(["prefill", *small, "--prompt-len", "40", "--chunk", "16", "--reps", "1", "--moe-impl", "ragged",
           "--attention", "split", "--json", str(prefill_json)])  # fmt: skip
-    (decode,) = json.loads(decode_json.read_text())["runs"]
-    assert decode["batch"] == 2 and decode["tok_s"] > 0 and decode["finite"] and decode["moe"] == "gather"
+    runs = json.loads(decode_json.read_text())["runs"]
+    assert [r["paged"] for r in runs] == ["xla", "pallas_interpret"]  # both paged paths timed in one run
+    for decode in runs:
+        assert decode["batch"] == 2 and decode["tok_s"] > 0 and decode["finite"] and decode["moe"] == "gather"
     prefill_results = json.loads(prefill_json.read_text())
     assert prefill_results["attention"] == "split" and prefill_results["attention_check_rel_err"] < 0.05
     (prefill,) = prefill_results["runs"]
