@@ -17,6 +17,9 @@
 #                                        # tree and an older one in DIR (e.g. `git archive REV mimo_jax configs`), twice
 #   bash bench/gpu_session.sh mtpcost # one GPU (~4.5 min): a k=3 MTP iteration at batch 1 in plain steps, full
 #                                     # vocabulary vs a 32K draft vocabulary, flash-slice-4 bf16 then flash-layers-N fp8
+#   bash bench/gpu_session.sh paged [DIR] # one GPU (~6 min): the Pallas paged kernel checked against XLA at Flash
+#                                         # shapes and timed by splits; decode with the XLA paged path and the kernel
+#                                         # (batch BATCHES at CTX) beside the contiguous cache of the tree in DIR
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -139,5 +142,18 @@ engine)
     done
   fi
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine [DIR]" >&2; exit 2 ;;
+paged)
+  CTX=${CTX:-2048,131072}
+  BATCHES=${BATCHES:-1,64}
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  TAIL=40 step paged_check 130 python bench/check_paged_kernel.py --time
+  if [ -n "${2:-}" ]; then
+    (cd "$2" && PYTHONPATH=. TAIL=12 step old_decode 170 python -m mimo_jax.tools.bench decode --batch "$BATCHES" \
+      --context "$CTX" --steps 16 --rounds 3 --no-experts-count --json "$O/old_decode.json")
+  fi
+  TAIL=20 step new_decode 240 python -m mimo_jax.tools.bench decode --batch "$BATCHES" --context "$CTX" --steps 16 \
+    --rounds 3 --no-experts-count --paged xla,pallas_gpu --json "$O/new_decode.json"
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged [DIR]" >&2; exit 2 ;;
 esac
