@@ -22,8 +22,9 @@ the server does (`mimo_jax.engine.driver.warm_up`), programs compiled during the
 `constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one request constrained
 to a JSON schema that outlasts them (the demo's tokenizer and llguidance), `--reps` times: their tok/s from their
 first tokens to their last, and the ratios (median and range). Beside it each of their rounds is two launches: the
-first iteration shared with the constrained row, then the rest. With a random model's vocabulary (flash-slice-N:
-152576 ids) the grammar covers the demo tokenizer's 8192 ids; the others are never allowed.
+first iteration shared with the constrained row, then the rest. A random model (flash-slice-N: 152576 ids, 4768 with
+`--scale-down`) gets the demo tokenizer's grammar too: only ids below both its vocabulary and the tokenizer's 8192
+are ever allowed.
 `capacity`: concurrent sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072: its proportions, repeated)
 that fit `--budget-gb` of KV: the old cache (every slot reserves max_context of the longest) against pages for
 the tokens each sequence holds (plus its rings in both).
