@@ -20,6 +20,9 @@
 #   bash bench/gpu_session.sh paged [DIR] # one GPU (~6 min): the Pallas paged kernel checked against XLA at Flash
 #                                         # shapes and timed by splits; decode with the XLA paged path and the kernel
 #                                         # (batch BATCHES at CTX) beside the contiguous cache of the tree in DIR
+#   bash bench/gpu_session.sh round [DIR] # one GPU (~8 min): the lone request in 1 / 64 slots, one constrained
+#                                         # request beside 16 free ones (also in the tree in PRE), decode at 64 x CTX64 old (DIR) vs new,
+#                                         # the agent trace at HISTORY (default 8192)
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -155,5 +158,23 @@ paged)
   TAIL=20 step new_decode 240 python -m mimo_jax.tools.bench decode --batch "$BATCHES" --context "$CTX" --steps 16 \
     --rounds 3 --no-experts-count --paged xla,pallas_gpu --json "$O/new_decode.json"
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged [DIR]" >&2; exit 2 ;;
+round)
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  [ -f probe/round_hlo.py ] && TAIL=40 step round_hlo 70 python probe/round_hlo.py
+  step lone 100 python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64 \
+    --prompt 2048 --output 256 --round 8 --reps 2 --json "$O/lone.json"
+  for tree in ${PRE:-} .; do  # PRE: an older tree to alternate with (its constrained step before this one's)
+    name=constrained_$( [ "$tree" = . ] && echo new || echo old )
+    (cd "$tree" && PYTHONPATH=. TAIL=8 step "$name" 120 python bench/bench_engine.py constrained --model flash-slice-4 \
+      --dtype bfloat16 --conversations 16 --prompt 512 --output 128 --round 8 --reps 3 --json "$O/$name.json")
+  done
+  if [ -n "${2:-}" ]; then
+    (cd "$2" && PYTHONPATH=. TAIL=6 step old_decode64 80 python -m mimo_jax.tools.bench decode --batch 64 \
+      --context "${CTX64:-65536}" --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --json "$O/old_decode64.json")
+    TAIL=6 step new_decode64 80 python -m mimo_jax.tools.bench decode --batch 64 --context "${CTX64:-65536}" \
+      --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --paged pallas_gpu --json "$O/new_decode64.json"
+  fi
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round [DIR]" >&2; exit 2 ;;
 esac
