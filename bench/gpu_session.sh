@@ -27,7 +27,8 @@
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
 set -u
-export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
+SITE=${PYTHONPATH:-}  # carried wheels installed under a --target folder
+export PYTHONPATH=.${SITE:+:$SITE} XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
 O=/tmp/gpu_session
 mkdir -p "$O"
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$O" . ; }
@@ -161,15 +162,15 @@ paged)
 round)
   READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
   echo "### HBM read ceiling ${READ} TB/s"
-  [ -f probe/round_hlo.py ] && TAIL=40 step round_hlo 70 python probe/round_hlo.py
-  step lone 100 python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64 \
+  PARTS=${PARTS:-lone,constrained,decode64}
+  [[ $PARTS == *lone* ]] && step lone 100 python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64 \
     --prompt 2048 --output 256 --round 8 --reps 2 --json "$O/lone.json"
-  for tree in ${PRE:-} .; do  # PRE: an older tree to alternate with (its constrained step before this one's)
+  [[ $PARTS == *constrained* ]] && for tree in ${PRE:-} .; do  # PRE: an older tree to alternate with (its constrained step before this one's)
     name=constrained_$( [ "$tree" = . ] && echo new || echo old )
-    (cd "$tree" && PYTHONPATH=. TAIL=8 step "$name" 120 python bench/bench_engine.py constrained --model flash-slice-4 \
+    (cd "$tree" && PYTHONPATH=.${SITE:+:$SITE} TAIL=8 step "$name" 120 python bench/bench_engine.py constrained --model flash-slice-4 \
       --dtype bfloat16 --conversations 16 --prompt 512 --output 128 --round 8 --reps 3 --json "$O/$name.json")
   done
-  if [ -n "${2:-}" ]; then
+  if [ -n "${2:-}" ] && [[ $PARTS == *decode64* ]]; then
     (cd "$2" && PYTHONPATH=. TAIL=6 step old_decode64 80 python -m mimo_jax.tools.bench decode --batch 64 \
       --context "${CTX64:-65536}" --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --json "$O/old_decode64.json")
     TAIL=6 step new_decode64 80 python -m mimo_jax.tools.bench decode --batch 64 --context "${CTX64:-65536}" \
