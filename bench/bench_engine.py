@@ -7,8 +7,6 @@ and without the prefix cache, and how many sequences a fixed KV budget holds (pa
         --turns 3 --chunk 2048                                              # one GPU
     python bench/bench_engine.py capacity --model flash-slice-4 --budget-gb 40
     python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64   # one GPU
-    python bench/bench_engine.py constrained --model demo --conversations 4 --prompt 64 --output 96 --round 8 --reps 5
-    python bench/bench_engine.py constrained --model flash-slice-4 --dtype bfloat16 --conversations 16   # one GPU
 
 `lone`: one greedy request (no stop token) in engines of each slot count; decode tok/s after the first token
 through `Engine.step` (the server's path, host included) and the ratio to the 1-slot engine. It runs on the
@@ -21,10 +19,7 @@ first output) and the lone one's; generated tokens per second; prefix cache off 
 the server does (`mimo_jax.engine.driver.warm_up`), programs compiled during the timed run counted (expected 0).
 `constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one request constrained
 to a JSON schema that outlasts them (the demo's tokenizer and llguidance), `--reps` times: their tok/s from their
-first tokens to their last, and the ratios (median and range). Beside it each of their rounds is two launches: the
-first iteration shared with the constrained row, then the rest. A random model (flash-slice-N: 152576 ids, 4768 with
-`--scale-down`) gets the demo tokenizer's grammar too: only ids below both its vocabulary and the tokenizer's 8192
-are ever allowed.
+first tokens to their last, and the ratios (median and range).
 `capacity`: concurrent sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072: its proportions, repeated)
 that fit `--budget-gb` of KV: the old cache (every slot reserves max_context of the longest) against pages for
 the tokens each sequence holds (plus its rings in both).

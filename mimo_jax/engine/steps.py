@@ -419,8 +419,7 @@ def decode_rows(
     constraint lasts for its lifetime).
 
     A row whose `allowed` row is all zeros sits the round out (inactive for it, as it was after): a bucket's
-    filler slot that another launch of the same step decodes (in a constrained step's second launch, the
-    constrained rows: its first launch decoded them)."""
+    filler slot that another round of the same step decodes (constrained and unconstrained rows apart)."""
     model = nnx.merge(graphdef, params)
     sub_state = jax.tree.map(lambda x: x[rows], state)
     sits_out = ~jnp.any(allowed != 0, axis=-1)
