@@ -18,8 +18,9 @@ own prefill, nothing queued), then the others at once. Per turn the mean time to
 first output) and the lone one's; generated tokens per second; prefix cache off and on, each engine warmed up as
 the server does (`mimo_jax.engine.driver.warm_up`), programs compiled during the timed run counted (expected 0).
 `constrained`: `--conversations` unconstrained greedy requests decoding alone, then beside one request constrained
-to a JSON schema that outlasts them (the demo's tokenizer and llguidance), `--reps` times: their tok/s from their
-first tokens to their last, and the ratios (median and range).
+to a JSON schema that outlasts them (the demo's tokenizer and llguidance), `--reps` times: their tok/s from the
+step where the last of them has its first token (every one decodes, no prefill left) to their last, and the
+ratios (median and range).
 `capacity`: concurrent sequences of a mixed workload (`--mix`, e.g. 60x2048,4x131072: its proportions, repeated)
 that fit `--budget-gb` of KV: the old cache (every slot reserves max_context of the longest) against pages for
 the tokens each sequence holds (plus its rings in both).
@@ -242,22 +243,24 @@ def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
     )
 
     def decode_rate(label: str, constrained: bool) -> tuple[float, int]:
-        """The unconstrained requests' tok/s from their first tokens to their last, and the constrained one's
-        tokens meanwhile (it is added first, so its prefill precedes their first tokens; cancelled after them)."""
+        """The unconstrained requests' tok/s once every one of them decodes (their prefills done) to their last,
+        and the constrained one's tokens meanwhile (added first, so its prefill precedes theirs; cancelled after)."""
         if constrained:
             engine.add((label, "json"), prompt_ids(lm, args.prompt, 99), json_request)
         for i in range(n):
             engine.add((label, i), prompt_ids(lm, args.prompt, i), greedy(args.output))
-        tokens, json_tokens, t0, running = 0, 0, None, n
+        tokens, json_tokens, t0, running, started = 0, 0, None, n, set()
         while running:
             for out in engine.step(max_tokens_per_round=args.round):
                 if out.request_id[1] == "json":
-                    json_tokens += len(out.token_ids)
+                    json_tokens += len(out.token_ids) if t0 is not None else 0
                     continue
-                if out.token_ids and t0 is None:
-                    t0 = time.perf_counter()  # from the first tokens on: decode only
-                elif t0 is not None:
+                if t0 is not None:
                     tokens += len(out.token_ids)
+                elif out.token_ids:
+                    started.add(out.request_id)
+                    if len(started) == n:  # every free request decodes: no prefill left in the timed window
+                        t0 = time.perf_counter()
                 running -= out.finished
         elapsed = time.perf_counter() - t0
         engine.cancel((label, "json"))
