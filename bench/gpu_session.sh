@@ -168,7 +168,7 @@ round)
   [[ $PARTS == *constrained* ]] && for tree in ${PRE:-} .; do  # PRE: an older tree to alternate with (its constrained step before this one's)
     name=constrained_$( [ "$tree" = . ] && echo new || echo old )
     (cd "$tree" && PYTHONPATH=.${SITE:+:$SITE} TAIL=8 step "$name" 190 python bench/bench_engine.py constrained --model flash-slice-4 \
-      --dtype bfloat16 --conversations 16 --prompt 512 --output 128 --round 8 --reps 3 --json "$O/$name.json")
+      --dtype bfloat16 --conversations 16 --prompt 512 --output "${OUTPUT:-512}" --round 8 --reps 3 --json "$O/$name.json")
   done
   if [ -n "${2:-}" ] && [[ $PARTS == *decode64* ]]; then
     (cd "$2" && PYTHONPATH=. TAIL=6 step old_decode64 80 python -m mimo_jax.tools.bench decode --batch 64 \
