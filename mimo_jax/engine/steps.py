@@ -146,10 +146,11 @@ def _prefill_chunk(
     """`prefill_step`'s work; also returns the chunk's hidden states [1, C, H] (before the final norm).
 
     The snapshot row it returns holds the slot's rings and history as of position `mark` (the prompt's snapshot
-    boundary, start < mark <= start + length, fewer than `mark_slack` (static) positions before the chunk's end;
-    -1 when the chunk holds no boundary), so a prompt's tail runs as one chunk, not two split at the boundary. The rings
-    run the chunk widened by that slack (`remap_ring`: old positions the chunk would overwrite stay, masked
-    by the window as any key past it), then are narrowed twice: as of the chunk's end (kept) and as of `mark`.
+    boundary, start < mark <= start + length, fewer than `mark_slack` (static) positions before the chunk's
+    end; -1 when the chunk holds no boundary), so a prompt's tail runs as one chunk, not two split at the
+    boundary. The rings run the chunk widened by that slack (`remap_ring`: old positions the chunk would
+    overwrite stay, masked by the window as any key past it), then are narrowed twice: as of the chunk's end
+    (kept) and as of `mark`.
     """
     num_layers = len(model.layers)
     rings = read_slot(cache.rings, slot, clear=start == 0)
