@@ -201,8 +201,9 @@ def warm_up(driver: Driver, round_tokens: int | None = None, *, prompt_scoring: 
     engine's `overlap` as it will run (its reads copy the finish reasons).
 
     A prefix hit runs nothing else: restore, then the prompt's tail in chunks whose lengths fall in any bucket
-    (a chunk also ends at the snapshot boundary). So the buckets are warmed up with the prefix cache off: the
-    prompts neither hit each other (a hit would shorten a chunk below its bucket) nor split at a boundary.
+    (a chunk runs through the snapshot boundary and returns the rings as of it, so the tail is usually one
+    chunk). So the buckets are warmed up with the prefix cache off: the prompts do not hit each other (a hit
+    would shorten a chunk below its bucket).
     Deterministic, so on a multi-host run every process runs it itself (a driver without a channel).
     """
     engine = driver.engine

@@ -478,8 +478,8 @@ class Engine:
                 self._start_prompt(slot, req)
             start = req.prefilled
             end = min(start + self.prefill_chunk, req.prompt.size)
-            if req.snapshot_at is not None and start < req.snapshot_at:
-                end = min(end, req.snapshot_at)  # a chunk ends at the snapshot's boundary
+            crosses = req.snapshot_at is not None and start < req.snapshot_at <= end
+            mark = req.snapshot_at if crosses else -1  # the chunk also returns the slot as of its snapshot boundary
             if not self._grow(slot, req, end):
                 waiting = [r for r in self._slots if r is not None and r is not req and r.pages and not r.decoding]
                 if not waiting or any(r is not None and r.decoding for r in self._slots):
@@ -494,17 +494,17 @@ class Engine:
                 req.history = jax.device_put(self.empty_history(), self._replicated)
             pages = jnp.asarray(self.page_table[slot])
             args = (self.params, self.cache, jnp.int32(slot), pages, jnp.asarray(tokens))
-            args += (jnp.int32(start), jnp.int32(length), req.history)
+            args += (jnp.int32(start), jnp.int32(length), req.history, jnp.int32(mark))
             if req.options.prompt_logprobs is None or req.resumed:
-                self.cache, req.history = self.prefill_fn(*args)
+                self.cache, req.history, at_mark = self.prefill_fn(*args)
             else:
                 targets = self.steps.prompt_targets(req.prompt, start, length, bucket)
-                self.cache, req.history, scores = self.prefill_logprobs_fn(*args, jnp.asarray(targets))
+                self.cache, req.history, at_mark, scores = self.prefill_logprobs_fn(*args, jnp.asarray(targets))
                 req.scores.append((length, scores))
             req.prefilled += length
             spent += length
-            if req.prefilled == req.snapshot_at:
-                self._save_snapshot(slot, req)
+            if crosses:
+                self._save_snapshot(req, at_mark)
             if req.prefilled == req.prompt.size:
                 self._prefill_queue.popleft()
                 scores, req.scores = (req.scores if req.options.prompt_logprobs is not None else None), []
@@ -557,15 +557,14 @@ class Engine:
         boundary = (req.prompt.size - max(k, 1)) // self.page_size * self.page_size
         req.snapshot_at = boundary if self.pages.prefix_cache and boundary > req.prefilled else None
 
-    def _save_snapshot(self, slot: int, req: _Request) -> None:
-        """At the snapshot boundary: index the prompt's pages so far, and copy the slot's rings for later prompts."""
+    def _save_snapshot(self, req: _Request, at_mark: Any) -> None:
+        """After the chunk that crossed the snapshot boundary: index the prompt's pages up to it, and store the
+        slot's rings and history as of the boundary (`at_mark`, the chunk's snapshot row) for later prompts."""
         boundary = req.snapshot_at
         self.pages.publish(req.prompt[:boundary], req.pages[: boundary // self.page_size])
         snapshot = self.pages.snapshot_slot(req.prompt, boundary)
         if snapshot is not None:
-            self.snapshots = self.save_snapshot_fn(
-                self.cache, self.snapshots, jnp.int32(slot), jnp.int32(snapshot), req.history
-            )
+            self.snapshots = self.save_snapshot_fn(self.snapshots, at_mark, jnp.int32(snapshot))
             self._lookahead[snapshot] = tuple(int(t) for t in req.prompt[boundary : boundary + self.speculative_steps])
 
     def reserve(self, request_id: Any, positions: int) -> bool:

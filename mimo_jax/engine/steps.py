@@ -5,13 +5,15 @@ No shape depends on which requests are running beyond a decode round's bucket (i
 position -1: nothing is written to their cache and their outputs are ignored), so nothing recompiles as
 requests come and go once each bucket has compiled. The work (the cache and slot state are donated):
 
-- `prefill(params, cache, slot, pages[M], tokens[C + k], start, length, history[K, H]) -> (cache, history)`
-  (`prefill_step`): one chunk of one request's prompt (the first `length` of tokens[:C]; the k
+- `prefill(params, cache, slot, pages[M], tokens[C + k], start, length, history[K, H], mark) -> (cache, history,
+  snapshot row)` (`prefill_step`): one chunk of one request's prompt (the first `length` of tokens[:C]; the k
   tokens after the chunk feed the MTP layers), attending against what the slot already holds: its
   full layers' pages (its page table `pages`) and its rings. `history` rolls the prompt's last K hidden
   states through the chunks (K = 1 without speculation). Chunk lengths are bucketed (powers of two up to
-  `prefill_chunk`).
-- `prefill_logprobs(..., history, targets[C]) -> (cache, history, PromptScores)`
+  `prefill_chunk`). The snapshot row is the slot's rings and history as of position `mark` (the prompt's
+  snapshot boundary when the chunk crosses it, else -1): a chunk runs past the boundary, so a prefix hit's
+  tail is one forward, not two.
+- `prefill_logprobs(..., history, mark, targets[C]) -> (cache, history, snapshot row, PromptScores)`
   (`prefill_logprobs_step`): the same chunk, also scoring the prompt: at each chunk position the
   log-softmax of the lm_head at the prompt's next token (`targets`, which the host knows, so the
   chunk's last position scores the next chunk's first token), its rank and the top-N. A separate
@@ -30,8 +32,8 @@ requests come and go once each bucket has compiled. The work (the cache and slot
   every running request is greedy (the host picks it: drafts and verify compare argmaxes).
   `constrained_decode` is the same with the one-token iterations over the target layers only, even
   with k > 0: the rounds of a speculative engine's constrained requests (the masks apply).
-- `save_snapshot` / `restore_snapshot`: copy a slot's rings (and prompt history) to / from the prefix
-  cache's snapshot store (`RingSnapshots`).
+- `save_snapshot` / `restore_snapshot`: store a prefill's snapshot row in / copy a snapshot's rings (and prompt
+  history) into a slot from the prefix cache's snapshot store (`RingSnapshots`).
 
 `release(state, slot) -> state` (`release_step`) stops a cancelled request's slot.
 
@@ -84,6 +86,7 @@ from mimo_jax.model.cache import (
     page_pool_shardings,
     paged_layer_caches,
     read_slot,
+    remap_ring,
     split_layer_caches,
     write_slot,
 )
@@ -101,18 +104,23 @@ def prefill_step(
     start: jax.Array,
     length: jax.Array,
     history: jax.Array,
-) -> tuple[KVCache, jax.Array]:
+    mark: jax.Array,
+    *,
+    mark_slack: int,
+) -> tuple[KVCache, jax.Array, RingSnapshots]:
     """Run a prompt chunk into slot `slot` whose page table is `pages` [max_pages]: tokens [C + k], of which the
     first `length` are the chunk (placed at start, start+1, ...) and tokens[length:] the prompt's next tokens
     (-1 past its end), which only the k MTP layers read.
 
     A chunk starting at 0 begins a new request: the slot's old ring entries are marked empty first (its pages
     are its own: what they held before is never read, as every position is written before it is read).
-    Returns the new cache and `history` [K, H] advanced by the chunk (the prompt's last K hidden states).
+    Returns the new cache, `history` [K, H] advanced by the chunk (the prompt's last K hidden states) and the
+    slot's state as of position `mark` (`_prefill_chunk`): one snapshot row for `save_snapshot`.
     """
     model = nnx.merge(graphdef, params)
-    cache, history, _ = _prefill_chunk(model, cache, slot, pages, tokens, start, length, history)
-    return cache, history
+    args = (cache, slot, pages, tokens, start, length, history, mark)
+    cache, history, at_mark, _ = _prefill_chunk(model, *args, mark_slack=mark_slack)
+    return cache, history, at_mark
 
 
 def layer_caches(model: MiMoModel, cache: KVCache, rings: list[LayerKV], page_table: jax.Array) -> list:
@@ -131,28 +139,48 @@ def _prefill_chunk(
     start: jax.Array,
     length: jax.Array,
     history: jax.Array,
-) -> tuple[KVCache, jax.Array, jax.Array]:
-    """`prefill_step`'s work; also returns the chunk's hidden states [1, C, H] (before the final norm)."""
+    mark: jax.Array,
+    *,
+    mark_slack: int,
+) -> tuple[KVCache, jax.Array, RingSnapshots, jax.Array]:
+    """`prefill_step`'s work; also returns the chunk's hidden states [1, C, H] (before the final norm).
+
+    The snapshot row it returns holds the slot's rings and history as of position `mark` (the prompt's snapshot
+    boundary, start < mark <= start + length, fewer than `mark_slack` (static) positions before the chunk's
+    end; -1 when the chunk holds no boundary), so a prompt's tail runs as one chunk, not two split at the
+    boundary. The rings run the chunk widened by that slack (`remap_ring`: old positions the chunk would
+    overwrite stay, masked by the window as any key past it), then are narrowed twice: as of the chunk's end
+    (kept) and as of `mark`.
+    """
     num_layers = len(model.layers)
-    layers = layer_caches(model, cache, read_slot(cache.rings, slot, clear=start == 0), pages[None])
-    chunk = tokens.shape[0] - (len(layers) - num_layers)
+    rings = read_slot(cache.rings, slot, clear=start == 0)
+    chunk = tokens.shape[0] - (len(rings) - sum(s.sliding for s in model.config.layers))
+    spare = min(mark_slack, chunk)  # the boundary lies fewer than `spare` positions before the chunk's end
+    wide = [remap_ring(r, r.slots + spare, start) for r in rings]
+    layers = layer_caches(model, cache, wide, pages[None])
     idx = jnp.arange(chunk, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]
     hidden, target = model.hidden_states(jnp.maximum(tokens[None, :chunk], 0), positions, layers[:num_layers])
     mtp_rows = mtp_prefill(model, layers[num_layers:], hidden, tokens[None], positions)
-    joined = jnp.concatenate([history, hidden[0].astype(history.dtype)], axis=0)
+    joined = jnp.concatenate([history, hidden[0].astype(history.dtype)], axis=0)  # positions start - K ...
+    pools, wide = split_layer_caches(target + mtp_rows)
+    end = start + length
+    rows = [remap_ring(w, r.slots, end) for w, r in zip(wide, rings, strict=True)]
+    at_mark = RingSnapshots(
+        rings=[remap_ring(w, r.slots, mark) for w, r in zip(wide, rings, strict=True)],
+        history=jax.lax.dynamic_slice_in_dim(joined, mark - start, history.shape[0], axis=0)[None],
+    )
     history = jax.lax.dynamic_slice_in_dim(joined, length, history.shape[0], axis=0)
-    pools, rows = split_layer_caches(target + mtp_rows)
-    return KVCache(pools, write_slot(cache.rings, rows, slot)), history, hidden
+    return KVCache(pools, write_slot(cache.rings, rows, slot)), history, at_mark, hidden
 
 
-def save_snapshot_step(
-    cache: KVCache, snapshots: RingSnapshots, slot: jax.Array, snapshot: jax.Array, history: jax.Array
-) -> RingSnapshots:
-    """Copy slot `slot`'s rings and the prompt's `history` into snapshot `snapshot` (the prefix cache)."""
-    rows = read_slot(cache.rings, slot, clear=jnp.bool_(False))
-    rings = write_slot(snapshots.rings, rows, snapshot)
-    return RingSnapshots(rings, snapshots.history.at[snapshot].set(history.astype(snapshots.history.dtype)))
+def save_snapshot_step(snapshots: RingSnapshots, row: RingSnapshots, snapshot: jax.Array) -> RingSnapshots:
+    """Store a slot's rings and prompt history as of its snapshot boundary (`row`, from the prefill chunk that
+    crossed it) as snapshot `snapshot` (the prefix cache)."""
+    rings = write_slot(snapshots.rings, row.rings, snapshot)
+    history = row.history.astype(snapshots.history.dtype)
+    history = jax.lax.dynamic_update_slice_in_dim(snapshots.history, history, snapshot, axis=0)
+    return RingSnapshots(rings, history)
 
 
 def restore_snapshot_step(
@@ -173,17 +201,20 @@ def prefill_logprobs_step(
     start: jax.Array,
     length: jax.Array,
     history: jax.Array,
+    mark: jax.Array,
     targets: jax.Array,
     *,
     num_top: int,
-) -> tuple[KVCache, jax.Array, PromptScores]:
+    mark_slack: int,
+) -> tuple[KVCache, jax.Array, RingSnapshots, PromptScores]:
     """`prefill_step`, and the prompt's scores: `targets` [C] holds, for each chunk position, the prompt's
     next token (-1 where there is none: past the chunk, or the prompt's last token). Position i's
     scores are the model's log-softmax (of the raw logits, as sampled tokens' logprobs are) at
     targets[i], its rank and the top-`num_top` (static). The lm_head runs over the whole chunk:
     C x vocab float32 logits."""
     model = nnx.merge(graphdef, params)
-    cache, history, hidden = _prefill_chunk(model, cache, slot, pages, tokens, start, length, history)
+    args = (cache, slot, pages, tokens, start, length, history, mark)
+    cache, history, at_mark, hidden = _prefill_chunk(model, *args, mark_slack=mark_slack)
     logprobs = jax.nn.log_softmax(model.logits(hidden)[0], axis=-1)  # [C, V] float32
     chosen = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
     ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1, dtype=jnp.int32)
@@ -192,7 +223,7 @@ def prefill_logprobs_step(
     else:
         top_logprobs = jnp.zeros((logprobs.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((logprobs.shape[0], 0), jnp.int32)
-    return cache, history, PromptScores(chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)
+    return cache, history, at_mark, PromptScores(chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)
 
 
 def admit_step(
@@ -477,8 +508,10 @@ class EngineSteps:
     """The engine's jitted device functions and the abstract values they take (ShapeDtypeStructs carrying
     the shardings the functions are called with): `steps.prefill.lower(*steps.prefill_args(chunk))`."""
 
-    prefill: JitUnderMesh  # (params, cache, slot, pages, tokens, start, length, history) -> (cache, history)
-    # (params, cache, slot, pages, tokens, start, length, history, targets) -> (cache, history, PromptScores)
+    # (params, cache, slot, pages, tokens, start, length, history, mark) -> (cache, history, snapshot row)
+    prefill: JitUnderMesh
+    # (params, cache, slot, pages, tokens, start, length, history, mark, targets)
+    #   -> (cache, history, snapshot row, PromptScores)
     prefill_logprobs: JitUnderMesh
     admit: JitUnderMesh  # (params, state, slot, history, request, allowed) -> (state, first, finish reason [1])
     # (params, cache, state, rows, page_table, num_steps, allowed) -> (cache, state, RoundOutput of the rows)
@@ -487,11 +520,12 @@ class EngineSteps:
     # decode for constrained rows: the plain one-token loop, masks applied, even with k > 0 (decode itself if k = 0)
     constrained_decode: JitUnderMesh
     release: JitUnderMesh  # (state, slot) -> state
-    save_snapshot: JitUnderMesh  # (cache, snapshots, slot, snapshot, history) -> snapshots
+    save_snapshot: JitUnderMesh  # (snapshots, snapshot row from prefill, snapshot) -> snapshots
     restore_snapshot: JitUnderMesh  # (cache, snapshots, snapshot, slot) -> (cache, history)
     params: Any  # abstract parameters
     cache: KVCache  # abstract KV cache
     snapshots: RingSnapshots  # abstract ring snapshots (the prefix cache's SWA state)
+    snapshot_row: RingSnapshots  # abstract snapshot row (one slot's rings and history: prefill's third output)
     state: SlotState  # abstract slot state
     request: SlotRequest  # abstract admit request
     replicated: jax.sharding.Sharding  # the slot state's, and that of scalars, `history`, page tables and requests
@@ -522,7 +556,7 @@ class EngineSteps:
         """Abstract arguments of `prefill` for a chunk of `chunk` tokens (and the k after it)."""
         i32 = self._scalar()
         tokens = jax.ShapeDtypeStruct((chunk + self.speculative_steps,), jnp.int32, sharding=self.replicated)
-        return (self.params, self.cache, i32, self._pages(), tokens, i32, i32, self._history())
+        return (self.params, self.cache, i32, self._pages(), tokens, i32, i32, self._history(), i32)
 
     def _allowed(self, *batch: int) -> jax.ShapeDtypeStruct:
         shape = batch + (bitmask_words(self.vocab_size),)
@@ -632,29 +666,35 @@ def build_steps(
         return empty_snapshots(cache_shapes, num_snapshots, history, cfg.hidden_size, state_dtype)
 
     snapshot_shapes = jax.eval_shape(make_snapshots)
+    # one slot's rings and history as of its snapshot boundary (prefill's), laid out as the store's rows are
+    row_shapes = jax.eval_shape(lambda: empty_snapshots(cache_shapes, 1, history, cfg.hidden_size, state_dtype))
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         cache_sharding = KVCache(
             pools=page_pool_shardings(cache_shapes.pools, mesh), rings=cache_shardings(cache_shapes.rings, mesh)
         )
         snapshot_sharding = RingSnapshots(rings=cache_shardings(snapshot_shapes.rings, mesh), history=replicated)
+        row_sharding = RingSnapshots(rings=cache_shardings(row_shapes.rings, mesh), history=replicated)
     else:  # committed to the parameters' device, like every output (one compiled step)
         sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
         device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
         replicated = jax.sharding.SingleDeviceSharding(device)
         cache_sharding = jax.tree.map(lambda _: replicated, cache_shapes)
         snapshot_sharding = jax.tree.map(lambda _: replicated, snapshot_shapes)
+        row_sharding = jax.tree.map(lambda _: replicated, row_shapes)
     state_shapes = jax.eval_shape(make_state)
     state_sharding = jax.tree.map(lambda _: replicated, state_shapes)
     request_shapes = jax.eval_shape(lambda: empty_request(cfg.vocab_size, max_stop_ids, history, max_logit_bias))
 
-    def prefill(params, cache, slot, pages, tokens, start, length, history):
-        return prefill_step(graphdef, params, cache, slot, pages, tokens, start, length, history)
+    mark_slack = page_size + max(k, 1)  # a snapshot boundary leaves max(k, 1) tokens after it: within a page + that
 
-    def prefill_logprobs(params, cache, slot, pages, tokens, start, length, history, targets):
-        return prefill_logprobs_step(
-            graphdef, params, cache, slot, pages, tokens, start, length, history, targets, num_top=max_top_logprobs
-        )
+    def prefill(params, cache, slot, pages, tokens, start, length, history, mark):
+        args = (cache, slot, pages, tokens, start, length, history, mark)
+        return prefill_step(graphdef, params, *args, mark_slack=mark_slack)
+
+    def prefill_logprobs(params, cache, slot, pages, tokens, start, length, history, mark, targets):
+        args = (cache, slot, pages, tokens, start, length, history, mark, targets)
+        return prefill_logprobs_step(graphdef, params, *args, num_top=max_top_logprobs, mark_slack=mark_slack)
 
     def admit(params, state, slot, history, request, allowed):
         return admit_step(
@@ -715,9 +755,9 @@ def build_steps(
     decode_out = (cache_sharding, state_sharding, None)
     decode_fn = jit(decode, (1, 2), decode_out)
     return EngineSteps(
-        prefill=jit(prefill, (1,), (cache_sharding, replicated)),
+        prefill=jit(prefill, (1,), (cache_sharding, replicated, row_sharding)),
         # compiled (per chunk length) on the first request that asks for prompt logprobs
-        prefill_logprobs=jit(prefill_logprobs, (1,), (cache_sharding, replicated, replicated)),
+        prefill_logprobs=jit(prefill_logprobs, (1,), (cache_sharding, replicated, row_sharding, replicated)),
         admit=jit(admit, (1,), (state_sharding, None, None)),
         decode=decode_fn,
         # Speculation when every running request is greedy (the host knows): drafts and verify compare
@@ -726,11 +766,12 @@ def build_steps(
         # Constrained rows with speculation: the plain one-token loop (masks apply) over the target layers.
         constrained_decode=jit(constrained_decode, (1, 2), decode_out) if k else decode_fn,
         release=jit(release_step, (0,), state_sharding),
-        save_snapshot=jit(save_snapshot_step, (1,), snapshot_sharding),
+        save_snapshot=jit(save_snapshot_step, (0,), snapshot_sharding),
         restore_snapshot=jit(restore_snapshot_step, (0,), (cache_sharding, replicated)),
         params=abstract(params),
         cache=with_shardings(cache_shapes, cache_sharding),
         snapshots=with_shardings(snapshot_shapes, snapshot_sharding),
+        snapshot_row=with_shardings(row_shapes, row_sharding),
         state=with_shardings(state_shapes, state_sharding),
         request=with_shardings(request_shapes, jax.tree.map(lambda _: replicated, request_shapes)),
         replicated=replicated,

@@ -109,6 +109,24 @@ def update_and_read(
     return new_cache.k, new_cache.v, new_cache.pos, new_cache
 
 
+def remap_ring(ring: LayerKV, slots: int, end: jax.Array) -> LayerKV:
+    """`ring` re-laid in `slots` slots as of position `end` (a scalar): slot i holds the position q in
+    [end - slots, end) with q % slots == i, taken from `ring`'s slot q % ring.slots where that holds q (else empty).
+
+    Widening a ring (slots > ring.slots, end = the next position to write) keeps every entry a ring of the wider
+    size would hold, so a chunk run through it leaves older positions that the narrow ring would overwrite;
+    narrowing it again picks the ring as it was (or would be) at any `end` whose window the wide ring still holds.
+    """
+    if not ring.ring:
+        raise ValueError("remap_ring takes a sliding-window ring; a full layer's slots are its positions")
+    base = end - slots
+    wanted = base + (jnp.arange(slots, dtype=jnp.int32) - base) % slots  # [slots]: q in [base, end), q % slots == i
+    source = wanted % ring.slots
+    present = (wanted >= 0)[None] & (jnp.take(ring.pos, source, axis=1) == wanted[None])  # [B, slots]
+    pick = lambda x: jnp.where(present[:, None, :, None], jnp.take(x, source, axis=2), jnp.zeros((), x.dtype))
+    return LayerKV(k=pick(ring.k), v=pick(ring.v), pos=jnp.where(present, wanted[None], -1), ring=True)
+
+
 def empty_cache(
     cfg: MiMoConfig, batch: int, max_len: int, dtype: jnp.dtype, extra_ring_slots: int = 0
 ) -> list[LayerKV]:

@@ -130,7 +130,7 @@ def serving_steps(
     their abstract arguments, with the kernels of the mesh's platform (`for_platform`).
 
     prefill: one chunk of one request's prompt into its cache row (`prefill_step`; with speculation
-    also into the MTP layers' caches);
+    also into the MTP layers' caches), returning the row's rings as of the prompt's snapshot boundary;
     decode: a `while_loop` round of up to `round_tokens` tokens for every slot (`decode_round`);
     with `speculative_steps` k > 0 instead speculative: a `while_loop` of up to `round_tokens`
     MTP draft-verify-accept iterations (k drafts each, sampled), what the engine decodes with.

@@ -314,9 +314,8 @@ def run_prefill(lm: LanguageModel, prompt_len: int, chunk: int, reps: int, profi
             length = min(chunk, prompt_len - start)
             bucket = next(b for b in engine.buckets if b >= length)
             padded = engine.prefill_tokens(tokens, start, length, bucket)
-            engine.cache, hidden = engine.prefill_fn(
-                engine.params, engine.cache, jnp.int32(0), pages, padded, jnp.int32(start), jnp.int32(length), hidden
-            )
+            args = (jnp.int32(0), pages, padded, jnp.int32(start), jnp.int32(length), hidden, jnp.int32(-1))
+            engine.cache, hidden, _ = engine.prefill_fn(engine.params, engine.cache, *args)
         return jax.block_until_ready(hidden)
 
     t0 = time.perf_counter()

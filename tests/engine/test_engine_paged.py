@@ -8,6 +8,8 @@ speculation accepts some drafts; pages of 4 tokens, so prompts span many pages a
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -168,3 +170,81 @@ def test_fp8_pages_track_model_dtype_pages(lm):
     assert fp8_toks[:4] == ref_toks[:4]
     agree = next((i for i, (a, b) in enumerate(zip(ref_toks, fp8_toks, strict=True)) if a != b), len(ref_toks))
     np.testing.assert_allclose(fp8_lp[:agree], ref_lp[:agree], atol=0.1)
+
+
+@pytest.mark.parametrize("speculative_steps", [0, 2])
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_a_hit_runs_its_tail_past_the_snapshot_boundary_in_one_chunk(lm, options, speculative_steps):
+    """Turn 2 hits turn 1's snapshot; its tail (8 tokens: one chunk) crosses turn 2's own snapshot boundary and
+    runs as ONE prefill launch, which also returns the rings as of that boundary (two launches when a chunk
+    ended there). Turn 3 hits that snapshot (taken inside a chunk, not at a chunk's end) and decodes what a cold
+    engine decodes, token for token; so do turns 1 and 2."""
+    options = dataclasses.replace(options, max_new_tokens=3)
+    cold = engine(lm, speculative_steps=speculative_steps)
+    warm = engine(lm, speculative_steps=speculative_steps, prefix_cache=True)
+    k = max(speculative_steps, 1)
+    launches = []
+    prefill = warm.prefill_fn
+
+    def counting_prefill(*args):
+        launches.append((int(args[5]), int(args[6]), int(args[8])))  # start, length, mark
+        return prefill(*args)
+
+    warm.prefill_fn = counting_prefill
+    try:
+        prompt, turns = [], []
+        for new_tokens in (PROMPT[:14], [17, 18, 19], [20]):  # tails of 8 tokens after turn 1
+            prompt = prompt + new_tokens
+            launches.clear()
+            got = run(warm, {"t": (prompt, options)})["t"]
+            turns.append((prompt, got, list(launches)))
+            prompt = prompt + got[0]
+    finally:
+        warm.prefill_fn = prefill
+    hit = 0
+    for turn, (prompt, got, calls) in enumerate(turns):
+        assert got[:2] == run(cold, {"t": (prompt, options)})["t"][:2]
+        boundary = (len(prompt) - k) // PAGE * PAGE  # the snapshot this turn leaves
+        assert got[2] == hit and (turn == 0) == (hit == 0)  # turns 2 and 3 hit the previous turn's snapshot
+        chunks = [
+            (s, min(8, len(prompt) - s), boundary if s < boundary <= s + 8 else -1) for s in range(hit, len(prompt), 8)
+        ]
+        assert calls == chunks  # no chunk ends at the boundary; the one crossing it marks it
+        if turn:
+            assert len(calls) == 1 and hit < boundary < len(prompt)  # the tail: one launch across the boundary
+        hit = boundary
+
+
+@pytest.mark.parametrize("speculative_steps", [0, 2])
+def test_prefill_returns_the_slot_as_of_its_mark(lm, speculative_steps):
+    """The steps-level oracle of the snapshot row: a chunk [8, 16) run with mark 13 returns the rings (every SWA
+    and MTP layer) and history that a chunk ending at 13 leaves in the slot; its cache as of 16 equals two chunks
+    split at 13; a chunk without a mark (-1) returns empty rings."""
+
+    eng = engine(lm, speculative_steps=speculative_steps, prefix_cache=True)
+    tables = np.arange(eng.pages.num_pages, dtype=np.int32)[: 3 * eng.steps.max_pages].reshape(3, -1)
+    prompt = np.asarray(PROMPT[:20], np.int32)
+
+    def prefill(slot: int, chunks: list[tuple[int, int, int]]):
+        history = jnp.asarray(eng.empty_history())
+        for start, length, mark in chunks:
+            tokens = eng.prefill_tokens(prompt, start, length, 8)
+            args = (jnp.int32(slot), tables[slot], tokens, jnp.int32(start), jnp.int32(length), history)
+            eng.cache, history, row = eng.prefill_fn(eng.params, eng.cache, *args, jnp.int32(mark))
+        return history, row
+
+    split_history, _ = prefill(0, [(0, 8, -1), (8, 5, -1)])  # slot 0 as of 13
+    as_of_13 = [jax.tree.map(lambda x: np.asarray(x[:1]), r) for r in eng.cache.rings]
+    prefill(0, [(13, 3, -1)])  # then on to 16
+    one_history, row = prefill(1, [(0, 8, -1), (8, 8, 13)])
+    np.testing.assert_allclose(np.asarray(row.history[0]), np.asarray(split_history), rtol=1e-5, atol=1e-5)
+    assert len(row.rings) == len(as_of_13) == len(eng.cache.rings)
+    for got, want, now in zip(row.rings, as_of_13, eng.cache.rings, strict=True):
+        np.testing.assert_array_equal(np.asarray(got.pos), want.pos)
+        assert (want.pos >= 0).sum() == want.pos.shape[1]  # a full ring: every slot checked
+        np.testing.assert_allclose(np.asarray(got.k), want.k, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.v), want.v, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(now.pos[1]), np.asarray(now.pos[0]))  # as of 16: one chunk == two
+        np.testing.assert_allclose(np.asarray(now.k[1]), np.asarray(now.k[0]), rtol=1e-5, atol=1e-5)
+    _, unmarked = prefill(2, [(0, 8, -1)])
+    assert all((np.asarray(r.pos) == -1).all() for r in unmarked.rings)

@@ -60,8 +60,9 @@ def test_sampled_tokens_follow_the_exact_target_distribution():
     tokens = engine.prefill_tokens(prompt, 0, prompt.size, 8)
     m = engine.steps.max_pages  # slot r's pages: r*m .. (r+1)*m - 1 (the default pool holds n*m)
     tables = np.arange(n * m, dtype=np.int32).reshape(n, m)
-    engine.cache, history = engine.prefill_fn(
-        engine.params, engine.cache, 0, tables[0], tokens, 0, prompt.size, jnp.asarray(engine.empty_history())
+    history = jnp.asarray(engine.empty_history())
+    engine.cache, history, _ = engine.prefill_fn(
+        engine.params, engine.cache, 0, tables[0], tokens, 0, prompt.size, history, jnp.int32(-1)
     )
     mask = np.zeros(vocab, bool)
     mask[prompt] = True
