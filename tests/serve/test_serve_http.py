@@ -388,12 +388,14 @@ def test_operations_flags(monkeypatch, capsys):
     monkeypatch.setenv("MIMO_API_KEY", "from-env")
     assert args().api_key == "from-env" and args("--api-key", "flag").api_key == "flag"
     assert args("--protect-metrics").protect_metrics
+    assert args().paged_impl is None and args("--paged-impl", "xla").paged_impl == "xla"  # None: by platform
     monkeypatch.delenv("MIMO_API_KEY")
     for argv, message in (
         (["--protect-metrics"], "--protect-metrics needs --api-key"),
         (["--api-key", " "], "--api-key is empty"),
         (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
         (["--per-request-spec-decode-metrics", "all"], "invalid choice"),
+        (["--paged-impl", "cudnn"], "invalid choice"),
     ):
         with pytest.raises(SystemExit):
             args(*argv)
