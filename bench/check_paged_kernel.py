@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 from mimo_jax.kernels import paged_attention_gpu as pk
 from mimo_jax.model.attention import attention_paged
 from mimo_jax.model.cache import PagedKV, PagePool, quantize_fp8
+from mimo_jax.tools.bench import seconds_per_call
 
 FLASH = dict(heads=64, kv_heads=4, head_dim=192, v_head_dim=128, page_size=64)
 TOLERANCE = 0.02  # max abs error over max |XLA output|: bf16 outputs, fp8 scales applied before vs after the dot
@@ -111,19 +111,10 @@ def check(batch: int, context: int, interpret: bool) -> bool:
     return ok
 
 
-def _ms(fn, *args, iters: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / iters * 1e3
-
-
 def _cell(fn, args: tuple, gb: float) -> str:
     """'ms (GB/s)' of one timed variant; a failure (e.g. out of memory) is printed, not raised."""
     try:
-        ms = _ms(fn, *args)
+        ms = seconds_per_call(fn, *args, iters=20) * 1e3
     except Exception as e:
         return f"failed: {type(e).__name__}"
     return f"{ms:.3f} ({gb / ms * 1e3:.0f})"

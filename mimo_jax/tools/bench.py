@@ -51,7 +51,8 @@ PEER = {"decode": {1: 70.6, 32: 866.0}, "prefill": 41.6e3}
 
 
 # ------------------------------------------------------------------ ceilings measured in this run
-def _time(fn, *args, iters: int = 10) -> float:
+def seconds_per_call(fn, *args, iters: int = 10) -> float:
+    """Mean wall seconds of `fn(*args)` over `iters` calls after one untimed call (compile, warm-up)."""
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     for _ in range(iters):
@@ -64,13 +65,13 @@ def measure_read_bandwidth(nbytes: int) -> float:
     """Bytes read per second by a reduction over a large bf16 array: the ceiling a decode step (which reads
     its weights and KV and writes almost nothing) is held to; a copy's read+write rate is lower."""
     x = jax.jit(lambda: jnp.ones((nbytes // 2,), jnp.bfloat16))()
-    return nbytes / _time(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x)
+    return nbytes / seconds_per_call(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x)
 
 
 def measure_copy_bandwidth(nbytes: int) -> float:
     """Bytes read + written per second by an elementwise pass over a large bf16 array."""
     x = jax.jit(lambda: jnp.ones((nbytes // 2,), jnp.bfloat16))()
-    return 2 * nbytes / _time(jax.jit(lambda a: a * 3 + 1), x)
+    return 2 * nbytes / seconds_per_call(jax.jit(lambda a: a * 3 + 1), x)
 
 
 def measure_matmul_rate(n: int) -> float:
@@ -78,7 +79,7 @@ def measure_matmul_rate(n: int) -> float:
     k1, k2 = jax.random.split(jax.random.key(1))
     a = jax.random.normal(k1, (n, n), jnp.bfloat16)
     b = jax.random.normal(k2, (n, n), jnp.bfloat16)
-    return 2 * n**3 / _time(jax.jit(lambda a, b: a @ b), a, b)
+    return 2 * n**3 / seconds_per_call(jax.jit(lambda a, b: a @ b), a, b)
 
 
 # ------------------------------------------------------------------ what a step must move and compute
@@ -522,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["runs"].append(dict(moe=impl, case=what, error=f"{type(error).__name__}: {error}"[:2000]))
         save()
 
+    def keep(r: dict) -> None:
+        if not r["finite"]:
+            print("#   warning: non-finite hidden states (random weights overflowed)")
+        results["runs"].append(r)
+        save()
+
     def vs_peer(tok_s: float, peer: float | None) -> str:
         return f"{tok_s / peer:.2f}" if peer else "-"
 
@@ -570,10 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{peer or '-'} | "
                             f"{vs_peer(r['tok_s'], peer)} | {r['device_gb_in_use']:.1f} |"
                         )
-                        if not r["finite"]:
-                            print("#   warning: non-finite hidden states (random weights overflowed)")
-                        results["runs"].append(r)
-                        save()
+                        keep(r)
     else:
         print(
             "| prompt | chunk | MoE | attention | ms | tok/s | GFLOP/token | matmul roofline tok/s | achieved | peer "
@@ -603,10 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{r['flops'] / prompt_len / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {achieved:.0%} | "
                     f"{peer or '-'} | {vs_peer(r['tok_s'], peer)} |"
                 )
-                if not r["finite"]:
-                    print("#   warning: non-finite hidden states (random weights overflowed)")
-                results["runs"].append(r)
-                save()
+                keep(r)
     save()
     return 0
 
