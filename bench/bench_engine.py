@@ -242,9 +242,10 @@ def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
         max_new_tokens=args.output, temperature=1.0, seed=1, constraint={"json_schema": schema}
     )
 
-    def decode_rate(label: str, constrained: bool) -> tuple[float, int]:
+    def decode_rate(label: str, constrained: bool, trace_dir: str | None = None) -> tuple[float, int]:
         """The unconstrained requests' tok/s once every one of them decodes (their prefills done) to their last,
-        and the constrained one's tokens meanwhile (added first, so its prefill precedes theirs; cancelled after)."""
+        and the constrained one's tokens meanwhile (added first, so its prefill precedes theirs; cancelled after).
+        With `trace_dir`, that window is traced by the profiler."""
         if constrained:
             engine.add((label, "json"), prompt_ids(lm, args.prompt, 99), json_request)
         for i in range(n):
@@ -261,8 +262,12 @@ def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
                     started.add(out.request_id)
                     if len(started) == n:  # every free request decodes: no prefill left in the timed window
                         t0 = time.perf_counter()
+                        if trace_dir:
+                            jax.profiler.start_trace(trace_dir)
                 running -= out.finished
         elapsed = time.perf_counter() - t0
+        if trace_dir:
+            jax.profiler.stop_trace()
         engine.cancel((label, "json"))
         while engine.has_work():
             engine.step(max_tokens_per_round=args.round)
@@ -282,13 +287,42 @@ def run_constrained(lm: LanguageModel, args: argparse.Namespace) -> dict:
     median = float(np.median(ratios))
     spread = f"median of {len(ratios)}; {ratios[0]:.3f} .. {ratios[-1]:.3f}"
     print(f"beside one constrained / alone = {median:.3f}x ({spread})")
+    profiles = {}
+    if args.profile:
+        profiles = {label: profile_window(decode_rate, label, label == "beside") for label in ("alone", "beside")}
     return dict(
+        profiles=profiles,
         requests=n,
         alone_tok_s=[a for a, _ in pairs],
         beside_tok_s=[b for _, b in pairs],
         json_tokens=json_tokens,
         ratio=median,
         ratio_range=(ratios[0], ratios[-1]),
+    )
+
+
+def profile_window(decode_rate, label: str, constrained: bool) -> dict:
+    """One more timed window under the profiler: the device's busy share of it and its time per XLA program
+    (where the free requests' loss goes: the constrained rows' own round, or the device waiting for the host)."""
+    import tempfile
+
+    from mimo_jax.tools.profiling import device_activity
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        rate, _ = decode_rate(f"profile-{label}", constrained, trace_dir)
+        activity = device_activity(trace_dir)
+    print(
+        f"\nprofiled window, {label}: {rate:.1f} tok/s; device busy {activity.busy_s * 1e3:.1f} ms of "
+        f"{activity.window_s * 1e3:.1f} ms ({1 - activity.idle_fraction:.1%})"
+    )
+    print("| program | device ms | runs | ms per run |\n|---|---|---|---|")
+    for name, (seconds, runs) in sorted(activity.programs.items(), key=lambda kv: -kv[1][0])[:8]:
+        print(f"| {name[:60]} | {seconds * 1e3:.1f} | {runs} | {seconds * 1e3 / runs:.3f} |")
+    return dict(
+        tok_s=rate,
+        busy_s=activity.busy_s,
+        window_s=activity.window_s,
+        programs={k: list(v) for k, v in activity.programs.items()},
     )
 
 
@@ -344,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--mix", default="60x2048,4x131072")
     p.add_argument("--budget-gb", type=float, default=40.0)
+    p.add_argument("--profile", action="store_true", help="constrained: trace one more window of each kind")
     p.add_argument("--json")
     args = p.parse_args(argv)
     args.conversations = args.conversations or (16 if args.mode == "agent" else 4)

@@ -23,6 +23,8 @@
 #   bash bench/gpu_session.sh round [DIR] # one GPU (~8 min): the lone request in 1 / 64 slots, one constrained
 #                                         # request beside 16 free ones (also in the tree in PRE), decode at 64 x CTX64 old (DIR) vs new,
 #                                         # the agent trace at HISTORY (default 8192)
+#   bash bench/gpu_session.sh cells [DIR] # one GPU (~9 min): issue 22's missing decode cells, paged kernel vs the
+#                                         # contiguous cache of DIR; issue 23's constrained bench with a profile
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -177,5 +179,25 @@ round)
       --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --paged pallas_gpu --json "$O/new_decode64.json"
   fi
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round [DIR]" >&2; exit 2 ;;
+cells)
+  # issue 22's decode cells not yet measured (paged kernel vs the contiguous cache of the tree in DIR: batch 32 at
+  # 2K/32K/128K, batch 1 and 64 at 32K), and issue 23's constrained bench with a profiled window of each kind
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  PARTS=${PARTS:-constrained,cells}
+  [[ $PARTS == *constrained* ]] && TAIL=40 step constrained 260 python bench/bench_engine.py constrained \
+    --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output "${OUTPUT:-512}" --round 8 \
+    --reps "${REPS:-4}" --profile --json "$O/constrained.json"
+  if [[ $PARTS == *cells* ]]; then
+    for tree in ${2:-} .; do
+      name=$( [ "$tree" = . ] && echo new || echo old )
+      paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
+      (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32" 150 python -m mimo_jax.tools.bench decode --batch 32 \
+        --context 2048,32768,131072 --steps 16 --rounds 3 --no-experts-count $paged --json "$O/${name}_cells32.json")
+      (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32k" 120 python -m mimo_jax.tools.bench decode --batch 1,64 \
+        --context 32768 --steps 16 --rounds 3 --no-experts-count $paged --json "$O/${name}_cells32k.json")
+    done
+  fi
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|cells [DIR]" >&2; exit 2 ;;
 esac

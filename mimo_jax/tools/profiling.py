@@ -2,6 +2,7 @@
 
     rows = top_ops(fn, args, calls=3)     # [(kernel name, ms per call, launches per call), ...]
     print(format_ops(rows, top=15))
+    activity = device_activity(trace_dir)  # a window of host-driven work: how much of it the device was busy
 
 Reads the trace with `jax.profiler.ProfileData` (no TensorBoard needed). On GPU it sums the kernels of
 the first device's streams (XLA fusions, cuBLAS/cuDNN, Pallas kernels by their names, NCCL collectives);
@@ -11,6 +12,7 @@ on CPU the XLA client threads' op events, so the same code is tested on CPU.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import os
 import tempfile
@@ -50,6 +52,55 @@ def summarize_trace(trace_dir: str) -> dict[str, tuple[float, int]]:
                 totals[event.name][0] += event.duration_ns * 1e-9
                 totals[event.name][1] += 1
     return {name: (s, n) for name, (s, n) in totals.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceActivity:
+    """The first device's work in a trace: from its first kernel's start to its last kernel's end (`window_s`),
+    the time at least one kernel ran (`busy_s`, overlapping kernels counted once), and the device time of each
+    XLA program (GPU: the trace's "XLA Modules" line; empty on CPU) as name -> (seconds, runs)."""
+
+    window_s: float
+    busy_s: float
+    programs: dict[str, tuple[float, int]]
+
+    @property
+    def idle_fraction(self) -> float:
+        return 1.0 - self.busy_s / self.window_s if self.window_s > 0 else 0.0
+
+
+def device_activity(trace_dir: str) -> DeviceActivity:
+    """How busy the first device of the trace under `trace_dir` was, and its time per XLA program."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+    spans: list[tuple[int, int]] = []
+    programs: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for path in files:
+        plane, wanted = _first_device_plane(ProfileData.from_file(path))
+        if plane is None:
+            continue
+        for line in plane.lines:
+            if line.name == "XLA Modules":
+                for event in line.events:
+                    programs[event.name][0] += event.duration_ns * 1e-9
+                    programs[event.name][1] += 1
+            elif wanted(line):
+                spans += [
+                    (e.start_ns, e.start_ns + e.duration_ns) for e in line.events if not e.name.startswith(_SKIPPED)
+                ]
+    if not spans:
+        return DeviceActivity(0.0, 0.0, {})
+    spans.sort()
+    busy, (start, end) = 0, spans[0]
+    for s, e in spans[1:]:  # the union of the kernels' intervals
+        if s > end:
+            busy, start, end = busy + end - start, s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    window = max(e for _, e in spans) - spans[0][0]
+    return DeviceActivity(window * 1e-9, busy * 1e-9, {k: (s, n) for k, (s, n) in programs.items()})
 
 
 def top_ops(fn: Callable, args: Sequence, calls: int = 3) -> list[tuple[str, float, float]]:

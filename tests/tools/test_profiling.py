@@ -26,3 +26,21 @@ def test_top_ops_attributes_the_time_of_a_known_workload():
 def test_summarize_trace_names_a_missing_trace(tmp_path):
     with pytest.raises(FileNotFoundError, match="xplane"):
         summarize_trace(str(tmp_path))
+
+
+def test_device_activity_sees_the_device_idle_while_the_host_sleeps(tmp_path):
+    import time
+
+    from mimo_jax.tools.profiling import device_activity
+
+    a = jnp.ones((384, 384), jnp.float32)
+    fn = jax.jit(lambda a: ((a @ a) @ a).sum())
+    jax.block_until_ready(fn(a))
+    with jax.profiler.trace(str(tmp_path)):
+        jax.block_until_ready(fn(a))
+        time.sleep(0.3)  # the host holds the device back: the window grows, the busy time does not
+        jax.block_until_ready(fn(a))
+    activity = device_activity(str(tmp_path))
+    assert activity.window_s >= 0.3
+    assert 0 < activity.busy_s < 0.15
+    assert activity.idle_fraction > 0.5
