@@ -185,9 +185,12 @@ cells)
   READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
   echo "### HBM read ceiling ${READ} TB/s"
   PARTS=${PARTS:-constrained,cells}
-  [[ $PARTS == *constrained* ]] && TAIL=40 step constrained 260 python bench/bench_engine.py constrained \
-    --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output "${OUTPUT:-512}" --round 8 \
-    --reps "${REPS:-4}" --profile --json "$O/constrained.json"
+  [[ $PARTS == *constrained* ]] && for tree in ${PRE:-} .; do  # PRE: another tree (e.g. a candidate design), run first
+    name=constrained_$( [ "$tree" = . ] && echo new || echo old )
+    (cd "$tree" && PYTHONPATH=.${SITE:+:$SITE} TAIL=24 step "$name" 200 python bench/bench_engine.py constrained \
+      --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output "${OUTPUT:-512}" --round 8 \
+      --reps "${REPS:-4}" --profile --json "$O/$name.json")
+  done
   if [[ $PARTS == *cells* ]]; then
     for tree in ${2:-} .; do
       name=$( [ "$tree" = . ] && echo new || echo old )
