@@ -34,7 +34,7 @@ def test_pages_split_over_expert_shards_equal_single_device(sampled):
     """expert=2 (x tensor=4): 8 slots and the pools' pages in 2 shards; 5 requests of several lengths (rounds of
     per-shard buckets, rows of both shards) decode the single-device engine's tokens."""
     plain, sharded = models(expert=2, tensor=4)
-    options = SamplingOptions(max_new_tokens=9, temperature=0.8 if sampled else 0.0, seed=5, ignore_eos=True)
+    options = SamplingOptions(max_new_tokens=9, temperature=0.8 if sampled else 0.0, seed=5)
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7], [4, 6], [50, 1, 2], [7] * 5, [9, 8, 7, 6, 5, 4, 3, 2, 1]]
     kwargs = dict(max_batch=8, max_context=32, prefill_chunk=4, max_round_tokens=3, page_size=PAGE)
     engine = Engine(sharded, **kwargs)
@@ -67,13 +67,13 @@ def test_prefix_hit_is_routed_to_the_shard_holding_it():
     """Turn 2 of a conversation goes to the shard holding turn 1's pages and snapshot, although another shard has
     more free pages (a request runs beside the prefix), and decodes what a cold single-device run does."""
     plain, sharded = models(data=2, tensor=2, expert=2)  # 8 slots on 4 shards
-    options = SamplingOptions(max_new_tokens=6, temperature=0.8, seed=4, ignore_eos=True)
+    options = SamplingOptions(max_new_tokens=6, temperature=0.8, seed=4)
     first = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4, 6, 50, 1, 2]
     engine = Engine(sharded, max_batch=8, max_context=48, prefill_chunk=8, page_size=PAGE, prefix_cache=True)
-    generated = dict(max_new_tokens=6, temperature=0.8, seed=4, ignore_eos=True)
+    generated = dict(max_new_tokens=6, temperature=0.8, seed=4)
     (turn1,) = mimo_jax.generate(sharded, [first], engine=engine, **generated)
     assert engine.pages.stats().used == 0 and engine.pages.shards[0].stats().cached == 4  # on shard 0 (ties)
-    beside = ([1, 2, 3, 4, 5, 6, 7, 8], SamplingOptions(max_new_tokens=20, seed=1, ignore_eos=True))
+    beside = ([1, 2, 3, 4, 5, 6, 7, 8], SamplingOptions(max_new_tokens=20, seed=1))
     got = {"beside": [], "turn2": []}
     assert engine.steps.shard_of_slot(engine.add("beside", *beside)) == 0  # no hit anywhere, all ties
     for out in engine.step(max_tokens_per_round=1):
@@ -90,44 +90,46 @@ def test_prefix_hit_is_routed_to_the_shard_holding_it():
     assert got == {r: o["tokens"] for r, o in want.items()}
 
 
-def test_a_full_shard_waits_while_the_other_admits():
-    """6 pages per shard: two long requests of shard 0 cannot both hold their pages (the newest is preempted and
-    waits), while a request added later to shard 1 is admitted at once; every request's tokens equal a roomy
-    single-device run."""
+def test_a_full_shard_preempts_and_waits_while_the_other_admits():
+    """5 pages per shard. Shard 0 runs out (a and c): its newest request, c, is preempted (not d, newer but on
+    shard 1) and waits for a's pages while shard 1 finishes b and admits e at once; every request's tokens equal
+    a roomy single-device run."""
     plain, sharded = models(expert=2, tensor=4)
     kwargs = dict(max_batch=4, max_context=32, prefill_chunk=8, max_round_tokens=3, page_size=PAGE)
-    engine = Engine(sharded, num_pages=12, **kwargs)
-    assert engine.pages.pages_per_shard == 6
-    long = SamplingOptions(max_new_tokens=14, ignore_eos=True)
-    short = SamplingOptions(max_new_tokens=3, ignore_eos=True)
-    requests = {
-        "a": ([3, 14, 15, 9, 2, 6, 5, 35], long),  # shard 0
-        "b": ([4, 6, 8], short),  # shard 1
-        "c": ([50, 1, 2, 9, 8, 7, 6, 5], long),  # shard 0
+    engine = Engine(sharded, num_pages=10, **kwargs)
+    assert engine.pages.pages_per_shard == 5
+    requests = {  # added in this order: shards 0, 1, 0, 1 (equal free pages: most free slots, then the lowest)
+        "a": ([3, 14, 15, 9, 2, 6, 5, 35], SamplingOptions(max_new_tokens=11)),
+        "b": ([4, 6, 8], SamplingOptions(max_new_tokens=4)),
+        "c": ([50, 1, 2, 9, 8, 7, 6, 5], SamplingOptions(max_new_tokens=8)),
+        "d": ([9, 9, 1, 2], SamplingOptions(max_new_tokens=4)),
     }
-    slots = {}
-    for rid, (prompt, options) in requests.items():
-        slots[rid] = engine.add(rid, prompt, options)
-    assert [engine.steps.shard_of_slot(slots[r]) for r in "abc"] == [0, 1, 0]
+    victims = []
+    preempt = engine._preempt
+    engine._preempt = lambda slot: (victims.append(engine._slots[slot].request_id), preempt(slot))[1]
     got = {r: [] for r in requests}
-    step = 0
-    while engine.num_preemptions == 0:  # a and c grow until shard 0 runs out
+
+    def step():
         for out in engine.step(max_tokens_per_round=3):
             got[out.request_id] += out.token_ids
-        step += 1
-        assert step < 10
-    waiting = engine._slots[slots["c"]]
-    assert not waiting.decoding and not waiting.pages  # c waits for a's pages
-    late = SamplingOptions(max_new_tokens=4, ignore_eos=True)
-    requests["d"] = ([9, 9, 1, 2], late)
-    got["d"] = []
-    assert engine.steps.shard_of_slot(engine.add("d", *requests["d"])) == 1  # the shard with free pages
-    for out in engine.step(max_tokens_per_round=3):
-        got[out.request_id] += out.token_ids
-    assert got["d"] and not engine._slots[slots["c"]].decoding  # d admitted while c still waits
+            if out.finished:
+                done.add(out.request_id)
+
+    done = set()
+    assert [engine.steps.shard_of_slot(engine.add(r, *requests[r])) for r in requests] == [0, 1, 0, 1]
+    while "b" not in done or "d" not in done:
+        step()
+        assert len(got["a"]) < 11
+    c = engine._slots[engine._by_id["c"]]
+    assert victims and set(victims) == {"c"} and not c.decoding and not c.pages  # c waits for a's pages
+    requests["e"] = ([7, 7, 3], SamplingOptions(max_new_tokens=3))
+    got["e"] = []
+    assert engine.steps.shard_of_slot(engine.add("e", *requests["e"])) == 1  # the shard with free pages
+    step()
+    assert got["e"] and not engine._slots[engine._by_id["c"]].decoding  # e admitted while c still waits
     while engine.has_work():
-        for out in engine.step(max_tokens_per_round=3):
-            got[out.request_id] += out.token_ids
+        step()
+    assert set(victims) == {"c"}
     want = run_by_step(Engine(plain, **kwargs), requests)
     assert got == {r: o["tokens"] for r, o in want.items()}
     assert engine.pages.stats().used == 0
