@@ -392,7 +392,8 @@ def _paged_on_shards(
 
     rows = (q, q_pos) + (tuple(chunk_kv) if chunk_kv is not None else ())
     returns = "rows" if cache.rows_on_shards else "replicated"
-    return on_page_shards(local, cache, rows, () if sink is None else (sink,), returns=returns)
+    check_vma = options.get("paged_impl") != "pallas_interpret"
+    return on_page_shards(local, cache, rows, () if sink is None else (sink,), returns=returns, check_vma=check_vma)
 
 
 def _paged_kernel(

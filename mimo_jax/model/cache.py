@@ -365,12 +365,15 @@ def local_page_ids(page_table: jax.Array, shard_axes: tuple[str, ...], pages_per
 PAGE_SHARD_OUTPUTS = ("pool", "rows", "replicated")
 
 
-def on_page_shards(fn, cache: PagedKV, row_args: tuple, replicated_args: tuple = (), returns: str = "pool"):
+def on_page_shards(
+    fn, cache: PagedKV, row_args: tuple, replicated_args: tuple = (), returns: str = "pool", check_vma: bool = True
+):
     """`fn(local pool, local page table, *row_args, *replicated_args)` on every page shard of `cache` (in a
     `jax.shard_map` over its shard axes; the tensor axis stays automatic): the pool as placed, the rows (the page
     table and `row_args`, leading dim B) split like the slots when `cache.rows_on_shards`, else whole on every
     shard. `returns`: what `fn` returns, "pool" (placed as the pool), "rows" (an output laid out as the rows) or
-    "replicated" (the same on every shard: combined over the shards inside `fn`)."""
+    "replicated" (the same on every shard: combined over the shards inside `fn`). `check_vma` False for the
+    Pallas interpreter, whose loops do not keep the manual axes' types (as `_paged_kernel`'s shard_map)."""
     if returns not in PAGE_SHARD_OUTPUTS:
         raise ValueError(f"returns={returns!r}: expected one of {PAGE_SHARD_OUTPUTS}")
     axes = cache.shard_axes
@@ -383,7 +386,9 @@ def on_page_shards(fn, cache: PagedKV, row_args: tuple, replicated_args: tuple =
     row_specs = jax.tree.map(lambda _: rows, row_args)
     in_specs = (pages, rows, *row_specs, *jax.tree.map(lambda _: jax.sharding.PartitionSpec(), replicated_args))
     out_specs = {"pool": pages, "rows": rows, "replicated": jax.sharding.PartitionSpec()}[returns]
-    mapped = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(axes))
+    mapped = jax.shard_map(
+        local, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(axes), check_vma=check_vma
+    )
     return mapped(cache.pool, cache.page_table, *row_args, *replicated_args)
 
 

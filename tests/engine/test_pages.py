@@ -574,13 +574,13 @@ def test_one_shard_is_one_kvpages():
         assert hit == want
         pages = one.allocate(one.pages_for(len(tokens)) - len(hit.pages))
         assert pages == plain.allocate(plain.pages_for(len(tokens)) - len(want.pages))
-        if hit.snapshot is not None:
-            one.unpin_snapshot(hit.snapshot)
-            plain.unpin_snapshot(want.snapshot)
         if pages is None:
             one.undo_match(hit)
             plain.undo_match(want)
             continue
+        if hit.snapshot is not None:
+            one.unpin_snapshot(hit.snapshot)
+            plain.unpin_snapshot(want.snapshot)
         table = list(hit.pages) + pages
         one.publish(tokens, table)
         plain.publish(tokens, table)
