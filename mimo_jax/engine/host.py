@@ -4,7 +4,10 @@ which launches the device steps (`mimo_jax.engine.steps`) and collects their tok
 Continuous batching by design: requests take free slots between decode rounds and leave when they
 finish or are cancelled; a round runs over the running slots only (a bucket of rows: one compile each), and
 the full layers' KV lives in pages (`KVPages`: admission by free pages, preemption by recompute, the prefix
-cache with ring snapshots).
+cache with ring snapshots). On a mesh whose slots split over (data, expert) the pages split the same way
+(`ShardedKVPages`): each slot's pages come from its shard, admission, preemption and the prefix cache work per
+shard, and a new prompt takes a slot on the shard holding its longest cached prefix (else the one with most free
+pages).
 
 Constrained requests (`SamplingOptions.constraint`, built by the engine's `constraint_factory`, see
 `mimo_jax.engine.constraints`): while any runs, each step decodes the constrained requests' rows one token,

@@ -25,7 +25,9 @@ requests come and go once each bucket has compiled. The work (the cache and slot
   `decode_round` (a `jax.lax.while_loop` of up to `num_steps` <= `max_round_tokens` iterations) with the
   full layers reading and writing their pages through `page_table`, and put back. b is a bucket
   (`decode_buckets`: powers of two up to max_batch), so a round costs what the running requests need,
-  not what the engine's slots would (one compile per bucket). Each row stops at its stop tokens, its
+  not what the engine's slots would (one compile per bucket). Where the slots and pages split over D
+  (data x expert) shards, b is D segments of one per-shard bucket, segment d rows of shard d, and every row
+  runs where its rings and pages are (`page_shards`). Each row stops at its stop tokens, its
   token budget or the context end. An iteration is one token (`decode_one`), or with
   `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per row,
   `mimo_jax.engine.speculative.decode_speculative`); `greedy_decode` is the same loop for rounds where
