@@ -55,8 +55,11 @@ def kv_cache_pages(
     """Pages for the full layers' KV pools (`Engine(num_pages=...)`), from a byte budget for all devices together:
     `memory_gb` when given; else, on a device that reports its memory, what `memory_fraction` of it leaves after
     what is in use (the weights) and the slots' rings and their snapshots; else (CPU) room for `max_batch`
-    sequences of `context` tokens."""
+    sequences of `context` tokens, and with the pool split over D page shards (the slots' data x expert shards),
+    at least one whole sequence per shard (a sequence's pages lie on its slot's shard)."""
     cfg = lm.config
+    mesh = lm.mesh
+    page_shards = axes_size(mesh, batch_axes(mesh, max_batch))
     dtype_bytes = jnp.dtype(lm.dtype).itemsize
     page = page_bytes(cfg, page_size, dtype_bytes, fp8=kv_cache_dtype == "fp8_e4m3")
     if memory_gb is not None:
@@ -66,11 +69,11 @@ def kv_cache_pages(
     except Exception:  # not every backend reports memory
         stats = {}
     if "bytes_limit" not in stats:
-        return max(1, -(-max_batch * context // page_size))
+        pages = max(1, -(-max_batch * context // page_size))
+        return pages if page_shards == 1 else max(pages, page_shards * -(-(context + 1) // page_size))
     free = memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    mesh = lm.mesh
     shards = mesh.shape.get("tensor", 1) if mesh is not None else 1  # pools split their kv heads over it
-    shards *= axes_size(mesh, batch_axes(mesh, max_batch))  # and their pages over the slots' (data, expert) shards
+    shards *= page_shards  # and their pages over the slots' (data, expert) shards
     rings = 3 * max_batch * kv_plan(cfg, context, dtype_bytes).swa_bytes  # the slots' rings, twice as many snapshots
     return max(1, (int(free * shards) - rings) // page, -(-cfg.window_keys // page_size))
 
