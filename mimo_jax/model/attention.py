@@ -219,25 +219,20 @@ def _online_softmax(
     q_pos: jax.Array,
     window_keys: int | None,
     scale: float,
-    dv: int,
 ) -> tuple:
-    """Softmax pieces over blocks 0 .. num_blocks-1 of a cache (an online softmax). `max_blocks` == 1: one pass
-    over block 0 (its invisible keys add nothing, so `num_blocks` need not be read)."""
+    """Softmax pieces over blocks 0 .. num_blocks-1 of a cache (an online softmax). Block 0 is always read: when
+    `num_blocks` is 0 its keys are all invisible (they add nothing), so the loop starts from its pieces (the
+    carry then has the blocks' type, also inside a `jax.shard_map` where they vary over manual axes)."""
 
     def block_pieces(j):
         keys, values, key_pos = read_block(j)
         return _partial_softmax(qg, keys, values, q_pos, key_pos, window_keys, scale)
 
+    first = block_pieces(0)
     if max_blocks == 1:
-        return block_pieces(0)
-    b, t, kv, g, _ = qg.shape
+        return first
     body = lambda j, carry: _merge(carry, block_pieces(j))
-    init = (
-        jnp.full((b, kv, g, t), _MASKED, jnp.float32),
-        jnp.zeros((b, kv, g, t), jnp.float32),
-        jnp.zeros((b, kv, g, t, dv), jnp.float32),
-    )
-    return jax.lax.fori_loop(0, num_blocks, body, init)
+    return jax.lax.fori_loop(1, jnp.maximum(num_blocks, 1), body, first)
 
 
 def _slice_blocks(k: jax.Array, v: jax.Array, k_pos: jax.Array, block: int) -> BlockReader:
@@ -299,7 +294,7 @@ def attention_blockwise(
     kv = k.shape[1]
     qg = q.reshape(b, t, kv, n // kv, d)
     read = _slice_blocks(k, v, k_pos, block)
-    pieces = _online_softmax(qg, read, num_blocks, k.shape[2] // block, q_pos, window_keys, scale, v.shape[-1])
+    pieces = _online_softmax(qg, read, num_blocks, k.shape[2] // block, q_pos, window_keys, scale)
     return _finish(pieces, sink, q.shape, q.dtype)
 
 
@@ -364,7 +359,7 @@ def attention_paged(
     num_blocks = jnp.clip(jnp.max(q_pos) // keys_per_block + 1, 1, max_blocks)  # blocks holding 0 .. max(q_pos)
     kv = cache.pool.k.shape[1] * sharding.kv_head_repeat(cache.pool.k.shape[1], n)  # as the blocks are read
     qg = q.reshape(b, t, kv, n // kv, d)
-    pieces = _online_softmax(qg, read, num_blocks, max_blocks, q_pos, window_keys, scale, cache.pool.v.shape[-1])
+    pieces = _online_softmax(qg, read, num_blocks, max_blocks, q_pos, window_keys, scale)
     return _finish(_merge_over(pieces, merge_axes), sink, q.shape, q.dtype)
 
 
@@ -501,7 +496,7 @@ def attention_chunk(
 
         num_blocks = jnp.clip((latest_first + block - 1) // block, 0, max_blocks)
         qg = q.reshape(b, t, kv, g, d)
-        pieces = _online_softmax(qg, read_before, num_blocks, max_blocks, q_pos, window_keys, scale, dv)
+        pieces = _online_softmax(qg, read_before, num_blocks, max_blocks, q_pos, window_keys, scale)
         pieces = _merge_over(pieces, prefix_merge_axes)
         to_btn = lambda x: jnp.moveaxis(x, 3, 1).reshape((b, t, n) + x.shape[4:])
         row_max, denom, acc = (to_btn(x) for x in pieces)

@@ -212,11 +212,15 @@ def test_paged_on_a_mesh_equals_one_device(model, oracle):
 
 
 @pytest.mark.parametrize("paged_impl", ["xla", "pallas_interpret"])
-def test_pages_split_over_shards_equal_one_device(model, oracle, paged_impl):
+def test_pages_split_over_shards_equal_one_device(model, oracle, paged_impl, monkeypatch):
     """tensor=2 x expert=2: the pools' pages split over the expert axis as the rows are (rows 0, 1 and their pages
     on shard 0, rows 2, 3 on shard 1; each chip holds half the pages). Prefill rows are seen by both shards (only
     the owner writes and reads, the softmax pieces summed over the shards); decode rows attend on their shards,
-    through the XLA path or the Pallas kernel (interpreted) inside the page shard_map."""
+    through the XLA path (in blocks of two pages: the online softmax loops inside the page shard_map) or the
+    Pallas kernel (interpreted)."""
+    if paged_impl == "xla":
+        monkeypatch.setattr(attn, "KEY_BLOCK_MIN", 8)
+        monkeypatch.setattr(attn, "KEY_BLOCK_MAX", 8)
     mesh = make_mesh(tensor=2, expert=2, devices=jax.devices()[:4])
     options = dataclasses.replace(model.options, paged_impl=paged_impl)
     lm = mimo_jax.LanguageModel(MiMoModel(CFG, rngs=nnx.Rngs(7), options=options), mesh=mesh)
