@@ -211,18 +211,24 @@ def test_paged_on_a_mesh_equals_one_device(model, oracle):
     assert_same_logits(got, oracle, 1e-5)
 
 
-@pytest.mark.parametrize("paged_impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("paged_impl", ["xla", "split", "pallas_interpret"])
 def test_pages_split_over_shards_equal_one_device(model, oracle, paged_impl, monkeypatch):
     """tensor=2 x expert=2: the pools' pages split over the expert axis as the rows are (rows 0, 1 and their pages
     on shard 0, rows 2, 3 on shard 1; each chip holds half the pages). Prefill rows are seen by both shards (only
     the owner writes and reads, the softmax pieces summed over the shards); decode rows attend on their shards,
     through the XLA path (in blocks of two pages: the online softmax loops inside the page shard_map) or the
-    Pallas kernel (interpreted)."""
+    Pallas kernel (interpreted); "split": prefill chunks through `attention_chunk`, its paged prefix summed over
+    the shards."""
     if paged_impl == "xla":
         monkeypatch.setattr(attn, "KEY_BLOCK_MIN", 8)
         monkeypatch.setattr(attn, "KEY_BLOCK_MAX", 8)
+    split = paged_impl == "split"
+    if split:
+        monkeypatch.setattr(attn, "SPLIT_MIN_QUERIES", CHUNK)
     mesh = make_mesh(tensor=2, expert=2, devices=jax.devices()[:4])
-    options = dataclasses.replace(model.options, paged_impl=paged_impl)
+    options = dataclasses.replace(
+        model.options, paged_impl="xla" if split else paged_impl, attention_impl="split" if split else "xla"
+    )
     lm = mimo_jax.LanguageModel(MiMoModel(CFG, rngs=nnx.Rngs(7), options=options), mesh=mesh)
     pools = empty_page_pools(CFG, NUM_PAGES, PAGE, jnp.float32)
     placed = jax.device_put(pools, page_pool_shardings(pools, mesh, ("expert",)))
