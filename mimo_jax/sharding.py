@@ -92,7 +92,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     """Logical axis names of an array of `shape` -> PartitionSpec on `mesh` (by `RULES`)."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match the array shape {shape}")
-    spec, used = [], set()
+    spec, used = [], set(manual_axes(mesh))  # inside `jax.shard_map` its manual axes are split already
     for name, dim in zip(axes, shape, strict=True):
         rule = RULES.get(name) if name else None
         kept, split = [], 1
@@ -133,11 +133,34 @@ def place_model(model: Any, mesh: Mesh) -> None:
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | None:
-    """The mesh set by `jax.set_mesh` around the trace, or None when there is none (or one device)."""
+    """The mesh set by `jax.set_mesh` around the trace, or None when there is none (or one device), or when the
+    trace is inside a `jax.shard_map` whose manual axes leave no axis of size > 1 (per-device math there)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None
+    manual = manual_axes(mesh)
+    if math.prod(size for axis, size in mesh.shape.items() if axis not in manual) == 1:
+        return None
     return mesh
+
+
+def manual_axes(mesh: Mesh | jax.sharding.AbstractMesh | None) -> tuple[str, ...]:
+    """The axes of `mesh` that an enclosing `jax.shard_map` has made manual (none outside one)."""
+    return tuple(getattr(mesh, "manual_axes", ()) or ()) if mesh is not None else ()
+
+
+def batch_axes(mesh: Mesh | jax.sharding.AbstractMesh | None, rows: int) -> tuple[str, ...]:
+    """The mesh axes a batch of `rows` rows splits over (RULES["batch"], as far as `rows` divides), in order:
+    row r lives on batch shard r // (rows / D), D the product of their sizes."""
+    if mesh is None:
+        return ()
+    axes = logical_to_spec(("batch",), (rows,), mesh)[0] or ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def axes_size(mesh: Mesh | jax.sharding.AbstractMesh | None, axes: tuple[str, ...]) -> int:
+    """The number of shards `axes` of `mesh` make together (1 for none)."""
+    return math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
 
 
 class MeshNotActive(RuntimeError):

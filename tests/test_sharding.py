@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mimo_jax
+from mimo_jax import sharding
 from mimo_jax.model import moe
 from mimo_jax.model.cache import CACHE_AXES, empty_layer_kv
 from mimo_jax.sharding import logical_to_spec, make_mesh, model_shardings
@@ -139,6 +140,33 @@ def test_batch_splits_over_data_then_expert_as_far_as_it_divides():
     assert logical_to_spec(("batch", None), (3, 3), mesh) == P(None, None)
     assert logical_to_spec(("batch", None), (4, 3), make_mesh(tensor=1, expert=8)) == P(None, None)
     assert logical_to_spec(("batch", None, "kv_heads"), (4, 3, 2), mesh) == P(("data", "expert"), None, "tensor")
+    assert sharding.batch_axes(mesh, 8) == ("data", "expert") and sharding.batch_axes(mesh, 6) == ("data",)
+    assert sharding.batch_axes(None, 8) == () and sharding.axes_size(mesh, ("data", "expert")) == 4
+
+
+def test_inside_a_shard_map_logical_axes_skip_its_manual_axes():
+    """Inside `jax.shard_map` over (data, expert) the batch is split already: logical axes map to the free tensor
+    axis only, and with no free axis of size > 1 there is no mesh to constrain on (per-device math)."""
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    seen = {}
+
+    def local(x):
+        inner = sharding.current_mesh()
+        seen["manual"] = sharding.manual_axes(inner)
+        seen["spec"] = logical_to_spec(("batch", "kv_heads"), (4, 2), inner)
+        return sharding.constrain(x, ("batch", "kv_heads"))
+
+    def only_tensor(x):
+        seen["none"] = sharding.current_mesh()
+        return x
+
+    x = jnp.ones((8, 2))
+    with jax.set_mesh(mesh):
+        spec = P(("data", "expert"))
+        jax.jit(jax.shard_map(local, in_specs=spec, out_specs=spec, axis_names={"data", "expert"}))(x)
+        whole = {"data", "tensor", "expert"}
+        jax.jit(jax.shard_map(only_tensor, in_specs=spec, out_specs=spec, axis_names=whole))(x)
+    assert seen["manual"] == ("data", "expert") and seen["spec"] == P(None, "tensor") and seen["none"] is None
 
 
 # --- experts_sharded directly: dispatch, padding, capacity ----------------------------------

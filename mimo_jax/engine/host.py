@@ -4,7 +4,10 @@ which launches the device steps (`mimo_jax.engine.steps`) and collects their tok
 Continuous batching by design: requests take free slots between decode rounds and leave when they
 finish or are cancelled; a round runs over the running slots only (a bucket of rows: one compile each), and
 the full layers' KV lives in pages (`KVPages`: admission by free pages, preemption by recompute, the prefix
-cache with ring snapshots).
+cache with ring snapshots). On a mesh whose slots split over (data, expert) the pages split the same way
+(`ShardedKVPages`): each slot's pages come from its shard, admission, preemption and the prefix cache work per
+shard, and a new prompt takes a slot on the shard holding its longest cached prefix (else the one with most free
+pages).
 
 Constrained requests (`SamplingOptions.constraint`, built by the engine's `constraint_factory`, see
 `mimo_jax.engine.constraints`): while any runs, each step decodes the constrained requests' rows one token,
@@ -16,6 +19,7 @@ the masks hold) while the others keep speculating.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections import deque
@@ -27,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax.engine.constraints import ConstraintFactory, TokenConstraint, allows_any, bitmask_words
-from mimo_jax.engine.pages import KVPages, PrefixHit
+from mimo_jax.engine.pages import PrefixHit, ShardedKVPages
 from mimo_jax.engine.sampling import SamplingOptions, SamplingParams, request_key
 from mimo_jax.engine.state import DEFAULT_PAGE_SIZE, FINISH_REASONS, MAX_LOGIT_BIAS, MAX_STOP_IDS, RUNNING, SlotRequest
 from mimo_jax.engine.steps import build_steps, shardings
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model.cache import kv_plan, page_bytes
 from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.sharding import axes_size, batch_axes
 
 KV_CACHE_DTYPES = (None, "auto", "fp8_e4m3")  # of the full layers' pages: the model's dtype (None, "auto") or FP8
 
@@ -50,8 +55,11 @@ def kv_cache_pages(
     """Pages for the full layers' KV pools (`Engine(num_pages=...)`), from a byte budget for all devices together:
     `memory_gb` when given; else, on a device that reports its memory, what `memory_fraction` of it leaves after
     what is in use (the weights) and the slots' rings and their snapshots; else (CPU) room for `max_batch`
-    sequences of `context` tokens."""
+    sequences of `context` tokens, and with the pool split over D page shards (the slots' data x expert shards),
+    at least one whole sequence per shard (a sequence's pages lie on its slot's shard)."""
     cfg = lm.config
+    mesh = lm.mesh
+    page_shards = axes_size(mesh, batch_axes(mesh, max_batch))
     dtype_bytes = jnp.dtype(lm.dtype).itemsize
     page = page_bytes(cfg, page_size, dtype_bytes, fp8=kv_cache_dtype == "fp8_e4m3")
     if memory_gb is not None:
@@ -61,10 +69,11 @@ def kv_cache_pages(
     except Exception:  # not every backend reports memory
         stats = {}
     if "bytes_limit" not in stats:
-        return max(1, -(-max_batch * context // page_size))
+        pages = max(1, -(-max_batch * context // page_size))
+        return pages if page_shards == 1 else max(pages, page_shards * -(-(context + 1) // page_size))
     free = memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    mesh = lm.mesh
     shards = mesh.shape.get("tensor", 1) if mesh is not None else 1  # pools split their kv heads over it
+    shards *= page_shards  # and their pages over the slots' (data, expert) shards
     rings = 3 * max_batch * kv_plan(cfg, context, dtype_bytes).swa_bytes  # the slots' rings, twice as many snapshots
     return max(1, (int(free * shards) - rings) // page, -(-cfg.window_keys // page_size))
 
@@ -221,6 +230,8 @@ class Engine:
         if num_snapshots is None:
             num_snapshots = 2 * max_batch if prefix_cache and has_rings else 0  # each running conversation: the
             # snapshot it resumed from and the one it leaves
+        shards = axes_size(lm.mesh, batch_axes(lm.mesh, max_batch))  # page shards: each has its own snapshots
+        num_snapshots = -(-num_snapshots // shards) * shards
         steps = build_steps(
             lm.graphdef,
             lm.params,
@@ -243,9 +254,14 @@ class Engine:
             kv_fp8=kv_cache_dtype == "fp8_e4m3",
         )
         self.steps = steps
-        # host bookkeeping of the pools' pages and the prefix cache; the page table row of each slot
-        self.pages = KVPages(
-            steps.num_pages, steps.page_size, num_snapshots, prefix_cache=prefix_cache, needs_snapshot=has_rings
+        # host bookkeeping of the pools' pages and the prefix cache (per page shard); the page table row of each slot
+        self.pages = ShardedKVPages(
+            steps.num_pages,
+            steps.page_size,
+            num_snapshots,
+            steps.num_page_shards,
+            prefix_cache=prefix_cache,
+            needs_snapshot=has_rings,
         )
         self.page_size = steps.page_size
         self.page_table = np.full((max_batch, steps.max_pages), -1, np.int32)
@@ -346,10 +362,13 @@ class Engine:
                 f"in max_context={self.max_context}"
             )
         need = self.pages.pages_for(self._last_position(prompt.size, sampling) + 1)
-        if need > self.pages.num_pages:
+        if need > self.pages.pages_per_shard:
+            pool = f"the whole pool of {self.pages.num_pages}"
+            if self.pages.num_shards > 1:
+                pool = f"a page shard's {self.pages.pages_per_shard} (a sequence's pages lie on its slot's shard)"
             raise ValueError(
                 f"request {request_id!r}: {prompt.size} prompt tokens and up to {sampling.max_new_tokens} new ones "
-                f"need {need} KV pages of {self.page_size} tokens, more than the whole pool of {self.pages.num_pages}"
+                f"need {need} KV pages of {self.page_size} tokens, more than {pool}"
             )
         if len(sampling.stop_token_ids) > self.max_stop_ids:
             raise ValueError(
@@ -385,10 +404,7 @@ class Engine:
         if request_id in self._by_id:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt = self.check_request(request_id, prompt_ids, sampling)
-        try:
-            slot = self._slots.index(None)
-        except ValueError:
-            raise EngineFull(f"all {self.max_batch} slots are busy") from None
+        slot = self._pick_slot(prompt)
         constraint = None
         if sampling.constraint is not None:
             try:
@@ -401,6 +417,30 @@ class Engine:
         self._by_id[request_id] = slot
         self._prefill_queue.append(slot)
         return slot
+
+    def _pick_slot(self, prompt: np.ndarray) -> int:
+        """A free slot for a new prompt: the first one with one page shard; else one on the shard holding the
+        longest prefix-cache hit of `prompt` (a hit reuses only its own shard's pages), failing one the shard with
+        the most available pages, then the most free slots, then the lowest (deterministic on every host)."""
+        free = [slot for slot, req in enumerate(self._slots) if req is None]
+        if not free:
+            raise EngineFull(f"all {self.max_batch} slots are busy")
+        if self.pages.num_shards == 1:
+            return free[0]
+        free_on = collections.Counter(self._shard(slot) for slot in free)
+        caching = self.pages.prefix_cache
+        min_tail = max(self.speculative_steps, 1)
+
+        def preference(shard: int) -> tuple:
+            hit = self.pages.lookup(prompt, min_tail, shard) if caching and prompt.size > min_tail else 0
+            return hit, self.pages.available(shard), free_on[shard], -shard
+
+        best = max(free_on, key=preference)
+        return next(slot for slot in free if self._shard(slot) == best)
+
+    def _shard(self, slot: int) -> int:
+        """The page shard of slot `slot` (its rings and pages live there)."""
+        return self.steps.shard_of_slot(slot)
 
     def cancel(self, request_id: Any) -> bool:
         """Stop a request and free its slot; False when it is unknown (or already finished)."""
@@ -465,14 +505,18 @@ class Engine:
 
         A prompt's first chunk looks up the prefix cache (`_start_prompt`). Each chunk takes the pages it
         writes; when the pool cannot give them (even after evicting unreferenced cached pages), prefilling
-        waits for pages that running requests release (admission by free pages, first come first served).
+        waits for pages that running requests release (admission by free pages, first come first served, per page
+        shard: a prompt waiting on a full shard does not hold up those of other shards).
         Requests with `prompt_logprobs` run the scoring prefill; those with max_new_tokens=0 are not admitted
         (prefill only: `_collect` finishes them with "length"); a constrained request whose constraint allows
         no first token ends instead (`_ended`)."""
         admitted = []
         spent = 0
-        while self._prefill_queue and (spent == 0 or spent < token_budget):
-            slot = self._prefill_queue[0]
+        blocked: set[int] = set()  # page shards whose next prompt waits for pages
+        while spent == 0 or spent < token_budget:
+            slot = next((s for s in self._prefill_queue if self._shard(s) not in blocked), None)
+            if slot is None:
+                break
             req = self._slots[slot]
             if not req.started:
                 self._start_prompt(slot, req)
@@ -481,9 +525,11 @@ class Engine:
             crosses = req.snapshot_at is not None and start < req.snapshot_at <= end
             mark = req.snapshot_at if crosses else -1  # the chunk also returns the slot as of its snapshot boundary
             if not self._grow(slot, req, end):
-                waiting = [r for r in self._slots if r is not None and r is not req and r.pages and not r.decoding]
-                if not waiting or any(r is not None and r.decoding for r in self._slots):
-                    break  # running requests will release pages
+                shard = [r for r in self._requests_on(self._shard(slot)) if r is not req]
+                waiting = [r for r in shard if r.pages and not r.decoding]
+                if not waiting or any(r.decoding for r in shard):
+                    blocked.add(self._shard(slot))  # running requests of its shard will release pages
+                    continue
                 for other in waiting:  # queued behind this one: they start again later
                     self._preempt(self._by_id[other.request_id])
                 continue
@@ -504,9 +550,9 @@ class Engine:
             req.prefilled += length
             spent += length
             if crosses:
-                self._save_snapshot(req, at_mark)
+                self._save_snapshot(slot, req, at_mark)
             if req.prefilled == req.prompt.size:
-                self._prefill_queue.popleft()
+                self._prefill_queue.remove(slot)
                 scores, req.scores = (req.scores if req.options.prompt_logprobs is not None else None), []
                 if req.resumed:
                     scores = None  # reported with the request's first output, before its preemption
@@ -539,7 +585,7 @@ class Engine:
         k = self.speculative_steps
         scoring = req.options.prompt_logprobs is not None and not req.resumed  # every position must be scored
         if self.pages.prefix_cache and not scoring:
-            hit = self.pages.match(req.prompt, min_tail=max(k, 1))
+            hit = self.pages.match(req.prompt, min_tail=max(k, 1), shard=self._shard(slot))
             if hit.snapshot is not None:
                 after = tuple(int(t) for t in req.prompt[hit.num_tokens : hit.num_tokens + k])
                 if self._lookahead.get(hit.snapshot) != after:  # the snapshot's MTP entries read other tokens
@@ -557,12 +603,12 @@ class Engine:
         boundary = (req.prompt.size - max(k, 1)) // self.page_size * self.page_size
         req.snapshot_at = boundary if self.pages.prefix_cache and boundary > req.prefilled else None
 
-    def _save_snapshot(self, req: _Request, at_mark: Any) -> None:
+    def _save_snapshot(self, slot: int, req: _Request, at_mark: Any) -> None:
         """After the chunk that crossed the snapshot boundary: index the prompt's pages up to it, and store the
         slot's rings and history as of the boundary (`at_mark`, the chunk's snapshot row) for later prompts."""
         boundary = req.snapshot_at
         self.pages.publish(req.prompt[:boundary], req.pages[: boundary // self.page_size])
-        snapshot = self.pages.snapshot_slot(req.prompt, boundary)
+        snapshot = self.pages.snapshot_slot(req.prompt, boundary, self._shard(slot))
         if snapshot is not None:
             self.snapshots = self.save_snapshot_fn(self.snapshots, at_mark, jnp.int32(snapshot))
             self._lookahead[snapshot] = tuple(int(t) for t in req.prompt[boundary : boundary + self.speculative_steps])
@@ -578,7 +624,7 @@ class Engine:
         missing = self.pages.pages_for(positions) - len(req.pages)
         if missing <= 0:
             return True
-        new = self.pages.allocate(missing)
+        new = self.pages.allocate(missing, self._shard(slot))
         if new is None:
             return False
         self.page_table[slot, len(req.pages) : len(req.pages) + missing] = new
@@ -587,9 +633,9 @@ class Engine:
 
     def _reserve_round(self, num_steps: int) -> None:
         """Before a decode round: every decoding request gets the pages the round (and, with overlap, the round
-        still in flight) may write, oldest request first. When the pool runs out, the newest request holding
-        pages is preempted (its pages freed, its prompt and generated tokens queued first for prefill again:
-        recomputed, it goes on exactly where it stopped)."""
+        still in flight) may write, oldest request first. When its page shard runs out, the newest request of that
+        shard holding pages is preempted (its pages freed, its prompt and generated tokens queued first for prefill
+        again: recomputed, it goes on exactly where it stopped)."""
         k = self.speculative_steps
         ahead = (num_steps + (self.max_round_tokens if self.overlap else 0)) * (k + 1) + k + 1
         decoding = sorted((r for r in self._slots if r is not None and r.decoding), key=lambda r: r.order)
@@ -600,11 +646,15 @@ class Engine:
             known = req.prompt_len + len(req.generated)
             need = min(known + ahead, self._last_position(req.prompt_len, req.options) + 1)
             while not self._grow(slot, req, need):
-                holders = [r for r in self._slots if r is not None and r.pages]
+                holders = [r for r in self._requests_on(self._shard(slot)) if r.pages]
                 victim = max(holders, key=lambda r: r.order)
                 self._preempt(self._by_id[victim.request_id])
                 if victim is req:
                     break
+
+    def _requests_on(self, shard: int) -> list[_Request]:
+        """The requests in the slots of page shard `shard`."""
+        return [r for slot, r in enumerate(self._slots) if r is not None and self._shard(slot) == shard]
 
     def _preempt(self, slot: int) -> None:
         """Free a request's pages and put it first in the prefill queue, to be recomputed from its prompt and the
@@ -706,12 +756,14 @@ class Engine:
         of `_step_constrained`): allowed-token rows of constrained slots; the bucket's filler rows get
         all-zero rows, so they sit the round out (another round of the step decodes them, if running).
         Returns (the slot of each row, the round's output)."""
-        rows = self.steps.round_rows([self._by_id[r.request_id] for r in running])
+        running_slots = [self._by_id[r.request_id] for r in running]
+        rows = self.steps.round_rows(running_slots)
         if masks is not None:
             mask = self.steps.allow_all(rows.size)
-            mask[len(running) :] = 0
-            for i, slot in enumerate(rows[: len(running)]):
-                if int(slot) in masks:
+            for i, slot in enumerate(rows):
+                if int(slot) not in running_slots:
+                    mask[i] = 0
+                elif int(slot) in masks:
                     mask[i] = masks[int(slot)]
             allowed = jax.device_put(mask, self._replicated)
         else:

@@ -19,6 +19,10 @@ chain's tail goes before its head.
 
 Everything is deterministic (no clock, no salted `hash()`, ordered containers): on several hosts every
 process makes the same calls and reaches the same state.
+
+On a mesh whose slots split over D (data x expert) shards, the pools' pages split the same way and each shard
+has its own pages, snapshot slots, LRU and index (`ShardedKVPages`: one `KVPages` per shard, global ids): a
+slot's pages come from its shard, and a prefix hit reuses pages of one shard only.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class PrefixHit:
     num_tokens: int = 0  # tokens covered by `pages` (a multiple of the page size)
     snapshot: int | None = None  # store slot of the SWA rings at `num_tokens`; None without SWA layers or hit
     query_tokens: int = 0  # prompt tokens looked up (what `undo_match` takes back from the stats)
+    shard: int = 0  # the page shard `pages` and `snapshot` are on (`ShardedKVPages`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,3 +415,147 @@ class KVPages:
         if snap.pins == 0:
             del self._snapshots[slot]
             heapq.heappush(self._free_slots, slot)
+
+
+class ShardedKVPages:
+    """`KVPages` of a pool split into `shards` equal page ranges (shard d owns pages d*P/D .. (d+1)*P/D - 1 and
+    snapshot slots d*S/D ..), each with its own free list, LRU, prefix index and snapshots; ids are global. A
+    request's pages all lie on one shard (its slot's): `release`, `publish` and `undo_match` take one shard's
+    pages at a time. With one shard it is exactly one `KVPages`. Stats are summed over the shards."""
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        num_snapshots: int,
+        shards: int = 1,
+        *,
+        prefix_cache: bool = True,
+        needs_snapshot: bool = True,
+    ) -> None:
+        self.num_shards = _check_count("shards", shards, 1)
+        self.num_pages = _check_count("num_pages", num_pages, self.num_shards)
+        self.num_snapshots = _check_count("num_snapshots", num_snapshots, 0)
+        if self.num_pages % self.num_shards or self.num_snapshots % self.num_shards:
+            raise ValueError(
+                f"{num_pages} pages and {num_snapshots} snapshot slots must split evenly over {shards} shards"
+            )
+        self.page_size = _check_count("page_size", page_size, 1)
+        self.pages_per_shard = self.num_pages // self.num_shards
+        self.snapshots_per_shard = self.num_snapshots // self.num_shards
+        self.shards = [
+            KVPages(
+                self.pages_per_shard,
+                page_size,
+                self.snapshots_per_shard,
+                prefix_cache=prefix_cache,
+                needs_snapshot=needs_snapshot,
+            )
+            for _ in range(self.num_shards)
+        ]
+
+    @property
+    def prefix_cache(self) -> bool:
+        return self.shards[0].prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, on: bool) -> None:
+        for shard in self.shards:
+            shard.prefix_cache = bool(on)
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages that hold `tokens` positions."""
+        return self.shards[0].pages_for(tokens)
+
+    def shard_of(self, page: int) -> int:
+        """The shard owning global page id `page`."""
+        if isinstance(page, bool) or not isinstance(page, int | np.integer) or not 0 <= page < self.num_pages:
+            raise ValueError(f"page {page!r} is not a page id in [0, {self.num_pages})")
+        return int(page) // self.pages_per_shard
+
+    def available(self, shard: int) -> int:
+        """Pages `allocate` can hand out on `shard`."""
+        return self._shard(shard).available
+
+    @property
+    def used(self) -> int:
+        return sum(shard.used for shard in self.shards)
+
+    @property
+    def usage(self) -> float:
+        return self.used / self.num_pages
+
+    def refcount(self, page: int) -> int:
+        shard = self.shard_of(page)
+        return self.shards[shard].refcount(int(page) - shard * self.pages_per_shard)
+
+    def allocate(self, n: int, shard: int = 0) -> list[int] | None:
+        """n pages of `shard` (see `KVPages.allocate`), as global ids; None when that shard has too few."""
+        pages = self._shard(shard).allocate(n)
+        return None if pages is None else [shard * self.pages_per_shard + p for p in pages]
+
+    def release(self, pages: Sequence[int]) -> None:
+        """`KVPages.release` of one shard's pages (global ids)."""
+        shard, local = self._local(pages)
+        if local:
+            self.shards[shard].release(local)
+
+    def publish(self, tokens: Sequence[int], pages: Sequence[int]) -> None:
+        """`KVPages.publish` into the index of the shard holding `pages`."""
+        num_full = len(tokens) // self.page_size
+        if len(pages) < num_full:
+            raise ValueError(f"{len(tokens)} tokens fill {num_full} pages but the page table has {len(pages)}")
+        shard, local = self._local(pages[:num_full])
+        self.shards[shard].publish(tokens[: num_full * self.page_size], local)
+
+    def lookup(self, tokens: Sequence[int], min_tail: int, shard: int = 0) -> int:
+        """Tokens `match` on `shard` would reuse now (no references taken, no stats counted)."""
+        return self._shard(shard).lookup(tokens, min_tail)
+
+    def match(self, tokens: Sequence[int], min_tail: int, shard: int = 0) -> PrefixHit:
+        """`KVPages.match` on `shard`: global page ids and snapshot slot."""
+        hit = self._shard(shard).match(tokens, min_tail)
+        snapshot = None if hit.snapshot is None else shard * self.snapshots_per_shard + hit.snapshot
+        pages = tuple(shard * self.pages_per_shard + p for p in hit.pages)
+        return dataclasses.replace(hit, pages=pages, snapshot=snapshot, shard=shard)
+
+    def undo_match(self, hit: PrefixHit) -> None:
+        """`KVPages.undo_match` of a hit from `match`."""
+        offset = hit.shard * self.pages_per_shard
+        local_snapshot = None if hit.snapshot is None else hit.snapshot - hit.shard * self.snapshots_per_shard
+        local = dataclasses.replace(hit, pages=tuple(p - offset for p in hit.pages), snapshot=local_snapshot, shard=0)
+        self._shard(hit.shard).undo_match(local)
+
+    def snapshot_slot(self, tokens: Sequence[int], boundary: int, shard: int = 0) -> int | None:
+        """`KVPages.snapshot_slot` on `shard` (whose index holds the prompt's pages), as a global store slot."""
+        slot = self._shard(shard).snapshot_slot(tokens, boundary)
+        return None if slot is None else shard * self.snapshots_per_shard + slot
+
+    def unpin_snapshot(self, slot: int) -> None:
+        if not isinstance(slot, int | np.integer) or not 0 <= slot < self.num_snapshots:
+            raise ValueError(f"snapshot slot {slot!r} is not in [0, {self.num_snapshots})")
+        shard = int(slot) // self.snapshots_per_shard
+        self.shards[shard].unpin_snapshot(int(slot) - shard * self.snapshots_per_shard)
+
+    def reset_prefix_cache(self) -> int:
+        return sum(shard.reset_prefix_cache() for shard in self.shards)
+
+    def stats(self) -> PageStats:
+        """The shards' `PageStats` summed (usage over the whole pool)."""
+        parts = [shard.stats() for shard in self.shards]
+        total = {f.name: sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(PageStats)}
+        total["usage"] = total["used"] / self.num_pages
+        return PageStats(**total)
+
+    def _shard(self, shard: int) -> KVPages:
+        if isinstance(shard, bool) or not isinstance(shard, int | np.integer) or not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard!r} is not in [0, {self.num_shards})")
+        return self.shards[int(shard)]
+
+    def _local(self, pages: Sequence[int]) -> tuple[int, list[int]]:
+        """(the one shard holding `pages`, their local ids); shard 0 for no pages."""
+        shards = {self.shard_of(page) for page in pages}
+        if len(shards) > 1:
+            raise ValueError(f"pages {list(pages)} lie on shards {sorted(shards)}: a sequence's pages are on one shard")
+        shard = shards.pop() if shards else 0
+        return shard, [int(p) - shard * self.pages_per_shard for p in pages]

@@ -25,7 +25,9 @@ requests come and go once each bucket has compiled. The work (the cache and slot
   `decode_round` (a `jax.lax.while_loop` of up to `num_steps` <= `max_round_tokens` iterations) with the
   full layers reading and writing their pages through `page_table`, and put back. b is a bucket
   (`decode_buckets`: powers of two up to max_batch), so a round costs what the running requests need,
-  not what the engine's slots would (one compile per bucket). Each row stops at its stop tokens, its
+  not what the engine's slots would (one compile per bucket). Where the slots and pages split over D
+  (data x expert) shards, b is D segments of one per-shard bucket, segment d rows of shard d, and every row
+  runs where its rings and pages are (`page_shards`). Each row stops at its stop tokens, its
   token budget or the context end. An iteration is one token (`decode_one`), or with
   `speculative_steps=k` one MTP draft-verify-accept round (1..k+1 tokens per row,
   `mimo_jax.engine.speculative.decode_speculative`); `greedy_decode` is the same loop for rounds where
@@ -91,6 +93,7 @@ from mimo_jax.model.cache import (
     write_slot,
 )
 from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.sharding import axes_size, batch_axes
 
 
 # ------------------------------------------------------------------ pure step functions
@@ -107,6 +110,7 @@ def prefill_step(
     mark: jax.Array,
     *,
     mark_slack: int,
+    page_shards: tuple[str, ...] = (),
 ) -> tuple[KVCache, jax.Array, RingSnapshots]:
     """Run a prompt chunk into slot `slot` whose page table is `pages` [max_pages]: tokens [C + k], of which the
     first `length` are the chunk (placed at start, start+1, ...) and tokens[length:] the prompt's next tokens
@@ -116,18 +120,29 @@ def prefill_step(
     are its own: what they held before is never read, as every position is written before it is read).
     Returns the new cache, `history` [K, H] advanced by the chunk (the prompt's last K hidden states) and the
     slot's state as of position `mark` (`_prefill_chunk`): one snapshot row for `save_snapshot`.
+    `page_shards`: the mesh axes the pools' pages split over (the slot's pages are on its shard).
     """
     model = nnx.merge(graphdef, params)
     args = (cache, slot, pages, tokens, start, length, history, mark)
-    cache, history, at_mark, _ = _prefill_chunk(model, *args, mark_slack=mark_slack)
+    cache, history, at_mark, _ = _prefill_chunk(model, *args, mark_slack=mark_slack, page_shards=page_shards)
     return cache, history, at_mark
 
 
-def layer_caches(model: MiMoModel, cache: KVCache, rings: list[LayerKV], page_table: jax.Array) -> list:
+def layer_caches(
+    model: MiMoModel,
+    cache: KVCache,
+    rings: list[LayerKV],
+    page_table: jax.Array,
+    page_shards: tuple[str, ...] = (),
+    rows_on_shards: bool = False,
+) -> list:
     """What the model's layers take (each full layer its pool and `page_table` [B, max_pages], each SWA layer
-    its ring from `rings`), then the MTP layers' rings: the list the decode loop and the speculative round use."""
+    its ring from `rings`), then the MTP layers' rings: the list the decode loop and the speculative round use.
+    `page_shards`: the mesh axes the pools' pages split over; `rows_on_shards`: the rows are laid out as the
+    slots (a decode round's segments), else every shard sees them (see `mimo_jax.model.cache.PagedKV`)."""
     num_swa = sum(s.sliding for s in model.config.layers)
-    return paged_layer_caches(model.config, cache.pools, page_table, rings[:num_swa]) + rings[num_swa:]
+    paged = paged_layer_caches(model.config, cache.pools, page_table, rings[:num_swa], page_shards, rows_on_shards)
+    return paged + rings[num_swa:]
 
 
 def _prefill_chunk(
@@ -142,6 +157,7 @@ def _prefill_chunk(
     mark: jax.Array,
     *,
     mark_slack: int,
+    page_shards: tuple[str, ...] = (),
 ) -> tuple[KVCache, jax.Array, RingSnapshots, jax.Array]:
     """`prefill_step`'s work; also returns the chunk's hidden states [1, C, H] (before the final norm).
 
@@ -157,7 +173,7 @@ def _prefill_chunk(
     chunk = tokens.shape[0] - (len(rings) - sum(s.sliding for s in model.config.layers))
     spare = min(mark_slack, chunk)  # the boundary lies fewer than `spare` positions before the chunk's end
     wide = [remap_ring(r, r.slots + spare, start) for r in rings]
-    layers = layer_caches(model, cache, wide, pages[None])
+    layers = layer_caches(model, cache, wide, pages[None], page_shards)  # every page shard sees the one row
     idx = jnp.arange(chunk, dtype=jnp.int32)
     positions = jnp.where(idx < length, start + idx, -1)[None]
     hidden, target = model.hidden_states(jnp.maximum(tokens[None, :chunk], 0), positions, layers[:num_layers])
@@ -206,6 +222,7 @@ def prefill_logprobs_step(
     *,
     num_top: int,
     mark_slack: int,
+    page_shards: tuple[str, ...] = (),
 ) -> tuple[KVCache, jax.Array, RingSnapshots, PromptScores]:
     """`prefill_step`, and the prompt's scores: `targets` [C] holds, for each chunk position, the prompt's
     next token (-1 where there is none: past the chunk, or the prompt's last token). Position i's
@@ -214,7 +231,7 @@ def prefill_logprobs_step(
     C x vocab float32 logits."""
     model = nnx.merge(graphdef, params)
     args = (cache, slot, pages, tokens, start, length, history, mark)
-    cache, history, at_mark, hidden = _prefill_chunk(model, *args, mark_slack=mark_slack)
+    cache, history, at_mark, hidden = _prefill_chunk(model, *args, mark_slack=mark_slack, page_shards=page_shards)
     logprobs = jax.nn.log_softmax(model.logits(hidden)[0], axis=-1)  # [C, V] float32
     chosen = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
     ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1, dtype=jnp.int32)
@@ -414,18 +431,39 @@ def decode_round(
     return cache, state, output
 
 
-def take_rows(rings: list[LayerKV], rows: jax.Array) -> list[LayerKV]:
-    """The per-slot rings of the batch rows `rows` [b] (a decode round's rows)."""
+def take_rows(rings: list[LayerKV], rows: jax.Array, shard_axes: tuple[str, ...] = ()) -> list[LayerKV]:
+    """The per-slot rings of the batch rows `rows` [b] (a decode round's rows). `shard_axes`: the mesh axes the
+    rings' slots split over, and `rows` laid out to match (segment d holds slots of shard d): each shard takes its
+    own rows, no ring crosses devices."""
+    if shard_axes and rings:
+        return _on_slot_shards(lambda rings, rows: take_rows(rings, rows), rings, (rows,), shard_axes)
     return [LayerKV(k=c.k[rows], v=c.v[rows], pos=c.pos[rows], ring=c.ring) for c in rings]
 
 
-def put_rows(rings: list[LayerKV], sub: list[LayerKV], rows: jax.Array) -> list[LayerKV]:
-    """`rings` with the rows `rows` replaced by `sub` (from `take_rows`, after the round)."""
+def put_rows(
+    rings: list[LayerKV], sub: list[LayerKV], rows: jax.Array, shard_axes: tuple[str, ...] = ()
+) -> list[LayerKV]:
+    """`rings` with the rows `rows` replaced by `sub` (from `take_rows`, after the round; `shard_axes` as there)."""
+    if shard_axes and rings:
+        return _on_slot_shards(lambda rings, sub, rows: put_rows(rings, sub, rows), rings, (sub, rows), shard_axes)
     put = lambda x, y: x.at[rows].set(y)
     return [
         LayerKV(k=put(c.k, r.k), v=put(c.v, r.v), pos=put(c.pos, r.pos), ring=c.ring)
         for c, r in zip(rings, sub, strict=True)
     ]
+
+
+def _on_slot_shards(fn: Callable, rings: list[LayerKV], args: tuple, shard_axes: tuple[str, ...]) -> Any:
+    """fn(local rings, *args with `rows` last as local slot indices) in a `jax.shard_map` over `shard_axes`: the
+    rings' slots, `args` and the result split over them (rows of segment d are slots of shard d)."""
+    spec = jax.sharding.PartitionSpec(shard_axes)
+
+    def local(rings, *args):
+        first = jax.lax.axis_index(shard_axes) * rings[0].pos.shape[0]  # this shard's first slot
+        return fn(rings, *args[:-1], args[-1] - first)
+
+    in_specs = jax.tree.map(lambda _: spec, (rings, *args))
+    return jax.shard_map(local, in_specs=in_specs, out_specs=spec, axis_names=frozenset(shard_axes))(rings, *args)
 
 
 def decode_rows(
@@ -439,6 +477,7 @@ def decode_rows(
     allowed: jax.Array,
     *,
     target_only: bool = False,
+    page_shards: tuple[str, ...] = (),
     **round_options: Any,
 ) -> tuple[KVCache, SlotState, RoundOutput]:
     """`decode_round` over the slots `rows` [b] only (page tables `page_table` [b, max_pages]): their state and
@@ -450,13 +489,18 @@ def decode_rows(
     constraint lasts for its lifetime).
 
     A row whose `allowed` row is all zeros sits the round out (inactive for it, as it was after): a bucket's
-    filler slot that another round of the same step decodes (constrained and unconstrained rows apart)."""
+    filler slot that another round of the same step decodes (constrained and unconstrained rows apart).
+
+    `page_shards` (static): the mesh axes the slots and the pools' pages split over; `rows` then holds D equal
+    segments, segment d slots of shard d (`EngineSteps.round_rows`), so every row runs where its rings and
+    pages are."""
     model = nnx.merge(graphdef, params)
     sub_state = jax.tree.map(lambda x: x[rows], state)
     sits_out = ~jnp.any(allowed != 0, axis=-1)
     was_active = sub_state.active
     sub_state = dataclasses.replace(sub_state, active=was_active & ~sits_out)
-    layers = layer_caches(model, cache, take_rows(cache.rings, rows), page_table)
+    sub_rings = take_rows(cache.rings, rows, page_shards)
+    layers = layer_caches(model, cache, sub_rings, page_table, page_shards, rows_on_shards=True)
     if target_only:
         num_layers = len(model.layers)
         target, mtp_rings = layers[:num_layers], layers[num_layers:]
@@ -467,7 +511,7 @@ def decode_rows(
     sub_state = dataclasses.replace(sub_state, active=jnp.where(sits_out, was_active, sub_state.active))
     pools, sub_rings = split_layer_caches(layers)  # the SWA layers' rings, then the MTP layers'
     state = jax.tree.map(lambda x, y: x.at[rows].set(y), state, sub_state)
-    return KVCache(pools, put_rows(cache.rings, sub_rings, rows)), state, out
+    return KVCache(pools, put_rows(cache.rings, sub_rings, rows, page_shards)), state, out
 
 
 def decode_buckets(max_batch: int) -> tuple[int, ...]:
@@ -534,8 +578,10 @@ class EngineSteps:
     make_state: Callable[[], SlotState]  # every slot free: jit it with `shardings(state)`
     buckets: tuple[int, ...]  # prefill chunk lengths that get compiled
     decode_buckets: tuple[int, ...]  # decode round sizes (rows) that get compiled
-    num_pages: int  # pages per full layer's pool
+    num_pages: int  # pages per full layer's pool (all shards together)
     page_size: int  # tokens per page
+    page_shards: tuple[str, ...]  # mesh axes the slots and the pools' pages split over (D shards; () for D = 1)
+    num_page_shards: int  # D: shard d holds slots d*B/D .. and pages d*P/D .., each slot's pages on its shard
     max_pages: int  # page table entries per slot
     history_len: int  # K: recent hidden states per slot for the MTP drafts (0 without speculation)
     speculative_steps: int  # k
@@ -582,14 +628,30 @@ class EngineSteps:
         ([W]: `admit`'s, when rows is None)."""
         return full_bitmask(self.vocab_size, rows)
 
+    def shard_of_slot(self, slot: int) -> int:
+        """The page shard holding slot `slot`'s rings and pages."""
+        return int(slot) // (self.state.tokens.shape[0] // self.num_page_shards)
+
+    def shard_pages(self, shard: int) -> range:
+        """The global ids of the pages shard `shard` owns."""
+        per_shard = self.num_pages // self.num_page_shards
+        return range(shard * per_shard, (shard + 1) * per_shard)
+
     def round_rows(self, running: Sequence[int]) -> np.ndarray:
-        """`decode`'s `rows` for the running slots: them first (in order), then other slots up to the
-        smallest bucket that holds them (distinct rows; the others are inactive, so the round leaves them as
-        they are)."""
-        bucket = next(b for b in self.decode_buckets if b >= len(running))
+        """`decode`'s `rows` for the running slots: D segments of one per-shard bucket (the smallest that holds
+        the most running slots of a shard), segment d the running slots of shard d (in order), then other slots of
+        that shard (distinct rows; the others are inactive, so the round leaves them as they are). D = 1: the
+        running slots first, then fillers up to the smallest bucket."""
+        d = self.num_page_shards
+        per_shard = self.state.tokens.shape[0] // d
+        segments = [[s for s in running if self.shard_of_slot(s) == shard] for shard in range(d)]
+        bucket = next(b for b in self.decode_buckets if b >= d * max(map(len, segments))) // d
         taken = set(running)
-        fill = [s for s in range(self.state.tokens.shape[0]) if s not in taken][: bucket - len(running)]
-        return np.asarray(list(running) + fill, np.int32)
+        rows = []
+        for shard, mine in enumerate(segments):
+            fill = [s for s in range(shard * per_shard, (shard + 1) * per_shard) if s not in taken]
+            rows += mine + fill[: bucket - len(mine)]
+        return np.asarray(rows, np.int32)
 
     def empty_history(self) -> np.ndarray:
         """prefill's `history` before a prompt's first chunk: the last max(K, 1) hidden states."""
@@ -641,7 +703,9 @@ def build_steps(
 
     The full layers' pools hold `num_pages` pages of `page_size` tokens (default: enough for every slot at
     `max_context`), FP8 with `kv_fp8`; `num_snapshots` ring snapshots back the prefix cache (0: none).
-    With a mesh the cache is sharded by the rules of `mimo_jax.sharding` and the slot state replicated;
+    With a mesh the cache is sharded by the rules of `mimo_jax.sharding` and the slot state replicated; where
+    the slots split over (data, expert) (D shards) the pools' pages split the same way (`num_pages` rounded up
+    to a multiple of D; `page_shards`), so every chip holds P/D pages, and decode rounds run in D segments;
     without one everything lives on the parameters' device (the first device for abstract parameters
     without a sharding). `cache_dtype` (of rings, and of pools unless FP8) defaults to `state_dtype`.
     """
@@ -650,7 +714,9 @@ def build_steps(
     cache_dtype = jnp.dtype(cache_dtype or state_dtype)
     history = history_length(k)
     pages_per_slot = max_pages(max_context, page_size, k)
-    num_pages = num_pages or max_batch * pages_per_slot
+    page_shards = batch_axes(mesh, max_batch)
+    shards = axes_size(mesh, page_shards)
+    num_pages = -(-(num_pages or max_batch * pages_per_slot) // shards) * shards
 
     def make_cache() -> KVCache:
         return engine_cache(cfg, max_batch, max_context, num_pages, page_size, cache_dtype, k, extra_ring_slots, kv_fp8)
@@ -671,7 +737,8 @@ def build_steps(
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         cache_sharding = KVCache(
-            pools=page_pool_shardings(cache_shapes.pools, mesh), rings=cache_shardings(cache_shapes.rings, mesh)
+            pools=page_pool_shardings(cache_shapes.pools, mesh, page_shards),
+            rings=cache_shardings(cache_shapes.rings, mesh),
         )
         snapshot_sharding = RingSnapshots(rings=cache_shardings(snapshot_shapes.rings, mesh), history=replicated)
         row_sharding = RingSnapshots(rings=cache_shardings(row_shapes.rings, mesh), history=replicated)
@@ -690,11 +757,12 @@ def build_steps(
 
     def prefill(params, cache, slot, pages, tokens, start, length, history, mark):
         args = (cache, slot, pages, tokens, start, length, history, mark)
-        return prefill_step(graphdef, params, *args, mark_slack=mark_slack)
+        return prefill_step(graphdef, params, *args, mark_slack=mark_slack, page_shards=page_shards)
 
     def prefill_logprobs(params, cache, slot, pages, tokens, start, length, history, mark, targets):
         args = (cache, slot, pages, tokens, start, length, history, mark, targets)
-        return prefill_logprobs_step(graphdef, params, *args, num_top=max_top_logprobs, mark_slack=mark_slack)
+        options = dict(num_top=max_top_logprobs, mark_slack=mark_slack, page_shards=page_shards)
+        return prefill_logprobs_step(graphdef, params, *args, **options)
 
     def admit(params, state, slot, history, request, allowed):
         return admit_step(
@@ -724,6 +792,7 @@ def build_steps(
             num_top=max_top_logprobs,
             speculative_steps=k,
             greedy=greedy,
+            page_shards=page_shards,
         )
 
     def greedy_decode(params, cache, state, rows, page_table, num_steps, allowed):
@@ -740,6 +809,7 @@ def build_steps(
             num_steps,
             allowed,
             target_only=True,
+            page_shards=page_shards,
             max_steps=max_round_tokens,
             max_context=max_context,
             num_top=max_top_logprobs,
@@ -779,9 +849,11 @@ def build_steps(
         make_snapshots=make_snapshots,
         make_state=make_state,
         buckets=prefill_buckets(prefill_chunk),
-        decode_buckets=decode_buckets(max_batch),
+        decode_buckets=tuple(shards * b for b in decode_buckets(max_batch // shards)),  # D per-shard segments
         num_pages=num_pages,
         page_size=page_size,
+        page_shards=page_shards,
+        num_page_shards=shards,
         max_pages=pages_per_slot,
         history_len=history,
         speculative_steps=k,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import kernels, sharding
-from mimo_jax.model.cache import POOL_AXES, SCALE_AXES, PagedKV, page_key_positions, read_pages
+from mimo_jax.model.cache import POOL_AXES, SCALE_AXES, PagedKV, on_page_shards, page_key_positions, read_pages
 
 # Finite, so a row with no visible key gives zeros instead of NaN.
 _MASKED = -1e30
@@ -196,6 +196,17 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return new_max, a[1] * ca + b[1] * cb, a[2] * ca[..., None] + b[2] * cb[..., None]
 
 
+def _merge_over(pieces: tuple, axes: tuple[str, ...]) -> tuple:
+    """Inside `jax.shard_map`: combine the softmax pieces of disjoint key sets held by the shards of `axes` (the
+    keys of one row split over page shards); the same on every shard after. No axes: the pieces as they are."""
+    if not axes:
+        return pieces
+    row_max, denom, acc = pieces
+    new_max = jax.lax.pmax(row_max, axes)
+    weight = jnp.exp(row_max - new_max)
+    return new_max, jax.lax.psum(denom * weight, axes), jax.lax.psum(acc * weight[..., None], axes)
+
+
 # block index -> (keys [B, KV, S, D], values [B, KV, S, Dv], key positions [B, S]) of one block of a cache
 BlockReader = Callable[[jax.Array | int], tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -208,25 +219,20 @@ def _online_softmax(
     q_pos: jax.Array,
     window_keys: int | None,
     scale: float,
-    dv: int,
 ) -> tuple:
-    """Softmax pieces over blocks 0 .. num_blocks-1 of a cache (an online softmax). `max_blocks` == 1: one pass
-    over block 0 (its invisible keys add nothing, so `num_blocks` need not be read)."""
+    """Softmax pieces over blocks 0 .. num_blocks-1 of a cache (an online softmax). Block 0 is always read: when
+    `num_blocks` is 0 its keys are all invisible (they add nothing), so the loop starts from its pieces (the
+    carry then has the blocks' type, also inside a `jax.shard_map` where they vary over manual axes)."""
 
     def block_pieces(j):
         keys, values, key_pos = read_block(j)
         return _partial_softmax(qg, keys, values, q_pos, key_pos, window_keys, scale)
 
+    first = block_pieces(0)
     if max_blocks == 1:
-        return block_pieces(0)
-    b, t, kv, g, _ = qg.shape
+        return first
     body = lambda j, carry: _merge(carry, block_pieces(j))
-    init = (
-        jnp.full((b, kv, g, t), _MASKED, jnp.float32),
-        jnp.zeros((b, kv, g, t), jnp.float32),
-        jnp.zeros((b, kv, g, t, dv), jnp.float32),
-    )
-    return jax.lax.fori_loop(0, num_blocks, body, init)
+    return jax.lax.fori_loop(1, jnp.maximum(num_blocks, 1), body, first)
 
 
 def _slice_blocks(k: jax.Array, v: jax.Array, k_pos: jax.Array, block: int) -> BlockReader:
@@ -288,7 +294,7 @@ def attention_blockwise(
     kv = k.shape[1]
     qg = q.reshape(b, t, kv, n // kv, d)
     read = _slice_blocks(k, v, k_pos, block)
-    pieces = _online_softmax(qg, read, num_blocks, k.shape[2] // block, q_pos, window_keys, scale, v.shape[-1])
+    pieces = _online_softmax(qg, read, num_blocks, k.shape[2] // block, q_pos, window_keys, scale)
     return _finish(pieces, sink, q.shape, q.dtype)
 
 
@@ -304,9 +310,14 @@ def attention_paged(
     chunk_kv: tuple[jax.Array, jax.Array] | None = None,
     block_pages: int | None = None,
     paged_impl: str = "xla",
+    merge_axes: tuple[str, ...] = (),
 ) -> jax.Array:
     """`attention` over a paged cache already holding this step's keys (`write_pages` first): q [B, T, N, D],
     q_pos [B, T] -> [B, T, N, Dv], fp32 softmax, a row that sees no key gives zeros.
+
+    A pool split over page shards (`cache.shard_axes`) is read where it lies (`_paged_on_shards`): rows on their
+    own shards attend there; rows seen by every shard (a prefill) attend over each shard's pages and combine the
+    softmax pieces over the shards (`merge_axes`, inside that shard_map: the mesh axes the row's keys split over).
 
     `paged_impl` (PAGED_IMPLS) "pallas_gpu" / "pallas_interpret": rows of at most PAGED_KERNEL_MAX_QUERIES queries
     with no window (full layers) go through the Pallas kernel, which reads each row's pages where they lie
@@ -322,7 +333,11 @@ def attention_paged(
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
     if paged_impl not in PAGED_IMPLS:
         raise ValueError(f"unknown paged attention implementation {paged_impl!r}; choose from {PAGED_IMPLS}")
-    if paged_impl != "xla" and window_keys is None and q.shape[1] <= PAGED_KERNEL_MAX_QUERIES:
+    options = dict(window_keys=window_keys, sink=sink, scale=scale, impl=impl, block_pages=block_pages)
+    if cache.shard_axes:
+        return _paged_on_shards(q, cache, q_pos, chunk_kv=chunk_kv, paged_impl=paged_impl, **options)
+    kernel = paged_impl != "xla" and not merge_axes  # the kernel returns outputs, not pieces to merge
+    if kernel and window_keys is None and q.shape[1] <= PAGED_KERNEL_MAX_QUERIES:
         return _paged_kernel(q, cache, q_pos, sink=sink, scale=scale, interpret=paged_impl == "pallas_interpret")
     if impl != "xla" and chunk_kv is not None and q.shape[1] >= SPLIT_MIN_QUERIES:
         return attention_chunk(
@@ -335,6 +350,7 @@ def attention_paged(
             scale=scale,
             implementation="cudnn" if impl == "cudnn" else "xla",
             prefix_block_pages=block_pages,
+            prefix_merge_axes=merge_axes,
         )
     b, t, n, d = q.shape
     pages = block_pages or pages_per_block(t, n, cache.page_size, cache.max_pages)
@@ -343,8 +359,36 @@ def attention_paged(
     num_blocks = jnp.clip(jnp.max(q_pos) // keys_per_block + 1, 1, max_blocks)  # blocks holding 0 .. max(q_pos)
     kv = cache.pool.k.shape[1] * sharding.kv_head_repeat(cache.pool.k.shape[1], n)  # as the blocks are read
     qg = q.reshape(b, t, kv, n // kv, d)
-    pieces = _online_softmax(qg, read, num_blocks, max_blocks, q_pos, window_keys, scale, cache.pool.v.shape[-1])
-    return _finish(pieces, sink, q.shape, q.dtype)
+    pieces = _online_softmax(qg, read, num_blocks, max_blocks, q_pos, window_keys, scale)
+    return _finish(_merge_over(pieces, merge_axes), sink, q.shape, q.dtype)
+
+
+def _paged_on_shards(
+    q: jax.Array,
+    cache: PagedKV,
+    q_pos: jax.Array,
+    *,
+    chunk_kv: tuple[jax.Array, jax.Array] | None,
+    sink: jax.Array | None,
+    **options,
+) -> jax.Array:
+    """`attention_paged` over a pool split over page shards, in a `jax.shard_map` over them: each shard reads only
+    its own pages (local ids). Rows on their shards (`cache.rows_on_shards`: decode rounds) attend locally, no
+    communication; otherwise every shard sees the rows, attends over its pages (other shards' entries are -1) and
+    the softmax pieces are combined over the shards (a psum of outputs-sized pieces, never of pages)."""
+    axes = cache.shard_axes
+    merge = () if cache.rows_on_shards else axes
+
+    def local(pool, table, q, q_pos, *extra):
+        chunk = tuple(extra[:2]) if chunk_kv is not None else None
+        local_sink = extra[-1] if sink is not None else None
+        local_cache = PagedKV(pool, table)
+        return attention_paged(q, local_cache, q_pos, chunk_kv=chunk, sink=local_sink, merge_axes=merge, **options)
+
+    rows = (q, q_pos) + (tuple(chunk_kv) if chunk_kv is not None else ())
+    returns = "rows" if cache.rows_on_shards else "replicated"
+    check_vma = options.get("paged_impl") != "pallas_interpret"
+    return on_page_shards(local, cache, rows, () if sink is None else (sink,), returns=returns, check_vma=check_vma)
 
 
 def _paged_kernel(
@@ -386,9 +430,11 @@ def _paged_kernel(
         *extra_specs,
     )
     out_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), (*q.shape[:3], pool.v.shape[-1]), mesh)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=not interpret)(
-        q, pool.k, pool.v, cache.page_table, q_pos, *extra
+    free = frozenset(a for a in mesh.axis_names if a not in sharding.manual_axes(mesh))  # inside a page shard_map
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=free, check_vma=not interpret
     )
+    return mapped(q, pool.k, pool.v, cache.page_table, q_pos, *extra)
 
 
 def attention_chunk(
@@ -404,6 +450,7 @@ def attention_chunk(
     prefix_slot_is_position: bool = False,
     implementation: str = "xla",
     prefix_block_pages: int | None = None,
+    prefix_merge_axes: tuple[str, ...] = (),
 ) -> jax.Array:
     """Prefill attention of a chunk as two parts merged by their log-sum-exp.
 
@@ -413,7 +460,8 @@ def attention_chunk(
     against the keys before it runs in plain XLA: `prefix` = (k, v, positions) of a ring or a full-layer
     cache (k/v [B, KV, S, D] as the cache stores them), blockwise over a long full-layer cache, or a
     `PagedKV` read in blocks of `prefix_block_pages` pages; keys at or past the chunk's first position are
-    ignored. The chunk's own k/v come [B, T, KV, D] as projected (cuDNN's BTNH layout). Same result as
+    ignored (inside a page shard_map, `prefix_merge_axes` combines the shards' pieces of a paged prefix). The
+    chunk's own k/v come [B, T, KV, D] as projected (cuDNN's BTNH layout). Same result as
     `attention` over both key sets. (cuDNN returns the log-sum-exp in the activation dtype, so in bf16 the
     merge weights carry bf16 rounding.)
     """
@@ -448,7 +496,8 @@ def attention_chunk(
 
         num_blocks = jnp.clip((latest_first + block - 1) // block, 0, max_blocks)
         qg = q.reshape(b, t, kv, g, d)
-        pieces = _online_softmax(qg, read_before, num_blocks, max_blocks, q_pos, window_keys, scale, dv)
+        pieces = _online_softmax(qg, read_before, num_blocks, max_blocks, q_pos, window_keys, scale)
+        pieces = _merge_over(pieces, prefix_merge_axes)
         to_btn = lambda x: jnp.moveaxis(x, 3, 1).reshape((b, t, n) + x.shape[4:])
         row_max, denom, acc = (to_btn(x) for x in pieces)
         prefix_lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)

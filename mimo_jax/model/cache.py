@@ -15,11 +15,18 @@ Paged full layers (`PagedKV`): one `PagePool` per full layer, pages of `page_siz
 sequences, and one page table [batch, max_pages] for all full layers: position p of row b lives in page
 page_table[b, p // page_size] at offset p % page_size. Key positions follow from the table (no stored
 positions): a key is there iff its page id is >= 0. Pools may store FP8 with one scale per token and head.
+
+On a mesh whose batch splits over (data, expert), D shards, the pools' page axis splits the same way
+(`PagedKV.shard_axes`, as SGLang's DP attention keeps one pool per DP rank): shard d owns pages
+[d*P/D, (d+1)*P/D), and a slot's pages are on the shard holding its batch row. Page tables hold global ids;
+`write_pages` and `attention_paged` run in a `jax.shard_map` over those axes, each shard on its own pages
+(local id = global - d*P/D, other shards' ids read as -1): no pool moves between devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +248,11 @@ class PagedKV:
 
     pool: PagePool
     page_table: jax.Array
+    # mesh axes the pool's page axis is split over (shard d owns pages d*P/D ..); () = whole on every device
+    shard_axes: tuple[str, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    # with shard_axes: the rows are split over them as the slots are (row segment d on shard d, its pages there);
+    # else every shard sees every row (one prefilling slot) and only the owner of a page writes or reads it
+    rows_on_shards: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def page_size(self) -> int:
@@ -282,13 +294,21 @@ def page_bytes(cfg: MiMoConfig, page_size: int, dtype_bytes: int = 2, fp8: bool 
     return per_token * page_size
 
 
-def page_pool_shardings(pools: list[PagePool], mesh: jax.sharding.Mesh) -> list[PagePool]:
-    """NamedShardings for pools: kv heads on the tensor axis, the page axis whole (every row may use any page)."""
+def page_pool_shardings(
+    pools: list[PagePool], mesh: jax.sharding.Mesh, shard_axes: tuple[str, ...] = ()
+) -> list[PagePool]:
+    """NamedShardings for pools: kv heads on the tensor axis, the page axis split over `shard_axes` (the axes the
+    slots split over: each slot's pages on its shard) or whole (every row may use any page)."""
 
     def named(x: jax.Array | None, axes: tuple) -> jax.sharding.NamedSharding | None:
         if x is None:
             return None
-        return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, tuple(x.shape), mesh))
+        spec = logical_to_spec(axes, tuple(x.shape), mesh)
+        if shard_axes:
+            if x.shape[0] % math.prod(mesh.shape[a] for a in shard_axes):
+                raise ValueError(f"{x.shape[0]} pages do not split over the mesh axes {shard_axes}")
+            spec = jax.sharding.PartitionSpec(shard_axes, *spec[1:])
+        return jax.sharding.NamedSharding(mesh, spec)
 
     return [
         PagePool(
@@ -302,17 +322,23 @@ def page_pool_shardings(pools: list[PagePool], mesh: jax.sharding.Mesh) -> list[
 
 
 def paged_layer_caches(
-    cfg: MiMoConfig, pools: list[PagePool], page_table: jax.Array, rings: list[LayerKV]
+    cfg: MiMoConfig,
+    pools: list[PagePool],
+    page_table: jax.Array,
+    rings: list[LayerKV],
+    shard_axes: tuple[str, ...] = (),
+    rows_on_shards: bool = False,
 ) -> list[LayerKV | PagedKV]:
     """The per-layer caches `hidden_states` takes: each full layer its pool with the shared page table,
-    each SWA layer its ring (pools and rings in layer order)."""
+    each SWA layer its ring (pools and rings in layer order). `shard_axes`, `rows_on_shards`: see `PagedKV`."""
     full = sum(not s.sliding for s in cfg.layers)
     if len(pools) != full or len(rings) != cfg.num_layers - full:
         raise ValueError(
             f"{len(pools)} pools and {len(rings)} rings for {full} full and {cfg.num_layers - full} SWA layers"
         )
     pools_left, rings_left = iter(pools), iter(rings)
-    return [PagedKV(next(pools_left), page_table) if not s.sliding else next(rings_left) for s in cfg.layers]
+    paged = lambda pool: PagedKV(pool, page_table, shard_axes, rows_on_shards)
+    return [paged(next(pools_left)) if not s.sliding else next(rings_left) for s in cfg.layers]
 
 
 def split_layer_caches(caches: list[LayerKV | PagedKV]) -> tuple[list[PagePool], list[LayerKV]]:
@@ -329,9 +355,53 @@ def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(values, -FP8_MAX, FP8_MAX).astype(FP8_STORAGE), scale
 
 
+def local_page_ids(page_table: jax.Array, shard_axes: tuple[str, ...], pages_per_shard: int) -> jax.Array:
+    """Inside `jax.shard_map` over `shard_axes`: a table of global page ids as this shard's local ids (-1 for
+    pages of other shards: never written or read here)."""
+    local = page_table - jax.lax.axis_index(shard_axes) * pages_per_shard
+    return jnp.where((page_table >= 0) & (local >= 0) & (local < pages_per_shard), local, -1)
+
+
+PAGE_SHARD_OUTPUTS = ("pool", "rows", "replicated")
+
+
+def on_page_shards(
+    fn, cache: PagedKV, row_args: tuple, replicated_args: tuple = (), returns: str = "pool", check_vma: bool = True
+):
+    """`fn(local pool, local page table, *row_args, *replicated_args)` on every page shard of `cache` (in a
+    `jax.shard_map` over its shard axes; the tensor axis stays automatic): the pool as placed, the rows (the page
+    table and `row_args`, leading dim B) split like the slots when `cache.rows_on_shards`, else whole on every
+    shard. `returns`: what `fn` returns, "pool" (placed as the pool), "rows" (an output laid out as the rows) or
+    "replicated" (the same on every shard: combined over the shards inside `fn`). `check_vma` False for the
+    Pallas interpreter, whose loops do not keep the manual axes' types (as `_paged_kernel`'s shard_map)."""
+    if returns not in PAGE_SHARD_OUTPUTS:
+        raise ValueError(f"returns={returns!r}: expected one of {PAGE_SHARD_OUTPUTS}")
+    axes = cache.shard_axes
+    rows = jax.sharding.PartitionSpec(axes) if cache.rows_on_shards else jax.sharding.PartitionSpec()
+    pages = jax.tree.map(lambda _: jax.sharding.PartitionSpec(axes), cache.pool)
+
+    def local(pool, table, *args):
+        return fn(pool, local_page_ids(table, axes, pool.num_pages), *args)
+
+    row_specs = jax.tree.map(lambda _: rows, row_args)
+    in_specs = (pages, rows, *row_specs, *jax.tree.map(lambda _: jax.sharding.PartitionSpec(), replicated_args))
+    out_specs = {"pool": pages, "rows": rows, "replicated": jax.sharding.PartitionSpec()}[returns]
+    mapped = jax.shard_map(
+        local, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(axes), check_vma=check_vma
+    )
+    return mapped(cache.pool, cache.page_table, *row_args, *replicated_args)
+
+
 def write_pages(cache: PagedKV, k: jax.Array, v: jax.Array, positions: jax.Array) -> PagedKV:
     """Scatter new k/v [B, T, KV, D] into their pages (quantized in an FP8 pool); positions < 0 (padding),
-    past the table or in a page-less entry (-1) are dropped."""
+    past the table or in a page-less entry (-1) are dropped. Pools split over page shards: each shard writes
+    only its own pages."""
+    if cache.shard_axes:
+
+        def local(pool, table, k, v, positions):
+            return write_pages(PagedKV(pool, table), k, v, positions).pool
+
+        return dataclasses.replace(cache, pool=on_page_shards(local, cache, (k, v, positions)))
     pool, size = cache.pool, cache.page_size
     index = positions // size
     page = jnp.take_along_axis(cache.page_table, jnp.clip(index, 0, cache.max_pages - 1), axis=1)
@@ -348,12 +418,12 @@ def write_pages(cache: PagedKV, k: jax.Array, v: jax.Array, positions: jax.Array
         return store.at[page, :, offset].set(new.astype(store.dtype), mode="drop")
 
     if not pool.fp8:
-        return PagedKV(PagePool(k=put(pool.k, k), v=put(pool.v, v)), cache.page_table)
+        return dataclasses.replace(cache, pool=PagePool(k=put(pool.k, k), v=put(pool.v, v)))
     (k8, k_scale), (v8, v_scale) = quantize_fp8(k), quantize_fp8(v)
     new_pool = PagePool(
         k=put(pool.k, k8), v=put(pool.v, v8), k_scale=put(pool.k_scale, k_scale), v_scale=put(pool.v_scale, v_scale)
     )
-    return PagedKV(new_pool, cache.page_table)
+    return dataclasses.replace(cache, pool=new_pool)
 
 
 def read_pages(pool: PagePool, page_ids: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:

@@ -234,15 +234,19 @@ def _log_memory_plan(lm, engine, max_context: int) -> None:
     rings = _tree_bytes(engine.cache.rings)
     snapshots = _tree_bytes(engine.snapshots)
     state = _tree_bytes(engine.state)
+    pages_per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(engine.cache.pools))
     tokens = engine.pages.num_pages * engine.page_size
     devices = jax.devices()
     log.info(
-        "memory plan: weights %s; KV pages %s (%d pages of %d tokens = %d tokens, %.1f sequences of %d; prefix "
-        "cache %s); SWA/MTP rings %s (%d slots); ring snapshots %s; slot state %s; total %s over %d %s device(s)",
+        "memory plan: weights %s; KV pages %s, %s per device (%d pages of %d tokens in %d page shard(s) = %d tokens, "
+        "%.1f sequences of %d; prefix cache %s); SWA/MTP rings %s (%d slots); ring snapshots %s; slot state %s; "
+        "total %s over %d %s device(s)",
         _size(params),
         _size(pages),
+        _size(pages_per_device),
         engine.pages.num_pages,
         engine.page_size,
+        engine.pages.num_shards,
         tokens,
         tokens / max_context,
         max_context,

@@ -228,16 +228,17 @@ def planner_estimate(cfg, mesh, weights: str, batch: int, context: int, mtp_laye
     MTP layers' weights and caches) and the FP8 weights dequantized at once.
 
     The KV cache is the engine's default: a page pool per full layer with `batch` slots' worth of pages for
-    `context` tokens (kv heads split over the tensor axis, the pages whole on every chip), and per-slot rings,
-    whose rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
+    `context` tokens (kv heads split over the tensor axis, the pages over the axes the slots split over), and
+    per-slot rings, whose rows per chip follow the sharding rule for "batch" (data, then expert, where it divides).
     """
 
     sizes = dict(mesh.shape)
     kv = plan.kv_plan_per_device(cfg, sizes, mtp_layers=mtp_layers)
     batch_axes = logical_to_spec(("batch",), (batch,), mesh)[0] or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-    rows_per_chip = batch // math.prod(sizes[a] for a in batch_axes)
-    pool_tokens = batch * max_pages(context, DEFAULT_PAGE_SIZE, mtp_layers) * DEFAULT_PAGE_SIZE
+    batch_shards = math.prod(sizes[a] for a in batch_axes)
+    rows_per_chip = batch // batch_shards
+    pool_tokens = rows_per_chip * max_pages(context, DEFAULT_PAGE_SIZE, mtp_layers) * DEFAULT_PAGE_SIZE  # per chip
     rings = kv.swa_bytes_per_token * min(context, kv.swa_slots)
     return {
         "params": plan.param_bytes_per_device(cfg, sizes, weights, mtp_layers=mtp_layers),

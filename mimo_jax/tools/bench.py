@@ -273,7 +273,7 @@ def measure_experts_touched(engine: Engine) -> float:
         x = model.embed(state.tokens[:, None])
         positions = jnp.where(state.active, state.positions, -1)[:, None]
         counts = []
-        layers = layer_caches(model, cache, cache.rings, tables)
+        layers = layer_caches(model, cache, cache.rings, tables, engine.steps.page_shards, rows_on_shards=True)
         for layer, kv in zip(model.layers, layers, strict=False):  # DecoderLayer's steps, routing made visible
             attn_out, _ = layer.self_attn(layer.input_layernorm(x), positions, kv)
             x = x + attn_out

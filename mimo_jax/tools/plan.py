@@ -26,7 +26,7 @@ from mimo_jax.config import MiMoConfig
 from mimo_jax.engine.state import DEFAULT_PAGE_SIZE
 from mimo_jax.model.cache import kv_bytes_per_token, kv_plan, page_bytes
 from mimo_jax.quant import scale_shape
-from mimo_jax.sharding import MESH_AXES, logical_to_spec, parse_mesh_arg
+from mimo_jax.sharding import MESH_AXES, batch_axes, logical_to_spec, parse_mesh_arg
 from mimo_jax.weights.loader import abstract_model, quantization_block
 from mimo_jax.weights.table import (
     EXPERTS,
@@ -197,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  (SWA layers keep {kv.swa_slots} tokens: at most {kv.swa_bytes_per_token * kv.swa_slots:,} B per sequence)"
     )
-    data = sizes.get("data", 1)
-    seqs = -(-args.batch // data)  # sequences per device along the data axis
+    # the slots (their rings and full-layer pages) split over data, then expert, as far as the batch divides
+    shards = math.prod(sizes.get(a, 1) for a in batch_axes(abstract_mesh(sizes), args.batch))
+    seqs = args.batch // shards  # sequences per device
     kv_bytes = seqs * kv.bytes_per_sequence(context)
-    print(f"KV per device for batch {args.batch} x {context:,} tokens: {_gb(kv_bytes)}")
+    print(f"KV per device for batch {args.batch} x {context:,} tokens ({seqs} per device): {_gb(kv_bytes)}")
     page = page_bytes(cfg, args.page_size, args.kv_bytes)
     if args.kv_cache_gb is not None:  # the engine's pool: pages of every full layer, sized by the budget
         pages = int(args.kv_cache_gb * 1e9) // page

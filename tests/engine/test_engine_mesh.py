@@ -22,9 +22,9 @@ def test_sharded_engine_equals_single_device():
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [4, 6], [50, 1, 2], [7] * 5]
     kwargs = dict(max_new_tokens=10, temperature=0.8, seed=3)
     engine = Engine(sharded, max_batch=4, max_context=24, prefill_chunk=4, max_round_tokens=10)
-    # rings: batch 4 on data x expert (data-parallel attention), kv heads on tensor; pools: pages whole everywhere
+    # rings: batch 4 on data x expert (data-parallel attention), kv heads on tensor; pools: pages split the same way
     assert tuple(engine.cache.rings[0].k.sharding.spec) == (("data", "expert"), "tensor", None, None)
-    assert engine.cache.pools[0].k.sharding.spec[0] is None
+    assert engine.cache.pools[0].k.sharding.spec[0] == ("data", "expert")
     want = mimo_jax.generate(plain, prompts, prefill_chunk=4, **kwargs)
     got = mimo_jax.generate(sharded, prompts, engine=engine, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
@@ -91,7 +91,7 @@ def test_prefill_reads_only_the_owner_shard_of_a_batch_split_cache():
 
 
 def test_sharded_engine_prefix_cache_equals_single_device():
-    """The prefix cache on a mesh (pages whole on every device, rings and snapshots split like the slots): a
+    """The prefix cache on a mesh (pages, rings and snapshots split like the slots): a
     second turn restored from the first's pages and ring snapshot decodes the single-device engine's tokens."""
     cfg = MiMoConfig.from_dict(TINY)
     plain = mimo_jax.LanguageModel(MiMoModel(cfg, rngs=nnx.Rngs(3)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mimo_jax.engine import pages as pages_module
-from mimo_jax.engine.pages import KVPages, PrefixHit
+from mimo_jax.engine.pages import KVPages, PrefixHit, ShardedKVPages
 
 
 class Device:
@@ -520,3 +520,72 @@ def test_multi_turn_agent_trace(num_pages, num_snapshots):
         assert stats.evicted_pages == 0 and stats.hit_rate > 0.75
     else:
         assert stats.evicted_pages > 100 and stats.hit_rate > 0.3
+
+
+def test_sharded_pages_keep_each_shard_to_its_own_range():
+    """`ShardedKVPages`: shard d allocates, indexes, matches and snapshots only in its own page and snapshot-slot
+    ranges (global ids), a hit on one shard is nothing on another, and the stats are the shards' sums."""
+    kv = ShardedKVPages(12, 4, 4, shards=2, needs_snapshot=True)
+    assert (kv.pages_per_shard, kv.snapshots_per_shard) == (6, 2)
+    a = kv.allocate(4, shard=1)
+    assert a == [6, 7, 8, 9] and kv.available(1) == 2 and kv.available(0) == 6
+    assert kv.allocate(3, shard=1) is None and kv.available(1) == 2  # shard 1 full, shard 0 untouched
+    tokens = list(range(1, 14))  # 3 whole pages and one token
+    kv.publish(tokens, a)
+    assert kv.snapshot_slot(tokens, 8, shard=1) == 2  # shard 1's first snapshot slot
+    assert kv.lookup(tokens, 1, shard=1) == 8 and kv.lookup(tokens, 1, shard=0) == 0
+    hit = kv.match(tokens, 1, shard=1)
+    assert (hit.pages, hit.num_tokens, hit.snapshot, hit.shard) == ((6, 7), 8, 2, 1)
+    assert kv.refcount(6) == 2
+    kv.undo_match(hit)
+    assert kv.refcount(6) == 1 and kv.stats().hits == 0 and kv.stats().queries == 0
+    hit = kv.match(tokens, 1, shard=1)
+    kv.unpin_snapshot(hit.snapshot)
+    b = kv.allocate(2, shard=0)
+    assert b == [0, 1]
+    with pytest.raises(ValueError, match="on one shard"):
+        kv.release([1, 6])
+    kv.release(b)
+    kv.release(hit.pages)
+    kv.release(a)
+    stats = kv.stats()
+    assert (stats.num_pages, stats.used, stats.cached, stats.free, stats.hits, stats.snapshots) == (12, 0, 3, 9, 8, 1)
+    assert kv.reset_prefix_cache() == 3 and kv.stats().free == 12
+    with pytest.raises(ValueError, match="split evenly"):
+        ShardedKVPages(13, 4, 4, shards=2)
+    with pytest.raises(ValueError, match="shard 2"):
+        kv.allocate(1, shard=2)
+
+
+def test_one_shard_is_one_kvpages():
+    """With one shard the wrapper makes exactly the calls of a `KVPages` (the engine on one device or a
+    tensor-only mesh)."""
+    random.seed(7)
+    one, plain = ShardedKVPages(16, 4, 3, shards=1), KVPages(16, 4, 3)
+    held = []
+    for _ in range(200):
+        if held and random.random() < 0.4:
+            pages = held.pop(random.randrange(len(held)))
+            one.release(pages)
+            plain.release(pages)
+            continue
+        tokens = [random.randrange(3) for _ in range(random.randrange(2, 14))]
+        hit, want = one.match(tokens, 1), plain.match(tokens, 1)
+        assert hit == want
+        pages = one.allocate(one.pages_for(len(tokens)) - len(hit.pages))
+        assert pages == plain.allocate(plain.pages_for(len(tokens)) - len(want.pages))
+        if pages is None:
+            one.undo_match(hit)
+            plain.undo_match(want)
+            continue
+        if hit.snapshot is not None:
+            one.unpin_snapshot(hit.snapshot)
+            plain.unpin_snapshot(want.snapshot)
+        table = list(hit.pages) + pages
+        one.publish(tokens, table)
+        plain.publish(tokens, table)
+        boundary = len(tokens) // 4 * 4
+        if boundary:
+            assert one.snapshot_slot(tokens, boundary) == plain.snapshot_slot(tokens, boundary)
+        held.append(table)
+        assert one.stats() == plain.stats()

@@ -60,13 +60,16 @@ DECODE = [[[0]] * 4, [[1, 2, 3]] * 4, [[3]] * 4, [[4, 5, None], [4, 5, None], [4
 LAST_OFFSET = 5
 
 
-def page_table(seed: int = 1) -> np.ndarray:
-    """Rows' pages from a shuffled pool: each row only the pages it needs (-1 after), row 1's first two are row 0's."""
-    free = list(np.random.RandomState(seed).permutation(NUM_PAGES))
+def page_table(seed: int = 1, shards: int = 1) -> np.ndarray:
+    """Rows' pages from a shuffled pool: each row only the pages it needs (-1 after), row 1's first two are row 0's.
+    `shards`: the pool split in that many page ranges, row r's pages from its slot's (r // (rows / shards))."""
+    per_shard, rows_per_shard = NUM_PAGES // shards, len(PROMPTS) // shards
+    perm = np.random.RandomState(seed).permutation(per_shard)
+    free = [list(perm + d * per_shard) for d in range(shards)]
     table = np.full((len(PROMPTS), MAX_PAGES), -1, np.int32)
     for r, prompt in enumerate(PROMPTS):
         needed = -(-(len(prompt) + LAST_OFFSET + 1) // PAGE)
-        table[r, :needed] = [free.pop() for _ in range(needed)]
+        table[r, :needed] = [free[r // rows_per_shard].pop() for _ in range(needed)]
     table[1, : SHARED // PAGE] = table[0, : SHARED // PAGE]
     return table
 
@@ -85,11 +88,13 @@ def concat_rows(rows: list) -> list:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *rows)
 
 
-def run_scenario(model: MiMoModel, paged: bool, fp8: bool = False, mesh=None) -> dict:
+def run_scenario(model: MiMoModel, paged: bool, fp8: bool = False, mesh=None, page_shards: tuple = ()) -> dict:
     """{(call, row, position): logits} of every real query of the scenario, with paged full layers or the
-    contiguous cache. Row 1's prefix calls exist only in the contiguous run (the paged one reads its pages)."""
+    contiguous cache. Row 1's prefix calls exist only in the contiguous run (the paged one reads its pages).
+    `page_shards`: the mesh axes the pools' pages split over, as the decode rows (rows 0, 1 on the first shard)."""
     step = nnx.jit(lambda m, ids, pos, cache: m(ids, pos, cache))  # fresh: patched block sizes retrace
-    table = page_table()
+    shards = math.prod(mesh.shape[a] for a in page_shards)
+    table = page_table(shards=shards)
     out = {}
 
     def call(label, rows, ids, pos, cache):
@@ -104,7 +109,7 @@ def run_scenario(model: MiMoModel, paged: bool, fp8: bool = False, mesh=None) ->
 
     pools = empty_page_pools(CFG, NUM_PAGES, PAGE, jnp.float32, fp8=fp8)
     if mesh is not None:
-        pools = jax.device_put(pools, page_pool_shardings(pools, mesh))
+        pools = jax.device_put(pools, page_pool_shardings(pools, mesh, page_shards))
     rows, shared_rings = [], None
     for r, prompt in enumerate(PROMPTS):
         cache = row_cache()
@@ -116,7 +121,7 @@ def run_scenario(model: MiMoModel, paged: bool, fp8: bool = False, mesh=None) ->
             pos = np.full((1, CHUNK), -1, np.int32)
             ids[0, : b - a], pos[0, : b - a] = prompt[a:b], np.arange(a, b)
             if paged:
-                layers = paged_layer_caches(CFG, pools, jnp.asarray(table[r : r + 1]), cache)
+                layers = paged_layer_caches(CFG, pools, jnp.asarray(table[r : r + 1]), cache, page_shards)
                 pools, cache = split_layer_caches(call("prefill", [r], ids, pos, layers))
             else:
                 cache = call("prefill", [r], ids, pos, cache)
@@ -130,7 +135,7 @@ def run_scenario(model: MiMoModel, paged: bool, fp8: bool = False, mesh=None) ->
     for i in range(len(DECODE)):
         ids, pos = decode_inputs(i, rs)
         if paged:
-            layers = paged_layer_caches(CFG, pools, jnp.asarray(table), cache)
+            layers = paged_layer_caches(CFG, pools, jnp.asarray(table), cache, page_shards, rows_on_shards=True)
             pools, cache = split_layer_caches(call(f"decode{i}", everyone, ids, pos, layers))
         else:
             cache = call(f"decode{i}", everyone, ids, pos, cache)
@@ -203,6 +208,33 @@ def test_paged_on_a_mesh_equals_one_device(model, oracle):
     lm = mimo_jax.LanguageModel(MiMoModel(CFG, rngs=nnx.Rngs(7)), mesh=mesh)
     with lm.mesh_context():
         got = run_scenario(lm.model, paged=True, mesh=mesh)
+    assert_same_logits(got, oracle, 1e-5)
+
+
+@pytest.mark.parametrize("paged_impl", ["xla", "split", "pallas_interpret"])
+def test_pages_split_over_shards_equal_one_device(model, oracle, paged_impl, monkeypatch):
+    """tensor=2 x expert=2: the pools' pages split over the expert axis as the rows are (rows 0, 1 and their pages
+    on shard 0, rows 2, 3 on shard 1; each chip holds half the pages). Prefill rows are seen by both shards (only
+    the owner writes and reads, the softmax pieces summed over the shards); decode rows attend on their shards,
+    through the XLA path (in blocks of two pages: the online softmax loops inside the page shard_map) or the
+    Pallas kernel (interpreted); "split": prefill chunks through `attention_chunk`, its paged prefix summed over
+    the shards."""
+    if paged_impl == "xla":
+        monkeypatch.setattr(attn, "KEY_BLOCK_MIN", 8)
+        monkeypatch.setattr(attn, "KEY_BLOCK_MAX", 8)
+    split = paged_impl == "split"
+    if split:
+        monkeypatch.setattr(attn, "SPLIT_MIN_QUERIES", CHUNK)
+    mesh = make_mesh(tensor=2, expert=2, devices=jax.devices()[:4])
+    options = dataclasses.replace(
+        model.options, paged_impl="xla" if split else paged_impl, attention_impl="split" if split else "xla"
+    )
+    lm = mimo_jax.LanguageModel(MiMoModel(CFG, rngs=nnx.Rngs(7), options=options), mesh=mesh)
+    pools = empty_page_pools(CFG, NUM_PAGES, PAGE, jnp.float32)
+    placed = jax.device_put(pools, page_pool_shardings(pools, mesh, ("expert",)))
+    assert {s.data.shape[0] for s in placed[0].k.addressable_shards} == {NUM_PAGES // 2}
+    with lm.mesh_context():
+        got = run_scenario(lm.model, paged=True, mesh=mesh, page_shards=("expert",))
     assert_same_logits(got, oracle, 1e-5)
 
 
