@@ -34,10 +34,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mimo_jax import quant
 from mimo_jax.kernels import manual_axes
 from mimo_jax.quant import FP8_MAX
 
-GROUP = 128  # the reduction step: one activation scale group and one weight scale block
+GROUP = quant.ACTIVATION_GROUP  # the reduction step: one activation scale group and one weight scale block
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 MMA_IMPRECISE_ACC = 2**30  # Triton's max_num_imprecise_acc_default on sm_90
 
@@ -114,14 +115,9 @@ _accumulate_fp8_dots_in_mma()
 def quantize_groups(a: jax.Array, rows: int | None = None) -> tuple[jax.Array, jax.Array]:
     """a [n, d] (d a multiple of GROUP) -> (e4m3 values [rows, d], float32 scales [d / GROUP, rows]) with
     scale = amax / 448 per row and group; `rows` >= n pads with zero rows (whole row tiles)."""
-    n, d = a.shape
-    if d % GROUP:
-        raise ValueError(f"activations [{n}, {d}]: the reduction dim must be a multiple of {GROUP}")
-    rows = n if rows is None else rows
-    groups = jnp.pad(a.astype(jnp.float32), ((0, rows - n), (0, 0))).reshape(rows, d // GROUP, GROUP)
-    scale = jnp.maximum(jnp.max(jnp.abs(groups), axis=2), 1e-30) / FP8_MAX
-    values = jnp.clip(groups / scale[:, :, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return values.reshape(rows, d), scale.T
+    n = a.shape[0]
+    values, scale = quant.quantize_activations(jnp.pad(a, ((0, (n if rows is None else rows) - n), (0, 0))))
+    return values, scale.T
 
 
 # ----------------------------------------------------------------------------- kernels

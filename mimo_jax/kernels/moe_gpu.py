@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mimo_jax.kernels import EXPERT_LAYOUTS, fp8_gemm_gpu, manual_axes
+from mimo_jax.kernels import EXPERT_LAYOUTS, W8A8_MIN_ROWS_PER_EXPERT, fp8_gemm_gpu, manual_axes
 from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config
 from mimo_jax.quant import FP8_MAX
 
@@ -116,9 +116,6 @@ class FusedConfig:
     split: int = 1
 
 
-# Above this many rows per expert (mean) fp8 experts run on the w8a8 kernels when asked (prefill: compute-bound,
-# where widening fp8 tiles costs the most; the grouped prefill tiles start here too).
-W8A8_MIN_ROWS_PER_EXPERT = 96
 # Up to this many assignments (tokens x top-k) the fused kernel serves, bf16 / fp8 weights: where it beat the
 # grouped kernels on an H200 (bench/RESULTS.md, kernel run 10: fp8 also at 4 tokens x top-8, bf16 not).
 FUSED_MAX_ASSIGNMENTS = 16
