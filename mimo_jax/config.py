@@ -62,10 +62,10 @@ class RunOptions:
     `moe_strategy` / `capacity_factor`: the expert-parallel dispatch on a mesh (`mimo_jax.model.moe.STRATEGIES`;
     None never drops a token).
     `w8a8`: where block-FP8 weights meet activations quantized to fp8 per (token, 128 columns) instead of
-    widened or dequantized weights: "off"; "prefill" (experts at prefill sizes, dense projections from
-    `mimo_jax.kernels.DENSE_W8A8_MIN_ROWS` rows); "always" (every pass: the numerics' bound, for checks). On GPU
-    the Pallas fp8 tensor-core kernels run it; elsewhere XLA rounds the activations the same way. None:
-    "prefill" on GPU, "off" elsewhere.
+    widened or dequantized weights: "off"; "prefill" (experts at prefill sizes; dense projections stay on XLA's
+    dequantized GEMM, which the dense w8a8 kernel does not beat yet); "always" (experts and dense projections in
+    every pass: the numerics' bound, for checks). On GPU the Pallas fp8 tensor-core kernels run it; elsewhere XLA
+    rounds the activations the same way. None: "off" (opt-in until the kernels' GPU check passes).
     """
 
     platform: str = "cpu"
@@ -97,7 +97,7 @@ class RunOptions:
     @property
     def w8a8_mode(self) -> str:
         """Where a model built with these options runs fp8 weights on fp8-quantized activations (W8A8_MODES)."""
-        return self.w8a8 or ("prefill" if self.platform == "gpu" else "off")
+        return self.w8a8 or "off"
 
     @property
     def paged_attention_impl(self) -> str:

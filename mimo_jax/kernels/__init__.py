@@ -11,10 +11,9 @@ from mimo_jax import quant
 # Stacked expert weights as stored: "in_out" ([E, H, I] gate/up, [E, I, H] down) or "out_in" (each transposed).
 EXPERT_LAYOUTS = ("in_out", "out_in")
 
-# w8a8 "prefill" (`RunOptions.w8a8`): fp8 experts above this many rows per expert (mean, static), dense fp8
-# projections from this many rows (tokens). Below, the widening kernels (bandwidth-bound, tuned for decode).
+# w8a8 "prefill" (`RunOptions.w8a8`): fp8 experts above this many rows per expert (mean, static). Below, the
+# widening kernels (bandwidth-bound, tuned for decode).
 W8A8_MIN_ROWS_PER_EXPERT = 96
-DENSE_W8A8_MIN_ROWS = 1024
 
 
 def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, w8a8: str = "off") -> jax.Array:

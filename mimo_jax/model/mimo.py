@@ -9,7 +9,6 @@ view over the same weights, `relayout_experts` stores the experts in the layout 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -68,15 +67,12 @@ class RMSNorm(nnx.Module):
 
 
 def project(x: jax.Array, param, w8a8: str = "off", platform: str = "cpu") -> jax.Array:
-    """x [..., K] @ W [K, *out] (`quant.project`), or with `w8a8` ("prefill" from
-    `kernels.DENSE_W8A8_MIN_ROWS` rows, static; "always") and a `quant.w8a8_ready` FP8 weight: x quantized per
+    """x [..., K] @ W [K, *out] (`quant.project`), or with `w8a8` "always" and a `quant.w8a8_ready` FP8 weight
+    ("prefill" keeps dense projections on XLA: its dequantized GEMM beats the dense w8a8 kernel): x quantized per
     (row, 128 columns), on the Pallas fp8 GEMM on GPU off a multi-device mesh (a pallas_call is not partitioned),
     else x rounded so in XLA (the same numerics)."""
     value = param.get_value() if hasattr(param, "get_value") else param
-    rows = math.prod(x.shape[:-1])
-    if w8a8 == "off" or not quant.w8a8_ready(value):
-        return quant.project(x, param)
-    if w8a8 == "prefill" and rows < kernels.DENSE_W8A8_MIN_ROWS:
+    if w8a8 != "always" or not quant.w8a8_ready(value):
         return quant.project(x, param)
     mesh = sharding.current_mesh()
     if platform == "gpu" and (mesh is None or mesh.size == 1):
