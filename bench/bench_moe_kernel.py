@@ -12,6 +12,9 @@
    `--variants`), plain paths timed in the same run, the calibration table's best plain path; `--profile N`
    prints where each best config's device time goes; `--chain L` also times the default and best configs per
    layer of L calls in one jitted loop (a decode step's setting: no per-call dispatch).
+`--w8a8`: only the block-FP8 w8a8 GEMMs (mimo_jax.kernels.fp8_gemm_gpu), one command: checks against float32
+w8a8 and bf16-activation references, then one Flash MoE layer at 2048 / 8192 tokens timed against the bf16 and
+fp8-widened kernels with a tile sweep (about 60 s), and a dense projection against XLA.
 Exit code 1 if any check fails. Results also go, line by line, to $OUT/bench_moe_kernel.jsonl when OUT is set.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -29,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimo_jax import quant
+from mimo_jax.kernels import fp8_gemm_gpu
 from mimo_jax.kernels import moe_gpu as mg
 from mimo_jax.model import moe
 from mimo_jax.tools.profiling import format_ops, top_ops
@@ -611,6 +617,149 @@ def run_timings(
     return ok_all
 
 
+# ----------------------------------------------------------------------------- --w8a8: the fp8 tensor-core GEMMs
+def w8a8_token_reference(x, weights, ids, wg, wu, wd):
+    """float32 w8a8 math for a few tokens: x and h rounded as the kernels quantize them (per 128 columns),
+    weights ([E, out, in] fp8 pairs) dequantized, products at full precision."""
+
+    def expert_weights(w, e):  # [K, out, in] -> [K, in, out]
+        return jnp.swapaxes(mg.dequantize_fp8_blocks(w[0][e], w[1][e]), 1, 2)
+
+    def one(args):
+        xt, wt, it = args
+        xr = quant.round_activations(xt.astype(jnp.float32)[None])[0]
+        g = jnp.einsum("h,khi->ki", xr, expert_weights(wg, it), precision="highest")
+        u = jnp.einsum("h,khi->ki", xr, expert_weights(wu, it), precision="highest")
+        h = quant.round_activations(jax.nn.silu(g) * u)
+        y = jnp.einsum("ki,kih->kh", h, expert_weights(wd, it), precision="highest")
+        return (y * wt[:, None]).sum(0)
+
+    return jax.lax.map(one, (x, weights, ids))
+
+
+def tiles_label(c) -> str:
+    """GemmTiles / W8A8Config in a few characters: rows x cols, warps, stages."""
+    if isinstance(c, fp8_gemm_gpu.W8A8Config):
+        return f"gate/up {tiles_label(c.gate_up)}, down {tiles_label(c.down)}"
+    return f"{c.block_rows}x{c.block_cols} w{c.num_warps} s{c.num_stages}"
+
+
+def run_w8a8(key, dims: dict, tokens: tuple, interpret: bool, sweep_budget_s: float) -> bool:
+    """One MoE layer (out_in weights, as the model stores them for the kernels) at each token count: the w8a8
+    kernels checked against a float32 w8a8 reference and a bf16-activation one (sampled tokens), then timed
+    beside the bf16 kernel and the fp8-widened kernel (module defaults), W8A8_CANDIDATES swept within the budget;
+    then one dense projection (Flash q_proj, [4096, 64 x 192]) on `matmul_w8a8` against XLA."""
+    e, h, i, k = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
+    kw, kx, kr = jax.random.split(key, 3)
+    bf16 = [jnp.swapaxes(w, 1, 2) for w in random_weights(kw, e, h, i)]  # out_in
+    fp8 = [quantize(w) for w in bf16]
+    ok, start = True, time.perf_counter()
+    for t in tokens:
+        x = jax.random.normal(jax.random.fold_in(kx, t), (t, h), jnp.bfloat16)
+        ids, weights = random_routing(jax.random.fold_in(kr, t), t, e, k)
+        flops = 6 * t * k * h * i
+        w8a8_default = mg.default_config(t * k, e, True, i, w8a8=True)
+        if not isinstance(w8a8_default, fp8_gemm_gpu.W8A8Config):
+            w8a8_default = fp8_gemm_gpu.w8a8_config(t * k, e)
+        print(f"\n== w8a8 MoE layer: T = {t}, {e} experts x [{h}, {i}], top-{k} ({flops / 1e12:.3f} TFLOP)")
+        got = kernel_fn(w8a8_default, "out_in", interpret)(x, weights, ids, *fp8)
+        widened = kernel_fn(None, "out_in", interpret)(x, weights, ids, *fp8)
+        sample = np.unique(np.linspace(0, t - 1, min(t, 16)).astype(int))
+        args = (x[sample], weights[sample], ids[sample], *fp8)
+        # on the CPU backend: XLA:GPU may drop the f32 -> e4m3 -> f32 round trip (excess precision allowed)
+        cpu = jax.devices("cpu")[0]
+        with jax.default_device(cpu):
+            reference = w8a8_token_reference(*jax.device_put(args, cpu))
+        err_w8a8 = rel_err(np.asarray(got[sample]), np.asarray(reference))
+        err_bf16_act = rel_err(
+            got[sample],
+            token_reference(
+                x[sample],
+                weights[sample],
+                ids[sample],
+                *((jnp.swapaxes(v, 1, 2), jnp.swapaxes(sc, 1, 2)) for v, sc in fp8),
+            ),
+        )
+        err_widened = rel_err(got, widened)
+        passed = err_w8a8 < 1e-2 and err_bf16_act < W8A8_TOL
+        ok &= passed
+        print(
+            f"  check: vs float32 w8a8 reference {err_w8a8:.1e}, vs bf16-activation reference {err_bf16_act:.1e}, "
+            f"vs the widened kernel {err_widened:.1e}: {'ok' if passed else 'FAILED'}"
+        )
+        emit("w8a8_check", tokens=t, vs_w8a8=err_w8a8, vs_bf16_act=err_bf16_act, vs_widened=err_widened)
+        rows = [("bf16 kernel (default)", None, bf16), ("fp8 widened (default)", None, fp8)]
+        rows += [(f"fp8 w8a8 (default) {tiles_label(w8a8_default)}", w8a8_default, fp8)]
+        others = [c for c in fp8_gemm_gpu.W8A8_CANDIDATES if c != w8a8_default]
+        rows += [(f"fp8 w8a8 {tiles_label(c)}", c, fp8) for c in others]
+        times = {}
+        for label, cfg, w in rows:
+            if label.startswith("fp8 w8a8") and cfg != w8a8_default and time.perf_counter() - start > sweep_budget_s:
+                continue
+            try:
+                sec = timeit(kernel_fn(cfg, "out_in", interpret), x, weights, ids, *w)
+            except Exception as err:  # a tile that does not compile: report and go on
+                print(f"  {label}: failed ({type(err).__name__}: {str(err)[:120]})")
+                continue
+            times[label] = sec
+            print(f"  {label}: {sec * 1e3:.3f} ms, {flops / sec / 1e12:.0f} TFLOP/s")
+            emit("w8a8_time", tokens=t, label=label, ms=sec * 1e3, tflop_s=flops / sec / 1e12)
+        best = min((v, name) for name, v in times.items() if name.startswith("fp8 w8a8"))
+        base, widened_s = times["bf16 kernel (default)"], times["fp8 widened (default)"]
+        print(
+            f"  best w8a8 {best[0] * 1e3:.3f} ms ({best[1]}): {base / best[0]:.2f}x the bf16 kernel, "
+            f"{widened_s / best[0]:.2f}x fp8 widened"
+        )
+    ok &= run_dense_w8a8(jax.random.fold_in(key, 7), dims, tokens, interpret, sweep_budget_s, start)
+    return ok
+
+
+def run_dense_w8a8(key, dims: dict, tokens: tuple, interpret: bool, sweep_budget_s: float, start: float) -> bool:
+    """Flash's q projection ([hidden, 64 heads x 192] with 128 x 128 blocks) at each token count: matmul_w8a8
+    ([K, N] as stored, and [N, K]) against XLA on bf16 weights and on the dequantized fp8 weight (today's path)."""
+    h = dims["hidden"]
+    n = 12288 if h == 4096 else 2 * h
+    kw, kx = jax.random.split(key)
+    w = (jax.random.normal(kw, (h, n), jnp.float32) / np.sqrt(h)).astype(jnp.bfloat16)
+    values, scales = quantize(w[None])
+    values, scales = values[0], scales[0]
+    col_scales = fp8_gemm_gpu.column_scales(scales, 128, n)
+    block = quant.BlockQuantized(values, scales, (128, 128), "bfloat16")
+    ok = True
+    for t in tokens:
+        x = jax.random.normal(jax.random.fold_in(kx, t), (t, h), jnp.bfloat16)
+        flops = 2 * t * h * n
+        print(f"\n== w8a8 dense projection: [{t}, {h}] @ [{h}, {n}] ({flops / 1e12:.3f} TFLOP)")
+        w8a8 = lambda x, v, tiles=None, layout="in_out": fp8_gemm_gpu.matmul_w8a8(
+            x, v, col_scales, layout=layout, tiles=tiles, interpret=interpret
+        )
+        got = jax.jit(w8a8)(x, values)
+        want = quant.round_activations(x.astype(jnp.float32)) @ block.dequantize(jnp.float32)
+        err = rel_err(got, want)
+        ok &= err < 1e-2
+        print(f"  check: vs float32 w8a8 reference {err:.1e}: {'ok' if err < 1e-2 else 'FAILED'}")
+        rows = [
+            ("XLA bf16 weight", jax.jit(lambda x, w: x @ w), (x, w)),
+            ("XLA fp8 dequantized (today)", jax.jit(lambda x, b: quant.project(x, b)), (x, block)),
+            ("w8a8 [K, N] default", jax.jit(w8a8), (x, values)),
+            ("w8a8 [N, K] default", jax.jit(functools.partial(w8a8, layout="out_in")), (x, values.T)),
+        ]
+        for tiles in fp8_gemm_gpu.MATMUL_CANDIDATES[1:]:
+            label = f"w8a8 [K, N] {tiles_label(tiles)}"
+            rows.append((label, jax.jit(functools.partial(w8a8, tiles=tiles)), (x, values)))
+        for label, fn, fn_args in rows:
+            if label.startswith("w8a8 [K, N] ") and time.perf_counter() - start > sweep_budget_s:
+                continue
+            try:
+                sec = timeit(fn, *fn_args)
+            except Exception as err:
+                print(f"  {label}: failed ({type(err).__name__}: {str(err)[:120]})")
+                continue
+            print(f"  {label}: {sec * 1e3:.3f} ms, {flops / sec / 1e12:.0f} TFLOP/s")
+            emit("w8a8_dense_time", tokens=t, label=label, ms=sec * 1e3, tflop_s=flops / sec / 1e12)
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny dims in Pallas interpret mode (CPU smoke run)")
@@ -644,6 +793,12 @@ def main() -> int:
     )
     parser.add_argument("--checks-only", action="store_true", help="the checks, no timings")
     parser.add_argument("--check-kinds", default="", help="only these weight kinds in the checks (default: all)")
+    parser.add_argument(
+        "--w8a8",
+        action="store_true",
+        help="only the fp8 tensor-core GEMMs: checks, then times vs the bf16 and fp8-widened kernels (--tokens, "
+        "default 2048,8192) and a dense projection; --sweep-budget bounds the tile sweep (default 60 s here)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     seed = int.from_bytes(os.urandom(4), "little")
@@ -651,6 +806,23 @@ def main() -> int:
     emit("env", jax=jax.__version__, device=str(jax.devices()[0]), seed=seed)
     key = jax.random.PRNGKey(seed)
     kc, kt = jax.random.split(key)
+    if args.w8a8:
+        if args.small:
+            dims, tokens = dict(experts=8, hidden=256, inter=256, top_k=2), (64, 512)
+        else:
+            given = args.tokens != ",".join(map(str, TOKENS))
+            dims, tokens = dict(FLASH, inter=args.intermediate), tuple(int(t) for t in args.tokens.split(","))
+            tokens = tokens if given else (2048, 8192)
+        budget = args.sweep_budget if args.sweep_budget != 330.0 else 60.0
+        if not args.small:  # the ceilings the prefill figures are stated against, measured in the same run
+            from mimo_jax.tools.bench import measure_fp8_matmul_rate, measure_matmul_rate
+
+            bf16_rate, fp8_rate = measure_matmul_rate(8192), measure_fp8_matmul_rate(8192)
+            print(f"matmul ceilings (8192^3): bf16 {bf16_rate / 1e12:.1f} TFLOP/s, fp8 {fp8_rate / 1e12:.1f} TFLOP/s")
+            emit("ceilings", bf16_tflop_s=bf16_rate / 1e12, fp8_tflop_s=fp8_rate / 1e12)
+        ok = run_w8a8(kt, dims, tokens, args.small, budget)
+        print(f"\nall checks {'passed' if ok else 'FAILED'}; {time.perf_counter() - start:.0f} s")
+        return 0 if ok else 1
     if args.small:
         check_dims = dict(experts=8, hidden=256, inter=256, top_k=2, check_tokens=(1, 5, 40, 200))
         dims, tokens = dict(experts=8, hidden=256, inter=256, top_k=2), (1, 8, 600)

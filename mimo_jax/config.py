@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 # Backends a model can be built for: JAX's names, with "cuda"/"rocm" folded into "gpu".
 PLATFORMS = ("cpu", "gpu", "tpu")
 MOE_STRATEGIES = ("auto", "replicated", "all_to_all")
+W8A8_MODES = ("off", "prefill", "always")
 
 
 def platform_of(backend: str) -> str:
@@ -60,6 +61,11 @@ class RunOptions:
     for decode rows: the Pallas kernel on GPU, XLA elsewhere (names: `mimo_jax.model.attention.PAGED_IMPLS`).
     `moe_strategy` / `capacity_factor`: the expert-parallel dispatch on a mesh (`mimo_jax.model.moe.STRATEGIES`;
     None never drops a token).
+    `w8a8`: where block-FP8 weights meet activations quantized to fp8 per (token, 128 columns) instead of
+    widened or dequantized weights: "off"; "prefill" (experts at prefill sizes; dense projections stay on XLA's
+    dequantized GEMM, which the dense w8a8 kernel does not beat yet); "always" (experts and dense projections in
+    every pass: the numerics' bound, for checks). On GPU the Pallas fp8 tensor-core kernels run it; elsewhere XLA
+    rounds the activations the same way. None: "off" (opt-in until the kernels' GPU check passes).
     """
 
     platform: str = "cpu"
@@ -68,9 +74,12 @@ class RunOptions:
     paged_impl: str | None = None
     moe_strategy: str = "auto"
     capacity_factor: float | None = None
+    w8a8: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "platform", platform_of(self.platform))
+        if self.w8a8 is not None and self.w8a8 not in W8A8_MODES:
+            raise ValueError(f"unknown w8a8 mode {self.w8a8!r}; choose from {W8A8_MODES} (or None)")
         if self.moe_strategy not in MOE_STRATEGIES:
             raise ValueError(f"unknown MoE strategy {self.moe_strategy!r}; choose from {MOE_STRATEGIES}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -84,6 +93,11 @@ class RunOptions:
     def expert_impl(self) -> str:
         """The MoE implementation a model built with these options runs."""
         return self.moe_impl or ("pallas_gpu" if self.platform == "gpu" else "ragged")
+
+    @property
+    def w8a8_mode(self) -> str:
+        """Where a model built with these options runs fp8 weights on fp8-quantized activations (W8A8_MODES)."""
+        return self.w8a8 or "off"
 
     @property
     def paged_attention_impl(self) -> str:

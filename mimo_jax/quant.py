@@ -156,6 +156,39 @@ def project(x: jax.Array, param: Any) -> jax.Array:
     return y.astype(x.dtype)
 
 
+# w8a8: activations quantized to e4m3 per (row, ACTIVATION_GROUP columns), as SGLang and vLLM serve block-FP8.
+ACTIVATION_GROUP = 128
+
+
+def quantize_activations(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a [..., d] (d a multiple of ACTIVATION_GROUP) -> (e4m3 values [..., d], float32 scales [..., d / 128]):
+    scale = amax / 448 per group of 128 columns of a row."""
+    d = a.shape[-1]
+    if d % ACTIVATION_GROUP:
+        raise ValueError(f"activations {a.shape}: the last dim must be a multiple of {ACTIVATION_GROUP}")
+    groups = a.astype(jnp.float32).reshape(*a.shape[:-1], d // ACTIVATION_GROUP, ACTIVATION_GROUP)
+    scale = jnp.maximum(jnp.max(jnp.abs(groups), axis=-1), 1e-30) / FP8_MAX
+    values = jnp.clip(groups / scale[..., None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return values.reshape(a.shape), scale
+
+
+def round_activations(a: jax.Array) -> jax.Array:
+    """a as w8a8 kernels see it: `quantize_activations` and back, in a's dtype (XLA's w8a8 numerics)."""
+    values, scale = quantize_activations(a)
+    groups = values.astype(jnp.float32).reshape(*scale.shape, ACTIVATION_GROUP) * scale[..., None]
+    return groups.reshape(a.shape).astype(a.dtype)
+
+
+def w8a8_ready(value: Any) -> bool:
+    """Whether a weight [K, *out] can meet w8a8 activations: FP8 blocks of ACTIVATION_GROUP inputs that are
+    whole 128 x 128 blocks (2-d) or per output element, K and the outputs multiples of 128."""
+    if not isinstance(value, BlockQuantized) or value.ndim < 2 or value.block[0] != ACTIVATION_GROUP:
+        return False
+    outputs, out_blocks = math.prod(value.shape[1:]), value.block[1:]
+    blocks_fit = all(b == 1 for b in out_blocks) or (value.ndim == 2 and out_blocks[0] == ACTIVATION_GROUP)
+    return blocks_fit and value.shape[0] % ACTIVATION_GROUP == 0 and outputs % ACTIVATION_GROUP == 0
+
+
 def weight(param: Any, after: jax.Array | None = None) -> jax.Array:
     """The value of a weight parameter (an `nnx.Param` or a raw value), dequantized if block-quantized.
 

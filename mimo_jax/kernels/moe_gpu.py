@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mimo_jax.kernels import EXPERT_LAYOUTS, manual_axes
+from mimo_jax.kernels import EXPERT_LAYOUTS, W8A8_MIN_ROWS_PER_EXPERT, fp8_gemm_gpu, manual_axes
+from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config
 from mimo_jax.quant import FP8_MAX
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
@@ -141,17 +142,20 @@ def fused_config(assignments: int, inter: int, fp8: bool = False) -> FusedConfig
 
 
 def default_config(
-    assignments: int, num_experts: int, fp8: bool = False, inter: int | None = None
-) -> KernelConfig | FusedConfig:
+    assignments: int, num_experts: int, fp8: bool = False, inter: int | None = None, w8a8: bool = False
+) -> KernelConfig | FusedConfig | W8A8Config:
     """Kernel and tiles by the assignments and the mean rows per expert (static: from shapes, not the routing);
-    the fused kernel when `inter` is given and there are at most FUSED_MAX_ASSIGNMENTS(_FP8) assignments."""
+    the fused kernel when `inter` is given and there are at most FUSED_MAX_ASSIGNMENTS(_FP8) assignments; the
+    w8a8 kernels (`fp8_gemm_gpu`) for fp8 weights at prefill sizes when `w8a8`."""
     if inter is not None and assignments <= (FUSED_MAX_ASSIGNMENTS_FP8 if fp8 else FUSED_MAX_ASSIGNMENTS):
         return fused_config(assignments, inter, fp8)
     rows_per_expert = assignments / num_experts
     if rows_per_expert <= 16:
         return DECODE_FP8 if fp8 else DECODE
-    if rows_per_expert <= 96:
+    if rows_per_expert <= W8A8_MIN_ROWS_PER_EXPERT:
         return MIDDLE_FP8 if fp8 else MIDDLE
+    if fp8 and w8a8:
+        return fp8_gemm_gpu.w8a8_config(assignments, num_experts)
     return PREFILL_FP8 if fp8 else PREFILL
 
 
@@ -611,16 +615,20 @@ def experts_grouped(
     w_up,
     w_down,
     *,
-    config: KernelConfig | None = None,
+    config: KernelConfig | FusedConfig | W8A8Config | None = None,
     fp8_dot: str | None = None,
     layout: str = "in_out",
+    w8a8: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow).
 
-    `config`: the grouped kernels' tiles (KernelConfig) or the fused decode kernel's (FusedConfig); default:
-    by assignments and rows per expert (`default_config`). `fp8_dot` overrides the config's (see KernelConfig).
+    `config`: the grouped kernels' tiles (KernelConfig), the fused decode kernel's (FusedConfig) or the w8a8
+    kernels' (W8A8Config, fp8 weights only); default: by assignments and rows per expert (`default_config`).
+    `fp8_dot` overrides a KernelConfig's or FusedConfig's (see KernelConfig).
     `layout`: "in_out" (weights [E, in, out], as `experts_ragged` takes them) or "out_in" ([E, out, in]).
+    `w8a8`: fp8 experts at prefill sizes run on `fp8_gemm_gpu` (activations quantized per token and 128
+    columns, fp8 tensor-core dots); decode sizes keep the widening kernels.
     """
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose from {EXPERT_LAYOUTS}")
@@ -641,13 +649,18 @@ def experts_grouped(
     if m == 0:
         return jnp.zeros_like(x)
     if config is None:
-        config = default_config(m, num_experts, scaled, inter)
+        whole_groups = hidden % FP8_BLOCK == 0 and inter % FP8_BLOCK == 0  # w8a8 reduces in whole scale groups
+        config = default_config(m, num_experts, scaled, inter, w8a8 and whole_groups)
         if isinstance(config, KernelConfig):
             config = dataclasses.replace(
                 config, gate_up=_fit(config.gate_up, hidden, inter), down=_fit(config.down, inter, hidden)
             )
-        else:
+        elif isinstance(config, FusedConfig):
             config = _fit_fused(config, hidden)
+    if isinstance(config, W8A8Config):
+        if not scaled:
+            raise ValueError("the w8a8 kernels (W8A8Config) need fp8 (values, scales) expert weights")
+        return _experts_w8a8(x, weights, ids, (wg, wu, wd), (sg, su, sd), config, out_in, interpret)
     cfg = config if fp8_dot is None else dataclasses.replace(config, fp8_dot=fp8_dot)
     if cfg.fp8_dot not in FP8_DOTS:
         raise ValueError(f"fp8_dot={cfg.fp8_dot!r}: choose from {FP8_DOTS}")
@@ -657,16 +670,9 @@ def experts_grouped(
     _check_tiling(cfg.gate_up, hidden, inter, scaled, "gate/up")
     _check_tiling(cfg.down, inter, hidden, scaled, "down")
 
-    with jax.named_scope("moe_sort"):
-        flat = ids.reshape(-1)
-        valid = (flat >= 0) & (flat < num_experts)
-        flat = jnp.where(valid, flat, num_experts)  # foreign experts sort last and get no tiles
-        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-        pad = max(cfg.gate_up.block_rows, cfg.down.block_rows)  # any row window starting below m stays in bounds
-        tokens = jnp.pad(order // top_k, (0, pad))
-        routing = jnp.pad(weights.reshape(-1).astype(jnp.float32)[order], (0, pad))
-        rows = m + pad
+    pad = max(cfg.gate_up.block_rows, cfg.down.block_rows)  # any row window starting below m stays in bounds
+    order, valid, group_sizes, tokens, routing = _sorted_rows(weights, ids, num_experts, pad)
+    rows = m + pad
 
     with jax.named_scope("moe_gate_up"):
         c = cfg.gate_up
@@ -690,12 +696,61 @@ def experts_grouped(
         inputs = (table, routing, h_op, *a_scale, wd) + ((sd,) if scaled else ())
         (y,) = _call(kernel, c, inputs, [((rows, hidden), x.dtype)], n_tiles * n_cols, interpret, "moe_down")
 
+    return _combine(y, order, valid, (n, top_k), x.dtype)
+
+
+def _sorted_rows(weights, ids, num_experts: int, pad: int):
+    """Assignments sorted by expert: (order [m], valid [m] (this shard's expert), group sizes [E], token of each
+    sorted row and its routing weight, both padded by `pad` rows)."""
+    top_k = ids.shape[1]
+    with jax.named_scope("moe_sort"):
+        flat = ids.reshape(-1)
+        valid = (flat >= 0) & (flat < num_experts)
+        flat = jnp.where(valid, flat, num_experts)  # foreign experts sort last and get no tiles
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        tokens = jnp.pad(order // top_k, (0, pad))
+        routing = jnp.pad(weights.reshape(-1).astype(jnp.float32)[order], (0, pad))
+    return order, valid, group_sizes, tokens, routing
+
+
+def _combine(y, order, valid, shape: tuple[int, int], dtype) -> jax.Array:
+    """Sorted rows y [rows, H] back to tokens, summed over each token's top-k -> [N, H]."""
+    n, top_k = shape
+    m, rows = n * top_k, y.shape[0]
     with jax.named_scope("moe_combine"):
         position = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32)).reshape(n, top_k)
         # foreign experts' rows point past the end: the gather reads only this shard's rows, not all N x K
         position = jnp.where(valid.reshape(n, top_k), position, rows)
         picked = jnp.take(y, position, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
-        return picked.sum(axis=1).astype(x.dtype)
+        return picked.sum(axis=1).astype(dtype)
+
+
+def _experts_w8a8(x, weights, ids, w, s, cfg: W8A8Config, out_in: bool, interpret: bool) -> jax.Array:
+    """The grouped FFN on `fp8_gemm_gpu`: x quantized per token and 128 columns, gate/up writing fp8 h, down."""
+    (wg, wu, wd), (sg, su, sd) = w, s
+    n, top_k = ids.shape
+    m, num_experts, hidden = n * top_k, wg.shape[0], x.shape[1]
+    inter = wg.shape[1] if out_in else wg.shape[2]
+    if hidden % FP8_BLOCK or inter % FP8_BLOCK:
+        raise ValueError(f"w8a8: hidden {hidden} and intermediate {inter} must be multiples of {FP8_BLOCK}")
+    pad = max(cfg.gate_up.block_rows, cfg.down.block_rows)
+    order, valid, group_sizes, tokens, routing = _sorted_rows(weights, ids, num_experts, pad)
+    rows = m + pad
+    with jax.named_scope("moe_w8a8_gate_up"):
+        x_fp8, x_scales = fp8_gemm_gpu.quantize_groups(x)
+        c = cfg.gate_up
+        table = schedule(group_sizes, c.block_rows, inter // c.block_cols, max_tiles(m, num_experts, c.block_rows))
+        h, h_scales = fp8_gemm_gpu.gate_up(
+            table, tokens, x_fp8, x_scales, (wg, sg), (wu, su), rows=rows, tiles=c, out_in=out_in, interpret=interpret
+        )
+    with jax.named_scope("moe_w8a8_down"):
+        c = cfg.down
+        table = schedule(group_sizes, c.block_rows, hidden // c.block_cols, max_tiles(m, num_experts, c.block_rows))
+        y = fp8_gemm_gpu.down(
+            table, routing, h, h_scales, (wd, sd), tiles=c, out_in=out_in, out_dtype=x.dtype, interpret=interpret
+        )
+    return _combine(y, order, valid, (n, top_k), x.dtype)
 
 
 def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled: bool, out_in: bool, interpret):
@@ -744,12 +799,12 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
 
 
 def experts_pallas_gpu(
-    x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None, layout: str = "in_out"
+    x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None, layout: str = "in_out", w8a8: bool = False
 ) -> jax.Array:
     """EXPERT_IMPLS entry: the Pallas kernel on GPU; elsewhere a clear error (use "ragged" on CPU/TPU)."""
     if jax.default_backend() != "gpu":
         raise ValueError(f"the pallas_gpu MoE kernel needs a GPU backend, not {jax.default_backend()!r}")
-    return experts_grouped(x, weights, ids, w_gate, w_up, w_down, fp8_dot=fp8_dot, layout=layout)
+    return experts_grouped(x, weights, ids, w_gate, w_up, w_down, fp8_dot=fp8_dot, layout=layout, w8a8=w8a8)
 
 
 def quantize_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:

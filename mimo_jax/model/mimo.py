@@ -66,6 +66,20 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+def project(x: jax.Array, param, w8a8: str = "off", platform: str = "cpu") -> jax.Array:
+    """x [..., K] @ W [K, *out] (`quant.project`), or with `w8a8` "always" and a `quant.w8a8_ready` FP8 weight
+    ("prefill" keeps dense projections on XLA: its dequantized GEMM beats the dense w8a8 kernel): x quantized per
+    (row, 128 columns), on the Pallas fp8 GEMM on GPU off a multi-device mesh (a pallas_call is not partitioned),
+    else x rounded so in XLA (the same numerics)."""
+    value = param.get_value() if hasattr(param, "get_value") else param
+    if w8a8 != "always" or not quant.w8a8_ready(value):
+        return quant.project(x, param)
+    mesh = sharding.current_mesh()
+    if platform == "gpu" and (mesh is None or mesh.size == 1):
+        return kernels.matmul_w8a8_gpu(x, quant.tied(value, x))
+    return quant.project(quant.round_activations(x), param)
+
+
 class Attention(nnx.Module):
     def __init__(
         self,
@@ -76,6 +90,8 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs | None,
         impl: str = "xla",
         paged_impl: str = "xla",
+        w8a8: str = "off",
+        platform: str = "cpu",
     ):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
@@ -91,14 +107,15 @@ class Attention(nnx.Module):
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
         self.impl = impl  # see mimo_jax.model.attention.ATTENTION_IMPLS
         self.paged_impl = paged_impl  # decode rows over a paged cache: PAGED_IMPLS
+        self.w8a8, self.platform = w8a8, platform  # q/k/v on fp8 activations (`project`)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerCache | None
     ) -> tuple[jax.Array, LayerCache | None]:
         spec = self.spec
-        q = quant.project(x, self.q_proj)
-        k = quant.project(x, self.k_proj)
-        v = quant.project(x, self.v_proj) * jnp.asarray(self.value_scale, x.dtype)
+        q = project(x, self.q_proj, self.w8a8, self.platform)
+        k = project(x, self.k_proj, self.w8a8, self.platform)
+        v = project(x, self.v_proj, self.w8a8, self.platform) * jnp.asarray(self.value_scale, x.dtype)
         cos, sin = rope_cos_sin(positions, spec.rotary_dim, spec.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         chunk_kv = sharding.spread_kv_heads(k, v, spec.num_heads, heads_axis=2) if self.impl != "xla" else None
@@ -126,16 +143,20 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Dense SwiGLU."""
+    """Dense SwiGLU (`w8a8` / `platform`: see `project`)."""
 
-    def __init__(self, hidden: int, intermediate: int, dtype, rngs: nnx.Rngs | None):
+    def __init__(
+        self, hidden: int, intermediate: int, dtype, rngs: nnx.Rngs | None, w8a8: str = "off", platform: str = "cpu"
+    ):
         self.gate_proj = _param(rngs, (hidden, intermediate), dtype, ("embed", "mlp"))
         self.up_proj = _param(rngs, (hidden, intermediate), dtype, ("embed", "mlp"))
         self.down_proj = _param(rngs, (intermediate, hidden), dtype, ("mlp", "embed"))
+        self.w8a8, self.platform = w8a8, platform
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ weight(self.gate_proj, after=x)) * (x @ weight(self.up_proj, after=x))
-        return h @ weight(self.down_proj, after=h)
+        gate = project(x, self.gate_proj, self.w8a8, self.platform)
+        h = jax.nn.silu(gate) * project(x, self.up_proj, self.w8a8, self.platform)
+        return project(h, self.down_proj, self.w8a8, self.platform)
 
 
 class MoE(nnx.Module):
@@ -178,6 +199,7 @@ class MoE(nnx.Module):
         self.layout = layout  # of gate/up/down as stored (see `relayout_experts`)
         self.strategy = options.moe_strategy
         self.capacity_factor = options.capacity_factor
+        self.w8a8 = options.w8a8_mode
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
@@ -205,7 +227,7 @@ class MoE(nnx.Module):
             gate_spec = None if gate_spec is None else PartitionSpec(*moe.swapped_axes(gate_spec))
         if not any(gate_spec or ()):  # one device, or experts not split: plain math
             weights, ids = route(flat, self.router[...], self.correction_bias[...])
-            out = moe.EXPERT_IMPLS[self.impl](flat, weights, ids, *experts)
+            out = moe.expert_fn(self.impl, self.w8a8)(flat, weights, ids, *experts)
             return out.reshape(shape)
         batch_axes = ("batch",) + (None,) * (len(shape) - 1)
         token_axes = sharding.logical_to_spec(batch_axes, shape, mesh)[0]  # the mesh axes the batch is split over
@@ -222,6 +244,7 @@ class MoE(nnx.Module):
             impl=self.impl,
             strategy=self.strategy,
             capacity_factor=self.capacity_factor,
+            w8a8=self.w8a8,
         )
         if self.capacity_factor is not None:
             self.sow(nnx.Intermediate, "dropped_tokens", dropped)
@@ -258,14 +281,22 @@ class DecoderLayer(nnx.Module):
         self, cfg: MiMoConfig, spec: LayerSpec, dtype, rngs: nnx.Rngs | None, options: RunOptions, expert_layout: str
     ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        w8a8 = dict(w8a8=options.w8a8_mode, platform=options.platform)
         self.self_attn = Attention(
-            spec, cfg.hidden_size, cfg.value_scale, dtype, rngs, options.attention_impl, options.paged_attention_impl
+            spec,
+            cfg.hidden_size,
+            cfg.value_scale,
+            dtype,
+            rngs,
+            options.attention_impl,
+            options.paged_attention_impl,
+            **w8a8,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if spec.moe:
             self.mlp = MoE(cfg, dtype, rngs, options, expert_layout)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, **w8a8)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: LayerCache | None

@@ -36,6 +36,7 @@ is given; then the dropped (token, shard) pairs are counted and returned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -107,25 +108,45 @@ def sort_by_expert(ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Arr
 
 
 def experts_ragged(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+    x: jax.Array,
+    weights: jax.Array,
+    ids: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    w8a8: str = "off",
 ) -> jax.Array:
     """Grouped matmul over tokens sorted by expert; same contract as `experts_dense`.
 
     Block-quantized FP8 experts (`quant.BlockQuantized`) are dequantized here, a few experts at a time
     (`quant.dequantize_experts`): inside the expert-parallel shard_map that is this shard's experts.
+    `w8a8` ("prefill": at the GPU kernel's prefill sizes, "always"): FP8 experts see x and h rounded as the
+    w8a8 kernels quantize them (`quant.round_activations`), the GPU kernels' numerics in XLA.
     """
     n, k = ids.shape
     order, group_sizes = sort_by_expert(ids, w_gate.shape[0])
     token = order // k
     xs = x[token]
+    if _rounds_activations(w8a8, n * k, w_gate):
+        xs = quant.round_activations(xs)
     # one projection's dequantized experts at a time: each waits for the previous product (`quant.tied`)
     g = jax.lax.ragged_dot(xs, quant.dequantize_experts(w_gate), group_sizes)
     u = jax.lax.ragged_dot(xs, quant.dequantize_experts(quant.tied(w_up, g)), group_sizes)
     h = _swiglu(xs, g, u)
+    if _rounds_activations(w8a8, n * k, w_gate):
+        h = quant.round_activations(h)
     w_down = quant.dequantize_experts(quant.tied(w_down, h))
     y = jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32)
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
+
+
+def _rounds_activations(w8a8: str, assignments: int, w_gate) -> bool:
+    """Whether `w8a8` applies to FP8 experts at this many assignments (static), as the GPU kernel decides."""
+    if not isinstance(w_gate, quant.BlockQuantized) or w8a8 == "off":
+        return False
+    dims_fit = all(d % quant.ACTIVATION_GROUP == 0 for d in w_gate.shape[1:])
+    return dims_fit and (w8a8 == "always" or assignments / w_gate.shape[0] > kernels.W8A8_MIN_ROWS_PER_EXPERT)
 
 
 def experts_gather(
@@ -183,11 +204,19 @@ EXPERT_IMPLS = {
     "pallas_gpu": kernels.experts_pallas_gpu,
     "pallas_gpu_w8a8": kernels.experts_pallas_gpu_w8a8,
 }
+# Implementations that take a `w8a8` mode (`RunOptions.w8a8`); the others compute as "off".
+W8A8_IMPLS = frozenset({"ragged", "pallas_gpu"})
 # Implementations that take `quant.BlockQuantized` expert weights as they are (dequantizing in the kernel).
 QUANTIZED_IMPLS = frozenset({"ragged", "pallas_gpu", "pallas_gpu_w8a8"})
 # Implementations that read the weights transposed ("out_in"); the rest read "in_out" (bench/RESULTS.md,
 # MoE kernel run 6: fp8 decode 1.4x faster from [E, out, in] on an H200).
 _OUT_IN_IMPLS = frozenset({"pallas_gpu", "pallas_gpu_w8a8"})
+
+
+def expert_fn(impl: str, w8a8: str = "off") -> Callable:
+    """The EXPERT_IMPLS function `impl` with its `w8a8` mode bound (where it takes one)."""
+    fn = EXPERT_IMPLS[impl]
+    return functools.partial(fn, w8a8=w8a8) if impl in W8A8_IMPLS and w8a8 != "off" else fn
 
 
 def expert_layout(impl: str) -> str:
@@ -290,6 +319,7 @@ def experts_sharded(
     impl: str = "ragged",
     strategy: str = "auto",
     capacity_factor: float | None = None,
+    w8a8: str = "off",
 ) -> tuple[jax.Array, jax.Array]:
     """Routed MoE of x [N, H] on a mesh -> (out [N, H] laid out like x, dropped (token, shard) pairs int32).
 
@@ -298,6 +328,7 @@ def experts_sharded(
     axis); w_up has the same, w_down its transpose. `token_axes`: the mesh axes the tokens are split over
     (None: replicated). Tokens split over the expert axis too (data-parallel attention) are gathered for
     "replicated" and scattered back with `psum_scatter`; for "all_to_all" each shard dispatches its own tokens.
+    `w8a8`: the mode handed to implementations that take one (`expert_fn`).
     """
     out_in = expert_layout(impl) == "out_in"
     gate_spec = swapped_axes(gate_spec) if out_in else tuple(gate_spec) + (None,) * (3 - len(gate_spec))
@@ -305,7 +336,7 @@ def experts_sharded(
     if embed_axis is not None:
         raise ValueError(f"expert weights split over the hidden dim ({gate_spec}) are not supported")
     token_axes = () if token_axes is None else (token_axes,) if isinstance(token_axes, str) else tuple(token_axes)
-    expert_fn = EXPERT_IMPLS[impl]
+    local_fn = expert_fn(impl, w8a8)
     expert_shards = mesh.shape[expert_axis] if expert_axis else 1
     split = expert_axis is not None and expert_axis in token_axes  # each expert shard holds its own tokens
     other_token_axes = tuple(a for a in token_axes if a != expert_axis)
@@ -332,10 +363,10 @@ def experts_sharded(
         capacity = buffer_capacity(n, top_k, expert_shards, capacity_factor)
         dropped = jnp.int32(0)
         if capacity == n:
-            out = expert_fn(x, weights, ids, w_gate, w_up, w_down)
+            out = local_fn(x, weights, ids, w_gate, w_up, w_down)
         else:  # only the tokens that fit in the buffer get computed
             source, slot, dropped = _pack((ids < local_experts).any(-1), capacity)
-            packed = expert_fn(
+            packed = local_fn(
                 _take_rows(x, source, 0),
                 _take_rows(weights, source, 0),
                 _take_rows(ids, source, local_experts),
@@ -379,7 +410,7 @@ def experts_sharded(
 
         recv_x, recv_ids, recv_w = exchange(send_x), exchange(send_ids), exchange(send_w)
         flat = shards * capacity
-        out = expert_fn(
+        out = local_fn(
             recv_x.reshape(flat, hidden),
             recv_w.reshape(flat, top_k),
             recv_ids.reshape(flat, top_k),

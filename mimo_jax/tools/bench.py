@@ -82,6 +82,16 @@ def measure_matmul_rate(n: int) -> float:
     return 2 * n**3 / seconds_per_call(jax.jit(lambda a, b: a @ b), a, b)
 
 
+def measure_fp8_matmul_rate(n: int) -> float:
+    """FLOP/s of an n x n x n float8_e4m3fn matmul accumulating in float32 (the fp8 tensor-core ceiling on GPUs
+    that have one: XLA lowers it to cuBLASLt's fp8 GEMM)."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    fn = jax.jit(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n**3 / seconds_per_call(fn, a, b)
+
+
 # ------------------------------------------------------------------ what a step must move and compute
 def expected_experts_touched(cfg: MiMoConfig, tokens: int) -> float:
     """Distinct experts per MoE layer for `tokens` tokens under uniform random routing."""
