@@ -313,8 +313,12 @@ def profile_window(decode_rate, label: str, constrained: bool) -> dict:
         activity = device_activity(trace_dir)
     print(
         f"\nprofiled window, {label}: {rate:.1f} tok/s; device busy {activity.busy_s * 1e3:.1f} ms of "
-        f"{activity.window_s * 1e3:.1f} ms ({1 - activity.idle_fraction:.1%})"
+        f"{activity.window_s * 1e3:.1f} ms ({1 - activity.idle_fraction:.1%}); idle: launch gaps "
+        f"{activity.launch_gaps_s * 1e3:.1f} ms, waits for the host {activity.waits_s * 1e3:.1f} ms; "
+        f"{activity.kernels} kernels"
     )
+    if not activity.programs:
+        print(f"(no modules line in the trace; its lines: {activity.lines})")
     print("| program | device ms | runs | ms per run |\n|---|---|---|---|")
     for name, (seconds, runs) in sorted(activity.programs.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"| {name[:60]} | {seconds * 1e3:.1f} | {runs} | {seconds * 1e3 / runs:.3f} |")
@@ -322,6 +326,9 @@ def profile_window(decode_rate, label: str, constrained: bool) -> dict:
         tok_s=rate,
         busy_s=activity.busy_s,
         window_s=activity.window_s,
+        launch_gaps_s=activity.launch_gaps_s,
+        waits_s=activity.waits_s,
+        kernels=activity.kernels,
         programs={k: list(v) for k, v in activity.programs.items()},
     )
 

@@ -54,15 +54,24 @@ def summarize_trace(trace_dir: str) -> dict[str, tuple[float, int]]:
     return {name: (s, n) for name, (s, n) in totals.items()}
 
 
+SHORT_GAP_NS = 50_000  # an idle gap below this is a launch gap between kernels, not the device waiting for the host
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceActivity:
     """The first device's work in a trace: from its first kernel's start to its last kernel's end (`window_s`),
-    the time at least one kernel ran (`busy_s`, overlapping kernels counted once), and the device time of each
-    XLA program (GPU: the trace's "XLA Modules" line; empty on CPU) as name -> (seconds, runs)."""
+    the time at least one kernel ran (`busy_s`, overlapping kernels counted once), the idle time split into gaps
+    shorter than SHORT_GAP_NS (`launch_gaps_s`: between kernels of a program) and longer (`waits_s`: the device
+    waiting for the host), the kernels run, the device time of each XLA program where the trace has a modules
+    line (name -> (seconds, runs); empty on CPU), and the device plane's lines (name -> events)."""
 
     window_s: float
     busy_s: float
+    launch_gaps_s: float
+    waits_s: float
+    kernels: int
     programs: dict[str, tuple[float, int]]
+    lines: dict[str, int]
 
     @property
     def idle_fraction(self) -> float:
@@ -70,37 +79,50 @@ class DeviceActivity:
 
 
 def device_activity(trace_dir: str) -> DeviceActivity:
-    """How busy the first device of the trace under `trace_dir` was, and its time per XLA program."""
+    """How busy the first device of the trace under `trace_dir` was, where it idled, and its time per program."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
     spans: list[tuple[int, int]] = []
     programs: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    lines: dict[str, int] = collections.Counter()
     for path in files:
         plane, wanted = _first_device_plane(ProfileData.from_file(path))
         if plane is None:
             continue
         for line in plane.lines:
-            if line.name == "XLA Modules":
-                for event in line.events:
+            events = list(line.events)
+            lines[line.name] += len(events)
+            if "module" in line.name.lower():
+                for event in events:
                     programs[event.name][0] += event.duration_ns * 1e-9
                     programs[event.name][1] += 1
             elif wanted(line):
-                spans += [
-                    (e.start_ns, e.start_ns + e.duration_ns) for e in line.events if not e.name.startswith(_SKIPPED)
-                ]
+                spans += [(e.start_ns, e.start_ns + e.duration_ns) for e in events if not e.name.startswith(_SKIPPED)]
     if not spans:
-        return DeviceActivity(0.0, 0.0, {})
+        return DeviceActivity(0.0, 0.0, 0.0, 0.0, 0, {}, dict(lines))
     spans.sort()
-    busy, (start, end) = 0, spans[0]
-    for s, e in spans[1:]:  # the union of the kernels' intervals
+    busy, short, long = 0, 0, 0
+    start, end = spans[0]
+    for s, e in spans[1:]:  # the union of the kernels' intervals, and the gaps between
         if s > end:
-            busy, start, end = busy + end - start, s, e
+            busy += end - start
+            gap = s - end
+            short, long = (short + gap, long) if gap < SHORT_GAP_NS else (short, long + gap)
+            start, end = s, e
         else:
             end = max(end, e)
     busy += end - start
-    window = max(e for _, e in spans) - spans[0][0]
-    return DeviceActivity(window * 1e-9, busy * 1e-9, {k: (s, n) for k, (s, n) in programs.items()})
+    window = end - spans[0][0]
+    return DeviceActivity(
+        window * 1e-9,
+        busy * 1e-9,
+        short * 1e-9,
+        long * 1e-9,
+        len(spans),
+        {k: (s, n) for k, (s, n) in programs.items()},
+        dict(lines),
+    )
 
 
 def top_ops(fn: Callable, args: Sequence, calls: int = 3) -> list[tuple[str, float, float]]:

@@ -44,3 +44,7 @@ def test_device_activity_sees_the_device_idle_while_the_host_sleeps(tmp_path):
     assert activity.window_s >= 0.3
     assert 0 < activity.busy_s < 0.15
     assert activity.idle_fraction > 0.5
+    assert activity.kernels >= 2 and activity.lines
+    assert activity.waits_s >= 0.25  # the sleep is a wait for the host, not a launch gap
+    idle = activity.window_s - activity.busy_s
+    assert abs(activity.launch_gaps_s + activity.waits_s - idle) < 1e-6
