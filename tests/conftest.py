@@ -7,4 +7,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from tests.fixtures import demo_server  # noqa: E402, F401  (a session fixture: one demo server for every module)
+# Session fixtures (tests/fixtures.py): one demo server for every module; the served test checkpoint's server, started
+# with the session when collected tests use it.
+from tests.fixtures import demo_server, servers_started_early, tiny_server  # noqa: E402, F401
