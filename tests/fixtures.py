@@ -709,7 +709,48 @@ def tiny_server(tmp_path_factory):
         server.process.stop()
 
 
-EARLY_SERVERS = ("tiny_server",)  # session fixtures of servers that warm up from the session's start
+DEMO_SERVER_ARGS = ["--max-context", "1024", "--prefill-chunk", "128"]
+
+
+@pytest.fixture(scope="session")
+def demo_server_process(tmp_path_factory):
+    """`python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of 128) as a
+    ServerProcess, yielded while it warms up; demo_server waits for it."""
+    server = ServerProcess(str(tmp_path_factory.mktemp("demo-server") / "server.log"), DEMO_SERVER_ARGS)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_server_process):
+    """The URL of `python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of
+    128), started once for the modules that only send it requests (registered in tests/conftest.py)."""
+    return demo_server_process.url()
+
+
+# The speculating demo server of tests/serve/test_serve_mtp.py: drafts per target forward, and its flags.
+MTP_SERVER_STEPS = 2
+MTP_SERVER_ARGS = ["--speculative-steps", str(MTP_SERVER_STEPS), "--per-request-spec-decode-metrics", "detailed",
+                   "--max-batch", "2", "--max-context", "512", "--prefill-chunk", "32", "--round-tokens", "8",
+                   "--log-level", "info"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mtp_server_process(tmp_path_factory):
+    """`python -m mimo_jax.serve` on the demo model with MTP speculation (MTP_SERVER_ARGS) as a ServerProcess, for
+    the one test that drives it to its end (tests/serve/test_serve_mtp.py: it drains and stops it)."""
+    server = ServerProcess(str(tmp_path_factory.mktemp("mtp-server") / "server.log"), MTP_SERVER_ARGS)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+# session fixtures of servers that warm up from the session's start
+EARLY_SERVERS = ("tiny_server", "demo_server_process", "mtp_server_process")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -719,15 +760,6 @@ def servers_started_early(request):
     for name in EARLY_SERVERS:
         if any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
             request.getfixturevalue(name)
-
-
-@pytest.fixture(scope="session")
-def demo_server(tmp_path_factory):
-    """The URL of `python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of
-    128), started once for the modules that only send it requests (registered in tests/conftest.py)."""
-    log_path = str(tmp_path_factory.mktemp("demo-server") / "server.log")
-    with serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
-        yield url
 
 
 # ============================================================================= fake constraints (engine tests)
