@@ -7,4 +7,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from tests.fixtures import demo_server  # noqa: E402, F401  (a session fixture: one demo server for every module)
+# Session fixtures (tests/fixtures.py): one demo server for every module; the served test checkpoint's server; the
+# speculating demo server; servers that collected tests use start with the session (servers_started_early).
+from tests.fixtures import (  # noqa: E402, F401
+    demo_server,
+    demo_server_process,
+    mtp_server_process,
+    servers_started_early,
+    tiny_server,
+)

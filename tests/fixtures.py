@@ -632,46 +632,134 @@ def child_env(device_count: int | None = None, **extra: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- a server in a subprocess
+class ServerProcess:
+    """`python -m mimo_jax.serve` started now on a free localhost port (one CPU device, float32, 4 slots), warming up
+    while the caller goes on; `url()` waits until /health answers. Its log goes to `log_path` (shown when it fails)."""
+
+    def __init__(self, log_path: str, args: list[str], ready_timeout: float = 300.0):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "mimo_jax.serve", "--port", str(port), "--dtype", "float32", "--max-batch", "4",
+               "--round-tokens", "4", "--log-level", "warning", *args]  # fmt: skip
+        self.log_path, self.ready_timeout, self.ready = log_path, ready_timeout, False
+        self.address = f"http://127.0.0.1:{port}"
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)  # one CPU device
+
+    def url(self) -> str:
+        """The server's URL once /health answers (within `ready_timeout` of this first call)."""
+        import httpx
+
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.ready:
+            assert self.proc.poll() is None, open(self.log_path).read()
+            with contextlib.suppress(httpx.HTTPError):
+                self.ready = httpx.get(self.address + "/health", timeout=2).status_code == 200
+            if not self.ready:
+                assert time.monotonic() < deadline, "server did not become ready:\n" + open(self.log_path).read()
+                time.sleep(0.5)
+        return self.address
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 @contextlib.contextmanager
 def serve_process(log_path: str, args: list[str], ready_timeout: float = 300.0):
     """`python -m mimo_jax.serve` on a free localhost port (one CPU device, float32, 4 slots); yields its URL once
     /health answers, terminates it on exit. Its log goes to `log_path` (shown when it fails to start)."""
-    import httpx
+    server = ServerProcess(log_path, args, ready_timeout)
+    try:
+        yield server.url()
+    finally:
+        server.stop()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mimo_jax.serve", "--port", str(port), "--dtype", "float32", "--max-batch", "4",
-           "--round-tokens", "4", "--log-level", "warning", *args]  # fmt: skip
-    env = child_env()  # one CPU device in the server
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                assert proc.poll() is None, open(log_path).read()
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "server did not become ready:\n" + open(log_path).read()
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+
+# The served test checkpoint's server (tests/serve/test_serve.py, test_serve_structured.py): its engine settings.
+TINY_SERVER = dict(max_batch=4, max_context=512, prefill_chunk=64, round_tokens=4, max_waiting=16)
+
+
+class TinyServer:
+    """The served test checkpoint (write_checkpoint) in `directory`, and its server `process` (ServerProcess)."""
+
+    def __init__(self, directory: str, log_path: str):
+        self.directory, self.log_path = directory, log_path
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_SERVER.items()]
+        self.process = ServerProcess(log_path, ["--model", directory, *flags])
+
+    def url(self) -> str:
+        return self.process.url()
 
 
 @pytest.fixture(scope="session")
-def demo_server(tmp_path_factory):
+def tiny_server(tmp_path_factory):
+    """`python -m mimo_jax.serve` on the served test checkpoint (TINY_SERVER's settings), shared by the modules that
+    send it requests; yielded while it warms up (`.url()` waits for it). Registered in tests/conftest.py."""
+    directory = str(tmp_path_factory.mktemp("tiny-server") / "tiny-mimo")
+    write_checkpoint(directory)
+    server = TinyServer(directory, os.path.join(os.path.dirname(directory), "server.log"))
+    try:
+        yield server
+    finally:
+        server.process.stop()
+
+
+DEMO_SERVER_ARGS = ["--max-context", "1024", "--prefill-chunk", "128"]
+
+
+@pytest.fixture(scope="session")
+def demo_server_process(tmp_path_factory):
+    """`python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of 128) as a
+    ServerProcess, yielded while it warms up; demo_server waits for it."""
+    server = ServerProcess(str(tmp_path_factory.mktemp("demo-server") / "server.log"), DEMO_SERVER_ARGS)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_server_process):
     """The URL of `python -m mimo_jax.serve` on the embedded demo model (1024 tokens of context, prefill chunks of
     128), started once for the modules that only send it requests (registered in tests/conftest.py)."""
-    log_path = str(tmp_path_factory.mktemp("demo-server") / "server.log")
-    with serve_process(log_path, ["--max-context", "1024", "--prefill-chunk", "128"]) as url:
-        yield url
+    return demo_server_process.url()
+
+
+# The speculating demo server of tests/serve/test_serve_mtp.py: drafts per target forward, and its flags.
+MTP_SERVER_STEPS = 2
+MTP_SERVER_ARGS = ["--speculative-steps", str(MTP_SERVER_STEPS), "--per-request-spec-decode-metrics", "detailed",
+                   "--max-batch", "2", "--max-context", "512", "--prefill-chunk", "32", "--round-tokens", "8",
+                   "--log-level", "info"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mtp_server_process(tmp_path_factory):
+    """`python -m mimo_jax.serve` on the demo model with MTP speculation (MTP_SERVER_ARGS) as a ServerProcess, for
+    the one test that drives it to its end (tests/serve/test_serve_mtp.py: it drains and stops it)."""
+    server = ServerProcess(str(tmp_path_factory.mktemp("mtp-server") / "server.log"), MTP_SERVER_ARGS)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+# session fixtures of servers that warm up from the session's start
+EARLY_SERVERS = ("tiny_server", "demo_server_process", "mtp_server_process")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers_started_early(request):
+    """Start the EARLY_SERVERS that collected tests use when the session starts: each warms up on a core the tests
+    before them mostly leave idle (their compiles use about one), instead of in the test that first needs it."""
+    for name in EARLY_SERVERS:
+        if any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
+            request.getfixturevalue(name)
 
 
 # ============================================================================= fake constraints (engine tests)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -50,13 +51,22 @@ def outputs(nb) -> str:
     return "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
 
 
-def test_quickstart(kernel, tmp_path):
-    text = outputs(run_notebook("quickstart", kernel, tmp_path))
+@pytest.fixture(scope="module")
+def executed(kernel, tmp_path_factory):
+    """Both notebooks run at once, each in its own kernel (their compiles use about one core each): name -> future
+    of the executed notebook."""
+    names = ("multidevice", "quickstart")  # the longer first
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        yield {name: pool.submit(run_notebook, name, kernel, tmp_path_factory.mktemp(name)) for name in names}
+
+
+def test_quickstart(executed):
+    text = outputs(executed["quickstart"].result())
     assert "3 MTP" in text and "expected tokens per verify step" in text
     assert "layer 0: full" in text and "layer 1: SWA" in text and "per sequence" in text
 
 
-def test_multidevice(kernel, tmp_path):
-    text = outputs(run_notebook("multidevice", kernel, tmp_path))
+def test_multidevice(executed):
+    text = outputs(executed["multidevice"].result())
     assert "{'data': 2, 'tensor': 2, 'expert': 2}" in text
     assert "RunSummary(completed=3" in text and "RunSummary(completed=0, skipped=0, done_before=3" in text

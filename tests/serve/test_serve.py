@@ -11,8 +11,6 @@ import concurrent.futures
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -22,19 +20,12 @@ import pytest
 
 from tests import fixtures as sf
 
-MAX_BATCH = 4
-MAX_CONTEXT = 512
-PREFILL_CHUNK = 64
-ROUND_TOKENS = 4
-MAX_WAITING = 16
+# The shared server's settings (tests.fixtures.tiny_server)
+MAX_BATCH, MAX_CONTEXT, PREFILL_CHUNK, ROUND_TOKENS, MAX_WAITING = (
+    sf.TINY_SERVER[k] for k in ("max_batch", "max_context", "prefill_chunk", "round_tokens", "max_waiting")
+)
 ENGINE = dict(max_batch=MAX_BATCH, max_context=MAX_CONTEXT, prefill_chunk=PREFILL_CHUNK)
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -70,50 +61,22 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("served") / "tiny-mimo")
-    sf.write_checkpoint(directory)
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "mimo_jax.serve", "--model", directory, "--port", str(port), "--dtype", "float32",
-        "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK),
-        "--round-tokens", str(ROUND_TOKENS), "--max-waiting", str(MAX_WAITING), "--log-level", "warning",
-    ]  # fmt: skip
-    env = sf.child_env()  # one CPU device in the server
-    log_path = os.path.join(os.path.dirname(directory), "server.log")
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        # While the server compiles, build the offline oracle (same engine shapes) in this process.
-        from transformers import AutoTokenizer
+def served(tiny_server):
+    # While the server warms up, build the offline oracle (same engine shapes) in this process.
+    from transformers import AutoTokenizer
 
-        import mimo_jax
-        from mimo_jax.text import Tokenizer
+    import mimo_jax
+    from mimo_jax.text import Tokenizer
 
-        lm = mimo_jax.load_model(directory, dtype="float32")
-        engine = mimo_jax.Engine(lm, **ENGINE, max_stop_ids=9, max_top_logprobs=20, max_round_tokens=ROUND_TOKENS)
-        tokenizer = Tokenizer(directory)
-        hf_tokenizer = AutoTokenizer.from_pretrained(directory)
-        mimo_jax.generate(lm, [[1] * 40, [2]], max_new_tokens=2, engine=engine, logprobs=1)  # compile the oracle now
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, open(log_path).read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready:\n" + open(log_path).read()
-            time.sleep(0.5)
-        yield Served(directory, url, lm, engine, tokenizer, hf_tokenizer, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log_file.close()
+    directory = tiny_server.directory
+    lm = mimo_jax.load_model(directory, dtype="float32")
+    engine = mimo_jax.Engine(lm, **ENGINE, max_stop_ids=9, max_top_logprobs=20, max_round_tokens=ROUND_TOKENS)
+    tokenizer = Tokenizer(directory)
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    mimo_jax.generate(lm, [[1] * 40, [2]], max_new_tokens=2, engine=engine, logprobs=1)  # compile the oracle now
+    served = Served(directory, tiny_server.url(), lm, engine, tokenizer, hf_tokenizer, tiny_server.log_path)
+    yield served
+    served.http.close()
 
 
 # ---------------------------------------------------------------------------------------------- basics

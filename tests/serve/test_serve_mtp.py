@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import pathlib
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from mimo_jax.weights.demo import DEMO_MODEL
-from tests.fixtures import child_env, metric_value
+from tests.fixtures import MTP_SERVER_STEPS, metric_value
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef list_files(path):", "class Stack:\n    def push(self, item):"]
-K = 2  # drafts per target forward
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+K = MTP_SERVER_STEPS  # drafts per target forward
 
 
 def _spec_counters(url: str) -> dict[str, float]:
@@ -54,17 +46,9 @@ def _check_request_stats(stats: dict, tokens: int) -> None:
 
 
 @pytest.mark.skipif(not (DEMO_MODEL / "model_mtp.safetensors").exists(), reason="demo model without MTP layers")
-def test_speculative_server_lossless_acceptance_no_compile_after_ready_and_drain(tmp_path):
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "mimo_jax.serve", "--port", str(port), "--dtype", "float32",
-        "--speculative-steps", str(K), "--per-request-spec-decode-metrics", "detailed", "--max-batch", "2",
-        "--max-context", "512", "--prefill-chunk", "32", "--round-tokens", "8", "--log-level", "info",
-    ]  # fmt: skip
-    env = child_env()  # one CPU device in the server
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+def test_speculative_server_lossless_acceptance_no_compile_after_ready_and_drain(mtp_server_process):
+    server = mtp_server_process  # tests.fixtures.MTP_SERVER_ARGS; started with the session, warming up meanwhile
+    proc, log_path = server.proc, pathlib.Path(server.log_path)
     try:
         import mimo_jax
         from mimo_jax.text import Tokenizer
@@ -73,17 +57,7 @@ def test_speculative_server_lossless_acceptance_no_compile_after_ready_and_drain
         prompts = [tok.encode(p, add_special_tokens=True) for p in PROMPTS]
         lm = mimo_jax.load_model(DEMO_MODEL, dtype="float32")
         refs = mimo_jax.generate(lm, prompts, max_new_tokens=40, max_batch=2, prefill_chunk=32, max_context=256)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready:\n" + log_path.read_text()
-            time.sleep(0.5)
+        url = server.url()
         http = httpx.Client(base_url=url, timeout=300)
 
         # Lossless, and the acceptance in /metrics.

@@ -12,7 +12,6 @@ Seeds and temperatures vary; outputs must parse and validate, calls must name th
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Literal
 
@@ -90,13 +89,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The served test checkpoint (random weights; `<think>` REASONING `</think>` planted)."""
-    directory = str(tmp_path_factory.mktemp("structured") / "tiny-mimo")
-    sf.write_checkpoint(directory)
-    args = ["--model", directory, "--max-context", "512", "--prefill-chunk", "64"]
-    with sf.serve_process(os.path.join(os.path.dirname(directory), "server.log"), args) as url:
-        yield Server(url, "tiny-mimo", Tokenizer(directory))
+def tiny(tiny_server):
+    """The served test checkpoint (random weights; `<think>` REASONING `</think>` planted), its server shared."""
+    return Server(tiny_server.url(), "tiny-mimo", Tokenizer(tiny_server.directory))
 
 
 @pytest.fixture(scope="module")

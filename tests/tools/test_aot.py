@@ -6,6 +6,7 @@ cannot partition, a program that does not fit HBM. The models are built as on a 
 (Pallas GPU MoE kernel, cuDNN attention): the kernels must follow the target, not the host.
 """
 
+import concurrent.futures
 import importlib.util
 import os
 import re
@@ -29,6 +30,7 @@ FLASH = os.path.join(ROOT, "configs", "mimo-v2-flash.json")
 TOPOLOGY = "v5e:2x2"
 # Layer 0: full attention + dense MLP; layer 1: sliding window with sinks + 256-expert MoE.
 LAYERS, BATCH, CONTEXT, CHUNK = 2, 4, 1024, 128
+IN_PLACE_CONTEXT = 16384  # two blocks of blockwise attention (test_decode_step_reads_the_full_attention_cache_in_place)
 
 
 # MTP speculation: the engine with this many draft steps (as many of Flash's 3 MTP layers)
@@ -43,39 +45,59 @@ CASES = [("fp8", "prefill"), ("fp8", "decode"), ("bf16", "prefill"), ("fp8", "sp
 ON_A_GPU_HOST = RunOptions(platform="gpu", attention_impl="cudnn")
 
 
+def _flash_slice_compile(devices, weights: str, step_name: str):
+    """(report, hlo text, planner estimate) of one serving step of the Flash slice on tensor=2, expert=2."""
+    cfg = MiMoConfig.from_json(FLASH).first_layers(LAYERS)
+    mesh = make_mesh(tensor=2, expert=2, devices=devices)
+    k = SPECULATIVE_STEPS if step_name == "speculative" else 0
+    graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights, mtp_layers=k, options=ON_A_GPU_HOST)
+    steps = aot.serving_steps(
+        cfg, graphdef, params, batch=BATCH, context=CONTEXT, chunk=CHUNK, round_tokens=4, mesh=mesh, speculative_steps=k
+    )
+    assert [s.name for s in steps] == ["prefill", "speculative" if k else "decode"]
+    (step,) = [s for s in steps if s.name == step_name]
+    report, hlo = aot.compile_step(step, keep_hlo=True)
+    return report, hlo, aot.planner_estimate(cfg, mesh, weights, BATCH, CONTEXT, mtp_layers=k)
+
+
+def _in_place_compile(devices):
+    """(decode step, report, hlo) of Flash's layer 0 (full attention, dense MLP) on tensor=4 at a 16K context."""
+    cfg = MiMoConfig.from_json(FLASH).first_layers(1)
+    mesh = make_mesh(tensor=4, devices=devices)
+    graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, "bf16")
+    steps = aot.serving_steps(
+        cfg, graphdef, params, batch=1, context=IN_PLACE_CONTEXT, chunk=CHUNK, round_tokens=4, mesh=mesh
+    )
+    report, hlo = aot.compile_step(steps[1], keep_hlo=True)
+    return steps[1], report, hlo
+
+
 @pytest.fixture(scope="module")
-def flash_slice():
-    """compile(weights, step) -> (report, hlo text, planner estimate), each compiled once."""
+def compiled():
+    """Every TPU program of this module, compiled once, as many at a time as the host has cores: the TPU compiler
+    uses about one core per program, and these compiles are most of the module's time. name -> future."""
     devices = aot.tpu_devices(TOPOLOGY)
     cfg = MiMoConfig.from_json(FLASH).first_layers(LAYERS)
     assert cfg.sliding == (False, True) and cfg.moe == (False, True) and cfg.hidden_size == 4096
     assert cfg.num_mtp_layers >= SPECULATIVE_STEPS
-    mesh = make_mesh(tensor=2, expert=2, devices=devices)
-    done = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
+        # longest first (speculative, then decode), so the last to start are the shortest
+        cases = sorted(CASES, key=lambda case: ("speculative", "decode", "prefill").index(case[1]))
+        futures = {case: pool.submit(_flash_slice_compile, devices, *case) for case in cases}
+        futures["in_place"] = pool.submit(_in_place_compile, devices)
+        yield futures
+        for future in futures.values():
+            future.cancel()
+
+
+@pytest.fixture(scope="module")
+def flash_slice(compiled):
+    """compile(weights, step) -> (report, hlo text, planner estimate), each compiled once."""
 
     def compile(weights, step_name):
-        if (weights, step_name) not in done:
-            k = SPECULATIVE_STEPS if step_name == "speculative" else 0
-            graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, weights, mtp_layers=k, options=ON_A_GPU_HOST)
-            steps = aot.serving_steps(
-                cfg,
-                graphdef,
-                params,
-                batch=BATCH,
-                context=CONTEXT,
-                chunk=CHUNK,
-                round_tokens=4,
-                mesh=mesh,
-                speculative_steps=k,
-            )
-            assert [s.name for s in steps] == ["prefill", "speculative" if k else "decode"]
-            (step,) = [s for s in steps if s.name == step_name]
-            report, hlo = aot.compile_step(step, keep_hlo=True)
-            estimate = aot.planner_estimate(cfg, mesh, weights, BATCH, CONTEXT, mtp_layers=k)
-            done[weights, step_name] = report, hlo, estimate
-        return done[weights, step_name]
+        return compiled[weights, step_name].result()
 
-    compile.hbm = aot.hbm_bytes(devices[0])
+    compile.hbm = aot.hbm_bytes(aot.tpu_devices(TOPOLOGY)[0])
     return compile
 
 
@@ -157,19 +179,14 @@ def test_cli_exit_status_says_whether_it_fits(capsys):
     assert aot.main([*common, "--topology", "v9z:1x1"]) == 2
 
 
-def test_decode_step_reads_the_full_attention_cache_in_place():
+def test_decode_step_reads_the_full_attention_cache_in_place(compiled):
     """One KV head and one sequence per chip (Flash's full layers on tensor=4, as on v5e-64): each
     decode step must write and read the full-attention cache where it lies. With the cache stored
     [batch, slots, kv_heads, head_dim] the TPU compiler copied every full layer's whole K and V into
     another layout inside the decode loop, every step (0.43 GiB per chip on v5e-64)."""
-    devices = aot.tpu_devices(TOPOLOGY)
-    cfg = MiMoConfig.from_json(FLASH).first_layers(1)  # layer 0: full attention, dense MLP
-    mesh = make_mesh(tensor=4, devices=devices)
-    context = 16384  # two blocks of blockwise attention
-    graphdef, params = abstract_params(cfg, jnp.bfloat16, mesh, "bf16")
-    steps = aot.serving_steps(cfg, graphdef, params, batch=1, context=context, chunk=CHUNK, round_tokens=4, mesh=mesh)
-    report, hlo = aot.compile_step(steps[1], keep_hlo=True)
-    pool = steps[1].args[1].pools[0]  # decode's (params, cache, ...): the full layer's page pool
+    step, report, hlo = compiled["in_place"].result()
+    context = IN_PLACE_CONTEXT
+    pool = step.args[1].pools[0]  # decode's (params, cache, ...): the full layer's page pool
     assert report.error is None, report.error
     shards = [x.sharding.shard_shape(x.shape) for x in (pool.k, pool.v)]
     assert all(shape[1] == 1 and shape[0] * shape[2] > context for shape in shards)  # one kv head, every page
