@@ -29,6 +29,7 @@ the tokens each sequence holds (plus its rings in both).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -322,15 +323,7 @@ def profile_window(decode_rate, label: str, constrained: bool) -> dict:
     print("| program | device ms | runs | ms per run |\n|---|---|---|---|")
     for name, (seconds, runs) in sorted(activity.programs.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"| {name[:60]} | {seconds * 1e3:.1f} | {runs} | {seconds * 1e3 / runs:.3f} |")
-    return dict(
-        tok_s=rate,
-        busy_s=activity.busy_s,
-        window_s=activity.window_s,
-        launch_gaps_s=activity.launch_gaps_s,
-        waits_s=activity.waits_s,
-        kernels=activity.kernels,
-        programs={k: list(v) for k, v in activity.programs.items()},
-    )
+    return dict(tok_s=rate, **dataclasses.asdict(activity))
 
 
 def run_capacity(lm_config, args: argparse.Namespace) -> dict:

@@ -263,19 +263,6 @@ def check_tiles(tiles: GemmTiles, d_out: int, what: str) -> None:
         raise ValueError(f"{what}: block_cols={tiles.block_cols} must divide or be a multiple of {GROUP}")
 
 
-def _call(kernel, tiles: GemmTiles, inputs: tuple, outputs: list, grid: tuple, interpret: bool, name: str):
-    """Run `kernel` over `grid` on `inputs` (matched for shard_map) -> a list of `outputs` ((shape, dtype) each)."""
-    args = manual_axes.match_varying(inputs)
-    return pl.pallas_call(
-        kernel,
-        out_shape=[manual_axes.out_struct(shape, dtype, args[0]) for shape, dtype in outputs],
-        grid=grid,
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpret,
-        name=name,
-    )(*args)
-
-
 def gate_up(
     table: jax.Array,
     tokens: jax.Array,
@@ -300,7 +287,9 @@ def gate_up(
     kernel = functools.partial(_gate_up_kernel, tiles=tiles, out_in=out_in)
     outputs = [((rows, inter), jnp.float8_e4m3fn), ((inter // GROUP, rows), jnp.float32)]
     inputs = (table, tokens, x_fp8, x_scales, wg, wu, sg, su)
-    h, h_scales = _call(kernel, tiles, inputs, outputs, (table.shape[1],), interpret, "moe_w8a8_gate_up")
+    h, h_scales = manual_axes.pallas_call(
+        kernel, tiles, inputs, outputs, (table.shape[1],), interpret, "moe_w8a8_gate_up"
+    )
     return h, h_scales
 
 
@@ -324,7 +313,7 @@ def down(
     kernel = functools.partial(_down_kernel, tiles=tiles, out_in=out_in)
     inputs = (table, routing, h, h_scales, wd, sd)
     outputs = [((h.shape[0], hidden), out_dtype)]
-    (y,) = _call(kernel, tiles, inputs, outputs, (table.shape[1],), interpret, "moe_w8a8_down")
+    (y,) = manual_axes.pallas_call(kernel, tiles, inputs, outputs, (table.shape[1],), interpret, "moe_w8a8_down")
     return y
 
 
@@ -356,7 +345,7 @@ def matmul_w8a8(
     kernel = functools.partial(_matmul_kernel, tiles=tiles, out_in=out_in)
     grid = (rows // tiles.block_rows, n // tiles.block_cols)
     inputs = (x_fp8, x_scales, values, col_scales.astype(jnp.float32))
-    (y,) = _call(kernel, tiles, inputs, [((rows, n), x.dtype)], grid, interpret, "matmul_w8a8")
+    (y,) = manual_axes.pallas_call(kernel, tiles, inputs, [((rows, n), x.dtype)], grid, interpret, "matmul_w8a8")
     return y[:m]
 
 

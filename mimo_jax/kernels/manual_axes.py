@@ -40,3 +40,20 @@ def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     if hasattr(aval, "vma"):
         return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def pallas_call(kernel, launch, inputs: tuple, outputs: list, grid, interpret: bool, name: str) -> list:
+    """Run the Triton-backend Pallas `kernel` over `grid` on `inputs` (matched for shard_map) -> a list of `outputs`
+    ((shape, dtype) each); `launch` gives num_warps and num_stages."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    args = match_varying(inputs)
+    return pl.pallas_call(
+        kernel,
+        out_shape=[out_struct(shape, dtype, args[0]) for shape, dtype in outputs],
+        grid=grid if isinstance(grid, tuple) else (grid,),
+        compiler_params=plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)

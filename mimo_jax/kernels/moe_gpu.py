@@ -594,19 +594,6 @@ def _check_tiling(cfg: TileConfig, d_in: int, d_out: int, scaled: bool, what: st
         raise ValueError(f"{what}: fp8 needs block_k dividing {FP8_BLOCK} and block_cols dividing or multiple of it")
 
 
-def _call(kernel, cfg: TileConfig | FusedConfig, inputs: tuple, outputs: list, grid, interpret: bool, name: str):
-    """Run `kernel` over `grid` on `inputs` (matched for shard_map) -> a list of `outputs` ((shape, dtype) each)."""
-    args = manual_axes.match_varying(inputs)
-    return pl.pallas_call(
-        kernel,
-        out_shape=[manual_axes.out_struct(shape, dtype, args[0]) for shape, dtype in outputs],
-        grid=grid if isinstance(grid, tuple) else (grid,),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=name,
-    )(*args)
-
-
 def experts_grouped(
     x: jax.Array,
     weights: jax.Array,
@@ -683,7 +670,9 @@ def experts_grouped(
         x_op, x_scale = _dot_operand(x, cfg.fp8_dot, scaled)
         a_scale = () if x_scale is None else (x_scale,)
         inputs = (table, tokens, x_op, *a_scale, wg, wu) + ((sg, su) if scaled else ())
-        (h,) = _call(kernel, c, inputs, [((rows, inter), x.dtype)], n_tiles * n_cols, interpret, "moe_gate_up")
+        (h,) = manual_axes.pallas_call(
+            kernel, c, inputs, [((rows, inter), x.dtype)], n_tiles * n_cols, interpret, "moe_gate_up"
+        )
 
     with jax.named_scope("moe_down"):
         c = cfg.down
@@ -694,7 +683,9 @@ def experts_grouped(
         h_op, h_scale = _dot_operand(h, cfg.fp8_dot, scaled)
         a_scale = () if h_scale is None else (h_scale,)
         inputs = (table, routing, h_op, *a_scale, wd) + ((sd,) if scaled else ())
-        (y,) = _call(kernel, c, inputs, [((rows, hidden), x.dtype)], n_tiles * n_cols, interpret, "moe_down")
+        (y,) = manual_axes.pallas_call(
+            kernel, c, inputs, [((rows, hidden), x.dtype)], n_tiles * n_cols, interpret, "moe_down"
+        )
 
     return _combine(y, order, valid, (n, top_k), x.dtype)
 
@@ -779,7 +770,7 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
         with jax.named_scope("moe_fused"):
             kernel = functools.partial(_fused_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
             inputs = (flat_ids, routing, x, *weights_and_scales)
-            (partial,) = _call(kernel, cfg, inputs, [shares], (m, n_cols), interpret, "moe_fused")
+            (partial,) = manual_axes.pallas_call(kernel, cfg, inputs, [shares], (m, n_cols), interpret, "moe_fused")
     else:
         gate_up_w = weights_and_scales[:2] + (weights_and_scales[3:5] if scaled else ())
         down_w = weights_and_scales[2:3] + (weights_and_scales[5:6] if scaled else ())
@@ -787,13 +778,13 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
         with jax.named_scope("moe_fused_gate_up"):
             kernel = functools.partial(_fused_gate_up_kernel, cfg=cfg, top_k=top_k, scaled=scaled, out_in=out_in)
             parts = ((m, cfg.split, inter), jnp.float32)
-            gate, up = _call(
+            gate, up = manual_axes.pallas_call(
                 kernel, cfg, (flat_ids, x, *gate_up_w), [parts, parts], grid, interpret, "moe_fused_gate_up"
             )
         with jax.named_scope("moe_fused_down"):
             kernel = functools.partial(_fused_down_kernel, cfg=cfg, scaled=scaled, out_in=out_in, x_dtype=x.dtype)
             inputs = (flat_ids, routing, gate, up, *down_w)
-            (partial,) = _call(kernel, cfg, inputs, [shares], grid, interpret, "moe_fused_down")
+            (partial,) = manual_axes.pallas_call(kernel, cfg, inputs, [shares], grid, interpret, "moe_fused_down")
     with jax.named_scope("moe_combine"):  # other shards' experts wrote zeros
         return partial.reshape(n, top_k * n_cols, hidden).sum(axis=1).astype(x.dtype)
 

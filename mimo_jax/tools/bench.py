@@ -74,20 +74,12 @@ def measure_copy_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / seconds_per_call(jax.jit(lambda a: a * 3 + 1), x)
 
 
-def measure_matmul_rate(n: int) -> float:
-    """bf16 FLOP/s of an n x n x n matmul."""
+def measure_matmul_rate(n: int, dtype: jnp.dtype = jnp.bfloat16) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` accumulating in float32 (bf16; float8_e4m3fn: the fp8 tensor-core
+    ceiling on GPUs that have one, which XLA reaches through cuBLASLt's fp8 GEMM)."""
     k1, k2 = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
-    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
-    return 2 * n**3 / seconds_per_call(jax.jit(lambda a, b: a @ b), a, b)
-
-
-def measure_fp8_matmul_rate(n: int) -> float:
-    """FLOP/s of an n x n x n float8_e4m3fn matmul accumulating in float32 (the fp8 tensor-core ceiling on GPUs
-    that have one: XLA lowers it to cuBLASLt's fp8 GEMM)."""
-    k1, k2 = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(k1, (n, n), jnp.bfloat16).astype(jnp.float8_e4m3fn)
-    b = jax.random.normal(k2, (n, n), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16).astype(dtype)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16).astype(dtype)
     fn = jax.jit(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
     return 2 * n**3 / seconds_per_call(fn, a, b)
 

@@ -33,24 +33,30 @@ def _first_device_plane(data: ProfileData):
     return host, lambda line: "XLA" in line.name and "Client" in line.name
 
 
-def summarize_trace(trace_dir: str) -> dict[str, tuple[float, int]]:
-    """Kernel name -> (total seconds, launches) on the first device of the trace under `trace_dir`."""
+def _device_lines(trace_dir: str):
+    """(line, wanted) for every line of the first device's plane in each trace file under `trace_dir`; `wanted`:
+    whether the line holds kernel events."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
-    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     for path in files:
         plane, wanted = _first_device_plane(ProfileData.from_file(path))
-        if plane is None:
+        if plane is not None:
+            for line in plane.lines:
+                yield line, wanted(line)
+
+
+def summarize_trace(trace_dir: str) -> dict[str, tuple[float, int]]:
+    """Kernel name -> (total seconds, launches) on the first device of the trace under `trace_dir`."""
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for line, kernels in _device_lines(trace_dir):
+        if not kernels:
             continue
-        for line in plane.lines:
-            if not wanted(line):
+        for event in line.events:
+            if event.name.startswith(_SKIPPED):
                 continue
-            for event in line.events:
-                if event.name.startswith(_SKIPPED):
-                    continue
-                totals[event.name][0] += event.duration_ns * 1e-9
-                totals[event.name][1] += 1
+            totals[event.name][0] += event.duration_ns * 1e-9
+            totals[event.name][1] += 1
     return {name: (s, n) for name, (s, n) in totals.items()}
 
 
@@ -80,25 +86,18 @@ class DeviceActivity:
 
 def device_activity(trace_dir: str) -> DeviceActivity:
     """How busy the first device of the trace under `trace_dir` was, where it idled, and its time per program."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
     spans: list[tuple[int, int]] = []
     programs: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     lines: dict[str, int] = collections.Counter()
-    for path in files:
-        plane, wanted = _first_device_plane(ProfileData.from_file(path))
-        if plane is None:
-            continue
-        for line in plane.lines:
-            events = list(line.events)
-            lines[line.name] += len(events)
-            if "module" in line.name.lower():
-                for event in events:
-                    programs[event.name][0] += event.duration_ns * 1e-9
-                    programs[event.name][1] += 1
-            elif wanted(line):
-                spans += [(e.start_ns, e.start_ns + e.duration_ns) for e in events if not e.name.startswith(_SKIPPED)]
+    for line, kernels in _device_lines(trace_dir):
+        events = list(line.events)
+        lines[line.name] += len(events)
+        if "module" in line.name.lower():
+            for event in events:
+                programs[event.name][0] += event.duration_ns * 1e-9
+                programs[event.name][1] += 1
+        elif kernels:
+            spans += [(e.start_ns, e.start_ns + e.duration_ns) for e in events if not e.name.startswith(_SKIPPED)]
     if not spans:
         return DeviceActivity(0.0, 0.0, 0.0, 0.0, 0, {}, dict(lines))
     spans.sort()
