@@ -25,6 +25,8 @@
 #                                         # the agent trace at HISTORY (default 8192)
 #   bash bench/gpu_session.sh cells [DIR] # one GPU (~9 min): issue 22's missing decode cells, paged kernel vs the
 #                                         # contiguous cache of DIR; issue 23's constrained bench with a profile
+#   bash bench/gpu_session.sh cmdbuf # one GPU (~9 min): the constrained bench under default command buffers and
+#                                    # with WHILE,CONDITIONAL in them; the w8a8 checks
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -202,5 +204,54 @@ cells)
     done
   fi
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|cells [DIR]" >&2; exit 2 ;;
+cmdbuf)
+  # issue 23's constrained bench (with a profiled window of each kind) under XLA:GPU's default command buffers and
+  # with while loops and conditionals inside them (the decode round's while_loop then needs no host sync per
+  # iteration); then the w8a8 checks with the reference on the CPU (issue 25 item 3)
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  WHILE_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+  for v in default while; do
+    flags=$( [ $v = while ] && echo "$WHILE_FLAGS" || echo "" )
+    XLA_FLAGS="$flags" TAIL=24 step "constrained_$v" 230 python bench/bench_engine.py constrained \
+      --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output "${OUTPUT:-512}" --round 8 \
+      --reps "${REPS:-2}" --profile --json "$O/constrained_$v.json"
+  done
+  TAIL=30 step w8a8 100 python bench/bench_moe_kernel.py --w8a8 --tokens 8192 --sweep-budget 0
+  ;;
+combo)
+  # one call for both when the device is scarce: cmdbuf's constrained pair (one pair + the profiled windows each)
+  # and the cells' decode (one command per tree: batch 32 at 2K/32K/128K and batch 1 and 64 at 32K)
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  WHILE_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+  for v in default while; do
+    flags=$( [ $v = while ] && echo "$WHILE_FLAGS" || echo "" )
+    XLA_FLAGS="$flags" TAIL=24 step "constrained_$v" 140 python bench/bench_engine.py constrained \
+      --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output 384 --round 8 \
+      --reps 1 --profile --json "$O/constrained_$v.json"
+  done
+  for tree in ${2:-} .; do
+    name=$( [ "$tree" = . ] && echo new || echo old )
+    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
+    (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32" 80 python -m mimo_jax.tools.bench decode --batch 32 \
+      --context 32768,131072,2048 --steps 16 --rounds 2 --no-experts-count $paged --json "$O/${name}_cells32.json")
+    (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32k" 55 python -m mimo_jax.tools.bench decode --batch 64,1 \
+      --context 32768 --steps 16 --rounds 2 --no-experts-count $paged --json "$O/${name}_cells32k.json")
+  done
+  ;;
+host)
+  # where the host's time goes in the constrained bench (cProfile; the device waits for the host, issue 23), the
+  # batch-32 x 2K decode cell again (old tree in DIR vs paged), the w8a8 checks
+  TAIL=70 step profile_host 200 python bench/profile_host.py constrained --model flash-slice-4 --dtype bfloat16 \
+    --conversations 16 --prompt 512 --output 256 --round 8 --reps 1
+  for tree in ${2:-} .; do
+    name=$( [ "$tree" = . ] && echo new || echo old )
+    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
+    (cd "$tree" && PYTHONPATH=. TAIL=6 step "${name}_cell2k" 60 python -m mimo_jax.tools.bench decode --batch 32 \
+      --context 2048 --steps 16 --rounds 4 --no-experts-count --moe-impl pallas_gpu $paged)
+  done
+  TAIL=30 step w8a8 100 python bench/bench_moe_kernel.py --w8a8 --tokens 8192 --sweep-budget 0
+  ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|cells|cmdbuf|combo|host [DIR]" >&2; exit 2 ;;
 esac

@@ -252,6 +252,7 @@ class Engine:
             page_size=page_size,
             num_snapshots=num_snapshots,
             kv_fp8=kv_cache_dtype == "fp8_e4m3",
+            decode_compiler_options=lm.options.decode_compiler_options,
         )
         self.steps = steps
         # host bookkeeping of the pools' pages and the prefix cache (per page shard); the page table row of each slot

@@ -698,6 +698,7 @@ def build_steps(
     speculative_steps: int = 0,
     extra_ring_slots: int = 0,
     max_logit_bias: int = MAX_LOGIT_BIAS,
+    decode_compiler_options: dict[str, str] | None = None,
 ) -> EngineSteps:
     """Jit the engine's steps for `params` (arrays, or ShapeDtypeStructs with their shardings: AOT).
 
@@ -708,6 +709,7 @@ def build_steps(
     to a multiple of D; `page_shards`), so every chip holds P/D pages, and decode rounds run in D segments;
     without one everything lives on the parameters' device (the first device for abstract parameters
     without a sharding). `cache_dtype` (of rings, and of pools unless FP8) defaults to `state_dtype`.
+    `decode_compiler_options`: XLA options of the decode rounds' compiles (`RunOptions.decode_compiler_options`).
     """
     k = speculative_steps
     state_dtype = jnp.dtype(state_dtype)
@@ -818,12 +820,14 @@ def build_steps(
     # Outputs keep the layouts the cache and state are made with, so every call after the first hits the
     # same compiled step (equivalent but differently spelled shardings would recompile). Unused parameters
     # stay arguments (prefill reads no lm_head): a compiled step's memory counts every resident weight.
-    def jit(fn: Callable, donate_argnums: tuple[int, ...], out_shardings: Any) -> JitUnderMesh:
-        jitted = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out_shardings, keep_unused=True)
+    def jit(fn: Callable, donate_argnums: tuple[int, ...], out_shardings: Any, options: Any = None) -> JitUnderMesh:
+        jitted = jax.jit(
+            fn, donate_argnums=donate_argnums, out_shardings=out_shardings, keep_unused=True, compiler_options=options
+        )
         return JitUnderMesh(jitted, mesh)
 
     decode_out = (cache_sharding, state_sharding, None)
-    decode_fn = jit(decode, (1, 2), decode_out)
+    decode_fn = jit(decode, (1, 2), decode_out, decode_compiler_options)
     return EngineSteps(
         prefill=jit(prefill, (1,), (cache_sharding, replicated, row_sharding)),
         # compiled (per chunk length) on the first request that asks for prompt logprobs
@@ -832,9 +836,9 @@ def build_steps(
         decode=decode_fn,
         # Speculation when every running request is greedy (the host knows): drafts and verify compare
         # argmaxes, no distributions. Without speculation the same function as decode.
-        greedy_decode=jit(greedy_decode, (1, 2), decode_out) if k else decode_fn,
+        greedy_decode=jit(greedy_decode, (1, 2), decode_out, decode_compiler_options) if k else decode_fn,
         # Constrained rows with speculation: the plain one-token loop (masks apply) over the target layers.
-        constrained_decode=jit(constrained_decode, (1, 2), decode_out) if k else decode_fn,
+        constrained_decode=jit(constrained_decode, (1, 2), decode_out, decode_compiler_options) if k else decode_fn,
         release=jit(release_step, (0,), state_sharding),
         save_snapshot=jit(save_snapshot_step, (0,), snapshot_sharding),
         restore_snapshot=jit(restore_snapshot_step, (0,), (cache_sharding, replicated)),

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["xla", "pallas_gpu"],
         help="decode attention over the paged full-attention layers (default: the Pallas kernel on GPU, XLA elsewhere)",
     )
+    p.add_argument(
+        "--decode-graphs",
+        action="store_true",
+        help="GPU: record each decode round, its while loop included, into CUDA graphs (no host sync per token)",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="engine slots: sequences decoded together")
     p.add_argument(
         "--max-context",
@@ -285,7 +290,9 @@ def _load(args: argparse.Namespace):
         kwargs["mtp"] = args.speculative_steps  # the MTP layers the drafts need
 
     platform = (mesh.devices.flat if mesh is not None else jax.devices())[0].platform
-    options = RunOptions.for_platform(platform, moe_impl=args.moe_impl, paged_impl=args.paged_impl)
+    options = RunOptions.for_platform(
+        platform, moe_impl=args.moe_impl, paged_impl=args.paged_impl, decode_graphs=args.decode_graphs or None
+    )
     t0 = time.perf_counter()
     if args.random_weights:
         if not args.model or not args.tokenizer:
