@@ -757,6 +757,8 @@ EARLY_SERVERS = ("tiny_server", "demo_server_process", "mtp_server_process")
 def servers_started_early(request):
     """Start the EARLY_SERVERS that collected tests use when the session starts: each warms up on a core the tests
     before them mostly leave idle (their compiles use about one), instead of in the test that first needs it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects every test: each would start them all
+        return
     for name in EARLY_SERVERS:
         if any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
             request.getfixturevalue(name)
