@@ -25,8 +25,10 @@
 #                                         # the agent trace at HISTORY (default 8192)
 #   bash bench/gpu_session.sh cells [DIR] # one GPU (~9 min): issue 22's missing decode cells, paged kernel vs the
 #                                         # contiguous cache of DIR; issue 23's constrained bench with a profile
-#   bash bench/gpu_session.sh cmdbuf # one GPU (~9 min): the constrained bench under default command buffers and
-#                                    # with WHILE,CONDITIONAL in them; the w8a8 checks
+#   bash bench/gpu_session.sh combo [DIR] # one GPU (~8 min): the constrained bench under default command buffers
+#                                         # and with WHILE,CONDITIONAL in them; the cells' decode in DIR and here
+#   bash bench/gpu_session.sh host [DIR]  # one GPU (~5 min): the constrained bench under cProfile, batch 32 x 2K
+#                                         # in DIR and here, the w8a8 checks
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
 # file's history at the commits bench/RESULTS.md names beside their figures.
 # With OUT set, logs and JSON are packed into $OUT/session.tgz at the end (the device returns at most 8 files).
@@ -204,27 +206,14 @@ cells)
     done
   fi
   ;;
-cmdbuf)
-  # issue 23's constrained bench (with a profiled window of each kind) under XLA:GPU's default command buffers and
-  # with while loops and conditionals inside them (the decode round's while_loop then needs no host sync per
-  # iteration); then the w8a8 checks with the reference on the CPU (issue 25 item 3)
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
-  WHILE_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-  for v in default while; do
-    flags=$( [ $v = while ] && echo "$WHILE_FLAGS" || echo "" )
-    XLA_FLAGS="$flags" TAIL=24 step "constrained_$v" 230 python bench/bench_engine.py constrained \
-      --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output "${OUTPUT:-512}" --round 8 \
-      --reps "${REPS:-2}" --profile --json "$O/constrained_$v.json"
-  done
-  TAIL=30 step w8a8 100 python bench/bench_moe_kernel.py --w8a8 --tokens 8192 --sweep-budget 0
-  ;;
 combo)
-  # one call for both when the device is scarce: cmdbuf's constrained pair (one pair + the profiled windows each)
+  # one call for both when the device is scarce: the constrained bench with and without the decode loop in CUDA
+  # graphs (one pair + the profiled windows each)
   # and the cells' decode (one command per tree: batch 32 at 2K/32K/128K and batch 1 and 64 at 32K)
   READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
   echo "### HBM read ceiling ${READ} TB/s"
-  WHILE_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+  # RunOptions.decode_graphs' command buffer types, for every program of the run
+  WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
   for v in default while; do
     flags=$( [ $v = while ] && echo "$WHILE_FLAGS" || echo "" )
     XLA_FLAGS="$flags" TAIL=24 step "constrained_$v" 140 python bench/bench_engine.py constrained \
@@ -253,5 +242,5 @@ host)
   done
   TAIL=30 step w8a8 100 python bench/bench_moe_kernel.py --w8a8 --tokens 8192 --sweep-budget 0
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|cells|cmdbuf|combo|host [DIR]" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|cells|combo|host [DIR]" >&2; exit 2 ;;
 esac

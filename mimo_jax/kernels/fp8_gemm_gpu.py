@@ -121,11 +121,33 @@ def quantize_groups(a: jax.Array, rows: int | None = None) -> tuple[jax.Array, j
 
 
 # ----------------------------------------------------------------------------- kernels
-def _weight_tile(w_ref, expert, cols, ks, out_in: bool):
-    """The weight tile over output slice `cols` and reduction slice `ks`, as stored ([out, in] when `out_in`)."""
+# The pieces both expert kernels (these and `moe_gpu`'s grouped ones) share: a program's tile from the work table,
+# weight tiles and block scales as stored, masked row stores.
+def tile_at(table_ref, block_cols: int) -> tuple:
+    """Program p's tile of a `moe_gpu.schedule` work table: (expert, row start, row end, first column)."""
+    pid = pl.program_id(0)
+    return table_ref[0, pid], table_ref[1, pid], table_ref[2, pid], table_ref[3, pid] * block_cols
+
+
+def weight_tile(w_ref, expert, cols, ks, out_in: bool):
+    """The weight tile over output slice `cols` and reduction slice `ks`, as stored ([out, in] when `out_in`);
+    `expert` None: a dense weight."""
     if expert is None:
         return w_ref[cols, ks] if out_in else w_ref[ks, cols]
     return w_ref[expert, cols, ks] if out_in else w_ref[expert, ks, cols]
+
+
+def block_scale(s_ref, expert, out_block, in_block, out_in: bool):
+    """The fp8 block scale(s) at (output block, reduction block) of scales stored like their weight."""
+    return s_ref[expert, out_block, in_block] if out_in else s_ref[expert, in_block, out_block]
+
+
+def store_rows(out_ref, row_start, row_end, col, value, tiles) -> None:
+    """Store a [block_rows, block_cols] tile at (row_start, col), only its rows before `row_end` (later rows are
+    another expert's); `tiles` has block_rows and block_cols."""
+    rows = row_start + jax.lax.broadcasted_iota(jnp.int32, value.shape, 0)
+    target = out_ref.at[pl.ds(row_start, tiles.block_rows), pl.ds(col, tiles.block_cols)]
+    plgpu.store(target, value.astype(out_ref.dtype), mask=rows < row_end)
 
 
 def _scaled_sums(a_at, a_scale_at, w_refs, w_scale_at, n_steps: int, tiles: GemmTiles, out_in: bool, expert, col):
@@ -141,7 +163,7 @@ def _scaled_sums(a_at, a_scale_at, w_refs, w_scale_at, n_steps: int, tiles: Gemm
         ks = pl.ds(g * GROUP, GROUP)
         out = []
         for index, (acc, w_ref) in enumerate(zip(accs, w_refs, strict=True)):
-            w = _weight_tile(w_ref, expert, cols, ks, out_in)
+            w = weight_tile(w_ref, expert, cols, ks, out_in)
             prod = jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
             w_scale = w_scale_at(index, g)
             if jnp.ndim(w_scale):
@@ -163,15 +185,9 @@ def _block_scale_at(s_refs, expert, col: jax.Array, tiles: GemmTiles, out_in: bo
         c_block = (col + jax.lax.broadcasted_iota(jnp.int32, (tiles.block_cols,), 0)) // GROUP
 
     def at(index, g):
-        s_ref = s_refs[index]
-        return s_ref[expert, c_block, g] if out_in else s_ref[expert, g, c_block]
+        return block_scale(s_refs[index], expert, c_block, g, out_in)
 
     return at
-
-
-def _masked_rows(row_start, row_end, shape) -> jax.Array:
-    """Which rows of a tile starting at `row_start` lie before `row_end` (later rows are another expert's)."""
-    return row_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0) < row_end
 
 
 def _gate_up_kernel(
@@ -179,9 +195,7 @@ def _gate_up_kernel(
 ):
     """Program p: rows [row start, row end) of one expert (x gathered by token), 128 intermediate columns:
     h = silu(x Wg) * (x Wu), stored as e4m3 with its per-row scale for this column group."""
-    pid = pl.program_id(0)
-    expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
-    col = table_ref[3, pid] * tiles.block_cols
+    expert, row_start, row_end, col = tile_at(table_ref, tiles.block_cols)
 
     @pl.when(row_start < row_end)
     def _():
@@ -202,17 +216,14 @@ def _gate_up_kernel(
         h = gate / (1.0 + jnp.exp(-gate)) * up
         scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), 1e-30) / FP8_MAX
         values = jnp.clip(h * (1.0 / scale)[:, None], -FP8_MAX, FP8_MAX).astype(h_ref.dtype)
-        rows = pl.ds(row_start, tiles.block_rows)
-        mask = _masked_rows(row_start, row_end, values.shape)
-        plgpu.store(h_ref.at[rows, pl.ds(col, tiles.block_cols)], values, mask=mask)
-        plgpu.store(hs_ref.at[col // GROUP, rows], scale, mask=_masked_rows(row_start, row_end, scale.shape))
+        store_rows(h_ref, row_start, row_end, col, values, tiles)
+        in_rows = row_start + jax.lax.broadcasted_iota(jnp.int32, scale.shape, 0) < row_end
+        plgpu.store(hs_ref.at[col // GROUP, pl.ds(row_start, tiles.block_rows)], scale, mask=in_rows)
 
 
 def _down_kernel(table_ref, rw_ref, h_ref, hs_ref, wd_ref, sd_ref, y_ref, *, tiles, out_in):
     """Program p: y = (h Wd) * routing weight on rows [row start, row end) of one expert, block_cols columns."""
-    pid = pl.program_id(0)
-    expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
-    col = table_ref[3, pid] * tiles.block_cols
+    expert, row_start, row_end, col = tile_at(table_ref, tiles.block_cols)
 
     @pl.when(row_start < row_end)
     def _():
@@ -228,9 +239,7 @@ def _down_kernel(table_ref, rw_ref, h_ref, hs_ref, wd_ref, sd_ref, y_ref, *, til
             expert,
             col,
         )
-        y = (acc * rw_ref[rows][:, None]).astype(y_ref.dtype)
-        mask = _masked_rows(row_start, row_end, y.shape)
-        plgpu.store(y_ref.at[rows, pl.ds(col, tiles.block_cols)], y, mask=mask)
+        store_rows(y_ref, row_start, row_end, col, acc * rw_ref[rows][:, None], tiles)
 
 
 def _matmul_kernel(x_ref, xs_ref, w_ref, s_ref, y_ref, *, tiles, out_in):

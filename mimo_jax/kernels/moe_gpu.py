@@ -37,11 +37,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from mimo_jax.kernels import EXPERT_LAYOUTS, W8A8_MIN_ROWS_PER_EXPERT, fp8_gemm_gpu, manual_axes
-from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config
-from mimo_jax.quant import FP8_MAX
+from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config, block_scale, store_rows, tile_at, weight_tile
+from mimo_jax.quant import FP8_MAX, quantize_activations
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
 
@@ -231,17 +230,6 @@ def schedule(group_sizes: jax.Array, block_rows: int, n_col_tiles: int, n_tiles:
     return jnp.stack(table).astype(jnp.int32)
 
 
-def _weight_tile(w_ref, expert, out_ds, in_ds, out_in: bool):
-    """Expert `expert`'s weight tile over output slice `out_ds` and reduction slice `in_ds`, as stored:
-    [out, in] when `out_in`, else [in, out]."""
-    return w_ref[expert, out_ds, in_ds] if out_in else w_ref[expert, in_ds, out_ds]
-
-
-def _block_scale(s_ref, expert, out_block, in_block, out_in: bool):
-    """The fp8 block scale(s) at (output block, reduction block) of scales stored like their weight."""
-    return s_ref[expert, out_block, in_block] if out_in else s_ref[expert, in_block, out_block]
-
-
 def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
     """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column [block_cols] when the
     tile spans blocks."""
@@ -250,7 +238,7 @@ def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
         c_block = col // FP8_BLOCK
     else:
         c_block = (col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)) // FP8_BLOCK
-    return _block_scale(s_ref, expert, c_block, k_block, out_in)
+    return block_scale(s_ref, expert, c_block, k_block, out_in)
 
 
 def _silu(g: jax.Array) -> jax.Array:
@@ -272,12 +260,9 @@ def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _fp8_groups(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """a [rows, d] -> (e4m3 values, scales [rows, d / 128] f32): amax / 448 per 1 x 128 group of a row,
     as SGLang and vLLM quantize activations for block-FP8 weights."""
-    rows, d = a.shape
-    padded = -(-d // FP8_BLOCK) * FP8_BLOCK
-    groups = jnp.pad(a.astype(jnp.float32), ((0, 0), (0, padded - d))).reshape(rows, -1, FP8_BLOCK)
-    scale = jnp.maximum(jnp.max(jnp.abs(groups), axis=2), 1e-30) / FP8_MAX
-    values = (groups / scale[:, :, None]).astype(jnp.float8_e4m3fn).reshape(rows, padded)[:, :d]
-    return values, scale
+    d = a.shape[1]
+    values, scale = quantize_activations(jnp.pad(a, ((0, 0), (0, -d % FP8_BLOCK))))
+    return values[:, :d], scale
 
 
 def _dot_operand(a: jax.Array, fp8_dot: str, scaled: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -308,7 +293,7 @@ def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileCo
         ks, cs = pl.ds(k * cfg.block_k, cfg.block_k), pl.ds(col, cfg.block_cols)
         out = []
         for acc, w_ref, s_ref in zip(accs, w_refs, s_refs, strict=True):
-            w = _weight_tile(w_ref, expert, cs, ks, out_in).astype(a.dtype)
+            w = weight_tile(w_ref, expert, cs, ks, out_in).astype(a.dtype)
             if cfg.swap_ab:
                 dims = (((w_contract,), (1,)), ((), ()))
                 prod = jax.lax.dot_general(w, a, dims, preferred_element_type=jnp.float32)
@@ -326,12 +311,6 @@ def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileCo
     shape = (cfg.block_cols, cfg.block_rows) if cfg.swap_ab else (cfg.block_rows, cfg.block_cols)
     accs = jax.lax.fori_loop(0, n_steps, step, (jnp.zeros(shape, jnp.float32),) * len(w_refs))
     return tuple(acc.T for acc in accs) if cfg.swap_ab else accs
-
-
-def _store_rows(out_ref, row_start, row_end, col, value, cfg: TileConfig):
-    rows = row_start + jax.lax.broadcasted_iota(jnp.int32, value.shape, 0)
-    target = out_ref.at[pl.ds(row_start, cfg.block_rows), pl.ds(col, cfg.block_cols)]
-    plgpu.store(target, value.astype(out_ref.dtype), mask=rows < row_end)
 
 
 def _unpack_refs(refs, a_scaled: bool, n_weights: int, scaled: bool):
@@ -356,9 +335,7 @@ def _activation_scales(a_scale_ref, rows, fp8_dot: str, cfg: TileConfig):
 
 def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str, out_in: bool):
     xs_ref, w_refs, s_refs, h_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 2, scaled)
-    pid = pl.program_id(0)
-    expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
-    col = table_ref[3, pid] * cfg.block_cols
+    expert, row_start, row_end, col = tile_at(table_ref, cfg.block_cols)
 
     @pl.when(row_start < row_end)
     def _():
@@ -373,14 +350,12 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled:
         if by_row is not None:  # the per-row scale factors out of the whole sum
             gate, up = gate * by_row[:, None], up * by_row[:, None]
         h = _silu(gate) * up  # fp32
-        _store_rows(h_ref, row_start, row_end, col, h, cfg)
+        store_rows(h_ref, row_start, row_end, col, h, cfg)
 
 
 def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str, out_in: bool):
     hs_ref, w_refs, s_refs, y_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 1, scaled)
-    pid = pl.program_id(0)
-    expert, row_start, row_end = table_ref[0, pid], table_ref[1, pid], table_ref[2, pid]
-    col = table_ref[3, pid] * cfg.block_cols
+    expert, row_start, row_end, col = tile_at(table_ref, cfg.block_cols)
 
     @pl.when(row_start < row_end)
     def _():
@@ -393,7 +368,7 @@ def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool,
         by_group, by_row = _activation_scales(hs_ref, rows, fp8_dot, cfg)
         (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in, by_group)
         routing = rw_ref[rows] if by_row is None else rw_ref[rows] * by_row
-        _store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
+        store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
 
 FUSED_ROWS = 16  # the MMA's narrow side: one token's row and 15 rows of zeros (Triton dots need 16)
@@ -458,13 +433,13 @@ def _gate_up_sums(x_ref, token, w_refs, s_refs, expert, col, steps, cfg: FusedCo
     def step(i, accs):  # `unroll` reduction blocks per iteration, every load issued before the first product
         ks = [i * cfg.unroll + u for u in range(cfg.unroll)]
         cs = pl.ds(col, bi)
-        tiles = [[_weight_tile(w_ref, expert, cs, pl.ds(k * bk, bk), out_in) for k in ks] for w_ref in w_refs]
+        tiles = [[weight_tile(w_ref, expert, cs, pl.ds(k * bk, bk), out_in) for k in ks] for w_ref in w_refs]
         out = []
         for acc, w_tiles, s_ref in zip(accs, tiles, s_refs, strict=True):
             for k, w in zip(ks, w_tiles, strict=True):
                 prod = _times(w, x_operand(k), cfg, dtype, out_in)
                 if s_ref is not None:
-                    prod = prod * _block_scale(s_ref, expert, col // FP8_BLOCK, (k * bk) // FP8_BLOCK, out_in)
+                    prod = prod * block_scale(s_ref, expert, col // FP8_BLOCK, (k * bk) // FP8_BLOCK, out_in)
                 acc = acc + prod
             out.append(acc)
         return tuple(out)
@@ -489,12 +464,12 @@ def _down_products(h, w_ref, s_ref, expert, col, steps, out_at, cfg: FusedConfig
 
     def step(i, carry):
         js = [i * cfg.unroll + u for u in range(cfg.unroll)]
-        tiles = [_weight_tile(w_ref, expert, pl.ds(j * bo, bo), pl.ds(col, bi), out_in) for j in js]
+        tiles = [weight_tile(w_ref, expert, pl.ds(j * bo, bo), pl.ds(col, bi), out_in) for j in js]
         for j, w in zip(js, tiles, strict=True):  # loads first: the stores below would keep them in order
             y = _token_row(_times(w, h, cfg, dtype, out_in), cfg)
             if s_ref is not None:  # one scale, or one per output column when the block spans scale blocks
                 out_block = j * bo + (jax.lax.broadcasted_iota(jnp.int32, (bo,), 0) if bo > FP8_BLOCK else 0)
-                y = y * _block_scale(s_ref, expert, out_block // FP8_BLOCK, col // FP8_BLOCK, out_in)
+                y = y * block_scale(s_ref, expert, out_block // FP8_BLOCK, col // FP8_BLOCK, out_in)
             out_ref[p, c, pl.ds(j * bo, bo)] = y if h_scale is None else y * h_scale
         return carry
 
