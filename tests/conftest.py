@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 # Multi-device tests use 8 fake CPU devices; must be set before JAX is imported anywhere.
 # Compilation dominates the suite's time and the programs run briefly: XLA:CPU's LLVM backend at -O0 compiles a
@@ -6,6 +8,15 @@ import os
 # same flag (tests.fixtures.child_env).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per run, shared by the xdist workers and the processes tests start (they inherit
+# the environment): many modules compile the same demo-model programs, and a load is ~4x cheaper than a compile.
+# Tests that assert "nothing compiles" count cache loads as compiles too (tests.fixtures.count_compiles).
+RUN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    RUN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="mimo_jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = RUN_COMPILATION_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Session fixtures (tests/fixtures.py): one demo server for every module; the served test checkpoint's server; the
 # speculating demo server; servers that collected tests use start with the session (servers_started_early; with
@@ -23,3 +34,9 @@ def pytest_xdist_auto_num_workers(config):
     """`-n auto` (setup.cfg): two workers at most. The tests compile on about one core each, and every worker
     holds up to ~7 GB (CI's machine: 2 cores, 24 GB)."""
     return max(1, min(os.cpu_count() or 1, 2))
+
+
+def pytest_unconfigure(config):
+    """The process that made the run's compilation cache (the xdist controller, or the only one) removes it."""
+    if RUN_COMPILATION_CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(RUN_COMPILATION_CACHE, ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,9 +14,7 @@ import mimo_jax
 from mimo_jax.engine.driver import Aborted, BroadcastChannel, Driver, RoundPlan, apply_plan, padded_size, warm_up
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
-from tests.fixtures import fake_constraint, predictable_model
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's monitoring event for one XLA compilation
+from tests.fixtures import count_compiles, fake_constraint, predictable_model
 
 
 class Wire:
@@ -186,17 +183,10 @@ def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
     assert eng.buckets == (16, 32, 64)
     warm_up(Driver(eng), 4, prompt_scoring=False)
     assert eng.pages.stats().snapshots == 0  # the warm-up's prompts are forgotten
-    compiled = []
-
-    def listener(event: str, seconds: float, **kwargs) -> None:
-        if event == COMPILE_EVENT:
-            compiled.append(kwargs.get("fun_name"))
-
     rng = np.random.RandomState(0)
     history = {c: rng.randint(1, lm.config.vocab_size, 70 + 9 * c).tolist() for c in range(2)}
     cached = {}
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiled:
         for turn, new_tokens in enumerate((0, 5, 23, 41)):  # tails of 1..3 chunks, in every bucket
             for c in history:
                 history[c] += rng.randint(1, lm.config.vocab_size, new_tokens).tolist()
@@ -207,8 +197,6 @@ def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
                     if out.cached_tokens is not None:
                         cached[out.request_id] = out.cached_tokens
                     history[out.request_id[0]] += out.token_ids
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiled == []
     assert all(cached[(c, 0)] == 0 for c in history)
     assert all(cached[(c, t)] > 0 for c in history for t in (1, 2, 3))
@@ -238,12 +226,6 @@ def test_after_warm_up_constrained_beside_free_compiles_nothing(speculative_step
     )
     eng.overlap = True
     warm_up(Driver(eng), 4, prompt_scoring=False)
-    compiled = []
-
-    def listener(event: str, seconds: float, **kwargs) -> None:
-        if event == COMPILE_EVENT:
-            compiled.append(kwargs.get("fun_name"))
-
     even = SamplingOptions(max_new_tokens=9, constraint={"type": "even"})
     requests = [
         ("even", [3, 1, 4], even),
@@ -252,14 +234,11 @@ def test_after_warm_up_constrained_beside_free_compiles_nothing(speculative_step
         ("even_hot", [7], dataclasses.replace(even, temperature=1.0, seed=2)),
     ]
     emitted = {}
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiled:
         while requests or eng.has_work():
             while requests and eng.free_slots:
                 eng.add(*requests.pop(0))
             for out in eng.step(max_tokens_per_round=4, prefill_tokens=16):
                 emitted[out.request_id] = emitted.get(out.request_id, 0) + len(out.token_ids)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiled == []
     assert emitted == {"even": 9, "free": 14, "hot": 11, "even_hot": 9}
