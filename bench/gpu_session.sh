@@ -27,6 +27,10 @@
 #                                         # contiguous cache of DIR; issue 23's constrained bench with a profile
 #   bash bench/gpu_session.sh combo [DIR] # one GPU (~8 min): the constrained bench under default command buffers
 #                                         # and with WHILE,CONDITIONAL in them; the cells' decode in DIR and here
+#   bash bench/gpu_session.sh graphs      # one GPU (~9 min): decode rounds in CUDA graphs: same tokens? then the
+#                                         # constrained bench with graphs in the tree in PRE and here
+#   bash bench/gpu_session.sh cells128 [DIR] # one GPU, an H200 (~7 min): batch 64 x 128K and 32 x 2K, paged kernel vs DIR
+#   bash bench/gpu_session.sh graphs2     # one GPU (~9 min): issue 25's low-batch decode and MTP cost, graphs or not
 #   bash bench/gpu_session.sh host [DIR]  # one GPU (~5 min): the constrained bench under cProfile, batch 32 x 2K
 #                                         # in DIR and here, the w8a8 checks
 # The modes of earlier runs (four, two-a, two-b, two-rest, four-a .. four-f, kernel-a .. kernel-f) are in this
@@ -183,7 +187,59 @@ round)
       --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --paged pallas_gpu --json "$O/new_decode64.json"
   fi
   ;;
-cells)
+graphs)
+  # CUDA-graph decode rounds: the same greedy tokens as the plain rounds (RunOptions.decode_graphs), then issue 23's
+  # constrained bench with the rounds in graphs in the tree in PRE (e.g. main before a change) and here
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  TAIL=6 step decode_graphs 150 python bench/check_decode_graphs.py --requests 16 --prompt 256 --output 64 --round 8
+  WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
+  for tree in . ${PRE:-}; do  # this tree first (REPS pairs), then PRE (one pair)
+    name=constrained_$( [ "$tree" = . ] && echo new || echo old )
+    reps=$( [ "$tree" = . ] && echo "${REPS:-2}" || echo 1 )
+    (cd "$tree" && PYTHONPATH=.${SITE:+:$SITE} XLA_FLAGS="$WHILE_FLAGS" TAIL=12 step "$name" 170 python \
+      bench/bench_engine.py constrained --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 \
+      --output "${OUTPUT:-384}" --round 8 --reps "$reps" --json "$O/$name.json")
+  done
+  # what is left of the call: flash-slice-4 bf16 decode at batch 1, plain rounds and in graphs (issue 25)
+  for v in plain graphs; do
+    flags=$( [ $v = graphs ] && echo "$WHILE_FLAGS" || echo "" )
+    XLA_FLAGS="$flags" TAIL=8 step "slice_b1_$v" 60 python -m mimo_jax.tools.bench decode --batch 1,4 --context 1024 \
+      --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --json "$O/slice_b1_$v.json"
+  done
+  ;;
+graphs2)
+  # issue 25 with the decode loop in CUDA graphs (RunOptions.decode_graphs' command buffer types) and without:
+  # low-batch decode on the deepest fp8 Flash prefix and flash-slice-4 bf16 batch 1, then a k=3 MTP iteration in plain steps
+  N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384)
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### device bytes_limit $HBM -> flash-layers-$N; HBM read ceiling ${READ} TB/s"
+  WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
+  for v in plain graphs; do
+    flags=$( [ $v = graphs ] && echo "$WHILE_FLAGS" || echo "" )
+    XLA_FLAGS="$flags" TAIL=8 step "slice_b1_$v" 60 python -m mimo_jax.tools.bench decode --batch 1 --context 1024 \
+      --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --json "$O/slice_b1_$v.json"
+    XLA_FLAGS="$flags" TAIL=10 step "layers_$v" 170 python -m mimo_jax.tools.bench decode --model "flash-layers-$N" \
+      --random-weights fp8 --moe-impl pallas_gpu --batch 1,4,16,64 --context 1024 --steps 16 --rounds 3 \
+      --json "$O/layers_$v.json"
+  done
+  XLA_FLAGS="$WHILE_FLAGS" TAIL=30 step mtp_slice_graphs 120 python bench/bench_mtp.py --model flash-slice-4 --batch 1 \
+    --steps 3 --draft-vocab 0,32768 --iters 8 --rounds 3 --json "$O/mtp_slice_graphs.json"
+  ;;
+cells128)
+  # issue 22's last cells: batch 64 x 128K with the paged kernel (H200: it does not fit 80 GB) and batch 32 x 2K
+  # (at the line on the H100) vs the contiguous cache of the tree in DIR
+  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
+  echo "### HBM read ceiling ${READ} TB/s"
+  for tree in ${2:-} .; do
+    name=$( [ "$tree" = . ] && echo new || echo old )
+    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
+    (cd "$tree" && PYTHONPATH=. TAIL=6 step "${name}_cell64x128k" 150 python -m mimo_jax.tools.bench decode --batch 64 \
+      --context 131072 --steps 16 --rounds 2 --no-experts-count $paged --json "$O/${name}_cell64x128k.json")
+    (cd "$tree" && PYTHONPATH=. TAIL=6 step "${name}_cell32x2k" 60 python -m mimo_jax.tools.bench decode --batch 32 \
+      --context 2048 --steps 16 --rounds 4 --no-experts-count --moe-impl pallas_gpu $paged --json "$O/${name}_cell32x2k.json")
+  done
+  ;;cells)
   # issue 22's decode cells not yet measured (paged kernel vs the contiguous cache of the tree in DIR: batch 32 at
   # 2K/32K/128K, batch 1 and 64 at 32K), and issue 23's constrained bench with a profiled window of each kind
   READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
