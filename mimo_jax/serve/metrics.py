@@ -38,7 +38,6 @@ THROUGHPUT_WINDOW_S = 10.0
 FINISH_REASONS = ("stop", "length")  # series present from the start (a dashboard's rate() needs a first sample)
 REJECT_REASONS = ("queue_full", "timeout")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's monitoring event for one XLA compilation
-CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_hits"  # one program loaded from the persistent compilation cache
 
 
 def token_buckets(max_value: int) -> list[int]:
@@ -65,7 +64,7 @@ class Metrics:
         self.speculative_steps = speculative_steps
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
         self._recent_lock = threading.Lock()
-        self._compile_listeners = None
+        self._compile_listener = None
         self._drafts = self._accepted = 0  # spec_decode_mean_accept_length's inputs (a gauge cannot read counters)
 
         def make(kind, name: str, doc: str, labels: Sequence[str] = (), **kwargs):
@@ -160,8 +159,7 @@ class Metrics:
         self.compilations = one(
             Counter,
             "xla_compilations",
-            "XLA programs compiled (or loaded from the persistent compilation cache) after warm-up (each one stalls"
-            " every running sequence; expected 0).",
+            "XLA programs compiled after warm-up (each one stalls every running sequence; expected 0).",
         )
         self.compile_seconds = one(Counter, "xla_compile_seconds", "Seconds spent compiling after warm-up.")
 
@@ -245,33 +243,24 @@ class Metrics:
             counter.inc(sum(a > j for a in accepted))
 
     def count_compilations(self) -> None:
-        """From now on, count (and log) every XLA compilation in this process, and every program loaded from
-        JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`): after warm-up, each one is a shape or
-        loop the warm-up missed, and stalls every running sequence while it compiles or loads."""
+        """From now on, count (and log) every XLA compilation in this process: after warm-up, each one is a
+        shape or loop the warm-up missed, and stalls every running sequence while it compiles."""
 
-        def on_compile(event: str, seconds: float, **kwargs) -> None:
+        def listener(event: str, seconds: float, **kwargs) -> None:
             if event != COMPILE_EVENT:
                 return
             self.compilations.inc()
             self.compile_seconds.inc(seconds)
             log.warning("compiled %s in %.2f s after warm-up", kwargs.get("fun_name", "a program"), seconds)
 
-        def on_load(event: str, **kwargs) -> None:
-            if event == CACHE_LOAD_EVENT:
-                self.compilations.inc()
-                log.warning("loaded a program from the persistent compilation cache after warm-up")
-
         self.stop_counting_compilations()
-        self._compile_listeners = (on_compile, on_load)
-        jax.monitoring.register_event_duration_secs_listener(on_compile)
-        jax.monitoring.register_event_listener(on_load)
+        self._compile_listener = listener
+        jax.monitoring.register_event_duration_secs_listener(listener)
 
     def stop_counting_compilations(self) -> None:
-        if self._compile_listeners is not None:
-            on_compile, on_load = self._compile_listeners
-            jax.monitoring.unregister_event_duration_listener(on_compile)
-            jax.monitoring.unregister_event_listener(on_load)
-            self._compile_listeners = None
+        if self._compile_listener is not None:
+            jax.monitoring.unregister_event_duration_listener(self._compile_listener)
+            self._compile_listener = None
 
     # -------------------------------------------------------------- reading
     def value(self, name: str, **labels: str) -> float:

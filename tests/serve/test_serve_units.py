@@ -449,6 +449,17 @@ def test_each_server_has_its_own_metrics_and_counts_compilations_after_warmup():
         a.stop_counting_compilations()
     jax.jit(lambda x: x * 5 - 2)(x).block_until_ready()  # not counted any more
     assert a.value("xla_compilations_total") == 1 and b.value("xla_compilations_total") == 0
+    # a program loaded from the persistent compilation cache (tests/conftest.py keeps one per run) counts too:
+    # after warm-up a load is a jit cache miss as well
+    f = jax.jit(lambda x: x * 7 - 3)
+    f(x).block_until_ready()
+    jax.clear_caches()
+    b.count_compilations()
+    try:
+        f(x).block_until_ready()
+        assert b.value("xla_compilations_total") == 1
+    finally:
+        b.stop_counting_compilations()
 
 
 # ---------------------------------------------------------------------------------- scheduler
