@@ -72,8 +72,9 @@ class RunOptions:
     rounds the activations the same way. None: "off" (opt-in until the kernels' GPU check passes).
     `decode_graphs`: on GPU, XLA records the engine's decode round - its `while_loop` and conditionals included -
     into command buffers (CUDA graphs), so a round runs without a host sync per iteration and its launch returns at
-    once (the host's work overlaps the device's); no effect on other platforms. None: off (opt-in until
-    `bench/check_decode_graphs.py` has shown the same tokens on a GPU; an H100 decoded 16 requests 15% faster).
+    once (the host's work overlaps the device's); no effect on other platforms. None: on (an H100 decoded the
+    same greedy tokens, `bench/check_decode_graphs.py`, 8-16% faster; and a constrained request beside others
+    then costs them ~1%, not ~16%: bench/RESULTS.md). False: XLA's default command buffers.
     """
 
     platform: str = "cpu"
@@ -111,7 +112,7 @@ class RunOptions:
     @property
     def decode_compiler_options(self) -> dict[str, str] | None:
         """XLA compile options of the engine's decode rounds (None: the platform's defaults)."""
-        on = bool(self.decode_graphs) and self.platform == "gpu"
+        on = self.decode_graphs is not False and self.platform == "gpu"
         return {"xla_gpu_enable_command_buffer": GPU_DECODE_COMMAND_BUFFERS} if on else None
 
     @property

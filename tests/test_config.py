@@ -120,11 +120,13 @@ def test_run_options_are_checked_and_resolved_by_platform():
         RunOptions(capacity_factor=0)
     with pytest.raises(AttributeError):  # frozen: a model's options never change after it is built
         RunOptions().moe_impl = "dense"
-    # decode rounds in CUDA graphs: opt-in, and only a GPU compile gets the option
-    assert RunOptions.for_platform("gpu").decode_compiler_options is None
-    graphs = RunOptions.for_platform("gpu", decode_graphs=True).decode_compiler_options
+    # decode rounds in CUDA graphs: on by default, off on request, and only a GPU compile gets the option
+    graphs = RunOptions.for_platform("gpu").decode_compiler_options
     assert "WHILE" in graphs["xla_gpu_enable_command_buffer"].split(",")
-    assert RunOptions.for_platform("tpu", decode_graphs=True).decode_compiler_options is None
+    assert RunOptions.for_platform("gpu", decode_graphs=True).decode_compiler_options == graphs
+    assert RunOptions.for_platform("gpu", decode_graphs=False).decode_compiler_options is None
+    assert RunOptions.for_platform("tpu").decode_compiler_options is None
+    assert RunOptions.for_platform("cpu", decode_graphs=True).decode_compiler_options is None
 
 
 def test_model_options_are_fixed_at_construction():

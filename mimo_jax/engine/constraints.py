@@ -2,7 +2,7 @@
 
 A request's `SamplingOptions.constraint` is a JSON-able spec the engine does not interpret; the
 engine's `constraint_factory` builds a `TokenConstraint` from it when the request is added. While
-such a request runs, the engine decodes rounds of one token: before each it asks the constraint
+such a request runs, the engine decodes it one token per step: before each it asks the constraint
 for the next token's allowed set (`fill_allowed`), the device samples with every other token at
 -inf, and after reading the token it reports it back (`accept`). `is_finished()` ends the request
 (finish_reason "stop"), and so does a mask that allows nothing. Every host of a multi-host run

@@ -10,11 +10,12 @@ shard, and a new prompt takes a slot on the shard holding its longest cached pre
 pages).
 
 Constrained requests (`SamplingOptions.constraint`, built by the engine's `constraint_factory`, see
-`mimo_jax.engine.constraints`): while any runs, each step decodes the constrained requests' rows one token,
-with each mask filled from its constraint before the round and the token accepted after (synchronously, also
-with `overlap` on), and the other requests' rows in a round of their own; otherwise the decode step gets a
-cached all-ones mask. With speculation the constrained rows' round is the plain one-token loop (no drafts, so
-the masks hold) while the others keep speculating.
+`mimo_jax.engine.constraints`): while any runs, each step splits its round in two launches: one iteration over
+the constrained rows (each mask filled from its constraint before it, the token accepted after, read
+synchronously also with `overlap` on) together with the other rows (every token allowed), then the round's
+other iterations over the other rows alone, continuing on the device; otherwise the decode step gets a cached
+all-ones mask. With speculation the constrained rows' launch is the plain one-token loop over them alone (no
+drafts, so the masks hold) and the others keep their whole speculative round.
 """
 
 from __future__ import annotations
@@ -713,7 +714,8 @@ class Engine:
         after that.
 
         While a constrained request runs, its round is one token whatever `max_tokens_per_round` says, read
-        synchronously even with `overlap` on; the other requests run their own round (see `_step_constrained`).
+        synchronously even with `overlap` on; the other requests join that token's iteration and run the rest
+        of their round on their own (see `_step_constrained`).
         """
         n = self.max_round_tokens if max_tokens_per_round is None else max_tokens_per_round
         if not 1 <= n <= self.max_round_tokens:
@@ -753,10 +755,10 @@ class Engine:
     def _decode(self, running: list[_Request], num_steps: int, masks: dict[int, np.ndarray] | None = None) -> tuple:
         """Launch a decode round over the running requests' slots (the smallest bucket of rows that holds them):
         the greedy loop when every running request is greedy, the plain one-token loop
-        (`constrained_decode_fn`, even in a speculative engine) when they are constrained. `masks` (the rounds
-        of `_step_constrained`): allowed-token rows of constrained slots; the bucket's filler rows get
-        all-zero rows, so they sit the round out (another round of the step decodes them, if running).
-        Returns (the slot of each row, the round's output)."""
+        (`constrained_decode_fn`, even in a speculative engine) when any is constrained. `masks` (the launches
+        of `_step_constrained`): allowed-token rows of constrained slots (running requests without one
+        allow every token); the bucket's filler rows get all-zero rows, so they sit the round out (another
+        launch of the step decodes them, if running). Returns (the slot of each row, the round's output)."""
         running_slots = [self._by_id[r.request_id] for r in running]
         rows = self.steps.round_rows(running_slots)
         if masks is not None:
@@ -780,19 +782,25 @@ class Engine:
         return [int(r) for r in rows], round_out
 
     def _step_constrained(self, admitted: list, num_steps: int) -> list[StepOutput]:
-        """A step while a constrained request runs: the constrained requests decode one token, the others a
-        round of `num_steps` as in any step, in two rounds over their own rows.
+        """A step while a constrained request runs: the constrained requests decode one token, the others
+        `num_steps` as in any step, in two launches: (1) one iteration over the constrained rows (masked) and the
+        others together, (2) the others' other `num_steps` - 1 iterations over their rows alone, continuing on
+        the device from (1). A bandwidth-bound device reads the weights once per iteration for all rows, so the
+        constrained rows cost the others (nearly) nothing, and their tokens are ready after (1): the host makes
+        the next masks while (2) runs.
 
-        Every constraint has already accepted its request's tokens (the constrained round is read in the step
-        that launches it), so the masks are made first, while the device still runs the previous step's round
-        of the others (overlap); then the constrained rows' one-token round is launched, then the others' round
-        (left in flight with `overlap`, as `step` leaves it); only then is the previous round read, then the
-        first tokens admitted now, then the constrained round (the device ran it before the new round).
+        Every constraint has already accepted its request's tokens ((1) is read in the step that launches it),
+        so the masks are made first, while the device still runs the previous step's (2) (overlap); then (1) and
+        (2) are launched (one page reservation covers both: no row runs more than `num_steps` iterations), (2)
+        left in flight with `overlap`, as `step` leaves its round; only then is the previous (2) read, then the
+        first tokens admitted now, then (1) (the others' first token of this step among them: a row that ends
+        there sits (2) out, whose output for it is then dropped).
         A constrained request admitted now must accept its first token before its first mask: such a step
         reads the previous round and the first tokens before it makes the masks (once per request).
         A request whose constraint is finished, or allows nothing, stops.
-        In a speculative engine the constrained round is the plain one-token loop (masks cannot constrain
-        drafts), not counted in the speculation stats; the others keep speculating.
+        In a speculative engine an iteration of the others is a draft-verify-accept round, not the constrained
+        rows' plain one token (masks cannot constrain drafts): (1) is the plain one-token loop over the
+        constrained rows alone, not counted in the speculation stats, and (2) the others' whole round.
         """
         outputs = []
         if any(first is not None and self._slots[slot].constraint is not None for slot, first, _, _ in admitted):
@@ -801,8 +809,8 @@ class Engine:
                 outputs += self._collect(previous)
             outputs += self._collect(_Launched(admitted, None, self.state.finish_reason, list(self._slots)))
             admitted = []
-        # with overlap the round still in flight is read after this step's rounds are launched, and the
-        # admissions' reasons as admitted (a copy, as the rounds donate `state`)
+        # with overlap the round still in flight is read after this step's launches, and the admissions'
+        # reasons as admitted (a copy, as the launches donate `state`)
         admit_reasons = jnp.copy(self.state.finish_reason) if admitted else None
         masks = {}
         for slot, req in enumerate(self._slots):
@@ -818,22 +826,23 @@ class Engine:
         running = [r for r in self._slots if r is not None and r.decoding]
         constrained = [r for r in running if r.constraint is not None]
         free = [r for r in running if r.constraint is None]
-        constrained_round = free_round = None
+        joined = free if constrained and not self.speculative_steps else []  # the others in launch (1)
+        first = rest = None
         if constrained:
-            rows, round_out = self._decode(constrained, 1, masks)
-            reasons = jnp.copy(self.state.finish_reason)
-            constrained_round = _Launched([], round_out, reasons, slots, rows, speculated=False)
-        if free:
-            rows, round_out = self._decode(free, num_steps, {})
-            free_round = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows)
+            rows, round_out = self._decode(constrained + joined, 1, masks)
+            first = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows, speculated=False)
+        rest_steps = num_steps - 1 if joined else num_steps
+        if free and rest_steps:
+            rows, round_out = self._decode(free, rest_steps, {})
+            rest = _Launched([], round_out, jnp.copy(self.state.finish_reason), slots, rows)
         if self.overlap:
-            previous, self._pending = self._pending, free_round
-            free_round = None
+            previous, self._pending = self._pending, rest
+            rest = None
             if previous is not None:
                 outputs += self._collect(previous)
         if admitted:
             outputs += self._collect(_Launched(admitted, None, admit_reasons, slots))
-        for work in (constrained_round, free_round):
+        for work in (first, rest):
             if work is not None:
                 outputs += self._collect(work)
         return outputs

@@ -489,7 +489,8 @@ def decode_rows(
     constraint lasts for its lifetime).
 
     A row whose `allowed` row is all zeros sits the round out (inactive for it, as it was after): a bucket's
-    filler slot that another round of the same step decodes (constrained and unconstrained rows apart).
+    filler slot that another launch of the same step decodes (in a constrained step's second launch, the
+    constrained rows: its first launch decoded them).
 
     `page_shards` (static): the mesh axes the slots and the pools' pages split over; `rows` then holds D equal
     segments, segment d slots of shard d (`EngineSteps.round_rows`), so every row runs where its rings and

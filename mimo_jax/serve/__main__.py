@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decode-graphs",
-        action="store_true",
-        help="GPU: record each decode round, its while loop included, into CUDA graphs (no host sync per token)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPU: record each decode round, its while loop included, into CUDA graphs (no host sync per token;"
+        " default on, --no-decode-graphs for XLA's default command buffers)",
     )
     p.add_argument("--max-batch", type=int, default=32, help="engine slots: sequences decoded together")
     p.add_argument(
@@ -291,7 +293,7 @@ def _load(args: argparse.Namespace):
 
     platform = (mesh.devices.flat if mesh is not None else jax.devices())[0].platform
     options = RunOptions.for_platform(
-        platform, moe_impl=args.moe_impl, paged_impl=args.paged_impl, decode_graphs=args.decode_graphs or None
+        platform, moe_impl=args.moe_impl, paged_impl=args.paged_impl, decode_graphs=args.decode_graphs
     )
     t0 = time.perf_counter()
     if args.random_weights:

@@ -1,10 +1,14 @@
 """Token masks (constrained decoding), logit_bias and min_tokens in the engine, against full-sequence forwards.
 
 Fake constraints stand in for a grammar backend: only even token ids, a fixed script of tokens then
-finished, or a dead end that allows nothing after a few tokens.
+finished, or a dead end that allows nothing after a few tokens; one test runs the demo model with its tokenizer's
+grammar (llguidance, a JSON schema).
 """
 
+import json
+
 import jax
+import jsonschema
 import numpy as np
 import pytest
 from flax import nnx
@@ -177,7 +181,8 @@ def test_constrained_beside_free_equals_alone(lm, num_pages):
     """Constrained and free requests (greedy and seeded) in one engine with overlap on, some added while the
     others decode: each gives exactly what it gives alone. In a pool too small for all of them, requests are
     preempted and recomputed during constrained steps, with the same result. In a step where both kinds decode,
-    both rounds are launched before the previous free round is read (it stays in flight, as in plain steps)."""
+    one iteration over both is launched, then the free rows' other three iterations, both before the previous
+    free launch is read (it stays in flight, as in plain steps), then the joined iteration is read."""
     eng = Engine(
         lm,
         max_batch=4,
@@ -200,7 +205,7 @@ def test_constrained_beside_free_equals_alone(lm, num_pages):
 
     events = []  # (what, kind of the round) in call order, per step
     decode, collect = eng._decode, eng._collect
-    eng._decode = lambda running, *a: events.append(("launch", _kind(running))) or decode(running, *a)
+    eng._decode = lambda running, n, *a: events.append(("launch", _kind(running), n)) or decode(running, n, *a)
     eng._collect = lambda work: events.append(("read", _kind(work))) or collect(work)
     step = eng.step
     steps = []
@@ -219,16 +224,132 @@ def test_constrained_beside_free_equals_alone(lm, num_pages):
         assert shared("free", "even_hot") and shared("free", "even")
     else:
         assert eng.num_preemptions > 0
-    overlapped = [("launch", "constrained"), ("launch", "free"), ("read", "free"), ("read", "constrained")]
+    overlapped = [("launch", "joined", 1), ("launch", "free", 3), ("read", "free"), ("read", "joined")]
     assert sum(s == overlapped for s in steps) >= 3, steps
 
 
+def test_free_rows_end_or_leave_beside_a_constrained_one(engine, overlap):
+    """Free requests that end (length or a stop token) in the iteration they share with a constrained request,
+    or after it, and one cancelled while its launches are in flight: each gives what it gives alone (tokens,
+    logprobs and top logprobs), the requests that take the freed slots too, and the constrained one its
+    masked argmax."""
+    lp = dict(logprobs=2)
+    long_free = SamplingOptions(max_new_tokens=12, **lp)
+    alone = run(engine, {"long": (PROMPTS[2], long_free)})["long"]
+    stop_at = next(i for i in range(4, 7) if alone["tokens"][i] not in alone["tokens"][:i])
+    stop = SamplingOptions(max_new_tokens=12, stop_token_ids=(alone["tokens"][stop_at],), **lp)
+    free = {f"len{n}": (PROMPTS[2], SamplingOptions(max_new_tokens=n, **lp)) for n in (5, 6, 7)}  # every residue
+    even = SamplingOptions(max_new_tokens=14, constraint={"type": "even"})
+    later = [(1, rid, p, o) for rid, (p, o) in free.items()]
+    later += [(2, "stop", PROMPTS[2], stop), (2, "hot", PROMPTS[3], SamplingOptions(max_new_tokens=9, seed=4, **lp))]
+    ended_in = {}  # request -> the kind of launch whose read ended it
+    collect = engine._collect
+
+    def recording_collect(work):
+        outputs = collect(work)
+        ended_in.update((o.request_id, _kind(work)) for o in outputs if o.finished)
+        return outputs
+
+    engine._collect = recording_collect
+    try:
+        got = run(engine, {"even": (PROMPTS[1], even)}, add_later=later)
+    finally:
+        del engine._collect
+    hot_alone = run(engine, {"hot": (PROMPTS[3], later[-1][3])})["hot"]
+    for rid, expected in [(f"len{n}", alone["tokens"][:n]) for n in (5, 6, 7)] + [
+        ("stop", alone["tokens"][: stop_at + 1]),
+        ("hot", hot_alone["tokens"]),
+    ]:
+        reference = hot_alone if rid == "hot" else alone
+        n = len(expected)
+        assert got[rid]["tokens"] == expected, rid
+        assert got[rid]["reason"] == ("stop" if rid == "stop" else "length"), rid
+        np.testing.assert_allclose(got[rid]["logprobs"], reference["logprobs"][:n], atol=1e-5)
+        assert [[i for i, _ in t] for t in got[rid]["top"]] == [[i for i, _ in t] for t in reference["top"][:n]]
+    assert any(ended_in[rid] == "joined" for rid in free), ended_in  # ended in the shared iteration
+    logits = next_token_logits(engine.lm, PROMPTS[1], got["even"]["tokens"])
+    masked = np.where(np.arange(VOCAB) % 2 == 0, logits, -np.inf)
+    assert len(got["even"]["tokens"]) == 14 and got["even"]["tokens"] == masked.argmax(axis=-1).tolist()
+
+    # cancelled once it decodes beside the constrained one (its launches in flight with overlap); a request
+    # takes its slot
+    engine.add("even", PROMPTS[1], even)
+    engine.add("victim", PROMPTS[2], long_free)
+    tokens = {"even": [], "victim": [], "next": []}
+    cancelled = False
+    while engine.has_work():
+        if not cancelled and len(tokens["victim"]) >= 2:
+            cancelled = engine.cancel("victim")
+            engine.add("next", PROMPTS[3], later[-1][3])
+        for o in engine.step(max_tokens_per_round=3):
+            tokens[o.request_id] += o.token_ids
+    assert tokens["even"] == got["even"]["tokens"] and tokens["next"] == hot_alone["tokens"]
+    assert 0 < len(tokens["victim"]) < 12 and tokens["victim"] == alone["tokens"][: len(tokens["victim"])]
+    assert engine.free_slots == engine.max_batch
+
+
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tags": {"type": "array", "items": {"enum": ["a", "bb", "ccc"]}, "maxItems": 4},
+    },
+    "required": ["name", "n", "tags"],
+}
+
+
+def test_json_schema_beside_free_requests_on_the_demo():
+    """The demo model with its tokenizer's grammar (llguidance): JSON-schema requests (greedy and seeded) beside
+    free ones (greedy and seeded), overlap off and on, rounds of 4: the free ones give what they give alone (tokens;
+    logprobs within float noise), the constrained ones what they give alone (one row in the launches they share
+    when they run alone), and their text is JSON valid for the schema."""
+    from mimo_jax.grammar import GrammarFactory
+    from mimo_jax.text import Tokenizer
+    from mimo_jax.weights.demo import demo_model_dir
+
+    lm = mimo_jax.load_model(str(demo_model_dir()), dtype="float32")
+    tokenizer = Tokenizer(str(demo_model_dir()))
+    eng = Engine(
+        lm,
+        max_batch=4,
+        max_context=128,
+        prefill_chunk=32,
+        max_round_tokens=4,
+        max_top_logprobs=2,
+        constraint_factory=GrammarFactory(tokenizer, lm.config.vocab_size),
+    )
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(10, 5000, n).tolist() for n in (20, 9, 33, 14)]
+    spec = {"json_schema": JSON_SCHEMA}
+    requests = {
+        "json_hot": (prompts[0], SamplingOptions(max_new_tokens=60, temperature=1.0, seed=11, constraint=spec)),
+        "free": (prompts[1], SamplingOptions(max_new_tokens=40, logprobs=2)),
+        "free_hot": (prompts[2], SamplingOptions(max_new_tokens=40, temperature=0.8, seed=3, logprobs=2)),
+        "json": (prompts[3], SamplingOptions(max_new_tokens=60, logprobs=2, constraint=spec)),
+    }
+    alone = {rid: run(eng, {rid: r}, round_tokens=4)[rid] for rid, r in requests.items()}
+    for rid in ("json", "json_hot"):
+        assert alone[rid]["reason"] == "stop" and len(alone[rid]["tokens"]) > 20  # beside every free step
+        jsonschema.validate(json.loads(tokenizer.decode(alone[rid]["tokens"])), JSON_SCHEMA)
+    for overlap in (False, True):
+        eng.overlap = overlap
+        got = run(eng, requests, round_tokens=4)
+        for rid in requests:
+            assert (got[rid]["tokens"], got[rid]["reason"]) == (alone[rid]["tokens"], alone[rid]["reason"]), rid
+            np.testing.assert_allclose(got[rid]["logprobs"], alone[rid]["logprobs"], atol=1e-4)
+        assert got["free"]["steps"] & got["json"]["steps"] and got["free_hot"]["steps"] & got["json_hot"]["steps"]
+    eng.overlap = False
+
+
 def _kind(work) -> str:
-    """'constrained' or 'free': the requests of a round about to launch or being read ('admitted': first tokens)."""
+    """'constrained', 'free' or 'joined' (both): the requests of a round about to launch or being read
+    ('admitted': first tokens)."""
     if isinstance(work, list):
         reqs = work
     elif work.round_out is None:
         return "admitted"
     else:
         reqs = [work.slots[slot] for slot in work.rows if work.slots[slot] is not None]
-    return "constrained" if any(r.constraint is not None for r in reqs) else "free"
+    kinds = {r.constraint is not None for r in reqs}
+    return "joined" if len(kinds) == 2 else "constrained" if True in kinds else "free"

@@ -71,7 +71,8 @@ def test_constrained_requests_decode_plainly_beside_speculating_ones(lm, engine,
     """Greedy constrained output is the argmax of the masked full-forward logits (reported logprobs stay the
     model's); a sampled constrained one only emits allowed tokens; a script ends its request; the greedy and
     sampled unconstrained requests give the tokens and accepted drafts they give without the constrained ones;
-    the speculation stats count only their verifies; nothing recompiles past one program per round size."""
+    the speculation stats count only their verifies; nothing recompiles past one program per round size. The
+    constrained rows' token is launched on its own, the others' round whole (no iteration is shared)."""
     engine.overlap = overlap
     free = SamplingOptions(max_new_tokens=30)
     hot = SamplingOptions(max_new_tokens=30, temperature=1.0, seed=7)
@@ -80,15 +81,23 @@ def test_constrained_requests_decode_plainly_beside_speculating_ones(lm, engine,
     even = SamplingOptions(max_new_tokens=10, logprobs=3, constraint={"type": "even", "name": "even"})
     even_hot = SamplingOptions(max_new_tokens=10, temperature=1.0, seed=3, constraint={"type": "even", "name": "hot"})
     script = SamplingOptions(max_new_tokens=10, constraint={"type": "script", "tokens": [5, 9, 9, 1], "name": "s"})
-    got, (forwards, draft_tokens, accepted_tokens, accepted_at) = _spec_run(
-        engine,
-        unconstrained,
-        add_later=[
-            (1, "even", PROMPTS[0], even),
-            (1, "script", PROMPTS[1], script),
-            (2, "even_hot", PROMPTS[1], even_hot),
-        ],
-    )
+    launches = set()  # (constrained rows, free rows, iterations) of each decode launch
+    decode = engine._decode
+    engine._decode = lambda running, n, *a: launches.add(_rows(running) + (n,)) or decode(running, n, *a)
+    try:
+        got, (forwards, draft_tokens, accepted_tokens, accepted_at) = _spec_run(
+            engine,
+            unconstrained,
+            add_later=[
+                (1, "even", PROMPTS[0], even),
+                (1, "script", PROMPTS[1], script),
+                (2, "even_hot", PROMPTS[1], even_hot),
+            ],
+        )
+    finally:
+        del engine._decode
+    # the constrained rows' plain token is a launch of its own: the free rows' iterations speculate
+    assert {(c > 0, f > 0, n) for c, f, n in launches} == {(True, False, 1), (False, True, 3)}, launches
     assert not engine.has_work()
     engine.overlap = False
     for rid in ("free", "hot"):
@@ -116,3 +125,9 @@ def test_constrained_requests_decode_plainly_beside_speculating_ones(lm, engine,
     assert engine.constrained_decode_fn is not engine.decode_fn
     assert engine.constrained_decode_fn._cache_size() <= len(engine.steps.decode_buckets)
     assert engine.decode_fn._cache_size() <= len(engine.steps.decode_buckets)
+
+
+def _rows(running) -> tuple[int, int]:
+    """(constrained, free) requests among a launch's."""
+    constrained = sum(r.constraint is not None for r in running)
+    return constrained, len(running) - constrained

@@ -1,7 +1,7 @@
 """The driver in one process: the channel's padding and abort rules over a stand-in for the collective, and
 a follower that applies the leader's broadcast plans making exactly the leader's engine calls (the real
 collectives run in tests/batch/test_batch_multihost.py and tests/serve/test_serve_multihost.py); after
-`warm_up`, a multi-turn conversation's prefix hits compile nothing."""
+`warm_up`, a multi-turn conversation's prefix hits compile nothing, nor do constrained requests beside free ones."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import mimo_jax
 from mimo_jax.engine.driver import Aborted, BroadcastChannel, Driver, RoundPlan, apply_plan, padded_size, warm_up
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
-from tests.fixtures import count_compiles, predictable_model
+from tests.fixtures import count_compiles, fake_constraint, predictable_model
 
 
 class Wire:
@@ -200,3 +200,45 @@ def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
     assert compiled == []
     assert all(cached[(c, 0)] == 0 for c in history)
     assert all(cached[(c, t)] > 0 for c in history for t in (1, 2, 3))
+
+
+def _any_constraint(spec: dict):
+    """The fake constraints; the warm-up's own spec (JSON after a thinking block) stands for a grammar that
+    allows every token here."""
+    return fake_constraint(spec if "type" in spec else {"type": "dead_end", "after": 1 << 30})
+
+
+@pytest.mark.parametrize("speculative_steps", [0, 2])
+def test_after_warm_up_constrained_beside_free_compiles_nothing(speculative_steps):
+    """An engine that takes constraints, as the server runs it (overlap), warmed up; then constrained requests
+    beside free ones (greedy and sampled), joining and leaving: the constrained steps' launches (without
+    speculation one iteration over every row, then the free rows' rest; with it the constrained rows' plain loop
+    and the others' speculative round) compile nothing."""
+    lm = mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
+    eng = Engine(
+        lm,
+        max_batch=2,
+        max_context=64,
+        prefill_chunk=16,
+        max_round_tokens=4,
+        speculative_steps=speculative_steps,
+        constraint_factory=_any_constraint,
+    )
+    eng.overlap = True
+    warm_up(Driver(eng), 4, prompt_scoring=False)
+    even = SamplingOptions(max_new_tokens=9, constraint={"type": "even"})
+    requests = [
+        ("even", [3, 1, 4], even),
+        ("free", [5, 9], SamplingOptions(max_new_tokens=14)),
+        ("hot", [2, 6, 5], SamplingOptions(max_new_tokens=11, temperature=1.0, seed=1)),
+        ("even_hot", [7], dataclasses.replace(even, temperature=1.0, seed=2)),
+    ]
+    emitted = {}
+    with count_compiles() as compiled:
+        while requests or eng.has_work():
+            while requests and eng.free_slots:
+                eng.add(*requests.pop(0))
+            for out in eng.step(max_tokens_per_round=4, prefill_tokens=16):
+                emitted[out.request_id] = emitted.get(out.request_id, 0) + len(out.token_ids)
+    assert compiled == []
+    assert emitted == {"even": 9, "free": 14, "hot": 11, "even_hot": 9}

@@ -389,7 +389,7 @@ def test_operations_flags(monkeypatch, capsys):
     assert args().api_key == "from-env" and args("--api-key", "flag").api_key == "flag"
     assert args("--protect-metrics").protect_metrics
     assert args().paged_impl is None and args("--paged-impl", "xla").paged_impl == "xla"  # None: by platform
-    assert not args().decode_graphs and args("--decode-graphs").decode_graphs
+    assert args().decode_graphs is None and args("--no-decode-graphs").decode_graphs is False  # None: on, on GPU
     monkeypatch.delenv("MIMO_API_KEY")
     for argv, message in (
         (["--protect-metrics"], "--protect-metrics needs --api-key"),
