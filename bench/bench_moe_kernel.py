@@ -53,10 +53,6 @@ CALIBRATION_BEST = {
 T = mg.TileConfig
 
 
-def W8A8(cfg: mg.KernelConfig) -> mg.KernelConfig:  # noqa: N802
-    return dataclasses.replace(cfg, fp8_dot="fp8")
-
-
 W8A8_TOL = 8e-2  # fp8 activations (3 mantissa bits) vs the float32 reference: a few percent, by design
 
 
@@ -105,19 +101,6 @@ CANDIDATES = {  # per regime: kernel configs tried at Flash size (the first is t
             mg.KernelConfig(T(128, 128, 64, 8, 4), T(128, 128, 64, 8, 4)),
         ],
     },
-    "fp8-w8a8": {  # activations quantized to fp8 too (KernelConfig.fp8_dot="fp8"): not the exact path
-        "decode": [
-            W8A8(mg.DECODE_FP8),
-            mg.KernelConfig(T(16, 128, 128, 4, 5), T(16, 128, 128, 4, 5), "fp8"),
-            mg.KernelConfig(T(16, 256, 128, 4, 3), T(16, 256, 128, 4, 3), "fp8"),
-        ],
-        "middle": [W8A8(mg.MIDDLE_FP8), mg.KernelConfig(T(64, 128, 128, 4, 3), T(64, 128, 128, 4, 3), "fp8")],
-        "prefill": [
-            mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "fp8"),
-            mg.KernelConfig(T(128, 256, 128, 8, 3), T(128, 256, 128, 8, 3), "fp8"),
-            W8A8(mg.PREFILL_FP8),
-        ],
-    },
 }
 S = dict(swap_ab=True)
 # Weights given [E, out, in] (kind "<weights>/out_in", what the model hands the kernel): the reduction
@@ -146,22 +129,6 @@ OUT_IN_CANDIDATES = {
             mg.KernelConfig(T(64, 128, 128, 4, 3, **S), T(64, 128, 128, 4, 3, **S), "f16"),
         ],
         "prefill": [mg.PREFILL_FP8, mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "f16")],
-    },
-    "fp8-w8a8": {
-        "decode": [
-            W8A8(mg.DECODE_FP8),
-            mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "fp8"),
-            mg.KernelConfig(T(16, 64, 128, 4, 4, **S), T(16, 64, 128, 4, 4, **S), "fp8"),
-        ],
-        "middle": [
-            mg.KernelConfig(T(64, 128, 128, 4, 3), T(64, 128, 128, 4, 3), "fp8"),
-            mg.KernelConfig(T(64, 128, 128, 4, 3, **S), T(64, 128, 128, 4, 3, **S), "fp8"),
-        ],
-        "prefill": [
-            mg.KernelConfig(T(128, 128, 128, 8, 3), T(128, 128, 128, 8, 3), "fp8"),
-            mg.KernelConfig(T(128, 256, 128, 8, 3), T(128, 256, 128, 8, 3), "fp8"),
-            mg.KernelConfig(T(64, 128, 128, 4, 4), T(64, 128, 128, 4, 4), "fp8"),
-        ],
     },
 }
 EXPERIMENTAL = []  # (tokens, weights, config): tried after the summary, so a failure there loses nothing
@@ -215,8 +182,6 @@ def candidates(kind: str, assignments: int, experts: int, inter: int, variants: 
     if assignments > FUSED_BENCH_MAX:
         return grouped
     default = mg.default_config(assignments, experts, base != "bf16", inter)
-    if base == "fp8-w8a8" and isinstance(default, mg.KernelConfig):
-        default = W8A8(default)
     fused = fused_candidates(base, assignments, inter)
     listed = [default] + {
         "all": fused + grouped,
@@ -228,7 +193,7 @@ def candidates(kind: str, assignments: int, experts: int, inter: int, variants: 
 
 
 def split_kind(kind: str) -> tuple[str, str]:
-    """Kind "fp8-w8a8/out_in" -> ("fp8-w8a8", "out_in"); no suffix: the in_out layout."""
+    """Kind "fp8/out_in" -> ("fp8", "out_in"); no suffix: the in_out layout."""
     base, _, layout = kind.partition("/")
     return base, layout or "in_out"
 
@@ -337,7 +302,6 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
     swapped = {  # [E, out, in] weights through the swapped matmul
         "bf16/out_in": mg.KernelConfig(T(16, 128, 64, 4, 4, **S), T(16, 128, 128, 4, 4, **S)),
         "fp8-f16/out_in": mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "f16"),
-        "fp8-w8a8/out_in": mg.KernelConfig(T(16, 128, 128, 4, 4, **S), T(16, 128, 128, 4, 4, **S), "fp8"),
         # the fused decode kernel at every check size (at thousands of assignments too: slow, still exact)
         "bf16-fused/out_in": mg.FusedConfig(64, 64, 64, 4, 4),
         "fp8-fused/out_in": mg.FusedConfig(64, 128, 128, 4, 4),
@@ -376,7 +340,7 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
         elif routing == "foreign":
             ids = ids.at[::3, 0].set(-1).at[1::4, -1].set(e + 7)
         row = []
-        kinds = [("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8), ("fp8-w8a8", fp8)]
+        kinds = [("bf16", bf16), ("fp8", fp8), ("fp8-f16", fp8)]
         if not cfg_name:
             kinds += [(name, turned["bf16" if name.startswith("bf16") else "fp8"]) for name in swapped]
         for wname, w in kinds:
@@ -385,14 +349,13 @@ def run_checks(key, dims, interpret: bool, tol: float, quick: bool = False, only
             cfg, layout = None, "in_out"
             if cfg_name:
                 cfg = getattr(mg, cfg_name + ("" if wname == "bf16" else "_FP8"))
-            if wname in ("fp8-f16", "fp8-w8a8"):
-                fp8_dot = {"fp8-f16": "f16", "fp8-w8a8": "fp8"}[wname]
-                cfg = dataclasses.replace(cfg or mg.default_config(t * k, e, fp8=True), fp8_dot=fp8_dot)
+            if wname == "fp8-f16":
+                cfg = dataclasses.replace(cfg or mg.default_config(t * k, e, fp8=True), fp8_dot="f16")
             if wname in swapped:
                 cfg, layout = swapped[wname], "out_in"
             got = kernel(x, weights, ids, *w, cfg, layout)
             err = rel_err(got, ref(x, weights, ids, *(bf16 if wname.startswith("bf16") else fp8)))
-            passed = err < (W8A8_TOL if wname.startswith("fp8-w8a8") else tol)
+            passed = err < tol
             ok_all &= passed
             row.append(f"{wname} {err:.2e}{'' if passed else ' FAIL'}")
             emit("check", case=name, weights=wname, rel_err=err, passed=passed)
@@ -515,7 +478,7 @@ def run_timings(
             print(f"  T={t} {wname} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
             emit("config_error", tokens=t, weights=wname, config=repr(cfg), error=str(exc)[:2000])
             return None
-        passed = err < (W8A8_TOL if base == "fp8-w8a8" else 1e-2)
+        passed = err < 1e-2
         ok_all &= passed
         emit("kernel", tokens=t, weights=wname, config=repr(cfg), label=label, ms=sec * 1e3, rel_err=err, ok=passed)
         print(
@@ -769,7 +732,7 @@ def main() -> int:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts timed at Flash size")
     parser.add_argument(
         "--weights",
-        default="bf16,fp8,fp8-w8a8",
+        default="bf16,fp8",
         help="weight kinds to time; '/out_in' after a kind gives the kernel [E, out, in] weights",
     )
     parser.add_argument(

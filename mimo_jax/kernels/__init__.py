@@ -22,16 +22,13 @@ def experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, w8a8: str = "off")
     experts meet fp8-quantized activations at prefill sizes ("prefill", on `fp8_gemm_gpu`) or everywhere."""
     from mimo_jax.kernels import moe_gpu  # lazy: CPU/TPU processes never load the GPU kernel module
 
-    fp8_dot = "fp8" if w8a8 == "always" else None
-    return moe_gpu.experts_pallas_gpu(
-        x, weights, ids, w_gate, w_up, w_down, fp8_dot=fp8_dot, layout="out_in", w8a8=w8a8 != "off"
-    )
+    return moe_gpu.experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, layout="out_in", w8a8=w8a8)
 
 
 def experts_pallas_gpu_w8a8(x, weights, ids, w_gate, w_up, w_down) -> jax.Array:
     """The Pallas GPU kernel with fp8 expert weights meeting fp8-quantized activations (w8a8, as SGLang
-    and vLLM serve block-FP8 checkpoints: faster, about 3% off the exact path) at every size; bf16 weights as
-    "pallas_gpu"."""
+    and vLLM serve block-FP8 checkpoints: about 4% off the exact path) at every size, on `fp8_gemm_gpu`; bf16
+    weights as "pallas_gpu"."""
     return experts_pallas_gpu(x, weights, ids, w_gate, w_up, w_down, w8a8="always")
 
 

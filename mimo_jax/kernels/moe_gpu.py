@@ -38,9 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from mimo_jax.config import W8A8_MODES
 from mimo_jax.kernels import EXPERT_LAYOUTS, W8A8_MIN_ROWS_PER_EXPERT, fp8_gemm_gpu, manual_axes
 from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config, block_scale, store_rows, tile_at, weight_tile
-from mimo_jax.quant import FP8_MAX, quantize_activations
+from mimo_jax.quant import FP8_MAX
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
 
@@ -57,7 +58,7 @@ class TileConfig:
     swap_ab: bool = False  # compute (W^T a^T)^T: the weight tile is the MMA's wide side, the rows its narrow one
 
 
-FP8_DOTS = ("bf16", "f16", "fp8")
+FP8_DOTS = ("bf16", "f16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,8 @@ class KernelConfig:
     "bf16" / "f16": weights widened to that dtype. e4m3 -> f16 is one conversion per two values on
     Hopper (bf16 needs three); for f16 the activations are scaled per row by a power of two into f16's
     range (exact, no overflow) once before the kernel, and the row scale applied to the finished sum.
-    "fp8" (w8a8, as SGLang and vLLM serve block-FP8 checkpoints): activations are quantized to e4m3 per
-    1 x 128 group of a row (scale = amax / 448) before the kernel and the dot runs on fp8 operands with
-    no widening; not exact (about 3% relative error against bf16 activations).
-    Preparing activations outside the kernel keeps reductions out of its inner loop.
+    Preparing activations outside the kernel keeps reductions out of its inner loop. (w8a8, fp8 activations on
+    fp8 tensor cores, is `fp8_gemm_gpu`'s: `experts_grouped(..., w8a8="prefill" | "always")` / a `W8A8Config`.)
     """
 
     gate_up: TileConfig
@@ -100,7 +99,7 @@ class FusedConfig:
     summed in fp32 on the CUDA cores (one row, no padding, no f16 scaling; swap_ab and fp8_dot unused).
     `swap_ab`: the weight tile is the MMA's wide side and the token's row its narrow one (as TileConfig).
     `fp8_dot`: how fp8 weight tiles are widened, "f16" (the row and h scaled by a power of two inside the
-    kernel: exact) or "bf16"; w8a8 ("fp8") is taken as "f16" here (exact, and no slower at this size).
+    kernel: exact) or "bf16".
     """
 
     block_inter: int
@@ -257,36 +256,27 @@ def _f16_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (a.astype(jnp.float32) / row_scale[:, None]).astype(jnp.float16), row_scale
 
 
-def _fp8_groups(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """a [rows, d] -> (e4m3 values, scales [rows, d / 128] f32): amax / 448 per 1 x 128 group of a row,
-    as SGLang and vLLM quantize activations for block-FP8 weights."""
-    d = a.shape[1]
-    values, scale = quantize_activations(jnp.pad(a, ((0, 0), (0, -d % FP8_BLOCK))))
-    return values[:, :d], scale
-
-
 def _dot_operand(a: jax.Array, fp8_dot: str, scaled: bool) -> tuple[jax.Array, jax.Array | None]:
     """Activations as the kernel's dot takes them, prepared once in XLA (not per tile step):
     (a, None) for bf16 weights or widening to bf16; ("f16") the row-scaled f16 copy and its per-row
-    scales [rows]; ("fp8") e4m3 values and per-group scales [rows, d / 128]."""
+    scales [rows]."""
     if not scaled or fp8_dot == "bf16":
         return a, None
-    return _f16_rows(a) if fp8_dot == "f16" else _fp8_groups(a)
+    return _f16_rows(a)
 
 
-def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, out_in: bool, a_scale_at=None):
+def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileConfig, out_in: bool):
     """For each W in w_refs: sum over k of a_at(k) @ W[expert][k-th row block, col:col + block_cols], fp32
     [rows, block_cols]. With `out_in` the weights are stored [E, out, in] and the tile read transposed.
 
-    fp8 tiles are widened to the activation tile's dtype (a dot on fp8 operands when that is fp8) and
-    their block scale applied to the partial product; `a_scale_at(k)`: the activation tile's per-row
-    scales [rows] at step k (fp8 activations), applied likewise. With `cfg.swap_ab` the products are
+    fp8 tiles are widened to the activation tile's dtype and their block scale applied to the partial
+    product. With `cfg.swap_ab` the products are
     accumulated transposed, [block_cols, rows] (the weight tile as the MMA's M side), and turned at the end.
     (Loading the scales one step ahead measured 7% slower on an H100: bench/RESULTS.md, run 2.)
     """
     w_contract = 1 if out_in else 0
-    # where per-row (activation) and per-column (weight) factors broadcast in a product tile
-    row_axis, col_axis = (1, 0) if cfg.swap_ab else (0, 1)
+    # where the per-column (weight) block scales broadcast in a product tile
+    row_axis = 1 if cfg.swap_ab else 0
 
     def step(k, accs):
         a = a_at(k)
@@ -303,8 +293,6 @@ def _expert_matmuls(a_at, w_refs, s_refs, expert, col, n_steps: int, cfg: TileCo
             if s_ref is not None:
                 scale = _scale(s_ref, expert, k, cfg, col, out_in)
                 prod = prod * (jnp.expand_dims(scale, row_axis) if jnp.ndim(scale) else scale)
-            if a_scale_at is not None:
-                prod = prod * jnp.expand_dims(a_scale_at(k), col_axis)
             out.append(acc + prod)
         return tuple(out)
 
@@ -323,16 +311,6 @@ def _unpack_refs(refs, a_scaled: bool, n_weights: int, scaled: bool):
     return a_scale, weights, scales, out
 
 
-def _activation_scales(a_scale_ref, rows, fp8_dot: str, cfg: TileConfig):
-    """The scales `_dot_operand` made for the activation rows `rows`: (per-step group scales `k -> [rows]`
-    for w8a8, None) or (None, per-row scales [rows] that multiply the finished sum for f16)."""
-    if a_scale_ref is None:
-        return None, None
-    if fp8_dot == "fp8":
-        return (lambda k: a_scale_ref[rows, (k * cfg.block_k) // FP8_BLOCK]), None
-    return None, a_scale_ref[rows]
-
-
 def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled: bool, fp8_dot: str, out_in: bool):
     xs_ref, w_refs, s_refs, h_ref = _unpack_refs(refs, scaled and fp8_dot != "bf16", 2, scaled)
     expert, row_start, row_end, col = tile_at(table_ref, cfg.block_cols)
@@ -345,9 +323,9 @@ def _gate_up_kernel(table_ref, token_ref, x_ref, *refs, cfg: TileConfig, scaled:
             return x_ref[tokens, pl.ds(k * cfg.block_k, cfg.block_k)]
 
         n_steps = x_ref.shape[1] // cfg.block_k
-        by_group, by_row = _activation_scales(xs_ref, tokens, fp8_dot, cfg)
-        gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in, by_group)
-        if by_row is not None:  # the per-row scale factors out of the whole sum
+        gate, up = _expert_matmuls(x_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in)
+        if xs_ref is not None:  # f16 rows: the per-row scale `_dot_operand` made factors out of the whole sum
+            by_row = xs_ref[tokens]
             gate, up = gate * by_row[:, None], up * by_row[:, None]
         h = _silu(gate) * up  # fp32
         store_rows(h_ref, row_start, row_end, col, h, cfg)
@@ -365,9 +343,8 @@ def _down_kernel(table_ref, rw_ref, h_ref, *refs, cfg: TileConfig, scaled: bool,
             return h_ref[rows, pl.ds(k * cfg.block_k, cfg.block_k)]
 
         n_steps = h_ref.shape[1] // cfg.block_k
-        by_group, by_row = _activation_scales(hs_ref, rows, fp8_dot, cfg)
-        (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in, by_group)
-        routing = rw_ref[rows] if by_row is None else rw_ref[rows] * by_row
+        (acc,) = _expert_matmuls(h_at, w_refs, s_refs, expert, col, n_steps, cfg, out_in)
+        routing = rw_ref[rows] if hs_ref is None else rw_ref[rows] * hs_ref[rows]
         store_rows(y_ref, row_start, row_end, col, acc * routing[:, None], cfg)
 
 
@@ -378,7 +355,7 @@ def _fused_dtype(cfg: FusedConfig, scaled: bool, x_dtype) -> tuple:
     """(the products' operand dtype, whether rows and h are scaled into f16 by a power of two)."""
     if not cfg.tensor_cores:
         return jnp.float32, False
-    f16 = scaled and cfg.fp8_dot in ("f16", "fp8")
+    f16 = scaled and cfg.fp8_dot == "f16"
     return (jnp.float16 if f16 else jnp.bfloat16 if scaled else x_dtype), f16
 
 
@@ -580,7 +557,7 @@ def experts_grouped(
     config: KernelConfig | FusedConfig | W8A8Config | None = None,
     fp8_dot: str | None = None,
     layout: str = "in_out",
-    w8a8: bool = False,
+    w8a8: str = "off",
     interpret: bool = False,
 ) -> jax.Array:
     """Expert FFN on GPU via Pallas; same contract as `experts_ragged`. `interpret=True` runs anywhere (slow).
@@ -589,9 +566,12 @@ def experts_grouped(
     kernels' (W8A8Config, fp8 weights only); default: by assignments and rows per expert (`default_config`).
     `fp8_dot` overrides a KernelConfig's or FusedConfig's (see KernelConfig).
     `layout`: "in_out" (weights [E, in, out], as `experts_ragged` takes them) or "out_in" ([E, out, in]).
-    `w8a8`: fp8 experts at prefill sizes run on `fp8_gemm_gpu` (activations quantized per token and 128
-    columns, fp8 tensor-core dots); decode sizes keep the widening kernels.
+    `w8a8` (`mimo_jax.config.W8A8_MODES`): fp8 experts run on `fp8_gemm_gpu` (activations quantized per token
+    and 128 columns, fp8 tensor-core dots) at prefill sizes ("prefill": decode sizes keep the exact widening
+    kernels) or at every size ("always", the numerics `moe.experts_ragged` emulates); "off": never.
     """
+    if w8a8 not in W8A8_MODES:
+        raise ValueError(f"w8a8={w8a8!r}: choose from {W8A8_MODES}")
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose from {EXPERT_LAYOUTS}")
     out_in = layout == "out_in"
@@ -612,7 +592,10 @@ def experts_grouped(
         return jnp.zeros_like(x)
     if config is None:
         whole_groups = hidden % FP8_BLOCK == 0 and inter % FP8_BLOCK == 0  # w8a8 reduces in whole scale groups
-        config = default_config(m, num_experts, scaled, inter, w8a8 and whole_groups)
+        if scaled and whole_groups and w8a8 == "always":
+            config = fp8_gemm_gpu.w8a8_config(m, num_experts)
+        else:
+            config = default_config(m, num_experts, scaled, inter, w8a8 == "prefill" and whole_groups)
         if isinstance(config, KernelConfig):
             config = dataclasses.replace(
                 config, gate_up=_fit(config.gate_up, hidden, inter), down=_fit(config.down, inter, hidden)
@@ -765,7 +748,7 @@ def _experts_fused(x, weights, ids, weights_and_scales, cfg: FusedConfig, scaled
 
 
 def experts_pallas_gpu(
-    x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None, layout: str = "in_out", w8a8: bool = False
+    x, weights, ids, w_gate, w_up, w_down, fp8_dot: str | None = None, layout: str = "in_out", w8a8: str = "off"
 ) -> jax.Array:
     """EXPERT_IMPLS entry: the Pallas kernel on GPU; elsewhere a clear error (use "ragged" on CPU/TPU)."""
     if jax.default_backend() != "gpu":

@@ -265,7 +265,7 @@ def test_export_for_cuda():
     ids = jnp.asarray(ragged_ids(256, 4))  # 128 rows per expert: prefill-sized
 
     def fn(x, q):
-        return moe_gpu.experts_grouped(x, jnp.ones(ids.shape), ids, *q, layout="out_in", w8a8=True)
+        return moe_gpu.experts_grouped(x, jnp.ones(ids.shape), ids, *q, layout="out_in", w8a8="prefill")
 
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(

@@ -65,6 +65,14 @@ def test_xla_rounding_matches_the_w8a8_kernels():
     plain = moe.experts_ragged(x, routing, ids, gate, up, down)
     assert float(jnp.linalg.norm(plain - kernel) / jnp.linalg.norm(kernel)) > 1e-3
     np.testing.assert_array_equal(moe.expert_fn("ragged", "prefill")(x, routing, ids, gate, up, down), plain)
+    # by mode, without a config: "always" runs the w8a8 kernels even for one token (as the XLA rounding does),
+    # "prefill" keeps a widening kernel there (exact to the weights)
+    one = (x[:1], routing[:1], ids[:1], gate, up, down)
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    always = moe_gpu.experts_grouped(*one, w8a8="always", interpret=True)
+    assert rel(always, moe.expert_fn("ragged", "always")(*one)) < 1e-5
+    prefill = moe_gpu.experts_grouped(*one, w8a8="prefill", interpret=True)
+    assert rel(prefill, plain[:1]) < 1e-3 < rel(always, plain[:1])
 
 
 def test_gpu_projection_lowers_to_the_w8a8_kernel_for_cuda():
