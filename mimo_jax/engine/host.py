@@ -231,8 +231,6 @@ class Engine:
         if num_snapshots is None:
             num_snapshots = 2 * max_batch if prefix_cache and has_rings else 0  # each running conversation: the
             # snapshot it resumed from and the one it leaves
-        shards = axes_size(lm.mesh, batch_axes(lm.mesh, max_batch))  # page shards: each has its own snapshots
-        num_snapshots = -(-num_snapshots // shards) * shards
         steps = build_steps(
             lm.graphdef,
             lm.params,
@@ -260,7 +258,7 @@ class Engine:
         self.pages = ShardedKVPages(
             steps.num_pages,
             steps.page_size,
-            num_snapshots,
+            steps.num_snapshots,
             steps.num_page_shards,
             prefix_cache=prefix_cache,
             needs_snapshot=has_rings,

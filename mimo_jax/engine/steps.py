@@ -580,6 +580,7 @@ class EngineSteps:
     buckets: tuple[int, ...]  # prefill chunk lengths that get compiled
     decode_buckets: tuple[int, ...]  # decode round sizes (rows) that get compiled
     num_pages: int  # pages per full layer's pool (all shards together)
+    num_snapshots: int  # ring snapshots in the prefix cache's store (all shards together)
     page_size: int  # tokens per page
     page_shards: tuple[str, ...]  # mesh axes the slots and the pools' pages split over (D shards; () for D = 1)
     num_page_shards: int  # D: shard d holds slots d*B/D .. and pages d*P/D .., each slot's pages on its shard
@@ -707,7 +708,8 @@ def build_steps(
     `max_context`), FP8 with `kv_fp8`; `num_snapshots` ring snapshots back the prefix cache (0: none).
     With a mesh the cache is sharded by the rules of `mimo_jax.sharding` and the slot state replicated; where
     the slots split over (data, expert) (D shards) the pools' pages split the same way (`num_pages` rounded up
-    to a multiple of D; `page_shards`), so every chip holds P/D pages, and decode rounds run in D segments;
+    to a multiple of D, as is `num_snapshots`; `page_shards`), so every chip holds P/D pages, and decode rounds run
+    in D segments;
     without one everything lives on the parameters' device (the first device for abstract parameters
     without a sharding). `cache_dtype` (of rings, and of pools unless FP8) defaults to `state_dtype`.
     `decode_compiler_options`: XLA options of the decode rounds' compiles (`RunOptions.decode_compiler_options`).
@@ -720,6 +722,7 @@ def build_steps(
     page_shards = batch_axes(mesh, max_batch)
     shards = axes_size(mesh, page_shards)
     num_pages = -(-(num_pages or max_batch * pages_per_slot) // shards) * shards
+    num_snapshots = -(-num_snapshots // shards) * shards  # each page shard keeps its own
 
     def make_cache() -> KVCache:
         return engine_cache(cfg, max_batch, max_context, num_pages, page_size, cache_dtype, k, extra_ring_slots, kv_fp8)
@@ -856,6 +859,7 @@ def build_steps(
         buckets=prefill_buckets(prefill_chunk),
         decode_buckets=tuple(shards * b for b in decode_buckets(max_batch // shards)),  # D per-shard segments
         num_pages=num_pages,
+        num_snapshots=num_snapshots,
         page_size=page_size,
         page_shards=page_shards,
         num_page_shards=shards,
