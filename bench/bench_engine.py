@@ -43,10 +43,9 @@ from mimo_jax.config import RunOptions
 from mimo_jax.engine.host import Engine
 from mimo_jax.engine.sampling import SamplingOptions
 from mimo_jax.lm import LanguageModel, load_model
+from mimo_jax.serve.metrics import COMPILE_EVENT
 from mimo_jax.weights.demo import demo_model_dir
 from mimo_jax.weights.random import bench_config, random_model
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's monitoring event for one XLA compilation
 
 
 def load(args: argparse.Namespace) -> LanguageModel:

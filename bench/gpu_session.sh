@@ -51,6 +51,26 @@ step() {  # step NAME SECONDS COMMAND...
   grep -v "^W1\|^I1\|Warning\|warn(" "$O/$name.log" | grep "|\|#\|Error\|error" | tail -"${TAIL:-16}"
   pack  # after every step: a call cut off at its limit still returns what finished
 }
+read_ceiling() {  # the HBM read-only ceiling (bf16 sum over 8 GiB), stated beside every decode figure of the call
+  echo "### HBM read ceiling $(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null) TB/s"
+}
+# every program of a run in CUDA graphs, the decode loop's while and conditionals included (RunOptions.decode_graphs)
+WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
+plain_and_graphs() {  # plain_and_graphs NAME SECONDS COMMAND...: steps NAME_plain and NAME_graphs (WHILE_FLAGS)
+  local name=$1 limit=$2; shift 2
+  XLA_FLAGS="" step "${name}_plain" "$limit" "$@"
+  XLA_FLAGS="$WHILE_FLAGS" step "${name}_graphs" "$limit" "$@"
+}
+decode_in_trees() {  # decode_in_trees DIR NAME SECONDS ARGS...: `tools.bench decode ARGS` in the tree DIR (the
+  # contiguous cache: step old_NAME), then here with the paged kernel (new_NAME); no DIR: here only
+  local dir=$1 name=$2 limit=$3 tree tag paged; shift 3
+  for tree in $dir .; do
+    tag=$( [ "$tree" = . ] && echo new || echo old )
+    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
+    (cd "$tree" && PYTHONPATH=. step "${tag}_$name" "$limit" python -m mimo_jax.tools.bench decode "$@" $paged \
+      --json "$O/${tag}_$name.json")
+  done
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 HBM=$(CUDA_VISIBLE_DEVICES=0 python -c "import jax; print(jax.devices()[0].memory_stats()['bytes_limit'])")
 case "${1:-one}" in
@@ -159,8 +179,7 @@ engine)
 paged)
   CTX=${CTX:-2048,131072}
   BATCHES=${BATCHES:-1,64}
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
+  read_ceiling
   TAIL=40 step paged_check 130 python bench/check_paged_kernel.py --time
   if [ -n "${2:-}" ]; then
     (cd "$2" && PYTHONPATH=. TAIL=12 step old_decode 170 python -m mimo_jax.tools.bench decode --batch "$BATCHES" \
@@ -170,8 +189,7 @@ paged)
     --rounds 3 --no-experts-count --paged xla,pallas_gpu --json "$O/new_decode.json"
   ;;
 round)
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
+  read_ceiling
   PARTS=${PARTS:-lone,constrained,decode64}
   [[ $PARTS == *lone* ]] && step lone 100 python bench/bench_engine.py lone --model flash-slice-4 --dtype bfloat16 --slots 1,64 \
     --prompt 2048 --output 256 --round 8 --reps 2 --json "$O/lone.json"
@@ -190,10 +208,8 @@ round)
 graphs)
   # CUDA-graph decode rounds: the same greedy tokens as the plain rounds (RunOptions.decode_graphs), then issue 23's
   # constrained bench with the rounds in graphs in the tree in PRE (e.g. main before a change) and here
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
+  read_ceiling
   TAIL=6 step decode_graphs 150 python bench/check_decode_graphs.py --requests 16 --prompt 256 --output 64 --round 8
-  WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
   for tree in . ${PRE:-}; do  # this tree first (REPS pairs), then PRE (one pair)
     name=constrained_$( [ "$tree" = . ] && echo new || echo old )
     reps=$( [ "$tree" = . ] && echo "${REPS:-2}" || echo 1 )
@@ -201,49 +217,33 @@ graphs)
       bench/bench_engine.py constrained --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 \
       --output "${OUTPUT:-384}" --round 8 --reps "$reps" --json "$O/$name.json")
   done
-  # what is left of the call: flash-slice-4 bf16 decode at batch 1, plain rounds and in graphs (issue 25)
-  for v in plain graphs; do
-    flags=$( [ $v = graphs ] && echo "$WHILE_FLAGS" || echo "" )
-    XLA_FLAGS="$flags" TAIL=8 step "slice_b1_$v" 60 python -m mimo_jax.tools.bench decode --batch 1,4 --context 1024 \
-      --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --json "$O/slice_b1_$v.json"
-  done
+  # what is left of the call: flash-slice-4 bf16 decode at batch 1 and 4, plain rounds and in graphs (issue 25)
+  TAIL=8 plain_and_graphs slice_b1 60 python -m mimo_jax.tools.bench decode --batch 1,4 --context 1024 --steps 16 \
+    --rounds 3 --no-experts-count --moe-impl pallas_gpu
   ;;
 graphs2)
-  # issue 25 with the decode loop in CUDA graphs (RunOptions.decode_graphs' command buffer types) and without:
-  # low-batch decode on the deepest fp8 Flash prefix and flash-slice-4 bf16 batch 1, then a k=3 MTP iteration in plain steps
+  # issue 25, plain rounds and in graphs: low-batch decode on the deepest fp8 Flash prefix, then a k=3 MTP iteration
+  # in plain steps (flash-slice-4 at batch 1 and 4: the end of `graphs`)
   N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384)
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### device bytes_limit $HBM -> flash-layers-$N; HBM read ceiling ${READ} TB/s"
-  WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
-  for v in plain graphs; do
-    flags=$( [ $v = graphs ] && echo "$WHILE_FLAGS" || echo "" )
-    XLA_FLAGS="$flags" TAIL=8 step "slice_b1_$v" 60 python -m mimo_jax.tools.bench decode --batch 1 --context 1024 \
-      --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --json "$O/slice_b1_$v.json"
-    XLA_FLAGS="$flags" TAIL=10 step "layers_$v" 170 python -m mimo_jax.tools.bench decode --model "flash-layers-$N" \
-      --random-weights fp8 --moe-impl pallas_gpu --batch 1,4,16,64 --context 1024 --steps 16 --rounds 3 \
-      --json "$O/layers_$v.json"
-  done
+  echo "### device bytes_limit $HBM -> flash-layers-$N"
+  read_ceiling
+  TAIL=10 plain_and_graphs layers 170 python -m mimo_jax.tools.bench decode --model "flash-layers-$N" \
+    --random-weights fp8 --moe-impl pallas_gpu --batch 1,4,16,64 --context 1024 --steps 16 --rounds 3
   XLA_FLAGS="$WHILE_FLAGS" TAIL=30 step mtp_slice_graphs 120 python bench/bench_mtp.py --model flash-slice-4 --batch 1 \
     --steps 3 --draft-vocab 0,32768 --iters 8 --rounds 3 --json "$O/mtp_slice_graphs.json"
   ;;
 cells128)
   # issue 22's last cells: batch 64 x 128K with the paged kernel (H200: it does not fit 80 GB) and batch 32 x 2K
   # (at the line on the H100) vs the contiguous cache of the tree in DIR
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
-  for tree in ${2:-} .; do
-    name=$( [ "$tree" = . ] && echo new || echo old )
-    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
-    (cd "$tree" && PYTHONPATH=. TAIL=6 step "${name}_cell64x128k" 150 python -m mimo_jax.tools.bench decode --batch 64 \
-      --context 131072 --steps 16 --rounds 2 --no-experts-count $paged --json "$O/${name}_cell64x128k.json")
-    (cd "$tree" && PYTHONPATH=. TAIL=6 step "${name}_cell32x2k" 60 python -m mimo_jax.tools.bench decode --batch 32 \
-      --context 2048 --steps 16 --rounds 4 --no-experts-count --moe-impl pallas_gpu $paged --json "$O/${name}_cell32x2k.json")
-  done
-  ;;cells)
+  read_ceiling
+  TAIL=6 decode_in_trees "${2:-}" cell64x128k 150 --batch 64 --context 131072 --steps 16 --rounds 2 --no-experts-count
+  TAIL=6 decode_in_trees "${2:-}" cell32x2k 60 --batch 32 --context 2048 --steps 16 --rounds 4 --no-experts-count \
+    --moe-impl pallas_gpu
+  ;;
+cells)
   # issue 22's decode cells not yet measured (paged kernel vs the contiguous cache of the tree in DIR: batch 32 at
   # 2K/32K/128K, batch 1 and 64 at 32K), and issue 23's constrained bench with a profiled window of each kind
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
+  read_ceiling
   PARTS=${PARTS:-constrained,cells}
   [[ $PARTS == *constrained* ]] && for tree in ${PRE:-} .; do  # PRE: another tree (e.g. a candidate design), run first
     name=constrained_$( [ "$tree" = . ] && echo new || echo old )
@@ -252,51 +252,30 @@ cells128)
       --reps "${REPS:-4}" --profile --json "$O/$name.json")
   done
   if [[ $PARTS == *cells* ]]; then
-    for tree in ${2:-} .; do
-      name=$( [ "$tree" = . ] && echo new || echo old )
-      paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
-      (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32" 150 python -m mimo_jax.tools.bench decode --batch 32 \
-        --context 2048,32768,131072 --steps 16 --rounds 3 --no-experts-count $paged --json "$O/${name}_cells32.json")
-      (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32k" 120 python -m mimo_jax.tools.bench decode --batch 1,64 \
-        --context 32768 --steps 16 --rounds 3 --no-experts-count $paged --json "$O/${name}_cells32k.json")
-    done
+    TAIL=8 decode_in_trees "${2:-}" cells32 150 --batch 32 --context 2048,32768,131072 --steps 16 --rounds 3 \
+      --no-experts-count
+    TAIL=8 decode_in_trees "${2:-}" cells32k 120 --batch 1,64 --context 32768 --steps 16 --rounds 3 --no-experts-count
   fi
   ;;
 combo)
   # one call for both when the device is scarce: the constrained bench with and without the decode loop in CUDA
   # graphs (one pair + the profiled windows each)
   # and the cells' decode (one command per tree: batch 32 at 2K/32K/128K and batch 1 and 64 at 32K)
-  READ=$(python -c "from mimo_jax.tools.bench import measure_read_bandwidth as r; print(round(r(8<<30)/1e12, 3))" 2>/dev/null)
-  echo "### HBM read ceiling ${READ} TB/s"
-  # RunOptions.decode_graphs' command buffer types, for every program of the run
-  WHILE_FLAGS="--xla_gpu_enable_command_buffer=$(python -c 'from mimo_jax.config import GPU_DECODE_COMMAND_BUFFERS as c; print(c)')"
-  for v in default while; do
-    flags=$( [ $v = while ] && echo "$WHILE_FLAGS" || echo "" )
-    XLA_FLAGS="$flags" TAIL=24 step "constrained_$v" 140 python bench/bench_engine.py constrained \
-      --model flash-slice-4 --dtype bfloat16 --conversations 16 --prompt 512 --output 384 --round 8 \
-      --reps 1 --profile --json "$O/constrained_$v.json"
-  done
-  for tree in ${2:-} .; do
-    name=$( [ "$tree" = . ] && echo new || echo old )
-    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
-    (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32" 80 python -m mimo_jax.tools.bench decode --batch 32 \
-      --context 32768,131072,2048 --steps 16 --rounds 2 --no-experts-count $paged --json "$O/${name}_cells32.json")
-    (cd "$tree" && PYTHONPATH=. TAIL=8 step "${name}_cells32k" 55 python -m mimo_jax.tools.bench decode --batch 64,1 \
-      --context 32768 --steps 16 --rounds 2 --no-experts-count $paged --json "$O/${name}_cells32k.json")
-  done
+  read_ceiling
+  TAIL=24 plain_and_graphs constrained 140 python bench/bench_engine.py constrained --model flash-slice-4 \
+    --dtype bfloat16 --conversations 16 --prompt 512 --output 384 --round 8 --reps 1 --profile
+  TAIL=8 decode_in_trees "${2:-}" cells32 80 --batch 32 --context 32768,131072,2048 --steps 16 --rounds 2 \
+    --no-experts-count
+  TAIL=8 decode_in_trees "${2:-}" cells32k 55 --batch 64,1 --context 32768 --steps 16 --rounds 2 --no-experts-count
   ;;
 host)
   # where the host's time goes in the constrained bench (cProfile; the device waits for the host, issue 23), the
   # batch-32 x 2K decode cell again (old tree in DIR vs paged), the w8a8 checks
   TAIL=70 step profile_host 200 python bench/profile_host.py constrained --model flash-slice-4 --dtype bfloat16 \
     --conversations 16 --prompt 512 --output 256 --round 8 --reps 1
-  for tree in ${2:-} .; do
-    name=$( [ "$tree" = . ] && echo new || echo old )
-    paged=$( [ "$tree" = . ] && echo "--paged pallas_gpu" || echo "" )
-    (cd "$tree" && PYTHONPATH=. TAIL=6 step "${name}_cell2k" 60 python -m mimo_jax.tools.bench decode --batch 32 \
-      --context 2048 --steps 16 --rounds 4 --no-experts-count --moe-impl pallas_gpu $paged)
-  done
+  TAIL=6 decode_in_trees "${2:-}" cell2k 60 --batch 32 --context 2048 --steps 16 --rounds 4 --no-experts-count \
+    --moe-impl pallas_gpu
   TAIL=30 step w8a8 100 python bench/bench_moe_kernel.py --w8a8 --tokens 8192 --sweep-budget 0
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|cells|combo|host [DIR]" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|graphs|graphs2|cells128|cells|combo|host [DIR]" >&2; exit 2 ;;
 esac

@@ -24,11 +24,9 @@ from flax import nnx
 from mimo_jax.config import MiMoConfig
 from mimo_jax.engine.constraints import TokenConstraint, bitmask_of
 from mimo_jax.model.mimo import MiMoModel
+from mimo_jax.serve.metrics import COMPILE_EVENT  # jax records it for a program compiled or loaded from a cache
 from mimo_jax.weights import SafetensorsFile, checkpoint_tensors, parameter_sources
 from mimo_jax.weights.export import export_release, hub_tensors
-
-# jax's monitoring event for one XLA program compiled, or loaded from the persistent compilation cache (both record it)
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @contextlib.contextmanager

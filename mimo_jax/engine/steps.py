@@ -830,8 +830,10 @@ def build_steps(
         )
         return JitUnderMesh(jitted, mesh)
 
-    decode_out = (cache_sharding, state_sharding, None)
-    decode_fn = jit(decode, (1, 2), decode_out, decode_compiler_options)
+    def jit_decode(fn: Callable) -> JitUnderMesh:  # a decode loop: cache and state donated, its compile options
+        return jit(fn, (1, 2), (cache_sharding, state_sharding, None), decode_compiler_options)
+
+    decode_fn = jit_decode(decode)
     return EngineSteps(
         prefill=jit(prefill, (1,), (cache_sharding, replicated, row_sharding)),
         # compiled (per chunk length) on the first request that asks for prompt logprobs
@@ -840,9 +842,9 @@ def build_steps(
         decode=decode_fn,
         # Speculation when every running request is greedy (the host knows): drafts and verify compare
         # argmaxes, no distributions. Without speculation the same function as decode.
-        greedy_decode=jit(greedy_decode, (1, 2), decode_out, decode_compiler_options) if k else decode_fn,
+        greedy_decode=jit_decode(greedy_decode) if k else decode_fn,
         # Constrained rows with speculation: the plain one-token loop (masks apply) over the target layers.
-        constrained_decode=jit(constrained_decode, (1, 2), decode_out, decode_compiler_options) if k else decode_fn,
+        constrained_decode=jit_decode(constrained_decode) if k else decode_fn,
         release=jit(release_step, (0,), state_sharding),
         save_snapshot=jit(save_snapshot_step, (0,), snapshot_sharding),
         restore_snapshot=jit(restore_snapshot_step, (0,), (cache_sharding, replicated)),

@@ -142,12 +142,23 @@ def block_scale(s_ref, expert, out_block, in_block, out_in: bool):
     return s_ref[expert, out_block, in_block] if out_in else s_ref[expert, in_block, out_block]
 
 
+def column_blocks(col, block_cols: int):
+    """The 128-wide scale block of a tile's columns from `col`: one index, or one per column when it spans blocks."""
+    if block_cols <= GROUP:
+        return col // GROUP
+    return (col + jax.lax.broadcasted_iota(jnp.int32, (block_cols,), 0)) // GROUP
+
+
+def rows_before(row_start, row_end, shape) -> jax.Array:
+    """Which rows of a tile starting at `row_start` lie before `row_end` (later rows are another expert's)."""
+    return row_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0) < row_end
+
+
 def store_rows(out_ref, row_start, row_end, col, value, tiles) -> None:
-    """Store a [block_rows, block_cols] tile at (row_start, col), only its rows before `row_end` (later rows are
-    another expert's); `tiles` has block_rows and block_cols."""
-    rows = row_start + jax.lax.broadcasted_iota(jnp.int32, value.shape, 0)
+    """Store a [block_rows, block_cols] tile at (row_start, col), only its rows before `row_end`; `tiles` has
+    block_rows and block_cols."""
     target = out_ref.at[pl.ds(row_start, tiles.block_rows), pl.ds(col, tiles.block_cols)]
-    plgpu.store(target, value.astype(out_ref.dtype), mask=rows < row_end)
+    plgpu.store(target, value.astype(out_ref.dtype), mask=rows_before(row_start, row_end, value.shape))
 
 
 def _scaled_sums(a_at, a_scale_at, w_refs, w_scale_at, n_steps: int, tiles: GemmTiles, out_in: bool, expert, col):
@@ -179,10 +190,7 @@ def _scaled_sums(a_at, a_scale_at, w_refs, w_scale_at, n_steps: int, tiles: Gemm
 def _block_scale_at(s_refs, expert, col: jax.Array, tiles: GemmTiles, out_in: bool):
     """w_scale_at for expert block scales stored like their weights ([E, in/128, out/128], or [E, out/128,
     in/128] when `out_in`): a scalar per step, or one per column when the tile spans blocks."""
-    if tiles.block_cols <= GROUP:
-        c_block = col // GROUP
-    else:
-        c_block = (col + jax.lax.broadcasted_iota(jnp.int32, (tiles.block_cols,), 0)) // GROUP
+    c_block = column_blocks(col, tiles.block_cols)
 
     def at(index, g):
         return block_scale(s_refs[index], expert, c_block, g, out_in)
@@ -217,7 +225,7 @@ def _gate_up_kernel(
         scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), 1e-30) / FP8_MAX
         values = jnp.clip(h * (1.0 / scale)[:, None], -FP8_MAX, FP8_MAX).astype(h_ref.dtype)
         store_rows(h_ref, row_start, row_end, col, values, tiles)
-        in_rows = row_start + jax.lax.broadcasted_iota(jnp.int32, scale.shape, 0) < row_end
+        in_rows = rows_before(row_start, row_end, scale.shape)
         plgpu.store(hs_ref.at[col // GROUP, pl.ds(row_start, tiles.block_rows)], scale, mask=in_rows)
 
 

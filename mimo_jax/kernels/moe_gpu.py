@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 
 from mimo_jax.config import W8A8_MODES
 from mimo_jax.kernels import EXPERT_LAYOUTS, W8A8_MIN_ROWS_PER_EXPERT, fp8_gemm_gpu, manual_axes
-from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config, block_scale, store_rows, tile_at, weight_tile
+from mimo_jax.kernels.fp8_gemm_gpu import W8A8Config, block_scale, column_blocks, store_rows, tile_at, weight_tile
 from mimo_jax.quant import FP8_MAX
 
 FP8_BLOCK = 128  # fp8 block-scale tile (checkpoint `weight_block_size`)
@@ -232,12 +232,7 @@ def schedule(group_sizes: jax.Array, block_rows: int, n_col_tiles: int, n_tiles:
 def _scale(s_ref, expert, k, cfg: TileConfig, col, out_in: bool):
     """fp32 block scale(s) of the weight tile at step k: a scalar, or one per column [block_cols] when the
     tile spans blocks."""
-    k_block = (k * cfg.block_k) // FP8_BLOCK
-    if cfg.block_cols <= FP8_BLOCK:
-        c_block = col // FP8_BLOCK
-    else:
-        c_block = (col + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_cols,), 0)) // FP8_BLOCK
-    return block_scale(s_ref, expert, c_block, k_block, out_in)
+    return block_scale(s_ref, expert, column_blocks(col, cfg.block_cols), (k * cfg.block_k) // FP8_BLOCK, out_in)
 
 
 def _silu(g: jax.Array) -> jax.Array:

@@ -161,6 +161,14 @@ def test_plans_keep_logit_bias_min_tokens_and_constraints_through_json():
     assert decoded[0][2].logit_bias == {5: -100.0, 17: 2.5} and all(type(t) is int for t in decoded[0][2].logit_bias)
 
 
+def _warmed_up_engine(**engine_args) -> Engine:
+    """An engine over the predictable model as the server runs it (overlap), after the server's warm-up."""
+    eng = Engine(mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0)), max_batch=2, **engine_args)
+    eng.overlap = True
+    warm_up(Driver(eng), 4, prompt_scoring=False)
+    return eng
+
+
 @pytest.mark.parametrize("speculative_steps", [0, 2])
 def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
     """An engine as the server runs it (overlap, prefix cache), warmed up, then agent turns: each turn is the
@@ -168,10 +176,7 @@ def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
     that ends at its own snapshot boundary (chunks of lengths no cold prompt makes). Nothing compiles, and the
     hits happen. Buckets 16, 32, 64 and pages of 4 tokens: a warm-up whose prompts hit each other, or split at
     their snapshot boundaries, never compiles the 64-token chunk (the first chunk of turn 1 here)."""
-    lm = mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
-    eng = Engine(
-        lm,
-        max_batch=2,
+    eng = _warmed_up_engine(
         max_context=320,
         prefill_chunk=64,
         max_round_tokens=4,
@@ -179,17 +184,16 @@ def test_after_warm_up_prefix_hits_compile_nothing(speculative_steps):
         prefix_cache=True,
         speculative_steps=speculative_steps,
     )
-    eng.overlap = True
     assert eng.buckets == (16, 32, 64)
-    warm_up(Driver(eng), 4, prompt_scoring=False)
     assert eng.pages.stats().snapshots == 0  # the warm-up's prompts are forgotten
+    vocab = eng.lm.config.vocab_size
     rng = np.random.RandomState(0)
-    history = {c: rng.randint(1, lm.config.vocab_size, 70 + 9 * c).tolist() for c in range(2)}
+    history = {c: rng.randint(1, vocab, 70 + 9 * c).tolist() for c in range(2)}
     cached = {}
     with count_compiles() as compiled:
         for turn, new_tokens in enumerate((0, 5, 23, 41)):  # tails of 1..3 chunks, in every bucket
             for c in history:
-                history[c] += rng.randint(1, lm.config.vocab_size, new_tokens).tolist()
+                history[c] += rng.randint(1, vocab, new_tokens).tolist()
                 options = SamplingOptions(max_new_tokens=6, temperature=float(c), seed=c)  # greedy and sampled
                 eng.add((c, turn), history[c], options)
             while eng.has_work():
@@ -214,18 +218,13 @@ def test_after_warm_up_constrained_beside_free_compiles_nothing(speculative_step
     beside free ones (greedy and sampled), joining and leaving: the constrained steps' launches (without
     speculation one iteration over every row, then the free rows' rest; with it the constrained rows' plain loop
     and the others' speculative round) compile nothing."""
-    lm = mimo_jax.LanguageModel(predictable_model(noise=100.0, mtp_noise=300.0))
-    eng = Engine(
-        lm,
-        max_batch=2,
+    eng = _warmed_up_engine(
         max_context=64,
         prefill_chunk=16,
         max_round_tokens=4,
         speculative_steps=speculative_steps,
         constraint_factory=_any_constraint,
     )
-    eng.overlap = True
-    warm_up(Driver(eng), 4, prompt_scoring=False)
     even = SamplingOptions(max_new_tokens=9, constraint={"type": "even"})
     requests = [
         ("even", [3, 1, 4], even),
