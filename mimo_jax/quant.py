@@ -134,26 +134,36 @@ BLOCKED_PROJECTION_MAX_ROWS = 32
 def project(x: jax.Array, param: Any) -> jax.Array:
     """x [..., I] @ W [I, *out] -> [..., *out] for a weight parameter (or raw value) W, quantized or not.
 
-    A block-quantized W with blocks only along I (block (b, 1, ..., 1): the attention q/k/v projections),
-    applied to few rows (decode): partial products per input block on the fp8 values (widened inside the
-    dot), scaled per output element and summed in float32. No dequantized copy of W is written and read
-    back (the 4 x H200 decode profile showed a separate convert pass per layer for it).
+    A block-quantized W applied to few rows (decode, up to BLOCKED_PROJECTION_MAX_ROWS): partial products per
+    input block on the fp8 values (widened inside the dot), scaled per (input block, output block) and summed in
+    float32 -- the attention q/k/v (blocks (b, 1, 1)) and the dense MLP (128 x 128 blocks) alike. No dequantized
+    copy of W is written and read back: that pass made a dense fp8 MLP projection at one row 3.9x slower on an
+    H100 (141 vs 36 us at Flash's 4096 x 16384, `bench/bench_projection.py`).
     Otherwise the weight is read through `weight` (dequantized, ordered after x).
     """
     value = param.get_value() if hasattr(param, "get_value") else param
     rows = math.prod(x.shape[:-1])
-    blocked_on_input = isinstance(value, BlockQuantized) and all(b == 1 for b in value.block[1:])
-    if not blocked_on_input or rows > BLOCKED_PROJECTION_MAX_ROWS or value.shape[0] % value.block[0]:
+    if not _blocks_divide(value) or rows > BLOCKED_PROJECTION_MAX_ROWS:
         w = weight(param, after=x)
         return jnp.tensordot(x, w, axes=1)
     value = tied(value, x)
     n_in, b = value.shape[0], value.block[0]
-    out = "".join(chr(ord("n") + i) for i in range(value.ndim - 1))  # letters of the output dims
+    out_dims, scale_dims = [], []  # each output dim with blocks of bo > 1 split [n / bo, bo]; scales broadcast on bo
+    for n, bo in zip(value.shape[1:], value.block[1:], strict=True):
+        out_dims += [n // bo, bo] if bo > 1 else [n]
+        scale_dims += [n // bo, 1] if bo > 1 else [n]
+    out = "".join(chr(ord("n") + i) for i in range(len(out_dims)))  # letters of the output dims
     blocks_x = x.reshape(*x.shape[:-1], n_in // b, b)
-    blocks_w = value.values.reshape(n_in // b, b, *value.shape[1:]).astype(x.dtype)
+    blocks_w = value.values.reshape(n_in // b, b, *out_dims).astype(x.dtype)
     partial = jnp.einsum(f"...cb,cb{out}->...c{out}", blocks_x, blocks_w, preferred_element_type=jnp.float32)
-    y = jnp.einsum(f"...c{out},c{out}->...{out}", partial, value.scales.astype(jnp.float32))
-    return y.astype(x.dtype)
+    scales = value.scales.astype(jnp.float32).reshape(n_in // b, *scale_dims)
+    y = jnp.sum(partial * scales, axis=-len(out_dims) - 1)
+    return y.reshape(*x.shape[:-1], *value.shape[1:]).astype(x.dtype)
+
+
+def _blocks_divide(value: Any) -> bool:
+    """A block-quantized weight whose blocks tile every axis exactly (`project`'s blocked path)."""
+    return isinstance(value, BlockQuantized) and all(n % b == 0 for n, b in zip(value.shape, value.block, strict=True))
 
 
 # w8a8: activations quantized to e4m3 per (row, ACTIVATION_GROUP columns), as SGLang and vLLM serve block-FP8.
