@@ -63,6 +63,9 @@ class RunOptions:
     `jax.lax.ragged_dot` elsewhere (names: `mimo_jax.model.moe.EXPERT_IMPLS`). `attention_impl`: see
     `mimo_jax.model.attention.ATTENTION_IMPLS`. `paged_impl` None picks by platform how paged full layers attend
     for decode rows: the Pallas kernel on GPU, XLA elsewhere (names: `mimo_jax.model.attention.PAGED_IMPLS`).
+    `ring_impl` likewise for decode rows over the SWA layers' rings (`mimo_jax.model.attention.RING_IMPLS`; the
+    kernel runs off a multi-device mesh only): None picks the Pallas kernel on GPU (it matched XLA at Flash shapes
+    on an H100, `bench/check_ring_kernel.py`, and decoded 1-6% faster), XLA elsewhere.
     `moe_strategy` / `capacity_factor`: the expert-parallel dispatch on a mesh (`mimo_jax.model.moe.STRATEGIES`;
     None never drops a token).
     `w8a8`: where block-FP8 weights meet activations quantized to fp8 per (token, 128 columns) instead of
@@ -81,6 +84,7 @@ class RunOptions:
     moe_impl: str | None = None
     attention_impl: str = "xla"
     paged_impl: str | None = None
+    ring_impl: str | None = None
     moe_strategy: str = "auto"
     capacity_factor: float | None = None
     w8a8: str | None = None
@@ -119,6 +123,11 @@ class RunOptions:
     def paged_attention_impl(self) -> str:
         """How a model built with these options attends over paged full layers for decode rows."""
         return self.paged_impl or ("pallas_gpu" if self.platform == "gpu" else "xla")
+
+    @property
+    def ring_attention_impl(self) -> str:
+        """How a model built with these options attends over the SWA layers' rings for decode rows."""
+        return self.ring_impl or ("pallas_gpu" if self.platform == "gpu" else "xla")
 
 
 @dataclasses.dataclass(frozen=True)

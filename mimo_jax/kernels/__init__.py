@@ -53,3 +53,12 @@ def paged_attention_pallas_gpu(q, k_pages, v_pages, page_table, q_pos, **kwargs)
     from mimo_jax.kernels import paged_attention_gpu as kernel  # lazy: CPU/TPU processes never load it
 
     return kernel.paged_attention(q, k_pages, v_pages, page_table, q_pos, **kwargs)
+
+
+def ring_attention_pallas_gpu(q, k, v, pos, q_pos, **kwargs) -> jax.Array:
+    """Sliding-window decode attention over a ring through the Pallas GPU kernel (`mimo_jax.kernels.
+    ring_attention_gpu.ring_attention` documents the arguments); contract of `mimo_jax.model.attention.attention`
+    over a ring that already holds this step's keys."""
+    from mimo_jax.kernels import ring_attention_gpu as kernel  # lazy: CPU/TPU processes never load it
+
+    return kernel.ring_attention(q, k, v, pos, q_pos, **kwargs)

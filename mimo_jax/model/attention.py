@@ -37,6 +37,11 @@ SPLIT_MIN_QUERIES = 128  # decode steps, verifies and short chunks (cheap anyway
 PAGED_IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
 PAGED_KERNEL_MAX_QUERIES = 8  # queries per row (decode, MTP verify) the kernel takes; longer chunks stay on XLA
 
+# Decode rows over an SWA ring: "xla" (`attention` over the ring read before the write, concatenated with the new
+# keys); "pallas_gpu" reads the ring after the write in one kernel (`mimo_jax.kernels.ring_attention_gpu`, Triton)
+# where `cache.ring_holds_window` and off a multi-device mesh; "pallas_interpret": that kernel in the interpreter.
+RING_IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
+
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
     """Inverse frequencies as transformers computes them (float32)."""

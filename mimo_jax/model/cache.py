@@ -89,6 +89,22 @@ def _write(cache: LayerKV, k: jax.Array, v: jax.Array, positions: jax.Array) -> 
     )
 
 
+def ring_holds_window(slots: int, window: int, queries: int) -> bool:
+    """Whether a ring of `slots` still holds every key that `queries` consecutive queries see once their own keys
+    are written (the entries they replace lie outside every one of their windows): then `write_ring` and reading
+    the ring as it is equals `update_and_read`'s read-before-write."""
+    return slots >= window + queries - 1
+
+
+def write_ring(cache: LayerKV, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerKV:
+    """A ring with this step's k/v [B, T, KV, D] at their slots (positions < 0 dropped): what decode kernels read
+    when `ring_holds_window`. Slots of stale positions at or past the step's first (rejected drafts) that the write
+    does not replace hold positions past every query: never visible."""
+    if not cache.ring:
+        raise ValueError("write_ring takes a sliding-window ring")
+    return _write(cache, k, v, positions)
+
+
 def heads_major(x: jax.Array) -> jax.Array:
     """[B, T, KV, D] (as projected) -> [B, KV, T, D] (as the cache stores it)."""
     return jnp.swapaxes(x, 1, 2)

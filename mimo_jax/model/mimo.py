@@ -23,12 +23,22 @@ from mimo_jax.model import moe
 from mimo_jax.model.attention import (
     ATTENTION_IMPLS,
     PAGED_IMPLS,
+    PAGED_KERNEL_MAX_QUERIES,
+    RING_IMPLS,
     apply_rope,
     attention,
     attention_paged,
     rope_cos_sin,
 )
-from mimo_jax.model.cache import LayerKV, PagedKV, heads_major, update_and_read, write_pages
+from mimo_jax.model.cache import (
+    LayerKV,
+    PagedKV,
+    heads_major,
+    ring_holds_window,
+    update_and_read,
+    write_pages,
+    write_ring,
+)
 from mimo_jax.quant import weight
 
 _INIT_STD = 0.02
@@ -92,11 +102,14 @@ class Attention(nnx.Module):
         paged_impl: str = "xla",
         w8a8: str = "off",
         platform: str = "cpu",
+        ring_impl: str = "xla",
     ):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
         if paged_impl not in PAGED_IMPLS:
             raise ValueError(f"unknown paged attention implementation {paged_impl!r}; choose from {PAGED_IMPLS}")
+        if ring_impl not in RING_IMPLS:
+            raise ValueError(f"unknown ring attention implementation {ring_impl!r}; choose from {RING_IMPLS}")
         self.spec = spec
         self.value_scale = value_scale
         n, kv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
@@ -107,6 +120,7 @@ class Attention(nnx.Module):
         self.sink = _param(rngs, (n,), jnp.float32, ("q_heads",)) if spec.has_sink else None
         self.impl = impl  # see mimo_jax.model.attention.ATTENTION_IMPLS
         self.paged_impl = paged_impl  # decode rows over a paged cache: PAGED_IMPLS
+        self.ring_impl = ring_impl  # decode rows over an SWA ring: RING_IMPLS
         self.w8a8, self.platform = w8a8, platform  # q/k/v on fp8 activations (`project`)
 
     def __call__(
@@ -131,6 +145,19 @@ class Attention(nnx.Module):
                 raise ValueError("a sliding-window layer got a paged cache: SWA layers keep rings (LayerKV)")
             kv_cache = write_pages(kv_cache, k, v, positions)
             out = attention_paged(q, kv_cache, positions, paged_impl=self.paged_impl, **common)
+        elif kv_cache is not None and self._ring_kernel(kv_cache, q.shape[1]):
+            kv_cache = write_ring(kv_cache, k, v, positions)
+            out = kernels.ring_attention_pallas_gpu(
+                q,
+                kv_cache.k,
+                kv_cache.v,
+                kv_cache.pos,
+                positions,
+                window=spec.window_keys,
+                scale=common["scale"],
+                sink=common["sink"],
+                interpret=self.ring_impl == "pallas_interpret",
+            )
         else:
             if kv_cache is None:
                 keys, values, key_pos = heads_major(k), heads_major(v), positions
@@ -140,6 +167,18 @@ class Attention(nnx.Module):
             full_slots = kv_cache is not None and not kv_cache.ring
             out = attention(q, keys, values, positions, key_pos, slot_is_position=full_slots, **common)
         return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj, after=out)), kv_cache
+
+    def _ring_kernel(self, cache: LayerKV, queries: int) -> bool:
+        """Whether decode rows of `queries` queries over this ring go through the ring kernel (`RING_IMPLS`)."""
+        mesh = sharding.current_mesh()
+        return (
+            self.ring_impl != "xla"
+            and cache.ring
+            and queries <= PAGED_KERNEL_MAX_QUERIES
+            and ring_holds_window(cache.slots, self.spec.window_keys, queries)
+            and (self.ring_impl != "pallas_gpu" or cache.slots >= 16)  # Triton's smallest dot
+            and (mesh is None or mesh.size == 1)
+        )
 
 
 class MLP(nnx.Module):
@@ -291,6 +330,7 @@ class DecoderLayer(nnx.Module):
             options.attention_impl,
             options.paged_attention_impl,
             **w8a8,
+            ring_impl=options.ring_attention_impl,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if spec.moe:

@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode attention over the paged full-attention layers (default: the Pallas kernel on GPU, XLA elsewhere)",
     )
     p.add_argument(
+        "--ring-impl",
+        choices=["xla", "pallas_gpu"],
+        help="decode attention over the sliding-window layers' rings (default: the Pallas kernel on one GPU, XLA "
+        "elsewhere)",
+    )
+    p.add_argument(
         "--decode-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -293,7 +299,11 @@ def _load(args: argparse.Namespace):
 
     platform = (mesh.devices.flat if mesh is not None else jax.devices())[0].platform
     options = RunOptions.for_platform(
-        platform, moe_impl=args.moe_impl, paged_impl=args.paged_impl, decode_graphs=args.decode_graphs
+        platform,
+        moe_impl=args.moe_impl,
+        paged_impl=args.paged_impl,
+        ring_impl=args.ring_impl,
+        decode_graphs=args.decode_graphs,
     )
     t0 = time.perf_counter()
     if args.random_weights:

@@ -83,13 +83,18 @@ def hbm_bytes(device: Any) -> int:
 
 
 def kernel_choices(platform: str) -> dict[str, str]:
-    """The MoE, attention and paged decode attention implementations a program compiled for `platform` uses.
+    """The MoE, attention, paged and ring decode attention implementations a program compiled for `platform` uses.
 
     Decided by the target, never by this host's backend: a TPU program compiled on a GPU host
     must use `jax.lax.ragged_dot` and XLA's attention, not the Pallas GPU kernel or cuDNN.
     """
     options = RunOptions.for_platform(platform)
-    return {"moe": options.expert_impl, "attention": options.attention_impl, "paged": options.paged_attention_impl}
+    return {
+        "moe": options.expert_impl,
+        "attention": options.attention_impl,
+        "paged": options.paged_attention_impl,
+        "ring": options.ring_attention_impl,
+    }
 
 
 def for_platform(graphdef, params, platform: str):

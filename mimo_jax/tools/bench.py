@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ from mimo_jax.engine.state import KVCache
 from mimo_jax.engine.steps import layer_caches
 from mimo_jax.lm import LanguageModel
 from mimo_jax.model import moe
-from mimo_jax.model.attention import ATTENTION_IMPLS, PAGED_IMPLS
+from mimo_jax.model.attention import ATTENTION_IMPLS, PAGED_IMPLS, RING_IMPLS
 from mimo_jax.model.cache import LayerKV, PagePool, empty_layer_kv, kv_bytes_per_token
 from mimo_jax.model.mimo import MiMoModel, MoE, relayout_experts
 from mimo_jax.model.moe import EXPERT_IMPLS
@@ -407,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"decode: comma-separated paged attention implementations to time, each against the same cache "
         f"({', '.join(PAGED_IMPLS)}; default: xla,pallas_gpu on GPU, else xla)",
     )
+    p.add_argument(
+        "--ring",
+        default=None,
+        help=f"decode: comma-separated ring attention implementations for the SWA layers to time, each against the "
+        f"same cache ({', '.join(RING_IMPLS)}; default: RunOptions' choice for the platform)",
+    )
     p.add_argument("--reps", type=int, default=3, help="prefill: timed repetitions")
     p.add_argument("--read-mb", type=int, default=8192, help="array size for the read-only HBM ceiling (>= 8 GiB)")
     p.add_argument("--copy-mb", type=int, default=2048, help="array size for the copy (read+write) rate")
@@ -434,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(args.paged.split(",") if args.paged else ()) - set(PAGED_IMPLS)
     if unknown:
         p.error(f"--paged {sorted(unknown)}: choose from {list(PAGED_IMPLS)}")
+    unknown = set(args.ring.split(",") if args.ring else ()) - set(RING_IMPLS)
+    if unknown:
+        p.error(f"--ring {sorted(unknown)}: choose from {list(RING_IMPLS)}")
     prompt_lens = [int(n) for n in args.prompt_len.split(",")]
     cfg = bench_config(args.model, args.scale_down)
     dtype = jnp.dtype(args.dtype)
@@ -542,13 +552,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         paged = paged_impls()
+        rings = args.ring.split(",") if args.ring else [None]
         for batch in (int(b) for b in args.batch.split(",")):
             for impl in impls(batch):
                 lm = with_experts(impl)
-                for paged_impl in paged:  # the same weights and cache contents, another paged attention path
-                    view = lm.with_options(dataclasses.replace(lm.options, paged_impl=paged_impl))
+                # the same weights and cache contents, another paged / ring attention path
+                for paged_impl, ring_impl in itertools.product(paged, rings):
+                    options = dataclasses.replace(lm.options, paged_impl=paged_impl, ring_impl=ring_impl)
+                    view = lm.with_options(options)
+                    label = paged_impl + (f", ring {ring_impl}" if ring_impl else "")
                     for context in (int(c) for c in args.context.split(",")):
-                        case = f"decode batch {batch} context {context} paged {paged_impl}"
+                        case = f"decode batch {batch} context {context} paged {label}"
                         try:
                             r = run_decode(
                                 view, batch, context, args.steps, args.rounds, dtype_bytes, fp8, args.profile,
@@ -563,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         r.update(
                             moe=impl,
                             paged=paged_impl,
+                            ring=view.options.ring_attention_impl,
                             roofline_tok_s=batch / roof_s,
                             achieved=roof_s / (r["ms_per_step"] / 1e3),
                             achieved_of_copy=copy_roof_s / (r["ms_per_step"] / 1e3),
@@ -572,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             cfg.experts_per_token if batch == 1 else r["experts_touched_uniform"]
                         )
                         print(
-                            f"| {batch} | {context} | {impl} | {paged_impl} | {touched or 0:.1f} | "
+                            f"| {batch} | {context} | {impl} | {label} | {touched or 0:.1f} | "
                             f"{r['ms_per_step']:.3f} | {r['tok_s']:.1f} | "
                             f"{r['bytes']['weights'] / 1e9:.2f} + {r['bytes']['kv'] / 1e9:.3f} | "
                             f"{r['roofline_tok_s']:.0f} | {r['achieved']:.0%} | {r['achieved_of_copy']:.0%} | "

@@ -201,6 +201,20 @@ def test_paged_kernel_equals_contiguous(model, oracle):
     assert_same_logits(run_scenario(kernel, paged=True), oracle, 1e-5)
 
 
+def test_ring_kernel_equals_contiguous(model, oracle, monkeypatch):
+    """ring_impl "pallas_interpret": the SWA layers' decode rows and verifies (whose ring holds their window after
+    the write, `ring_holds_window`) attend through the ring kernel (tests/kernels/test_ring_attention_gpu.py) over
+    the ring as written, the others through XLA; the logits stay those of the contiguous cache."""
+    from mimo_jax import kernels
+
+    calls = []
+    real = kernels.ring_attention_pallas_gpu
+    monkeypatch.setattr(kernels, "ring_attention_pallas_gpu", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    kernel = model.with_options(dataclasses.replace(model.options, ring_impl="pallas_interpret"))
+    assert_same_logits(run_scenario(kernel, paged=True), oracle, 1e-5)
+    assert {shape[1] for shape in calls} >= {1}  # the one-token decode rows took the kernel
+
+
 def test_paged_on_a_mesh_equals_one_device(model, oracle):
     """data x tensor x expert = 2 x 2 x 2: decode rows split over data x expert, pools whole on every batch
     shard, the full layers' one kv head repeated for the two tensor shards of q heads."""

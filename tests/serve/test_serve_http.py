@@ -389,6 +389,7 @@ def test_operations_flags(monkeypatch, capsys):
     assert args().api_key == "from-env" and args("--api-key", "flag").api_key == "flag"
     assert args("--protect-metrics").protect_metrics
     assert args().paged_impl is None and args("--paged-impl", "xla").paged_impl == "xla"  # None: by platform
+    assert args().ring_impl is None and args("--ring-impl", "xla").ring_impl == "xla"
     assert args().decode_graphs is None and args("--no-decode-graphs").decode_graphs is False  # None: on, on GPU
     monkeypatch.delenv("MIMO_API_KEY")
     for argv, message in (
@@ -397,6 +398,7 @@ def test_operations_flags(monkeypatch, capsys):
         (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
         (["--per-request-spec-decode-metrics", "all"], "invalid choice"),
         (["--paged-impl", "cudnn"], "invalid choice"),
+        (["--ring-impl", "triton"], "invalid choice"),
     ):
         with pytest.raises(SystemExit):
             args(*argv)

@@ -134,9 +134,11 @@ def test_speculative_loop_drafts_with_the_mtp_layers(flash_slice):
 
 def test_kernels_follow_the_target_platform():
     assert ON_A_GPU_HOST.expert_impl == ON_A_GPU_HOST.paged_attention_impl == "pallas_gpu"  # a GPU host's default...
-    assert aot.kernel_choices("tpu") == {"moe": "ragged", "attention": "xla", "paged": "xla"}  # ...not the target's
-    assert aot.kernel_choices("gpu")["moe"] == "pallas_gpu"
-    assert aot.kernel_choices("gpu")["paged"] == "pallas_gpu"
+    assert ON_A_GPU_HOST.ring_attention_impl == "pallas_gpu"
+    tpu = {"moe": "ragged", "attention": "xla", "paged": "xla", "ring": "xla"}
+    assert aot.kernel_choices("tpu") == tpu  # ...not the target's
+    gpu = aot.kernel_choices("gpu")
+    assert gpu["moe"] == gpu["paged"] == gpu["ring"] == "pallas_gpu"
 
 
 def test_gpu_only_targets_are_recognised():
