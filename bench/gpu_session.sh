@@ -30,6 +30,9 @@
 #   bash bench/gpu_session.sh graphs      # one GPU (~9 min): decode rounds in CUDA graphs: same tokens? then the
 #                                         # constrained bench with graphs in the tree in PRE and here
 #   bash bench/gpu_session.sh cells128 [DIR] # one GPU, an H200 (~7 min): batch 64 x 128K and 32 x 2K, paged kernel vs DIR
+#   bash bench/gpu_session.sh dense [DIR] # one GPU (~9 min): fp8 projections at decode sizes, the ring kernel's check;
+#                                         # flash-layers-N decode, DIR vs here (rings in XLA / the kernel)
+#   bash bench/gpu_session.sh prof        # one GPU (~3 min): every kernel of a batch-1 decode step of flash-layers-N fp8, the HLO
 #   bash bench/gpu_session.sh graphs2     # one GPU (~9 min): issue 25's low-batch decode and MTP cost, graphs or not
 #   bash bench/gpu_session.sh host [DIR]  # one GPU (~5 min): the constrained bench under cProfile, batch 32 x 2K
 #                                         # in DIR and here, the w8a8 checks
@@ -235,10 +238,41 @@ graphs2)
 cells128)
   # issue 22's last cells: batch 64 x 128K with the paged kernel (H200: it does not fit 80 GB) and batch 32 x 2K
   # (at the line on the H100) vs the contiguous cache of the tree in DIR
+  # (CELLS=64x128k: that cell only)
   read_ceiling
   TAIL=6 decode_in_trees "${2:-}" cell64x128k 150 --batch 64 --context 131072 --steps 16 --rounds 2 --no-experts-count
-  TAIL=6 decode_in_trees "${2:-}" cell32x2k 60 --batch 32 --context 2048 --steps 16 --rounds 4 --no-experts-count \
-    --moe-impl pallas_gpu
+  [[ ${CELLS:-64x128k,32x2k} == *32x2k* ]] && TAIL=6 decode_in_trees "${2:-}" cell32x2k 60 --batch 32 --context 2048 \
+    --steps 16 --rounds 4 --no-experts-count --moe-impl pallas_gpu
+  ;;
+dense)
+  # issue 25 item 2: fp8 projections at decode sizes (bench_projection: ways of applying the block scales), the ring
+  # kernel checked against XLA, then flash-layers-N fp8 decode at batch 1/4/16 in the tree in DIR (before) and here
+  # (after, SWA rings through XLA and the ring kernel), each beside its ceiling; flash-slice-4 bf16 at batch 1/4 last
+  N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384)
+  echo "### device bytes_limit $HBM -> flash-layers-$N"
+  TAIL=20 step projection 90 python bench/bench_projection.py --rows 1 --shapes q,k,mlp_gate,mlp_down \
+    --ways dequantize,project,padded,reduce
+  TAIL=12 step ring_check 90 python bench/check_ring_kernel.py
+  layers="--model flash-layers-$N --random-weights fp8 --moe-impl pallas_gpu --paged pallas_gpu --batch 1,4,16"
+  if [ -n "${2:-}" ]; then
+    (cd "$2" && PYTHONPATH=. TAIL=5 step old_layers 150 python -m mimo_jax.tools.bench decode $layers --context 1024 \
+      --steps 16 --rounds 3 --json "$O/old_layers.json")
+  fi
+  TAIL=8 step new_layers 200 python -m mimo_jax.tools.bench decode $layers --ring xla,pallas_gpu --context 1024 \
+    --steps 16 --rounds 3 --json "$O/new_layers.json"
+  TAIL=6 step new_slice 90 python -m mimo_jax.tools.bench decode --batch 1,4 --ring xla,pallas_gpu --context 1024 \
+    --steps 16 --rounds 3 --no-experts-count --moe-impl pallas_gpu --paged pallas_gpu --json "$O/new_slice.json"
+  ;;
+prof)
+  # issue 25 item 2: which kernels one layer's decode runs: the profile of flash-layers-N fp8 at batch 1 (every
+  # kernel, by launches) and the optimized HLO of the decode loop (XLA's dump, jit_decode only)
+  N=$(python bench/pick_layers.py --hbm-bytes "$HBM" --batch 64 --context 16384)
+  echo "### device bytes_limit $HBM -> flash-layers-$N"
+  read_ceiling
+  XLA_FLAGS="--xla_dump_to=$O/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_decode" TAIL=4 step prof_layers \
+    ${LIMIT:-150} python -m mimo_jax.tools.bench decode --model "flash-layers-$N" --random-weights fp8 \
+    --moe-impl pallas_gpu --paged pallas_gpu --batch 1 --context 1024 --steps 16 --rounds 3 --profile 400
+  find "$O/dump" -name "*jit_decode*" ! -name "*after_optimizations.txt" ! -name "*buffer-assignment*" -delete
   ;;
 cells)
   # issue 22's decode cells not yet measured (paged kernel vs the contiguous cache of the tree in DIR: batch 32 at
@@ -277,5 +311,5 @@ host)
     --moe-impl pallas_gpu
   TAIL=30 step w8a8 100 python bench/bench_moe_kernel.py --w8a8 --tokens 8192 --sweep-budget 0
   ;;
-*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|graphs|graphs2|cells128|cells|combo|host [DIR]" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_session.sh one|two-c|four-g|kernel-g|kernel-h|arch|engine|mtpcost|paged|round|graphs|graphs2|cells128|prof|dense|cells|combo|host [DIR]" >&2; exit 2 ;;
 esac
