@@ -63,9 +63,9 @@ class RunOptions:
     `jax.lax.ragged_dot` elsewhere (names: `mimo_jax.model.moe.EXPERT_IMPLS`). `attention_impl`: see
     `mimo_jax.model.attention.ATTENTION_IMPLS`. `paged_impl` None picks by platform how paged full layers attend
     for decode rows: the Pallas kernel on GPU, XLA elsewhere (names: `mimo_jax.model.attention.PAGED_IMPLS`).
-    `ring_impl` likewise for decode rows over the SWA layers' rings (`mimo_jax.model.attention.RING_IMPLS`; the
-    kernel runs off a multi-device mesh only): None picks the Pallas kernel on GPU (it matched XLA at Flash shapes
-    on an H100, `bench/check_ring_kernel.py`, and decoded 1-6% faster), XLA elsewhere.
+    `ring_impl` likewise for decode rows over the SWA layers' rings (`mimo_jax.model.attention.RING_IMPLS`): None
+    picks the Pallas kernel on GPU (it matched XLA at Flash shapes on an H100, `bench/check_ring_kernel.py`, and
+    decoded 1-6% faster), XLA elsewhere.
     `moe_strategy` / `capacity_factor`: the expert-parallel dispatch on a mesh (`mimo_jax.model.moe.STRATEGIES`;
     None never drops a token).
     `w8a8`: where block-FP8 weights meet activations quantized to fp8 per (token, 128 columns) instead of

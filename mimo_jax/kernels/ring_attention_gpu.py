@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mimo_jax.kernels import manual_axes
 from mimo_jax.kernels.paged_attention_gpu import MAX_ROWS, MIN_ROWS, _dot, _next_pow2, pow2_chunks
 
 BLOCK_KEYS = 64  # ring slots per step of the online softmax
@@ -165,15 +166,16 @@ def ring_attention(
         d_chunks=pow2_chunks(d),
         dv_chunks=pow2_chunks(dv),
     )
+    args = manual_axes.match_varying(tuple(inputs))  # inside `jax.shard_map` (a mesh): one varying type for all
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((b, kv, rows, dv), q.dtype),
+        out_shape=manual_axes.out_struct((b, kv, rows, dv), q.dtype, args[2]),
         grid=(b, kv),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, rows, dv), lambda i, h: (i, h, 0, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="ring_attention",
-    )(*inputs)
+    )(*args)
     out = out[:, :, : t * g].reshape(b, kv, t, g, dv).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, n, dv)

@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import kernels, sharding
-from mimo_jax.model.cache import POOL_AXES, SCALE_AXES, PagedKV, on_page_shards, page_key_positions, read_pages
+from mimo_jax.model.cache import (
+    CACHE_AXES,
+    POOL_AXES,
+    SCALE_AXES,
+    LayerKV,
+    PagedKV,
+    on_page_shards,
+    page_key_positions,
+    read_pages,
+)
 
 # Finite, so a row with no visible key gives zeros instead of NaN.
 _MASKED = -1e30
@@ -39,7 +48,8 @@ PAGED_KERNEL_MAX_QUERIES = 8  # queries per row (decode, MTP verify) the kernel 
 
 # Decode rows over an SWA ring: "xla" (`attention` over the ring read before the write, concatenated with the new
 # keys); "pallas_gpu" reads the ring after the write in one kernel (`mimo_jax.kernels.ring_attention_gpu`, Triton)
-# where `cache.ring_holds_window` and off a multi-device mesh; "pallas_interpret": that kernel in the interpreter.
+# where `cache.ring_holds_window` (on a mesh in `jax.shard_map`, `ring_kernel`); "pallas_interpret": that kernel in
+# the interpreter.
 RING_IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
 
 
@@ -440,6 +450,55 @@ def _paged_kernel(
         local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=free, check_vma=not interpret
     )
     return mapped(q, pool.k, pool.v, cache.page_table, q_pos, *extra)
+
+
+def ring_kernel_fits(q_shape: tuple, cache: LayerKV) -> bool:
+    """Whether `ring_kernel` can run these rows on the current mesh: one device, or kv heads split over the same
+    mesh axis as the q heads (or neither split), so every shard holds whole groups of q heads with their kv head."""
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return True
+    q_heads = sharding.logical_to_spec(("batch", None, "q_heads", None), q_shape, mesh)[2]
+    kv_heads = sharding.logical_to_spec(CACHE_AXES, cache.k.shape, mesh)[1]
+    return q_heads == kv_heads
+
+
+def ring_kernel(
+    q: jax.Array,
+    cache: LayerKV,
+    q_pos: jax.Array,
+    *,
+    window: int,
+    sink: jax.Array | None,
+    scale: float,
+    interpret: bool,
+) -> jax.Array:
+    """Decode attention over an SWA ring that already holds this step's keys (`cache.write_ring`) through the Pallas
+    ring kernel (`mimo_jax.kernels.ring_attention_gpu`): q [B, T, N, D] -> [B, T, N, Dv]. On a mesh it runs inside
+    `jax.shard_map`, each device on its rows and its q heads with their kv heads (`ring_kernel_fits`)."""
+    call = functools.partial(kernels.ring_attention_pallas_gpu, window=window, scale=scale, interpret=interpret)
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return call(q, cache.k, cache.v, cache.pos, q_pos, sink=sink)
+    spec = lambda axes, x: sharding.logical_to_spec(axes, x.shape, mesh)
+    rows = (q, cache.k, cache.v, cache.pos, q_pos) + (() if sink is None else (sink,))
+    in_specs = (
+        spec(("batch", None, "q_heads", None), q),
+        spec(CACHE_AXES, cache.k),
+        spec(CACHE_AXES, cache.v),
+        spec(("batch", None), cache.pos),
+        spec(("batch", None), q_pos),
+    ) + (() if sink is None else (spec(("q_heads",), sink),))
+
+    def local(q, k, v, pos, q_pos, *sink):
+        return call(q, k, v, pos, q_pos, sink=sink[0] if sink else None)
+
+    out_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), (*q.shape[:3], cache.v.shape[-1]), mesh)
+    free = frozenset(a for a in mesh.axis_names if a not in sharding.manual_axes(mesh))
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=free, check_vma=not interpret
+    )
+    return mapped(*rows)
 
 
 def attention_chunk(

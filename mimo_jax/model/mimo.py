@@ -28,6 +28,8 @@ from mimo_jax.model.attention import (
     apply_rope,
     attention,
     attention_paged,
+    ring_kernel,
+    ring_kernel_fits,
     rope_cos_sin,
 )
 from mimo_jax.model.cache import (
@@ -145,19 +147,10 @@ class Attention(nnx.Module):
                 raise ValueError("a sliding-window layer got a paged cache: SWA layers keep rings (LayerKV)")
             kv_cache = write_pages(kv_cache, k, v, positions)
             out = attention_paged(q, kv_cache, positions, paged_impl=self.paged_impl, **common)
-        elif kv_cache is not None and self._ring_kernel(kv_cache, q.shape[1]):
+        elif kv_cache is not None and self._ring_kernel(kv_cache, q.shape):
             kv_cache = write_ring(kv_cache, k, v, positions)
-            out = kernels.ring_attention_pallas_gpu(
-                q,
-                kv_cache.k,
-                kv_cache.v,
-                kv_cache.pos,
-                positions,
-                window=spec.window_keys,
-                scale=common["scale"],
-                sink=common["sink"],
-                interpret=self.ring_impl == "pallas_interpret",
-            )
+            ring_args = dict(sink=common["sink"], scale=common["scale"], interpret=self.ring_impl == "pallas_interpret")
+            out = ring_kernel(q, kv_cache, positions, window=spec.window_keys, **ring_args)
         else:
             if kv_cache is None:
                 keys, values, key_pos = heads_major(k), heads_major(v), positions
@@ -168,16 +161,15 @@ class Attention(nnx.Module):
             out = attention(q, keys, values, positions, key_pos, slot_is_position=full_slots, **common)
         return jnp.einsum("btnd,ndh->bth", out, weight(self.o_proj, after=out)), kv_cache
 
-    def _ring_kernel(self, cache: LayerKV, queries: int) -> bool:
-        """Whether decode rows of `queries` queries over this ring go through the ring kernel (`RING_IMPLS`)."""
-        mesh = sharding.current_mesh()
+    def _ring_kernel(self, cache: LayerKV, q_shape: tuple) -> bool:
+        """Whether decode rows q [B, T, N, D] over this ring go through the ring kernel (`RING_IMPLS`)."""
         return (
             self.ring_impl != "xla"
             and cache.ring
-            and queries <= PAGED_KERNEL_MAX_QUERIES
-            and ring_holds_window(cache.slots, self.spec.window_keys, queries)
+            and q_shape[1] <= PAGED_KERNEL_MAX_QUERIES
+            and ring_holds_window(cache.slots, self.spec.window_keys, q_shape[1])
             and (self.ring_impl != "pallas_gpu" or cache.slots >= 16)  # Triton's smallest dot
-            and (mesh is None or mesh.size == 1)
+            and ring_kernel_fits(q_shape, cache)
         )
 
 

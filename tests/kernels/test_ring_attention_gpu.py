@@ -14,8 +14,9 @@ import mimo_jax
 from mimo_jax.config import MiMoConfig
 from mimo_jax.kernels import ring_attention_gpu as rk
 from mimo_jax.model import attention as attn
-from mimo_jax.model.cache import LayerKV, ring_holds_window, update_and_read, write_ring
+from mimo_jax.model.cache import LayerKV, cache_shardings, ring_holds_window, update_and_read, write_ring
 from mimo_jax.model.mimo import Attention
+from mimo_jax.sharding import make_mesh
 from tests.fixtures import TINY
 
 # GQA groups of 4 q heads, unequal head dims (48 = 32 + 16 in MMA chunks); a window of 66 keys in a ring of 70
@@ -119,6 +120,42 @@ def test_platform_picks_the_kernel():
     assert mimo_jax.RunOptions.for_platform("cpu").ring_attention_impl == "xla"
     assert mimo_jax.RunOptions.for_platform("tpu").ring_attention_impl == "xla"
     assert mimo_jax.RunOptions("gpu", ring_impl="xla").ring_attention_impl == "xla"
+
+
+ring = jax.jit(attn.ring_kernel, static_argnames=("window", "scale", "interpret"))
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, tensor=2, expert=2), dict(data=4, tensor=2)], ids=["dxtxe", "dxt"])
+def test_ring_kernel_on_a_mesh_equals_one_device(axes):
+    """`ring_kernel` in `jax.shard_map`: rows over the batch axes, q heads and their kv heads over tensor."""
+    q, cache, new_k, new_v, q_pos, sink = make_case(9, 3)
+    written = write_ring(cache, new_k, new_v, q_pos)
+    kwargs = dict(window=WINDOW, sink=sink, scale=D**-0.5, interpret=True)
+    want = np.asarray(ring(q, written, q_pos, **kwargs))
+    mesh = make_mesh(**axes)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(written, cache_shardings([written], mesh)[0])
+        assert attn.ring_kernel_fits(q.shape, placed)
+        got = np.asarray(ring(q, placed, q_pos, **kwargs))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_heads_not_split_with_the_q_heads_stay_on_xla():
+    q, cache, *_ = make_case(10, 1)
+    with jax.set_mesh(make_mesh(tensor=4, expert=2)):  # 8 q heads over 4 shards, 2 kv heads not
+        assert not attn.ring_kernel_fits(q.shape, cache)
+
+
+def test_lowers_for_cuda_inside_shard_map():
+    """The model's path (ring_impl "pallas_gpu" on a mesh, varying-axis checks on) lowers for CUDA here."""
+    q, cache, new_k, new_v, q_pos, sink = make_case(11, 1, jnp.bfloat16)
+    mesh = make_mesh(data=2, tensor=2)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(cache, cache_shardings([cache], mesh)[0])
+        lowered = ring.trace(q, placed, q_pos, window=WINDOW, sink=sink, scale=0.1, interpret=False).lower(
+            lowering_platforms=("cuda",)
+        )
+    assert "ring_attention" in lowered.as_text()
 
 
 @pytest.mark.parametrize("t", [1, 4])

@@ -225,6 +225,23 @@ def test_paged_on_a_mesh_equals_one_device(model, oracle):
     assert_same_logits(got, oracle, 1e-5)
 
 
+def test_ring_kernel_on_a_mesh_equals_one_device(model, oracle, monkeypatch):
+    """data x tensor x expert = 2 x 2 x 2 with ring_impl "pallas_interpret": the SWA layers' two kv heads split over
+    tensor with their q heads, so the ring kernel runs in `jax.shard_map` on each device's rows and heads."""
+    from mimo_jax import kernels
+
+    calls = []
+    real = kernels.ring_attention_pallas_gpu
+    monkeypatch.setattr(kernels, "ring_attention_pallas_gpu", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    options = dataclasses.replace(model.options, ring_impl="pallas_interpret")
+    lm = mimo_jax.LanguageModel(MiMoModel(CFG, rngs=nnx.Rngs(7), options=options), mesh=mesh)
+    with lm.mesh_context():
+        got = run_scenario(lm.model, paged=True, mesh=mesh)
+    assert_same_logits(got, oracle, 1e-5)
+    assert calls and all(shape[2] == CFG.layers[1].num_heads // 2 for shape in calls)  # per shard: half the q heads
+
+
 @pytest.mark.parametrize("paged_impl", ["xla", "split", "pallas_interpret"])
 def test_pages_split_over_shards_equal_one_device(model, oracle, paged_impl, monkeypatch):
     """tensor=2 x expert=2: the pools' pages split over the expert axis as the rows are (rows 0, 1 and their pages
