@@ -177,22 +177,27 @@ def _kernel(
     row_max, denom, accs = jax.lax.fori_loop(start, end, body, init)
     if splits == 1:
         (out_ref,) = refs
-        if has_sink:
-            sink = sink_ref[...]
-            total_max = jnp.maximum(row_max, sink)
-            kept = jnp.exp(row_max - total_max)
-            denom = denom * kept + jnp.exp(sink - total_max)
-        else:
-            kept = jnp.ones_like(denom)
-        weight = kept / jnp.where(denom > 0, denom, 1.0)
-        for acc, (c0, w) in zip(accs, dv_chunks, strict=True):
-            out_ref[:, pl.ds(c0, w)] = (acc * weight[:, None]).astype(out_ref.dtype)
+        store_output(out_ref, row_max, denom, accs, sink_ref[...] if has_sink else None, dv_chunks)
     else:
         acc_ref, max_ref, denom_ref = refs
         for acc, (c0, w) in zip(accs, dv_chunks, strict=True):
             acc_ref[:, pl.ds(c0, w)] = acc
         max_ref[...] = row_max
         denom_ref[...] = denom
+
+
+def store_output(out_ref, row_max, denom, accs, sink, dv_chunks: tuple) -> None:
+    """Write a program's normalized output: the online softmax's pieces (running max, sum, unnormalized value
+    chunks [M, w]) with the sink logits [M] (or None) joining the denominator; a row with no mass writes zeros."""
+    if sink is not None:
+        total_max = jnp.maximum(row_max, sink)
+        kept = jnp.exp(row_max - total_max)
+        denom = denom * kept + jnp.exp(sink - total_max)
+    else:
+        kept = jnp.ones_like(denom)
+    weight = kept / jnp.where(denom > 0, denom, 1.0)
+    for acc, (c0, w) in zip(accs, dv_chunks, strict=True):
+        out_ref[:, pl.ds(c0, w)] = (acc * weight[:, None]).astype(out_ref.dtype)
 
 
 def _combine(acc: jax.Array, row_max: jax.Array, denom: jax.Array, sink: jax.Array | None) -> jax.Array:

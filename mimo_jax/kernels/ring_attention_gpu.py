@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mimo_jax.kernels import manual_axes
-from mimo_jax.kernels.paged_attention_gpu import MAX_ROWS, MIN_ROWS, _dot, _next_pow2, pow2_chunks
+from mimo_jax.kernels.paged_attention_gpu import MAX_ROWS, MIN_ROWS, _dot, _next_pow2, pow2_chunks, store_output
 
 BLOCK_KEYS = 64  # ring slots per step of the online softmax
 NUM_WARPS = 4
@@ -100,16 +100,7 @@ def _kernel(
             for acc, (c0, w) in zip(accs, dv_chunks, strict=True)
         ]
         row_max = m_new
-    if has_sink:
-        sink = sink_ref[...]
-        total_max = jnp.maximum(row_max, sink)
-        kept = jnp.exp(row_max - total_max)
-        denom = denom * kept + jnp.exp(sink - total_max)
-    else:
-        kept = jnp.ones_like(denom)
-    weight = kept / jnp.where(denom > 0, denom, 1.0)
-    for acc, (c0, w) in zip(accs, dv_chunks, strict=True):
-        out_ref[:, pl.ds(c0, w)] = (acc * weight[:, None]).astype(out_ref.dtype)
+    store_output(out_ref, row_max, denom, accs, sink_ref[...] if has_sink else None, dv_chunks)
 
 
 def ring_attention(

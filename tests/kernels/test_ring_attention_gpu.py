@@ -122,7 +122,7 @@ def test_platform_picks_the_kernel():
     assert mimo_jax.RunOptions("gpu", ring_impl="xla").ring_attention_impl == "xla"
 
 
-ring = jax.jit(attn.ring_kernel, static_argnames=("window", "scale", "interpret"))
+ring_jit = jax.jit(attn.ring_kernel, static_argnames=("window", "scale", "interpret"))
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, tensor=2, expert=2), dict(data=4, tensor=2)], ids=["dxtxe", "dxt"])
@@ -131,12 +131,12 @@ def test_ring_kernel_on_a_mesh_equals_one_device(axes):
     q, cache, new_k, new_v, q_pos, sink = make_case(9, 3)
     written = write_ring(cache, new_k, new_v, q_pos)
     kwargs = dict(window=WINDOW, sink=sink, scale=D**-0.5, interpret=True)
-    want = np.asarray(ring(q, written, q_pos, **kwargs))
+    want = np.asarray(ring_jit(q, written, q_pos, **kwargs))
     mesh = make_mesh(**axes)
     with jax.set_mesh(mesh):
         placed = jax.device_put(written, cache_shardings([written], mesh)[0])
         assert attn.ring_kernel_fits(q.shape, placed)
-        got = np.asarray(ring(q, placed, q_pos, **kwargs))
+        got = np.asarray(ring_jit(q, placed, q_pos, **kwargs))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -152,7 +152,7 @@ def test_lowers_for_cuda_inside_shard_map():
     mesh = make_mesh(data=2, tensor=2)
     with jax.set_mesh(mesh):
         placed = jax.device_put(cache, cache_shardings([cache], mesh)[0])
-        lowered = ring.trace(q, placed, q_pos, window=WINDOW, sink=sink, scale=0.1, interpret=False).lower(
+        lowered = ring_jit.trace(q, placed, q_pos, window=WINDOW, sink=sink, scale=0.1, interpret=False).lower(
             lowering_platforms=("cuda",)
         )
     assert "ring_attention" in lowered.as_text()
