@@ -131,19 +131,22 @@ def dequantize_experts(w: Any, group: int = 8) -> jax.Array:
 BLOCKED_PROJECTION_MAX_ROWS = 32
 
 
-def project(x: jax.Array, param: Any) -> jax.Array:
+def project(x: jax.Array, param: Any, platform: str = "cpu") -> jax.Array:
     """x [..., I] @ W [I, *out] -> [..., *out] for a weight parameter (or raw value) W, quantized or not.
 
     A block-quantized W applied to few rows (decode, up to BLOCKED_PROJECTION_MAX_ROWS): partial products per
     input block on the fp8 values (widened inside the dot), scaled per (input block, output block) and summed in
-    float32 -- the attention q/k/v (blocks (b, 1, 1)) and the dense MLP (128 x 128 blocks) alike. No dequantized
-    copy of W is written and read back: that pass made a dense fp8 MLP projection at one row 3.9x slower on an
-    H100 (141 vs 36 us at Flash's 4096 x 16384, `bench/bench_projection.py`).
+    float32 -- the attention q/k/v (blocks (b, 1, 1)) everywhere, the dense MLP (128 x 128 blocks) on GPU
+    (`platform`). No dequantized copy of W is written and read back: that pass made a dense fp8 MLP projection at
+    one row 3.9x slower on an H100 (141 vs 36 us at Flash's 4096 x 16384, `bench/bench_projection.py`). On CPU
+    the widening of 2-d blocks is a standalone convert that XLA hoists out of a decode loop (every such weight
+    in bf16 at once), so there they keep the dequantized path.
     Otherwise the weight is read through `weight` (dequantized, ordered after x).
     """
     value = param.get_value() if hasattr(param, "get_value") else param
     rows = math.prod(x.shape[:-1])
-    if not _blocks_divide(value) or rows > BLOCKED_PROJECTION_MAX_ROWS:
+    blocked = _blocks_divide(value) and (platform == "gpu" or all(b == 1 for b in value.block[1:]))
+    if not blocked or rows > BLOCKED_PROJECTION_MAX_ROWS:
         w = weight(param, after=x)
         return jnp.tensordot(x, w, axes=1)
     value = tied(value, x)

@@ -35,7 +35,7 @@ def test_blocked_projection_equals_dequantized_matmul(rows, make):
     w = make(0)
     x = jnp.asarray(np.random.RandomState(1).randn(1, rows, 256), jnp.float32)
     want = jnp.tensordot(x, w.dequantize(), axes=1, precision="highest")
-    got = quant.project(x, w)
+    got = quant.project(x, w, platform="gpu")
     assert got.shape == (1, rows, *w.shape[1:]) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
@@ -47,8 +47,18 @@ def test_blocked_projection_never_materializes_the_dequantized_weight(make, dequ
     x_few = jnp.ones((1, 4, 256), jnp.bfloat16)
     x_many = jnp.ones((1, quant.BLOCKED_PROJECTION_MAX_ROWS + 1, 256), jnp.bfloat16)
     for x, dequantized in ((x_few, False), (x_many, True)):
-        jaxpr = str(jax.make_jaxpr(lambda x, w: quant.project(x, w))(x, w))
+        jaxpr = str(jax.make_jaxpr(lambda x, w: quant.project(x, w, platform="gpu"))(x, w))
         assert (dequantized_type in jaxpr) == dequantized, jaxpr
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_dense_blocks_keep_the_dequantized_path_off_a_gpu(platform):
+    """On CPU / TPU a 2-d-blocked weight is dequantized (its widening would be hoisted out of a decode loop); the
+    attention projections' per-output scales take the blocked path everywhere."""
+    x = jnp.ones((1, 4, 256), jnp.bfloat16)
+    jaxpr = lambda w: str(jax.make_jaxpr(lambda x, w: quant.project(x, w, platform=platform))(x, w))
+    assert "bf16[256,384]" in jaxpr(dense_weight(2, dtype="bfloat16"))
+    assert "bf16[256,4,24]" not in jaxpr(heads_weight(2, dtype="bfloat16"))
 
 
 def test_blocked_projection_in_bf16_and_on_a_tensor_mesh():
@@ -73,7 +83,7 @@ def test_dense_blocked_projection_on_a_tensor_mesh():
         placed = NamedSharding(mesh, spec)
         sharded = quant.BlockQuantized(jax.device_put(w.values, placed), jax.device_put(w.scales, placed), w.block)
         with jax.set_mesh(mesh):
-            got = jax.jit(quant.project)(x, sharded)
+            got = jax.jit(quant.project, static_argnums=2)(x, sharded, "gpu")
         want = jnp.tensordot(x, w.dequantize(jnp.float32), axes=1, precision="highest")
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-4, atol=1e-4)
 

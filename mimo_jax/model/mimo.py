@@ -85,11 +85,11 @@ def project(x: jax.Array, param, w8a8: str = "off", platform: str = "cpu") -> ja
     else x rounded so in XLA (the same numerics)."""
     value = param.get_value() if hasattr(param, "get_value") else param
     if w8a8 != "always" or not quant.w8a8_ready(value):
-        return quant.project(x, param)
+        return quant.project(x, param, platform)
     mesh = sharding.current_mesh()
     if platform == "gpu" and (mesh is None or mesh.size == 1):
         return kernels.matmul_w8a8_gpu(x, quant.tied(value, x))
-    return quant.project(quant.round_activations(x), param)
+    return quant.project(quant.round_activations(x), param, platform)
 
 
 class Attention(nnx.Module):
