@@ -37,6 +37,15 @@ def test_ready_weights():
     assert not quant.w8a8_ready(jnp.ones((256, 256)))
 
 
+def test_model_projection_follows_the_platform():
+    """`mimo.project` hands the model's platform to `quant.project`: a GPU model's dense fp8 MLP projection at decode
+    rows never writes the dequantized weight; a CPU model's does (XLA would hoist the widening out of the loop)."""
+    x = jnp.ones((1, 2, 256), jnp.bfloat16)
+    w = block_fp8(4, (256, 384), (128, 128), "bfloat16")
+    jaxpr = lambda platform: str(jax.make_jaxpr(lambda x, w: project(x, w, "off", platform))(x, w))
+    assert "bf16[256,384]" not in jaxpr("gpu") and "bf16[256,384]" in jaxpr("cpu")
+
+
 def test_project_rounds_activations_where_asked():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 256))
     w = block_fp8(2, (256, 2, 64), (128, 1, 1))
