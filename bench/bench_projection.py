@@ -8,9 +8,9 @@ Each way runs inside a `fori_loop` of --steps iterations with the weight a loop 
 does (XLA may then hoist a re-laid-out copy of the weight out of the loop: counted as "copies", the transposes
 and copies of weight-sized arrays in the compiled program). Ways:
 - `dequantize`: the weight dequantized to bf16 and a dot (`quant.weight`; today's path for 2-d blocks);
-- `blocked`: partial products per input block on the fp8 values, then the scales (today's path for q/k/v);
 - `reduce`: one multiply-reduce x[k] * values[k, o] * scale[k // b, o // b'] over k (a column reduction);
-- `project`: what `quant.project` does now;
+- `project`: `quant.project` on this backend (on GPU: partial products per input block on the fp8 values, then
+  the scales, for q/k/v and 2-d blocks alike);
 - `padded`: `project` with one row padded to two (XLA turns a one-row dot into a reduce that wants the weight
   re-laid out).
 Times: us per projection, the weight's bytes over that time against the read ceiling of the same run; error:
@@ -39,41 +39,16 @@ SHAPES = (
 )
 
 
-def _split_out(value: quant.BlockQuantized):
-    """values [c, b, *out'] and scales [c, 1, *out'] where every out dim with a block > 1 is split [n/b, b]."""
-    k, b = value.shape[0], value.block[0]
-    out_values, out_scales = [], []
-    for n, bo in zip(value.shape[1:], value.block[1:], strict=True):
-        out_values += [n // bo, bo] if bo > 1 else [n]
-        out_scales += [n // bo, 1] if bo > 1 else [n]
-    values = value.values.reshape(k // b, b, *out_values)
-    scales = value.scales.astype(jnp.float32).reshape(k // b, 1, *out_scales)
-    return values, scales
-
-
 def way_dequantize(x, value):
     return jnp.tensordot(x, quant.weight(value, after=x), axes=1)
 
 
-def way_blocked(x, value):
-    value = quant.tied(value, x)
-    values, scales = _split_out(value)
-    c, b = values.shape[:2]
-    out = "".join(chr(ord("n") + i) for i in range(values.ndim - 2))
-    xb = x.reshape(*x.shape[:-1], c, b)
-    partial = jnp.einsum(f"...cb,cb{out}->...c{out}", xb, values.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = jnp.einsum(f"...c{out},c{out}->...{out}", partial, scales[:, 0])
-    return y.reshape(*x.shape[:-1], *value.shape[1:]).astype(x.dtype)
-
-
 def way_reduce(x, value):
-    value = quant.tied(value, x)
-    values, scales = _split_out(value)
+    values, scales = quant.block_views(quant.tied(value, x))
     c, b = values.shape[:2]
-    extra = values.ndim - 2
-    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], c, b, *(1,) * extra)
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], c, b, *(1,) * (values.ndim - 2))
     lead = x.ndim - 1
-    y = jnp.sum(xb * (values.astype(jnp.float32) * scales), axis=(lead, lead + 1))
+    y = jnp.sum(xb * (values.astype(jnp.float32) * scales[:, None]), axis=(lead, lead + 1))
     return y.reshape(*x.shape[:-1], *value.shape[1:]).astype(x.dtype)
 
 
@@ -105,7 +80,6 @@ def in_a_loop(fn, steps: int):
 
 WAYS = {
     "dequantize": way_dequantize,
-    "blocked": way_blocked,
     "reduce": way_reduce,
     "project": way_project,
     "padded": way_padded,

@@ -149,19 +149,27 @@ def project(x: jax.Array, param: Any, platform: str = "cpu") -> jax.Array:
     if not blocked or rows > BLOCKED_PROJECTION_MAX_ROWS:
         w = weight(param, after=x)
         return jnp.tensordot(x, w, axes=1)
-    value = tied(value, x)
+    values, scales = block_views(tied(value, x))
+    c, b = values.shape[:2]
+    out = "".join(chr(ord("n") + i) for i in range(values.ndim - 2))  # letters of the output dims
+    blocks_x = x.reshape(*x.shape[:-1], c, b)
+    partial = jnp.einsum(
+        f"...cb,cb{out}->...c{out}", blocks_x, values.astype(x.dtype), preferred_element_type=jnp.float32
+    )
+    y = jnp.sum(partial * scales, axis=1 - values.ndim)  # over c: scales [c, *out'] broadcast on the split blocks
+    return y.reshape(*x.shape[:-1], *value.shape[1:]).astype(x.dtype)
+
+
+def block_views(value: BlockQuantized) -> tuple[jax.Array, jax.Array]:
+    """A weight [I, *out] whose blocks tile it as (values [I/b, b, *out'], float32 scales [I/b, *out']), where each
+    output dim with blocks of bo > 1 is split [n/bo, bo] and its scales [n/bo, 1] broadcast over bo (no copies)."""
     n_in, b = value.shape[0], value.block[0]
-    out_dims, scale_dims = [], []  # each output dim with blocks of bo > 1 split [n / bo, bo]; scales broadcast on bo
+    out_dims, scale_dims = [], []
     for n, bo in zip(value.shape[1:], value.block[1:], strict=True):
         out_dims += [n // bo, bo] if bo > 1 else [n]
         scale_dims += [n // bo, 1] if bo > 1 else [n]
-    out = "".join(chr(ord("n") + i) for i in range(len(out_dims)))  # letters of the output dims
-    blocks_x = x.reshape(*x.shape[:-1], n_in // b, b)
-    blocks_w = value.values.reshape(n_in // b, b, *out_dims).astype(x.dtype)
-    partial = jnp.einsum(f"...cb,cb{out}->...c{out}", blocks_x, blocks_w, preferred_element_type=jnp.float32)
-    scales = value.scales.astype(jnp.float32).reshape(n_in // b, *scale_dims)
-    y = jnp.sum(partial * scales, axis=-len(out_dims) - 1)
-    return y.reshape(*x.shape[:-1], *value.shape[1:]).astype(x.dtype)
+    values = value.values.reshape(n_in // b, b, *out_dims)
+    return values, value.scales.astype(jnp.float32).reshape(n_in // b, *scale_dims)
 
 
 def _blocks_divide(value: Any) -> bool:

@@ -131,7 +131,6 @@ def _kernel(
     offsets = jnp.arange(page_size, dtype=jnp.int32)
 
     def body(j, carry):
-        m_prev, l_prev, accs = carry
         entry = j * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
         ids = table_ref[pl.ds(j * pages_per_block, pages_per_block)]
         live = (ids >= 0) & (entry < needed)  # pages past the row's last query are not read
@@ -146,34 +145,12 @@ def _kernel(
         def token_scales(ref):  # [block_keys] float32
             return _masked_gather(ref, (page, kv_head, slice(None)), live_keys, interpret).reshape(block_keys)
 
-        scores = _dot(queries[0], load(k_ref, *d_chunks[0]), b_transposed=True)
-        for q, (c0, w) in zip(queries[1:], d_chunks[1:], strict=True):
-            scores += _dot(q, load(k_ref, c0, w), b_transposed=True)
-        if fp8:
-            scores *= token_scales(k_scale_ref)[None, :]
-        scores *= scale
         key_pos = (entry[:, None] * page_size + offsets[None, :]).reshape(block_keys)
         visible = live_keys.reshape(block_keys)[None, :] & (key_pos[None, :] <= row_pos[:, None])
-        scores = jnp.where(visible, scores, _MASKED)
-        m_new = jnp.maximum(m_prev, scores.max(axis=1))
-        correction = jnp.exp(m_prev - m_new)
-        probs = jnp.where(visible, jnp.exp(scores - m_new[:, None]), 0.0)
-        l_new = l_prev * correction + probs.sum(axis=1)
-        if fp8:
-            probs *= token_scales(v_scale_ref)[None, :]
-        probs = probs.astype(dtype)
-        accs = tuple(
-            acc * correction[:, None] + _dot(probs, load(v_ref, c0, w))
-            for acc, (c0, w) in zip(accs, dv_chunks, strict=True)
-        )
-        return m_new, l_new, accs
+        scales = (token_scales(k_scale_ref), token_scales(v_scale_ref)) if fp8 else (None, None)
+        return online_softmax_step(carry, queries, load, k_ref, v_ref, visible, scale, d_chunks, dv_chunks, *scales)
 
-    rows = row_pos.shape[0]
-    init = (
-        jnp.full((rows,), _MASKED, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        tuple(jnp.zeros((rows, w), jnp.float32) for _, w in dv_chunks),
-    )
+    init = softmax_start(row_pos.shape[0], dv_chunks)
     row_max, denom, accs = jax.lax.fori_loop(start, end, body, init)
     if splits == 1:
         (out_ref,) = refs
@@ -184,6 +161,74 @@ def _kernel(
             acc_ref[:, pl.ds(c0, w)] = acc
         max_ref[...] = row_max
         denom_ref[...] = denom
+
+
+def softmax_start(rows: int, dv_chunks: tuple) -> tuple:
+    """The online softmax's empty carry for `rows` MMA rows: (running max, sum, value chunks)."""
+    return (
+        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        tuple(jnp.zeros((rows, w), jnp.float32) for _, w in dv_chunks),
+    )
+
+
+def online_softmax_step(
+    carry: tuple,
+    queries: list,
+    load,
+    k_ref,
+    v_ref,
+    visible,
+    scale: float,
+    d_chunks: tuple,
+    dv_chunks: tuple,
+    k_scale=None,
+    v_scale=None,
+) -> tuple:
+    """One block of keys through the online softmax: `load(ref, c0, w)` gives the block's [keys, w] columns of
+    k_ref / v_ref in q's dtype, `visible` [M, keys] which a row may see; fp8 blocks' per-key scales (k_scale,
+    v_scale [keys]) multiply the scores' columns and the probabilities. carry -> carry (`softmax_start`)."""
+    m_prev, l_prev, accs = carry
+    scores = _dot(queries[0], load(k_ref, *d_chunks[0]), b_transposed=True)
+    for q, (c0, w) in zip(queries[1:], d_chunks[1:], strict=True):
+        scores += _dot(q, load(k_ref, c0, w), b_transposed=True)
+    if k_scale is not None:
+        scores *= k_scale[None, :]
+    scores = jnp.where(visible, scores * scale, _MASKED)
+    m_new = jnp.maximum(m_prev, scores.max(axis=1))
+    correction = jnp.exp(m_prev - m_new)
+    probs = jnp.where(visible, jnp.exp(scores - m_new[:, None]), 0.0)
+    l_new = l_prev * correction + probs.sum(axis=1)
+    if v_scale is not None:
+        probs *= v_scale[None, :]
+    probs = probs.astype(queries[0].dtype)
+    accs = tuple(
+        acc * correction[:, None] + _dot(probs, load(v_ref, c0, w))
+        for acc, (c0, w) in zip(accs, dv_chunks, strict=True)
+    )
+    return m_new, l_new, accs
+
+
+def to_mma_rows(q: jax.Array, q_pos: jax.Array, sink: jax.Array | None, groups: int, rows: int) -> tuple:
+    """q [B, T, N, D] -> (q rows [B, groups, rows, D], their positions [B, rows], sink per row [groups, rows] or
+    None): a group's N / groups q heads x T queries as MMA rows (row t * G + h), padded to `rows` (position -1)."""
+    b, t, n, d = q.shape
+    g = n // groups
+    pad_rows = ((0, 0), (0, rows - t * g))
+    row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), pad_rows, constant_values=-1)
+    q_rows = q.reshape(b, t, groups, g, d).transpose(0, 2, 1, 3, 4).reshape(b, groups, t * g, d)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
+    sink_rows = None
+    if sink is not None:
+        sink_rows = jnp.pad(jnp.tile(sink.astype(jnp.float32).reshape(groups, g), (1, t)), pad_rows)
+    return q_rows, row_pos, sink_rows
+
+
+def from_mma_rows(out: jax.Array, t: int, n: int) -> jax.Array:
+    """Outputs [B, groups, rows, Dv] in `to_mma_rows`' order -> [B, T, N, Dv]."""
+    b, groups, _, dv = out.shape
+    g = n // groups
+    return out[:, :, : t * g].reshape(b, groups, t, g, dv).transpose(0, 2, 1, 3, 4).reshape(b, t, n, dv)
 
 
 def store_output(out_ref, row_max, denom, accs, sink, dv_chunks: tuple) -> None:
@@ -282,15 +327,9 @@ def paged_attention(
     splits = max(1, min(config.splits or default_splits(b * groups, table_blocks), table_blocks))
     fp8 = k_scale is not None
 
-    pad_rows = ((0, 0), (0, rows - t * g))
     table_pad = ((0, 0), (0, table_blocks * per_block - page_table.shape[1]))
     table = jnp.pad(page_table.astype(jnp.int32), table_pad, constant_values=-1)
-    row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), pad_rows, constant_values=-1)  # row t*G + h
-    q_rows = q.reshape(b, t, groups, g, d).transpose(0, 2, 1, 3, 4).reshape(b, groups, t * g, d)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
-    sink_rows = None
-    if sink is not None:
-        sink_rows = jnp.pad(jnp.tile(sink.astype(jnp.float32).reshape(groups, g), (1, t)), pad_rows)
+    q_rows, row_pos, sink_rows = to_mma_rows(q, q_pos, sink, groups, rows)
 
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     inputs = [kv_heads.astype(jnp.int32), table, row_pos, q_rows, k_pages, v_pages]
@@ -350,5 +389,4 @@ def paged_attention(
     else:
         with jax.named_scope("paged_attention_combine"):
             out = _combine(*outs, sink_rows).astype(q.dtype)
-    out = out[:, :, : t * g].reshape(b, groups, t, g, dv).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, n, dv)
+    return from_mma_rows(out, t, n)

@@ -26,13 +26,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mimo_jax.kernels import manual_axes
-from mimo_jax.kernels.paged_attention_gpu import MAX_ROWS, MIN_ROWS, _dot, _next_pow2, pow2_chunks, store_output
+from mimo_jax.kernels.paged_attention_gpu import (
+    MAX_ROWS,
+    MIN_ROWS,
+    _next_pow2,
+    from_mma_rows,
+    online_softmax_step,
+    pow2_chunks,
+    softmax_start,
+    store_output,
+    to_mma_rows,
+)
 
 BLOCK_KEYS = 64  # ring slots per step of the online softmax
 NUM_WARPS = 4
 NUM_STAGES = 1
-
-_MASKED = -1e30  # finite: a row with no visible key keeps a zero sum instead of NaN
 
 
 def ring_block(slots: int) -> int:
@@ -71,35 +79,19 @@ def _kernel(
     dtype = q_ref.dtype
     row_pos = qpos_ref[...]  # [M] position of each MMA row's query (-1: padding)
     queries = [q_ref[:, pl.ds(c0, w)] for c0, w in d_chunks]
-    rows = row_pos.shape[0]
-    row_max = jnp.full((rows,), _MASKED, jnp.float32)
-    denom = jnp.zeros((rows,), jnp.float32)
-    accs = [jnp.zeros((rows, w), jnp.float32) for _, w in dv_chunks]
+    carry = softmax_start(row_pos.shape[0], dv_chunks)
     block = ring_block(slots)
     for start, fresh in block_starts(slots):  # a ring is a few blocks: unrolled
         key_pos = pos_ref[row, pl.ds(start, block)]
         key_pos = jnp.where(start + jnp.arange(block, dtype=jnp.int32) >= fresh, key_pos, -1)  # read before
+        k, p = key_pos[None, :], row_pos[:, None]
+        visible = (k >= 0) & (k <= p) & (p - k < window)
 
         def load(ref, c0, w, start=start):  # [block, w] of this block's slots
             return ref[row, head, pl.ds(start, block), pl.ds(c0, w)].astype(dtype)
 
-        scores = _dot(queries[0], load(k_ref, *d_chunks[0]), b_transposed=True)
-        for q, (c0, w) in zip(queries[1:], d_chunks[1:], strict=True):
-            scores += _dot(q, load(k_ref, c0, w), b_transposed=True)
-        scores *= scale
-        k, p = key_pos[None, :], row_pos[:, None]
-        visible = (k >= 0) & (k <= p) & (p - k < window)
-        scores = jnp.where(visible, scores, _MASKED)
-        m_new = jnp.maximum(row_max, scores.max(axis=1))
-        correction = jnp.exp(row_max - m_new)
-        probs = jnp.where(visible, jnp.exp(scores - m_new[:, None]), 0.0)
-        denom = denom * correction + probs.sum(axis=1)
-        probs = probs.astype(dtype)
-        accs = [
-            acc * correction[:, None] + _dot(probs, load(v_ref, c0, w))
-            for acc, (c0, w) in zip(accs, dv_chunks, strict=True)
-        ]
-        row_max = m_new
+        carry = online_softmax_step(carry, queries, load, k_ref, v_ref, visible, scale, d_chunks, dv_chunks)
+    row_max, denom, accs = carry
     store_output(out_ref, row_max, denom, accs, sink_ref[...] if has_sink else None, dv_chunks)
 
 
@@ -132,10 +124,7 @@ def ring_attention(
             f"{t * g} MMA rows / head dims {d}, {dv} / {slots} ring slots: the GPU kernel takes <= {MAX_ROWS} rows, "
             "multiples of 16, >= 16 slots"
         )
-    pad_rows = ((0, 0), (0, rows - t * g))
-    row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), pad_rows, constant_values=-1)  # row t*G + h
-    q_rows = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
+    q_rows, row_pos, sink_rows = to_mma_rows(q, q_pos, sink, kv, rows)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     inputs = [pos.astype(jnp.int32), row_pos, q_rows, k, v]
     in_specs = [
@@ -146,7 +135,7 @@ def ring_attention(
         whole(v),
     ]
     if sink is not None:
-        inputs.append(jnp.pad(jnp.tile(sink.astype(jnp.float32).reshape(kv, g), (1, t)), pad_rows))
+        inputs.append(sink_rows)
         in_specs.append(pl.BlockSpec((None, rows), lambda i, h: (h, 0)))
     kernel = functools.partial(
         _kernel,
@@ -168,5 +157,4 @@ def ring_attention(
         interpret=interpret,
         name="ring_attention",
     )(*args)
-    out = out[:, :, : t * g].reshape(b, kv, t, g, dv).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, n, dv)
+    return from_mma_rows(out, t, n)

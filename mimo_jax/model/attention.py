@@ -444,12 +444,19 @@ def _paged_kernel(
         spec(("batch", None), q_pos),
         *extra_specs,
     )
-    out_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), (*q.shape[:3], pool.v.shape[-1]), mesh)
-    free = frozenset(a for a in mesh.axis_names if a not in sharding.manual_axes(mesh))  # inside a page shard_map
+    args = (q, pool.k, pool.v, cache.page_table, q_pos, *extra)
+    return _on_row_and_head_shards(local, mesh, args, in_specs, (*q.shape[:3], pool.v.shape[-1]), interpret)
+
+
+def _on_row_and_head_shards(local, mesh, args: tuple, in_specs: tuple, out_shape: tuple, interpret: bool) -> jax.Array:
+    """`local(*args)` in `jax.shard_map` over the mesh's axes not already manual (inside a page shard_map): a decode
+    kernel on each device's rows and q heads, its output [B, T, N, Dv] (`out_shape`) laid out so."""
+    out_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), out_shape, mesh)
+    free = frozenset(a for a in mesh.axis_names if a not in sharding.manual_axes(mesh))
     mapped = jax.shard_map(
         local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=free, check_vma=not interpret
     )
-    return mapped(q, pool.k, pool.v, cache.page_table, q_pos, *extra)
+    return mapped(*args)
 
 
 def ring_kernel_fits(q_shape: tuple, cache: LayerKV) -> bool:
@@ -493,12 +500,7 @@ def ring_kernel(
     def local(q, k, v, pos, q_pos, *sink):
         return call(q, k, v, pos, q_pos, sink=sink[0] if sink else None)
 
-    out_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), (*q.shape[:3], cache.v.shape[-1]), mesh)
-    free = frozenset(a for a in mesh.axis_names if a not in sharding.manual_axes(mesh))
-    mapped = jax.shard_map(
-        local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=free, check_vma=not interpret
-    )
-    return mapped(*rows)
+    return _on_row_and_head_shards(local, mesh, rows, in_specs, (*q.shape[:3], cache.v.shape[-1]), interpret)
 
 
 def attention_chunk(
