@@ -2,6 +2,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Multi-device tests use 8 fake CPU devices; must be set before JAX is imported anywhere.
 # Compilation dominates the suite's time and the programs run briefly: XLA:CPU's LLVM backend at -O0 compiles a
 # third faster, and its older loop emitters instead of the MLIR fusion emitters another ~40% (XLA's HLO passes, and
@@ -33,6 +35,7 @@ from tests.fixtures import (  # noqa: E402, F401
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist (-p no:xdist) it is not called
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (setup.cfg): two workers at most. The tests compile on about one core each, and every worker
     holds up to ~7 GB (CI's machine: 2 cores, 24 GB)."""
