@@ -103,7 +103,7 @@ def attention(
     """Reference attention in fp32.
 
     q [B, T, N, D], k [B, KV, S, D], v [B, KV, S, Dv] (heads-major, as the cache stores them),
-    positions [B, T] / [B, S] -> [B, T, N, Dv].
+    positions [B, T] / [B, S] -> [B, T, N, Dv]; a row that sees no key gives zeros.
     `sink` [N] is an extra logit per head that takes probability mass but carries no value.
     `slot_is_position`: key slot i holds position i (a full-layer cache), so keys past the
     largest query position are never visible; long caches then go through `attention_blockwise`,
@@ -149,11 +149,11 @@ def attention(
     if sink is not None:
         sink_logit = sink.astype(jnp.float32).reshape(1, kv, g, 1, 1)
         row_max = jnp.maximum(row_max, sink_logit)
-    probs = jnp.exp(scores - row_max)
+    probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)  # a row that sees no key: no weight, not uniform
     denom = probs.sum(axis=-1, keepdims=True)
     if sink is not None:
         denom = denom + jnp.exp(sink_logit - row_max)
-    probs = probs / denom
+    probs = probs / jnp.where(denom > 0, denom, 1.0)
     # [b, kv, g, t, dv] first: XLA:CPU has no bf16 x bf16 -> f32 dot that writes [b, t, kv, g, dv] directly
     out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1]).astype(q.dtype)

@@ -36,6 +36,28 @@ def test_blockwise_equals_reference(window, sink):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_a_row_that_sees_no_key_gives_zeros(sink):
+    """Padding rows (a query before every key, or a window past every key) give zeros on every XLA path, not the
+    values' mean; the other rows are unchanged."""
+    rs = np.random.RandomState(1)
+    b, t, n, kv, d, slots, block = 1, 3, 4, 2, 8, 32, 16
+    q = jnp.asarray(rs.randn(b, t, n, d), jnp.float32)
+    k = jnp.asarray(rs.randn(b, kv, slots, d), jnp.float32)
+    v = jnp.asarray(rs.randn(b, kv, slots, d), jnp.float32)
+    k_pos = jnp.asarray(np.where(np.arange(slots) < 20, np.arange(slots), -1)[None], jnp.int32)
+    q_pos = jnp.asarray([[-1, 19, 5]], jnp.int32)  # row 0 precedes every key
+    kwargs = dict(window_keys=None, sink=jnp.asarray(rs.randn(n), jnp.float32) if sink else None, scale=d**-0.5)
+    ref = attn.attention(q, k, v, q_pos, k_pos, **kwargs)
+    np.testing.assert_array_equal(ref[0, 0], 0.0)
+    assert np.abs(np.asarray(ref[0, 1:])).min() > 0
+    got = attn.attention_blockwise(q, k, v, q_pos, k_pos, **kwargs, block=block, num_blocks=2)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # a window that ends before the ring's keys: row 1 (position 30, keys up to 19) sees none through a 5-key window
+    windowed = attn.attention(q, k, v, jnp.asarray([[-1, 30, 5]], jnp.int32), k_pos, **{**kwargs, "window_keys": 5})
+    np.testing.assert_array_equal(windowed[0, :2], 0.0)
+
+
 def test_block_sizes():
     assert attn.key_block_size(1, 64, 131072) == 8192
     assert attn.key_block_size(2048, 64, 131072) == 512
