@@ -38,8 +38,8 @@ def test_blockwise_equals_reference(window, sink):
 
 @pytest.mark.parametrize("sink", [False, True])
 def test_a_row_that_sees_no_key_gives_zeros(sink):
-    """Padding rows (a query before every key, or a window past every key) give zeros on every XLA path, not the
-    values' mean; the other rows are unchanged."""
+    """Padding rows (a query before every key, or a window past every key) give zeros in the reference and the
+    blockwise attention, not the values' mean; the other rows still see their keys."""
     rs = np.random.RandomState(1)
     b, t, n, kv, d, slots, block = 1, 3, 4, 2, 8, 32, 16
     q = jnp.asarray(rs.randn(b, t, n, d), jnp.float32)
